@@ -1,0 +1,77 @@
+//! Types shared by the eBPF programs and the control plane: one `#[repr(C)]` layout each.
+//!
+//! Both sides compile this file, so a layout change cannot drift between them. Every struct
+//! spells out its padding and carries a `const` size assertion; `bytemuck::Pod` and
+//! `aya::Pod` (needed to read and write the structs through aya maps) sit behind the `user`
+//! feature so the eBPF crate never pulls in aya or bytemuck.
+#![no_std]
+
+/// Name of the sockhash that holds redirect *targets* (no program attached), keyed by socket
+/// cookie. A socket must be here before its peer's verdict can redirect to it.
+pub const MAP_TARGETS: &str = "TARGETS";
+/// Name of the sockhash with the stream verdict attached, keyed by socket cookie. Inserting a
+/// socket here makes the verdict see every skb it receives.
+pub const MAP_SOCKETS: &str = "SOCKETS";
+/// Name of the hash map `source socket cookie -> Flow`.
+pub const MAP_FLOWS: &str = "FLOWS";
+/// Name of the ring buffer carrying [`SocketEvent`]s.
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Name of the per-CPU array (one slot, index 0) counting events the ring buffer had no room for.
+pub const MAP_EVENTS_LOST: &str = "EVENTS_LOST";
+/// Name of the sk_skb stream verdict program.
+pub const PROG_REDIRECT: &str = "redirect";
+/// Name of the sock_ops program reporting TCP state changes.
+pub const PROG_STATE_EVENTS: &str = "state_events";
+
+/// Default size of `EVENTS`, in bytes (a power of two, as the kernel requires).
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 256 * 1024;
+/// Default capacity of `FLOWS`, `TARGETS` and `SOCKETS` (entries, two per spliced connection).
+pub const DEFAULT_MAX_SOCKETS: u32 = 2 * 65_536;
+
+/// One direction of a spliced connection, keyed in `FLOWS` by the cookie of the socket the
+/// bytes are *read from*.
+///
+/// `peer_cookie` is written by userspace once, when the splice is created. The other fields are
+/// written only by the stream verdict of the source socket, which the kernel runs serialized per
+/// socket, so plain (non-atomic) updates are safe there (see KERNEL-NOTES: `fetch_add` does not
+/// exist on bpfel). Userspace only reads them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Flow {
+    /// Cookie of the socket the verdict redirects this socket's bytes to.
+    pub peer_cookie: u64,
+    /// Bytes the verdict redirected to the peer (only counted when the redirect succeeded).
+    pub redirected: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last non-empty skb seen; 0 = none yet.
+    pub last_activity_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Flow>() == 24);
+
+/// A TCP state change of a spliced socket, sent by the sock_ops program through `EVENTS`.
+/// States are the kernel's `TCP_*` numbers (`TCP_ESTABLISHED` = 1, `TCP_CLOSE` = 7,
+/// `TCP_CLOSE_WAIT` = 8, ...).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SocketEvent {
+    /// Cookie of the socket whose state changed.
+    pub cookie: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the change happened.
+    pub timestamp_ns: u64,
+    /// State before the change.
+    pub old_state: u32,
+    /// State after the change.
+    pub new_state: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SocketEvent>() == 24);
+
+// SAFETY: both types are `#[repr(C)]`, made only of integers, and have no padding (the size
+// assertions above pin that), so every bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Flow {}
+// SAFETY: as for `Flow` above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SocketEvent {}

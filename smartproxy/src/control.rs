@@ -1,0 +1,109 @@
+//! The control socket: a Unix socket (mode 0600) that answers `stats` and
+//! `connections` with one JSON document each, for `smartproxy stats` / `connections`.
+
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+use crate::proxy::Shared;
+
+/// The longest request line accepted; the requests are single words.
+const MAX_REQUEST: usize = 64;
+
+#[derive(Debug)]
+pub(crate) struct ControlServer {
+    listener: UnixListener,
+}
+
+impl ControlServer {
+    /// Binds `path`, replacing a stale socket file left by a proxy that died, but never
+    /// one a running proxy still answers on.
+    pub(crate) fn bind(path: &Path) -> io::Result<ControlServer> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another smartproxy answers on this control socket",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(ControlServer { listener })
+    }
+
+    pub(crate) async fn serve(self, shared: Arc<Shared>) {
+        let mut shutdown = shared.shutdown.clone();
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(answer(stream, Arc::clone(&shared)));
+                }
+                Err(e) => {
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn answer(stream: UnixStream, shared: Arc<Shared>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
+    if let Err(e) = reader.read_line(&mut line).await {
+        debug!(error = %e, "control request unreadable");
+        return;
+    }
+    let body = match line.trim() {
+        "stats" => serde_json::to_vec(&shared.snapshot()),
+        "connections" => serde_json::to_vec(&shared.connection_rows()),
+        other => Ok(format!("{{\"error\":\"unknown request {other:?}\"}}").into_bytes()),
+    };
+    match body {
+        Ok(body) => {
+            if let Err(e) = write.write_all(&body).await {
+                debug!(error = %e, "control reply not delivered");
+            }
+        }
+        Err(e) => warn!(error = %e, "control reply not serializable"),
+    }
+}
+
+/// Why a control request failed, naming the socket.
+#[derive(Debug, thiserror::Error)]
+#[error("control socket {path}: {source}")]
+pub struct ControlError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Sends one request (`stats` or `connections`) and returns the JSON reply.
+pub fn query(path: &Path, request: &str) -> Result<Vec<u8>, ControlError> {
+    let fail = |source| ControlError {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(fail)?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(fail)?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).map_err(fail)?;
+    Ok(reply)
+}

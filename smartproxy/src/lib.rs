@@ -1,0 +1,17 @@
+//! smartproxy: an L4 proxy for long-lived TCP and TLS connections.
+//!
+//! The control plane (this crate) accepts, routes and keeps the book; the bytes move
+//! either through the kernel (`datapath::ebpf`) or through a tokio copy
+//! (`datapath::userspace`). Both feed the same `lifecycle` state machine.
+
+pub mod config;
+pub mod control;
+pub mod datapath;
+pub mod lifecycle;
+pub mod proxy;
+pub mod route;
+pub mod sni;
+pub mod stats;
+pub mod table;
+
+pub use proxy::{Closed, Proxy, StartError};

@@ -1,0 +1,436 @@
+//! The proxy: binds the listeners, accepts, routes, connects, and drives each
+//! connection's lifecycle over its data path until it closes with one reason.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, watch};
+use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::config::{Config, LifecycleConfig, Target};
+use crate::control::ControlServer;
+use crate::datapath::{instant_of, DataPathKind, Relay};
+use crate::lifecycle::{Action, Event, Lifecycle, Reason};
+use crate::route::{ListenerRoutes, RouteTable};
+use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
+use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
+use crate::table::{ConnRecord, ConnTable};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A connection that ended, for whoever listens (tests, logs).
+#[derive(Clone, Debug)]
+pub struct Closed {
+    pub id: u64,
+    pub route: Option<String>,
+    pub reason: Reason,
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    routes: RouteTable,
+    pub(crate) table: ConnTable,
+    pub(crate) stats: Stats,
+    closed: broadcast::Sender<Closed>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        self.stats.snapshot(&self.table, EbpfSnapshot::default())
+    }
+
+    pub(crate) fn connection_rows(&self) -> Vec<ConnectionRow> {
+        self.stats.connection_rows(&self.table)
+    }
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listen_addrs: Vec<(SocketAddr, SocketAddr)>,
+    shutdown: watch::Sender<bool>,
+    tasks: TaskTracker,
+}
+
+impl Proxy {
+    /// Binds every listener and the control socket, then starts accepting. Returns once
+    /// the proxy is ready: every listener accepts from now on.
+    pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        let routes = RouteTable::new(&config);
+        let stats = Stats::new(
+            DataPathKind::Userspace,
+            config.routes.iter().map(|r| r.name.as_str()),
+        );
+        let mut listeners = Vec::with_capacity(routes.listeners.len());
+        for (addr, _) in &routes.listeners {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr: *addr, source })?;
+            listeners.push(listener);
+        }
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (closed, _) = broadcast::channel(1024);
+        let control_path = config.proxy.control_socket.clone();
+        let shared = Arc::new(Shared {
+            config,
+            routes,
+            table: ConnTable::default(),
+            stats,
+            closed,
+            shutdown: shutdown_rx,
+        });
+        let control = ControlServer::bind(&control_path)
+            .map_err(|source| StartError::Control {
+                path: control_path.clone(),
+                source,
+            })?;
+        let tasks = TaskTracker::new();
+        tasks.spawn(control.serve(Arc::clone(&shared)));
+        let mut listen_addrs = Vec::new();
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let configured = shared.routes.listeners[index].0;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr: configured, source })?;
+            listen_addrs.push((configured, bound));
+            info!(listen = %bound, "listening");
+            tasks.spawn(accept_loop(listener, index, Arc::clone(&shared), tasks.clone()));
+        }
+        Ok(Proxy {
+            shared,
+            listen_addrs,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// `(configured, bound)` for every listen address: they differ for port 0.
+    pub fn listen_addrs(&self) -> &[(SocketAddr, SocketAddr)] {
+        &self.listen_addrs
+    }
+
+    /// The bound address of the named route's listener.
+    pub fn route_addr(&self, route: &str) -> Option<SocketAddr> {
+        let configured = self
+            .shared
+            .config
+            .routes
+            .iter()
+            .find(|r| r.name == route)?
+            .listen;
+        self.listen_addrs
+            .iter()
+            .find(|(c, _)| *c == configured)
+            .map(|(_, bound)| *bound)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.shared.snapshot()
+    }
+
+    pub fn connection_rows(&self) -> Vec<ConnectionRow> {
+        self.shared.connection_rows()
+    }
+
+    /// Closed connections from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Closed> {
+        self.shared.closed.subscribe()
+    }
+
+    /// Stops accepting at once; connections finish on their own or are closed after
+    /// `grace_period`.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Waits until the proxy stopped: after `shutdown`, when the last connection closed.
+    pub async fn wait(self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+        let path = &self.shared.config.proxy.control_socket;
+        if let Err(e) = std::fs::remove_file(path) {
+            debug!(path = %path.display(), error = %e, "control socket already gone");
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, index: usize, shared: Arc<Shared>, tasks: TaskTracker) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                let record = shared.table.insert(peer);
+                shared.stats.accepted();
+                tasks.spawn(serve(Arc::clone(&shared), index, client, record));
+            }
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS: the connection stays in the backlog; back off
+                // instead of spinning, and say so at most once a second.
+                let now = Instant::now();
+                if last_warning.is_none_or(|at| now - at >= Duration::from_secs(1)) {
+                    warn!(error = %e, "accept failed; backing off");
+                    last_warning = Some(now);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One connection, from accept to close.
+async fn serve(shared: Arc<Shared>, listener: usize, client: TcpStream, record: Arc<ConnRecord>) {
+    let span = info_span!("conn", id = record.id, client = %record.client);
+    async {
+        let reason = match establish(&shared, listener, &client, &record).await {
+            Ok((route, backend)) => relay(&shared, route, client, backend, &record).await,
+            Err(reason) => {
+                if reason == Reason::MaxConnections {
+                    // Refused connections get an RST, every time, at once.
+                    let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                }
+                drop(client);
+                reason
+            }
+        };
+        close(&shared, &record, reason);
+    }
+    .instrument(span)
+    .await
+}
+
+fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
+    shared.stats.closed(record, reason);
+    shared.table.remove(record.id);
+    let route = record
+        .route
+        .get()
+        .map(|r| shared.config.routes[*r].name.clone());
+    info!(
+        route = route.as_deref().unwrap_or("-"),
+        backend = ?record.backend.get(),
+        data_path = ?record.data_path.get(),
+        client_to_backend = record.meter.bytes(crate::lifecycle::Direction::ClientToBackend),
+        backend_to_client = record.meter.bytes(crate::lifecycle::Direction::BackendToClient),
+        duration_ms = record.started.elapsed().as_millis() as u64,
+        %reason,
+        "closed"
+    );
+    // Nobody listening is fine.
+    let _ = shared.closed.send(Closed {
+        id: record.id,
+        route,
+        reason,
+    });
+}
+
+/// Routes the connection and connects its backend; the routing bytes already read are
+/// written to the backend before this returns.
+async fn establish(
+    shared: &Shared,
+    listener: usize,
+    client: &TcpStream,
+    record: &ConnRecord,
+) -> Result<(usize, TcpStream), Reason> {
+    if shared.table.len() > shared.config.proxy.max_connections {
+        return Err(Reason::MaxConnections);
+    }
+    let mut shutdown = shared.shutdown.clone();
+    let routes = &shared.routes.listeners[listener].1;
+    let (route, peeked) = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
+        routed = route(shared, routes, client) => routed?,
+    };
+    let _ = record.route.set(route);
+    shared.stats.routed(route);
+    let config = &shared.config.routes[route];
+    keepalive(client, &config.lifecycle);
+    let backend = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
+        connected = connect(shared, route) => connected?,
+    };
+    if let Ok(addr) = backend.peer_addr() {
+        let _ = record.backend.set(addr);
+    }
+    keepalive(&backend, &config.lifecycle);
+    write_all(&backend, &peeked).await?;
+    Ok((route, backend))
+}
+
+/// Picks the route: at once for a plain listener, from the ClientHello for SNI ones.
+async fn route(
+    shared: &Shared,
+    routes: &ListenerRoutes,
+    client: &TcpStream,
+) -> Result<(usize, Vec<u8>), Reason> {
+    if !routes.needs_client_hello() {
+        let route = routes.select(None).ok_or(Reason::NoRoute)?;
+        return Ok((route, Vec::new()));
+    }
+    let deadline = Instant::now() + shared.config.lifecycle.handshake_timeout;
+    let mut hello = Vec::with_capacity(1024);
+    loop {
+        match parse_client_hello(&hello) {
+            Ok(Peek::Complete(parsed)) => {
+                let route = routes.select(parsed.server_name.as_deref());
+                debug!(server_name = ?parsed.server_name, ?route, "client hello");
+                return route.map(|r| (r, hello)).ok_or(Reason::NoRoute);
+            }
+            Ok(Peek::Incomplete) => {}
+            Err(e) => {
+                debug!(error = %e, "bad client hello");
+                return Err(Reason::BadHandshake);
+            }
+        }
+        if hello.len() > MAX_CLIENT_HELLO * 2 {
+            return Err(Reason::BadHandshake);
+        }
+        timeout_at(deadline, client.readable())
+            .await
+            .map_err(|_| Reason::HandshakeTimeout)?
+            .map_err(|_| Reason::ClientReset)?;
+        hello.reserve(4096);
+        match client.try_read_buf(&mut hello) {
+            Ok(0) => return Err(Reason::BadHandshake),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Reason::ClientReset),
+        }
+    }
+}
+
+/// Connects to the route's targets, round-robin, trying the next one on failure.
+async fn connect(shared: &Shared, route: usize) -> Result<TcpStream, Reason> {
+    let config = &shared.config.routes[route];
+    let mut reason = Reason::ConnectFailed;
+    for target in shared.routes.targets_in_order(route, &config.targets) {
+        let deadline = Instant::now() + config.lifecycle.connect_timeout;
+        match timeout_at(deadline, connect_target(target)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => {
+                warn!(%target, error = %e, "connect failed");
+                reason = Reason::ConnectFailed;
+            }
+            Err(_) => {
+                warn!(%target, "connect timed out");
+                reason = Reason::ConnectTimeout;
+            }
+        }
+    }
+    Err(reason)
+}
+
+async fn connect_target(target: &Target) -> io::Result<TcpStream> {
+    let mut last_error = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
+    for addr in tokio::net::lookup_host((target.host.as_str(), target.port)).await? {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(last_error)
+}
+
+fn keepalive(stream: &TcpStream, config: &LifecycleConfig) {
+    let socket = SockRef::from(stream);
+    // Latency matters more than segment count for the protocols this proxy carries.
+    let _ = socket.set_nodelay(true);
+    if let Some(idle) = config.tcp_keepalive {
+        let keepalive = TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(idle / 4 + Duration::from_secs(1))
+            .with_retries(4);
+        if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
+            debug!(error = %e, "cannot set TCP keepalive");
+        }
+    }
+}
+
+async fn write_all(backend: &TcpStream, mut bytes: &[u8]) -> Result<(), Reason> {
+    while !bytes.is_empty() {
+        backend.writable().await.map_err(|_| Reason::BackendReset)?;
+        match backend.try_write(bytes) {
+            Ok(written) => bytes = &bytes[written..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Reason::BackendReset),
+        }
+    }
+    Ok(())
+}
+
+/// Moves the bytes and feeds the lifecycle until it closes the connection.
+async fn relay(
+    shared: &Shared,
+    route: usize,
+    client: TcpStream,
+    backend: TcpStream,
+    record: &ConnRecord,
+) -> Reason {
+    let config = shared.config.routes[route].lifecycle;
+    let mut relay = Relay::new(client, backend, Arc::clone(&record.meter));
+    let _ = record.data_path.set(DataPathKind::Userspace);
+    let mut lifecycle = Lifecycle::new(config, Instant::now().into_std());
+    let mut shutdown = shared.shutdown.clone();
+    let mut shutdown_seen = false;
+    loop {
+        let deadline = lifecycle.deadline().map(Instant::from_std);
+        let event = tokio::select! {
+            event = relay.next_event() => event,
+            _ = sleep_until_some(deadline) => Event::Timer {
+                last_activity: instant_of(relay.meter().last_activity_ns()),
+            },
+            _ = shutdown.wait_for(|stop| *stop), if !shutdown_seen => {
+                shutdown_seen = true;
+                Event::Shutdown
+            }
+        };
+        debug!(?event, "lifecycle event");
+        for action in lifecycle.on_event(event, Instant::now().into_std()) {
+            match action {
+                Action::Finish(direction) => relay.finish(direction),
+                Action::Abort(side) => relay.abort(side),
+                Action::InactivityReset => shared.stats.inactivity_reset(),
+                Action::Close(reason) => return reason,
+            }
+        }
+        record
+            .half_open
+            .store(lifecycle.is_half_open(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

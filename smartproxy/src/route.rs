@@ -1,0 +1,160 @@
+//! Routing: which route a connection on a listen address belongs to (by port, or by TLS
+//! SNI on a shared address), and which target of that route to connect to next.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::config::{Config, RouteConfig, SniPattern, Target};
+
+/// The routes that share one listen address.
+#[derive(Debug)]
+pub enum ListenerRoutes {
+    /// A plain TCP (or TLS without SNI routing) route owns the address alone.
+    Single(usize),
+    /// Routes told apart by the ClientHello's server name.
+    Sni {
+        exact: BTreeMap<String, usize>,
+        /// `(suffix, route)`: `*.example.org` is stored as `example.org`.
+        wildcards: Vec<(String, usize)>,
+        default: Option<usize>,
+    },
+}
+
+impl ListenerRoutes {
+    /// Whether a ClientHello must be read before the route is known.
+    pub fn needs_client_hello(&self) -> bool {
+        matches!(self, ListenerRoutes::Sni { .. })
+    }
+
+    /// The route for a ClientHello that names `server_name` (or none). Exact names win
+    /// over wildcards; no match falls back to the default route.
+    pub fn select(&self, server_name: Option<&str>) -> Option<usize> {
+        match self {
+            ListenerRoutes::Single(route) => Some(*route),
+            ListenerRoutes::Sni {
+                exact,
+                wildcards,
+                default,
+            } => {
+                let Some(name) = server_name else {
+                    return *default;
+                };
+                let name = name.to_ascii_lowercase();
+                if let Some(route) = exact.get(&name) {
+                    return Some(*route);
+                }
+                let parent = name.split_once('.').map(|(_, parent)| parent);
+                wildcards
+                    .iter()
+                    .find(|(suffix, _)| Some(suffix.as_str()) == parent)
+                    .map(|(_, route)| *route)
+                    .or(*default)
+            }
+        }
+    }
+}
+
+/// Every listen address with its routes, built once from a validated config.
+#[derive(Debug)]
+pub struct RouteTable {
+    pub listeners: Vec<(SocketAddr, ListenerRoutes)>,
+    cursors: Vec<AtomicUsize>,
+}
+
+impl RouteTable {
+    pub fn new(config: &Config) -> RouteTable {
+        let mut by_addr: BTreeMap<SocketAddr, Vec<usize>> = BTreeMap::new();
+        for (index, route) in config.routes.iter().enumerate() {
+            by_addr.entry(route.listen).or_default().push(index);
+        }
+        let listeners = by_addr
+            .into_iter()
+            .map(|(addr, routes)| (addr, Self::listener_routes(&config.routes, &routes)))
+            .collect();
+        RouteTable {
+            listeners,
+            cursors: config.routes.iter().map(|_| AtomicUsize::new(0)).collect(),
+        }
+    }
+
+    fn listener_routes(all: &[RouteConfig], indexes: &[usize]) -> ListenerRoutes {
+        if let [only] = indexes {
+            if all[*only].sni.is_empty() {
+                return ListenerRoutes::Single(*only);
+            }
+        }
+        let mut exact = BTreeMap::new();
+        let mut wildcards = Vec::new();
+        let mut default = None;
+        for &index in indexes {
+            if all[index].sni.is_empty() {
+                default = Some(index);
+            }
+            for pattern in &all[index].sni {
+                match pattern {
+                    SniPattern::Exact(name) => {
+                        exact.insert(name.clone(), index);
+                    }
+                    SniPattern::Wildcard(suffix) => wildcards.push((suffix.clone(), index)),
+                }
+            }
+        }
+        ListenerRoutes::Sni {
+            exact,
+            wildcards,
+            default,
+        }
+    }
+
+    /// The route's targets in the order to try them: round-robin start, then the rest.
+    pub fn targets_in_order<'a>(
+        &self,
+        route: usize,
+        targets: &'a [Target],
+    ) -> impl Iterator<Item = &'a Target> + 'a {
+        let start = self.cursors[route].fetch_add(1, Ordering::Relaxed);
+        let len = targets.len();
+        (0..len).map(move |offset| &targets[(start + offset) % len])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sni(exact: &[(&str, usize)], wildcards: &[(&str, usize)], default: Option<usize>) -> ListenerRoutes {
+        ListenerRoutes::Sni {
+            exact: exact.iter().map(|(n, r)| (n.to_string(), *r)).collect(),
+            wildcards: wildcards.iter().map(|(n, r)| (n.to_string(), *r)).collect(),
+            default,
+        }
+    }
+
+    #[test]
+    fn exact_name_wins_over_wildcard() {
+        let routes = sni(&[("a.example.org", 1)], &[("example.org", 2)], None);
+        assert_eq!(routes.select(Some("a.example.org")), Some(1));
+        assert_eq!(routes.select(Some("B.Example.ORG")), Some(2));
+    }
+
+    #[test]
+    fn wildcard_covers_one_label_only() {
+        let routes = sni(&[], &[("example.org", 2)], Some(0));
+        assert_eq!(routes.select(Some("example.org")), Some(0));
+        assert_eq!(routes.select(Some("a.b.example.org")), Some(0));
+    }
+
+    #[test]
+    fn no_match_and_no_default_is_no_route() {
+        let routes = sni(&[("a.test", 1)], &[], None);
+        assert_eq!(routes.select(Some("b.test")), None);
+        assert_eq!(routes.select(None), None);
+    }
+
+    #[test]
+    fn hello_without_sni_takes_the_default() {
+        let routes = sni(&[("a.test", 1)], &[], Some(3));
+        assert_eq!(routes.select(None), Some(3));
+    }
+}

@@ -1,0 +1,76 @@
+//! The connection table: one record per live connection, from accept to close.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use crate::datapath::{DataPathKind, Meter};
+
+/// What the proxy knows of one live connection.
+#[derive(Debug)]
+pub struct ConnRecord {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub started: Instant,
+    pub started_at: SystemTime,
+    /// Known once routed.
+    pub route: OnceLock<usize>,
+    /// Known once connected.
+    pub backend: OnceLock<SocketAddr>,
+    /// Known once the bytes move.
+    pub data_path: OnceLock<DataPathKind>,
+    pub meter: Arc<Meter>,
+    pub half_open: AtomicBool,
+}
+
+/// The live connections, by id.
+#[derive(Debug, Default)]
+pub struct ConnTable {
+    records: Mutex<HashMap<u64, Arc<ConnRecord>>>,
+    next_id: AtomicU64,
+}
+
+impl ConnTable {
+    /// Records a newly accepted connection and returns its record.
+    pub fn insert(&self, client: SocketAddr) -> Arc<ConnRecord> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let record = Arc::new(ConnRecord {
+            id,
+            client,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            route: OnceLock::new(),
+            backend: OnceLock::new(),
+            data_path: OnceLock::new(),
+            meter: Arc::default(),
+            half_open: AtomicBool::new(false),
+        });
+        self.lock().insert(id, Arc::clone(&record));
+        record
+    }
+
+    pub fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of the live records, taken without holding the lock while the caller reads.
+    pub fn records(&self) -> Vec<Arc<ConnRecord>> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnRecord>>> {
+        // A panic while holding this lock cannot leave the map half-updated (every
+        // operation is a single insert or remove), so a poisoned lock is still sound.
+        self.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
