@@ -1,0 +1,1073 @@
+//! Typed configuration: the TOML file of DESIGN.md, parsed and validated at load.
+//!
+//! Loading is two steps, as in rathole. Serde first reads `Raw*` structs: every table is
+//! `deny_unknown_fields`, every optional key an `Option`, and `serde_path_to_error`
+//! remembers where a type error happened. [`validate`] then applies defaults and the
+//! `[lifecycle]` inheritance and checks the rules that span keys and routes. Every
+//! [`ConfigError`] names the file, the key path (`route[1].targets[0]`) and why.
+//!
+//! Inheritance: a `[[route]]` may set any `[lifecycle]` key directly (flat, next to
+//! `listen`); a key it does not set has the `[lifecycle]` value, and a key `[lifecycle]`
+//! does not set has the default of DESIGN.md's example. [`RouteConfig::lifecycle`] holds
+//! the result, so nothing downstream needs to look at `[lifecycle]` again.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::sni::is_dns_name;
+
+/// A whole, validated configuration file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    /// `[lifecycle]` with defaults filled in; each route carries its own effective copy.
+    pub lifecycle: LifecycleConfig,
+    /// In file order; at least one.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[proxy]`: process-wide settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProxyConfig {
+    pub data_path: DataPathMode,
+    pub control_socket: PathBuf,
+    /// Greater than zero.
+    pub max_connections: usize,
+    /// Address of the Prometheus text endpoint (`/metrics`), if any.
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            data_path: DataPathMode::Auto,
+            control_socket: PathBuf::from("/run/smartproxy/control.sock"),
+            max_connections: 100_000,
+            metrics: None,
+        }
+    }
+}
+
+/// How bytes move once a connection is routed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPathMode {
+    /// eBPF when it loads, userspace otherwise (the log says why).
+    Auto,
+    /// eBPF or a startup error.
+    Ebpf,
+    /// tokio copy.
+    Userspace,
+}
+
+impl fmt::Display for DataPathMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Ebpf => "ebpf",
+            Self::Userspace => "userspace",
+        })
+    }
+}
+
+/// Connection lifecycle settings (DESIGN.md, "Connection lifecycle").
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LifecycleConfig {
+    /// Greater than zero.
+    pub connect_timeout: Duration,
+    /// Time for the routing bytes (ClientHello) to arrive, and for a TLS handshake the
+    /// proxy terminates. Greater than zero.
+    pub handshake_timeout: Duration,
+    /// Greater than zero (even with `timeout_behavior = "ignore"`).
+    pub inactivity_timeout: Duration,
+    pub timeout_behavior: TimeoutBehavior,
+    pub allow_half_open: bool,
+    /// Greater than zero.
+    pub parity_check_timeout: Duration,
+    /// Greater than zero.
+    pub parity_inactivity: Duration,
+    /// May be zero: destroy at once after a graceful close.
+    pub grace_period: Duration,
+    /// Idle time before TCP keepalive probes start, on both sockets. `None` when the
+    /// file says `tcp_keepalive = "0s"`: keepalive off.
+    pub tcp_keepalive: Option<Duration>,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            inactivity_timeout: Duration::from_secs(60 * 60),
+            timeout_behavior: TimeoutBehavior::Reset,
+            allow_half_open: true,
+            parity_check_timeout: Duration::from_secs(30 * 60),
+            parity_inactivity: Duration::from_secs(10 * 60),
+            grace_period: Duration::from_secs(5),
+            tcp_keepalive: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// What an expired `inactivity_timeout` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutBehavior {
+    /// Close gracefully, reason `inactivity_timeout`.
+    Close,
+    /// Count it and re-arm the timer; never close.
+    Reset,
+    /// No timer.
+    Ignore,
+}
+
+impl fmt::Display for TimeoutBehavior {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Close => "close",
+            Self::Reset => "reset",
+            Self::Ignore => "ignore",
+        })
+    }
+}
+
+/// What a TLS route does with TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Route on the ClientHello, forward the TLS bytes untouched.
+    Passthrough,
+    /// Terminate TLS (`cert`/`key`), plain TCP to the backend.
+    Terminate,
+    /// Terminate TLS (`cert`/`key`), TLS again to the backend.
+    Reencrypt,
+}
+
+impl TlsMode {
+    /// Whether the proxy runs a TLS server for this route (and so needs `cert`/`key` and
+    /// the userspace data path).
+    pub fn terminates(self) -> bool {
+        matches!(self, Self::Terminate | Self::Reencrypt)
+    }
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Passthrough => "passthrough",
+            Self::Terminate => "terminate",
+            Self::Reencrypt => "reencrypt",
+        })
+    }
+}
+
+/// One `[[route]]`, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteConfig {
+    /// Non-empty, unique in the file.
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Empty: the default route of its listen address (or the only route there).
+    pub sni: Vec<SniPattern>,
+    /// `None`: plain TCP.
+    pub tls: Option<TlsMode>,
+    /// At least one.
+    pub targets: Vec<Target>,
+    /// Set (both, readable files) exactly when `tls` terminates. A relative path in the
+    /// file is resolved against the directory of the config file.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Per-route override of `[proxy] data_path`; never `Ebpf` when `tls` terminates.
+    pub data_path: Option<DataPathMode>,
+    /// `[lifecycle]` with this route's overrides applied.
+    pub lifecycle: LifecycleConfig,
+}
+
+/// A backend address as written: an IP address or a DNS name, and a port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// An IPv4 address, an IPv6 address (without brackets) or a lowercase DNS name.
+    pub host: String,
+    /// Not zero.
+    pub port: u16,
+}
+
+impl Target {
+    /// The socket address when `host` is an IP address; `None` for a DNS name, which the
+    /// caller resolves (`Display` gives a string `tokio::net::lookup_host` accepts).
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        let ip: IpAddr = self.host.parse().ok()?;
+        Some(SocketAddr::new(ip, self.port))
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let expected = "expected \"host:port\" (IPv6 in brackets: \"[::1]:443\")";
+        let (host, port) = if let Some(bracketed) = text.strip_prefix('[') {
+            let (ip, port) = bracketed
+                .split_once("]:")
+                .ok_or_else(|| format!("{text:?}: {expected}"))?;
+            ip.parse::<Ipv6Addr>()
+                .map_err(|_| format!("{text:?}: {ip:?} is not an IPv6 address"))?;
+            (ip.to_owned(), port)
+        } else {
+            let (host, port) = text
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{text:?}: {expected}"))?;
+            if host.contains(':') {
+                return Err(format!("{text:?}: {expected}"));
+            }
+            if host.parse::<IpAddr>().is_err() && !is_dns_name(host) {
+                return Err(format!(
+                    "{text:?}: {host:?} is neither an IP address nor a DNS name"
+                ));
+            }
+            (host.to_ascii_lowercase(), port)
+        };
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{text:?}: {port:?} is not a port (1 to 65535)"))?;
+        Ok(Self { host, port })
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One entry of a route's `sni` list.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SniPattern {
+    /// A whole name, lowercase.
+    Exact(String),
+    /// `*.suffix`: the suffix, lowercase. Matches one extra leftmost label, like a TLS
+    /// certificate wildcard.
+    Wildcard(String),
+}
+
+impl SniPattern {
+    /// Whether a ClientHello's server name selects this pattern (ASCII case-insensitive;
+    /// one trailing dot on `server_name` is ignored). `*.example.org` matches
+    /// `a.example.org`, but neither `example.org` nor `a.b.example.org`.
+    pub fn matches(&self, server_name: &str) -> bool {
+        let name = server_name.strip_suffix('.').unwrap_or(server_name);
+        match self {
+            Self::Exact(exact) => name.eq_ignore_ascii_case(exact),
+            Self::Wildcard(suffix) => name.split_once('.').is_some_and(|(label, rest)| {
+                !label.is_empty() && label != "*" && rest.eq_ignore_ascii_case(suffix)
+            }),
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let lower = text.to_ascii_lowercase();
+        let (pattern, name) = match lower.strip_prefix("*.") {
+            Some(suffix) => (Self::Wildcard(suffix.to_owned()), suffix),
+            None => (Self::Exact(lower.clone()), lower.as_str()),
+        };
+        if name.contains('*') {
+            return Err(format!(
+                "{text:?}: a wildcard may only be the whole leftmost label (\"*.example.org\")"
+            ));
+        }
+        if name.parse::<IpAddr>().is_ok() {
+            return Err(format!(
+                "{text:?}: SNI carries DNS names, never IP addresses"
+            ));
+        }
+        if !is_dns_name(name) {
+            return Err(format!(
+                "{text:?} is not a DNS name (letters, digits, '-', '_'; labels of 1 to 63; no trailing dot)"
+            ));
+        }
+        Ok(pattern)
+    }
+}
+
+impl fmt::Display for SniPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(name) => f.write_str(name),
+            Self::Wildcard(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// A configuration that cannot be used: which file, which key, and why.
+///
+/// `Display` is `<file>: <key>: <why>` (`<file>: <why>` when the file itself cannot be
+/// read), the message `smartproxy check` and `run` print before exiting 2.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {}{}", .file.display(), key_prefix(.key), .reason)]
+pub struct ConfigError {
+    file: PathBuf,
+    key: String,
+    reason: String,
+}
+
+/// `key: `, or nothing for an error about the whole file.
+fn key_prefix(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
+    } else {
+        format!("{key}: ")
+    }
+}
+
+impl ConfigError {
+    /// The file as given to [`Config::from_file`] (or the `origin` of [`Config::from_str`]).
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Dotted key path (`lifecycle.grace_period`, `route[1].targets[0]`); for a TOML
+    /// syntax error `line N, column M`; empty when the file cannot be read.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming `path`, the key and the reason, for an unreadable file, bad
+    /// TOML, an unknown key, a wrong type or value, or a broken cross-key rule (including
+    /// `cert`/`key` files that cannot be read).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: String::new(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::from_str(&text, path)
+    }
+
+    /// Parses and validates configuration text. `origin` names the file in error messages,
+    /// and relative `cert`/`key` paths are resolved against its directory.
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::from_file`], except for reading the file.
+    pub fn from_str(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let in_file = |Invalid { key, reason }| ConfigError {
+            file: origin.to_owned(),
+            key,
+            reason,
+        };
+        let raw = parse(text).map_err(in_file)?;
+        let base_dir = origin.parent().unwrap_or(Path::new(""));
+        validate(raw, base_dir).map_err(in_file)
+    }
+}
+
+// === raw tables, as serde reads them ===
+
+/// Declares the `[lifecycle]` keys once, and generates from that list both the
+/// `[lifecycle]` table and the `[[route]]` table, which repeats every lifecycle key next
+/// to its own. Serde cannot do this with `#[serde(flatten)]`, which disables
+/// `deny_unknown_fields`.
+macro_rules! tables_with_lifecycle_keys {
+    (
+        lifecycle { $($lkey:ident: $lty:ty,)* }
+        route { $($(#[$rattr:meta])* $rkey:ident: $rty:ty,)* }
+    ) => {
+        /// `[lifecycle]`, or the lifecycle keys of one `[[route]]`: only what the file sets.
+        #[derive(Clone, Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct RawLifecycle {
+            $($lkey: Option<$lty>,)*
+        }
+
+        impl RawLifecycle {
+            /// `base` with every key set here replaced.
+            fn apply_to(&self, mut base: LifecycleConfig) -> LifecycleConfig {
+                $(if let Some(value) = self.$lkey {
+                    base.$lkey = value.into();
+                })*
+                base
+            }
+        }
+
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct RawRoute {
+            $($(#[$rattr])* $rkey: $rty,)*
+            $($lkey: Option<$lty>,)*
+        }
+
+        impl RawRoute {
+            fn lifecycle_overrides(&self) -> RawLifecycle {
+                RawLifecycle { $($lkey: self.$lkey,)* }
+            }
+        }
+    };
+}
+
+tables_with_lifecycle_keys! {
+    lifecycle {
+        connect_timeout: HumanDuration,
+        handshake_timeout: HumanDuration,
+        inactivity_timeout: HumanDuration,
+        timeout_behavior: TimeoutBehavior,
+        allow_half_open: bool,
+        parity_check_timeout: HumanDuration,
+        parity_inactivity: HumanDuration,
+        grace_period: HumanDuration,
+        tcp_keepalive: HumanDuration,
+    }
+    route {
+        name: String,
+        listen: SocketAddr,
+        sni: Option<Vec<String>>,
+        tls: Option<TlsMode>,
+        targets: Vec<String>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        data_path: Option<DataPathMode>,
+    }
+}
+
+impl RawLifecycle {
+    /// The keys set here that must be greater than zero; `grace_period` may be zero and
+    /// `tcp_keepalive = "0s"` turns keepalive off.
+    fn check_positive(&self, table: &str) -> Result<(), Invalid> {
+        let must_be_positive = [
+            ("connect_timeout", self.connect_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("inactivity_timeout", self.inactivity_timeout),
+            ("parity_check_timeout", self.parity_check_timeout),
+            ("parity_inactivity", self.parity_inactivity),
+        ];
+        for (key, value) in must_be_positive {
+            if value.is_some_and(|HumanDuration(d)| d.is_zero()) {
+                return Err(Invalid::new(
+                    format!("{table}.{key}"),
+                    "must be greater than 0",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    lifecycle: RawLifecycle,
+    /// Checked non-empty by `validate`, for a clearer message than serde's.
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    data_path: Option<DataPathMode>,
+    control_socket: Option<PathBuf>,
+    max_connections: Option<usize>,
+    metrics: Option<SocketAddr>,
+}
+
+/// A duration written as a humantime string (`"500ms"`, `"5s"`, `"30m"`, `"24h"`).
+///
+/// A newtype over `humantime::parse_duration` rather than `humantime_serde`, so that
+/// the message says "invalid duration" and why instead of serde's generic "invalid
+/// value ... expected a duration".
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string such as \"500ms\", \"5s\", \"30m\" or \"24h\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<HumanDuration, E> {
+                humantime::parse_duration(text)
+                    .map(HumanDuration)
+                    .map_err(|e| E::custom(format!("invalid duration {text:?}: {e}")))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+impl From<HumanDuration> for Duration {
+    fn from(HumanDuration(d): HumanDuration) -> Self {
+        d
+    }
+}
+
+/// For `tcp_keepalive`: zero means off.
+impl From<HumanDuration> for Option<Duration> {
+    fn from(HumanDuration(d): HumanDuration) -> Self {
+        (!d.is_zero()).then_some(d)
+    }
+}
+
+/// An error before the file name is attached.
+struct Invalid {
+    key: String,
+    reason: String,
+}
+
+impl Invalid {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// TOML text to raw tables; the error names the key path serde was in.
+fn parse(text: &str) -> Result<RawConfig, Invalid> {
+    let deserializer = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.inner();
+        // toml's messages may span lines ("invalid table header\nexpected `.`, `]`").
+        let mut message = inner.message().trim_end().replace('\n', "; ");
+        if message == "invalid socket address syntax" {
+            message.push_str(" (expected \"ip:port\", IPv6 as \"[::1]:443\")");
+        }
+        let line = inner.span().map(|span| {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            (line, column)
+        });
+        let at_line = |what: &str| line.map_or(String::new(), |(l, _)| format!(" ({what}{l})"));
+        let field = |prefix: &str| {
+            let (field, rest) = message.strip_prefix(prefix)?.split_once('`')?;
+            Some((field.to_owned(), rest))
+        };
+        let join = |table: &str, field: &str| {
+            if table == "." {
+                field.to_owned()
+            } else {
+                format!("{table}.{field}")
+            }
+        };
+        if let Some((name, rest)) = field("unknown field `") {
+            // serde_path_to_error's path already ends with the unknown key.
+            let expected = rest.strip_prefix(", expected ").unwrap_or("none");
+            let key = if path.ends_with(&name) {
+                path.clone()
+            } else {
+                join(&path, &name)
+            };
+            Invalid::new(
+                key,
+                format!("unknown key (expected {expected}){}", at_line("line ")),
+            )
+        } else if let Some((name, _)) = field("missing field `") {
+            // Reported at the table that lacks it; the span is the table's.
+            Invalid::new(
+                join(&path, &name),
+                format!("required, but missing{}", at_line("table at line ")),
+            )
+        } else if path == "." {
+            // No key: a TOML syntax error.
+            let key = match line {
+                Some((line, column)) => format!("line {line}, column {column}"),
+                None => "(document)".to_owned(),
+            };
+            Invalid::new(key, message)
+        } else {
+            Invalid::new(path, format!("{message}{}", at_line("line ")))
+        }
+    })
+}
+
+// === validation ===
+
+/// Applies defaults and inheritance, and checks every rule that the types alone do not.
+fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
+    let defaults = ProxyConfig::default();
+    let proxy = ProxyConfig {
+        data_path: raw.proxy.data_path.unwrap_or(defaults.data_path),
+        control_socket: raw.proxy.control_socket.unwrap_or(defaults.control_socket),
+        max_connections: raw
+            .proxy
+            .max_connections
+            .unwrap_or(defaults.max_connections),
+        metrics: raw.proxy.metrics,
+    };
+    if proxy.control_socket.as_os_str().is_empty() {
+        return Err(Invalid::new("proxy.control_socket", "must not be empty"));
+    }
+    if proxy.max_connections == 0 {
+        return Err(Invalid::new(
+            "proxy.max_connections",
+            "must be greater than 0",
+        ));
+    }
+
+    raw.lifecycle.check_positive("lifecycle")?;
+    let lifecycle = raw.lifecycle.apply_to(LifecycleConfig::default());
+
+    if raw.route.is_empty() {
+        return Err(Invalid::new(
+            "route",
+            "at least one [[route]] table is required",
+        ));
+    }
+    let routes = raw
+        .route
+        .into_iter()
+        .enumerate()
+        .map(|(i, route)| validate_route(route, &format!("route[{i}]"), lifecycle, base_dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_route_set(&routes)?;
+    Ok(Config {
+        proxy,
+        lifecycle,
+        routes,
+    })
+}
+
+/// The rules about one route alone.
+fn validate_route(
+    raw: RawRoute,
+    at: &str,
+    lifecycle: LifecycleConfig,
+    base_dir: &Path,
+) -> Result<RouteConfig, Invalid> {
+    let overrides = raw.lifecycle_overrides();
+    overrides.check_positive(at)?;
+
+    if raw.name.trim().is_empty() {
+        return Err(Invalid::new(format!("{at}.name"), "must not be empty"));
+    }
+    if raw.targets.is_empty() {
+        return Err(Invalid::new(
+            format!("{at}.targets"),
+            "at least one target is required",
+        ));
+    }
+    let targets = raw
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(j, t)| {
+            Target::parse(t).map_err(|why| Invalid::new(format!("{at}.targets[{j}]"), why))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let sni = match raw.sni {
+        None => Vec::new(),
+        Some(_) if raw.tls.is_none() => {
+            return Err(Invalid::new(
+                format!("{at}.sni"),
+                "needs `tls` (passthrough, terminate or reencrypt): SNI is read from the TLS ClientHello",
+            ));
+        }
+        Some(names) if names.is_empty() => {
+            return Err(Invalid::new(
+                format!("{at}.sni"),
+                "is empty; leave `sni` out to make this the default route of its listen address",
+            ));
+        }
+        Some(names) => names
+            .iter()
+            .enumerate()
+            .map(|(j, n)| {
+                SniPattern::parse(n).map_err(|why| Invalid::new(format!("{at}.sni[{j}]"), why))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+
+    let terminates = raw.tls.is_some_and(TlsMode::terminates);
+    let (cert, key) = if terminates {
+        let mode = raw.tls.map_or(String::new(), |t| t.to_string());
+        let cert = readable_file(raw.cert, "cert", at, &mode, base_dir)?;
+        let key = readable_file(raw.key, "key", at, &mode, base_dir)?;
+        (Some(cert), Some(key))
+    } else {
+        let used_with = "only used with tls = \"terminate\" or \"reencrypt\"";
+        let this_route = match raw.tls {
+            Some(mode) => format!("this route has tls = \"{mode}\""),
+            None => "this route is plain TCP".to_owned(),
+        };
+        for (name, value) in [("cert", &raw.cert), ("key", &raw.key)] {
+            if value.is_some() {
+                return Err(Invalid::new(
+                    format!("{at}.{name}"),
+                    format!("{used_with}; {this_route}"),
+                ));
+            }
+        }
+        (None, None)
+    };
+
+    if terminates && raw.data_path == Some(DataPathMode::Ebpf) {
+        return Err(Invalid::new(
+            format!("{at}.data_path"),
+            "\"ebpf\" cannot carry a TLS-terminated route: the proxy must see the plaintext, so terminate/reencrypt routes always use the userspace path",
+        ));
+    }
+
+    Ok(RouteConfig {
+        name: raw.name,
+        listen: raw.listen,
+        sni,
+        tls: raw.tls,
+        targets,
+        cert,
+        key,
+        data_path: raw.data_path,
+        lifecycle: overrides.apply_to(lifecycle),
+    })
+}
+
+/// `cert` or `key` of a terminating route: required, resolved against `base_dir`, and a
+/// file that opens for reading now (so `check` catches what `run` would trip on).
+fn readable_file(
+    path: Option<PathBuf>,
+    name: &str,
+    at: &str,
+    mode: &str,
+    base_dir: &Path,
+) -> Result<PathBuf, Invalid> {
+    let key = format!("{at}.{name}");
+    let path = path.ok_or_else(|| {
+        Invalid::new(
+            &key,
+            format!("required with tls = \"{mode}\" (`cert` and `key` both)"),
+        )
+    })?;
+    let path = base_dir.join(path);
+    let unreadable =
+        |why: String| Invalid::new(&key, format!("cannot read {}: {why}", path.display()));
+    let file = std::fs::File::open(&path).map_err(|e| unreadable(e.to_string()))?;
+    let metadata = file.metadata().map_err(|e| unreadable(e.to_string()))?;
+    if !metadata.is_file() {
+        return Err(unreadable("not a regular file".to_owned()));
+    }
+    Ok(path)
+}
+
+/// The rules across routes: unique names, and how routes may share a listen address.
+fn check_route_set(routes: &[RouteConfig]) -> Result<(), Invalid> {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, route) in routes.iter().enumerate() {
+        if let Some(first) = names.insert(&route.name, i) {
+            return Err(Invalid::new(
+                format!("route[{i}].name"),
+                format!("{:?} is already the name of route[{first}]", route.name),
+            ));
+        }
+    }
+
+    // Routes sharing a listen address are told apart by SNI: all TLS, one default at most,
+    // every name claimed once.
+    let mut by_listen: HashMap<SocketAddr, Vec<usize>> = HashMap::new();
+    for (i, route) in routes.iter().enumerate() {
+        by_listen.entry(route.listen).or_default().push(i);
+    }
+    for (i, route) in routes.iter().enumerate() {
+        let group = &by_listen[&route.listen];
+        let others: Vec<&str> = group
+            .iter()
+            .filter(|&&j| j != i)
+            .map(|&j| routes[j].name.as_str())
+            .collect();
+        if !others.is_empty() && route.tls.is_none() {
+            return Err(Invalid::new(
+                format!("route[{i}].listen"),
+                format!(
+                    "{} is shared with route {:?}; routes can share a listen address only if all of them set `tls` (they are told apart by SNI)",
+                    route.listen, others[0]
+                ),
+            ));
+        }
+    }
+    let mut listens: Vec<&SocketAddr> = by_listen.keys().collect();
+    listens.sort();
+    for listen in listens {
+        let group = &by_listen[listen];
+        let mut default: Option<usize> = None;
+        let mut claimed: HashMap<&SniPattern, usize> = HashMap::new();
+        for &i in group {
+            let route = &routes[i];
+            if route.sni.is_empty() {
+                if let Some(first) = default.replace(i) {
+                    return Err(Invalid::new(
+                        format!("route[{i}].sni"),
+                        format!(
+                            "missing, but route {:?} is already the default (no `sni`) on {listen}; one route per listen address may leave `sni` out",
+                            routes[first].name
+                        ),
+                    ));
+                }
+            }
+            let mut own = HashSet::new();
+            for (j, pattern) in route.sni.iter().enumerate() {
+                if !own.insert(pattern) {
+                    return Err(Invalid::new(
+                        format!("route[{i}].sni[{j}]"),
+                        format!("\"{pattern}\" is listed twice"),
+                    ));
+                }
+                if let Some(&first) = claimed.get(pattern) {
+                    return Err(Invalid::new(
+                        format!("route[{i}].sni[{j}]"),
+                        format!(
+                            "\"{pattern}\" is already claimed by route {:?} on {listen}",
+                            routes[first].name
+                        ),
+                    ));
+                }
+                claimed.insert(pattern, i);
+            }
+        }
+    }
+
+    // Linux refuses two listening sockets on one port when one address is the wildcard of
+    // the other's family (even with SO_REUSEADDR); say so now rather than at bind time.
+    // Port 0 (tests: "any free port") gets a different port per listen address.
+    for (i, route) in routes.iter().enumerate() {
+        for (j, earlier) in routes[..i].iter().enumerate() {
+            let (a, b) = (route.listen, earlier.listen);
+            if a != b
+                && a.port() == b.port()
+                && a.port() != 0
+                && a.is_ipv4() == b.is_ipv4()
+                && (a.ip().is_unspecified() || b.ip().is_unspecified())
+            {
+                return Err(Invalid::new(
+                    format!("route[{i}].listen"),
+                    format!(
+                        "{a} overlaps {b} of route[{j}] ({:?}): one of them is the wildcard address, so both cannot be bound; use the same listen address to share the port",
+                        earlier.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Covers: defaults, `[lifecycle]` inheritance and per-route overrides, durations and
+    //! `tcp_keepalive = "0s"`, SNI pattern matching and parsing, target parsing, and the
+    //! key paths in error messages. The file-per-rule tests are in `tests/config_files.rs`.
+
+    use super::*;
+
+    const ROUTE: &str =
+        "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:8080\"\ntargets = [\"127.0.0.1:9000\"]\n";
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str(text, Path::new("test.toml"))
+    }
+
+    fn load_ok(text: &str) -> Config {
+        load(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn load_err(text: &str) -> String {
+        match load(text) {
+            Ok(config) => panic!("expected an error, loaded {config:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn absent_tables_take_the_design_example_values() {
+        let config = load_ok(ROUTE);
+        assert_eq!(config.proxy, ProxyConfig::default());
+        assert_eq!(
+            config.proxy.control_socket,
+            Path::new("/run/smartproxy/control.sock")
+        );
+        assert_eq!(config.proxy.max_connections, 100_000);
+        assert_eq!(config.lifecycle, LifecycleConfig::default());
+        assert_eq!(
+            config.lifecycle.inactivity_timeout,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(config.lifecycle.timeout_behavior, TimeoutBehavior::Reset);
+        assert_eq!(config.routes[0].lifecycle, LifecycleConfig::default());
+    }
+
+    #[test]
+    fn route_inherits_lifecycle_keys_it_does_not_set() {
+        let config = load_ok(&format!(
+            "[lifecycle]\ninactivity_timeout = \"2h\"\ngrace_period = \"1s\"\n\n{ROUTE}inactivity_timeout = \"5m\"\ntimeout_behavior = \"close\"\n\n\
+             [[route]]\nname = \"plain\"\nlisten = \"127.0.0.1:8081\"\ntargets = [\"127.0.0.1:9001\"]\n"
+        ));
+        assert_eq!(
+            config.lifecycle.inactivity_timeout,
+            Duration::from_secs(7200)
+        );
+        let [overriding, inheriting] = &config.routes[..] else {
+            panic!("two routes")
+        };
+        assert_eq!(
+            overriding.lifecycle,
+            LifecycleConfig {
+                inactivity_timeout: Duration::from_secs(300),
+                timeout_behavior: TimeoutBehavior::Close,
+                grace_period: Duration::from_secs(1),
+                ..LifecycleConfig::default()
+            }
+        );
+        assert_eq!(inheriting.lifecycle, config.lifecycle);
+    }
+
+    #[test]
+    fn tcp_keepalive_zero_turns_it_off() {
+        let config = load_ok(&format!("[lifecycle]\ntcp_keepalive = \"0s\"\n{ROUTE}"));
+        assert_eq!(config.lifecycle.tcp_keepalive, None);
+        let config = load_ok(&format!("{ROUTE}tcp_keepalive = \"2m 30s\"\n"));
+        assert_eq!(
+            config.routes[0].lifecycle.tcp_keepalive,
+            Some(Duration::from_secs(150))
+        );
+    }
+
+    #[test]
+    fn grace_period_may_be_zero_but_timeouts_may_not() {
+        let config = load_ok(&format!("[lifecycle]\ngrace_period = \"0s\"\n{ROUTE}"));
+        assert_eq!(config.lifecycle.grace_period, Duration::ZERO);
+        assert_eq!(
+            load_err(&format!("{ROUTE}connect_timeout = \"0ms\"\n")),
+            "test.toml: route[0].connect_timeout: must be greater than 0"
+        );
+    }
+
+    #[test]
+    fn errors_name_file_key_path_and_reason() {
+        let e = load_err(&format!("[lifecycle]\ngrace_period = \"soon\"\n{ROUTE}"));
+        assert!(
+            e.starts_with("test.toml: lifecycle.grace_period: invalid duration \"soon\""),
+            "{e}"
+        );
+        assert!(e.ends_with("(line 2)"), "{e}");
+        let e = load_err(&format!("{ROUTE}bogus = 1\n"));
+        assert!(
+            e.starts_with("test.toml: route[0].bogus: unknown key (expected"),
+            "{e}"
+        );
+        let e =
+            load_err("[[route]]\nname = \"r\"\nlisten = \"localhost:80\"\ntargets = [\"a:1\"]\n");
+        assert!(
+            e.starts_with("test.toml: route[0].listen: invalid socket address"),
+            "{e}"
+        );
+        let e = load_err("[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\n");
+        assert_eq!(
+            e,
+            "test.toml: route[0].targets: required, but missing (table at line 1)"
+        );
+        let e = load_err(&format!(
+            "{ROUTE}[[route]]\nname=\"s\"\nlisten=\"127.0.0.1:2\"\ntargets=[\"x:1\", \"y:0\"]\n"
+        ));
+        assert!(
+            e.starts_with("test.toml: route[1].targets[1]: \"y:0\""),
+            "{e}"
+        );
+        let e = load_err("[proxy\n");
+        assert!(e.starts_with("test.toml: line 1, column"), "{e}");
+        let e = Config::from_file(Path::new("/nonexistent/smartproxy.toml")).unwrap_err();
+        assert_eq!(e.key(), "");
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/smartproxy.toml: cannot read: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sni_patterns_match_like_certificate_names() {
+        let exact = SniPattern::parse("Example.COM").unwrap();
+        assert_eq!(exact, SniPattern::Exact("example.com".into()));
+        assert!(exact.matches("example.com"));
+        assert!(exact.matches("EXAMPLE.com"));
+        assert!(exact.matches("example.com."));
+        assert!(!exact.matches("a.example.com"));
+        assert!(!exact.matches("example.co"));
+
+        let wildcard = SniPattern::parse("*.Example.org").unwrap();
+        assert_eq!(wildcard, SniPattern::Wildcard("example.org".into()));
+        assert_eq!(wildcard.to_string(), "*.example.org");
+        assert!(wildcard.matches("a.example.org"));
+        assert!(wildcard.matches("WWW.EXAMPLE.ORG"));
+        assert!(!wildcard.matches("example.org"));
+        assert!(!wildcard.matches("a.b.example.org"));
+        assert!(!wildcard.matches(".example.org"));
+        assert!(!wildcard.matches("aexample.org"));
+        assert!(!wildcard.matches(""));
+    }
+
+    #[test]
+    fn sni_patterns_reject_misplaced_wildcards_and_ip_addresses() {
+        for bad in [
+            "*",
+            "*.",
+            "a.*.org",
+            "*a.example.org",
+            "**.example.org",
+            "10.0.0.1",
+            "a..b",
+            "",
+            "x.example.",
+        ] {
+            assert!(SniPattern::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn targets_parse_ip_and_dns_hosts() {
+        let t = Target::parse("[::1]:443").unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("::1", 443));
+        assert_eq!(t.to_string(), "[::1]:443");
+        assert_eq!(t.socket_addr(), Some("[::1]:443".parse().unwrap()));
+        let t = Target::parse("Backend.Internal:8080").unwrap();
+        assert_eq!(t.to_string(), "backend.internal:8080");
+        assert_eq!(t.socket_addr(), None);
+        assert_eq!(
+            Target::parse("10.0.0.5:443").unwrap().socket_addr(),
+            Some("10.0.0.5:443".parse().unwrap())
+        );
+        for bad in [
+            "::1:443",
+            "host",
+            "host:",
+            "host:0",
+            "host:65536",
+            "[::1]443",
+            "[nope]:1",
+            "a b:1",
+            ":80",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}
