@@ -7,6 +7,7 @@
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod ebpf;
 pub mod lifecycle;
 pub mod proxy;
 pub mod route;
@@ -15,3 +16,15 @@ pub mod stats;
 pub mod table;
 
 pub use proxy::{Closed, Proxy, StartError};
+
+/// An error and its sources, on one line: `outer: cause: root cause`.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -291,10 +291,14 @@ impl Lifecycle {
             Phase::ShuttingDown { deadline } => Some(deadline),
             Phase::Relaying => None,
         };
-        [phase_deadline, self.inactivity_deadline(), self.parity_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            phase_deadline,
+            self.inactivity_deadline(),
+            self.parity_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn inactivity_deadline(&self) -> Option<Instant> {
@@ -410,10 +414,7 @@ impl Lifecycle {
 
     /// Decides, from both directions and the phase, whether the connection is over.
     fn settle(&mut self, now: Instant, actions: &mut Actions) {
-        let both_finished = matches!(
-            self.flows,
-            [Flow::Finished { .. }, Flow::Finished { .. }]
-        );
+        let both_finished = matches!(self.flows, [Flow::Finished { .. }, Flow::Finished { .. }]);
         let both_eof = self.eof == [true, true];
         match self.phase {
             Phase::Closed(_) => {}
@@ -440,8 +441,8 @@ impl Lifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
     use rand::{rngs::StdRng, Rng, SeedableRng};
+    use std::time::Duration;
 
     const SEC: Duration = Duration::from_secs(1);
 
@@ -576,7 +577,10 @@ mod tests {
         });
         for round in 1..=100u32 {
             assert_eq!(s.fire(Duration::ZERO), vec![InactivityReset]);
-            assert_eq!(s.lifecycle.deadline(), Some(s.start + 60 * SEC * (round + 1)));
+            assert_eq!(
+                s.lifecycle.deadline(),
+                Some(s.start + 60 * SEC * (round + 1))
+            );
         }
         assert_eq!(s.lifecycle.closed(), None);
     }
@@ -595,7 +599,10 @@ mod tests {
         let mut s = Script::new(config());
         s.fire(Duration::ZERO);
         assert_eq!(s.lifecycle.deadline(), Some(s.start + 65 * SEC));
-        assert_eq!(s.fire(Duration::ZERO), vec![Close(Reason::InactivityTimeout)]);
+        assert_eq!(
+            s.fire(Duration::ZERO),
+            vec![Close(Reason::InactivityTimeout)]
+        );
     }
 
     #[test]
@@ -757,7 +764,10 @@ mod tests {
             let was_closed = lifecycle.closed().is_some();
             let actions = lifecycle.on_event(event, now);
             if was_closed {
-                assert!(actions.is_empty(), "{context}: action after close: {actions:?}");
+                assert!(
+                    actions.is_empty(),
+                    "{context}: action after close: {actions:?}"
+                );
             }
             for action in &actions {
                 match *action {
@@ -770,7 +780,11 @@ mod tests {
                 }
             }
             if lifecycle.closed().is_some() {
-                assert_eq!(lifecycle.deadline(), None, "{context}: deadline after close");
+                assert_eq!(
+                    lifecycle.deadline(),
+                    None,
+                    "{context}: deadline after close"
+                );
             } else {
                 // A live connection always has a way to end: a timer, or events still due.
                 let waiting_on_peers = !to_finish.is_empty() || eof_sent != [true, true];

@@ -19,7 +19,11 @@ const EXIT_BAD_CONFIG: u8 = 2;
 const DEFAULT_CONTROL_SOCKET: &str = "/run/smartproxy/control.sock";
 
 #[derive(Debug, Parser)]
-#[command(name = "smartproxy", version, about = "L4 proxy for long-lived TCP and TLS connections")]
+#[command(
+    name = "smartproxy",
+    version,
+    about = "L4 proxy for long-lived TCP and TLS connections"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -159,8 +163,12 @@ fn run(config: Config) -> Result<()> {
 
 fn fetch<T: serde::de::DeserializeOwned>(path: &Path, request: &str) -> Result<T> {
     let reply = control::query(path, request)?;
-    serde_json::from_slice(&reply)
-        .with_context(|| format!("control socket {}: unexpected reply to {request:?}", path.display()))
+    serde_json::from_slice(&reply).with_context(|| {
+        format!(
+            "control socket {}: unexpected reply to {request:?}",
+            path.display()
+        )
+    })
 }
 
 fn stats(path: &Path, json: bool, watch: bool) -> Result<()> {
@@ -188,7 +196,11 @@ fn render_stats(s: &Snapshot, previous: Option<&(Snapshot, std::time::Instant)>)
     use std::fmt::Write;
     let mut out = String::new();
     let c = &s.connections;
-    let _ = writeln!(out, "data path   {}    uptime {}s", s.data_path, s.uptime_secs);
+    let _ = writeln!(
+        out,
+        "data path   {}    uptime {}s",
+        s.data_path, s.uptime_secs
+    );
     let _ = writeln!(
         out,
         "connections active {}  half-open {}  total {}  (ebpf {}, userspace {})",

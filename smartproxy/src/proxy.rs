@@ -13,9 +13,11 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::config::{Config, LifecycleConfig, Target};
+use crate::config::{Config, DataPathMode, LifecycleConfig, Target};
 use crate::control::ControlServer;
 use crate::datapath::{instant_of, DataPathKind, Relay};
+use crate::ebpf::{EbpfError, Kernel, LoadOptions};
+use crate::error_chain;
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
 use crate::route::{ListenerRoutes, RouteTable};
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
@@ -31,6 +33,8 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("the eBPF data path was requested (data_path = \"ebpf\") but cannot load: {0}")]
+    Ebpf(#[source] EbpfError),
     #[error("control socket {path}: {source}")]
     Control {
         path: std::path::PathBuf,
@@ -54,13 +58,38 @@ pub(crate) struct Shared {
     routes: RouteTable,
     pub(crate) table: ConnTable,
     pub(crate) stats: Stats,
+    /// The loaded kernel data path, if any route may use it and it loaded.
+    kernel: Option<Kernel>,
     closed: broadcast::Sender<Closed>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
 impl Shared {
     pub(crate) fn snapshot(&self) -> Snapshot {
-        self.stats.snapshot(&self.table, EbpfSnapshot::default())
+        let ebpf = self
+            .kernel
+            .as_ref()
+            .map_or_else(EbpfSnapshot::default, |kernel| {
+                let kernel = kernel.stats();
+                EbpfSnapshot {
+                    sockhash_entries: kernel.sockhash_entries,
+                    events: kernel.events,
+                    events_lost: kernel.events_lost,
+                    splice_failures: self.stats.splice_failures(),
+                }
+            });
+        self.stats.snapshot(&self.table, ebpf)
+    }
+
+    /// The data path a connection of `route` takes.
+    fn data_path(&self, route: usize) -> DataPathKind {
+        let config = &self.config.routes[route];
+        let mode = config.data_path.unwrap_or(self.config.proxy.data_path);
+        let terminates = config.tls.is_some_and(|tls| tls.terminates());
+        match (mode, &self.kernel) {
+            (DataPathMode::Auto | DataPathMode::Ebpf, Some(_)) if !terminates => DataPathKind::Ebpf,
+            _ => DataPathKind::Userspace,
+        }
     }
 
     pub(crate) fn connection_rows(&self) -> Vec<ConnectionRow> {
@@ -81,16 +110,23 @@ impl Proxy {
     /// Binds every listener and the control socket, then starts accepting. Returns once
     /// the proxy is ready: every listener accepts from now on.
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        // Before any listener exists: sockets only run the sock_ops program if they are
+        // created in the cgroup it is attached to.
+        let kernel = load_kernel(&config)?;
         let routes = RouteTable::new(&config);
-        let stats = Stats::new(
-            DataPathKind::Userspace,
-            config.routes.iter().map(|r| r.name.as_str()),
-        );
+        let data_path = match (&kernel, config.proxy.data_path) {
+            (Some(_), DataPathMode::Auto | DataPathMode::Ebpf) => DataPathKind::Ebpf,
+            _ => DataPathKind::Userspace,
+        };
+        let stats = Stats::new(data_path, config.routes.iter().map(|r| r.name.as_str()));
         let mut listeners = Vec::with_capacity(routes.listeners.len());
         for (addr, _) in &routes.listeners {
             let listener = TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Bind { addr: *addr, source })?;
+                .map_err(|source| StartError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
             listeners.push(listener);
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -101,25 +137,31 @@ impl Proxy {
             routes,
             table: ConnTable::default(),
             stats,
+            kernel,
             closed,
             shutdown: shutdown_rx,
         });
-        let control = ControlServer::bind(&control_path)
-            .map_err(|source| StartError::Control {
-                path: control_path.clone(),
-                source,
-            })?;
+        let control = ControlServer::bind(&control_path).map_err(|source| StartError::Control {
+            path: control_path.clone(),
+            source,
+        })?;
         let tasks = TaskTracker::new();
         tasks.spawn(control.serve(Arc::clone(&shared)));
         let mut listen_addrs = Vec::new();
         for (index, listener) in listeners.into_iter().enumerate() {
             let configured = shared.routes.listeners[index].0;
-            let bound = listener
-                .local_addr()
-                .map_err(|source| StartError::Bind { addr: configured, source })?;
+            let bound = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: configured,
+                source,
+            })?;
             listen_addrs.push((configured, bound));
             info!(listen = %bound, "listening");
-            tasks.spawn(accept_loop(listener, index, Arc::clone(&shared), tasks.clone()));
+            tasks.spawn(accept_loop(
+                listener,
+                index,
+                Arc::clone(&shared),
+                tasks.clone(),
+            ));
         }
         Ok(Proxy {
             shared,
@@ -175,6 +217,33 @@ impl Proxy {
         let path = &self.shared.config.proxy.control_socket;
         if let Err(e) = std::fs::remove_file(path) {
             debug!(path = %path.display(), error = %e, "control socket already gone");
+        }
+    }
+}
+
+/// Loads the kernel data path if any route may use it. `auto` falls back to userspace and
+/// says why; `ebpf` that cannot load is a startup error.
+fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
+    let modes = std::iter::once(config.proxy.data_path)
+        .chain(config.routes.iter().filter_map(|r| r.data_path));
+    let (mut required, mut wanted) = (false, false);
+    for mode in modes {
+        required |= mode == DataPathMode::Ebpf;
+        wanted |= mode != DataPathMode::Userspace;
+    }
+    if !wanted {
+        return Ok(None);
+    }
+    match Kernel::load(LoadOptions::default()) {
+        Ok(kernel) => {
+            info!("eBPF data path loaded");
+            Ok(Some(kernel))
+        }
+        Err(e) if required => Err(StartError::Ebpf(e)),
+        Err(e) => {
+            let why = error_chain(&e);
+            warn!(reason = %why, "data_path = \"auto\": eBPF unavailable, using the userspace data path");
+            Ok(None)
         }
     }
 }
@@ -397,7 +466,22 @@ async fn relay(
 ) -> Reason {
     let config = shared.config.routes[route].lifecycle;
     let mut relay = Relay::new(client, backend, Arc::clone(&record.meter));
-    let _ = record.data_path.set(DataPathKind::Userspace);
+    let mut data_path = shared.data_path(route);
+    if let (DataPathKind::Ebpf, Some(kernel)) = (data_path, &shared.kernel) {
+        if let Err(e) = relay.offload(kernel) {
+            shared.stats.splice_failed();
+            if !e.stream_intact {
+                // Bytes already moved in the kernel: a userspace copy could reorder them.
+                warn!(error = %error_chain(&e), "splice failed after bytes moved; aborting");
+                relay.abort(crate::lifecycle::Side::Client);
+                relay.abort(crate::lifecycle::Side::Backend);
+                return Reason::ConnectFailed;
+            }
+            warn!(error = %error_chain(&e), "splice failed; this connection uses the userspace data path");
+            data_path = DataPathKind::Userspace;
+        }
+    }
+    let _ = record.data_path.set(data_path);
     let mut lifecycle = Lifecycle::new(config, Instant::now().into_std());
     let mut shutdown = shared.shutdown.clone();
     let mut shutdown_seen = false;
@@ -422,9 +506,10 @@ async fn relay(
                 Action::Close(reason) => return reason,
             }
         }
-        record
-            .half_open
-            .store(lifecycle.is_half_open(), std::sync::atomic::Ordering::Relaxed);
+        record.half_open.store(
+            lifecycle.is_half_open(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 

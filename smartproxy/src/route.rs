@@ -123,7 +123,11 @@ impl RouteTable {
 mod tests {
     use super::*;
 
-    fn sni(exact: &[(&str, usize)], wildcards: &[(&str, usize)], default: Option<usize>) -> ListenerRoutes {
+    fn sni(
+        exact: &[(&str, usize)],
+        wildcards: &[(&str, usize)],
+        default: Option<usize>,
+    ) -> ListenerRoutes {
         ListenerRoutes::Sni {
             exact: exact.iter().map(|(n, r)| (n.to_string(), *r)).collect(),
             wildcards: wildcards.iter().map(|(n, r)| (n.to_string(), *r)).collect(),

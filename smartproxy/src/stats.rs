@@ -30,6 +30,7 @@ pub struct Stats {
     closed: [AtomicU64; Reason::ALL.len()],
     closed_bytes: [AtomicU64; 2],
     inactivity_resets: AtomicU64,
+    splice_failures: AtomicU64,
     routes: Vec<RouteCounters>,
 }
 
@@ -39,6 +40,8 @@ pub struct EbpfSnapshot {
     pub sockhash_entries: u64,
     pub events: u64,
     pub events_lost: u64,
+    /// Connections the kernel could not take (they used the userspace copy instead).
+    pub splice_failures: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,7 +110,10 @@ pub struct ConnectionRow {
 }
 
 impl Stats {
-    pub fn new<'a>(data_path: DataPathKind, route_names: impl IntoIterator<Item = &'a str>) -> Stats {
+    pub fn new<'a>(
+        data_path: DataPathKind,
+        route_names: impl IntoIterator<Item = &'a str>,
+    ) -> Stats {
         Stats {
             started: Instant::now(),
             data_path,
@@ -115,6 +121,7 @@ impl Stats {
             closed: std::array::from_fn(|_| AtomicU64::new(0)),
             closed_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
             inactivity_resets: AtomicU64::new(0),
+            splice_failures: AtomicU64::new(0),
             routes: route_names
                 .into_iter()
                 .map(|name| RouteCounters {
@@ -132,6 +139,14 @@ impl Stats {
 
     pub fn routed(&self, route: usize) {
         self.routes[route].total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn splice_failed(&self) {
+        self.splice_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn splice_failures(&self) -> u64 {
+        self.splice_failures.load(Ordering::Relaxed)
     }
 
     pub fn inactivity_reset(&self) {
@@ -189,7 +204,12 @@ impl Stats {
             },
             closed: Reason::ALL
                 .iter()
-                .map(|reason| (reason.as_str().to_owned(), load(&self.closed[reason.index()])))
+                .map(|reason| {
+                    (
+                        reason.as_str().to_owned(),
+                        load(&self.closed[reason.index()]),
+                    )
+                })
                 .collect(),
             ebpf,
             routes: self

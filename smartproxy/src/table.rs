@@ -71,6 +71,8 @@ impl ConnTable {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnRecord>>> {
         // A panic while holding this lock cannot leave the map half-updated (every
         // operation is a single insert or remove), so a poisoned lock is still sound.
-        self.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.records
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

@@ -1,1 +1,391 @@
-//! Test harness: an in-process proxy, mock backends, and a fixture that runs one test body on each data path.
+//! Test harness: an in-process proxy on loopback, mock backends whose panics reach the
+//! test, and [`for_each_data_path`], which runs one test body on each data path.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use smartproxy::config::{Config, DataPathMode};
+use smartproxy::lifecycle::Reason;
+use smartproxy::stats::Snapshot;
+use smartproxy::{Closed, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+/// Bounds every wait in a test: a failure, not the wait itself.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn init_tracing() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// Whether the kernel data path can load here; `Err` says why not.
+pub fn ebpf_available() -> Result<(), String> {
+    smartproxy::datapath::probe_ebpf()
+}
+
+/// Runs `body` once per data path. The eBPF run is skipped, loudly, where the kernel
+/// path cannot load; with `SMARTPROXY_REQUIRE_EBPF=1` that is a failure instead.
+pub async fn for_each_data_path<F, Fut>(body: F)
+where
+    F: Fn(DataPathMode) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    init_tracing();
+    for mode in [DataPathMode::Userspace, DataPathMode::Ebpf] {
+        if mode == DataPathMode::Ebpf {
+            if let Err(why) = ebpf_available() {
+                if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") {
+                    panic!("SMARTPROXY_REQUIRE_EBPF=1 but the eBPF data path cannot load: {why}");
+                }
+                eprintln!("SKIPPING the ebpf data path of this test: {why}");
+                continue;
+            }
+        }
+        eprintln!("--- data path: {mode}");
+        body(mode).await;
+    }
+}
+
+/// A proxy running in this process, with its own control socket.
+pub struct TestProxy {
+    pub proxy: Proxy,
+    closed: broadcast::Receiver<Closed>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestProxy {
+    /// Starts a proxy on `mode` whose config is `[proxy]` (data path, a private control
+    /// socket) followed by `rest` (`[lifecycle]`, `[[route]]`s). Listen on port 0.
+    pub async fn start(mode: DataPathMode, rest: &str) -> TestProxy {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let control = dir.path().join("control.sock");
+        let text = format!(
+            "[proxy]\ndata_path = \"{mode}\"\ncontrol_socket = {control:?}\n\n{rest}",
+            control = control.display().to_string()
+        );
+        let config = Config::from_str(&text, &PathBuf::from("test.toml"))
+            .unwrap_or_else(|e| panic!("test config does not load: {e}\n{text}"));
+        let proxy = Proxy::start(config)
+            .await
+            .unwrap_or_else(|e| panic!("proxy does not start: {e}"));
+        let closed = proxy.subscribe();
+        TestProxy {
+            proxy,
+            closed,
+            _dir: dir,
+        }
+    }
+
+    /// The bound address of `route`'s listener.
+    pub fn addr(&self, route: &str) -> SocketAddr {
+        self.proxy
+            .route_addr(route)
+            .unwrap_or_else(|| panic!("no route named {route:?}"))
+    }
+
+    pub fn stats(&self) -> Snapshot {
+        self.proxy.snapshot()
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self._dir.path().join("control.sock")
+    }
+
+    /// The next connection that closes.
+    pub async fn next_closed(&mut self) -> Closed {
+        tokio::time::timeout(WAIT, self.closed.recv())
+            .await
+            .expect("a connection closes in time")
+            .expect("the closed-connection channel keeps up")
+    }
+
+    /// Waits for the next connection to close and checks its reason.
+    pub async fn expect_closed(&mut self, reason: Reason) -> Closed {
+        let closed = self.next_closed().await;
+        assert_eq!(
+            closed.reason, reason,
+            "closure reason of connection {}",
+            closed.id
+        );
+        closed
+    }
+
+    /// Asserts that no connection closed since the last [`TestProxy::next_closed`].
+    pub fn assert_nothing_closed(&mut self) {
+        match self.closed.try_recv() {
+            Err(broadcast::error::TryRecvError::Empty) => {}
+            Ok(closed) => panic!(
+                "connection {} closed unexpectedly, reason {}",
+                closed.id, closed.reason
+            ),
+            Err(e) => panic!("the closed-connection channel: {e}"),
+        }
+    }
+
+    /// Waits until no connection is left.
+    pub async fn wait_idle(&self) {
+        wait_for("every connection to close", || {
+            self.stats().connections.active == 0
+        })
+        .await;
+    }
+
+    /// Shuts the proxy down and waits for it to stop.
+    pub async fn stop(self) {
+        self.proxy.shutdown();
+        tokio::time::timeout(WAIT, self.proxy.wait())
+            .await
+            .expect("the proxy stops in time");
+    }
+}
+
+/// A mock backend on loopback: runs `handler` for every accepted connection. Its panics
+/// are handed to the test by [`Backend::join`].
+pub struct Backend {
+    pub addr: SocketAddr,
+    accept: JoinHandle<()>,
+    handlers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Backend {
+    pub async fn spawn<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a backend");
+        let addr = listener.local_addr().expect("backend address");
+        let handlers: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = tokio::spawn({
+            let handlers = Arc::clone(&handlers);
+            async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let task = tokio::spawn(handler(stream));
+                    handlers.lock().expect("backend handler list").push(task);
+                }
+            }
+        });
+        Backend {
+            addr,
+            accept,
+            handlers,
+        }
+    }
+
+    /// Waits for every handler to end; a handler's panic fails the test here.
+    pub async fn join(self) {
+        self.accept.abort();
+        let handlers = std::mem::take(&mut *self.handlers.lock().expect("backend handler list"));
+        for handler in handlers {
+            match tokio::time::timeout(WAIT, handler).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Ok(Err(e)) => panic!("backend handler failed: {e}"),
+                Err(_) => panic!("a backend handler did not finish in time"),
+            }
+        }
+    }
+}
+
+/// One `[[route]]` table: a plain TCP route named `name` on port 0 to `target`, plus any
+/// extra lines (per-route lifecycle keys).
+pub fn plain_route(name: &str, target: SocketAddr, extra: &str) -> String {
+    plain_route_to(name, &[target], extra)
+}
+
+/// [`plain_route`] with several targets, tried round-robin.
+pub fn plain_route_to(name: &str, targets: &[SocketAddr], extra: &str) -> String {
+    let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+    format!(
+        "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\ntargets = [{}]\n{extra}\n",
+        targets.join(", ")
+    )
+}
+
+/// A mock backend handler: sends back every byte it gets, and its FIN after the
+/// client's.
+pub async fn echo(stream: TcpStream) {
+    let (mut read, mut write) = stream.into_split();
+    tokio::io::copy(&mut read, &mut write).await.expect("echo");
+    write.shutdown().await.expect("echo FIN");
+}
+
+/// Awaits `future`, bounded by [`WAIT`]; a timeout panics naming `what`.
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
+}
+
+/// Polls `condition` every 10 ms until it holds, bounded by [`WAIT`]. Only for state that
+/// no event announces (counters, descriptor counts).
+pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    within(what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+pub async fn connect(addr: SocketAddr) -> TcpStream {
+    tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect to the proxy")
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures replay.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Reads until EOF and returns `(byte count, sha256)`, without holding it all.
+pub async fn read_to_end_hashed(
+    stream: &mut (impl AsyncReadExt + Unpin),
+) -> std::io::Result<(usize, [u8; 32])> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let read = stream.read(&mut buf).await?;
+        if read == 0 {
+            return Ok((total, hasher.finalize().into()));
+        }
+        hasher.update(&buf[..read]);
+        total += read;
+    }
+}
+
+/// Writes `bytes` in chunks, then nothing else (the caller decides on FIN).
+pub async fn write_chunked(
+    stream: &mut (impl AsyncWriteExt + Unpin),
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    for chunk in bytes.chunks(256 * 1024) {
+        stream.write_all(chunk).await?;
+    }
+    Ok(())
+}
+
+/// Asserts that `stream` was reset (ECONNRESET), not closed with a FIN.
+pub async fn expect_reset(stream: &mut TcpStream) {
+    let mut buf = [0u8; 1024];
+    let outcome = tokio::time::timeout(WAIT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => return Err("EOF (FIN) instead of RST".to_owned()),
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+                Err(e) => return Err(format!("error {e} instead of RST")),
+            }
+        }
+    })
+    .await
+    .expect("the reset arrives in time");
+    if let Err(what) = outcome {
+        panic!("expected a reset: got {what}");
+    }
+}
+
+/// Asserts that `stream`, which already read its peer's FIN, is then reset. Reads return
+/// EOF for good once a FIN arrived, so the RST shows as the socket's pending error
+/// instead: EPIPE for a reset in CLOSE_WAIT, ECONNRESET otherwise.
+pub async fn expect_reset_after_eof(stream: &TcpStream) {
+    within("the reset arrives", stream.ready(Interest::ERROR))
+        .await
+        .expect("socket readiness");
+    let error = stream
+        .take_error()
+        .expect("read SO_ERROR")
+        .expect("a pending socket error");
+    assert!(
+        matches!(
+            error.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "expected a reset, got error {error}"
+    );
+}
+
+/// Asserts that the proxy hangs up on `stream` without sending a byte: EOF or RST.
+pub async fn expect_hangup(stream: &mut TcpStream) {
+    let mut buf = [0u8; 1024];
+    match within("the proxy hangs up", stream.read(&mut buf)).await {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(read) => panic!("expected a hang-up, got {read} bytes"),
+        Err(e) => panic!("expected a hang-up, got error {e}"),
+    }
+}
+
+/// The `index`th of the small messages a peer sends while a connection is half open.
+pub fn tick(index: usize) -> [u8; 8] {
+    let mut message = *b"tick0000";
+    message[4..].copy_from_slice(format!("{:04}", index % 10_000).as_bytes());
+    message
+}
+
+/// Sends `count` ticks, one every `every`, the first at once.
+pub async fn send_ticks(stream: &mut (impl AsyncWriteExt + Unpin), count: usize, every: Duration) {
+    let mut interval = tokio::time::interval(every);
+    for index in 0..count {
+        interval.tick().await;
+        stream.write_all(&tick(index)).await.expect("send a tick");
+    }
+}
+
+/// Reads the next tick and checks that it is the `index`th.
+pub async fn read_tick(stream: &mut (impl AsyncReadExt + Unpin), index: usize) {
+    let mut message = [0u8; 8];
+    within("the next tick arrives", stream.read_exact(&mut message))
+        .await
+        .unwrap_or_else(|e| panic!("tick {index}: {e}"));
+    assert_eq!(message, tick(index), "tick {index}");
+}
+
+/// Sets SO_LINGER 0 and drops the stream: the peer gets an RST.
+pub fn reset(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("set SO_LINGER");
+    drop(stream);
+}
+
+/// The number of open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .count()
+}

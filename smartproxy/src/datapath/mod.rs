@@ -2,10 +2,12 @@
 //! tokio; `ebpf` hands them to the kernel's sockhash and only forwards what the kernel
 //! passes up. Both report the same lifecycle events through one [`Relay`].
 
+pub mod ebpf;
 pub mod userspace;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -58,11 +60,14 @@ pub fn instant_of(stamp_ns: u64) -> Instant {
 }
 
 /// Bytes each way and the last activity of one connection, shared between its relay
-/// (which writes) and the connection table (which reads for stats).
+/// (which writes) and the connection table (which reads for stats). While the connection
+/// is spliced, the kernel's counters are added in.
 #[derive(Debug)]
 pub struct Meter {
+    /// Bytes userspace moved, plus the kernel's once the splice ended.
     bytes: [AtomicU64; 2],
     last_activity_ns: AtomicU64,
+    kernel: Mutex<Option<ebpf::KernelFlows>>,
 }
 
 impl Default for Meter {
@@ -70,6 +75,7 @@ impl Default for Meter {
         Meter {
             bytes: [AtomicU64::new(0), AtomicU64::new(0)],
             last_activity_ns: AtomicU64::new(monotonic_ns()),
+            kernel: Mutex::new(None),
         }
     }
 }
@@ -82,10 +88,52 @@ impl Meter {
     }
 
     pub fn bytes(&self, direction: Direction) -> u64 {
-        self.bytes[direction.index()].load(Ordering::Relaxed)
+        let kernel = self
+            .kernel()
+            .as_ref()
+            .map_or(0, |k| k.counters(direction).redirected);
+        self.bytes[direction.index()].load(Ordering::Relaxed) + kernel
     }
 
+    /// CLOCK_MONOTONIC nanoseconds of the last byte moved either way.
     pub fn last_activity_ns(&self) -> u64 {
-        self.last_activity_ns.load(Ordering::Relaxed)
+        let own = self.last_activity_ns.load(Ordering::Relaxed);
+        match self.kernel().as_ref() {
+            Some(k) => Direction::BOTH
+                .into_iter()
+                .map(|d| k.counters(d).last_activity_ns)
+                .fold(own, u64::max),
+            None => own,
+        }
     }
+
+    fn attach_kernel(&self, flows: ebpf::KernelFlows) {
+        *self.kernel() = Some(flows);
+    }
+
+    /// Folds the kernel's final counts into this meter, before the splice goes away.
+    fn detach_kernel(&self) {
+        let Some(flows) = self.kernel().take() else {
+            return;
+        };
+        for direction in Direction::BOTH {
+            let counters = flows.counters(direction);
+            self.bytes[direction.index()].fetch_add(counters.redirected, Ordering::Relaxed);
+            self.last_activity_ns
+                .fetch_max(counters.last_activity_ns, Ordering::Relaxed);
+        }
+    }
+
+    fn kernel(&self) -> MutexGuard<'_, Option<ebpf::KernelFlows>> {
+        // Each guarded operation is one assignment: a poisoned lock is still consistent.
+        self.kernel.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Whether the kernel data path can load here; `Err` says why not. Loads the programs
+/// and releases them again.
+pub fn probe_ebpf() -> Result<(), String> {
+    crate::ebpf::Kernel::load(crate::ebpf::LoadOptions::default())
+        .map(drop)
+        .map_err(|e| crate::error_chain(&e))
 }

@@ -1,6 +1,11 @@
 //! The userspace data path: copies each direction with tokio, one half-duplex per
 //! direction, and reports what it sees as lifecycle events. Each half says which side
 //! failed, so a reset is told apart from a reset of the other side.
+//!
+//! The kernel data path uses the same relay: once spliced ([`Relay::offload`]), the
+//! sockets only ever hand userspace what the verdict passed up (a FIN, bytes of a failed
+//! redirect), and the relay treats those exactly as here, after the kernel's backlog
+//! toward the destination is delivered.
 
 use std::future::poll_fn;
 use std::io;
@@ -11,7 +16,9 @@ use std::task::{ready, Context, Poll};
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
+use super::ebpf::Offload;
 use super::Meter;
+use crate::ebpf::{Kernel, SpliceError};
 use crate::lifecycle::{Direction, Event, Side};
 
 /// Per direction buffer. Allocated on first use, so idle connections cost none.
@@ -53,13 +60,27 @@ impl Half {
         source: &TcpStream,
         destination: &TcpStream,
         meter: &Meter,
+        mut offload: Option<&mut Offload>,
     ) -> Poll<Event> {
         let source_side = self.direction.source();
         let destination_side = self.direction.destination();
         loop {
-            if self.start < self.end {
+            let must_write = self.start < self.end;
+            if must_write || (self.finishing && !self.finished) {
+                if let Some(offload) = offload.as_deref_mut() {
+                    if ready!(offload.poll_delivered(cx, self.direction)).is_err() {
+                        return Poll::Ready(Event::Reset(destination_side));
+                    }
+                }
+            }
+            if must_write {
                 match ready!(poll_write(cx, destination, &self.buf[self.start..self.end])) {
-                    Ok(written) => self.start += written,
+                    Ok(written) => {
+                        self.start += written;
+                        if let Some(offload) = offload.as_deref_mut() {
+                            offload.wrote(self.direction, written);
+                        }
+                    }
                     Err(_) => return Poll::Ready(Event::Reset(destination_side)),
                 }
                 continue;
@@ -67,7 +88,10 @@ impl Half {
             if self.finishing && !self.finished {
                 // Every byte before the FIN is in the destination's send queue: the
                 // FIN queued now goes out behind them.
-                if SockRef::from(destination).shutdown(Shutdown::Write).is_err() {
+                if SockRef::from(destination)
+                    .shutdown(Shutdown::Write)
+                    .is_err()
+                {
                     return Poll::Ready(Event::Reset(destination_side));
                 }
                 self.finished = true;
@@ -99,6 +123,16 @@ impl Half {
     }
 }
 
+/// Errors that mean the peer's end of the connection is gone: an RST, or TCP giving up
+/// (keepalive or retransmission timeout). EPIPE is not one: it is our own shut write
+/// side, which the kernel also reports when its backlog meets it.
+fn is_reset(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ECONNRESET | libc::ETIMEDOUT | libc::EHOSTUNREACH | libc::ENETUNREACH)
+    )
+}
+
 fn poll_read(cx: &mut Context<'_>, stream: &TcpStream, buf: &mut [u8]) -> Poll<io::Result<usize>> {
     loop {
         ready!(stream.poll_read_ready(cx))?;
@@ -123,6 +157,8 @@ fn poll_write(cx: &mut Context<'_>, stream: &TcpStream, buf: &[u8]) -> Poll<io::
 /// Both directions of one connection.
 #[derive(Debug)]
 pub struct Relay {
+    /// Declared first: the splice is undone before the sockets close.
+    offload: Option<Offload>,
     client: TcpStream,
     backend: TcpStream,
     halves: [Half; 2],
@@ -135,6 +171,7 @@ pub struct Relay {
 impl Relay {
     pub fn new(client: TcpStream, backend: TcpStream, meter: Arc<Meter>) -> Relay {
         Relay {
+            offload: None,
             client,
             backend,
             halves: [
@@ -150,6 +187,25 @@ impl Relay {
         &self.meter
     }
 
+    /// Hands the connection's bytes to the kernel. Must come before the first
+    /// `next_event`. On error nothing was spliced unless `SpliceError::stream_intact` is
+    /// false.
+    pub fn offload(&mut self, kernel: &Kernel) -> Result<(), SpliceError> {
+        debug_assert!(
+            self.offload.is_none(),
+            "attempted to splice a connection twice"
+        );
+        let client = std::os::fd::AsFd::as_fd(&self.client);
+        let backend = std::os::fd::AsFd::as_fd(&self.backend);
+        self.offload = Some(Offload::new(
+            kernel,
+            client,
+            backend,
+            Arc::clone(&self.meter),
+        )?);
+        Ok(())
+    }
+
     /// The next lifecycle event. Cancel-safe: no progress is lost when the future is
     /// dropped before it completes.
     pub async fn next_event(&mut self) -> Event {
@@ -157,6 +213,9 @@ impl Relay {
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if let Some(side) = self.poll_state_changes(cx) {
+            return Poll::Ready(Event::Reset(side));
+        }
         self.first ^= 1;
         for offset in 0..2 {
             let index = (self.first + offset) % 2;
@@ -164,11 +223,42 @@ impl Relay {
                 Direction::ClientToBackend => (&self.client, &self.backend),
                 Direction::BackendToClient => (&self.backend, &self.client),
             };
-            if let Poll::Ready(event) = self.halves[index].poll(cx, source, destination, &self.meter) {
+            let offload = self.offload.as_mut();
+            if let Poll::Ready(event) =
+                self.halves[index].poll(cx, source, destination, &self.meter, offload)
+            {
                 return Poll::Ready(event);
             }
         }
         Poll::Pending
+    }
+
+    /// Drains the sock_ops events of a spliced connection. A side that sent FIN has no
+    /// read pending, so its socket readiness would not show a later RST: its state-change
+    /// event does, and the socket's pending error tells whether it was a reset. Any other
+    /// change shows up on the socket itself (FIN: EOF behind every redirected byte).
+    fn poll_state_changes(&mut self, cx: &mut Context<'_>) -> Option<Side> {
+        let offload = self.offload.as_mut()?;
+        while let Poll::Ready(Some(change)) = offload.poll_state_change(cx) {
+            tracing::debug!(?change, "tcp state change");
+            let side = change.side;
+            if !self.halves[Direction::from_source(side).index()].eof {
+                continue;
+            }
+            let stream = match side {
+                Side::Client => &self.client,
+                Side::Backend => &self.backend,
+            };
+            match stream.take_error() {
+                Ok(Some(error)) if is_reset(&error) => {
+                    tracing::debug!(%side, %error, "socket reset after FIN");
+                    return Some(side);
+                }
+                Ok(Some(error)) => tracing::debug!(%side, %error, "socket error after FIN"),
+                Ok(None) | Err(_) => {}
+            }
+        }
+        None
     }
 
     /// `Action::Finish`: the half stops forwarding once its buffer is written, shuts the

@@ -1,0 +1,142 @@
+//! smartproxy's kernel data path: an sk_skb stream verdict that redirects each spliced
+//! socket's bytes to its peer, and a sock_ops program that reports TCP state changes of
+//! spliced sockets through a ring buffer. See KERNEL-NOTES.md for the facts behind each rule.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        sk_action::SK_PASS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::{map, sock_ops, stream_verdict},
+    maps::{HashMap, PerCpuArray, RingBuf, SockHash},
+    programs::{SkBuffContext, SockOpsContext},
+    EbpfContext as _,
+};
+use smartproxy_common::{Flow, SocketEvent, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES};
+
+/// Redirect targets, keyed by socket cookie. No program is attached: being here only makes a
+/// socket reachable by `bpf_sk_redirect_hash`. Userspace inserts both sockets of a pair here
+/// before either enters `SOCKETS`.
+#[map]
+static TARGETS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// Sockets whose received bytes go through `redirect`, keyed by socket cookie.
+#[map]
+static SOCKETS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// Source socket cookie -> where its bytes go and what the verdict counted.
+#[map]
+static FLOWS: HashMap<u64, Flow> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// TCP state changes of sockets that have a `FLOWS` entry.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
+
+/// Slot 0 counts events dropped because `EVENTS` was full. Per CPU because sock_ops runs on
+/// several CPUs at once and bpfel has no atomic add (KERNEL-NOTES); userspace sums the slots.
+#[map]
+static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[stream_verdict]
+pub fn redirect(ctx: SkBuffContext) -> u32 {
+    try_redirect(&ctx)
+}
+
+/// Every path returns `SK_PASS`: either the value of a successful `bpf_sk_redirect_hash`
+/// (which makes the kernel redirect) or a plain pass to the socket's own receive queue.
+/// `SK_DROP` is never returned: for TCP it silently loses bytes the kernel already ACKed.
+#[inline(always)]
+fn try_redirect(ctx: &SkBuffContext) -> u32 {
+    let len = ctx.len();
+    // A FIN arrives as a zero-length skb. Redirecting it sets EPIPE on the peer and kills the
+    // other direction; passing it lets userspace see EOF (KERNEL-NOTES).
+    if len == 0 {
+        return SK_PASS;
+    }
+    // SAFETY: the helper only reads the socket behind the verdict's own context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(flow) = FLOWS.get_ptr_mut(cookie) else {
+        return SK_PASS;
+    };
+    // SAFETY: `flow` points at a live FLOWS value (the lookup succeeded and the map entry
+    // outlives this program run); only this socket's verdict writes these fields, and the
+    // kernel runs it serialized per socket.
+    let peer = unsafe {
+        (*flow).last_activity_ns = bpf_ktime_get_ns();
+        (*flow).peer_cookie
+    };
+    // If the peer is not (or no longer) a target this fails with SK_DROP; pass instead so
+    // userspace receives the bytes rather than losing them.
+    if TARGETS.redirect_skb(ctx, peer, 0) != i64::from(SK_PASS) {
+        return SK_PASS;
+    }
+    // SAFETY: as above.
+    unsafe { (*flow).redirected += u64::from(len) };
+    SK_PASS
+}
+
+#[sock_ops]
+pub fn state_events(ctx: SockOpsContext) -> u32 {
+    try_state_events(&ctx);
+    // sock_ops programs report success with 1; any other value makes some callers return
+    // -EPERM.
+    1
+}
+
+#[inline(always)]
+fn try_state_events(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // Ask for STATE_CB on every established socket of the cgroup; keep flags another
+            // program may have set. A failure only means no events for this socket, which
+            // userspace also covers by checking the socket state itself.
+            let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+            let _ = ctx.set_cb_flags(flags as i32);
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            // SAFETY: the helper only reads the socket behind the program's context pointer.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            // Sockets that are not spliced cost this one lookup and nothing else.
+            // SAFETY: the value is only tested for presence, never read.
+            if unsafe { FLOWS.get(cookie) }.is_none() {
+                return;
+            }
+            let event = SocketEvent {
+                cookie,
+                // SAFETY: reads the monotonic clock; no memory is touched.
+                timestamp_ns: unsafe { bpf_ktime_get_ns() },
+                // STATE_CB: args[0] = old state, args[1] = new state.
+                old_state: ctx.arg(0),
+                new_state: ctx.arg(1),
+            };
+            match EVENTS.reserve::<SocketEvent>(0) {
+                Some(mut entry) => {
+                    entry.write(event);
+                    entry.submit(0);
+                }
+                None => {
+                    if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
+                        // SAFETY: slot 0 of this CPU's copy, valid for the program run. A run
+                        // preempted on the same CPU by another run could lose an increment;
+                        // that only under-reports a diagnostic counter.
+                        unsafe { *lost += 1 };
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,118 @@
+//! The kernel data path, as the relay sees it: once a connection is spliced, the verdict
+//! moves its bytes and the relay only forwards what the kernel passes up to the sockets
+//! (a FIN, or bytes of a failed redirect). Before userspace writes anything to a socket
+//! or shuts it, every byte the kernel redirected toward it must have been taken into its
+//! send queue: otherwise userspace would overtake the kernel's backlog (KERNEL-NOTES).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Sleep;
+
+use super::Meter;
+use crate::ebpf::{FlowCounters, Kernel, Splice, SpliceError, StateChange};
+use crate::lifecycle::{Direction, Side};
+
+/// The first re-check of the kernel backlog; doubles up to `BACKLOG_POLL_MAX`. There is no
+/// limit on the wait itself: hundreds of MB may be queued toward a slow reader.
+const BACKLOG_POLL_MIN: Duration = Duration::from_millis(1);
+const BACKLOG_POLL_MAX: Duration = Duration::from_millis(50);
+
+/// A spliced connection's kernel side, owned by its relay.
+#[derive(Debug)]
+pub struct Offload {
+    splice: Splice,
+    meter: Arc<Meter>,
+    /// Bytes userspace wrote to each direction's destination since the splice.
+    written: [u64; 2],
+    retry: [Option<Pin<Box<Sleep>>>; 2],
+    backoff: [Duration; 2],
+}
+
+impl Offload {
+    /// Splices the pair and makes `meter` count the kernel's bytes too.
+    pub fn new(
+        kernel: &Kernel,
+        client: std::os::fd::BorrowedFd<'_>,
+        backend: std::os::fd::BorrowedFd<'_>,
+        meter: Arc<Meter>,
+    ) -> Result<Offload, SpliceError> {
+        let splice = kernel.splice(client, backend)?;
+        meter.attach_kernel(KernelFlows {
+            kernel: kernel.clone(),
+            cookies: [splice.cookie(Side::Client), splice.cookie(Side::Backend)],
+        });
+        Ok(Offload {
+            splice,
+            meter,
+            written: [0; 2],
+            retry: [None, None],
+            backoff: [BACKLOG_POLL_MIN; 2],
+        })
+    }
+
+    /// Ready once every byte the kernel redirected in `direction`, and every byte
+    /// userspace wrote there, has been taken into the destination's send queue.
+    pub fn poll_delivered(
+        &mut self,
+        cx: &mut Context<'_>,
+        direction: Direction,
+    ) -> Poll<io::Result<()>> {
+        let index = direction.index();
+        loop {
+            if self
+                .splice
+                .delivered(direction.source(), self.written[index])?
+            {
+                self.retry[index] = None;
+                self.backoff[index] = BACKLOG_POLL_MIN;
+                return Poll::Ready(Ok(()));
+            }
+            let backoff = self.backoff[index];
+            let sleep =
+                self.retry[index].get_or_insert_with(|| Box::pin(tokio::time::sleep(backoff)));
+            ready!(sleep.as_mut().poll(cx));
+            self.retry[index] = None;
+            self.backoff[index] = (backoff * 2).min(BACKLOG_POLL_MAX);
+        }
+    }
+
+    /// Userspace wrote `bytes` to `direction`'s destination.
+    pub fn wrote(&mut self, direction: Direction, bytes: usize) {
+        self.written[direction.index()] += bytes as u64;
+    }
+
+    /// The next TCP state change the sock_ops program reported, if one is queued.
+    pub fn poll_state_change(&mut self, cx: &mut Context<'_>) -> Poll<Option<StateChange>> {
+        self.splice.poll_event(cx)
+    }
+}
+
+impl Drop for Offload {
+    fn drop(&mut self) {
+        // Before the splice (a field, dropped after this) removes the kernel's counters.
+        self.meter.detach_kernel();
+    }
+}
+
+/// Reads a spliced connection's kernel counters, for its [`Meter`].
+#[derive(Debug)]
+pub struct KernelFlows {
+    kernel: Kernel,
+    /// `[client, backend]`: the sources of client->backend and backend->client.
+    cookies: [u64; 2],
+}
+
+impl KernelFlows {
+    /// The verdict's counters of `direction`; zero if they cannot be read (the connection
+    /// is being torn down).
+    pub fn counters(&self, direction: Direction) -> FlowCounters {
+        self.kernel
+            .flow_counters(self.cookies[direction.index()])
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,1040 @@
+//! Kernel data path: loads the eBPF programs, splices socket pairs into the sockhash, and
+//! delivers TCP state changes of spliced sockets from the ring buffer.
+//!
+//! The facts behind every rule here were measured on the target kernel and are collected in
+//! KERNEL-NOTES.md; comments point there instead of repeating the measurements.
+//!
+//! - [`Kernel::load`] loads the object built by `build.rs`, attaches the stream verdict to the
+//!   `SOCKETS` sockhash and the sock_ops program to the proxy's own cgroup v2, and spawns a
+//!   tokio task that reads `EVENTS`.
+//! - [`Kernel::splice`] hands a routed client/backend pair to the kernel. The returned
+//!   [`Splice`] yields that pair's [`StateChange`]s, reads its per-direction counters, tells
+//!   when a direction's redirected bytes have all reached the peer socket
+//!   ([`Splice::delivered`]), and undoes everything when dropped.
+//!
+//! Sockets created before the first `load` (in this process) may not be covered: see
+//! [`proxy_cgroup`].
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fmt, fs, io,
+    mem::{size_of, MaybeUninit},
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use aya::{
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
+    programs::{CgroupAttachMode, ProgramError, SkSkb, SockOps},
+    Ebpf, EbpfLoader,
+};
+use smartproxy_common::{
+    Flow, SocketEvent, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES, MAP_EVENTS, MAP_EVENTS_LOST,
+    MAP_FLOWS, MAP_SOCKETS, MAP_TARGETS, PROG_REDIRECT, PROG_STATE_EVENTS,
+};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender},
+    task::JoinHandle,
+};
+
+use crate::lifecycle::Side;
+
+/// The eBPF object `build.rs` built from `smartproxy-ebpf` (empty when built with
+/// `AYA_BUILD_SKIP=1`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smartproxy-ebpf"));
+
+/// Flag for map updates: fail with EEXIST instead of replacing an entry.
+const BPF_NOEXIST: u64 = 1;
+
+/// Why the kernel data path could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "this binary was built without its eBPF object (AYA_BUILD_SKIP was set at build time)"
+    )]
+    NotBuilt,
+    #[error("ring buffer size {0} is not a power of two of at least one page")]
+    RingBufferSize(u32),
+    #[error("no tokio runtime: Kernel::load spawns the ring-buffer reader on the current one")]
+    NoRuntime,
+    #[error("failed to load the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("map {map}: {step} failed")]
+    Map {
+        map: &'static str,
+        step: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {program}: {step} failed")]
+    Program {
+        program: &'static str,
+        step: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cgroup v2: {step} {}", path.display())]
+    Cgroup {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("ring buffer {MAP_EVENTS}: registering its fd with tokio failed")]
+    RingBufPoll(#[source] io::Error),
+}
+
+/// What [`Kernel::load`] may be told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Size of the `EVENTS` ring buffer in bytes: a power of two, at least one page. Each event
+    /// takes 32 bytes (24 + header); when it is full, events are counted as lost.
+    pub ring_buffer_bytes: u32,
+    /// Capacity of `FLOWS`, `TARGETS` and `SOCKETS`: two entries per spliced connection.
+    pub max_sockets: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
+            max_sockets: DEFAULT_MAX_SOCKETS,
+        }
+    }
+}
+
+/// Totals for `smartproxy stats` (`ebpf.*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    /// Sockets currently in `SOCKETS` (two per live splice).
+    pub sockhash_entries: u64,
+    /// State-change events read from the ring buffer since load.
+    pub events: u64,
+    /// Events the sock_ops program could not queue because the ring buffer was full.
+    pub events_lost: u64,
+}
+
+/// The loaded eBPF programs and their maps. Cheap to clone; everything is released (programs
+/// detached, maps freed, reader task stopped) when the last clone and the last [`Splice`] are
+/// dropped. Several `Kernel`s may live in one process, each with its own maps.
+#[derive(Clone)]
+pub struct Kernel {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    targets: Mutex<SockHash<MapData, u64>>,
+    sockets: Mutex<SockHash<MapData, u64>>,
+    flows: Mutex<HashMap<MapData, u64, Flow>>,
+    events_lost: PerCpuArray<MapData, u64>,
+    shared: Arc<Shared>,
+    reader: JoinHandle<()>,
+    /// Keeps the programs loaded and the sock_ops link attached; dropping it detaches them.
+    _ebpf: Ebpf,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// State shared with the ring-buffer reader task.
+#[derive(Default)]
+struct Shared {
+    /// Socket cookie -> the splice it belongs to.
+    registry: Mutex<StdHashMap<u64, Registration>>,
+    events: AtomicU64,
+    sockhash_entries: AtomicU64,
+}
+
+struct Registration {
+    side: Side,
+    tx: UnboundedSender<StateChange>,
+}
+
+impl fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kernel")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Kernel {
+    /// Loads and attaches everything; spawns the ring-buffer reader task on the current tokio
+    /// runtime (so this must be called from within one).
+    ///
+    /// The sock_ops program is attached to the cgroup v2 this process runs in, moving the
+    /// process out of the root cgroup first (see [`proxy_cgroup`]). It is attached with a
+    /// bpf_link, which the kernel always treats as multi-attach: several `Kernel`s (proxies,
+    /// parallel tests) can attach at once, and a killed process leaves nothing attached.
+    pub fn load(opts: LoadOptions) -> Result<Kernel, EbpfError> {
+        let LoadOptions {
+            ring_buffer_bytes,
+            max_sockets,
+        } = opts;
+        if OBJECT.is_empty() {
+            return Err(EbpfError::NotBuilt);
+        }
+        if !ring_buffer_bytes.is_power_of_two() || (ring_buffer_bytes as usize) < page_size() {
+            return Err(EbpfError::RingBufferSize(ring_buffer_bytes));
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| EbpfError::NoRuntime)?;
+        let cgroup = proxy_cgroup()?;
+
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_EVENTS, ring_buffer_bytes)
+            .map_max_entries(MAP_TARGETS, max_sockets)
+            .map_max_entries(MAP_SOCKETS, max_sockets)
+            .map_max_entries(MAP_FLOWS, max_sockets)
+            .load(OBJECT)
+            .map_err(EbpfError::Load)?;
+
+        let targets: SockHash<_, u64> = take_map(&mut ebpf, MAP_TARGETS)?;
+        let sockets: SockHash<_, u64> = take_map(&mut ebpf, MAP_SOCKETS)?;
+        let flows: HashMap<_, u64, Flow> = take_map(&mut ebpf, MAP_FLOWS)?;
+        let events: RingBuf<_> = take_map(&mut ebpf, MAP_EVENTS)?;
+        let events_lost: PerCpuArray<_, u64> = take_map(&mut ebpf, MAP_EVENTS_LOST)?;
+
+        let verdict: &mut SkSkb = program(&mut ebpf, PROG_REDIRECT)?;
+        verdict
+            .load()
+            .map_err(program_error(PROG_REDIRECT, "load"))?;
+        verdict
+            .attach(sockets.fd())
+            .map_err(program_error(PROG_REDIRECT, "attach to SOCKETS"))?;
+
+        let cgroup_dir = fs::File::open(&cgroup).map_err(|source| EbpfError::Cgroup {
+            step: "open",
+            path: cgroup.clone(),
+            source,
+        })?;
+        let state_events: &mut SockOps = program(&mut ebpf, PROG_STATE_EVENTS)?;
+        state_events
+            .load()
+            .map_err(program_error(PROG_STATE_EVENTS, "load"))?;
+        // aya attaches with a bpf_link (kernel >= 5.7). The kernel rejects any flag on a cgroup
+        // link (EINVAL for AllowMultiple) and always attaches links as BPF_F_ALLOW_MULTI, so
+        // `Single` here still lets several Kernels attach to the same cgroup.
+        state_events
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .map_err(program_error(
+                PROG_STATE_EVENTS,
+                "attach to the proxy's cgroup",
+            ))?;
+
+        let shared = Arc::new(Shared::default());
+        let events = {
+            let _entered = runtime.enter();
+            // SAFETY: the RingBuf owns its map's fd (aya's MapData holds an OwnedFd) and
+            // always returns that same fd; it moves into the AsyncFd and closes only with it.
+            unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+                .map_err(|e| EbpfError::RingBufPoll(e.into_parts().1))?
+        };
+        let reader = runtime.spawn(read_events(events, Arc::clone(&shared)));
+        tracing::info!(
+            cgroup = %cgroup.display(),
+            ring_buffer_bytes,
+            max_sockets,
+            "eBPF data path loaded"
+        );
+        Ok(Kernel {
+            inner: Arc::new(Inner {
+                targets: Mutex::new(targets),
+                sockets: Mutex::new(sockets),
+                flows: Mutex::new(flows),
+                events_lost,
+                shared,
+                reader,
+                _ebpf: ebpf,
+            }),
+        })
+    }
+
+    /// Hands a routed pair to the kernel: from now on each socket's received bytes are
+    /// redirected to the other one's send path.
+    ///
+    /// Both sockets must be established TCP sockets, and the caller must keep them open for as
+    /// long as the returned [`Splice`] lives (it keeps their raw fds, for [`Splice::delivered`]).
+    /// Bytes userspace already read from either socket (a peeked ClientHello) must have been
+    /// written to the other socket before this call; bytes still queued in a socket are pushed
+    /// through the verdict here, after them, in order.
+    ///
+    /// Order (KERNEL-NOTES): register both cookies for events, create both `FLOWS` entries,
+    /// insert both sockets into `TARGETS`, then both into `SOCKETS`, then set `SO_RCVLOWAT` to 1
+    /// on both, which runs bytes already queued through the verdict.
+    ///
+    /// On failure everything done so far is undone. [`SpliceError::stream_intact`] then says
+    /// whether the caller may fall back to the userspace copy: it is true when the failure came
+    /// before the first `SOCKETS` insert, or when the verdict redirected no byte before the
+    /// undo. When it is false, bytes have already moved in the kernel and the connection must
+    /// be aborted.
+    pub fn splice(
+        &self,
+        client: BorrowedFd<'_>,
+        backend: BorrowedFd<'_>,
+    ) -> Result<Splice, SpliceError> {
+        let client = SpliceSocket::read(Side::Client, client)?;
+        let backend = SpliceSocket::read(Side::Backend, backend)?;
+        let (tx, events) = unbounded_channel();
+        self.inner.shared.register(
+            &[
+                (client.cookie, Side::Client),
+                (backend.cookie, Side::Backend),
+            ],
+            &tx,
+        )?;
+        // From here on, dropping `splice` undoes exactly the steps recorded in it.
+        let mut splice = Splice {
+            kernel: self.clone(),
+            client,
+            backend,
+            events,
+            done: Done::default(),
+        };
+        match splice.attach() {
+            Ok(()) => Ok(splice),
+            Err(mut err) => {
+                err.stream_intact = splice.undo();
+                Err(err)
+            }
+        }
+    }
+
+    /// Totals for the stats output.
+    pub fn stats(&self) -> KernelStats {
+        let shared = &self.inner.shared;
+        let events_lost = match self.inner.events_lost.get(&0, 0) {
+            Ok(per_cpu) => per_cpu.iter().sum(),
+            Err(err) => {
+                tracing::warn!(error = %err, map = MAP_EVENTS_LOST, "reading the lost-event counter failed");
+                0
+            }
+        };
+        KernelStats {
+            sockhash_entries: shared.sockhash_entries.load(Ordering::Relaxed),
+            events: shared.events.load(Ordering::Relaxed),
+            events_lost,
+        }
+    }
+
+    /// The verdict's counters for the direction whose source socket has `cookie` (see
+    /// [`Splice::cookie`]); fails once that splice is gone.
+    pub fn flow_counters(&self, cookie: u64) -> io::Result<FlowCounters> {
+        let flow = lock(&self.inner.flows).get(&cookie, 0).map_err(|e| {
+            io::Error::other(format!("{MAP_FLOWS} lookup of socket cookie {cookie}: {e}"))
+        })?;
+        Ok(FlowCounters {
+            redirected: flow.redirected,
+            last_activity_ns: flow.last_activity_ns,
+        })
+    }
+}
+
+impl Shared {
+    /// Registers both cookies, or neither if one is already spliced.
+    fn register(
+        &self,
+        sockets: &[(u64, Side); 2],
+        tx: &UnboundedSender<StateChange>,
+    ) -> Result<(), SpliceError> {
+        let mut registry = lock(&self.registry);
+        if let Some((_, side)) = sockets.iter().find(|(c, _)| registry.contains_key(c)) {
+            return Err(SpliceError::new(
+                *side,
+                SpliceStep::Register,
+                io::Error::new(io::ErrorKind::AlreadyExists, "socket is already spliced"),
+            ));
+        }
+        for (cookie, side) in sockets {
+            registry.insert(
+                *cookie,
+                Registration {
+                    side: *side,
+                    tx: tx.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn dispatch(&self, bytes: &[u8]) {
+        let Some(raw) = bytes.get(..size_of::<SocketEvent>()) else {
+            debug_assert!(
+                false,
+                "ring buffer record of {} bytes is shorter than SocketEvent",
+                bytes.len()
+            );
+            return;
+        };
+        let event: SocketEvent = bytemuck::pod_read_unaligned(raw);
+        self.events.fetch_add(1, Ordering::Relaxed);
+        let registry = lock(&self.registry);
+        // A socket whose splice was just dropped may still report a change: nobody listens.
+        if let Some(Registration { side, tx }) = registry.get(&event.cookie) {
+            let _ = tx.send(StateChange {
+                side: *side,
+                old: TcpState::from(event.old_state),
+                new: TcpState::from(event.new_state),
+                at_ns: event.timestamp_ns,
+            });
+        }
+    }
+}
+
+/// Reads `EVENTS` until the fd fails; then drops every registration so that
+/// [`Splice::next_event`] returns `None` instead of waiting forever.
+async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, shared: Arc<Shared>) {
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(guard) => guard,
+            Err(err) => {
+                tracing::error!(error = %err, "eBPF ring buffer reader stopped; no more socket events");
+                break;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            shared.dispatch(&item);
+        }
+        guard.clear_ready();
+    }
+    lock(&shared.registry).clear();
+}
+
+/// Why [`Kernel::splice`] failed, which socket and step, and whether the byte stream is
+/// still untouched.
+#[derive(Debug, thiserror::Error)]
+#[error("splice: {step} of the {side} socket failed")]
+pub struct SpliceError {
+    pub side: Side,
+    pub step: SpliceStep,
+    /// True when no byte was redirected: the caller may carry on with the userspace copy.
+    pub stream_intact: bool,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl SpliceError {
+    fn new(
+        side: Side,
+        step: SpliceStep,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self {
+            side,
+            step,
+            stream_intact: true,
+            source: source.into(),
+        }
+    }
+}
+
+/// The steps of [`Kernel::splice`], in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpliceStep {
+    /// `getsockopt(SO_COOKIE)`.
+    Cookie,
+    /// `TCP_INFO` / `SIOCOUTQ`, the drain baseline.
+    Baseline,
+    /// Registering the cookie for events.
+    Register,
+    /// `FLOWS` insert.
+    Flows,
+    /// `TARGETS` insert.
+    Targets,
+    /// `SOCKETS` insert.
+    Sockets,
+    /// `setsockopt(SO_RCVLOWAT, 1)`.
+    RcvLowat,
+}
+
+impl fmt::Display for SpliceStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SpliceStep::Cookie => "getsockopt(SO_COOKIE)",
+            SpliceStep::Baseline => "reading the send counters (TCP_INFO, SIOCOUTQ)",
+            SpliceStep::Register => "registering for events",
+            SpliceStep::Flows => "FLOWS insert",
+            SpliceStep::Targets => "TARGETS insert",
+            SpliceStep::Sockets => "SOCKETS insert",
+            SpliceStep::RcvLowat => "setsockopt(SO_RCVLOWAT)",
+        })
+    }
+}
+
+/// A TCP state change of one socket of a splice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateChange {
+    /// Which of the proxy's two sockets changed.
+    pub side: Side,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`) of the change.
+    pub at_ns: u64,
+}
+
+/// Linux TCP socket states (`include/net/tcp_states.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    /// The peer sent its FIN.
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+    BoundInactive,
+    /// A number this code does not know.
+    Other(u32),
+}
+
+impl From<u32> for TcpState {
+    fn from(state: u32) -> Self {
+        match state {
+            1 => TcpState::Established,
+            2 => TcpState::SynSent,
+            3 => TcpState::SynRecv,
+            4 => TcpState::FinWait1,
+            5 => TcpState::FinWait2,
+            6 => TcpState::TimeWait,
+            7 => TcpState::Close,
+            8 => TcpState::CloseWait,
+            9 => TcpState::LastAck,
+            10 => TcpState::Listen,
+            11 => TcpState::Closing,
+            12 => TcpState::NewSynRecv,
+            13 => TcpState::BoundInactive,
+            other => TcpState::Other(other),
+        }
+    }
+}
+
+/// What the verdict counted for one direction (keyed by its source socket).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// Bytes redirected from the source socket to its peer.
+    pub redirected: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last non-empty skb the source socket received
+    /// (`bpf_ktime_get_ns`; compare with `datapath::monotonic_ns()`); 0 = none yet.
+    pub last_activity_ns: u64,
+}
+
+impl FlowCounters {
+    /// How long the direction has been idle at `now_ns` (CLOCK_MONOTONIC); `None` if it never
+    /// carried a byte.
+    pub fn idle_for(&self, now_ns: u64) -> Option<Duration> {
+        (self.last_activity_ns != 0)
+            .then(|| Duration::from_nanos(now_ns.saturating_sub(self.last_activity_ns)))
+    }
+}
+
+/// One socket of a splice.
+#[derive(Debug)]
+struct SpliceSocket {
+    side: Side,
+    fd: RawFd,
+    cookie: u64,
+    /// `tcpi_bytes_acked + SIOCOUTQ` at splice time: everything written to the socket before
+    /// (plus the SYN on connected sockets, which `bytes_acked` counts).
+    handed_at_splice: u64,
+}
+
+impl SpliceSocket {
+    fn read(side: Side, fd: BorrowedFd<'_>) -> Result<Self, SpliceError> {
+        let cookie =
+            socket_cookie(fd).map_err(|e| SpliceError::new(side, SpliceStep::Cookie, e))?;
+        let handed_at_splice =
+            bytes_handed(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
+        Ok(Self {
+            side,
+            fd: fd.as_raw_fd(),
+            cookie,
+            handed_at_splice,
+        })
+    }
+
+    fn borrow(&self) -> BorrowedFd<'_> {
+        // SAFETY: `Kernel::splice` requires the caller to keep the socket open while the
+        // Splice lives. Even if it broke that contract, the fd is only passed to
+        // getsockopt/ioctl, which cannot touch memory outside the buffers we give them.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
+    }
+}
+
+/// Which steps of [`Kernel::splice`] completed, per socket (`[client, backend]`), so that
+/// undoing removes exactly those.
+#[derive(Debug, Default)]
+struct Done {
+    flows: [bool; 2],
+    targets: [bool; 2],
+    sockets: [bool; 2],
+}
+
+/// A routed pair whose bytes move in the kernel. Dropping it removes its `FLOWS`, `SOCKETS`
+/// and `TARGETS` entries and its event registration; from then on received bytes stay in the
+/// sockets' own receive queues.
+pub struct Splice {
+    kernel: Kernel,
+    client: SpliceSocket,
+    backend: SpliceSocket,
+    events: UnboundedReceiver<StateChange>,
+    done: Done,
+}
+
+impl fmt::Debug for Splice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Splice")
+            .field("client", &self.client)
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Splice {
+    /// The next state change of either socket. Only changes after the splice are reported (a
+    /// FIN that arrived before it is not), so callers check [`tcp_state`] once after
+    /// splicing. `None` means the event reader stopped (it logs why); fall back to polling
+    /// [`tcp_state`] then.
+    pub async fn next_event(&mut self) -> Option<StateChange> {
+        self.events.recv().await
+    }
+
+    /// Like [`Splice::next_event`], for hand-written futures.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<StateChange>> {
+        self.events.poll_recv(cx)
+    }
+
+    /// The verdict's counters for the direction whose bytes come from `source`.
+    pub fn flow(&self, source: Side) -> io::Result<FlowCounters> {
+        self.kernel.flow_counters(self.socket(source).cookie)
+    }
+
+    /// True once every byte the verdict redirected from `source`, plus `written` bytes that
+    /// userspace wrote to the destination itself since the splice, has been taken into the
+    /// destination socket's send queue: `(tcpi_bytes_acked + SIOCOUTQ)` of the destination,
+    /// minus that value at splice time, is at least `redirected + written` (KERNEL-NOTES
+    /// drain rule). Only then may userspace write to the destination or pass a FIN on with
+    /// `shutdown(SHUT_WR)` without overtaking the kernel's backlog. The wait can be long
+    /// (hundreds of MB may be queued), so do not put a short timeout on it.
+    pub fn delivered(&self, source: Side, written: u64) -> io::Result<bool> {
+        let redirected = self.flow(source)?.redirected;
+        let dest = self.socket(source.peer());
+        let handed = bytes_handed(dest.borrow())?.saturating_sub(dest.handed_at_splice);
+        Ok(handed >= redirected.saturating_add(written))
+    }
+
+    /// Socket cookie of one side (the key of its map entries).
+    pub fn cookie(&self, side: Side) -> u64 {
+        self.socket(side).cookie
+    }
+
+    fn socket(&self, side: Side) -> &SpliceSocket {
+        match side {
+            Side::Client => &self.client,
+            Side::Backend => &self.backend,
+        }
+    }
+
+    /// The map inserts of [`Kernel::splice`], recording each success in `self.done`.
+    fn attach(&mut self) -> Result<(), SpliceError> {
+        let inner = Arc::clone(&self.kernel.inner);
+        let pair = [&self.client, &self.backend].map(|s| (s.side, s.fd, s.cookie));
+        for (i, (side, _, cookie)) in pair.into_iter().enumerate() {
+            let flow = Flow {
+                peer_cookie: pair[1 - i].2,
+                ..Flow::default()
+            };
+            lock(&inner.flows)
+                .insert(cookie, flow, BPF_NOEXIST)
+                .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
+            self.done.flows[i] = true;
+        }
+        // Both must be targets before either gets the verdict: a redirect to a missing target
+        // would drop ACKed bytes (KERNEL-NOTES).
+        for (i, (side, fd, cookie)) in pair.into_iter().enumerate() {
+            lock(&inner.targets)
+                .insert(cookie, fd, BPF_NOEXIST)
+                .map_err(|e| SpliceError::new(side, SpliceStep::Targets, e))?;
+            self.done.targets[i] = true;
+        }
+        for (i, (side, fd, cookie)) in pair.into_iter().enumerate() {
+            lock(&inner.sockets)
+                .insert(cookie, fd, BPF_NOEXIST)
+                .map_err(|e| SpliceError::new(side, SpliceStep::Sockets, e))?;
+            self.done.sockets[i] = true;
+            inner
+                .shared
+                .sockhash_entries
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // Bytes queued before the insert may otherwise sit until the next skb arrives; this
+        // calls the data-ready hook, which runs them through the verdict (KERNEL-NOTES).
+        for socket in [&self.client, &self.backend] {
+            set_rcvlowat(socket.borrow(), 1)
+                .map_err(|e| SpliceError::new(socket.side, SpliceStep::RcvLowat, e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every entry `attach` made; returns true if the verdict redirected no byte
+    /// before that (see [`SpliceError::stream_intact`]). Never panics.
+    fn undo(&mut self) -> bool {
+        let inner = Arc::clone(&self.kernel.inner);
+        let cookies = [self.client.cookie, self.backend.cookie];
+        // SOCKETS first so the verdict stops before its targets and counters go.
+        for (i, cookie) in cookies.iter().enumerate() {
+            if std::mem::take(&mut self.done.sockets[i]) {
+                inner
+                    .shared
+                    .sockhash_entries
+                    .fetch_sub(1, Ordering::Relaxed);
+                remove_logged(MAP_SOCKETS, lock(&inner.sockets).remove(cookie));
+            }
+        }
+        for (i, cookie) in cookies.iter().enumerate() {
+            if std::mem::take(&mut self.done.targets[i]) {
+                remove_logged(MAP_TARGETS, lock(&inner.targets).remove(cookie));
+            }
+        }
+        let mut intact = true;
+        for (i, cookie) in cookies.iter().enumerate() {
+            if std::mem::take(&mut self.done.flows[i]) {
+                let mut flows = lock(&inner.flows);
+                // An unreadable counter cannot prove that nothing moved.
+                intact &= flows.get(cookie, 0).is_ok_and(|f| f.redirected == 0);
+                remove_logged(MAP_FLOWS, flows.remove(cookie));
+            }
+        }
+        let mut registry = lock(&inner.shared.registry);
+        for cookie in cookies {
+            registry.remove(&cookie);
+        }
+        intact
+    }
+}
+
+impl Drop for Splice {
+    fn drop(&mut self) {
+        self.undo();
+    }
+}
+
+/// Logs a failed removal, except "not found": the kernel removes a socket from sockhashes
+/// itself when it is closed.
+fn remove_logged(map: &'static str, result: Result<(), MapError>) {
+    match result {
+        Ok(()) => {}
+        Err(MapError::ElementNotFound) => {}
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(err) => tracing::warn!(map, error = %err, "removing a splice entry failed"),
+    }
+}
+
+/// The cgroup v2 the sock_ops program is attached to: this process's own.
+///
+/// The mount point comes from `/proc/self/mountinfo` (type `cgroup2`), the path from the
+/// `0::` line of `/proc/self/cgroup`. If the process sits in the root cgroup, it first
+/// creates `<mount>/smartproxy` and moves itself there: attached to the root, the program
+/// would run for every TCP socket of the host (KERNEL-NOTES measured it there), and each of
+/// them would pay for a state-change callback and a map lookup. Sockets keep the cgroup they
+/// were created in (accepted sockets: their listener's), so sockets and listeners created
+/// before that move are not covered; create them after the first `Kernel::load`, or call
+/// this function first.
+pub fn proxy_cgroup() -> Result<PathBuf, EbpfError> {
+    let mountinfo = read_proc("/proc/self/mountinfo")?;
+    let mount = cgroup2_mount(&mountinfo).ok_or_else(|| EbpfError::Cgroup {
+        step: "find a cgroup2 mount in",
+        path: "/proc/self/mountinfo".into(),
+        source: io::Error::new(io::ErrorKind::NotFound, "no cgroup2 file system is mounted"),
+    })?;
+    let cgroups = read_proc("/proc/self/cgroup")?;
+    let own = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| EbpfError::Cgroup {
+            step: "find the \"0::\" line in",
+            path: "/proc/self/cgroup".into(),
+            source: io::Error::new(io::ErrorKind::NotFound, "process has no cgroup v2"),
+        })?;
+    let own = own.trim().trim_start_matches('/');
+    if !own.is_empty() {
+        return Ok(mount.join(own));
+    }
+    let dir = mount.join("smartproxy");
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(EbpfError::Cgroup {
+                step: "create",
+                path: dir,
+                source,
+            })
+        }
+    }
+    let procs = dir.join("cgroup.procs");
+    fs::write(&procs, std::process::id().to_string()).map_err(|source| EbpfError::Cgroup {
+        step: "move this process into",
+        path: procs,
+        source,
+    })?;
+    tracing::info!(cgroup = %dir.display(), "moved out of the root cgroup so sock_ops only sees the proxy's sockets");
+    Ok(dir)
+}
+
+fn read_proc(path: &str) -> Result<String, EbpfError> {
+    fs::read_to_string(path).map_err(|source| EbpfError::Cgroup {
+        step: "read",
+        path: path.into(),
+        source,
+    })
+}
+
+/// Mount point of the first cgroup2 file system in a mountinfo text.
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (fields, fs_fields) = line.split_once(" - ")?;
+        if fs_fields.split(' ').next()? != "cgroup2" {
+            return None;
+        }
+        let mount_point = fields.split(' ').nth(4)?;
+        Some(PathBuf::from(unescape_mountinfo(mount_point)))
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo` octal escapes.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| EbpfError::Map {
+        map: name,
+        step: "open",
+        source,
+    })
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing {
+        kind: "program",
+        name,
+    })?;
+    prog.try_into().map_err(program_error(name, "type check"))
+}
+
+fn program_error(
+    program: &'static str,
+    step: &'static str,
+) -> impl FnOnce(ProgramError) -> EbpfError {
+    move |source| EbpfError::Program {
+        program,
+        step,
+        source,
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave a map half-updated (each guarded
+    // operation is one syscall), so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096)
+}
+
+/// `SO_COOKIE` from `asm-generic/socket.h` (the libc crate does not export it).
+const SO_COOKIE: libc::c_int = 57;
+
+/// The socket's cookie: the key the eBPF programs see via `bpf_get_socket_cookie`.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_COOKIE)
+}
+
+/// The socket's TCP state (`TCP_INFO.tcpi_state`).
+pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
+    Ok(TcpState::from(u32::from(tcp_info(fd)?.state)))
+}
+
+/// The socket's pending error (`SO_ERROR`, which reading clears): e.g. ECONNRESET after an RST.
+pub fn socket_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let err = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
+    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+}
+
+/// `tcpi_bytes_acked + SIOCOUTQ`: every byte ever taken into the socket's send queue (plus the
+/// SYN, on connected sockets).
+fn bytes_handed(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let acked = tcp_info(fd)?.bytes_acked;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int through the pointer, which points at `outq`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let outq =
+        u64::try_from(outq).map_err(|_| io::Error::other(format!("SIOCOUTQ returned {outq}")))?;
+    Ok(acked + outq)
+}
+
+/// The head of the kernel's `struct tcp_info` (`include/uapi/linux/tcp.h`) up to
+/// `tcpi_bytes_acked`; the libc crate's glibc version of the struct stops before it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpInfoHead {
+    state: u8,
+    /// ca_state .. the two bitfield bytes.
+    _bytes: [u8; 7],
+    /// tcpi_rto .. tcpi_total_retrans.
+    _words: [u32; 24],
+    _pacing_rate: u64,
+    _max_pacing_rate: u64,
+    bytes_acked: u64,
+}
+
+const _: () = assert!(size_of::<TcpInfoHead>() == 128);
+
+fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfoHead> {
+    getsockopt::<TcpInfoHead>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+/// `getsockopt` for a plain-data `T`; fails if the kernel returns fewer bytes than `T`.
+fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut value = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `value`, which has room for them.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < size_of::<T>() {
+        return Err(io::Error::other(format!(
+            "getsockopt({level}, {name}) returned {len} bytes, expected {}",
+            size_of::<T>()
+        )));
+    }
+    // SAFETY: zero-initialised and then fully written by the kernel (checked above); every `T`
+    // used here is plain integers, valid for any bit pattern.
+    Ok(unsafe { value.assume_init() })
+}
+
+fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    // SAFETY: passes a pointer to a c_int and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&bytes as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_among_v1_mounts() {
+        let mountinfo = "\
+25 30 0:23 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+26 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+36 25 0:31 / /sys/fs/cgroup/uni\\040fied rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+";
+        assert_eq!(
+            cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/uni fied"))
+        );
+        assert_eq!(
+            cgroup2_mount("26 25 0:24 / /x rw - cgroup cgroup rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn unknown_tcp_states_are_kept() {
+        assert_eq!(TcpState::from(8), TcpState::CloseWait);
+        assert_eq!(TcpState::from(99), TcpState::Other(99));
+    }
+
+    #[test]
+    fn tcp_state_and_cookie_of_a_connected_socket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        use std::os::fd::AsFd;
+        assert_eq!(tcp_state(client.as_fd()).unwrap(), TcpState::Established);
+        assert_eq!(tcp_state(listener.as_fd()).unwrap(), TcpState::Listen);
+        let (a, b) = (
+            socket_cookie(client.as_fd()).unwrap(),
+            socket_cookie(server.as_fd()).unwrap(),
+        );
+        assert_ne!(a, b, "cookies are unique per socket");
+        assert!(socket_error(client.as_fd()).unwrap().is_none());
+        // Nothing written yet: the baseline is the SYN at most.
+        assert!(bytes_handed(client.as_fd()).unwrap() <= 1);
+    }
+}

@@ -1,0 +1,140 @@
+//! Half-close through the proxy, on each data path:
+//! - the client half-closes, then the backend (having read to EOF) streams 5 MiB and
+//!   closes: the client gets every byte, then EOF; reason `normal`;
+//! - the mirror: the backend half-closes first, then the client streams 5 MiB to it;
+//! - after the client's FIN the backend sends a small message every 100 ms for 3 s:
+//!   nothing closes, the connection counts as half open meanwhile, every message
+//!   arrives, and the backend's close then ends it with `normal`.
+
+use std::time::Duration;
+
+use smartproxy::lifecycle::Reason;
+use smartproxy_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const FIVE_MIB: usize = 5 * 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_client_fin_backend_streams_five_mib_then_eof() {
+    for_each_data_path(|mode| async move {
+        let to_client = pattern(FIVE_MIB, 11);
+        let expected = sha256(&to_client);
+        let backend = Backend::spawn(move |mut stream| {
+            let payload = to_client.clone();
+            async move {
+                let mut request = Vec::new();
+                stream
+                    .read_to_end(&mut request)
+                    .await
+                    .expect("backend reads up to the client's FIN");
+                assert_eq!(request, b"request", "bytes before the client's FIN");
+                write_chunked(&mut stream, &payload)
+                    .await
+                    .expect("backend streams after the client's FIN");
+                stream.shutdown().await.expect("backend FIN");
+            }
+        })
+        .await;
+        let mut proxy = TestProxy::start(mode, &plain_route("half", backend.addr, "")).await;
+        let mut client = connect(proxy.addr("half")).await;
+        client.write_all(b"request").await.expect("client writes");
+        client.shutdown().await.expect("client FIN");
+        let (len, hash) = within("the client reads to EOF", read_to_end_hashed(&mut client))
+            .await
+            .expect("client reads after its own FIN");
+        assert_eq!(len, FIVE_MIB, "bytes at the client");
+        assert_eq!(hash, expected, "checksum at the client");
+        proxy.expect_closed(Reason::Normal).await;
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_backend_fin_client_streams_five_mib_then_eof() {
+    for_each_data_path(|mode| async move {
+        let to_backend = pattern(FIVE_MIB, 12);
+        let expected = sha256(&to_backend);
+        let backend = Backend::spawn(move |mut stream| async move {
+            stream.write_all(b"greeting").await.expect("backend writes");
+            stream.shutdown().await.expect("backend FIN");
+            let (len, hash) = read_to_end_hashed(&mut stream)
+                .await
+                .expect("backend reads after its own FIN");
+            assert_eq!(len, FIVE_MIB, "bytes at the backend");
+            assert_eq!(hash, expected, "checksum at the backend");
+        })
+        .await;
+        let mut proxy = TestProxy::start(mode, &plain_route("half", backend.addr, "")).await;
+        let mut client = connect(proxy.addr("half")).await;
+        let mut greeting = Vec::new();
+        within(
+            "the client reads to the backend's FIN",
+            client.read_to_end(&mut greeting),
+        )
+        .await
+        .expect("client reads");
+        assert_eq!(greeting, b"greeting", "bytes before the backend's FIN");
+        within(
+            "the client streams",
+            write_chunked(&mut client, &to_backend),
+        )
+        .await
+        .expect("client streams after the backend's FIN");
+        client.shutdown().await.expect("client FIN");
+        proxy.expect_closed(Reason::Normal).await;
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_three_seconds() {
+    const TICKS: usize = 30;
+    for_each_data_path(|mode| async move {
+        let backend = Backend::spawn(|mut stream| async move {
+            let mut request = Vec::new();
+            stream
+                .read_to_end(&mut request)
+                .await
+                .expect("backend reads up to the client's FIN");
+            assert_eq!(request, b"subscribe", "bytes before the client's FIN");
+            send_ticks(&mut stream, TICKS, Duration::from_millis(100)).await;
+            // Returning closes the stream: a FIN behind the last tick.
+        })
+        .await;
+        let mut proxy = TestProxy::start(mode, &plain_route("feed", backend.addr, "")).await;
+        let mut client = connect(proxy.addr("feed")).await;
+        client.write_all(b"subscribe").await.expect("client writes");
+        client.shutdown().await.expect("client FIN");
+        for index in 0..TICKS {
+            read_tick(&mut client, index).await;
+            proxy.assert_nothing_closed();
+            let connections = proxy.stats().connections;
+            assert_eq!(connections.active, 1, "active connections at tick {index}");
+            assert_eq!(
+                connections.half_open, 1,
+                "half-open connections at tick {index}"
+            );
+        }
+        let mut rest = Vec::new();
+        within(
+            "the client reads to the backend's FIN",
+            client.read_to_end(&mut rest),
+        )
+        .await
+        .expect("client reads");
+        assert!(rest.is_empty(), "{} bytes after the last tick", rest.len());
+        proxy.expect_closed(Reason::Normal).await;
+        assert_eq!(
+            proxy.stats().connections.half_open,
+            0,
+            "half open after the close"
+        );
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}

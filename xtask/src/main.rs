@@ -1,0 +1,36 @@
+//! Developer tasks for smartproxy, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
+//!
+//! Every command first makes sure the machine can build the eBPF programs (see
+//! [`toolchain::ensure`]); `smartproxy/build.rs` then builds them as part of an ordinary cargo
+//! build.
+
+mod run;
+mod test;
+mod toolchain;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "smartproxy developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build smartproxy (release) and run it in the foreground.
+    Run(run::Options),
+    /// Run the workspace's tests (the eBPF ones need root).
+    Test(test::Options),
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    let Cli { command } = Cli::parse();
+    match command {
+        Command::Run(opts) => run::run(opts),
+        Command::Test(opts) => test::run(opts),
+    }
+}

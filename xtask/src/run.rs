@@ -1,0 +1,78 @@
+//! `cargo xtask run [--config PATH] [-- ARGS]`: build smartproxy and run it in the foreground.
+//!
+//! It builds the release profile: `run` is how one tries the proxy as it would be deployed
+//! (the userspace copy path and the control plane are several times slower in debug, which
+//! skews anything one looks at), and the eBPF object is built in release either way.
+
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use clap::Parser;
+
+use crate::toolchain;
+
+#[derive(Debug, Parser)]
+pub struct Options {
+    /// Configuration file, relative to the workspace root unless absolute.
+    #[arg(long, default_value = "examples/smartproxy.toml")]
+    config: PathBuf,
+    /// Extra arguments for `smartproxy run`.
+    #[arg(last = true)]
+    args: Vec<OsString>,
+}
+
+pub fn run(opts: Options) -> Result<ExitCode> {
+    let Options { config, args } = opts;
+    toolchain::ensure()?;
+    let root = workspace_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    toolchain::status(Command::new(&cargo).current_dir(root).args([
+        "build",
+        "--release",
+        "--package",
+        "smartproxy",
+        "--bin",
+        "smartproxy",
+    ]))?;
+    let target_dir = target_dir(&cargo, root)?;
+    let binary = target_dir.join("release").join("smartproxy");
+    let config = root.join(config);
+    let mut cmd = Command::new(&binary);
+    cmd.current_dir(root)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .args(&args);
+    println!("xtask: exec {cmd:?}");
+    // exec replaces this process, so signals (SIGINT, SIGTERM) reach the proxy directly.
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("failed to exec {cmd:?}"))
+}
+
+/// The workspace root: xtask lives in `<root>/xtask`.
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask's manifest dir is <workspace>/xtask, so it has a parent")
+}
+
+/// Where cargo puts build output (honours `CARGO_TARGET_DIR` and config), per `cargo metadata`.
+fn target_dir(cargo: &OsString, root: &Path) -> Result<PathBuf> {
+    let json = toolchain::output(Command::new(cargo).current_dir(root).args([
+        "metadata",
+        "--format-version",
+        "1",
+        "--no-deps",
+    ]))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&json).context("`cargo metadata` printed invalid JSON")?;
+    meta.get("target_directory")
+        .and_then(|t| t.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow!("`cargo metadata` output has no target_directory"))
+}
