@@ -14,6 +14,8 @@ pub const MAP_TARGETS: &str = "TARGETS";
 pub const MAP_SOCKETS: &str = "SOCKETS";
 /// Name of the hash map `source socket cookie -> Flow`.
 pub const MAP_FLOWS: &str = "FLOWS";
+/// Name of the hash map `source socket cookie -> Control`.
+pub const MAP_CONTROL: &str = "CONTROL";
 /// Name of the ring buffer carrying [`SocketEvent`]s.
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Name of the per-CPU array (one slot, index 0) counting events the ring buffer had no room for.
@@ -31,10 +33,21 @@ pub const DEFAULT_MAX_SOCKETS: u32 = 2 * 65_536;
 /// One direction of a spliced connection, keyed in `FLOWS` by the cookie of the socket the
 /// bytes are *read from*.
 ///
-/// `peer_cookie` is written by userspace once, when the splice is created. The other fields are
-/// written only by the stream verdict of the source socket, which the kernel runs serialized per
-/// socket, so plain (non-atomic) updates are safe there (see KERNEL-NOTES: `fetch_add` does not
-/// exist on bpfel). Userspace only reads them.
+/// Userspace writes the whole value once, when the splice is created, and never again (a
+/// userspace update replaces the whole value and would lose the kernel's counts). After
+/// that, `redirected`, `passed` and `last_activity_ns` are written only by
+/// the stream verdict of the source socket, which the kernel runs serialized per socket,
+/// and `acked` only by the sock_ops program of the same socket; plain (non-atomic) stores
+/// are therefore safe (KERNEL-NOTES: `fetch_add` does not exist on bpfel).
+///
+/// Backpressure: the verdict redirects while the bytes on their way to the peer
+/// (`redirected + Control::flushed - what the peer's receiver acknowledged`) stay under
+/// `Control::cap`. That is the kernel's redirect backlog plus the peer socket's send
+/// queue, whose size userspace pins above the cap (see `ebpf.rs`). At the cap it passes
+/// instead: the bytes stay in the source socket, charged to it, so its window closes, and
+/// userspace forwards them. It keeps passing until userspace has written every passed
+/// byte to the peer (`passed == Control::flushed`): only then can a redirected byte not
+/// overtake one that userspace still holds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -43,11 +56,32 @@ pub struct Flow {
     pub peer_cookie: u64,
     /// Bytes the verdict redirected to the peer (only counted when the redirect succeeded).
     pub redirected: u64,
+    /// Bytes the verdict passed up to userspace (a cap reached, or a failed redirect).
+    pub passed: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last non-empty skb seen; 0 = none yet.
     pub last_activity_ns: u64,
+    /// This socket's `tcpi_bytes_acked`, as of its latest ACK (sock_ops RTT callback).
+    pub acked: u64,
+    /// `tcpi_bytes_acked + SIOCOUTQ` of this socket at splice time: what `acked` reaches
+    /// once everything written before the splice is acknowledged.
+    pub acked_base: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Flow>() == 24);
+const _: () = assert!(core::mem::size_of::<Flow>() == 48);
+
+/// Userspace's half of the backpressure switch of one direction, keyed in `CONTROL` by the
+/// source socket's cookie. Written only by userspace, read only by the verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Control {
+    /// Bytes userspace read from the source socket and wrote to the peer.
+    pub flushed: u64,
+    /// `max_queued_bytes`: the most bytes that may be on their way to the peer.
+    pub cap: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Control>() == 16);
 
 /// A TCP state change of a spliced socket, sent by the sock_ops program through `EVENTS`.
 /// States are the kernel's `TCP_*` numbers (`TCP_ESTABLISHED` = 1, `TCP_CLOSE` = 7,
@@ -75,3 +109,6 @@ unsafe impl aya::Pod for Flow {}
 // SAFETY: as for `Flow` above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SocketEvent {}
+// SAFETY: as for `Flow` above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Control {}

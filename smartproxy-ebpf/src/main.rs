@@ -7,7 +7,8 @@
 use aya_ebpf::{
     bindings::{
         sk_action::SK_PASS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{map, sock_ops, stream_verdict},
@@ -15,7 +16,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockOpsContext},
     EbpfContext as _,
 };
-use smartproxy_common::{Flow, SocketEvent, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES};
+use smartproxy_common::{Control, Flow, SocketEvent, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES};
 
 /// Redirect targets, keyed by socket cookie. No program is attached: being here only makes a
 /// socket reachable by `bpf_sk_redirect_hash`. Userspace inserts both sockets of a pair here
@@ -30,6 +31,10 @@ static SOCKETS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 
 /// Source socket cookie -> where its bytes go and what the verdict counted.
 #[map]
 static FLOWS: HashMap<u64, Flow> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// Source socket cookie -> userspace's half of the backpressure switch.
+#[map]
+static CONTROL: HashMap<u64, Control> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
 /// TCP state changes of sockets that have a `FLOWS` entry.
 #[map]
@@ -46,11 +51,12 @@ pub fn redirect(ctx: SkBuffContext) -> u32 {
 }
 
 /// Every path returns `SK_PASS`: either the value of a successful `bpf_sk_redirect_hash`
-/// (which makes the kernel redirect) or a plain pass to the socket's own receive queue.
-/// `SK_DROP` is never returned: for TCP it silently loses bytes the kernel already ACKed.
+/// (which makes the kernel redirect) or a plain pass to the socket's own receive queue,
+/// where userspace reads it. `SK_DROP` is never returned: for TCP it silently loses bytes
+/// the kernel already ACKed.
 #[inline(always)]
 fn try_redirect(ctx: &SkBuffContext) -> u32 {
-    let len = ctx.len();
+    let len = u64::from(ctx.len());
     // A FIN arrives as a zero-length skb. Redirecting it sets EPIPE on the peer and kills the
     // other direction; passing it lets userspace see EOF (KERNEL-NOTES).
     if len == 0 {
@@ -61,21 +67,46 @@ fn try_redirect(ctx: &SkBuffContext) -> u32 {
     let Some(flow) = FLOWS.get_ptr_mut(cookie) else {
         return SK_PASS;
     };
+    // SAFETY: the value is copied out; userspace writes CONTROL entries whole.
+    let Some(control) = (unsafe { CONTROL.get(cookie) }).copied() else {
+        return SK_PASS;
+    };
     // SAFETY: `flow` points at a live FLOWS value (the lookup succeeded and the map entry
     // outlives this program run); only this socket's verdict writes these fields, and the
     // kernel runs it serialized per socket.
-    let peer = unsafe {
-        (*flow).last_activity_ns = bpf_ktime_get_ns();
-        (*flow).peer_cookie
-    };
-    // If the peer is not (or no longer) a target this fails with SK_DROP; pass instead so
-    // userspace receives the bytes rather than losing them.
-    if TARGETS.redirect_skb(ctx, peer, 0) != i64::from(SK_PASS) {
+    let flow = unsafe { &mut *flow };
+    flow.last_activity_ns = unsafe { bpf_ktime_get_ns() };
+    // Pass while userspace holds passed bytes it has not written yet (a redirected byte
+    // would overtake them), and while the peer has `cap` bytes on their way.
+    if flow.passed != control.flushed || over_cap(flow, &control) {
+        flow.passed += len;
         return SK_PASS;
     }
-    // SAFETY: as above.
-    unsafe { (*flow).redirected += u64::from(len) };
+    // If the peer is not (or no longer) a target this fails with SK_DROP; pass instead so
+    // userspace receives the bytes rather than losing them.
+    if TARGETS.redirect_skb(ctx, flow.peer_cookie, 0) != i64::from(SK_PASS) {
+        flow.passed += len;
+        return SK_PASS;
+    }
+    flow.redirected += len;
     SK_PASS
+}
+
+/// Whether the bytes on their way to the peer (redirected or forwarded by userspace, not
+/// yet acknowledged by the peer's receiver) reached the cap. They include the peer
+/// socket's whole send queue, which is pinned larger than the cap: the kernel's redirect
+/// backlog then never meets a full send queue in the middle of an skb, where this kernel
+/// re-sends the skb from its start (duplicated bytes) or fails the socket (lost bytes).
+#[inline(always)]
+fn over_cap(flow: &Flow, control: &Control) -> bool {
+    // SAFETY: the value is copied out; its `acked` is written by the peer's sock_ops
+    // program, one aligned u64 store, so a concurrent read sees the old or the new value.
+    let Some(peer) = (unsafe { FLOWS.get(flow.peer_cookie) }).copied() else {
+        return false;
+    };
+    let taken = peer.acked.saturating_sub(peer.acked_base);
+    let on_the_way = (flow.redirected + control.flushed).saturating_sub(taken);
+    on_the_way >= control.cap
 }
 
 #[sock_ops]
@@ -93,8 +124,18 @@ fn try_state_events(ctx: &SockOpsContext) {
             // Ask for STATE_CB on every established socket of the cgroup; keep flags another
             // program may have set. A failure only means no events for this socket, which
             // userspace also covers by checking the socket state itself.
-            let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+            let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG;
             let _ = ctx.set_cb_flags(flags as i32);
+        }
+        BPF_SOCK_OPS_RTT_CB => {
+            // SAFETY: the helper only reads the socket behind the program's context pointer.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            if let Some(flow) = FLOWS.get_ptr_mut(cookie) {
+                // SAFETY: `ctx.ops` is the program's context; `flow` is a live FLOWS value
+                // whose `acked` is written only here, for this socket, and read by its
+                // peer's verdict (see `over_cap`).
+                unsafe { (*flow).acked = (*ctx.ops).bytes_acked };
+            }
         }
         BPF_SOCK_OPS_STATE_CB => {
             // SAFETY: the helper only reads the socket behind the program's context pointer.
@@ -137,6 +178,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// The kernel reads the license from this section; GPL-compatible is required for helpers
+/// such as `bpf_sk_redirect_hash` and `bpf_ringbuf_reserve`.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

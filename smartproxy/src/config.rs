@@ -40,7 +40,13 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Address of the Prometheus text endpoint (`/metrics`), if any.
     pub metrics: Option<SocketAddr>,
+    /// eBPF data path: per direction, the most bytes on their way to a peer before the
+    /// sender is paused (its TCP window closes). At least [`MIN_QUEUED_BYTES`].
+    pub max_queued_bytes: u64,
 }
+
+/// The smallest `max_queued_bytes`: below it nearly every byte would take the slow path.
+pub const MIN_QUEUED_BYTES: u64 = 64 * 1024;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -49,6 +55,7 @@ impl Default for ProxyConfig {
             control_socket: PathBuf::from("/run/smartproxy/control.sock"),
             max_connections: 100_000,
             metrics: None,
+            max_queued_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -487,6 +494,7 @@ struct RawProxy {
     control_socket: Option<PathBuf>,
     max_connections: Option<usize>,
     metrics: Option<SocketAddr>,
+    max_queued_bytes: Option<u64>,
 }
 
 /// A duration written as a humantime string (`"500ms"`, `"5s"`, `"30m"`, `"24h"`).
@@ -616,7 +624,23 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             .max_connections
             .unwrap_or(defaults.max_connections),
         metrics: raw.proxy.metrics,
+        max_queued_bytes: raw
+            .proxy
+            .max_queued_bytes
+            .unwrap_or(defaults.max_queued_bytes),
     };
+    if proxy.metrics.is_some() {
+        return Err(Invalid::new(
+            "proxy.metrics",
+            "the Prometheus endpoint is not implemented yet; remove the key (stats are served on the control socket)",
+        ));
+    }
+    if proxy.max_queued_bytes < MIN_QUEUED_BYTES {
+        return Err(Invalid::new(
+            "proxy.max_queued_bytes",
+            format!("must be at least {MIN_QUEUED_BYTES} (64 KiB)"),
+        ));
+    }
     if proxy.control_socket.as_os_str().is_empty() {
         return Err(Invalid::new("proxy.control_socket", "must not be empty"));
     }

@@ -35,8 +35,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use smartproxy_common::{
-    Flow, SocketEvent, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES, MAP_EVENTS, MAP_EVENTS_LOST,
-    MAP_FLOWS, MAP_SOCKETS, MAP_TARGETS, PROG_REDIRECT, PROG_STATE_EVENTS,
+    Control, Flow, SocketEvent, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES, MAP_CONTROL,
+    MAP_EVENTS, MAP_EVENTS_LOST, MAP_FLOWS, MAP_SOCKETS, MAP_TARGETS, PROG_REDIRECT,
+    PROG_STATE_EVENTS,
 };
 use tokio::{
     io::{unix::AsyncFd, Interest},
@@ -49,6 +50,18 @@ use crate::lifecycle::Side;
 /// The eBPF object `build.rs` built from `smartproxy-ebpf` (empty when built with
 /// `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smartproxy-ebpf"));
+
+/// The default of [`LoadOptions::max_queued_bytes`].
+pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 4 * 1024 * 1024;
+
+/// `SO_RCVBUF` of spliced sockets (the kernel doubles the value): what a paused sender
+/// may fill, pinned so that autotuning cannot grow it to many MB (KERNEL-NOTES
+/// "Backpressure").
+const SPLICED_RECEIVE_BUFFER: usize = 512 * 1024;
+
+/// How much more a spliced socket's send buffer holds than `max_queued_bytes`: room for
+/// the skb that crosses the cap, plus skb overhead.
+const SEND_BUFFER_MARGIN: u64 = 1024 * 1024;
 
 /// Flag for map updates: fail with EEXIST instead of replacing an entry.
 const BPF_NOEXIST: u64 = 1;
@@ -102,8 +115,13 @@ pub struct LoadOptions {
     /// Size of the `EVENTS` ring buffer in bytes: a power of two, at least one page. Each event
     /// takes 32 bytes (24 + header); when it is full, events are counted as lost.
     pub ring_buffer_bytes: u32,
-    /// Capacity of `FLOWS`, `TARGETS` and `SOCKETS`: two entries per spliced connection.
+    /// Capacity of `FLOWS`, `CONTROL`, `TARGETS` and `SOCKETS`: two entries per spliced
+    /// connection.
     pub max_sockets: u32,
+    /// Per direction, the most bytes that may be on their way to the peer (redirected or
+    /// forwarded, not yet acknowledged by the peer) before the verdict passes instead of
+    /// redirecting, so that the sender's window closes.
+    pub max_queued_bytes: u64,
 }
 
 impl Default for LoadOptions {
@@ -111,6 +129,7 @@ impl Default for LoadOptions {
         Self {
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
             max_sockets: DEFAULT_MAX_SOCKETS,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
         }
     }
 }
@@ -138,6 +157,8 @@ struct Inner {
     targets: Mutex<SockHash<MapData, u64>>,
     sockets: Mutex<SockHash<MapData, u64>>,
     flows: Mutex<HashMap<MapData, u64, Flow>>,
+    control: Mutex<HashMap<MapData, u64, Control>>,
+    max_queued_bytes: u64,
     events_lost: PerCpuArray<MapData, u64>,
     shared: Arc<Shared>,
     reader: JoinHandle<()>,
@@ -185,6 +206,7 @@ impl Kernel {
         let LoadOptions {
             ring_buffer_bytes,
             max_sockets,
+            max_queued_bytes,
         } = opts;
         if OBJECT.is_empty() {
             return Err(EbpfError::NotBuilt);
@@ -200,12 +222,14 @@ impl Kernel {
             .map_max_entries(MAP_TARGETS, max_sockets)
             .map_max_entries(MAP_SOCKETS, max_sockets)
             .map_max_entries(MAP_FLOWS, max_sockets)
+            .map_max_entries(MAP_CONTROL, max_sockets)
             .load(OBJECT)
             .map_err(EbpfError::Load)?;
 
         let targets: SockHash<_, u64> = take_map(&mut ebpf, MAP_TARGETS)?;
         let sockets: SockHash<_, u64> = take_map(&mut ebpf, MAP_SOCKETS)?;
         let flows: HashMap<_, u64, Flow> = take_map(&mut ebpf, MAP_FLOWS)?;
+        let control: HashMap<_, u64, Control> = take_map(&mut ebpf, MAP_CONTROL)?;
         let events: RingBuf<_> = take_map(&mut ebpf, MAP_EVENTS)?;
         let events_lost: PerCpuArray<_, u64> = take_map(&mut ebpf, MAP_EVENTS_LOST)?;
 
@@ -256,6 +280,8 @@ impl Kernel {
                 targets: Mutex::new(targets),
                 sockets: Mutex::new(sockets),
                 flows: Mutex::new(flows),
+                control: Mutex::new(control),
+                max_queued_bytes,
                 events_lost,
                 shared,
                 reader,
@@ -339,6 +365,7 @@ impl Kernel {
         })?;
         Ok(FlowCounters {
             redirected: flow.redirected,
+            passed: flow.passed,
             last_activity_ns: flow.last_activity_ns,
         })
     }
@@ -452,8 +479,10 @@ pub enum SpliceStep {
     Baseline,
     /// Registering the cookie for events.
     Register,
-    /// `FLOWS` insert.
+    /// `CONTROL` or `FLOWS` insert.
     Flows,
+    /// `setsockopt(SO_SNDBUF / SO_RCVBUF)`.
+    Buffers,
     /// `TARGETS` insert.
     Targets,
     /// `SOCKETS` insert.
@@ -468,10 +497,11 @@ impl fmt::Display for SpliceStep {
             SpliceStep::Cookie => "getsockopt(SO_COOKIE)",
             SpliceStep::Baseline => "reading the send counters (TCP_INFO, SIOCOUTQ)",
             SpliceStep::Register => "registering for events",
-            SpliceStep::Flows => "FLOWS insert",
+            SpliceStep::Flows => "CONTROL/FLOWS insert",
             SpliceStep::Targets => "TARGETS insert",
             SpliceStep::Sockets => "SOCKETS insert",
             SpliceStep::RcvLowat => "setsockopt(SO_RCVLOWAT)",
+            SpliceStep::Buffers => "setsockopt(SO_SNDBUF/SO_RCVBUF)",
         })
     }
 }
@@ -534,6 +564,8 @@ impl From<u32> for TcpState {
 pub struct FlowCounters {
     /// Bytes redirected from the source socket to its peer.
     pub redirected: u64,
+    /// Bytes the verdict passed up to userspace instead.
+    pub passed: u64,
     /// CLOCK_MONOTONIC nanoseconds of the last non-empty skb the source socket received
     /// (`bpf_ktime_get_ns`; compare with `datapath::monotonic_ns()`); 0 = none yet.
     pub last_activity_ns: u64,
@@ -557,19 +589,22 @@ struct SpliceSocket {
     /// `tcpi_bytes_acked + SIOCOUTQ` at splice time: everything written to the socket before
     /// (plus the SYN on connected sockets, which `bytes_acked` counts).
     handed_at_splice: u64,
+    /// `tcpi_bytes_acked` at splice time.
+    acked_at_splice: u64,
 }
 
 impl SpliceSocket {
     fn read(side: Side, fd: BorrowedFd<'_>) -> Result<Self, SpliceError> {
         let cookie =
             socket_cookie(fd).map_err(|e| SpliceError::new(side, SpliceStep::Cookie, e))?;
-        let handed_at_splice =
-            bytes_handed(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
+        let (acked_at_splice, outq) =
+            acked_and_outq(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
         Ok(Self {
             side,
             fd: fd.as_raw_fd(),
             cookie,
-            handed_at_splice,
+            handed_at_splice: acked_at_splice + outq,
+            acked_at_splice,
         })
     }
 
@@ -585,6 +620,7 @@ impl SpliceSocket {
 /// undoing removes exactly those.
 #[derive(Debug, Default)]
 struct Done {
+    control: [bool; 2],
     flows: [bool; 2],
     targets: [bool; 2],
     sockets: [bool; 2],
@@ -643,6 +679,21 @@ impl Splice {
         Ok(handed >= redirected.saturating_add(written))
     }
 
+    /// Tells the verdict that userspace has written `flushed` bytes it read from `source`
+    /// to the peer. Once that is every byte the verdict passed, it redirects again.
+    pub fn flushed(&self, source: Side, flushed: u64) -> io::Result<()> {
+        let control = Control {
+            flushed,
+            cap: self.kernel.inner.max_queued_bytes,
+        };
+        let cookie = self.socket(source).cookie;
+        lock(&self.kernel.inner.control)
+            .insert(cookie, control, 0)
+            .map_err(|e| {
+                io::Error::other(format!("{MAP_CONTROL} update for the {source} socket: {e}"))
+            })
+    }
+
     /// Socket cookie of one side (the key of its map entries).
     pub fn cookie(&self, side: Side) -> u64 {
         self.socket(side).cookie
@@ -659,11 +710,26 @@ impl Splice {
     fn attach(&mut self) -> Result<(), SpliceError> {
         let inner = Arc::clone(&self.kernel.inner);
         let pair = [&self.client, &self.backend].map(|s| (s.side, s.fd, s.cookie));
+        let control = Control {
+            cap: inner.max_queued_bytes,
+            ..Control::default()
+        };
         for (i, (side, _, cookie)) in pair.into_iter().enumerate() {
+            lock(&inner.control)
+                .insert(cookie, control, BPF_NOEXIST)
+                .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
+            self.done.control[i] = true;
+        }
+        for (i, socket) in [&self.client, &self.backend].into_iter().enumerate() {
+            pin_buffers(socket.borrow(), inner.max_queued_bytes)
+                .map_err(|e| SpliceError::new(socket.side, SpliceStep::Buffers, e))?;
             let flow = Flow {
                 peer_cookie: pair[1 - i].2,
+                acked: socket.acked_at_splice,
+                acked_base: socket.handed_at_splice,
                 ..Flow::default()
             };
+            let (side, cookie) = (socket.side, socket.cookie);
             lock(&inner.flows)
                 .insert(cookie, flow, BPF_NOEXIST)
                 .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
@@ -723,6 +789,9 @@ impl Splice {
                 // An unreadable counter cannot prove that nothing moved.
                 intact &= flows.get(cookie, 0).is_ok_and(|f| f.redirected == 0);
                 remove_logged(MAP_FLOWS, flows.remove(cookie));
+            }
+            if std::mem::take(&mut self.done.control[i]) {
+                remove_logged(MAP_CONTROL, lock(&inner.control).remove(cookie));
             }
         }
         let mut registry = lock(&inner.shared.registry);
@@ -915,6 +984,12 @@ pub fn socket_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
 /// `tcpi_bytes_acked + SIOCOUTQ`: every byte ever taken into the socket's send queue (plus the
 /// SYN, on connected sockets).
 fn bytes_handed(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let (acked, outq) = acked_and_outq(fd)?;
+    Ok(acked + outq)
+}
+
+/// `(tcpi_bytes_acked, SIOCOUTQ)`.
+fn acked_and_outq(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     let acked = tcp_info(fd)?.bytes_acked;
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one c_int through the pointer, which points at `outq`.
@@ -924,7 +999,7 @@ fn bytes_handed(fd: BorrowedFd<'_>) -> io::Result<u64> {
     }
     let outq =
         u64::try_from(outq).map_err(|_| io::Error::other(format!("SIOCOUTQ returned {outq}")))?;
-    Ok(acked + outq)
+    Ok((acked, outq))
 }
 
 /// The head of the kernel's `struct tcp_info` (`include/uapi/linux/tcp.h`) up to
@@ -976,6 +1051,36 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int
     Ok(unsafe { value.assume_init() })
 }
 
+/// Pins the receive buffer to [`SPLICED_RECEIVE_BUFFER`], and the send buffer above the
+/// cap: the kernel's redirect backlog must never meet a full send queue in the middle of
+/// an skb. On 6.18 it then re-sends the skb from its start (duplicated bytes) or, when
+/// the send returns nothing, reports EPIPE, drops the skb and disables the socket's send
+/// path (lost bytes). The cap counts the whole send queue, so with the send buffer above
+/// it, the backlog only ever waits before an skb, which is harmless. `SO_SNDBUFFORCE`
+/// (CAP_NET_ADMIN, which the kernel path needs anyway) because `net.core.wmem_max`
+/// usually clamps `SO_SNDBUF` far below the cap.
+fn pin_buffers(fd: BorrowedFd<'_>, max_queued_bytes: u64) -> io::Result<()> {
+    socket2::SockRef::from(&fd).set_recv_buffer_size(SPLICED_RECEIVE_BUFFER)?;
+    // The kernel doubles the value it is given.
+    let send = (max_queued_bytes + SEND_BUFFER_MARGIN) / 2;
+    let send = libc::c_int::try_from(send)
+        .map_err(|_| io::Error::other(format!("send buffer of {send} bytes is too large")))?;
+    // SAFETY: `send` outlives the call, and its size is passed along with its address.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&send as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
     // SAFETY: passes a pointer to a c_int and its exact size.
     let rc = unsafe {
@@ -1011,6 +1116,22 @@ mod tests {
         assert_eq!(
             cgroup2_mount("26 25 0:24 / /x rw - cgroup cgroup rw\n"),
             None
+        );
+    }
+
+    #[test]
+    fn a_ring_buffer_size_the_kernel_would_reject_is_refused_up_front() {
+        let err = Kernel::load(LoadOptions {
+            ring_buffer_bytes: 100_000,
+            ..LoadOptions::default()
+        })
+        .expect_err("100000 is not a power of two");
+        assert!(
+            matches!(
+                err,
+                EbpfError::RingBufferSize(100_000) | EbpfError::NotBuilt
+            ),
+            "{err}"
         );
     }
 

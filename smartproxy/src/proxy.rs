@@ -35,6 +35,11 @@ pub enum StartError {
     },
     #[error("the eBPF data path was requested (data_path = \"ebpf\") but cannot load: {0}")]
     Ebpf(#[source] EbpfError),
+    #[error("route[{index}].tls: \"{mode}\" is not implemented yet (only passthrough and plain TCP are)")]
+    TlsNotImplemented {
+        index: usize,
+        mode: crate::config::TlsMode,
+    },
     #[error("control socket {path}: {source}")]
     Control {
         path: std::path::PathBuf,
@@ -110,6 +115,7 @@ impl Proxy {
     /// Binds every listener and the control socket, then starts accepting. Returns once
     /// the proxy is ready: every listener accepts from now on.
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        check_supported(&config)?;
         // Before any listener exists: sockets only run the sock_ops program if they are
         // created in the cgroup it is attached to.
         let kernel = load_kernel(&config)?;
@@ -221,6 +227,16 @@ impl Proxy {
     }
 }
 
+/// Rejects what the config allows but this build cannot do yet: TLS termination.
+pub fn check_supported(config: &Config) -> Result<(), StartError> {
+    for (index, route) in config.routes.iter().enumerate() {
+        if let Some(mode) = route.tls.filter(|tls| tls.terminates()) {
+            return Err(StartError::TlsNotImplemented { index, mode });
+        }
+    }
+    Ok(())
+}
+
 /// Loads the kernel data path if any route may use it. `auto` falls back to userspace and
 /// says why; `ebpf` that cannot load is a startup error.
 fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
@@ -234,7 +250,11 @@ fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
     if !wanted {
         return Ok(None);
     }
-    match Kernel::load(LoadOptions::default()) {
+    let options = LoadOptions {
+        max_queued_bytes: config.proxy.max_queued_bytes,
+        ..LoadOptions::default()
+    };
+    match Kernel::load(options) {
         Ok(kernel) => {
             info!("eBPF data path loaded");
             Ok(Some(kernel))

@@ -29,6 +29,7 @@ pub struct Stats {
     total: AtomicU64,
     closed: [AtomicU64; Reason::ALL.len()],
     closed_bytes: [AtomicU64; 2],
+    closed_kernel_bytes: [AtomicU64; 2],
     inactivity_resets: AtomicU64,
     splice_failures: AtomicU64,
     routes: Vec<RouteCounters>,
@@ -57,6 +58,10 @@ pub struct ConnectionsSnapshot {
 pub struct BytesSnapshot {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
+    /// The part of the above that the kernel data path moved (the rest was copied in
+    /// userspace).
+    pub kernel_client_to_backend: u64,
+    pub kernel_backend_to_client: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +125,7 @@ impl Stats {
             total: AtomicU64::new(0),
             closed: std::array::from_fn(|_| AtomicU64::new(0)),
             closed_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+            closed_kernel_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
             inactivity_resets: AtomicU64::new(0),
             splice_failures: AtomicU64::new(0),
             routes: route_names
@@ -159,6 +165,8 @@ impl Stats {
         for direction in Direction::BOTH {
             let bytes = record.meter.bytes(direction);
             self.closed_bytes[direction.index()].fetch_add(bytes, Ordering::Relaxed);
+            self.closed_kernel_bytes[direction.index()]
+                .fetch_add(record.meter.kernel_bytes(direction), Ordering::Relaxed);
             if let Some(route) = record.route.get() {
                 self.routes[*route].closed_bytes[direction.index()]
                     .fetch_add(bytes, Ordering::Relaxed);
@@ -169,12 +177,16 @@ impl Stats {
     pub fn snapshot(&self, table: &ConnTable, ebpf: EbpfSnapshot) -> Snapshot {
         let records = table.records();
         let mut bytes = [0u64; 2];
+        let mut kernel_bytes = [0u64; 2];
         let mut route_live = vec![(0u64, [0u64; 2]); self.routes.len()];
         let (mut half_open, mut on_ebpf, mut on_userspace) = (0, 0, 0);
         for record in &records {
             let live = Direction::BOTH.map(|d| record.meter.bytes(d));
             bytes[0] += live[0];
             bytes[1] += live[1];
+            for direction in Direction::BOTH {
+                kernel_bytes[direction.index()] += record.meter.kernel_bytes(direction);
+            }
             if let Some(route) = record.route.get() {
                 route_live[*route].0 += 1;
                 route_live[*route].1[0] += live[0];
@@ -201,6 +213,8 @@ impl Stats {
             bytes: BytesSnapshot {
                 client_to_backend: load(&self.closed_bytes[0]) + bytes[0],
                 backend_to_client: load(&self.closed_bytes[1]) + bytes[1],
+                kernel_client_to_backend: load(&self.closed_kernel_bytes[0]) + kernel_bytes[0],
+                kernel_backend_to_client: load(&self.closed_kernel_bytes[1]) + kernel_bytes[1],
             },
             closed: Reason::ALL
                 .iter()

@@ -107,9 +107,8 @@ impl TestProxy {
 
     /// The next connection that closes.
     pub async fn next_closed(&mut self) -> Closed {
-        tokio::time::timeout(WAIT, self.closed.recv())
+        within("a connection closes", self.closed.recv())
             .await
-            .expect("a connection closes in time")
             .expect("the closed-connection channel keeps up")
     }
 
@@ -191,6 +190,17 @@ impl Backend {
         }
     }
 
+    /// [`Backend::spawn`] with a value (a payload, a [`tokio::sync::Notify`], a counter)
+    /// that each handler gets a clone of.
+    pub async fn spawn_with<S, F, Fut>(state: S, handler: F) -> Backend
+    where
+        S: Clone + Send + Sync + 'static,
+        F: Fn(TcpStream, S) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Backend::spawn(move |stream| handler(stream, state.clone())).await
+    }
+
     /// Waits for every handler to end; a handler's panic fails the test here.
     pub async fn join(self) {
         self.accept.abort();
@@ -248,9 +258,8 @@ pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
 }
 
 pub async fn connect(addr: SocketAddr) -> TcpStream {
-    tokio::time::timeout(WAIT, TcpStream::connect(addr))
+    within("connect to the proxy", TcpStream::connect(addr))
         .await
-        .expect("connect in time")
         .expect("connect to the proxy")
 }
 

@@ -6,11 +6,13 @@
 //!   nothing closes, the connection counts as half open meanwhile, every message
 //!   arrives, and the backend's close then ends it with `normal`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use smartproxy::lifecycle::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 
 const FIVE_MIB: usize = 5 * 1024 * 1024;
 
@@ -19,20 +21,17 @@ async fn after_client_fin_backend_streams_five_mib_then_eof() {
     for_each_data_path(|mode| async move {
         let to_client = pattern(FIVE_MIB, 11);
         let expected = sha256(&to_client);
-        let backend = Backend::spawn(move |mut stream| {
-            let payload = to_client.clone();
-            async move {
-                let mut request = Vec::new();
-                stream
-                    .read_to_end(&mut request)
-                    .await
-                    .expect("backend reads up to the client's FIN");
-                assert_eq!(request, b"request", "bytes before the client's FIN");
-                write_chunked(&mut stream, &payload)
-                    .await
-                    .expect("backend streams after the client's FIN");
-                stream.shutdown().await.expect("backend FIN");
-            }
+        let backend = Backend::spawn_with(to_client, |mut stream, payload| async move {
+            let mut request = Vec::new();
+            stream
+                .read_to_end(&mut request)
+                .await
+                .expect("backend reads up to the client's FIN");
+            assert_eq!(request, b"request", "bytes before the client's FIN");
+            write_chunked(&mut stream, &payload)
+                .await
+                .expect("backend streams after the client's FIN");
+            stream.shutdown().await.expect("backend FIN");
         })
         .await;
         let mut proxy = TestProxy::start(mode, &plain_route("half", backend.addr, "")).await;
@@ -94,7 +93,9 @@ async fn after_backend_fin_client_streams_five_mib_then_eof() {
 async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_three_seconds() {
     const TICKS: usize = 30;
     for_each_data_path(|mode| async move {
-        let backend = Backend::spawn(|mut stream| async move {
+        // The backend closes only when told to, after the last tick was checked.
+        let release = Arc::new(Notify::new());
+        let backend = Backend::spawn_with(Arc::clone(&release), |mut stream, release| async move {
             let mut request = Vec::new();
             stream
                 .read_to_end(&mut request)
@@ -102,7 +103,8 @@ async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_thr
                 .expect("backend reads up to the client's FIN");
             assert_eq!(request, b"subscribe", "bytes before the client's FIN");
             send_ticks(&mut stream, TICKS, Duration::from_millis(100)).await;
-            // Returning closes the stream: a FIN behind the last tick.
+            release.notified().await;
+            stream.shutdown().await.expect("backend FIN");
         })
         .await;
         let mut proxy = TestProxy::start(mode, &plain_route("feed", backend.addr, "")).await;
@@ -119,6 +121,7 @@ async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_thr
                 "half-open connections at tick {index}"
             );
         }
+        release.notify_one();
         let mut rest = Vec::new();
         within(
             "the client reads to the backend's FIN",

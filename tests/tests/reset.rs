@@ -89,23 +89,18 @@ async fn client_reset_after_client_fin_resets_the_backend() {
         // The backend says when it has read the client's FIN; only then does the client
         // reset, so the proxy's side of the client socket is already at EOF.
         let fin_seen = Arc::new(Notify::new());
-        let backend = Backend::spawn({
-            let fin_seen = Arc::clone(&fin_seen);
-            move |mut stream| {
-                let fin_seen = Arc::clone(&fin_seen);
-                async move {
-                    let mut request = Vec::new();
-                    stream
-                        .read_to_end(&mut request)
-                        .await
-                        .expect("backend reads up to the client's FIN");
-                    assert_eq!(request, b"hello", "bytes before the client's FIN");
-                    fin_seen.notify_one();
-                    expect_reset_after_eof(&stream).await;
-                }
-            }
-        })
-        .await;
+        let backend =
+            Backend::spawn_with(Arc::clone(&fin_seen), |mut stream, fin_seen| async move {
+                let mut request = Vec::new();
+                stream
+                    .read_to_end(&mut request)
+                    .await
+                    .expect("backend reads up to the client's FIN");
+                assert_eq!(request, b"hello", "bytes before the client's FIN");
+                fin_seen.notify_one();
+                expect_reset_after_eof(&stream).await;
+            })
+            .await;
         let mut proxy = TestProxy::start(mode, &plain_route("rst", backend.addr, "")).await;
         let mut client = connect(proxy.addr("rst")).await;
         client.write_all(b"hello").await.expect("client writes");

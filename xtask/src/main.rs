@@ -4,6 +4,7 @@
 //! [`toolchain::ensure`]); `smartproxy/build.rs` then builds them as part of an ordinary cargo
 //! build.
 
+mod bench;
 mod run;
 mod test;
 mod toolchain;
@@ -25,6 +26,8 @@ enum Command {
     Run(run::Options),
     /// Run the workspace's tests (the eBPF ones need root).
     Test(test::Options),
+    /// Benchmark direct vs smartproxy (ebpf, userspace) [vs HAProxy] on loopback (needs root).
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -32,5 +35,6 @@ fn main() -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(opts) => run::run(opts),
         Command::Test(opts) => test::run(opts),
+        Command::Bench(opts) => bench::run(opts),
     }
 }

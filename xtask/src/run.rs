@@ -62,7 +62,7 @@ pub fn workspace_root() -> &'static Path {
 }
 
 /// Where cargo puts build output (honours `CARGO_TARGET_DIR` and config), per `cargo metadata`.
-fn target_dir(cargo: &OsString, root: &Path) -> Result<PathBuf> {
+pub fn target_dir(cargo: &OsString, root: &Path) -> Result<PathBuf> {
     let json = toolchain::output(Command::new(cargo).current_dir(root).args([
         "metadata",
         "--format-version",

@@ -31,7 +31,8 @@ pub fn run(opts: Options) -> Result<ExitCode> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
-        .args(["test", "--workspace"]);
+        // Every failing test binary is reported, not only the first.
+        .args(["test", "--workspace", "--no-fail-fast"]);
     if let Some(runner) = runner {
         // Applies to every target cargo runs tests for; a TOML string, which `{:?}` quotes.
         cmd.arg("--config")

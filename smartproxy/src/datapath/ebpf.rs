@@ -1,8 +1,11 @@
 //! The kernel data path, as the relay sees it: once a connection is spliced, the verdict
 //! moves its bytes and the relay only forwards what the kernel passes up to the sockets
-//! (a FIN, or bytes of a failed redirect). Before userspace writes anything to a socket
-//! or shuts it, every byte the kernel redirected toward it must have been taken into its
-//! send queue: otherwise userspace would overtake the kernel's backlog (KERNEL-NOTES).
+//! (a FIN, bytes of a failed redirect, or bytes passed because the peer is too slow and
+//! `max_queued_bytes` are on their way to it). Before userspace writes anything to a
+//! socket or shuts it, every byte the kernel redirected toward it must have been taken
+//! into its send queue: otherwise userspace would overtake the kernel's backlog
+//! (KERNEL-NOTES). Each write is reported to the verdict, which redirects again once
+//! userspace has forwarded every byte it passed.
 
 use std::future::Future;
 use std::io;
@@ -27,6 +30,9 @@ const BACKLOG_POLL_MAX: Duration = Duration::from_millis(50);
 pub struct Offload {
     splice: Splice,
     meter: Arc<Meter>,
+    /// Bytes userspace read from each direction's source since the splice: what the
+    /// verdict passed up.
+    taken: [u64; 2],
     /// Bytes userspace wrote to each direction's destination since the splice.
     written: [u64; 2],
     retry: [Option<Pin<Box<Sleep>>>; 2],
@@ -49,6 +55,7 @@ impl Offload {
         Ok(Offload {
             splice,
             meter,
+            taken: [0; 2],
             written: [0; 2],
             retry: [None, None],
             backoff: [BACKLOG_POLL_MIN; 2],
@@ -72,18 +79,53 @@ impl Offload {
                 self.backoff[index] = BACKLOG_POLL_MIN;
                 return Poll::Ready(Ok(()));
             }
-            let backoff = self.backoff[index];
-            let sleep =
-                self.retry[index].get_or_insert_with(|| Box::pin(tokio::time::sleep(backoff)));
-            ready!(sleep.as_mut().poll(cx));
-            self.retry[index] = None;
-            self.backoff[index] = (backoff * 2).min(BACKLOG_POLL_MAX);
+            ready!(self.poll_retry(cx, index));
         }
     }
 
+    /// Ready once userspace has read every byte the verdict passed up in `direction`.
+    /// Passed bytes can reach the socket after its FIN is visible (KERNEL-NOTES), so an
+    /// EOF is final only then. Map errors end the wait: the EOF is taken as final.
+    pub fn poll_passed_read(&mut self, cx: &mut Context<'_>, direction: Direction) -> Poll<()> {
+        let index = direction.index();
+        loop {
+            match self.splice.flow(direction.source()) {
+                Ok(flow) if flow.passed > self.taken[index] => {}
+                Ok(_) | Err(_) => {
+                    self.retry[index] = None;
+                    self.backoff[index] = BACKLOG_POLL_MIN;
+                    return Poll::Ready(());
+                }
+            }
+            ready!(self.poll_retry(cx, index));
+        }
+    }
+
+    /// Waits for the next re-check of `index`, backing off.
+    fn poll_retry(&mut self, cx: &mut Context<'_>, index: usize) -> Poll<()> {
+        let backoff = self.backoff[index];
+        let sleep = self.retry[index].get_or_insert_with(|| Box::pin(tokio::time::sleep(backoff)));
+        ready!(sleep.as_mut().poll(cx));
+        self.retry[index] = None;
+        self.backoff[index] = (backoff * 2).min(BACKLOG_POLL_MAX);
+        Poll::Ready(())
+    }
+
+    /// Userspace read `bytes` from `direction`'s source.
+    pub fn read(&mut self, direction: Direction, bytes: usize) {
+        self.taken[direction.index()] += bytes as u64;
+    }
+
     /// Userspace wrote `bytes` to `direction`'s destination.
+    /// The verdict learns of it at once: once userspace has written every byte it passed,
+    /// it redirects again. A failed update only keeps the connection on the userspace
+    /// copy longer.
     pub fn wrote(&mut self, direction: Direction, bytes: usize) {
-        self.written[direction.index()] += bytes as u64;
+        let index = direction.index();
+        self.written[index] += bytes as u64;
+        if let Err(e) = self.splice.flushed(direction.source(), self.written[index]) {
+            tracing::debug!(%direction, error = %e, "cannot report forwarded bytes to the kernel");
+        }
     }
 
     /// The next TCP state change the sock_ops program reported, if one is queued.

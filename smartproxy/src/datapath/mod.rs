@@ -64,8 +64,10 @@ pub fn instant_of(stamp_ns: u64) -> Instant {
 /// is spliced, the kernel's counters are added in.
 #[derive(Debug)]
 pub struct Meter {
-    /// Bytes userspace moved, plus the kernel's once the splice ended.
+    /// Bytes userspace moved.
     bytes: [AtomicU64; 2],
+    /// Bytes the kernel moved, once the splice ended (live ones are read from its maps).
+    kernel_bytes: [AtomicU64; 2],
     last_activity_ns: AtomicU64,
     kernel: Mutex<Option<ebpf::KernelFlows>>,
 }
@@ -74,6 +76,7 @@ impl Default for Meter {
     fn default() -> Self {
         Meter {
             bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+            kernel_bytes: [AtomicU64::new(0), AtomicU64::new(0)],
             last_activity_ns: AtomicU64::new(monotonic_ns()),
             kernel: Mutex::new(None),
         }
@@ -87,12 +90,18 @@ impl Meter {
             .store(monotonic_ns(), Ordering::Relaxed);
     }
 
+    /// Every byte moved in `direction`, by either path.
     pub fn bytes(&self, direction: Direction) -> u64 {
-        let kernel = self
+        self.bytes[direction.index()].load(Ordering::Relaxed) + self.kernel_bytes(direction)
+    }
+
+    /// The bytes the kernel moved in `direction`.
+    pub fn kernel_bytes(&self, direction: Direction) -> u64 {
+        let live = self
             .kernel()
             .as_ref()
             .map_or(0, |k| k.counters(direction).redirected);
-        self.bytes[direction.index()].load(Ordering::Relaxed) + kernel
+        self.kernel_bytes[direction.index()].load(Ordering::Relaxed) + live
     }
 
     /// CLOCK_MONOTONIC nanoseconds of the last byte moved either way.
@@ -118,7 +127,7 @@ impl Meter {
         };
         for direction in Direction::BOTH {
             let counters = flows.counters(direction);
-            self.bytes[direction.index()].fetch_add(counters.redirected, Ordering::Relaxed);
+            self.kernel_bytes[direction.index()].fetch_add(counters.redirected, Ordering::Relaxed);
             self.last_activity_ns
                 .fetch_max(counters.last_activity_ns, Ordering::Relaxed);
         }

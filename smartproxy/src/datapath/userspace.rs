@@ -21,7 +21,7 @@ use super::Meter;
 use crate::ebpf::{Kernel, SpliceError};
 use crate::lifecycle::{Direction, Event, Side};
 
-/// Per direction buffer. Allocated on first use, so idle connections cost none.
+/// Per direction buffer, held only while bytes move.
 const BUFFER_BYTES: usize = 64 * 1024;
 
 /// One direction: reads from its source, writes to its destination.
@@ -68,8 +68,8 @@ impl Half {
             let must_write = self.start < self.end;
             if must_write || (self.finishing && !self.finished) {
                 if let Some(offload) = offload.as_deref_mut() {
-                    if ready!(offload.poll_delivered(cx, self.direction)).is_err() {
-                        return Poll::Ready(Event::Reset(destination_side));
+                    if let Err(e) = ready!(offload.poll_delivered(cx, self.direction)) {
+                        return self.failed(destination_side, "reading its send counters", &e);
                     }
                 }
             }
@@ -81,18 +81,15 @@ impl Half {
                             offload.wrote(self.direction, written);
                         }
                     }
-                    Err(_) => return Poll::Ready(Event::Reset(destination_side)),
+                    Err(e) => return self.failed(destination_side, "writing", &e),
                 }
                 continue;
             }
             if self.finishing && !self.finished {
                 // Every byte before the FIN is in the destination's send queue: the
                 // FIN queued now goes out behind them.
-                if SockRef::from(destination)
-                    .shutdown(Shutdown::Write)
-                    .is_err()
-                {
-                    return Poll::Ready(Event::Reset(destination_side));
+                if let Err(e) = SockRef::from(destination).shutdown(Shutdown::Write) {
+                    return self.failed(destination_side, "shutting down its write side", &e);
                 }
                 self.finished = true;
                 return Poll::Ready(Event::Finished(self.direction));
@@ -100,16 +97,31 @@ impl Half {
             if self.eof {
                 return Poll::Pending;
             }
-            if self.buf.is_empty() {
-                self.buf = vec![0; BUFFER_BYTES];
-            }
-            match ready!(poll_read(cx, source, &mut self.buf)) {
+            let read = match poll_read(cx, source, &mut self.buf) {
+                Poll::Ready(read) => read,
+                Poll::Pending => {
+                    // Idle, with nothing left to write: give the buffer back, so that
+                    // idle connections (and kernel-path ones, which read almost
+                    // nothing) hold none.
+                    self.buf = Vec::new();
+                    return Poll::Pending;
+                }
+            };
+            match read {
                 Ok(0) => {
+                    // The kernel may still hold bytes it passed before the FIN: the EOF
+                    // is final only once every one of them was read.
+                    if let Some(offload) = offload.as_deref_mut() {
+                        ready!(offload.poll_passed_read(cx, self.direction));
+                    }
                     self.eof = true;
                     return Poll::Ready(Event::Eof(source_side));
                 }
                 Ok(read) => {
                     meter.record(self.direction, read);
+                    if let Some(offload) = offload.as_deref_mut() {
+                        offload.read(self.direction, read);
+                    }
                     // After a forced finish the source's bytes are dropped: the
                     // destination already has its FIN.
                     if !self.finishing {
@@ -117,9 +129,15 @@ impl Half {
                         self.end = read;
                     }
                 }
-                Err(_) => return Poll::Ready(Event::Reset(source_side)),
+                Err(e) => return self.failed(source_side, "reading", &e),
             }
         }
+    }
+
+    /// A socket error: that side reset (or is otherwise gone).
+    fn failed(&self, side: Side, step: &str, error: &io::Error) -> Poll<Event> {
+        tracing::debug!(direction = %self.direction, %side, step, %error, "socket failed");
+        Poll::Ready(Event::Reset(side))
     }
 }
 
@@ -133,9 +151,17 @@ fn is_reset(error: &io::Error) -> bool {
     )
 }
 
-fn poll_read(cx: &mut Context<'_>, stream: &TcpStream, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+/// Reads into `buf`, allocating it once the socket is readable.
+fn poll_read(
+    cx: &mut Context<'_>,
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+) -> Poll<io::Result<usize>> {
     loop {
         ready!(stream.poll_read_ready(cx))?;
+        if buf.is_empty() {
+            buf.resize(BUFFER_BYTES, 0);
+        }
         match stream.try_read(buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             result => return Poll::Ready(result),
@@ -154,13 +180,30 @@ fn poll_write(cx: &mut Context<'_>, stream: &TcpStream, buf: &[u8]) -> Poll<io::
     }
 }
 
+/// Resolves to `side` once `stream` has a pending error; never without a stream.
+async fn socket_error(side: Side, stream: Option<&TcpStream>) -> Side {
+    let Some(stream) = stream else {
+        return std::future::pending().await;
+    };
+    match stream.ready(tokio::io::Interest::ERROR).await {
+        Ok(_) => {
+            let error = stream.take_error().ok().flatten();
+            tracing::debug!(%side, ?error, "socket error after FIN");
+        }
+        Err(e) => tracing::debug!(%side, error = %e, "socket readiness failed after FIN"),
+    }
+    side
+}
+
 /// Both directions of one connection.
 #[derive(Debug)]
 pub struct Relay {
     /// Declared first: the splice is undone before the sockets close.
     offload: Option<Offload>,
-    client: TcpStream,
-    backend: TcpStream,
+    /// Shared with the error watch of [`Relay::next_event`], which must borrow a socket
+    /// while the halves borrow the relay.
+    client: Arc<TcpStream>,
+    backend: Arc<TcpStream>,
     halves: [Half; 2],
     meter: Arc<Meter>,
     /// Which half is polled first; alternates so that a busy direction cannot starve
@@ -172,8 +215,8 @@ impl Relay {
     pub fn new(client: TcpStream, backend: TcpStream, meter: Arc<Meter>) -> Relay {
         Relay {
             offload: None,
-            client,
-            backend,
+            client: Arc::new(client),
+            backend: Arc::new(backend),
             halves: [
                 Half::new(Direction::ClientToBackend),
                 Half::new(Direction::BackendToClient),
@@ -208,8 +251,26 @@ impl Relay {
 
     /// The next lifecycle event. Cancel-safe: no progress is lost when the future is
     /// dropped before it completes.
+    ///
+    /// A side that sent FIN has no read pending, and its reads return EOF for good, so a
+    /// later RST from it would go unseen until bytes are written to it. Its socket's
+    /// error readiness (EPOLLERR: EPIPE for an RST in CLOSE_WAIT, ETIMEDOUT from
+    /// keepalive) is watched instead. Not on a spliced connection: there the kernel also
+    /// sets socket errors of its own (a failed redirect), and the sock_ops state changes
+    /// tell a reset ([`Relay::poll_state_changes`]).
     pub async fn next_event(&mut self) -> Event {
-        poll_fn(|cx| self.poll_event(cx)).await
+        let spliced = self.offload.is_some();
+        let watched = |side: Side, stream: &Arc<TcpStream>| {
+            let after_fin = self.halves[Direction::from_source(side).index()].eof;
+            (after_fin && !spliced).then(|| Arc::clone(stream))
+        };
+        let client = watched(Side::Client, &self.client);
+        let backend = watched(Side::Backend, &self.backend);
+        tokio::select! {
+            event = poll_fn(|cx| self.poll_event(cx)) => event,
+            side = socket_error(Side::Client, client.as_deref()) => Event::Reset(side),
+            side = socket_error(Side::Backend, backend.as_deref()) => Event::Reset(side),
+        }
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
@@ -249,8 +310,13 @@ impl Relay {
                 Side::Client => &self.client,
                 Side::Backend => &self.backend,
             };
+            // tcp_reset() reports an RST in CLOSE_WAIT as EPIPE, which `is_reset` cannot
+            // tell from our own shut write side; the state change can: a graceful close
+            // leaves CLOSE_WAIT through LAST_ACK, an RST goes straight to CLOSE.
+            let reset_in_close_wait = change.old == crate::ebpf::TcpState::CloseWait
+                && change.new == crate::ebpf::TcpState::Close;
             match stream.take_error() {
-                Ok(Some(error)) if is_reset(&error) => {
+                Ok(Some(error)) if is_reset(&error) || reset_in_close_wait => {
                     tracing::debug!(%side, %error, "socket reset after FIN");
                     return Some(side);
                 }

@@ -1,0 +1,193 @@
+//! The control socket, on each data path:
+//! - `stats` answers one JSON object with every key of the contract (DESIGN.md,
+//!   "Stats"), every closure reason included at zero, and live figures for an open
+//!   connection;
+//! - the socket file has mode 0600;
+//! - `connections` lists a live connection with its route, peers and bytes.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use serde_json::Value;
+use smartproxy::lifecycle::Reason;
+use smartproxy_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends `request` on the control socket and parses the JSON reply.
+async fn control(socket: PathBuf, request: &'static str) -> Value {
+    let reply = within(
+        "the control socket answers",
+        tokio::task::spawn_blocking(move || smartproxy::control::query(&socket, request)),
+    )
+    .await
+    .expect("control query task")
+    .unwrap_or_else(|e| panic!("control request {request:?}: {e}"));
+    serde_json::from_slice(&reply).unwrap_or_else(|e| {
+        panic!(
+            "control reply to {request:?} is not JSON ({e}): {}",
+            String::from_utf8_lossy(&reply)
+        )
+    })
+}
+
+/// The value at a dotted `path`; panics naming the first missing key.
+fn field<'a>(value: &'a Value, path: &str) -> &'a Value {
+    path.split('.').fold(value, |value, key| {
+        value
+            .get(key)
+            .unwrap_or_else(|| panic!("stats: no key {path:?} (missing {key:?}) in {value}"))
+    })
+}
+
+/// The number at a dotted `path`.
+fn number(value: &Value, path: &str) -> u64 {
+    let found = field(value, path);
+    found
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats: {path} is {found}, not a count"))
+}
+
+/// A connection through `route` that has moved `message` both ways and stays open.
+async fn live_connection(proxy: &TestProxy, route: &str, message: &[u8]) -> TcpStream {
+    let mut client = connect(proxy.addr(route)).await;
+    client.write_all(message).await.expect("client writes");
+    let mut echoed = vec![0u8; message.len()];
+    within("the echo comes back", client.read_exact(&mut echoed))
+        .await
+        .expect("client reads the echo");
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_reply_has_every_contract_key_and_counts_a_live_connection() {
+    for_each_data_path(|mode| async move {
+        let backend = Backend::spawn(echo).await;
+        let mut proxy = TestProxy::start(mode, &plain_route("web", backend.addr, "")).await;
+        let client = live_connection(&proxy, "web", b"0123456789").await;
+
+        let stats = control(proxy.control_socket(), "stats").await;
+        assert_eq!(
+            field(&stats, "data_path"),
+            &Value::from(mode.to_string()),
+            "data_path"
+        );
+        number(&stats, "uptime_secs");
+        for key in ["ebpf", "userspace", "half_open"] {
+            number(&stats, &format!("connections.{key}"));
+        }
+        for key in ["sockhash_entries", "events", "events_lost"] {
+            number(&stats, &format!("ebpf.{key}"));
+        }
+        for reason in Reason::ALL {
+            assert_eq!(
+                number(&stats, &format!("closed.{reason}")),
+                0,
+                "closed.{reason}"
+            );
+        }
+        assert_eq!(
+            number(&stats, "connections.active"),
+            1,
+            "connections.active"
+        );
+        assert_eq!(number(&stats, "connections.total"), 1, "connections.total");
+        assert_eq!(
+            number(&stats, "bytes.client_to_backend"),
+            10,
+            "bytes.client_to_backend"
+        );
+        assert_eq!(
+            number(&stats, "bytes.backend_to_client"),
+            10,
+            "bytes.backend_to_client"
+        );
+        let routes = field(&stats, "routes")
+            .as_array()
+            .expect("routes is a list");
+        assert_eq!(routes.len(), 1, "one entry per route: {routes:?}");
+        let web = &routes[0];
+        assert_eq!(field(web, "name"), "web", "routes[0].name");
+        assert_eq!(number(web, "active"), 1, "routes[0].active");
+        assert_eq!(number(web, "total"), 1, "routes[0].total");
+        assert_eq!(number(web, "bytes_client_to_backend"), 10);
+        assert_eq!(number(web, "bytes_backend_to_client"), 10);
+
+        drop(client);
+        proxy.expect_closed(Reason::Normal).await;
+        let stats = control(proxy.control_socket(), "stats").await;
+        assert_eq!(
+            number(&stats, "connections.active"),
+            0,
+            "active after the close"
+        );
+        assert_eq!(
+            number(&stats, "closed.normal"),
+            1,
+            "closed.normal after the close"
+        );
+        assert_eq!(
+            number(&stats, "bytes.client_to_backend"),
+            10,
+            "bytes kept after close"
+        );
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_socket_is_private_to_its_owner() {
+    for_each_data_path(|mode| async move {
+        let backend = Backend::spawn(echo).await;
+        let proxy = TestProxy::start(mode, &plain_route("web", backend.addr, "")).await;
+        let metadata = std::fs::metadata(proxy.control_socket()).expect("the control socket");
+        assert_eq!(
+            metadata.permissions().mode() & 0o777,
+            0o600,
+            "mode of {}",
+            proxy.control_socket().display()
+        );
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_lists_a_live_connection_with_route_peers_and_bytes() {
+    for_each_data_path(|mode| async move {
+        let backend = Backend::spawn(echo).await;
+        let mut proxy = TestProxy::start(mode, &plain_route("web", backend.addr, "")).await;
+        let client = live_connection(&proxy, "web", b"hello").await;
+
+        let rows = control(proxy.control_socket(), "connections").await;
+        let rows = rows.as_array().expect("connections is a list");
+        assert_eq!(rows.len(), 1, "one live connection: {rows:?}");
+        let row = &rows[0];
+        assert_eq!(field(row, "route"), "web", "route");
+        let client_addr = client.local_addr().expect("client address").to_string();
+        assert_eq!(field(row, "client"), &Value::from(client_addr), "client");
+        assert_eq!(
+            field(row, "backend"),
+            &Value::from(backend.addr.to_string()),
+            "backend"
+        );
+        assert_eq!(
+            field(row, "data_path"),
+            &Value::from(mode.to_string()),
+            "data_path"
+        );
+        assert_eq!(number(row, "bytes_client_to_backend"), 5);
+        assert_eq!(number(row, "bytes_backend_to_client"), 5);
+
+        drop(client);
+        proxy.expect_closed(Reason::Normal).await;
+        let rows = control(proxy.control_socket(), "connections").await;
+        assert_eq!(rows, Value::Array(Vec::new()), "no rows after the close");
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}

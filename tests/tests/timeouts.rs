@@ -1,0 +1,389 @@
+//! Timeouts and half-open policy, on each data path (`inactivity_timeout = "300ms"` and
+//! friends, so that each case takes a few seconds at most):
+//! - `timeout_behavior = "reset"`: an idle connection outlives ten inactivity timeouts
+//!   (3 s), each one counted, and still relays both ways;
+//! - `timeout_behavior = "ignore"`: an idle connection outlives 3 s and still relays;
+//! - `timeout_behavior = "close"`: an idle connection ends (the client sees EOF) within
+//!   2 s, reason `inactivity_timeout`;
+//! - parity check: a half-closed connection where nothing moves is closed with
+//!   `parity_check`; one whose open direction keeps sending is left alone;
+//! - `allow_half_open = false`: the client's FIN ends the connection; the client still
+//!   gets the bytes the proxy had taken, then EOF; the backend sees EOF; `normal`;
+//! - connect: a target that never answers SYN gives `connect_timeout`; a refused target
+//!   is skipped for the next one; all targets refused gives `connect_failed` at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smartproxy::lifecycle::Reason;
+use smartproxy_tests::*;
+use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// The correctness bound on a 300 ms timeout: far above it, far below `WAIT`.
+const PROMPTLY: Duration = Duration::from_secs(2);
+
+fn inactivity(behavior: &str) -> String {
+    format!("[lifecycle]\ninactivity_timeout = \"300ms\"\ntimeout_behavior = \"{behavior}\"\n\n")
+}
+
+/// Sends `message` and checks that it comes back (through an [`echo`] backend).
+async fn round_trip(client: &mut TcpStream, message: &[u8]) {
+    client.write_all(message).await.expect("client writes");
+    let mut echoed = vec![0u8; message.len()];
+    within("the echo comes back", client.read_exact(&mut echoed))
+        .await
+        .expect("client reads the echo");
+    assert_eq!(echoed, message, "echoed bytes");
+}
+
+/// Ends a connection to an [`echo`] backend cleanly: FIN, then EOF back.
+async fn finish(mut client: TcpStream) {
+    client.shutdown().await.expect("client FIN");
+    let mut rest = Vec::new();
+    within("the client reads to EOF", client.read_to_end(&mut rest))
+        .await
+        .expect("client reads");
+    assert!(
+        rest.is_empty(),
+        "{} unexpected bytes before EOF",
+        rest.len()
+    );
+}
+
+// === inactivity_timeout ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inactivity_reset_counts_each_timeout_and_never_closes() {
+    for_each_data_path(|mode| async move {
+        let backend = Backend::spawn(echo).await;
+        let config = inactivity("reset") + &plain_route("idle", backend.addr, "");
+        let mut proxy = TestProxy::start(mode, &config).await;
+        let mut client = connect(proxy.addr("idle")).await;
+        round_trip(&mut client, b"before").await;
+        // Ten counted timeouts of 300 ms: the connection sat idle for 3 s.
+        wait_for("ten inactivity resets", || {
+            proxy.stats().lifecycle.inactivity_resets >= 10
+        })
+        .await;
+        proxy.assert_nothing_closed();
+        assert_eq!(proxy.stats().connections.active, 1, "active after 3 s idle");
+        round_trip(&mut client, b"after").await;
+        finish(client).await;
+        proxy.expect_closed(Reason::Normal).await;
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
+    for_each_data_path(|mode| async move {
+        let backend = Backend::spawn(echo).await;
+        let config = inactivity("ignore") + &plain_route("idle", backend.addr, "");
+        let mut proxy = TestProxy::start(mode, &config).await;
+        let mut client = connect(proxy.addr("idle")).await;
+        round_trip(&mut client, b"before").await;
+        // The idle period is the scenario itself: nothing happens that could be awaited.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        proxy.assert_nothing_closed();
+        let stats = proxy.stats();
+        assert_eq!(stats.connections.active, 1, "active after 3 s idle");
+        assert_eq!(
+            stats.lifecycle.inactivity_resets, 0,
+            "no timer under ignore"
+        );
+        round_trip(&mut client, b"after").await;
+        finish(client).await;
+        proxy.expect_closed(Reason::Normal).await;
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inactivity_close_ends_an_idle_connection_with_eof() {
+    for_each_data_path(|mode| async move {
+        let backend = Backend::spawn(echo).await;
+        let config = inactivity("close") + &plain_route("idle", backend.addr, "");
+        let mut proxy = TestProxy::start(mode, &config).await;
+        let mut client = connect(proxy.addr("idle")).await;
+        round_trip(&mut client, b"only").await;
+        let idle_since = Instant::now();
+        let mut rest = Vec::new();
+        within(
+            "the idle connection is closed",
+            client.read_to_end(&mut rest),
+        )
+        .await
+        .expect("a graceful close: EOF, not RST");
+        let idle = idle_since.elapsed();
+        assert!(
+            rest.is_empty(),
+            "{} unexpected bytes before EOF",
+            rest.len()
+        );
+        assert!(
+            idle < PROMPTLY,
+            "a 300 ms inactivity timeout closed after {idle:?}"
+        );
+        drop(client);
+        proxy.expect_closed(Reason::InactivityTimeout).await;
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+// === parity check ===
+
+const PARITY: &str =
+    "[lifecycle]\nparity_check_timeout = \"300ms\"\nparity_inactivity = \"300ms\"\n\
+                      timeout_behavior = \"ignore\"\n\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parity_check_closes_a_half_closed_connection_where_nothing_moves() {
+    for_each_data_path(|mode| async move {
+        // The backend keeps its side open until the client saw the proxy close it.
+        let release = Arc::new(Notify::new());
+        let backend = Backend::spawn_with(Arc::clone(&release), |mut stream, release| async move {
+            let mut request = Vec::new();
+            stream
+                .read_to_end(&mut request)
+                .await
+                .expect("backend reads up to the client's FIN");
+            assert_eq!(request, b"request", "bytes before the client's FIN");
+            release.notified().await;
+        })
+        .await;
+        let config = PARITY.to_owned() + &plain_route("parity", backend.addr, "");
+        let mut proxy = TestProxy::start(mode, &config).await;
+        let mut client = connect(proxy.addr("parity")).await;
+        client.write_all(b"request").await.expect("client writes");
+        client.shutdown().await.expect("client FIN");
+        let mut rest = Vec::new();
+        within(
+            "the parity check closes the connection",
+            client.read_to_end(&mut rest),
+        )
+        .await
+        .expect("a graceful close: EOF, not RST");
+        assert!(
+            rest.is_empty(),
+            "{} unexpected bytes before EOF",
+            rest.len()
+        );
+        release.notify_one();
+        proxy.expect_closed(Reason::ParityCheck).await;
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
+    const TICKS: usize = 20;
+    for_each_data_path(|mode| async move {
+        let backend = Backend::spawn(|mut stream| async move {
+            let mut request = Vec::new();
+            stream
+                .read_to_end(&mut request)
+                .await
+                .expect("backend reads up to the client's FIN");
+            send_ticks(&mut stream, TICKS, Duration::from_millis(100)).await;
+            // Returning closes the stream: a FIN behind the last tick.
+        })
+        .await;
+        let config = PARITY.to_owned() + &plain_route("parity", backend.addr, "");
+        let mut proxy = TestProxy::start(mode, &config).await;
+        let mut client = connect(proxy.addr("parity")).await;
+        client.write_all(b"subscribe").await.expect("client writes");
+        client.shutdown().await.expect("client FIN");
+        for index in 0..TICKS {
+            read_tick(&mut client, index).await;
+        }
+        let mut rest = Vec::new();
+        within(
+            "the client reads to the backend's FIN",
+            client.read_to_end(&mut rest),
+        )
+        .await
+        .expect("client reads");
+        assert!(rest.is_empty(), "{} bytes after the last tick", rest.len());
+        proxy.expect_closed(Reason::Normal).await;
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+// === allow_half_open = false ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
+    const GREETING: usize = 64 * 1024;
+    for_each_data_path(|mode| async move {
+        let greeting = pattern(GREETING, 21);
+        let expected = sha256(&greeting);
+        // The backend stays open until the client got its EOF: that EOF must come from
+        // the proxy's policy, not from the backend closing.
+        let release = Arc::new(Notify::new());
+        let state = (Arc::clone(&release), greeting);
+        let backend = Backend::spawn_with(state, |mut stream, (release, greeting)| async move {
+            stream.write_all(&greeting).await.expect("backend writes");
+            let mut request = Vec::new();
+            stream
+                .read_to_end(&mut request)
+                .await
+                .expect("the backend sees EOF");
+            assert_eq!(request, b"bye", "bytes before the client's FIN");
+            release.notified().await;
+        })
+        .await;
+        let config = "[lifecycle]\nallow_half_open = false\n\n".to_owned()
+            + &plain_route("strict", backend.addr, "");
+        let mut proxy = TestProxy::start(mode, &config).await;
+        let mut client = connect(proxy.addr("strict")).await;
+        // The FIN goes out once the proxy has taken every greeting byte (the client has
+        // read none yet).
+        wait_for("the proxy takes the greeting", || {
+            proxy.stats().bytes.backend_to_client == GREETING as u64
+        })
+        .await;
+        client.write_all(b"bye").await.expect("client writes");
+        client.shutdown().await.expect("client FIN");
+        let (len, hash) = within("the client reads to EOF", read_to_end_hashed(&mut client))
+            .await
+            .expect("a graceful close: EOF, not RST");
+        assert_eq!(len, GREETING, "greeting bytes at the client");
+        assert_eq!(hash, expected, "greeting checksum at the client");
+        release.notify_one();
+        proxy.expect_closed(Reason::Normal).await;
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+// === connect ===
+
+/// A loopback address whose SYNs go unanswered, for as long as it lives: a listener with
+/// backlog 0 whose accept queue is full of connections never accepted, so the kernel
+/// drops every further SYN.
+struct SilentTarget {
+    addr: SocketAddr,
+    _listener: Socket,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+impl SilentTarget {
+    fn new() -> SilentTarget {
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        listener.bind(&any.into()).expect("bind");
+        listener.listen(0).expect("listen");
+        let addr = listener
+            .local_addr()
+            .expect("bound address")
+            .as_socket()
+            .expect("an IP address");
+        // Connect until a SYN goes unanswered: from then on the queue is full.
+        let mut queued = Vec::new();
+        loop {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(stream) => queued.push(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
+                Err(e) => panic!("filling the accept queue of {addr}: {e}"),
+            }
+            assert!(queued.len() < 8, "the accept queue of {addr} never fills");
+        }
+        SilentTarget {
+            addr,
+            _listener: listener,
+            _queued: queued,
+        }
+    }
+}
+
+/// `count` distinct loopback addresses that refuse connections: ports bound together,
+/// then released.
+fn refused_targets(count: usize) -> Vec<SocketAddr> {
+    let listeners: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("bound address"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_that_never_answers_closes_with_connect_timeout() {
+    for_each_data_path(|mode| async move {
+        let silent = tokio::task::spawn_blocking(SilentTarget::new)
+            .await
+            .expect("a silent target");
+        let route = plain_route("silent", silent.addr, "connect_timeout = \"300ms\"");
+        let mut proxy = TestProxy::start(mode, &route).await;
+        let mut client = connect(proxy.addr("silent")).await;
+        let started = Instant::now();
+        expect_hangup(&mut client).await;
+        let waited = started.elapsed();
+        assert!(
+            waited < PROMPTLY,
+            "a 300 ms connect timeout took {waited:?}"
+        );
+        proxy.expect_closed(Reason::ConnectTimeout).await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_target_is_skipped_for_the_next_one() {
+    for_each_data_path(|mode| async move {
+        let backend = Backend::spawn(echo).await;
+        let route = plain_route_to("fallback", &[refused_targets(1)[0], backend.addr], "");
+        let mut proxy = TestProxy::start(mode, &route).await;
+        // Round-robin starts each connection at another target: both orders are served.
+        for attempt in 0..2 {
+            let mut client = connect(proxy.addr("fallback")).await;
+            round_trip(&mut client, format!("attempt {attempt}").as_bytes()).await;
+            finish(client).await;
+            proxy.expect_closed(Reason::Normal).await;
+        }
+        assert_eq!(
+            proxy.stats().closed(Reason::ConnectFailed),
+            0,
+            "connect_failed"
+        );
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_targets_refused_closes_with_connect_failed_at_once() {
+    for_each_data_path(|mode| async move {
+        let route = plain_route_to("nowhere", &refused_targets(2), "");
+        let mut proxy = TestProxy::start(mode, &route).await;
+        let mut client = connect(proxy.addr("nowhere")).await;
+        let started = Instant::now();
+        expect_hangup(&mut client).await;
+        let waited = started.elapsed();
+        assert!(
+            waited < PROMPTLY,
+            "refused targets took {waited:?} to give up on"
+        );
+        proxy.expect_closed(Reason::ConnectFailed).await;
+        proxy.stop().await;
+    })
+    .await;
+}

@@ -1,0 +1,409 @@
+//! `cargo xtask bench`: the same load scenarios against a direct connection, smartproxy on
+//! both data paths and (with `--with-peers`) HAProxy, interleaved, reported as a Markdown table
+//! of medians with ratios to direct.
+//!
+//! Needs root (the ebpf path, and the fd limit for 10,000 idle connections). The load
+//! generator and backend are part of this process; a debug build of xtask re-runs itself in
+//! release first so that they do not skew what they measure.
+
+mod backend;
+mod config;
+mod metric;
+mod report;
+mod scenario;
+mod system;
+mod target;
+mod units;
+mod wire;
+
+use std::{
+    ffi::OsString,
+    fs,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    sync::{atomic::AtomicU64, Arc},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context as _, Result};
+use clap::Parser;
+
+use self::{
+    backend::Backend,
+    metric::{Measurement, Metric},
+    report::{Machine, Results},
+    scenario::{Env, Params, Scenario},
+    target::{Launch, Running, Target},
+    units::{parse_bytes, show_bytes, show_number},
+};
+use crate::{run, toolchain};
+
+/// Set on the release re-run, so that it never re-runs itself again.
+const REEXEC_ENV: &str = "SMARTPROXY_BENCH_RELEASE";
+/// File descriptors a process needs besides two per idle connection (stdio, runtime, listeners,
+/// control socket, eBPF maps and programs, logs).
+const FD_RESERVE: u64 = 256;
+
+#[derive(Debug, Parser)]
+pub struct Options {
+    /// Scenarios, comma-separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenarios: Vec<Scenario>,
+    /// Targets, comma-separated, in column order (default: direct,ebpf,userspace, plus
+    /// haproxy,haproxy-splice with --with-peers).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    targets: Vec<Target>,
+    /// Interleaved rounds; the report shows the median.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// Also run HAProxy (`mode tcp`, and with splicing forced); installs it with apt if missing.
+    #[arg(long)]
+    with_peers: bool,
+    /// Where the Markdown report goes (relative to the workspace root unless absolute).
+    #[arg(long, default_value = "bench/results/latest.md")]
+    out: PathBuf,
+    /// Run in the current network namespace instead of a new one of its own (whose TCP
+    /// counters, ports and TIME_WAIT sockets no other process on the machine touches).
+    #[arg(long)]
+    shared_netns: bool,
+    /// Use this smartproxy binary instead of building one (`cargo build --release`).
+    #[arg(long, value_name = "PATH")]
+    proxy_bin: Option<PathBuf>,
+
+    /// Bytes per bulk transfer (each direction).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    bulk_bytes: u64,
+    /// Request and response size of request/response, churn and idle exchanges.
+    #[arg(long, default_value = "64", value_parser = parse_bytes)]
+    message_size: u64,
+    /// Seconds of request/response.
+    #[arg(long, default_value_t = 10)]
+    rr_secs: u64,
+    /// Persistent connections of request/response.
+    #[arg(long, default_value_t = 32)]
+    rr_conns: usize,
+    /// Seconds of connection churn.
+    #[arg(long, default_value_t = 5)]
+    churn_secs: u64,
+    /// Connections in flight at once during churn.
+    #[arg(long, default_value_t = 16)]
+    churn_concurrency: usize,
+    /// Idle connections held open.
+    #[arg(long, default_value_t = 10_000)]
+    idle_conns: usize,
+    /// Bytes the backend offers the slow reader.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    slow_bytes: u64,
+    /// The slow reader's rate, bytes per second.
+    #[arg(long, default_value = "10MiB", value_parser = parse_bytes)]
+    slow_rate: u64,
+    /// Seconds the slow reader reads.
+    #[arg(long, default_value_t = 20)]
+    slow_secs: u64,
+    /// The proxy's max_queued_bytes, for the slow-reader target (2 × this).
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    max_queued: u64,
+}
+
+pub fn run(opts: Options) -> Result<ExitCode> {
+    if cfg!(debug_assertions) && std::env::var_os(REEXEC_ENV).is_none() {
+        return reexec_in_release();
+    }
+    ensure!(opts.runs >= 1, "--runs must be at least 1");
+    ensure!(
+        opts.rr_conns >= 1 && opts.churn_concurrency >= 1 && opts.idle_conns >= 1,
+        "--rr-conns, --churn-concurrency and --idle-conns must be at least 1"
+    );
+    ensure!(
+        (1..=wire::MAX_ECHO).contains(&opts.message_size),
+        "--message-size must be 1 B to {}",
+        show_bytes(wire::MAX_ECHO)
+    );
+    let root = run::workspace_root();
+    let scenarios = if opts.scenarios.is_empty() {
+        Scenario::ALL.to_vec()
+    } else {
+        dedup(opts.scenarios.clone())
+    };
+    let targets = if !opts.targets.is_empty() {
+        dedup(opts.targets.clone())
+    } else if opts.with_peers {
+        Target::DEFAULT.into_iter().chain(Target::PEERS).collect()
+    } else {
+        Target::DEFAULT.to_vec()
+    };
+    let mut params = Params {
+        bulk_bytes: opts.bulk_bytes,
+        message: opts.message_size,
+        rr_secs: opts.rr_secs,
+        rr_conns: opts.rr_conns,
+        churn_secs: opts.churn_secs,
+        churn_concurrency: opts.churn_concurrency,
+        idle_conns: opts.idle_conns,
+        slow_bytes: opts.slow_bytes,
+        slow_rate: opts.slow_rate,
+        slow_secs: opts.slow_secs,
+    };
+
+    if targets.iter().any(|t| t.is_haproxy()) {
+        target::ensure_haproxy()?;
+    }
+    let smartproxy = match &opts.proxy_bin {
+        Some(path) => {
+            let path = root.join(path);
+            ensure!(
+                path.is_file(),
+                "--proxy-bin {} is not a file",
+                path.display()
+            );
+            Some(path)
+        }
+        None if targets
+            .iter()
+            .any(|t| matches!(t, Target::Ebpf | Target::Userspace)) =>
+        {
+            Some(build_smartproxy(root)?)
+        }
+        None => None,
+    };
+    if !opts.shared_netns {
+        // After the builds and the HAProxy install (they may need the network), before any
+        // thread starts.
+        system::enter_own_netns()?;
+        println!("xtask: bench: running in a network namespace of its own");
+    }
+    let mut notes = vec![if opts.shared_netns {
+        "in the machine's network namespace (--shared-netns)".to_owned()
+    } else {
+        "in a network namespace of its own".to_owned()
+    }];
+    let idle = scenarios.contains(&Scenario::Idle);
+    let fd_limit = raise_fd_limit(idle, &mut params, &mut notes)?;
+    let machine = Machine::detect(root)?;
+    let backend = Backend::start()?;
+    let launch = Launch {
+        smartproxy: smartproxy.as_deref(),
+        backend: backend.addr(),
+        limits: config::Limits {
+            connections: if idle {
+                params.idle_conns
+            } else {
+                params.rr_conns.max(params.churn_concurrency)
+            },
+            fd_limit,
+        },
+    };
+    let backend_sent = backend.sent();
+
+    let mut results = Results::default();
+    for &scenario in &scenarios {
+        for round in 1..=opts.runs {
+            for &target in &targets {
+                let tag = format!("[{scenario} {round}/{}] {target}", opts.runs);
+                match run_one(scenario, target, &launch, &backend_sent, &params) {
+                    Ok(m) => {
+                        println!("xtask: bench: {tag}: {}", summary(&m));
+                        results.record(scenario, target, m);
+                    }
+                    Err(e) => {
+                        eprintln!("xtask: bench: {tag} FAILED: {e:#}");
+                        results.fail(format!("{tag}: {e:#}"));
+                    }
+                }
+            }
+        }
+    }
+    drop(backend);
+
+    let mut settings = settings(&params, &opts);
+    for note in &notes {
+        settings.push_str("; ");
+        settings.push_str(note);
+    }
+    let text = report::render(
+        &report::Context {
+            machine: &machine,
+            settings: &settings,
+            scenarios: &scenarios,
+            targets: &targets,
+            runs: opts.runs,
+            max_queued: opts.max_queued,
+        },
+        &results,
+    );
+    println!("\n{text}");
+    let out = root.join(&opts.out);
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    fs::write(&out, &text).with_context(|| format!("failed to write {}", out.display()))?;
+    println!("xtask: bench: wrote {}", out.display());
+    if results.failures().is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "xtask: bench: {} run(s) failed (listed in the report)",
+            results.failures().len()
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Raises RLIMIT_NOFILE for this process and the proxies it starts, and lowers the idle
+/// connection count to what the limit allows (saying so in `notes`). Returns the limit.
+///
+/// This process holds the client and the backend end of every idle connection, and a proxy
+/// (which inherits the limit) its two sockets: two descriptors per connection each, plus a few
+/// the runtime, the maps and the logs take.
+fn raise_fd_limit(idle: bool, params: &mut Params, notes: &mut Vec<String>) -> Result<u64> {
+    let want = if idle {
+        2 * params.idle_conns as u64 + FD_RESERVE
+    } else {
+        4 * FD_RESERVE
+    };
+    let fd_limit = system::raise_nofile(want)?;
+    println!("xtask: bench: RLIMIT_NOFILE {fd_limit} (inherited by the proxies)");
+    let fit = usize::try_from(fd_limit.saturating_sub(FD_RESERVE) / 2).unwrap_or(usize::MAX);
+    if idle && fit < params.idle_conns {
+        let note = format!(
+            "idle connections lowered from {} to {fit}: RLIMIT_NOFILE is {fd_limit} and this \
+             process may not raise its hard limit (no CAP_SYS_RESOURCE)",
+            params.idle_conns
+        );
+        eprintln!("xtask: bench: {note}");
+        params.idle_conns = fit;
+        notes.push(note);
+    }
+    Ok(fd_limit)
+}
+
+/// One scenario against one freshly started target; the target is stopped afterwards.
+fn run_one(
+    scenario: Scenario,
+    target: Target,
+    launch: &Launch<'_>,
+    backend_sent: &Arc<AtomicU64>,
+    params: &Params,
+) -> Result<Measurement> {
+    let running = Running::start(target, launch)?;
+    let tcp = system::TcpCounters::read()?;
+    let env = Env {
+        addr: running.addr(),
+        proxy_pid: running.pid(),
+        backend_sent: Arc::clone(backend_sent),
+        params,
+    };
+    let mut m = scenario::run(scenario, &env)?;
+    // Final byte counters need every connection gone from the proxy.
+    let stats = running.wait_idle(Duration::from_secs(5))?;
+    let tcp = system::TcpCounters::read()?.since(tcp);
+    m.set(Metric::WinProbes, tcp.win_probes as f64);
+    m.set(Metric::RtoTimeouts, tcp.rto_timeouts as f64);
+    m.set(Metric::Retransmits, tcp.retransmits as f64);
+    if running.target() == Target::Ebpf {
+        match stats.as_ref().and_then(kernel_share) {
+            Some(share) => m.set(Metric::KernelShare, share),
+            None => m.set_unavailable(Metric::KernelShare),
+        }
+    }
+    running.stop()?;
+    Ok(m)
+}
+
+/// Percent of the proxied bytes the kernel moved, if the proxy reports it.
+fn kernel_share(stats: &serde_json::Value) -> Option<f64> {
+    let get = |key: &str| {
+        stats
+            .pointer(&format!("/bytes/{key}"))
+            .and_then(serde_json::Value::as_u64)
+    };
+    let kernel = get("kernel_client_to_backend")? + get("kernel_backend_to_client")?;
+    let total = get("client_to_backend")? + get("backend_to_client")?;
+    (total > 0).then(|| 100.0 * kernel as f64 / total as f64)
+}
+
+fn summary(m: &Measurement) -> String {
+    m.metrics()
+        .map(|metric| match m.get(metric).flatten() {
+            Some(v) => format!("{} {}", metric.label(), show_number(v)),
+            None => format!("{} n/a", metric.label()),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn settings(p: &Params, opts: &Options) -> String {
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    format!(
+        "`cargo xtask {}`: bulk {}; request/response {} conns × {} B for {} s; churn {} at once \
+         for {} s; idle {} conns; slow reader {} offered, read at {}/s for {} s; \
+         max_queued_bytes {} (for the target)",
+        args.join(" "),
+        show_bytes(p.bulk_bytes),
+        p.rr_conns,
+        p.message,
+        p.rr_secs,
+        p.churn_concurrency,
+        p.churn_secs,
+        p.idle_conns,
+        show_bytes(p.slow_bytes),
+        show_bytes(p.slow_rate),
+        p.slow_secs,
+        show_bytes(opts.max_queued),
+    )
+}
+
+fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(items.len());
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
+
+fn cargo() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// `cargo build --release` of the smartproxy binary (after [`toolchain::ensure`]).
+fn build_smartproxy(root: &Path) -> Result<PathBuf> {
+    toolchain::ensure()?;
+    let cargo = cargo();
+    toolchain::status(Command::new(&cargo).current_dir(root).args([
+        "build",
+        "--release",
+        "--package",
+        "smartproxy",
+        "--bin",
+        "smartproxy",
+    ]))?;
+    Ok(run::target_dir(&cargo, root)?
+        .join("release")
+        .join("smartproxy"))
+}
+
+/// Builds xtask in release and replaces this process with it, same arguments.
+fn reexec_in_release() -> Result<ExitCode> {
+    let root = run::workspace_root();
+    let cargo = cargo();
+    println!(
+        "xtask: bench: building xtask in release (the load generator must not be a debug build)"
+    );
+    toolchain::status(Command::new(&cargo).current_dir(root).args([
+        "build",
+        "--release",
+        "--package",
+        "xtask",
+    ]))?;
+    let binary = run::target_dir(&cargo, root)?.join("release").join("xtask");
+    let mut cmd = Command::new(&binary);
+    cmd.args(std::env::args_os().skip(1)).env(REEXEC_ENV, "1");
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("failed to exec {cmd:?}"))
+}

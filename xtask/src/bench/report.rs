@@ -1,0 +1,565 @@
+//! The report: the machine it ran on, the median table with ratios to direct, the issue's
+//! targets (met or not, with numbers), every run's values, and how each metric is measured.
+
+use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path, process::Command};
+
+use anyhow::{Context as _, Result};
+
+use super::{
+    metric::{Measurement, Metric},
+    scenario::Scenario,
+    target::Target,
+    units::{show_bytes, show_number, GIB, MIB},
+};
+use crate::toolchain;
+
+/// The machine and checkout a report was made on.
+pub struct Machine {
+    kernel: String,
+    cpu: String,
+    cores: usize,
+    ram: u64,
+    date: String,
+    commit: String,
+    load: String,
+}
+
+impl Machine {
+    pub fn detect(root: &Path) -> Result<Self> {
+        let read =
+            |path: &str| fs::read_to_string(path).with_context(|| format!("failed to read {path}"));
+        let cpuinfo = read("/proc/cpuinfo")?;
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map_or_else(|| "unknown".to_owned(), |(_, m)| m.trim().to_owned());
+        let cores = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count();
+        let ram = super::system::meminfo()?.total;
+        let date = toolchain::output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+        let commit = toolchain::output(Command::new("git").current_dir(root).args([
+            "rev-parse",
+            "--short=12",
+            "HEAD",
+        ]))?;
+        let dirty = !toolchain::output(Command::new("git").current_dir(root).args([
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ]))?
+        .trim()
+        .is_empty();
+        Ok(Self {
+            kernel: read("/proc/sys/kernel/osrelease")?.trim().to_owned(),
+            cpu,
+            cores,
+            ram,
+            date: date.trim().to_owned(),
+            commit: format!(
+                "{}{}",
+                commit.trim(),
+                if dirty {
+                    " (with uncommitted changes)"
+                } else {
+                    ""
+                }
+            ),
+            load: Self::load()?,
+        })
+    }
+
+    fn load() -> Result<String> {
+        let text = fs::read_to_string("/proc/loadavg").context("failed to read /proc/loadavg")?;
+        Ok(text
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+}
+
+/// Every run's measurement, and the runs that failed.
+#[derive(Default)]
+pub struct Results {
+    runs: BTreeMap<(Scenario, Target), Vec<Measurement>>,
+    failures: Vec<String>,
+}
+
+impl Results {
+    pub fn record(&mut self, scenario: Scenario, target: Target, m: Measurement) {
+        self.runs.entry((scenario, target)).or_default().push(m);
+    }
+
+    pub fn fail(&mut self, what: String) {
+        self.failures.push(what);
+    }
+
+    pub fn failures(&self) -> &[String] {
+        &self.failures
+    }
+
+    fn runs(&self, scenario: Scenario, target: Target) -> &[Measurement] {
+        self.runs
+            .get(&(scenario, target))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The rows of a scenario: every metric any target reported, in [`Metric`] order.
+    fn metrics(&self, scenario: Scenario, targets: &[Target]) -> Vec<Metric> {
+        let mut metrics: Vec<Metric> = targets
+            .iter()
+            .flat_map(|t| self.runs(scenario, *t))
+            .flat_map(Measurement::metrics)
+            .collect();
+        metrics.sort_unstable();
+        metrics.dedup();
+        metrics
+    }
+
+    /// The median over a target's runs: absent if no run has the metric, `Some(None)` (n/a)
+    /// if any run could not read it.
+    fn median(&self, scenario: Scenario, target: Target, metric: Metric) -> Option<Option<f64>> {
+        let values: Vec<Option<f64>> = self
+            .runs(scenario, target)
+            .iter()
+            .filter_map(|m| m.get(metric))
+            .collect();
+        if values.is_empty() {
+            return None;
+        }
+        let Some(mut numbers) = values.into_iter().collect::<Option<Vec<f64>>>() else {
+            return Some(None);
+        };
+        numbers.sort_by(f64::total_cmp);
+        let mid = numbers.len() / 2;
+        Some(Some(if numbers.len() % 2 == 1 {
+            numbers[mid]
+        } else {
+            (numbers[mid - 1] + numbers[mid]) / 2.0
+        }))
+    }
+
+    fn value(&self, scenario: Scenario, target: Target, metric: Metric) -> Option<f64> {
+        self.median(scenario, target, metric).flatten()
+    }
+}
+
+/// What the report needs besides the results.
+pub struct Context<'a> {
+    pub machine: &'a Machine,
+    pub settings: &'a str,
+    pub scenarios: &'a [Scenario],
+    pub targets: &'a [Target],
+    pub runs: u32,
+    /// The proxy's `max_queued_bytes`, for the slow-reader target.
+    pub max_queued: u64,
+}
+
+pub fn render(cx: &Context<'_>, results: &Results) -> String {
+    let mut out = String::new();
+    let m = cx.machine;
+    let _ = writeln!(out, "# smartproxy benchmark\n");
+    let _ = writeln!(
+        out,
+        "- machine: {} ({} cores), {} RAM, Linux {}",
+        m.cpu,
+        m.cores,
+        show_gib(m.ram),
+        m.kernel
+    );
+    let _ = writeln!(out, "- date: {}; commit {}", m.date, m.commit);
+    let _ = writeln!(
+        out,
+        "- load average at start: {}; at end: {}",
+        m.load,
+        Machine::load().unwrap_or_else(|e| format!("unknown ({e})"))
+    );
+    let _ = writeln!(out, "- settings: {}", cx.settings);
+    let _ = writeln!(
+        out,
+        "- median of {} interleaved run(s); a proxy's cell is `value (ratio to direct)`",
+        cx.runs
+    );
+    let _ = writeln!(out);
+    table(&mut out, cx, results, Cell::Median);
+    let _ = writeln!(out, "\n## Targets (issue 4)\n");
+    targets(&mut out, cx, results);
+    if !results.failures.is_empty() {
+        let _ = writeln!(out, "\n## Failed runs\n");
+        for f in &results.failures {
+            let _ = writeln!(out, "- {}", f.replace('\n', " "));
+        }
+    }
+    if cx.runs > 1 {
+        let _ = writeln!(out, "\n## Every run\n");
+        table(&mut out, cx, results, Cell::AllRuns);
+    }
+    let _ = writeln!(out, "\n## How it is measured\n");
+    out.push_str(METHOD);
+    out
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cell {
+    Median,
+    AllRuns,
+}
+
+fn table(out: &mut String, cx: &Context<'_>, results: &Results, cell: Cell) {
+    let mut header = String::from("| scenario | metric |");
+    let mut rule = String::from("| --- | --- |");
+    for t in cx.targets {
+        if *t == Target::Direct || cell == Cell::AllRuns {
+            let _ = write!(header, " {t} |");
+        } else {
+            let _ = write!(header, " {t} (ratio) |");
+        }
+        rule.push_str(" ---: |");
+    }
+    let _ = writeln!(out, "{header}\n{rule}");
+    for &scenario in cx.scenarios {
+        for (row, metric) in results
+            .metrics(scenario, cx.targets)
+            .into_iter()
+            .enumerate()
+        {
+            let name = if row == 0 { scenario.name() } else { "" };
+            let _ = write!(out, "| {name} | {} |", metric.label());
+            let direct = results.value(scenario, Target::Direct, metric);
+            for &target in cx.targets {
+                let text = match cell {
+                    Cell::Median => median_cell(results, scenario, target, metric, direct),
+                    Cell::AllRuns => runs_cell(results, scenario, target, metric),
+                };
+                let _ = write!(out, " {text} |");
+            }
+            let _ = writeln!(out);
+        }
+    }
+}
+
+fn median_cell(
+    results: &Results,
+    scenario: Scenario,
+    target: Target,
+    metric: Metric,
+    direct: Option<f64>,
+) -> String {
+    match results.median(scenario, target, metric) {
+        None => "—".to_owned(),
+        Some(None) => "n/a".to_owned(),
+        Some(Some(v)) => match direct {
+            Some(d) if target != Target::Direct && d != 0.0 && metric.has_ratio() => {
+                format!("{} ({:.2}×)", show_number(v), v / d)
+            }
+            _ => show_number(v),
+        },
+    }
+}
+
+fn runs_cell(results: &Results, scenario: Scenario, target: Target, metric: Metric) -> String {
+    let values: Vec<String> = results
+        .runs(scenario, target)
+        .iter()
+        .map(|m| match m.get(metric) {
+            None => "—".to_owned(),
+            Some(None) => "n/a".to_owned(),
+            Some(Some(v)) => show_number(v),
+        })
+        .collect();
+    if values.iter().all(|v| v == "—") {
+        "—".to_owned()
+    } else {
+        values.join(" / ")
+    }
+}
+
+impl Metric {
+    /// A ratio to direct says something for rates, latencies, CPU and exact memory figures;
+    /// not for counts of events, shares, or machine-wide memory figures that are near zero
+    /// and noisy for direct.
+    fn has_ratio(self) -> bool {
+        !matches!(
+            self,
+            Metric::FailedConnections
+                | Metric::KernelShare
+                | Metric::WinProbes
+                | Metric::RtoTimeouts
+                | Metric::Retransmits
+                | Metric::LongestReadWait
+                | Metric::LongestReadWaitAt
+                | Metric::Delivered
+                | Metric::SocketMemPerConn
+                | Metric::PeakKernelMem
+                | Metric::PeakSocketMem
+        )
+    }
+}
+
+/// One line per target of issue 4 item 4.
+fn targets(out: &mut String, cx: &Context<'_>, results: &Results) {
+    let has = |s: Scenario, t: Target| cx.scenarios.contains(&s) && cx.targets.contains(&t);
+    let v = |s: Scenario, t: Target, m: Metric| results.value(s, t, m);
+    let mut line = |target: &str, verdict: Verdict, numbers: String| {
+        let _ = writeln!(out, "- {target}: **{}** — {numbers}", verdict.word());
+    };
+    let fmt = |x: Option<f64>| x.map_or_else(|| "n/a".to_owned(), show_number);
+
+    // Slow reader: what the ebpf path holds beyond what direct holds.
+    let cap = 2 * cx.max_queued;
+    let what = format!(
+        "slow reader: kernel holds ≤ 2 × max_queued_bytes = {} per connection",
+        show_bytes(cap)
+    );
+    if has(Scenario::SlowReader, Target::Ebpf) && has(Scenario::SlowReader, Target::Direct) {
+        let e = v(Scenario::SlowReader, Target::Ebpf, Metric::PeakInFlight);
+        let d = v(Scenario::SlowReader, Target::Direct, Metric::PeakInFlight);
+        let added = e.zip(d).map(|(e, d)| e - d);
+        line(
+            &what,
+            Verdict::from(added.map(|a| a * MIB as f64 <= cap as f64)),
+            format!(
+                "peak bytes in flight: ebpf {} MiB, direct {} MiB (the client's and backend's \
+                 own buffers): the proxy holds {} MiB",
+                fmt(e),
+                fmt(d),
+                fmt(added)
+            ),
+        );
+    } else {
+        line(
+            &what,
+            Verdict::NotMeasured,
+            "needs the slow-reader scenario with direct and ebpf".to_owned(),
+        );
+    }
+
+    // Fast reader: share of bytes through the kernel.
+    let shares: Vec<(Scenario, Option<f64>)> = [Scenario::BulkUpload, Scenario::BulkDownload]
+        .into_iter()
+        .filter(|s| has(*s, Target::Ebpf))
+        .map(|s| (s, v(s, Target::Ebpf, Metric::KernelShare)))
+        .collect();
+    if shares.is_empty() {
+        line(
+            "fast reader: ≥ 95 % of bytes through the kernel",
+            Verdict::NotMeasured,
+            "needs a bulk scenario with ebpf".to_owned(),
+        );
+    } else {
+        let met = shares
+            .iter()
+            .map(|(_, s)| s.map(|s| s >= 95.0))
+            .collect::<Option<Vec<bool>>>()
+            .map(|all| all.into_iter().all(|b| b));
+        let numbers = shares
+            .iter()
+            .map(|(s, v)| format!("{s} {} %", fmt(*v)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        line(
+            "fast reader: ≥ 95 % of bytes through the kernel",
+            Verdict::from(met),
+            numbers,
+        );
+    }
+
+    // Bulk throughput ratio.
+    for s in [Scenario::BulkUpload, Scenario::BulkDownload] {
+        let what = format!("ebpf {s} ≥ 0.45 × direct");
+        if has(s, Target::Ebpf) && has(s, Target::Direct) {
+            let e = v(s, Target::Ebpf, Metric::Throughput);
+            let d = v(s, Target::Direct, Metric::Throughput);
+            let ratio = e.zip(d).map(|(e, d)| e / d);
+            line(
+                &what,
+                Verdict::from(ratio.map(|r| r >= 0.45)),
+                format!(
+                    "{} vs {} Gbit/s = {}×",
+                    fmt(e),
+                    fmt(d),
+                    ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"))
+                ),
+            );
+        } else {
+            line(
+                &what,
+                Verdict::NotMeasured,
+                "needs direct and ebpf".to_owned(),
+            );
+        }
+    }
+
+    // Request/response.
+    let s = Scenario::Rr;
+    if has(s, Target::Ebpf) && has(s, Target::Direct) {
+        let e = v(s, Target::Ebpf, Metric::RequestsPerSec);
+        let d = v(s, Target::Direct, Metric::RequestsPerSec);
+        let ratio = e.zip(d).map(|(e, d)| e / d);
+        line(
+            "ebpf request/response ≥ 0.75 × direct req/s",
+            Verdict::from(ratio.map(|r| r >= 0.75)),
+            format!(
+                "{} vs {} req/s = {}×",
+                fmt(e),
+                fmt(d),
+                ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"))
+            ),
+        );
+    } else {
+        line(
+            "ebpf request/response ≥ 0.75 × direct req/s",
+            Verdict::NotMeasured,
+            "needs the request/response scenario with direct and ebpf".to_owned(),
+        );
+    }
+    if has(s, Target::Ebpf) && has(s, Target::Userspace) {
+        let e = v(s, Target::Ebpf, Metric::LatencyP99);
+        let u = v(s, Target::Userspace, Metric::LatencyP99);
+        line(
+            "ebpf request/response p99 no worse than userspace",
+            Verdict::from(e.zip(u).map(|(e, u)| e <= u)),
+            format!("{} vs {} µs", fmt(e), fmt(u)),
+        );
+    } else {
+        line(
+            "ebpf request/response p99 no worse than userspace",
+            Verdict::NotMeasured,
+            "needs the request/response scenario with ebpf and userspace".to_owned(),
+        );
+    }
+
+    // Machine CPU per GiB against HAProxy (the cheaper of its two modes).
+    for s in [Scenario::BulkUpload, Scenario::BulkDownload] {
+        let what = format!("ebpf machine CPU per GiB below HAProxy's ({s})");
+        let peers: Vec<(Target, Option<f64>)> = Target::PEERS
+            .into_iter()
+            .filter(|t| has(s, *t))
+            .map(|t| (t, v(s, t, Metric::MachineCpuPerGib)))
+            .collect();
+        if !has(s, Target::Ebpf) || peers.is_empty() {
+            line(
+                &what,
+                Verdict::NotMeasured,
+                "run with --with-peers".to_owned(),
+            );
+            continue;
+        }
+        let e = v(s, Target::Ebpf, Metric::MachineCpuPerGib);
+        let best = peers
+            .iter()
+            .map(|(_, c)| *c)
+            .collect::<Option<Vec<f64>>>()
+            .and_then(|c| c.into_iter().reduce(f64::min));
+        let numbers = peers
+            .iter()
+            .map(|(t, c)| format!("{t} {}", fmt(*c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        line(
+            &what,
+            Verdict::from(e.zip(best).map(|(e, b)| e < b)),
+            format!("ebpf {} s/GiB; {numbers}", fmt(e)),
+        );
+    }
+
+    // Idle RSS.
+    let s = Scenario::Idle;
+    if has(s, Target::Ebpf) {
+        let e = v(s, Target::Ebpf, Metric::ProxyRssPerConn);
+        let u = cx
+            .targets
+            .contains(&Target::Userspace)
+            .then(|| v(s, Target::Userspace, Metric::ProxyRssPerConn))
+            .flatten();
+        line(
+            "≤ 1 KiB proxy RSS per idle connection",
+            Verdict::from(e.map(|e| e <= 1.0)),
+            format!("ebpf {} KiB, userspace {} KiB", fmt(e), fmt(u)),
+        );
+    } else {
+        line(
+            "≤ 1 KiB proxy RSS per idle connection",
+            Verdict::NotMeasured,
+            "needs the idle scenario with ebpf".to_owned(),
+        );
+    }
+}
+
+enum Verdict {
+    Met,
+    NotMet,
+    /// Measured, but a number is missing (n/a).
+    Unknown,
+    NotMeasured,
+}
+
+impl Verdict {
+    fn from(met: Option<bool>) -> Self {
+        match met {
+            Some(true) => Verdict::Met,
+            Some(false) => Verdict::NotMet,
+            None => Verdict::Unknown,
+        }
+    }
+
+    fn word(&self) -> &'static str {
+        match self {
+            Verdict::Met => "met",
+            Verdict::NotMet => "not met",
+            Verdict::Unknown => "unknown",
+            Verdict::NotMeasured => "not measured",
+        }
+    }
+}
+
+fn show_gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / GIB as f64)
+}
+
+const METHOD: &str = "\
+Everything runs on 127.0.0.1. The load generator and the backend are threads of the xtask \
+process (built in release); the proxies are child processes with generated configs. Rounds \
+are interleaved: every round runs each target once, in the column order.
+
+- **throughput**: bytes × 8 / wall time, from before connect until the last byte is read \
+(upload: until the backend's reply that it has read up to EOF).
+- **proxy CPU**: utime + stime of the proxy process (/proc/PID/stat) over the transfer. \
+**machine CPU**: user + nice + system + irq + softirq + steal of /proc/stat over the same \
+window, including the load generator and backend (direct shows their share). The kernel \
+path's work is softirq, charged to no process, so the machine figure is the fair comparison.
+- **request/response**: every latency sample (write start to last response byte) is kept; \
+percentiles are nearest-rank over all of them. TCP_NODELAY on client and backend.
+- **connection churn**: connect, one echo, close; a sample is connect start to echo received.
+- **idle**: growth over the idle connections divided by their number: proxy VmRSS \
+(/proc/PID/status); kernel slab (Slab of /proc/meminfo); socket buffers (TCP mem of \
+/proc/net/sockstat). Kernel figures are machine-wide and include the client's and \
+backend's sockets, which direct shows alone.
+- **slow reader**: sampled every 100 ms, peak above the value at the start. **bytes in \
+flight**: bytes the backend's write() calls handed to the kernel minus bytes the client has \
+read: exact and for this connection only; they sit in socket buffers or between the proxy's \
+sockets (for a userspace proxy, partly in its buffers). **kernel memory**: machine-wide \
+MemTotal − MemFree − Buffers − Cached − AnonPages of /proc/meminfo (slab, and pages with \
+no counter of their own, such as skbs queued between sockets that no socket is charged \
+for); noisy when other work runs. **socket memory**: TCP mem of /proc/net/sockstat \
+(memory charged to sockets, machine-wide). **delivered**: bytes the client read. The \
+slow-reader target compares ebpf's bytes in flight minus direct's (the client's and \
+backend's own buffers) with 2 × max_queued_bytes.
+- **bytes through kernel**: smartproxy stats after the scenario: \
+(bytes.kernel_client_to_backend + bytes.kernel_backend_to_client) / (bytes.client_to_backend \
++ bytes.backend_to_client); n/a when the proxy does not report the kernel keys.
+- **zero-window probes**, **RTO timeouts**, **retransmitted segments**: TcpExt TCPWinProbe \
+(what `nstat -az TcpExtTCPWinProbe` prints) and TCPTimeouts of /proc/net/netstat, Tcp \
+RetransSegs of /proc/net/snmp; difference over the scenario, in the bench's own network \
+namespace (so no other traffic counts). On loopback nothing is lost unless a program drops \
+it: a retransmission timeout is a stall of at least 200 ms (the minimum RTO).
+- **longest read wait**: the longest a receiver sat in one read() before data arrived, at \
+the client (at the backend for uploads, which reports it back). For a back-to-back reader \
+this is the longest gap between reads; the slow reader's pacing sleeps are not counted. \
+**after**: how many bytes the receiver had read before that wait (bulk only): where in the \
+transfer the stall was.
+- Memory and CPU figures are machine-wide: other work on the machine shows up in them.
+";

@@ -1,0 +1,67 @@
+//! Idle connections: open --idle-conns connections one after another, each with one echo so it
+//! is established end to end, hold them, and divide the growth of memory by their number:
+//! the proxy's RSS (VmRSS of /proc/PID/status), kernel slab (Slab of /proc/meminfo: socks,
+//! inodes, files, epoll items, psocks, map elements) and socket buffers (/proc/net/sockstat
+//! TCP mem). Kernel figures are machine-wide, so they include the client's and backend's
+//! sockets: direct shows that share.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::{echo_connection, Env};
+use crate::bench::{
+    metric::{Measurement, Metric},
+    system,
+    units::KIB,
+    wire::ReadWaits,
+};
+
+/// The longest opening all connections may take.
+const LIMIT: Duration = Duration::from_secs(300);
+/// Time for lazily freed memory (RCU callbacks, deferred work) to settle before reading.
+const SETTLE: Duration = Duration::from_secs(1);
+
+pub fn run(env: &Env<'_>) -> Result<Measurement> {
+    let n = env.params.idle_conns;
+    thread::sleep(SETTLE);
+    let rss_before = env.proxy_pid.map(system::rss_bytes).transpose()?;
+    let mem_before = system::meminfo()?;
+    let sock_before = system::socket_mem_bytes()?;
+    let deadline = Instant::now() + LIMIT;
+    let mut waits = ReadWaits::default();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        if Instant::now() >= deadline {
+            bail!("idle: only {i} of {n} connections opened in {LIMIT:?}");
+        }
+        let stream = echo_connection(env.addr, env.params.message, &mut waits)
+            .with_context(|| format!("idle: opening connection {} of {n} failed", i + 1))?;
+        conns.push(stream);
+    }
+    thread::sleep(SETTLE);
+    let rss_after = env.proxy_pid.map(system::rss_bytes).transpose()?;
+    let mem_after = system::meminfo()?;
+    let sock_after = system::socket_mem_bytes()?;
+    drop(conns);
+
+    let per_conn_kib =
+        |before: u64, after: u64| (after as f64 - before as f64) / n.max(1) as f64 / KIB as f64;
+    let mut m = Measurement::default();
+    if let (Some(before), Some(after)) = (rss_before, rss_after) {
+        m.set(Metric::ProxyRssPerConn, per_conn_kib(before, after));
+    }
+    m.set(
+        Metric::KernelSlabPerConn,
+        per_conn_kib(mem_before.slab, mem_after.slab),
+    );
+    m.set(
+        Metric::SocketMemPerConn,
+        per_conn_kib(sock_before, sock_after),
+    );
+    m.set(Metric::LongestReadWait, waits.longest.as_secs_f64() * 1e3);
+    Ok(m)
+}

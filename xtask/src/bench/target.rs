@@ -1,0 +1,403 @@
+//! The targets a scenario runs against: the backend itself (direct), smartproxy on either data
+//! path, HAProxy with and without splicing. A proxy is a child process with a generated config
+//! in its own temporary directory; it is stopped (SIGTERM, then SIGKILL) when dropped.
+
+use std::{
+    fmt, fs,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::ValueEnum;
+
+use super::config;
+
+/// How long a proxy may take from spawn to answering its control (or stats) socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a proxy may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
+pub enum Target {
+    /// The client connects straight to the backend: the limit.
+    Direct,
+    /// smartproxy, `data_path = "ebpf"`.
+    Ebpf,
+    /// smartproxy, `data_path = "userspace"`.
+    Userspace,
+    /// HAProxy, `mode tcp`.
+    Haproxy,
+    /// HAProxy, `mode tcp` with `option splice-request` and `option splice-response`.
+    HaproxySplice,
+}
+
+impl Target {
+    pub const DEFAULT: [Target; 3] = [Target::Direct, Target::Ebpf, Target::Userspace];
+    pub const PEERS: [Target; 2] = [Target::Haproxy, Target::HaproxySplice];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Ebpf => "ebpf",
+            Target::Userspace => "userspace",
+            Target::Haproxy => "haproxy",
+            Target::HaproxySplice => "haproxy-splice",
+        }
+    }
+
+    pub fn is_haproxy(self) -> bool {
+        matches!(self, Target::Haproxy | Target::HaproxySplice)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What starting a target needs.
+pub struct Launch<'a> {
+    /// The smartproxy binary; None when no smartproxy target runs.
+    pub smartproxy: Option<&'a Path>,
+    pub backend: SocketAddr,
+    pub limits: config::Limits,
+}
+
+/// A target ready for connections.
+pub struct Running {
+    target: Target,
+    /// Where clients connect.
+    addr: SocketAddr,
+    process: Option<Process>,
+}
+
+struct Process {
+    child: Child,
+    /// Where the proxy's stdout and stderr go.
+    log: PathBuf,
+    /// smartproxy's control socket (None for HAProxy).
+    control: Option<PathBuf>,
+    /// Holds the config, the log and the sockets; removed after the process is gone.
+    _dir: TempDir,
+}
+
+impl Running {
+    pub fn start(target: Target, launch: &Launch<'_>) -> Result<Self> {
+        if target == Target::Direct {
+            return Ok(Self {
+                target,
+                addr: launch.backend,
+                process: None,
+            });
+        }
+        let dir = TempDir::new(target.name())?;
+        let listen = free_port()?;
+        let log = dir.path().join("proxy.log");
+        let (mut cmd, control, ready_socket) = match target {
+            Target::Ebpf | Target::Userspace => {
+                let control = dir.path().join("control.sock");
+                let text = config::smartproxy(
+                    target.name(),
+                    listen,
+                    launch.backend,
+                    &control,
+                    launch.limits,
+                );
+                let file = write_file(&dir.path().join("smartproxy.toml"), &text)?;
+                let binary = launch
+                    .smartproxy
+                    .ok_or_else(|| anyhow!("no smartproxy binary to start {target} with"))?;
+                let mut cmd = Command::new(binary);
+                cmd.arg("run")
+                    .arg("--config")
+                    .arg(file)
+                    // Per-connection logging would be part of what is measured.
+                    .env("RUST_LOG", "warn");
+                (cmd, Some(control.clone()), control)
+            }
+            Target::Haproxy | Target::HaproxySplice => {
+                let stats = dir.path().join("haproxy.sock");
+                let text = config::haproxy(
+                    listen,
+                    launch.backend,
+                    &stats,
+                    target == Target::HaproxySplice,
+                    launch.limits,
+                );
+                let file = write_file(&dir.path().join("haproxy.cfg"), &text)?;
+                let mut cmd = Command::new("haproxy");
+                // -db: stay in the foreground, no daemon, no master process.
+                cmd.arg("-f").arg(file).arg("-db");
+                (cmd, None, stats)
+            }
+            Target::Direct => unreachable!("handled above"),
+        };
+        let out = fs::File::create(&log)
+            .with_context(|| format!("failed to create {}", log.display()))?;
+        let err = out
+            .try_clone()
+            .with_context(|| format!("failed to reopen {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("failed to start {target}: {cmd:?}"))?;
+        let mut running = Self {
+            target,
+            addr: listen,
+            process: Some(Process {
+                child,
+                log,
+                control,
+                _dir: dir,
+            }),
+        };
+        if let Err(e) = running.wait_ready(&ready_socket) {
+            if let Some(mut process) = running.process.take() {
+                // It may still run (not ready in time); its log is in the error already.
+                let _ = process.child.kill();
+                let _ = process.child.wait();
+            }
+            return Err(e.context(format!("{target} did not become ready ({cmd:?})")));
+        }
+        Ok(running)
+    }
+
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The proxy's process id; None for direct.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.child.id())
+    }
+
+    /// Waits until the socket at `path` accepts a connection (smartproxy binds its control
+    /// socket after its listeners; HAProxy binds its stats socket with its listeners).
+    fn wait_ready(&mut self, path: &Path) -> Result<()> {
+        let process = self
+            .process
+            .as_mut()
+            .expect("wait_ready is only called for proxies");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = process
+                .child
+                .try_wait()
+                .context("failed to poll the proxy process")?
+            {
+                bail!("it exited with {status}; log:\n{}", log_tail(&process.log));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} does not answer after {READY_TIMEOUT:?}; log:\n{}",
+                    path.display(),
+                    log_tail(&process.log)
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `smartproxy stats` as JSON (None for targets without a control socket).
+    pub fn stats(&self) -> Result<Option<serde_json::Value>> {
+        let Some(control) = self.process.as_ref().and_then(|p| p.control.as_ref()) else {
+            return Ok(None);
+        };
+        let fail = || format!("control socket {}: stats request failed", control.display());
+        let mut stream = UnixStream::connect(control).with_context(fail)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .with_context(fail)?;
+        stream.write_all(b"stats\n").with_context(fail)?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).with_context(fail)?;
+        let json = serde_json::from_slice(&reply).with_context(|| {
+            format!(
+                "control socket {}: stats reply is not JSON",
+                control.display()
+            )
+        })?;
+        Ok(Some(json))
+    }
+
+    /// Waits (bounded) until smartproxy has no active connection, so that its byte counters
+    /// are final; a no-op for other targets.
+    pub fn wait_idle(&self, limit: Duration) -> Result<Option<serde_json::Value>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let Some(stats) = self.stats()? else {
+                return Ok(None);
+            };
+            let active = stats
+                .pointer("/connections/active")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            if active == 0 || Instant::now() >= deadline {
+                return Ok(Some(stats));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the proxy: SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]. Fails if it had died
+    /// before being asked to stop (the run's numbers are then suspect).
+    pub fn stop(mut self) -> Result<()> {
+        match self.process.take() {
+            Some(process) => process.stop(self.target),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(process) = self.process.take() {
+            if let Err(e) = process.stop(self.target) {
+                eprintln!("bench: {e:#}");
+            }
+        }
+    }
+}
+
+impl Process {
+    fn stop(mut self, target: Target) -> Result<()> {
+        if let Some(status) = self.child.try_wait().context("failed to poll the proxy")? {
+            bail!(
+                "{target} had exited before the bench stopped it ({status}); log:\n{}",
+                log_tail(&self.log)
+            );
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
+        // SAFETY: kill has no memory-safety preconditions; pid is our own unreaped child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if self
+                .child
+                .try_wait()
+                .context("failed to poll the proxy")?
+                .is_some()
+            {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill().context("failed to kill the proxy")?;
+        self.child.wait().context("failed to reap the proxy")?;
+        eprintln!(
+            "bench: {target} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed it; log:\n{}",
+            log_tail(&self.log)
+        );
+        Ok(())
+    }
+}
+
+/// A loopback address with a port nobody listens on right now. Another process could take it
+/// before the proxy binds it; the proxy then fails to start and says so.
+fn free_port() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("failed to bind 127.0.0.1:0")?;
+    listener
+        .local_addr()
+        .context("getsockname of a 127.0.0.1:0 socket failed")
+}
+
+fn write_file(path: &Path, text: &str) -> Result<PathBuf> {
+    fs::write(path, text).with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(path.to_owned())
+}
+
+/// The last lines of a proxy log, for error messages.
+fn log_tail(path: &Path) -> String {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// A directory under the system temp dir, removed with everything in it when dropped.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn new(label: &str) -> Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "smartproxy-bench-{}-{n}-{label}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&path)
+            .with_context(|| format!("failed to create {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            eprintln!("bench: cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Makes sure `haproxy` runs, installing the distribution package if it does not (and saying
+/// so). It is only ever run by the bench in the foreground, never as a service.
+pub fn ensure_haproxy() -> Result<String> {
+    let version = || {
+        Command::new("haproxy")
+            .arg("-v")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+    };
+    if let Some(v) = version() {
+        println!("xtask: bench: {v}");
+        return Ok(v);
+    }
+    println!("xtask: bench: haproxy is not installed; installing it (apt-get install -y haproxy)");
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "haproxy"])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    let status = install
+        .status()
+        .with_context(|| format!("failed to run {install:?}"))?;
+    if !status.success() {
+        bail!("{install:?} failed: {status} (try `apt-get update` first)");
+    }
+    let v = version().ok_or_else(|| anyhow!("haproxy still does not run after {install:?}"))?;
+    println!("xtask: bench: installed {v}");
+    Ok(v)
+}
