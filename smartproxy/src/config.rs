@@ -47,6 +47,8 @@ pub struct ProxyConfig {
 
 /// The smallest `max_queued_bytes`: below it nearly every byte would take the slow path.
 pub const MIN_QUEUED_BYTES: u64 = 64 * 1024;
+/// The largest `max_queued_bytes`: each spliced socket's send buffer is sized above it.
+pub const MAX_QUEUED_BYTES: u64 = 256 * 1024 * 1024;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -635,10 +637,10 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             "the Prometheus endpoint is not implemented yet; remove the key (stats are served on the control socket)",
         ));
     }
-    if proxy.max_queued_bytes < MIN_QUEUED_BYTES {
+    if !(MIN_QUEUED_BYTES..=MAX_QUEUED_BYTES).contains(&proxy.max_queued_bytes) {
         return Err(Invalid::new(
             "proxy.max_queued_bytes",
-            format!("must be at least {MIN_QUEUED_BYTES} (64 KiB)"),
+            format!("must be at least {MIN_QUEUED_BYTES} (64 KiB) and at most {MAX_QUEUED_BYTES} (256 MiB)"),
         ));
     }
     if proxy.control_socket.as_os_str().is_empty() {

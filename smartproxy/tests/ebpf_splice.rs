@@ -37,7 +37,7 @@ const GENEROUS: Duration = Duration::from_secs(30);
 /// they never reach.
 fn kernel_or_skip() -> Option<Kernel> {
     let options = LoadOptions {
-        max_queued_bytes: 1 << 40,
+        max_queued_bytes: 64 << 20,
         ..LoadOptions::default()
     };
     match Kernel::load(options) {
