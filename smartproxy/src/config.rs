@@ -57,7 +57,7 @@ impl Default for ProxyConfig {
             control_socket: PathBuf::from("/run/smartproxy/control.sock"),
             max_connections: 100_000,
             metrics: None,
-            max_queued_bytes: 4 * 1024 * 1024,
+            max_queued_bytes: crate::ebpf::DEFAULT_MAX_QUEUED_BYTES,
         }
     }
 }

@@ -14,16 +14,20 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Sleep;
+use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior, Sleep};
 
 use super::Meter;
-use crate::ebpf::{FlowCounters, Kernel, Splice, SpliceError, StateChange};
+use crate::ebpf::{FlowCounters, Kernel, Splice, SpliceError};
 use crate::lifecycle::{Direction, Side};
 
 /// The first re-check of the kernel backlog; doubles up to `BACKLOG_POLL_MAX`. There is no
 /// limit on the wait itself: hundreds of MB may be queued toward a slow reader.
 const BACKLOG_POLL_MIN: Duration = Duration::from_millis(1);
 const BACKLOG_POLL_MAX: Duration = Duration::from_millis(50);
+
+/// How often a half-closed spliced connection re-checks its sockets' TCP state, in case
+/// the ring buffer lost the event of an RST.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A spliced connection's kernel side, owned by its relay.
 #[derive(Debug)]
@@ -37,6 +41,7 @@ pub struct Offload {
     written: [u64; 2],
     retry: [Option<Pin<Box<Sleep>>>; 2],
     backoff: [Duration; 2],
+    sweep: Interval,
 }
 
 impl Offload {
@@ -59,6 +64,11 @@ impl Offload {
             written: [0; 2],
             retry: [None, None],
             backoff: [BACKLOG_POLL_MIN; 2],
+            sweep: {
+                let mut sweep = interval_at(Instant::now() + SWEEP_INTERVAL, SWEEP_INTERVAL);
+                sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                sweep
+            },
         })
     }
 
@@ -128,9 +138,21 @@ impl Offload {
         }
     }
 
-    /// The next TCP state change the sock_ops program reported, if one is queued.
-    pub fn poll_state_change(&mut self, cx: &mut Context<'_>) -> Poll<Option<StateChange>> {
-        self.splice.poll_event(cx)
+    /// Whether a socket's TCP state may have changed: the sock_ops program reported a
+    /// change, or, while `watching` (a side sent FIN), the periodic sweep is due. The sweep
+    /// finds what a ring-buffer event that was lost would have reported.
+    pub fn poll_state_check(&mut self, cx: &mut Context<'_>, watching: bool) -> bool {
+        let mut due = false;
+        while let Poll::Ready(Some(change)) = self.splice.poll_event(cx) {
+            tracing::debug!(?change, "tcp state change");
+            due = true;
+        }
+        if watching {
+            while self.sweep.poll_tick(cx).is_ready() {
+                due = true;
+            }
+        }
+        due
     }
 }
 

@@ -141,16 +141,6 @@ impl Half {
     }
 }
 
-/// Errors that mean the peer's end of the connection is gone: an RST, or TCP giving up
-/// (keepalive or retransmission timeout). EPIPE is not one: it is our own shut write
-/// side, which the kernel also reports when its backlog meets it.
-fn is_reset(error: &io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::ECONNRESET | libc::ETIMEDOUT | libc::EHOSTUNREACH | libc::ENETUNREACH)
-    )
-}
-
 /// Reads into `buf`, allocating it once the socket is readable.
 fn poll_read(
     cx: &mut Context<'_>,
@@ -294,37 +284,30 @@ impl Relay {
         Poll::Pending
     }
 
-    /// Drains the sock_ops events of a spliced connection. A side that sent FIN has no
-    /// read pending, so its socket readiness would not show a later RST: its state-change
-    /// event does, and the socket's pending error tells whether it was a reset. Any other
-    /// change shows up on the socket itself (FIN: EOF behind every redirected byte).
+    /// On a spliced connection, finds an RST (or keepalive timeout) of a side that already
+    /// sent its FIN: no read is pending on it, so only its TCP state shows it. Checked on
+    /// each sock_ops event and by a periodic sweep. Such a side was reset exactly when it
+    /// is CLOSE while the direction toward it is not finished: a graceful close reaches
+    /// CLOSE only through LAST_ACK, after our FIN. (Its pending error would not tell: the
+    /// kernel reports an RST in CLOSE_WAIT as EPIPE, which it also sets itself.)
     fn poll_state_changes(&mut self, cx: &mut Context<'_>) -> Option<Side> {
         let offload = self.offload.as_mut()?;
-        while let Poll::Ready(Some(change)) = offload.poll_state_change(cx) {
-            tracing::debug!(?change, "tcp state change");
-            let side = change.side;
-            if !self.halves[Direction::from_source(side).index()].eof {
-                continue;
-            }
+        let watching = self.halves.iter().any(|half| half.eof);
+        if !offload.poll_state_check(cx, watching) {
+            return None;
+        }
+        [Side::Client, Side::Backend].into_iter().find(|side| {
+            let from = &self.halves[Direction::from_source(*side).index()];
+            let toward = &self.halves[Direction::from_source(side.peer()).index()];
             let stream = match side {
                 Side::Client => &self.client,
                 Side::Backend => &self.backend,
             };
-            // tcp_reset() reports an RST in CLOSE_WAIT as EPIPE, which `is_reset` cannot
-            // tell from our own shut write side; the state change can: a graceful close
-            // leaves CLOSE_WAIT through LAST_ACK, an RST goes straight to CLOSE.
-            let reset_in_close_wait = change.old == crate::ebpf::TcpState::CloseWait
-                && change.new == crate::ebpf::TcpState::Close;
-            match stream.take_error() {
-                Ok(Some(error)) if is_reset(&error) || reset_in_close_wait => {
-                    tracing::debug!(%side, %error, "socket reset after FIN");
-                    return Some(side);
-                }
-                Ok(Some(error)) => tracing::debug!(%side, %error, "socket error after FIN"),
-                Ok(None) | Err(_) => {}
-            }
-        }
-        None
+            from.eof
+                && !toward.finished
+                && crate::ebpf::tcp_state(std::os::fd::AsFd::as_fd(&**stream))
+                    .is_ok_and(|state| state == crate::ebpf::TcpState::Close)
+        })
     }
 
     /// `Action::Finish`: the half stops forwarding once its buffer is written, shuts the
