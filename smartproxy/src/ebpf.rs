@@ -53,7 +53,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sm
 
 /// The default of [`LoadOptions::max_queued_bytes`] and of `proxy.max_queued_bytes`.
 /// Measured with `cargo xtask bench` on loopback: at 4 MiB fast readers hit the cap all
-/// the time (5-12 % of their bytes went through the kernel); at 16 MiB 65-88 % did, and a
+/// the time (5-12 % of their bytes went through the kernel); at 16 MiB 63-96 % did, and a
 /// slow reader still holds at most about twice the cap.
 pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 16 * 1024 * 1024;
 

@@ -327,7 +327,7 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
     info!(
         route = route.as_deref().unwrap_or("-"),
         backend = ?record.backend.get(),
-        data_path = ?record.data_path.get(),
+        data_path = ?record.data_path(),
         client_to_backend = record.meter.bytes(crate::lifecycle::Direction::ClientToBackend),
         backend_to_client = record.meter.bytes(crate::lifecycle::Direction::BackendToClient),
         duration_ms = record.started.elapsed().as_millis() as u64,
@@ -486,7 +486,9 @@ async fn relay(
 ) -> Reason {
     let config = shared.config.routes[route].lifecycle;
     let mut relay = Relay::new(client, backend, Arc::clone(&record.meter));
-    let mut data_path = shared.data_path(route);
+    let data_path = shared.data_path(route);
+    // Before the splice: from then on the kernel may move bytes before this task runs.
+    record.set_data_path(data_path);
     if let (DataPathKind::Ebpf, Some(kernel)) = (data_path, &shared.kernel) {
         if let Err(e) = relay.offload(kernel) {
             shared.stats.splice_failed();
@@ -498,10 +500,9 @@ async fn relay(
                 return Reason::ConnectFailed;
             }
             warn!(error = %error_chain(&e), "splice failed; this connection uses the userspace data path");
-            data_path = DataPathKind::Userspace;
+            record.set_data_path(DataPathKind::Userspace);
         }
     }
-    let _ = record.data_path.set(data_path);
     let mut lifecycle = Lifecycle::new(config, Instant::now().into_std());
     let mut shutdown = shared.shutdown.clone();
     let mut shutdown_seen = false;

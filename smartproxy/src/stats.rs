@@ -193,7 +193,7 @@ impl Stats {
                 route_live[*route].1[1] += live[1];
             }
             half_open += u64::from(record.half_open.load(Ordering::Relaxed));
-            match record.data_path.get() {
+            match record.data_path() {
                 Some(DataPathKind::Ebpf) => on_ebpf += 1,
                 Some(DataPathKind::Userspace) => on_userspace += 1,
                 None => {}
@@ -254,7 +254,7 @@ impl Stats {
                 route: record.route.get().map(|r| self.routes[*r].name.clone()),
                 client: record.client.to_string(),
                 backend: record.backend.get().map(|b| b.to_string()),
-                data_path: record.data_path.get().copied(),
+                data_path: record.data_path(),
                 age_secs: now.duration_since(record.started).as_secs_f64(),
                 idle_secs: now
                     .saturating_duration_since(instant_of(record.meter.last_activity_ns()))

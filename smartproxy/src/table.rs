@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
@@ -19,10 +19,29 @@ pub struct ConnRecord {
     pub route: OnceLock<usize>,
     /// Known once connected.
     pub backend: OnceLock<SocketAddr>,
-    /// Known once the bytes move.
-    pub data_path: OnceLock<DataPathKind>,
+    /// Known once the bytes move: 0 none yet, 1 userspace, 2 ebpf. Set before the
+    /// kernel starts moving bytes, and changed back if the splice fails.
+    data_path: AtomicU8,
     pub meter: Arc<Meter>,
     pub half_open: AtomicBool,
+}
+
+impl ConnRecord {
+    pub fn set_data_path(&self, kind: DataPathKind) {
+        let code = match kind {
+            DataPathKind::Userspace => 1,
+            DataPathKind::Ebpf => 2,
+        };
+        self.data_path.store(code, Ordering::Relaxed);
+    }
+
+    pub fn data_path(&self) -> Option<DataPathKind> {
+        match self.data_path.load(Ordering::Relaxed) {
+            1 => Some(DataPathKind::Userspace),
+            2 => Some(DataPathKind::Ebpf),
+            _ => None,
+        }
+    }
 }
 
 /// The live connections, by id.
@@ -43,7 +62,7 @@ impl ConnTable {
             started_at: SystemTime::now(),
             route: OnceLock::new(),
             backend: OnceLock::new(),
-            data_path: OnceLock::new(),
+            data_path: AtomicU8::new(0),
             meter: Arc::default(),
             half_open: AtomicBool::new(false),
         });
