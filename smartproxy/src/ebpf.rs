@@ -459,7 +459,7 @@ pub struct SpliceError {
 }
 
 impl SpliceError {
-    fn new(
+    pub(crate) fn new(
         side: Side,
         step: SpliceStep,
         source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,

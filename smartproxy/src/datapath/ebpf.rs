@@ -45,18 +45,29 @@ pub struct Offload {
 }
 
 impl Offload {
-    /// Splices the pair and makes `meter` count the kernel's bytes too.
+    /// Splices the pair and makes `meter` count the kernel's bytes too: from before the
+    /// splice, since the kernel may move bytes before this task runs again.
     pub fn new(
         kernel: &Kernel,
         client: std::os::fd::BorrowedFd<'_>,
         backend: std::os::fd::BorrowedFd<'_>,
         meter: Arc<Meter>,
     ) -> Result<Offload, SpliceError> {
-        let splice = kernel.splice(client, backend)?;
+        let cookie = |side, fd| {
+            crate::ebpf::socket_cookie(fd)
+                .map_err(|e| SpliceError::new(side, crate::ebpf::SpliceStep::Cookie, e))
+        };
         meter.attach_kernel(KernelFlows {
             kernel: kernel.clone(),
-            cookies: [splice.cookie(Side::Client), splice.cookie(Side::Backend)],
+            cookies: [
+                cookie(Side::Client, client)?,
+                cookie(Side::Backend, backend)?,
+            ],
         });
+        let splice = kernel.splice(client, backend).inspect_err(|_| {
+            // Nothing of the kernel's to count: its entries are gone again.
+            meter.detach_kernel();
+        })?;
         Ok(Offload {
             splice,
             meter,
