@@ -28,19 +28,8 @@ pub struct Options {
 
 pub fn run(opts: Options) -> Result<ExitCode> {
     let Options { config, args } = opts;
-    toolchain::ensure()?;
     let root = workspace_root();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    toolchain::status(Command::new(&cargo).current_dir(root).args([
-        "build",
-        "--release",
-        "--package",
-        "smartproxy",
-        "--bin",
-        "smartproxy",
-    ]))?;
-    let target_dir = target_dir(&cargo, root)?;
-    let binary = target_dir.join("release").join("smartproxy");
+    let binary = build_release_binary(root)?;
     let config = root.join(config);
     let mut cmd = Command::new(&binary);
     cmd.current_dir(root)
@@ -52,6 +41,27 @@ pub fn run(opts: Options) -> Result<ExitCode> {
     // exec replaces this process, so signals (SIGINT, SIGTERM) reach the proxy directly.
     let err = cmd.exec();
     Err(err).with_context(|| format!("failed to exec {cmd:?}"))
+}
+
+/// The cargo that runs xtask (`$CARGO`), or `cargo` from the PATH.
+pub fn cargo() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// `cargo build --release` of the `smartproxy` binary (after [`toolchain::ensure`]);
+/// returns its path.
+pub fn build_release_binary(root: &Path) -> Result<PathBuf> {
+    toolchain::ensure()?;
+    let cargo = cargo();
+    toolchain::status(Command::new(&cargo).current_dir(root).args([
+        "build",
+        "--release",
+        "--package",
+        "smartproxy",
+        "--bin",
+        "smartproxy",
+    ]))?;
+    Ok(target_dir(&cargo, root)?.join("release").join("smartproxy"))
 }
 
 /// The workspace root: xtask lives in `<root>/xtask`.

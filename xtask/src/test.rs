@@ -28,7 +28,7 @@ pub struct Options {
 pub fn run(opts: Options) -> Result<ExitCode> {
     let Options { runner, args } = opts;
     toolchain::ensure()?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let cargo = crate::run::cargo();
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
         // Every failing test binary is reported, not only the first.

@@ -127,7 +127,7 @@ fn ensure_bpf_linker(llvm: &NightlyLlvm) -> Result<()> {
         llvm.library.display(),
         prefix.display()
     );
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let cargo = crate::run::cargo();
     status(
         Command::new(cargo)
             .args(["install", "bpf-linker", "--locked", "--force", "--version"])

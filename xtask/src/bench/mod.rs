@@ -17,10 +17,9 @@ mod units;
 mod wire;
 
 use std::{
-    ffi::OsString,
     fs,
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, ExitCode},
     sync::{atomic::AtomicU64, Arc},
     time::Duration,
@@ -163,7 +162,7 @@ pub fn run(opts: Options) -> Result<ExitCode> {
             .iter()
             .any(|t| matches!(t, Target::Ebpf | Target::Userspace)) =>
         {
-            Some(build_smartproxy(root)?)
+            Some(run::build_release_binary(root)?)
         }
         None => None,
     };
@@ -367,31 +366,10 @@ fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
     out
 }
 
-fn cargo() -> OsString {
-    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
-}
-
-/// `cargo build --release` of the smartproxy binary (after [`toolchain::ensure`]).
-fn build_smartproxy(root: &Path) -> Result<PathBuf> {
-    toolchain::ensure()?;
-    let cargo = cargo();
-    toolchain::status(Command::new(&cargo).current_dir(root).args([
-        "build",
-        "--release",
-        "--package",
-        "smartproxy",
-        "--bin",
-        "smartproxy",
-    ]))?;
-    Ok(run::target_dir(&cargo, root)?
-        .join("release")
-        .join("smartproxy"))
-}
-
 /// Builds xtask in release and replaces this process with it, same arguments.
 fn reexec_in_release() -> Result<ExitCode> {
     let root = run::workspace_root();
-    let cargo = cargo();
+    let cargo = run::cargo();
     println!(
         "xtask: bench: building xtask in release (the load generator must not be a debug build)"
     );
