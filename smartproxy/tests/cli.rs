@@ -18,21 +18,18 @@
 //! listeners and after installing its signal handlers. Every wait is a bounded poll.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// Bounds every wait: reaching it is a failure, not the wait itself.
-const WAIT: Duration = Duration::from_secs(10);
-/// How often a bounded wait looks again.
-const POLL: Duration = Duration::from_millis(20);
+mod support;
+use support::*;
 
 /// The closure reasons of DESIGN.md ("Connection lifecycle"), each a `closed` key.
 const REASONS: [&str; 13] = [
@@ -104,141 +101,6 @@ fn run_bounded(command: &mut Command) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A loopback port nobody listens on right now (bound, read, released).
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-}
-
-/// A loopback backend that echoes every connection until EOF, then closes its side.
-fn echo_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the echo backend");
-    let addr = listener.local_addr().expect("echo backend address");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut reader = stream.try_clone().expect("clone the echo stream");
-                let mut writer = stream;
-                if std::io::copy(&mut reader, &mut writer).is_ok() {
-                    let _ = writer.shutdown(Shutdown::Write);
-                }
-            });
-        }
-    });
-    addr
-}
-
-// === the proxy process ===
-
-/// A `smartproxy run` child. Dropping it kills the process if it still runs, and prints
-/// its log when the test is failing.
-struct ProxyProcess {
-    child: Child,
-    control: PathBuf,
-    log: PathBuf,
-    listen: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl ProxyProcess {
-    /// Starts `smartproxy run` with one plain route `route` on a free loopback port to
-    /// `backend` (userspace data path, control socket in a temporary directory), with
-    /// `lifecycle` as its `[lifecycle]` table body, and waits until it is ready.
-    fn start(route: &str, backend: SocketAddr, lifecycle: &str) -> ProxyProcess {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let control = dir.path().join("control.sock");
-        let listen = free_port();
-        let config = dir.path().join("smartproxy.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[proxy]\ndata_path = \"userspace\"\ncontrol_socket = {control:?}\n\n\
-                 [lifecycle]\n{lifecycle}\n\n\
-                 [[route]]\nname = \"{route}\"\nlisten = \"{listen}\"\ntargets = [\"{backend}\"]\n",
-                control = control.display().to_string(),
-            ),
-        )
-        .expect("write the config");
-        let log = dir.path().join("proxy.log");
-        let out = std::fs::File::create(&log).expect("create the proxy log");
-        let err = out.try_clone().expect("clone the proxy log handle");
-        let child = smartproxy()
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("the smartproxy binary starts");
-        let mut proxy = ProxyProcess {
-            child,
-            control,
-            log,
-            listen,
-            _dir: dir,
-        };
-        proxy.wait_ready();
-        proxy
-    }
-
-    /// Polls until the control socket accepts a connection.
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if UnixStream::connect(&self.control).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().expect("try_wait on the proxy") {
-                panic!("the proxy exited before it was ready: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no control socket at {} after {WAIT:?}",
-                self.control.display()
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on the pid of our own child, not yet reaped (we hold `Child`).
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill({}, {signal})", self.child.id());
-    }
-
-    /// Waits for the process to exit by itself within `within`.
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait on the proxy") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the proxy still runs {within:?} later"
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            eprintln!("--- proxy log ({}):\n{log}", self.log.display());
-        }
-    }
 }
 
 // === check ===
