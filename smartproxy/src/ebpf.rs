@@ -26,7 +26,6 @@ use std::{
         Arc, Mutex, MutexGuard, PoisonError,
     },
     task::{Context, Poll},
-    time::Duration,
 };
 
 use aya::{
@@ -574,15 +573,6 @@ pub struct FlowCounters {
     pub last_activity_ns: u64,
 }
 
-impl FlowCounters {
-    /// How long the direction has been idle at `now_ns` (CLOCK_MONOTONIC); `None` if it never
-    /// carried a byte.
-    pub fn idle_for(&self, now_ns: u64) -> Option<Duration> {
-        (self.last_activity_ns != 0)
-            .then(|| Duration::from_nanos(now_ns.saturating_sub(self.last_activity_ns)))
-    }
-}
-
 /// One socket of a splice.
 #[derive(Debug)]
 struct SpliceSocket {
@@ -978,12 +968,6 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
     Ok(TcpState::from(u32::from(tcp_info(fd)?.state)))
 }
 
-/// The socket's pending error (`SO_ERROR`, which reading clears): e.g. ECONNRESET after an RST.
-pub fn socket_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
-    let err = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
-    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
-}
-
 /// `tcpi_bytes_acked + SIOCOUTQ`: every byte ever taken into the socket's send queue (plus the
 /// SYN, on connected sockets).
 fn bytes_handed(fd: BorrowedFd<'_>) -> io::Result<u64> {
@@ -1157,7 +1141,6 @@ mod tests {
             socket_cookie(server.as_fd()).unwrap(),
         );
         assert_ne!(a, b, "cookies are unique per socket");
-        assert!(socket_error(client.as_fd()).unwrap().is_none());
         // Nothing written yet: the baseline is the SYN at most.
         assert!(bytes_handed(client.as_fd()).unwrap() <= 1);
     }
