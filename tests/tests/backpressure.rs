@@ -10,9 +10,13 @@
 use std::time::Duration;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use smartproxy::config::DataPathMode;
 use smartproxy::lifecycle::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Bounds one randomized round: a lost byte must fail the test, not hang it.
+const ROUND: Duration = Duration::from_secs(120);
 
 /// Small enough that the cap is hit many times per round.
 const MAX_QUEUED_BYTES: u64 = 256 * 1024;
@@ -37,7 +41,8 @@ struct Pace {
 impl Pace {
     fn random(rng: &mut StdRng) -> Pace {
         Pace {
-            chunk: rng.gen_range(1..=256 * 1024),
+            // At least 4 KiB, so that a slow round still ends in seconds.
+            chunk: rng.gen_range(4 * 1024..=256 * 1024),
             read_pause: Duration::from_micros(rng.gen_range(0..=2_000)),
         }
     }
@@ -77,6 +82,7 @@ async fn randomized_rounds_keep_every_byte_in_order_across_switches() {
     for_each_data_path(|mode| {
         let seeds = seeds.clone();
         async move {
+            let (mut kernel_bytes, mut all_bytes) = (0, 0);
             for seed in seeds {
                 eprintln!("round seed {seed} (replay with BACKPRESSURE_SEED={seed})");
                 let mut rng = StdRng::seed_from_u64(seed);
@@ -104,7 +110,9 @@ async fn randomized_rounds_keep_every_byte_in_order_across_switches() {
                 let (mut read, mut write) = client.into_split();
                 let sender =
                     tokio::spawn(async move { write_paced(&mut write, &up, client_pace).await });
-                let (len, hash) = read_paced(&mut read, client_pace).await;
+                let (len, hash) = tokio::time::timeout(ROUND, read_paced(&mut read, client_pace))
+                    .await
+                    .unwrap_or_else(|_| panic!("round {seed} did not end within {ROUND:?}"));
                 assert_eq!(len, down.len(), "bytes at the client, seed {seed}");
                 assert_eq!(hash, sha256(&down), "checksum at the client, seed {seed}");
                 sender.await.expect("client sender");
@@ -118,7 +126,17 @@ async fn randomized_rounds_keep_every_byte_in_order_across_switches() {
                     bytes.kernel_backend_to_client,
                     bytes.backend_to_client
                 );
+                kernel_bytes += bytes.kernel_client_to_backend + bytes.kernel_backend_to_client;
+                all_bytes += bytes.client_to_backend + bytes.backend_to_client;
                 proxy.stop().await;
+            }
+            if mode == DataPathMode::Ebpf {
+                // The switch was taken: some bytes went through the kernel, some were
+                // passed up and forwarded by userspace.
+                assert!(
+                    0 < kernel_bytes && kernel_bytes < all_bytes,
+                    "kernel moved {kernel_bytes} of {all_bytes} bytes: the switch was not exercised"
+                );
             }
         }
     })
