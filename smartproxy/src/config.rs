@@ -29,6 +29,8 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     /// In file order; at least one.
     pub routes: Vec<RouteConfig>,
+    /// The file this was read from ([`Config::from_file`]): what a reload reads again.
+    pub source: Option<PathBuf>,
 }
 
 /// `[proxy]`: process-wide settings.
@@ -366,7 +368,9 @@ impl Config {
             key: String::new(),
             reason: format!("cannot read: {e}"),
         })?;
-        Self::from_str(&text, path)
+        let mut config = Self::from_str(&text, path)?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses and validates configuration text. `origin` names the file in error messages,
@@ -673,6 +677,7 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
         proxy,
         lifecycle,
         routes,
+        source: None,
     })
 }
 

@@ -1,15 +1,17 @@
-//! The control socket: a Unix socket (mode 0600) that answers `stats` and
-//! `connections` with one JSON document each, for `smartproxy stats` / `connections`.
+//! The control socket: a Unix socket (mode 0600) that answers `stats`, `connections`
+//! and `reload` with one JSON document each, for the commands of the same names.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use crate::error_chain;
 use crate::proxy::Shared;
 
 /// The longest request line accepted; the requests are single words.
@@ -72,6 +74,23 @@ async fn answer(stream: UnixStream, shared: Arc<Shared>) {
     let body = match line.trim() {
         "stats" => serde_json::to_vec(&shared.snapshot()),
         "connections" => serde_json::to_vec(&shared.connection_rows()),
+        "reload" => {
+            let reply = match shared.reload().await {
+                Ok(summary) => {
+                    info!(%summary, "configuration reloaded (control socket)");
+                    ReloadReply {
+                        ok: true,
+                        message: summary.to_string(),
+                    }
+                }
+                Err(e) => {
+                    let message = error_chain(&e);
+                    warn!(error = %message, "reload refused (control socket); the running configuration stays in force");
+                    ReloadReply { ok: false, message }
+                }
+            };
+            serde_json::to_vec(&reply)
+        }
         other => Ok(format!("{{\"error\":\"unknown request {other:?}\"}}").into_bytes()),
     };
     match body {
@@ -84,6 +103,13 @@ async fn answer(stream: UnixStream, shared: Arc<Shared>) {
     }
 }
 
+/// The reply to `reload`: what changed, or why nothing did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReply {
+    pub ok: bool,
+    pub message: String,
+}
+
 /// Why a control request failed, naming the socket.
 #[derive(Debug, thiserror::Error)]
 #[error("control socket {path}: {source}")]
@@ -93,7 +119,7 @@ pub struct ControlError {
     pub source: io::Error,
 }
 
-/// Sends one request (`stats` or `connections`) and returns the JSON reply.
+/// Sends one request (`stats`, `connections` or `reload`) and returns the JSON reply.
 pub fn query(path: &Path, request: &str) -> Result<Vec<u8>, ControlError> {
     let fail = |source| ControlError {
         path: path.to_owned(),

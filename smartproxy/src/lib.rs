@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod ebpf;
+pub mod generation;
 pub mod lifecycle;
 pub mod proxy;
 pub mod route;
@@ -15,7 +16,7 @@ pub mod sni;
 pub mod stats;
 pub mod table;
 
-pub use proxy::{Closed, Proxy, StartError};
+pub use proxy::{Closed, Proxy, ReloadError, ReloadSummary, StartError};
 
 /// An error and its sources, on one line: `outer: cause: root cause`.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -11,7 +11,7 @@ use smartproxy::control;
 use smartproxy::stats::{ConnectionRow, Snapshot};
 use smartproxy::Proxy;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 
 /// Exit code for a configuration that does not load.
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -58,6 +58,12 @@ enum Command {
         target: ControlTarget,
         #[arg(long)]
         json: bool,
+    },
+    /// Make a running proxy re-read its configuration file (as SIGHUP does); exits 1 if
+    /// the new configuration was refused (the running one stays in force).
+    Reload {
+        #[command(flatten)]
+        target: ControlTarget,
     },
 }
 
@@ -114,6 +120,10 @@ fn main() -> ExitCode {
             Ok(path) => report(connections(&path, json)),
             Err(code) => code,
         },
+        Command::Reload { target } => match target.path() {
+            Ok(path) => report(reload(&path)),
+            Err(code) => code,
+        },
     }
 }
 
@@ -152,12 +162,22 @@ fn run(config: Config) -> Result<()> {
         // Handlers first: a signal that arrives once we are listening must not kill us.
         let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
         let grace = config.lifecycle.grace_period;
         let proxy = Proxy::start(config).await?;
         info!("ready");
-        let signal = tokio::select! {
-            _ = terminate.recv() => "SIGTERM",
-            _ = interrupt.recv() => "SIGINT",
+        let signal = loop {
+            tokio::select! {
+                _ = terminate.recv() => break "SIGTERM",
+                _ = interrupt.recv() => break "SIGINT",
+                _ = hangup.recv() => match proxy.reload().await {
+                    Ok(summary) => info!(%summary, "configuration reloaded (SIGHUP)"),
+                    Err(e) => warn!(
+                        error = %smartproxy::error_chain(&e),
+                        "reload refused (SIGHUP); the running configuration stays in force"
+                    ),
+                },
+            }
         };
         info!(signal, grace_period = ?grace, "shutting down: no new connections");
         proxy.shutdown();
@@ -175,6 +195,18 @@ fn fetch<T: serde::de::DeserializeOwned>(path: &Path, request: &str) -> Result<T
             path.display()
         )
     })
+}
+
+fn reload(path: &Path) -> Result<()> {
+    let reply: control::ReloadReply = fetch(path, "reload")?;
+    if !reply.ok {
+        anyhow::bail!(
+            "reload refused; the running configuration stays in force: {}",
+            reply.message
+        );
+    }
+    println!("reloaded: {}", reply.message);
+    Ok(())
 }
 
 fn stats(path: &Path, json: bool, watch: bool) -> Result<()> {

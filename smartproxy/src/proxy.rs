@@ -1,25 +1,28 @@
 //! The proxy: binds the listeners, accepts, routes, connects, and drives each
 //! connection's lifecycle over its data path until it closes with one reason.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
+use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, watch};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::config::{Config, DataPathMode, LifecycleConfig, Target};
+use crate::config::{Config, ConfigError, DataPathMode, LifecycleConfig, Target};
 use crate::control::ControlServer;
 use crate::datapath::{instant_of, DataPathKind, Relay};
 use crate::ebpf::{EbpfError, Kernel, LoadOptions};
 use crate::error_chain;
+use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
-use crate::route::{ListenerRoutes, RouteTable};
+use crate::route::ListenerRoutes;
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
 use crate::table::{ConnRecord, ConnTable};
@@ -48,6 +51,60 @@ pub enum StartError {
     },
 }
 
+/// Why a reload was refused; the running configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the configuration was not read from a file, so there is nothing to re-read")]
+    NoSource,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{file}: {source}")]
+    NotReloadable {
+        file: PathBuf,
+        #[source]
+        source: NotReloadable,
+    },
+    #[error("{file}: {source}")]
+    Unsupported {
+        file: PathBuf,
+        #[source]
+        source: StartError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What a reload changed, by route name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+impl std::fmt::Display for ReloadSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |names: &[String]| {
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        };
+        write!(
+            f,
+            "routes added: {}; removed: {}; changed: {}",
+            list(&self.added),
+            list(&self.removed),
+            list(&self.changed)
+        )
+    }
+}
+
 /// A connection that ended, for whoever listens (tests, logs).
 #[derive(Clone, Debug)]
 pub struct Closed {
@@ -59,14 +116,22 @@ pub struct Closed {
 /// What every connection task shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) config: Config,
-    routes: RouteTable,
+    /// The configuration new connections are accepted under; swapped by a reload.
+    generation: watch::Sender<Arc<Generation>>,
+    /// Every open listener: configured address -> bound address (they differ for port
+    /// 0). Changed only under this lock, by a reload or by an accept loop that stops, so
+    /// that a reload never binds an address a listener still holds.
+    listeners: Mutex<BTreeMap<SocketAddr, SocketAddr>>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+    control_socket: PathBuf,
     pub(crate) table: ConnTable,
     pub(crate) stats: Stats,
     /// The loaded kernel data path, if any route may use it and it loaded.
     kernel: Option<Kernel>,
     closed: broadcast::Sender<Closed>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    tasks: TaskTracker,
 }
 
 impl Shared {
@@ -86,29 +151,125 @@ impl Shared {
         self.stats.snapshot(&self.table, ebpf)
     }
 
-    /// The data path a connection of `route` takes.
-    fn data_path(&self, route: usize) -> DataPathKind {
-        let config = &self.config.routes[route];
-        let mode = config.data_path.unwrap_or(self.config.proxy.data_path);
-        let terminates = config.tls.is_some_and(|tls| tls.terminates());
-        match (mode, &self.kernel) {
-            (DataPathMode::Auto | DataPathMode::Ebpf, Some(_)) if !terminates => DataPathKind::Ebpf,
-            _ => DataPathKind::Userspace,
-        }
-    }
-
     pub(crate) fn connection_rows(&self) -> Vec<ConnectionRow> {
         self.stats.connection_rows(&self.table)
     }
+
+    fn generation(&self) -> Arc<Generation> {
+        Arc::clone(&self.generation.borrow())
+    }
+
+    fn lock_listeners(&self) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, SocketAddr>> {
+        // Every change is a single insert or remove: a poisoned lock is still sound.
+        self.listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Binds a listener and starts accepting on it. The caller holds the listeners lock.
+    fn open_listener(
+        self: &Arc<Self>,
+        listeners: &mut BTreeMap<SocketAddr, SocketAddr>,
+        addr: SocketAddr,
+    ) -> io::Result<()> {
+        let listener = bind(addr)?;
+        let bound = listener.local_addr()?;
+        listeners.insert(addr, bound);
+        info!(listen = %bound, "listening");
+        self.tasks
+            .spawn(accept_loop(listener, addr, bound, Arc::clone(self)));
+        Ok(())
+    }
+
+    /// Re-reads the configuration file and applies it to new connections. On any error
+    /// the running configuration stays in force, untouched.
+    pub(crate) async fn reload(self: &Arc<Self>) -> Result<ReloadSummary, ReloadError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let running = self.generation();
+        let file = running.config.source.clone().ok_or(ReloadError::NoSource)?;
+        let next = Config::from_file(&file)?;
+        check_supported(&next).map_err(|source| ReloadError::Unsupported {
+            file: file.clone(),
+            source,
+        })?;
+        check_reloadable(&running.config, &next, self.kernel.is_some()).map_err(|source| {
+            ReloadError::NotReloadable {
+                file: file.clone(),
+                source,
+            }
+        })?;
+        let summary = summarize(&running.config, &next);
+        let next = Arc::new(Generation::new(next, &self.stats));
+        let mut listeners = self.lock_listeners();
+        let added: Vec<SocketAddr> = next
+            .routes
+            .listeners
+            .keys()
+            .filter(|addr| !listeners.contains_key(addr))
+            .copied()
+            .collect();
+        // Bind every new address before anything changes: one that fails refuses the
+        // whole reload.
+        let mut bound = Vec::with_capacity(added.len());
+        for addr in added {
+            bound.push((
+                addr,
+                bind(addr).map_err(|source| ReloadError::Bind { addr, source })?,
+            ));
+        }
+        // Accept loops whose address is gone stop when they see this generation.
+        self.generation.send_replace(next);
+        for (addr, listener) in bound {
+            match listener.local_addr() {
+                Ok(local) => {
+                    listeners.insert(addr, local);
+                    info!(listen = %local, "listening");
+                    self.tasks
+                        .spawn(accept_loop(listener, addr, local, Arc::clone(self)));
+                }
+                Err(e) => warn!(listen = %addr, error = %e, "new listener unusable"),
+            }
+        }
+        Ok(summary)
+    }
+}
+
+/// Route names added, removed and changed from `running` to `next`.
+fn summarize(running: &Config, next: &Config) -> ReloadSummary {
+    let find = |config: &Config, name: &str| config.routes.iter().position(|r| r.name == name);
+    let mut summary = ReloadSummary::default();
+    for route in &next.routes {
+        match find(running, &route.name) {
+            None => summary.added.push(route.name.clone()),
+            Some(index) if running.routes[index] != *route => {
+                summary.changed.push(route.name.clone())
+            }
+            Some(_) => {}
+        }
+    }
+    for route in &running.routes {
+        if find(next, &route.name).is_none() {
+            summary.removed.push(route.name.clone());
+        }
+    }
+    summary
+}
+
+/// A listening socket with a backlog fit for bursts of connections.
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
     shared: Arc<Shared>,
-    listen_addrs: Vec<(SocketAddr, SocketAddr)>,
     shutdown: watch::Sender<bool>,
-    tasks: TaskTracker,
 }
 
 impl Proxy {
@@ -119,82 +280,69 @@ impl Proxy {
         // Before any listener exists: sockets only run the sock_ops program if they are
         // created in the cgroup it is attached to.
         let kernel = load_kernel(&config)?;
-        let routes = RouteTable::new(&config);
         let data_path = match (&kernel, config.proxy.data_path) {
             (Some(_), DataPathMode::Auto | DataPathMode::Ebpf) => DataPathKind::Ebpf,
             _ => DataPathKind::Userspace,
         };
-        let stats = Stats::new(data_path, config.routes.iter().map(|r| r.name.as_str()));
-        let mut listeners = Vec::with_capacity(routes.listeners.len());
-        for (addr, _) in &routes.listeners {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: *addr,
-                    source,
-                })?;
-            listeners.push(listener);
-        }
+        let stats = Stats::new(data_path);
+        let control_socket = config.proxy.control_socket.clone();
+        let generation = Generation::new(config, &stats);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (closed, _) = broadcast::channel(1024);
-        let control_path = config.proxy.control_socket.clone();
+        let addrs: Vec<SocketAddr> = generation.routes.listeners.keys().copied().collect();
         let shared = Arc::new(Shared {
-            config,
-            routes,
+            generation: watch::Sender::new(Arc::new(generation)),
+            listeners: Mutex::default(),
+            reloading: tokio::sync::Mutex::default(),
+            control_socket,
             table: ConnTable::default(),
             stats,
             kernel,
             closed,
             shutdown: shutdown_rx,
+            tasks: TaskTracker::new(),
         });
-        let control = ControlServer::bind(&control_path).map_err(|source| StartError::Control {
-            path: control_path.clone(),
-            source,
-        })?;
-        let tasks = TaskTracker::new();
-        tasks.spawn(control.serve(Arc::clone(&shared)));
-        let mut listen_addrs = Vec::new();
-        for (index, listener) in listeners.into_iter().enumerate() {
-            let configured = shared.routes.listeners[index].0;
-            let bound = listener.local_addr().map_err(|source| StartError::Bind {
-                addr: configured,
-                source,
-            })?;
-            listen_addrs.push((configured, bound));
-            info!(listen = %bound, "listening");
-            tasks.spawn(accept_loop(
-                listener,
-                index,
-                Arc::clone(&shared),
-                tasks.clone(),
-            ));
+        {
+            let mut listeners = shared.lock_listeners();
+            for addr in addrs {
+                if let Err(source) = shared.open_listener(&mut listeners, addr) {
+                    // Nothing accepts yet: stop the listeners already open.
+                    shutdown.send_replace(true);
+                    return Err(StartError::Bind { addr, source });
+                }
+            }
         }
-        Ok(Proxy {
-            shared,
-            listen_addrs,
-            shutdown,
-            tasks,
-        })
+        let control = ControlServer::bind(&shared.control_socket).map_err(|source| {
+            shutdown.send_replace(true);
+            StartError::Control {
+                path: shared.control_socket.clone(),
+                source,
+            }
+        })?;
+        shared.tasks.spawn(control.serve(Arc::clone(&shared)));
+        Ok(Proxy { shared, shutdown })
     }
 
     /// `(configured, bound)` for every listen address: they differ for port 0.
-    pub fn listen_addrs(&self) -> &[(SocketAddr, SocketAddr)] {
-        &self.listen_addrs
+    pub fn listen_addrs(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        self.shared
+            .lock_listeners()
+            .iter()
+            .map(|(configured, bound)| (*configured, *bound))
+            .collect()
     }
 
     /// The bound address of the named route's listener.
     pub fn route_addr(&self, route: &str) -> Option<SocketAddr> {
         let configured = self
             .shared
+            .generation()
             .config
             .routes
             .iter()
             .find(|r| r.name == route)?
             .listen;
-        self.listen_addrs
-            .iter()
-            .find(|(c, _)| *c == configured)
-            .map(|(_, bound)| *bound)
+        self.shared.lock_listeners().get(&configured).copied()
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -203,6 +351,12 @@ impl Proxy {
 
     pub fn connection_rows(&self) -> Vec<ConnectionRow> {
         self.shared.connection_rows()
+    }
+
+    /// Re-reads the configuration file: new connections follow it, running ones keep
+    /// the configuration they started under. A bad file changes nothing.
+    pub async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        self.shared.reload().await
     }
 
     /// Closed connections from now on.
@@ -218,9 +372,9 @@ impl Proxy {
 
     /// Waits until the proxy stopped: after `shutdown`, when the last connection closed.
     pub async fn wait(self) {
-        self.tasks.close();
-        self.tasks.wait().await;
-        let path = &self.shared.config.proxy.control_socket;
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+        let path = &self.shared.control_socket;
         if let Err(e) = std::fs::remove_file(path) {
             debug!(path = %path.display(), error = %e, "control socket already gone");
         }
@@ -268,19 +422,41 @@ fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
     }
 }
 
-async fn accept_loop(listener: TcpListener, index: usize, shared: Arc<Shared>, tasks: TaskTracker) {
+/// Accepts on one listen address until shutdown, or until a reload leaves no route on
+/// it.
+async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    bound: SocketAddr,
+    shared: Arc<Shared>,
+) {
     let mut shutdown = shared.shutdown.clone();
+    let mut generations = shared.generation.subscribe();
     let mut last_warning: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = generations.changed() => {
+                let mut listeners = shared.lock_listeners();
+                if !generations.borrow_and_update().routes.listeners.contains_key(&addr) {
+                    // Closed under the lock: a reload that adds the address back binds it anew.
+                    drop(listener);
+                    listeners.remove(&addr);
+                    info!(listen = %bound, "no route uses this address any more: listener closed");
+                    return;
+                }
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((client, peer)) => {
                 let record = shared.table.insert(peer);
                 shared.stats.accepted();
-                tasks.spawn(serve(Arc::clone(&shared), index, client, record));
+                let generation = shared.generation();
+                shared
+                    .tasks
+                    .spawn(serve(Arc::clone(&shared), generation, addr, client, record));
             }
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS: the connection stays in the backlog; back off
@@ -297,11 +473,19 @@ async fn accept_loop(listener: TcpListener, index: usize, shared: Arc<Shared>, t
 }
 
 /// One connection, from accept to close.
-async fn serve(shared: Arc<Shared>, listener: usize, client: TcpStream, record: Arc<ConnRecord>) {
+async fn serve(
+    shared: Arc<Shared>,
+    generation: Arc<Generation>,
+    listen: SocketAddr,
+    client: TcpStream,
+    record: Arc<ConnRecord>,
+) {
     let span = info_span!("conn", id = record.id, client = %record.client);
     async {
-        let reason = match establish(&shared, listener, &client, &record).await {
-            Ok((route, backend)) => relay(&shared, route, client, backend, &record).await,
+        let reason = match establish(&shared, &generation, listen, &client, &record).await {
+            Ok((route, backend)) => {
+                relay(&shared, &generation, route, client, backend, &record).await
+            }
             Err(reason) => {
                 if reason == Reason::MaxConnections {
                     // Refused connections get an RST, every time, at once.
@@ -323,7 +507,7 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
     let route = record
         .route
         .get()
-        .map(|r| shared.config.routes[*r].name.clone());
+        .and_then(|slot| shared.stats.route_name(*slot));
     info!(
         route = route.as_deref().unwrap_or("-"),
         backend = ?record.backend.get(),
@@ -346,26 +530,33 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
 /// written to the backend before this returns.
 async fn establish(
     shared: &Shared,
-    listener: usize,
+    generation: &Generation,
+    listen: SocketAddr,
     client: &TcpStream,
     record: &ConnRecord,
 ) -> Result<(usize, TcpStream), Reason> {
-    if shared.table.len() > shared.config.proxy.max_connections {
+    if shared.table.len() > generation.config.proxy.max_connections {
         return Err(Reason::MaxConnections);
     }
     let mut shutdown = shared.shutdown.clone();
-    let routes = &shared.routes.listeners[listener].1;
+    // None: accepted just before a reload removed the address.
+    let routes = generation
+        .routes
+        .listeners
+        .get(&listen)
+        .ok_or(Reason::NoRoute)?;
     let (route, peeked) = tokio::select! {
         _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
-        routed = route(shared, routes, client) => routed?,
+        routed = route(generation, routes, client) => routed?,
     };
-    let _ = record.route.set(route);
-    shared.stats.routed(route);
-    let config = &shared.config.routes[route];
+    let slot = generation.slot(route);
+    let _ = record.route.set(slot);
+    shared.stats.routed(slot);
+    let config = &generation.config.routes[route];
     keepalive(client, &config.lifecycle);
     let backend = tokio::select! {
         _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
-        connected = connect(shared, route) => connected?,
+        connected = connect(generation, route) => connected?,
     };
     if let Ok(addr) = backend.peer_addr() {
         let _ = record.backend.set(addr);
@@ -377,7 +568,7 @@ async fn establish(
 
 /// Picks the route: at once for a plain listener, from the ClientHello for SNI ones.
 async fn route(
-    shared: &Shared,
+    generation: &Generation,
     routes: &ListenerRoutes,
     client: &TcpStream,
 ) -> Result<(usize, Vec<u8>), Reason> {
@@ -385,7 +576,7 @@ async fn route(
         let route = routes.select(None).ok_or(Reason::NoRoute)?;
         return Ok((route, Vec::new()));
     }
-    let deadline = Instant::now() + shared.config.lifecycle.handshake_timeout;
+    let deadline = Instant::now() + generation.config.lifecycle.handshake_timeout;
     let mut hello = Vec::with_capacity(1024);
     loop {
         match parse_client_hello(&hello) {
@@ -418,10 +609,10 @@ async fn route(
 }
 
 /// Connects to the route's targets, round-robin, trying the next one on failure.
-async fn connect(shared: &Shared, route: usize) -> Result<TcpStream, Reason> {
-    let config = &shared.config.routes[route];
+async fn connect(generation: &Generation, route: usize) -> Result<TcpStream, Reason> {
+    let config = &generation.config.routes[route];
     let mut reason = Reason::ConnectFailed;
-    for target in shared.routes.targets_in_order(route, &config.targets) {
+    for target in generation.routes.targets_in_order(route, &config.targets) {
         let deadline = Instant::now() + config.lifecycle.connect_timeout;
         match timeout_at(deadline, connect_target(target)).await {
             Ok(Ok(stream)) => return Ok(stream),
@@ -479,14 +670,15 @@ async fn write_all(backend: &TcpStream, mut bytes: &[u8]) -> Result<(), Reason> 
 /// Moves the bytes and feeds the lifecycle until it closes the connection.
 async fn relay(
     shared: &Shared,
+    generation: &Generation,
     route: usize,
     client: TcpStream,
     backend: TcpStream,
     record: &ConnRecord,
 ) -> Reason {
-    let config = shared.config.routes[route].lifecycle;
+    let config = generation.config.routes[route].lifecycle;
     let mut relay = Relay::new(client, backend, Arc::clone(&record.meter));
-    let data_path = shared.data_path(route);
+    let data_path = generation.data_path(route, shared.kernel.is_some());
     // Before the splice: from then on the kernel may move bytes before this task runs.
     record.set_data_path(data_path);
     if let (DataPathKind::Ebpf, Some(kernel)) = (data_path, &shared.kernel) {

@@ -58,7 +58,7 @@ impl ListenerRoutes {
 /// Every listen address with its routes, built once from a validated config.
 #[derive(Debug)]
 pub struct RouteTable {
-    pub listeners: Vec<(SocketAddr, ListenerRoutes)>,
+    pub listeners: BTreeMap<SocketAddr, ListenerRoutes>,
     cursors: Vec<AtomicUsize>,
 }
 

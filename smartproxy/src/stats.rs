@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -32,7 +33,9 @@ pub struct Stats {
     closed_kernel_bytes: [AtomicU64; 2],
     inactivity_resets: AtomicU64,
     splice_failures: AtomicU64,
-    routes: Vec<RouteCounters>,
+    /// Every route any configuration named, by slot ([`Stats::route_slot`]). Append-only,
+    /// so that a reload never resets a route's counters nor moves another's.
+    routes: RwLock<Vec<RouteCounters>>,
 }
 
 /// Kernel data path counters, zero when it is not loaded.
@@ -115,10 +118,7 @@ pub struct ConnectionRow {
 }
 
 impl Stats {
-    pub fn new<'a>(
-        data_path: DataPathKind,
-        route_names: impl IntoIterator<Item = &'a str>,
-    ) -> Stats {
+    pub fn new(data_path: DataPathKind) -> Stats {
         Stats {
             started: Instant::now(),
             data_path,
@@ -128,15 +128,37 @@ impl Stats {
             closed_kernel_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
             inactivity_resets: AtomicU64::new(0),
             splice_failures: AtomicU64::new(0),
-            routes: route_names
-                .into_iter()
-                .map(|name| RouteCounters {
-                    name: name.to_owned(),
-                    total: AtomicU64::new(0),
-                    closed_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
-                })
-                .collect(),
+            routes: RwLock::default(),
         }
+    }
+
+    /// The counters slot of the route called `name`, created on first use. A route keeps
+    /// its slot (and its counts) across reloads for as long as the proxy runs.
+    pub fn route_slot(&self, name: &str) -> usize {
+        if let Some(slot) = self.routes().iter().position(|r| r.name == name) {
+            return slot;
+        }
+        let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+        // Another reload may have added it between the two locks.
+        if let Some(slot) = routes.iter().position(|r| r.name == name) {
+            return slot;
+        }
+        routes.push(RouteCounters {
+            name: name.to_owned(),
+            total: AtomicU64::new(0),
+            closed_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+        });
+        routes.len() - 1
+    }
+
+    /// The name of the route in `slot`.
+    pub fn route_name(&self, slot: usize) -> Option<String> {
+        self.routes().get(slot).map(|r| r.name.clone())
+    }
+
+    fn routes(&self) -> RwLockReadGuard<'_, Vec<RouteCounters>> {
+        // Counters are atomics and the list only grows: a poisoned lock is still sound.
+        self.routes.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn accepted(&self) {
@@ -144,7 +166,7 @@ impl Stats {
     }
 
     pub fn routed(&self, route: usize) {
-        self.routes[route].total.fetch_add(1, Ordering::Relaxed);
+        self.routes()[route].total.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn splice_failed(&self) {
@@ -162,23 +184,24 @@ impl Stats {
     /// Books a connection that ended: its reason and its bytes.
     pub fn closed(&self, record: &ConnRecord, reason: Reason) {
         self.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
+        let routes = self.routes();
         for direction in Direction::BOTH {
             let bytes = record.meter.bytes(direction);
             self.closed_bytes[direction.index()].fetch_add(bytes, Ordering::Relaxed);
             self.closed_kernel_bytes[direction.index()]
                 .fetch_add(record.meter.kernel_bytes(direction), Ordering::Relaxed);
             if let Some(route) = record.route.get() {
-                self.routes[*route].closed_bytes[direction.index()]
-                    .fetch_add(bytes, Ordering::Relaxed);
+                routes[*route].closed_bytes[direction.index()].fetch_add(bytes, Ordering::Relaxed);
             }
         }
     }
 
     pub fn snapshot(&self, table: &ConnTable, ebpf: EbpfSnapshot) -> Snapshot {
         let records = table.records();
+        let routes = self.routes();
         let mut bytes = [0u64; 2];
         let mut kernel_bytes = [0u64; 2];
-        let mut route_live = vec![(0u64, [0u64; 2]); self.routes.len()];
+        let mut route_live = vec![(0u64, [0u64; 2]); routes.len()];
         let (mut half_open, mut on_ebpf, mut on_userspace) = (0, 0, 0);
         for record in &records {
             let live = Direction::BOTH.map(|d| record.meter.bytes(d));
@@ -226,8 +249,7 @@ impl Stats {
                 })
                 .collect(),
             ebpf,
-            routes: self
-                .routes
+            routes: routes
                 .iter()
                 .zip(route_live)
                 .map(|(route, (active, live))| RouteSnapshot {
@@ -246,12 +268,13 @@ impl Stats {
 
     pub fn connection_rows(&self, table: &ConnTable) -> Vec<ConnectionRow> {
         let now = Instant::now();
+        let routes = self.routes();
         let mut rows: Vec<ConnectionRow> = table
             .records()
             .iter()
             .map(|record| ConnectionRow {
                 id: record.id,
-                route: record.route.get().map(|r| self.routes[*r].name.clone()),
+                route: record.route.get().map(|r| routes[*r].name.clone()),
                 client: record.client.to_string(),
                 backend: record.backend.get().map(|b| b.to_string()),
                 data_path: record.data_path(),

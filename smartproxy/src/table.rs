@@ -15,7 +15,8 @@ pub struct ConnRecord {
     pub client: SocketAddr,
     pub started: Instant,
     pub started_at: SystemTime,
-    /// Known once routed.
+    /// Known once routed: the route's counters slot ([`crate::stats::Stats::route_slot`]),
+    /// which outlives the configuration the connection was routed by.
     pub route: OnceLock<usize>,
     /// Known once connected.
     pub backend: OnceLock<SocketAddr>,

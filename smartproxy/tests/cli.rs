@@ -18,7 +18,7 @@
 //! listeners and after installing its signal handlers. Every wait is a bounded poll.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -464,4 +464,96 @@ impl Drop for KillOnDrop {
             let _ = self.0.wait();
         }
     }
+}
+
+// === reload ===
+
+/// Rewrites the proxy's config file with its one route now pointing at `target`, after
+/// `[proxy]` lines `proxy_extra`.
+fn retarget(proxy: &ProxyProcess, target: SocketAddr, proxy_extra: &str) {
+    let text = format!(
+        "[proxy]\ndata_path = \"userspace\"\ncontrol_socket = {control:?}\n{proxy_extra}\n\n\
+         [[route]]\nname = \"web\"\nlisten = \"{listen}\"\ntargets = [\"{target}\"]\n",
+        control = proxy.control.display().to_string(),
+        listen = proxy.listen,
+    );
+    std::fs::write(proxy.config_file(), text).expect("rewrite the config");
+}
+
+#[test]
+fn sighup_and_the_reload_command_apply_a_new_config_and_refuse_a_bad_one() {
+    let (a, b, c) = (
+        tagged_backend(b'A'),
+        tagged_backend(b'B'),
+        tagged_backend(b'C'),
+    );
+    let proxy = ProxyProcess::start("web", a, "");
+    assert_eq!(tag_of(proxy.listen), b'A');
+    let mut live = std::net::TcpStream::connect(proxy.listen).expect("a live connection");
+    live.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let mut tag = [0u8];
+    live.read_exact(&mut tag).expect("its backend's tag");
+
+    // SIGHUP: new connections go to B once the proxy re-read the file.
+    retarget(&proxy, b, "");
+    proxy.signal(libc::SIGHUP);
+    let deadline = Instant::now() + WAIT;
+    while tag_of(proxy.listen) != b'B' {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not apply the new targets"
+        );
+        std::thread::sleep(POLL);
+    }
+    assert!(proxy.log_text().contains("configuration reloaded (SIGHUP)"));
+
+    // `smartproxy reload` with a bad file: exit 1, the reason on stderr, B still serves.
+    std::fs::write(proxy.config_file(), "[proxy\n").expect("write a broken config");
+    let output = run_bounded(
+        smartproxy()
+            .arg("reload")
+            .arg("--control")
+            .arg(&proxy.control),
+    );
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("reload refused") && stderr.contains("smartproxy.toml"),
+        "stderr names the refusal and the file: {stderr}"
+    );
+    assert_eq!(tag_of(proxy.listen), b'B');
+    assert!(proxy.log_text().contains("reload refused"));
+
+    // A restart-only key: refused the same way.
+    retarget(&proxy, c, "max_queued_bytes = 1048576");
+    let output = run_bounded(
+        smartproxy()
+            .arg("reload")
+            .arg("--control")
+            .arg(&proxy.control),
+    );
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(text(&output.stderr).contains("proxy.max_queued_bytes"));
+
+    // A good file: exit 0, what changed on stdout, C serves.
+    retarget(&proxy, c, "");
+    let output = run_bounded(
+        smartproxy()
+            .arg("reload")
+            .arg("--control")
+            .arg(&proxy.control),
+    );
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(
+        text(&output.stdout).trim(),
+        "reloaded: routes added: none; removed: none; changed: web"
+    );
+    assert_eq!(tag_of(proxy.listen), b'C');
+
+    // The connection from before every reload still carries bytes.
+    live.write_all(b"still here")
+        .expect("write on the live connection");
+    let mut echoed = [0u8; 10];
+    live.read_exact(&mut echoed).expect("its echo");
+    assert_eq!(&echoed, b"still here");
 }

@@ -60,25 +60,26 @@ where
     }
 }
 
-/// A proxy running in this process, with its own control socket.
+/// A proxy running in this process, with its own control socket and config file.
 pub struct TestProxy {
     pub proxy: Proxy,
     closed: broadcast::Receiver<Closed>,
-    _dir: tempfile::TempDir,
+    mode: DataPathMode,
+    dir: tempfile::TempDir,
 }
 
 impl TestProxy {
-    /// Starts a proxy on `mode` whose config is `[proxy]` (data path, a private control
-    /// socket) followed by `rest` (`[lifecycle]`, `[[route]]`s). Listen on port 0.
+    /// Starts a proxy on `mode` whose config file is `[proxy]` (data path, a private
+    /// control socket) followed by `rest` (`[lifecycle]`, `[[route]]`s). Listen on port 0.
     pub async fn start(mode: DataPathMode, rest: &str) -> TestProxy {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let control = dir.path().join("control.sock");
-        let text = format!(
-            "[proxy]\ndata_path = \"{mode}\"\ncontrol_socket = {control:?}\n\n{rest}",
-            control = control.display().to_string()
-        );
-        let config = Config::from_str(&text, &PathBuf::from("test.toml"))
-            .unwrap_or_else(|e| panic!("test config does not load: {e}\n{text}"));
+        let config_file = write_config(&dir, mode, rest);
+        let config = Config::from_file(&config_file).unwrap_or_else(|e| {
+            panic!(
+                "test config does not load: {e}\n{}",
+                config_text(&dir, mode, rest)
+            )
+        });
         let proxy = Proxy::start(config)
             .await
             .unwrap_or_else(|e| panic!("proxy does not start: {e}"));
@@ -86,8 +87,24 @@ impl TestProxy {
         TestProxy {
             proxy,
             closed,
-            _dir: dir,
+            mode,
+            dir,
         }
+    }
+
+    /// Replaces everything after `[proxy]` in the config file with `rest`; the proxy
+    /// reads it on its next reload.
+    pub fn rewrite_config(&self, rest: &str) {
+        write_config(&self.dir, self.mode, rest);
+    }
+
+    /// Writes `text` verbatim as the config file, `[proxy]` included.
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(self.config_file(), text).expect("write the test config");
+    }
+
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("smartproxy.toml")
     }
 
     /// The bound address of `route`'s listener.
@@ -102,7 +119,7 @@ impl TestProxy {
     }
 
     pub fn control_socket(&self) -> PathBuf {
-        self._dir.path().join("control.sock")
+        self.dir.path().join("control.sock")
     }
 
     /// The next connection that closes.
@@ -150,6 +167,21 @@ impl TestProxy {
             .await
             .expect("the proxy stops in time");
     }
+}
+
+fn config_text(dir: &tempfile::TempDir, mode: DataPathMode, rest: &str) -> String {
+    let control = dir.path().join("control.sock");
+    format!(
+        "[proxy]\ndata_path = \"{mode}\"\ncontrol_socket = {control:?}\n\n{rest}",
+        control = control.display().to_string()
+    )
+}
+
+/// Writes the test config file of a [`TestProxy`] and returns its path.
+fn write_config(dir: &tempfile::TempDir, mode: DataPathMode, rest: &str) -> PathBuf {
+    let path = dir.path().join("smartproxy.toml");
+    std::fs::write(&path, config_text(dir, mode, rest)).expect("write the test config");
+    path
 }
 
 /// A mock backend on loopback: runs `handler` for every accepted connection. Its panics

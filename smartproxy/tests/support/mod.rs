@@ -42,6 +42,38 @@ pub fn echo_backend() -> SocketAddr {
     addr
 }
 
+/// A loopback backend that sends `tag` (one byte) on every connection, then echoes.
+pub fn tagged_backend(tag: u8) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the tagged backend");
+    let addr = listener.local_addr().expect("tagged backend address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                if std::io::Write::write_all(&mut stream, &[tag]).is_err() {
+                    return;
+                }
+                let mut reader = stream.try_clone().expect("clone the stream");
+                if std::io::copy(&mut reader, &mut stream).is_ok() {
+                    let _ = stream.shutdown(Shutdown::Write);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Connects to `addr` and returns the one-byte tag a [`tagged_backend`] sent.
+pub fn tag_of(addr: SocketAddr) -> u8 {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the proxy");
+    stream
+        .set_read_timeout(Some(WAIT))
+        .expect("set a read timeout");
+    let mut tag = [0u8];
+    std::io::Read::read_exact(&mut stream, &mut tag).expect("read the backend's tag");
+    tag[0]
+}
+
 // === the proxy process ===
 
 /// A `smartproxy run` child. Dropping it kills the process if it still runs, and prints
@@ -95,6 +127,16 @@ impl ProxyProcess {
         };
         proxy.wait_ready();
         proxy
+    }
+
+    /// The config file the proxy was started with (and re-reads on reload).
+    pub fn config_file(&self) -> PathBuf {
+        self._dir.path().join("smartproxy.toml")
+    }
+
+    /// What the proxy logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Polls until the control socket accepts a connection.

@@ -1,0 +1,169 @@
+//! A configuration generation: one validated config and the routing built from it. The
+//! proxy accepts under its current generation; a reload builds the next one beside it
+//! and swaps it in. Every connection keeps the generation it was accepted under until it
+//! ends, so a reload never changes a running connection.
+
+use crate::config::{Config, DataPathMode, ProxyConfig};
+use crate::datapath::DataPathKind;
+use crate::route::RouteTable;
+use crate::stats::Stats;
+
+/// One configuration as the proxy serves it.
+#[derive(Debug)]
+pub struct Generation {
+    pub config: Config,
+    pub routes: RouteTable,
+    /// Per route, in config order: its counters slot in [`Stats`].
+    slots: Vec<usize>,
+}
+
+/// Why a new configuration cannot replace the running one without a restart.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NotReloadable {
+    #[error(
+        "proxy.{key}: changed, but only a restart applies it (the running value stays in force)"
+    )]
+    ProxyKey { key: &'static str },
+    #[error("route[{index}].data_path: \"ebpf\", but this proxy did not load the eBPF data path; only a restart can load it")]
+    EbpfNotLoaded { index: usize },
+}
+
+impl Generation {
+    pub fn new(config: Config, stats: &Stats) -> Generation {
+        let routes = RouteTable::new(&config);
+        let slots = config
+            .routes
+            .iter()
+            .map(|route| stats.route_slot(&route.name))
+            .collect();
+        Generation {
+            config,
+            routes,
+            slots,
+        }
+    }
+
+    /// The counters slot of the route at `index`.
+    pub fn slot(&self, index: usize) -> usize {
+        self.slots[index]
+    }
+
+    /// The data path a connection of the route at `index` takes.
+    pub fn data_path(&self, index: usize, kernel_loaded: bool) -> DataPathKind {
+        let route = &self.config.routes[index];
+        let mode = route.data_path.unwrap_or(self.config.proxy.data_path);
+        let terminates = route.tls.is_some_and(|tls| tls.terminates());
+        match mode {
+            DataPathMode::Auto | DataPathMode::Ebpf if kernel_loaded && !terminates => {
+                DataPathKind::Ebpf
+            }
+            _ => DataPathKind::Userspace,
+        }
+    }
+}
+
+/// Checks that `next` may replace `running` in a live proxy: routes and lifecycle values
+/// may change freely (they apply to new connections), but what was set up once at start
+/// (the kernel data path, the control socket, the metrics listener) may not.
+pub fn check_reloadable(
+    running: &Config,
+    next: &Config,
+    kernel_loaded: bool,
+) -> Result<(), NotReloadable> {
+    restart_only_change(&running.proxy, &next.proxy)
+        .map_or(Ok(()), |key| Err(NotReloadable::ProxyKey { key }))?;
+    if !kernel_loaded {
+        if let Some(index) = next
+            .routes
+            .iter()
+            .position(|route| route.data_path == Some(DataPathMode::Ebpf))
+        {
+            return Err(NotReloadable::EbpfNotLoaded { index });
+        }
+    }
+    Ok(())
+}
+
+/// The first `[proxy]` key that differs and only takes effect at start.
+fn restart_only_change(running: &ProxyConfig, next: &ProxyConfig) -> Option<&'static str> {
+    // Destructured so that a new key cannot be forgotten here: it must be listed as
+    // restart-only or as applied live.
+    let ProxyConfig {
+        data_path,
+        control_socket,
+        max_connections: _,
+        metrics,
+        max_queued_bytes,
+    } = running;
+    [
+        ("data_path", *data_path == next.data_path),
+        ("control_socket", *control_socket == next.control_socket),
+        ("metrics", *metrics == next.metrics),
+        (
+            "max_queued_bytes",
+            *max_queued_bytes == next.max_queued_bytes,
+        ),
+    ]
+    .into_iter()
+    .find(|(_, same)| !same)
+    .map(|(key, _)| key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(proxy: &str, route: &str) -> Config {
+        let text = format!(
+            "[proxy]\n{proxy}\n[[route]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n{route}\n"
+        );
+        match Config::from_str(&text, Path::new("test.toml")) {
+            Ok(config) => config,
+            Err(e) => panic!("test config does not load: {e}"),
+        }
+    }
+
+    #[test]
+    fn routes_and_live_keys_may_change() {
+        let running = config("max_connections = 10", "");
+        let next = config("max_connections = 20", "inactivity_timeout = \"5s\"");
+        assert_eq!(check_reloadable(&running, &next, true), Ok(()));
+    }
+
+    #[test]
+    fn start_only_keys_need_a_restart() {
+        let running = config("data_path = \"auto\"", "");
+        let next = config("data_path = \"userspace\"", "");
+        assert_eq!(
+            check_reloadable(&running, &next, true),
+            Err(NotReloadable::ProxyKey { key: "data_path" })
+        );
+        let next = config("control_socket = \"/tmp/other.sock\"", "");
+        assert_eq!(
+            check_reloadable(&running, &next, true),
+            Err(NotReloadable::ProxyKey {
+                key: "control_socket"
+            })
+        );
+    }
+
+    #[test]
+    fn an_ebpf_route_needs_the_kernel_path_loaded() {
+        let running = config("data_path = \"auto\"", "");
+        let next = config("data_path = \"auto\"", "data_path = \"ebpf\"");
+        assert_eq!(
+            check_reloadable(&running, &next, false),
+            Err(NotReloadable::EbpfNotLoaded { index: 0 })
+        );
+        assert_eq!(check_reloadable(&running, &next, true), Ok(()));
+    }
+
+    #[test]
+    fn a_route_keeps_its_counters_slot_across_generations() {
+        let stats = Stats::new(DataPathKind::Userspace);
+        let first = Generation::new(config("", ""), &stats);
+        let second = Generation::new(config("", "inactivity_timeout = \"5s\""), &stats);
+        assert_eq!(first.slot(0), second.slot(0));
+    }
+}
