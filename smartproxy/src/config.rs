@@ -631,12 +631,6 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             .max_queued_bytes
             .unwrap_or(defaults.max_queued_bytes),
     };
-    if proxy.metrics.is_some() {
-        return Err(Invalid::new(
-            "proxy.metrics",
-            "the Prometheus endpoint is not implemented yet; remove the key (stats are served on the control socket)",
-        ));
-    }
     if !(MIN_QUEUED_BYTES..=MAX_QUEUED_BYTES).contains(&proxy.max_queued_bytes) {
         return Err(Invalid::new(
             "proxy.max_queued_bytes",

@@ -19,6 +19,7 @@ use crate::datapath::{instant_of, DataPathKind, Relay};
 use crate::ebpf::{EbpfError, Kernel, LoadOptions};
 use crate::error_chain;
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
+use crate::metrics::MetricsServer;
 use crate::route::{ListenerRoutes, RouteTable};
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
@@ -107,6 +108,7 @@ impl Shared {
 pub struct Proxy {
     shared: Arc<Shared>,
     listen_addrs: Vec<(SocketAddr, SocketAddr)>,
+    metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: TaskTracker,
 }
@@ -135,6 +137,10 @@ impl Proxy {
                 })?;
             listeners.push(listener);
         }
+        let metrics = match config.proxy.metrics {
+            Some(addr) => Some(bind_metrics(addr).await?),
+            None => None,
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (closed, _) = broadcast::channel(1024);
         let control_path = config.proxy.control_socket.clone();
@@ -153,6 +159,11 @@ impl Proxy {
         })?;
         let tasks = TaskTracker::new();
         tasks.spawn(control.serve(Arc::clone(&shared)));
+        let metrics_addr = metrics.map(|(server, bound)| {
+            info!(listen = %bound, "metrics endpoint at /metrics");
+            tasks.spawn(server.serve(Arc::clone(&shared)));
+            bound
+        });
         let mut listen_addrs = Vec::new();
         for (index, listener) in listeners.into_iter().enumerate() {
             let configured = shared.routes.listeners[index].0;
@@ -172,6 +183,7 @@ impl Proxy {
         Ok(Proxy {
             shared,
             listen_addrs,
+            metrics_addr,
             shutdown,
             tasks,
         })
@@ -180,6 +192,11 @@ impl Proxy {
     /// `(configured, bound)` for every listen address: they differ for port 0.
     pub fn listen_addrs(&self) -> &[(SocketAddr, SocketAddr)] {
         &self.listen_addrs
+    }
+
+    /// The bound address of the Prometheus endpoint, if `[proxy] metrics` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The bound address of the named route's listener.
@@ -235,6 +252,13 @@ pub fn check_supported(config: &Config) -> Result<(), StartError> {
         }
     }
     Ok(())
+}
+
+async fn bind_metrics(addr: SocketAddr) -> Result<(MetricsServer, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { addr, source };
+    let server = MetricsServer::bind(addr).await.map_err(bind_error)?;
+    let bound = server.local_addr().map_err(bind_error)?;
+    Ok((server, bound))
 }
 
 /// Loads the kernel data path if any route may use it. `auto` falls back to userspace and
@@ -325,7 +349,9 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
         .get()
         .map(|r| shared.config.routes[*r].name.clone());
     info!(
+        id = record.id,
         route = route.as_deref().unwrap_or("-"),
+        client = %record.client,
         backend = ?record.backend.get(),
         data_path = ?record.data_path(),
         client_to_backend = record.meter.bytes(crate::lifecycle::Direction::ClientToBackend),
@@ -422,9 +448,13 @@ async fn connect(shared: &Shared, route: usize) -> Result<TcpStream, Reason> {
     let config = &shared.config.routes[route];
     let mut reason = Reason::ConnectFailed;
     for target in shared.routes.targets_in_order(route, &config.targets) {
-        let deadline = Instant::now() + config.lifecycle.connect_timeout;
+        let started = Instant::now();
+        let deadline = started + config.lifecycle.connect_timeout;
         match timeout_at(deadline, connect_target(target)).await {
-            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Ok(stream)) => {
+                shared.stats.backend_connected(route, started.elapsed());
+                return Ok(stream);
+            }
             Ok(Err(e)) => {
                 warn!(%target, error = %e, "connect failed");
                 reason = Reason::ConnectFailed;
