@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::proxy_protocol::Version as ProxyProtocol;
 use crate::sni::is_dns_name;
 
 /// A whole, validated configuration file.
@@ -193,6 +194,8 @@ pub struct RouteConfig {
     pub key: Option<PathBuf>,
     /// Per-route override of `[proxy] data_path`; never `Ebpf` when `tls` terminates.
     pub data_path: Option<DataPathMode>,
+    /// A PROXY protocol header to send the backend before any client byte.
+    pub proxy_protocol: Option<ProxyProtocol>,
     /// `[lifecycle]` with this route's overrides applied.
     pub lifecycle: LifecycleConfig,
 }
@@ -451,6 +454,7 @@ tables_with_lifecycle_keys! {
         cert: Option<PathBuf>,
         key: Option<PathBuf>,
         data_path: Option<DataPathMode>,
+        proxy_protocol: Option<ProxyProtocol>,
     }
 }
 
@@ -760,6 +764,7 @@ fn validate_route(
         cert,
         key,
         data_path: raw.data_path,
+        proxy_protocol: raw.proxy_protocol,
         lifecycle: overrides.apply_to(lifecycle),
     })
 }

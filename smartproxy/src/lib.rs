@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod route;
 pub mod sni;
 pub mod stats;

@@ -368,8 +368,8 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
     });
 }
 
-/// Routes the connection and connects its backend; the routing bytes already read are
-/// written to the backend before this returns.
+/// Routes the connection and connects its backend; the route's PROXY protocol header and
+/// the routing bytes already read are written to the backend before this returns.
 async fn establish(
     shared: &Shared,
     listener: usize,
@@ -397,7 +397,16 @@ async fn establish(
         let _ = record.backend.set(addr);
     }
     keepalive(&backend, &config.lifecycle);
-    write_all(&backend, &peeked).await?;
+    // The PROXY header goes first toward the backend, before any client byte.
+    let mut first = match config.proxy_protocol {
+        Some(version) => {
+            let local = client.local_addr().map_err(|_| Reason::ClientReset)?;
+            crate::proxy_protocol::header(version, record.client, local)
+        }
+        None => Vec::new(),
+    };
+    first.extend_from_slice(&peeked);
+    write_all(&backend, &first).await?;
     Ok((route, backend))
 }
 
