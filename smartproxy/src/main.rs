@@ -143,7 +143,10 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logger = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
-        LogFormat::Text => logger.init(),
+        // Colours for a terminal only, not for a journal or a file.
+        LogFormat::Text => logger
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
         // Fields at the top level of each line, where log shippers look for them.
         LogFormat::Json => logger.json().flatten_event(true).init(),
     }

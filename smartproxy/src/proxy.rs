@@ -350,10 +350,10 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
         .map(|r| shared.config.routes[*r].name.clone());
     info!(
         id = record.id,
-        route = route.as_deref().unwrap_or("-"),
+        route = %route.as_deref().unwrap_or("-"),
         client = %record.client,
-        backend = ?record.backend.get(),
-        data_path = ?record.data_path(),
+        backend = %record.backend.get().map_or_else(|| "-".to_owned(), |b| b.to_string()),
+        data_path = %record.data_path().map_or("-", DataPathKind::as_str),
         client_to_backend = record.meter.bytes(crate::lifecycle::Direction::ClientToBackend),
         backend_to_client = record.meter.bytes(crate::lifecycle::Direction::BackendToClient),
         duration_ms = record.started.elapsed().as_millis() as u64,
