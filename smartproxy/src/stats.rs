@@ -421,3 +421,21 @@ impl Stats {
         rows
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_count_observations_up_to_and_including_their_bound() {
+        let h = Histogram::new(&[0.1, 1.0]);
+        for ms in [50, 100, 101, 1000, 5000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let s = h.snapshot();
+        let counts: Vec<(f64, u64)> = s.buckets.iter().map(|b| (b.le, b.count)).collect();
+        assert_eq!(counts, [(0.1, 2), (1.0, 4)], "cumulative, `<= le`");
+        assert_eq!(s.count, 5, "+Inf holds every observation");
+        assert!((s.sum_secs - 6.251).abs() < 1e-9, "sum {}", s.sum_secs);
+    }
+}
