@@ -5,7 +5,8 @@
 //! - `check` exits 0 for a valid file, and 2 for an invalid one with a message naming the
 //!   file and the key: bad duration, unknown key, route without targets, bad listen
 //!   address, unknown `data_path`, two plain routes on one listen address, missing file;
-//! - `run` exits 1, naming the address, when the listen address is already in use;
+//! - `run` exits 1, naming the address, when the listen address or the metrics address is
+//!   already in use;
 //! - `run` on a valid config: the control socket is mode 0600; with one live connection
 //!   through the proxy, `stats --json` has every contract key (every closure reason,
 //!   zeros included), `stats` prints the route, `connections --json` lists the
@@ -217,17 +218,24 @@ fn check_exits_2_naming_a_missing_file() {
 
 // === run ===
 
-#[test]
-fn run_exits_1_naming_a_listen_address_in_use() {
+/// Runs the proxy with a port already in use as its `metrics` address (`metrics = true`) or
+/// as its route's `listen` address, and checks that it exits 1 naming that address.
+fn assert_run_exits_1_naming_the_taken_address(metrics: bool) {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port to occupy");
     let addr = taken.local_addr().expect("occupied address");
+    let (metrics_addr, listen) = if metrics {
+        (addr, free_port())
+    } else {
+        (free_port(), addr)
+    };
     let dir = tempfile::tempdir().expect("a temporary directory");
     let config = dir.path().join("smartproxy.toml");
     std::fs::write(
         &config,
         format!(
             "[proxy]\ndata_path = \"userspace\"\ncontrol_socket = {:?}\n\
-             [[route]]\nname = \"r\"\nlisten = \"{addr}\"\ntargets = [\"127.0.0.1:9\"]\n",
+             metrics = \"{metrics_addr}\"\n\
+             [[route]]\nname = \"r\"\nlisten = \"{listen}\"\ntargets = [\"127.0.0.1:9\"]\n",
             dir.path().join("control.sock").display().to_string()
         ),
     )
@@ -240,6 +248,16 @@ fn run_exits_1_naming_a_listen_address_in_use() {
         "stderr names {addr}: {stderr}"
     );
     drop(taken);
+}
+
+#[test]
+fn run_exits_1_naming_a_listen_address_in_use() {
+    assert_run_exits_1_naming_the_taken_address(false);
+}
+
+#[test]
+fn run_exits_1_naming_a_metrics_address_in_use() {
+    assert_run_exits_1_naming_the_taken_address(true);
 }
 
 /// The value at a dotted path of a JSON document.
