@@ -1,7 +1,8 @@
 //! `proxy_protocol = "v1" | "v2"` on a route, on each data path, over IPv4 and IPv6: the
 //! backend parses the header (with its own parser of the spec, not the proxy's encoder)
 //! and reports the client address it saw, which is the client's real address; the
-//! client's bytes follow the header exactly once, in order; a route without the key
+//! client's bytes follow the header exactly once, in order; on a TLS passthrough route
+//! the ClientHello read for routing comes after the header; a route without the key
 //! sends no header.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -157,6 +158,32 @@ async fn backend_sees_the_client_address_in_v1_and_v2_over_ipv4_and_ipv6() {
                 proxy.stop().await;
                 backend.join().await;
             }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn on_an_sni_route_the_header_precedes_the_client_hello() {
+    for_each_data_path(|mode| async move {
+        for version in ["v1", "v2"] {
+            let backend = Backend::spawn(header_echo).await;
+            let extra = format!(
+                "sni = [\"pp.test\"]\ntls = \"passthrough\"\nproxy_protocol = \"{version}\""
+            );
+            let mut proxy = TestProxy::start(mode, &plain_route("tls", backend.addr, &extra)).await;
+            let client = connect(proxy.addr("tls")).await;
+            let client_addr = client.local_addr().expect("client address");
+            // `exchange` checks the ClientHello arrives whole, once, after the header.
+            let seen = exchange(client, &client_hello("pp.test")).await;
+            assert_eq!(
+                seen,
+                format!("{client_addr} {}", proxy.addr("tls")),
+                "{version}"
+            );
+            proxy.expect_closed(Reason::Normal).await;
+            proxy.stop().await;
+            backend.join().await;
         }
     })
     .await;
