@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::proxy_protocol::Version as ProxyProtocol;
 use crate::sni::is_dns_name;
 
 /// A whole, validated configuration file.
@@ -195,6 +196,8 @@ pub struct RouteConfig {
     pub key: Option<PathBuf>,
     /// Per-route override of `[proxy] data_path`; never `Ebpf` when `tls` terminates.
     pub data_path: Option<DataPathMode>,
+    /// A PROXY protocol header to send the backend before any client byte.
+    pub proxy_protocol: Option<ProxyProtocol>,
     /// `[lifecycle]` with this route's overrides applied.
     pub lifecycle: LifecycleConfig,
 }
@@ -455,6 +458,7 @@ tables_with_lifecycle_keys! {
         cert: Option<PathBuf>,
         key: Option<PathBuf>,
         data_path: Option<DataPathMode>,
+        proxy_protocol: Option<ProxyProtocol>,
     }
 }
 
@@ -635,12 +639,6 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             .max_queued_bytes
             .unwrap_or(defaults.max_queued_bytes),
     };
-    if proxy.metrics.is_some() {
-        return Err(Invalid::new(
-            "proxy.metrics",
-            "the Prometheus endpoint is not implemented yet; remove the key (stats are served on the control socket)",
-        ));
-    }
     if !(MIN_QUEUED_BYTES..=MAX_QUEUED_BYTES).contains(&proxy.max_queued_bytes) {
         return Err(Invalid::new(
             "proxy.max_queued_bytes",
@@ -771,6 +769,7 @@ fn validate_route(
         cert,
         key,
         data_path: raw.data_path,
+        proxy_protocol: raw.proxy_protocol,
         lifecycle: overrides.apply_to(lifecycle),
     })
 }

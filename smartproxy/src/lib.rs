@@ -10,11 +10,15 @@ pub mod datapath;
 pub mod ebpf;
 pub mod generation;
 pub mod lifecycle;
+pub mod metrics;
+pub mod notify;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod route;
 pub mod sni;
 pub mod stats;
 pub mod table;
+pub mod view;
 
 pub use proxy::{Closed, Proxy, ReloadError, ReloadSummary, StartError};
 

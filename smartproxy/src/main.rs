@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use smartproxy::config::Config;
 use smartproxy::control;
 use smartproxy::stats::{ConnectionRow, Snapshot};
-use smartproxy::Proxy;
+use smartproxy::view::{self, SortBy};
+use smartproxy::{notify, Proxy};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -35,6 +36,9 @@ enum Command {
     Run {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// `text` for people, `json` (one object per line) for log shippers.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Validate a configuration file: exit 0 if it loads, 2 if not.
     Check {
@@ -58,6 +62,12 @@ enum Command {
         target: ControlTarget,
         #[arg(long)]
         json: bool,
+        /// Order of the rows: bytes, age and idle put the largest first.
+        #[arg(long, value_enum, default_value_t = SortBy::Id)]
+        sort: SortBy,
+        /// Only the connections of this route.
+        #[arg(long, value_name = "NAME")]
+        route: Option<String>,
     },
     /// Make a running proxy re-read its configuration file (as SIGHUP does); exits 1 if
     /// the new configuration was refused (the running one stays in force).
@@ -65,6 +75,12 @@ enum Command {
         #[command(flatten)]
         target: ControlTarget,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Where the running proxy answers: `--control`, else the config's `control_socket`.
@@ -100,8 +116,8 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config } => {
-            init_logging();
+        Command::Run { config, log_format } => {
+            init_logging(log_format);
             let config = match load_config(&config) {
                 Ok(config) => config,
                 Err(code) => return code,
@@ -116,8 +132,13 @@ fn main() -> ExitCode {
             Ok(path) => report(stats(&path, json, watch)),
             Err(code) => code,
         },
-        Command::Connections { target, json } => match target.path() {
-            Ok(path) => report(connections(&path, json)),
+        Command::Connections {
+            target,
+            json,
+            sort,
+            route,
+        } => match target.path() {
+            Ok(path) => report(connections(&path, json, sort, route.as_deref())),
             Err(code) => code,
         },
         Command::Reload { target } => match target.path() {
@@ -127,10 +148,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let logger = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        // Colours for a terminal only, not for a journal or a file.
+        LogFormat::Text => logger
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
+        // Fields at the top level of each line, where log shippers look for them.
+        LogFormat::Json => logger.json().flatten_event(true).init(),
+    }
 }
 
 /// Loads and validates a config, including what this build does not support yet.
@@ -166,6 +195,7 @@ fn run(config: Config) -> Result<()> {
         let grace = config.lifecycle.grace_period;
         let proxy = Proxy::start(config).await?;
         info!("ready");
+        service_manager("READY=1");
         let signal = loop {
             tokio::select! {
                 _ = terminate.recv() => break "SIGTERM",
@@ -180,11 +210,19 @@ fn run(config: Config) -> Result<()> {
             }
         };
         info!(signal, grace_period = ?grace, "shutting down: no new connections");
+        service_manager("STOPPING=1");
         proxy.shutdown();
         proxy.wait().await;
         info!("stopped");
         Ok(())
     })
+}
+
+/// Tells systemd (`Type=notify`) what the proxy does; a failure is logged, not fatal.
+fn service_manager(state: &str) {
+    if let Err(e) = notify::notify(state) {
+        warn!(state, error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
 }
 
 fn fetch<T: serde::de::DeserializeOwned>(path: &Path, request: &str) -> Result<T> {
@@ -210,104 +248,59 @@ fn reload(path: &Path) -> Result<()> {
 }
 
 fn stats(path: &Path, json: bool, watch: bool) -> Result<()> {
-    let mut previous: Option<(Snapshot, std::time::Instant)> = None;
-    loop {
-        let snapshot: Snapshot = fetch(path, "stats")?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&snapshot)?);
-        } else {
-            if watch {
+    if watch {
+        return watch_stats(path, json);
+    }
+    let snapshot: Snapshot = fetch(path, "stats")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&snapshot)?);
+    } else {
+        print!("{}", view::render_stats(&snapshot, None));
+    }
+    Ok(())
+}
+
+/// `stats --watch`: a frame a second until SIGINT (Ctrl-C), which ends it with exit 0.
+fn watch_stats(path: &Path, json: bool) -> Result<()> {
+    use std::io::Write;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async {
+        // Before the first request: from now on SIGINT is ours, not the default action.
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut previous: Option<(Snapshot, tokio::time::Instant)> = None;
+        loop {
+            let snapshot: Snapshot = fetch(path, "stats")?;
+            let now = tokio::time::Instant::now();
+            let frame = if json {
+                format!("{}\n", serde_json::to_string(&snapshot)?)
+            } else {
+                let previous = previous.as_ref().map(|(s, at)| (s, now - *at));
                 // Clear the screen and home the cursor, as `watch(1)` does.
-                print!("\x1b[2J\x1b[H");
+                format!("\x1b[2J\x1b[H{}", view::render_stats(&snapshot, previous))
+            };
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(frame.as_bytes())?;
+            stdout.flush()?;
+            drop(stdout);
+            previous = Some((snapshot, now));
+            tokio::select! {
+                _ = interrupt.recv() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            print!("{}", render_stats(&snapshot, previous.as_ref()));
         }
-        if !watch {
-            return Ok(());
-        }
-        previous = Some((snapshot, std::time::Instant::now()));
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    })
 }
 
-fn render_stats(s: &Snapshot, previous: Option<&(Snapshot, std::time::Instant)>) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let c = &s.connections;
-    let _ = writeln!(
-        out,
-        "data path   {}    uptime {}s",
-        s.data_path, s.uptime_secs
-    );
-    let _ = writeln!(
-        out,
-        "connections active {}  half-open {}  total {}  (ebpf {}, userspace {})",
-        c.active, c.half_open, c.total, c.ebpf, c.userspace
-    );
-    let _ = writeln!(
-        out,
-        "bytes       client->backend {}  backend->client {}",
-        s.bytes.client_to_backend, s.bytes.backend_to_client
-    );
-    if let Some((before, at)) = previous {
-        let secs = at.elapsed().as_secs_f64().max(0.001);
-        let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / secs;
-        let _ = writeln!(
-            out,
-            "rates       {:.1} conn/s  client->backend {:.0} B/s  backend->client {:.0} B/s",
-            rate(c.total, before.connections.total),
-            rate(s.bytes.client_to_backend, before.bytes.client_to_backend),
-            rate(s.bytes.backend_to_client, before.bytes.backend_to_client),
-        );
-    }
-    let _ = writeln!(
-        out,
-        "ebpf        sockhash entries {}  events {}  events lost {}",
-        s.ebpf.sockhash_entries, s.ebpf.events, s.ebpf.events_lost
-    );
-    let _ = writeln!(out, "closed");
-    for (reason, count) in &s.closed {
-        let _ = writeln!(out, "  {reason:<20} {count}");
-    }
-    let _ = writeln!(
-        out,
-        "{:<20} {:>8} {:>10} {:>16} {:>16}",
-        "route", "active", "total", "client->backend", "backend->client"
-    );
-    for r in &s.routes {
-        let _ = writeln!(
-            out,
-            "{:<20} {:>8} {:>10} {:>16} {:>16}",
-            r.name, r.active, r.total, r.bytes_client_to_backend, r.bytes_backend_to_client
-        );
-    }
-    out
-}
-
-fn connections(path: &Path, json: bool) -> Result<()> {
+fn connections(path: &Path, json: bool, sort: SortBy, route: Option<&str>) -> Result<()> {
     let rows: Vec<ConnectionRow> = fetch(path, "connections")?;
+    let rows = view::select_connections(rows, sort, route);
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    println!(
-        "{:>8} {:<16} {:<22} {:<22} {:<9} {:>9} {:>9} {:>5} {:>14} {:>14}",
-        "id", "route", "client", "backend", "path", "age_s", "idle_s", "half", "c->b", "b->c"
-    );
-    for row in rows {
-        println!(
-            "{:>8} {:<16} {:<22} {:<22} {:<9} {:>9.1} {:>9.1} {:>5} {:>14} {:>14}",
-            row.id,
-            row.route.as_deref().unwrap_or("-"),
-            row.client,
-            row.backend.as_deref().unwrap_or("-"),
-            row.data_path.map_or("-", |p| p.as_str()),
-            row.age_secs,
-            row.idle_secs,
-            if row.half_open { "yes" } else { "no" },
-            row.bytes_client_to_backend,
-            row.bytes_backend_to_client,
-        );
+    } else {
+        print!("{}", view::render_connections(&rows));
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ use crate::ebpf::{EbpfError, Kernel, LoadOptions};
 use crate::error_chain;
 use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
+use crate::metrics::MetricsServer;
 use crate::route::ListenerRoutes;
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
@@ -269,6 +270,7 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 #[derive(Debug)]
 pub struct Proxy {
     shared: Arc<Shared>,
+    metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -286,6 +288,10 @@ impl Proxy {
         };
         let stats = Stats::new(data_path);
         let control_socket = config.proxy.control_socket.clone();
+        let metrics = match config.proxy.metrics {
+            Some(addr) => Some(bind_metrics(addr).await?),
+            None => None,
+        };
         let generation = Generation::new(config, &stats);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (closed, _) = broadcast::channel(1024);
@@ -320,7 +326,16 @@ impl Proxy {
             }
         })?;
         shared.tasks.spawn(control.serve(Arc::clone(&shared)));
-        Ok(Proxy { shared, shutdown })
+        let metrics_addr = metrics.map(|(server, bound)| {
+            info!(listen = %bound, "metrics endpoint at /metrics");
+            shared.tasks.spawn(server.serve(Arc::clone(&shared)));
+            bound
+        });
+        Ok(Proxy {
+            shared,
+            metrics_addr,
+            shutdown,
+        })
     }
 
     /// `(configured, bound)` for every listen address: they differ for port 0.
@@ -330,6 +345,11 @@ impl Proxy {
             .iter()
             .map(|(configured, bound)| (*configured, *bound))
             .collect()
+    }
+
+    /// The bound address of the Prometheus endpoint, if `[proxy] metrics` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The bound address of the named route's listener.
@@ -389,6 +409,13 @@ pub fn check_supported(config: &Config) -> Result<(), StartError> {
         }
     }
     Ok(())
+}
+
+async fn bind_metrics(addr: SocketAddr) -> Result<(MetricsServer, SocketAddr), StartError> {
+    let bind_error = |source| StartError::Bind { addr, source };
+    let server = MetricsServer::bind(addr).await.map_err(bind_error)?;
+    let bound = server.local_addr().map_err(bind_error)?;
+    Ok((server, bound))
 }
 
 /// Loads the kernel data path if any route may use it. `auto` falls back to userspace and
@@ -509,9 +536,11 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
         .get()
         .and_then(|slot| shared.stats.route_name(*slot));
     info!(
-        route = route.as_deref().unwrap_or("-"),
-        backend = ?record.backend.get(),
-        data_path = ?record.data_path(),
+        id = record.id,
+        route = %route.as_deref().unwrap_or("-"),
+        client = %record.client,
+        backend = %record.backend.get().map_or_else(|| "-".to_owned(), |b| b.to_string()),
+        data_path = %record.data_path().map_or("-", DataPathKind::as_str),
         client_to_backend = record.meter.bytes(crate::lifecycle::Direction::ClientToBackend),
         backend_to_client = record.meter.bytes(crate::lifecycle::Direction::BackendToClient),
         duration_ms = record.started.elapsed().as_millis() as u64,
@@ -526,8 +555,8 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
     });
 }
 
-/// Routes the connection and connects its backend; the routing bytes already read are
-/// written to the backend before this returns.
+/// Routes the connection and connects its backend; the route's PROXY protocol header and
+/// the routing bytes already read are written to the backend before this returns.
 async fn establish(
     shared: &Shared,
     generation: &Generation,
@@ -556,13 +585,22 @@ async fn establish(
     keepalive(client, &config.lifecycle);
     let backend = tokio::select! {
         _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
-        connected = connect(generation, route) => connected?,
+        connected = connect(shared, generation, route) => connected?,
     };
     if let Ok(addr) = backend.peer_addr() {
         let _ = record.backend.set(addr);
     }
     keepalive(&backend, &config.lifecycle);
-    write_all(&backend, &peeked).await?;
+    // The PROXY header goes first toward the backend, before any client byte.
+    let mut first = match config.proxy_protocol {
+        Some(version) => {
+            let local = client.local_addr().map_err(|_| Reason::ClientReset)?;
+            crate::proxy_protocol::header(version, record.client, local)
+        }
+        None => Vec::new(),
+    };
+    first.extend_from_slice(&peeked);
+    write_all(&backend, &first).await?;
     Ok((route, backend))
 }
 
@@ -609,13 +647,23 @@ async fn route(
 }
 
 /// Connects to the route's targets, round-robin, trying the next one on failure.
-async fn connect(generation: &Generation, route: usize) -> Result<TcpStream, Reason> {
+async fn connect(
+    shared: &Shared,
+    generation: &Generation,
+    route: usize,
+) -> Result<TcpStream, Reason> {
     let config = &generation.config.routes[route];
     let mut reason = Reason::ConnectFailed;
     for target in generation.routes.targets_in_order(route, &config.targets) {
-        let deadline = Instant::now() + config.lifecycle.connect_timeout;
+        let started = Instant::now();
+        let deadline = started + config.lifecycle.connect_timeout;
         match timeout_at(deadline, connect_target(target)).await {
-            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Ok(stream)) => {
+                shared
+                    .stats
+                    .backend_connected(generation.slot(route), started.elapsed());
+                return Ok(stream);
+            }
             Ok(Err(e)) => {
                 warn!(%target, error = %e, "connect failed");
                 reason = Reason::ConnectFailed;

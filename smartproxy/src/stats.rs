@@ -3,13 +3,69 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{instant_of, DataPathKind};
 use crate::lifecycle::{Direction, Reason};
 use crate::table::{ConnRecord, ConnTable};
+
+/// Upper bounds, in seconds, of the connection duration histogram: from short requests
+/// to the day-long connections this proxy is made for.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0,
+];
+/// Upper bounds, in seconds, of the backend connect histogram: loopback to a slow WAN.
+pub const CONNECT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A lock-free histogram: one counter per bucket (not cumulative) plus `+Inf`, and the
+/// sum in microseconds (a u64 of microseconds holds half a million years).
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, value: Duration) {
+        // Prometheus buckets count the observations `<= le`.
+        let secs = value.as_secs_f64();
+        let bucket = self.bounds.partition_point(|&le| le < secs);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(value.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> HistogramSnapshot {
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(self.bounds.len());
+        for (le, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            buckets.push(BucketSnapshot {
+                le: *le,
+                count: cumulative,
+            });
+        }
+        let overflow = self.counts.last().map_or(0, |c| c.load(Ordering::Relaxed));
+        HistogramSnapshot {
+            buckets,
+            count: cumulative + overflow,
+            sum_secs: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
 
 /// Counters of one route.
 #[derive(Debug)]
@@ -19,6 +75,9 @@ struct RouteCounters {
     /// Bytes of the route's connections that already closed; live ones are read from
     /// the table.
     closed_bytes: [AtomicU64; 2],
+    closed: [AtomicU64; Reason::ALL.len()],
+    duration: Histogram,
+    connect: Histogram,
 }
 
 /// The proxy's counters. Live figures (active, half-open, live bytes) are read from the
@@ -36,6 +95,8 @@ pub struct Stats {
     /// Every route any configuration named, by slot ([`Stats::route_slot`]). Append-only,
     /// so that a reload never resets a route's counters nor moves another's.
     routes: RwLock<Vec<RouteCounters>>,
+    /// Closures of connections that ended before a route was chosen.
+    unrouted_closed: [AtomicU64; Reason::ALL.len()],
 }
 
 /// Kernel data path counters, zero when it is not loaded.
@@ -55,6 +116,9 @@ pub struct ConnectionsSnapshot {
     pub total: u64,
     pub ebpf: u64,
     pub userspace: u64,
+    /// `half_open`, by data path.
+    pub half_open_ebpf: u64,
+    pub half_open_userspace: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,13 +131,44 @@ pub struct BytesSnapshot {
     pub kernel_backend_to_client: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RouteSnapshot {
     pub name: String,
     pub active: u64,
     pub total: u64,
     pub bytes_client_to_backend: u64,
     pub bytes_backend_to_client: u64,
+    /// `active`, by data path; the rest are still connecting their backend.
+    pub ebpf: u64,
+    pub userspace: u64,
+    pub half_open: u64,
+    /// Every closure reason, zero included.
+    pub closed: BTreeMap<String, u64>,
+    pub connection_duration_seconds: HistogramSnapshot,
+    pub backend_connect_seconds: HistogramSnapshot,
+}
+
+/// Connections that have no route (yet, or ever: `no_route`, `bad_handshake`, ...).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnroutedSnapshot {
+    pub active: u64,
+    /// Every closure reason, zero included.
+    pub closed: BTreeMap<String, u64>,
+}
+
+/// A histogram: cumulative buckets (`count` of observations `<= le` seconds; `+Inf` is
+/// `count`), as Prometheus has them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistogramSnapshot {
+    pub buckets: Vec<BucketSnapshot>,
+    pub count: u64,
+    pub sum_secs: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BucketSnapshot {
+    pub le: f64,
+    pub count: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +178,7 @@ pub struct LifecycleSnapshot {
 }
 
 /// `smartproxy stats --json`: the contract's keys, nested.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub data_path: DataPathKind,
     pub uptime_secs: u64,
@@ -93,6 +188,7 @@ pub struct Snapshot {
     pub closed: BTreeMap<String, u64>,
     pub ebpf: EbpfSnapshot,
     pub routes: Vec<RouteSnapshot>,
+    pub unrouted: UnroutedSnapshot,
     pub lifecycle: LifecycleSnapshot,
 }
 
@@ -117,6 +213,39 @@ pub struct ConnectionRow {
     pub bytes_backend_to_client: u64,
 }
 
+/// Live figures of a set of connections, counted from the table.
+#[derive(Clone, Copy, Debug, Default)]
+struct LiveCounts {
+    active: u64,
+    ebpf: u64,
+    userspace: u64,
+    half_open: u64,
+    half_open_ebpf: u64,
+    half_open_userspace: u64,
+    bytes: [u64; 2],
+}
+
+impl LiveCounts {
+    fn add(&mut self, record: &ConnRecord, bytes: [u64; 2]) {
+        let half_open = u64::from(record.half_open.load(Ordering::Relaxed));
+        self.active += 1;
+        self.half_open += half_open;
+        match record.data_path() {
+            Some(DataPathKind::Ebpf) => {
+                self.ebpf += 1;
+                self.half_open_ebpf += half_open;
+            }
+            Some(DataPathKind::Userspace) => {
+                self.userspace += 1;
+                self.half_open_userspace += half_open;
+            }
+            None => {}
+        }
+        self.bytes[0] += bytes[0];
+        self.bytes[1] += bytes[1];
+    }
+}
+
 impl Stats {
     pub fn new(data_path: DataPathKind) -> Stats {
         Stats {
@@ -129,6 +258,7 @@ impl Stats {
             inactivity_resets: AtomicU64::new(0),
             splice_failures: AtomicU64::new(0),
             routes: RwLock::default(),
+            unrouted_closed: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -147,6 +277,9 @@ impl Stats {
             name: name.to_owned(),
             total: AtomicU64::new(0),
             closed_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+            closed: std::array::from_fn(|_| AtomicU64::new(0)),
+            duration: Histogram::new(DURATION_BUCKETS),
+            connect: Histogram::new(CONNECT_BUCKETS),
         });
         routes.len() - 1
     }
@@ -169,6 +302,11 @@ impl Stats {
         self.routes()[route].total.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A backend of `route` accepted the connection `elapsed` after the attempt began.
+    pub fn backend_connected(&self, route: usize, elapsed: Duration) {
+        self.routes()[route].connect.observe(elapsed);
+    }
+
     pub fn splice_failed(&self) {
         self.splice_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -181,10 +319,20 @@ impl Stats {
         self.inactivity_resets.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Books a connection that ended: its reason and its bytes.
+    /// Books a connection that ended: its reason, its bytes and its duration.
     pub fn closed(&self, record: &ConnRecord, reason: Reason) {
         self.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
         let routes = self.routes();
+        match record.route.get() {
+            Some(route) => {
+                let route = &routes[*route];
+                route.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
+                route.duration.observe(record.started.elapsed());
+            }
+            None => {
+                self.unrouted_closed[reason.index()].fetch_add(1, Ordering::Relaxed);
+            }
+        }
         for direction in Direction::BOTH {
             let bytes = record.meter.bytes(direction);
             self.closed_bytes[direction.index()].fetch_add(bytes, Ordering::Relaxed);
@@ -201,8 +349,9 @@ impl Stats {
         let routes = self.routes();
         let mut bytes = [0u64; 2];
         let mut kernel_bytes = [0u64; 2];
-        let mut route_live = vec![(0u64, [0u64; 2]); routes.len()];
-        let (mut half_open, mut on_ebpf, mut on_userspace) = (0, 0, 0);
+        let mut route_live = vec![LiveCounts::default(); routes.len()];
+        let mut all = LiveCounts::default();
+        let mut unrouted_active = 0;
         for record in &records {
             let live = Direction::BOTH.map(|d| record.meter.bytes(d));
             bytes[0] += live[0];
@@ -210,28 +359,30 @@ impl Stats {
             for direction in Direction::BOTH {
                 kernel_bytes[direction.index()] += record.meter.kernel_bytes(direction);
             }
-            if let Some(route) = record.route.get() {
-                route_live[*route].0 += 1;
-                route_live[*route].1[0] += live[0];
-                route_live[*route].1[1] += live[1];
-            }
-            half_open += u64::from(record.half_open.load(Ordering::Relaxed));
-            match record.data_path() {
-                Some(DataPathKind::Ebpf) => on_ebpf += 1,
-                Some(DataPathKind::Userspace) => on_userspace += 1,
-                None => {}
+            all.add(record, live);
+            match record.route.get() {
+                Some(route) => route_live[*route].add(record, live),
+                None => unrouted_active += 1,
             }
         }
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let by_reason = |counters: &[AtomicU64; Reason::ALL.len()]| -> BTreeMap<String, u64> {
+            Reason::ALL
+                .iter()
+                .map(|reason| (reason.as_str().to_owned(), load(&counters[reason.index()])))
+                .collect()
+        };
         Snapshot {
             data_path: self.data_path,
             uptime_secs: self.started.elapsed().as_secs(),
             connections: ConnectionsSnapshot {
                 active: records.len() as u64,
-                half_open,
+                half_open: all.half_open,
                 total: load(&self.total),
-                ebpf: on_ebpf,
-                userspace: on_userspace,
+                ebpf: all.ebpf,
+                userspace: all.userspace,
+                half_open_ebpf: all.half_open_ebpf,
+                half_open_userspace: all.half_open_userspace,
             },
             bytes: BytesSnapshot {
                 client_to_backend: load(&self.closed_bytes[0]) + bytes[0],
@@ -239,27 +390,29 @@ impl Stats {
                 kernel_client_to_backend: load(&self.closed_kernel_bytes[0]) + kernel_bytes[0],
                 kernel_backend_to_client: load(&self.closed_kernel_bytes[1]) + kernel_bytes[1],
             },
-            closed: Reason::ALL
-                .iter()
-                .map(|reason| {
-                    (
-                        reason.as_str().to_owned(),
-                        load(&self.closed[reason.index()]),
-                    )
-                })
-                .collect(),
+            closed: by_reason(&self.closed),
             ebpf,
             routes: routes
                 .iter()
                 .zip(route_live)
-                .map(|(route, (active, live))| RouteSnapshot {
+                .map(|(route, live)| RouteSnapshot {
                     name: route.name.clone(),
-                    active,
+                    active: live.active,
                     total: load(&route.total),
-                    bytes_client_to_backend: load(&route.closed_bytes[0]) + live[0],
-                    bytes_backend_to_client: load(&route.closed_bytes[1]) + live[1],
+                    bytes_client_to_backend: load(&route.closed_bytes[0]) + live.bytes[0],
+                    bytes_backend_to_client: load(&route.closed_bytes[1]) + live.bytes[1],
+                    ebpf: live.ebpf,
+                    userspace: live.userspace,
+                    half_open: live.half_open,
+                    closed: by_reason(&route.closed),
+                    connection_duration_seconds: route.duration.snapshot(),
+                    backend_connect_seconds: route.connect.snapshot(),
                 })
                 .collect(),
+            unrouted: UnroutedSnapshot {
+                active: unrouted_active,
+                closed: by_reason(&self.unrouted_closed),
+            },
             lifecycle: LifecycleSnapshot {
                 inactivity_resets: load(&self.inactivity_resets),
             },
@@ -289,5 +442,23 @@ impl Stats {
             .collect();
         rows.sort_by_key(|row| row.id);
         rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_count_observations_up_to_and_including_their_bound() {
+        let h = Histogram::new(&[0.1, 1.0]);
+        for ms in [50, 100, 101, 1000, 5000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let s = h.snapshot();
+        let counts: Vec<(f64, u64)> = s.buckets.iter().map(|b| (b.le, b.count)).collect();
+        assert_eq!(counts, [(0.1, 2), (1.0, 4)], "cumulative, `<= le`");
+        assert_eq!(s.count, 5, "+Inf holds every observation");
+        assert!((s.sum_secs - 6.251).abs() < 1e-9, "sum {}", s.sum_secs);
     }
 }

@@ -5,14 +5,18 @@
 //! - `check` exits 0 for a valid file, and 2 for an invalid one with a message naming the
 //!   file and the key: bad duration, unknown key, route without targets, bad listen
 //!   address, unknown `data_path`, two plain routes on one listen address, missing file;
-//! - `run` exits 1, naming the address, when the listen address is already in use;
+//! - `run` exits 1, naming the address, when the listen address or the metrics address is
+//!   already in use;
 //! - `run` on a valid config: the control socket is mode 0600; with one live connection
 //!   through the proxy, `stats --json` has every contract key (every closure reason,
 //!   zeros included), `stats` prints the route, `connections --json` lists the
 //!   connection; `stats --control /nonexistent/...` exits 1 naming the path; SIGTERM
 //!   makes the proxy exit 0 and remove its control socket;
-//! - `stats --watch` prints a frame per second until SIGINT ends it; the proxy itself
-//!   exits 0 on SIGINT.
+//! - `connections --sort bytes|age|idle` puts the largest first, the default is by id,
+//!   and `--route NAME` keeps that route's connections only;
+//! - `stats --watch` prints a frame per second (from the second on with rates, active
+//!   and half-open by data path, and the top routes) until SIGINT, on which it exits 0;
+//!   the proxy itself exits 0 on SIGINT.
 //!
 //! Readiness is "the control socket accepts a connection": the proxy binds it after its
 //! listeners and after installing its signal handlers. Every wait is a bounded poll.
@@ -20,7 +24,6 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -215,17 +218,24 @@ fn check_exits_2_naming_a_missing_file() {
 
 // === run ===
 
-#[test]
-fn run_exits_1_naming_a_listen_address_in_use() {
+/// Runs the proxy with a port already in use as its `metrics` address (`metrics = true`) or
+/// as its route's `listen` address, and checks that it exits 1 naming that address.
+fn assert_run_exits_1_naming_the_taken_address(metrics: bool) {
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port to occupy");
     let addr = taken.local_addr().expect("occupied address");
+    let (metrics_addr, listen) = if metrics {
+        (addr, free_port())
+    } else {
+        (free_port(), addr)
+    };
     let dir = tempfile::tempdir().expect("a temporary directory");
     let config = dir.path().join("smartproxy.toml");
     std::fs::write(
         &config,
         format!(
             "[proxy]\ndata_path = \"userspace\"\ncontrol_socket = {:?}\n\
-             [[route]]\nname = \"r\"\nlisten = \"{addr}\"\ntargets = [\"127.0.0.1:9\"]\n",
+             metrics = \"{metrics_addr}\"\n\
+             [[route]]\nname = \"r\"\nlisten = \"{listen}\"\ntargets = [\"127.0.0.1:9\"]\n",
             dir.path().join("control.sock").display().to_string()
         ),
     )
@@ -238,6 +248,16 @@ fn run_exits_1_naming_a_listen_address_in_use() {
         "stderr names {addr}: {stderr}"
     );
     drop(taken);
+}
+
+#[test]
+fn run_exits_1_naming_a_listen_address_in_use() {
+    assert_run_exits_1_naming_the_taken_address(false);
+}
+
+#[test]
+fn run_exits_1_naming_a_metrics_address_in_use() {
+    assert_run_exits_1_naming_the_taken_address(true);
 }
 
 /// The value at a dotted path of a JSON document.
@@ -371,6 +391,80 @@ fn run_answers_stats_and_connections_then_exits_0_on_sigterm() {
     );
 }
 
+/// Sends `message` on `client` and reads its echo.
+fn round_trip(client: &mut TcpStream, message: &[u8]) {
+    client.write_all(message).expect("send to the proxy");
+    let mut echoed = vec![0u8; message.len()];
+    client.read_exact(&mut echoed).expect("the echo comes back");
+}
+
+/// The `id`s `smartproxy connections --json ARGS` lists, in its order.
+fn listed_ids(control: &Path, args: &[&str]) -> Vec<u64> {
+    let output = run_bounded(
+        smartproxy()
+            .args(["connections", "--json", "--control"])
+            .arg(control)
+            .args(args),
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let rows: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&output.stdout)));
+    rows.as_array()
+        .expect("an array")
+        .iter()
+        .map(|row| row.get("id").and_then(Value::as_u64).expect("an id"))
+        .collect()
+}
+
+#[test]
+fn connections_sort_by_bytes_age_idle_and_filter_by_route() {
+    let backend = echo_backend();
+    let proxy = ProxyProcess::start("sorted", backend, "");
+    // `older` is accepted first and moves few bytes; `newer` moves many; then `older`
+    // is the last to carry a byte, so `newer` has been idle longer.
+    let mut older = TcpStream::connect(proxy.listen).expect("connect older");
+    older.set_read_timeout(Some(WAIT)).expect("read timeout");
+    round_trip(&mut older, b"a");
+    let mut newer = TcpStream::connect(proxy.listen).expect("connect newer");
+    newer.set_read_timeout(Some(WAIT)).expect("read timeout");
+    round_trip(&mut newer, &[b'b'; 100_000]);
+    round_trip(&mut older, b"a");
+
+    let by_id = listed_ids(&proxy.control, &[]);
+    assert_eq!(by_id.len(), 2, "two live connections: {by_id:?}");
+    let (first, second) = (by_id[0], by_id[1]);
+    assert!(first < second, "default order is by id: {by_id:?}");
+    assert_eq!(
+        listed_ids(&proxy.control, &["--sort", "bytes"]),
+        [second, first]
+    );
+    assert_eq!(
+        listed_ids(&proxy.control, &["--sort", "age"]),
+        [first, second]
+    );
+    assert_eq!(
+        listed_ids(&proxy.control, &["--sort", "idle"]),
+        [second, first]
+    );
+    assert_eq!(
+        listed_ids(&proxy.control, &["--route", "sorted", "--sort", "id"]),
+        [first, second]
+    );
+    assert!(listed_ids(&proxy.control, &["--route", "other"]).is_empty());
+    let table = run_bounded(
+        smartproxy()
+            .args(["connections", "--sort", "bytes", "--control"])
+            .arg(&proxy.control),
+    );
+    assert_eq!(table.status.code(), Some(0), "{}", text(&table.stderr));
+    assert_eq!(
+        text(&table.stdout).lines().count(),
+        3,
+        "a header and two rows: {}",
+        text(&table.stdout)
+    );
+}
+
 #[test]
 fn stats_exits_1_naming_a_control_socket_that_is_absent() {
     let path = "/nonexistent/smartproxy/control.sock";
@@ -383,9 +477,6 @@ fn stats_exits_1_naming_a_control_socket_that_is_absent() {
 /// What `stats --watch` writes before every frame: clear the screen, home the cursor.
 const CLEAR_SCREEN: &str = "\x1b[2J";
 
-/// `stats --watch` has no SIGINT handler of its own, so SIGINT ends it by the signal's
-/// default action; a clean exit 0 (if it ever catches SIGINT) is accepted too. What is
-/// asserted: it printed two frames, and it is gone within a few seconds of SIGINT.
 #[test]
 fn stats_watch_prints_frames_until_sigint_and_the_proxy_exits_0_on_sigint() {
     let backend = echo_backend();
@@ -428,6 +519,19 @@ fn stats_watch_prints_frames_until_sigint_and_the_proxy_exits_0_on_sigint() {
         "a frame names the route: {:?}",
         frames[0]
     );
+    for part in [
+        "conn/s",
+        "B/s",
+        "top routes",
+        "ebpf      active",
+        "userspace active",
+    ] {
+        assert!(
+            frames[1].contains(part),
+            "the second frame shows {part:?}: {:?}",
+            frames[1]
+        );
+    }
 
     // SAFETY: kill(2) on our own child, not yet reaped (the guard holds its `Child`).
     assert_eq!(unsafe { libc::kill(watch_pid, libc::SIGINT) }, 0);
@@ -443,9 +547,18 @@ fn stats_watch_prints_frames_until_sigint_and_the_proxy_exits_0_on_sigint() {
         );
         std::thread::sleep(POLL);
     };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "stats --watch exits 0 on SIGINT, not {status}"
+    );
+    while let Ok(chunk) = received.recv_timeout(WAIT) {
+        seen.push_str(&text(&chunk));
+    }
     assert!(
-        status.signal() == Some(libc::SIGINT) || status.code() == Some(0),
-        "stats --watch ends by SIGINT or exits 0, not {status}"
+        seen.ends_with('\n'),
+        "stats --watch ends on a whole frame: {:?}",
+        seen.get(seen.len().saturating_sub(200)..)
     );
 
     proxy.signal(libc::SIGINT);

@@ -6,6 +6,9 @@
 //!   first line, `# expect: <substring>`, and of any `# expect:` lines right after it (so a
 //!   file failing for the wrong reason fails);
 //! - `examples/smartproxy.toml` loads;
+//! - `dist/smartproxy.toml` passes `smartproxy check`, and `dist/smartproxy.service` is a
+//!   notify unit with reload, restart, descriptor limit, the BPF capabilities, and a
+//!   runtime directory that holds the sample's control socket;
 //! - neither directory is empty (a glob that matches nothing must not pass).
 
 use std::path::{Path, PathBuf};
@@ -94,4 +97,66 @@ fn example_config_loads() {
     if let Err(e) = Config::from_file(&path) {
         panic!("{e}");
     }
+}
+
+fn dist_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../dist")
+        .join(name)
+}
+
+#[test]
+fn dist_sample_config_passes_check() {
+    let path = dist_file("smartproxy.toml");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_smartproxy"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("smartproxy check runs");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn dist_service_unit_has_what_an_operator_needs() {
+    let path = dist_file("smartproxy.service");
+    let unit = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let value = |key: &str| -> &str {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("{}: no {key}=", path.display()))
+    };
+    assert_eq!(value("Type"), "notify");
+    assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert_eq!(value("Restart"), "on-failure");
+    assert!(value("LimitNOFILE")
+        .parse::<u64>()
+        .is_ok_and(|n| n >= 65536));
+    for key in ["AmbientCapabilities", "CapabilityBoundingSet"] {
+        let caps: Vec<&str> = value(key).split_whitespace().collect();
+        for cap in [
+            "CAP_BPF",
+            "CAP_NET_ADMIN",
+            "CAP_PERFMON",
+            "CAP_NET_BIND_SERVICE",
+        ] {
+            assert!(caps.contains(&cap), "{key} lacks {cap}: {caps:?}");
+        }
+    }
+    let runtime = Path::new("/run").join(value("RuntimeDirectory"));
+    let config = Config::from_file(&dist_file("smartproxy.toml")).expect("the sample loads");
+    assert_eq!(
+        config.proxy.control_socket.parent(),
+        Some(runtime.as_path()),
+        "the sample's control socket lives in the unit's RuntimeDirectory"
+    );
+    assert!(
+        value("ExecStart").contains("run --config /etc/smartproxy/smartproxy.toml"),
+        "ExecStart runs the installed config"
+    );
 }

@@ -430,3 +430,25 @@ pub fn open_fds() -> usize {
         .expect("read /proc/self/fd")
         .count()
 }
+
+/// The first flight rustls sends to `server_name` (a DNS name, or an IP address, for
+/// which a client sends no SNI).
+pub fn client_hello(server_name: &str) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .expect("test server names are valid");
+    let mut connection =
+        rustls::ClientConnection::new(Arc::new(config), name).expect("a client connection");
+    let mut flight = Vec::new();
+    while connection.wants_write() {
+        connection
+            .write_tls(&mut flight)
+            .expect("writing to a Vec cannot fail");
+    }
+    flight
+}

@@ -12,7 +12,6 @@
 //! - a partial ClientHello followed by silence is closed with `handshake_timeout`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use smartproxy::lifecycle::Reason;
@@ -21,28 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What the client sends after its ClientHello (stands in for the rest of a handshake).
 const AFTER_HELLO: &[u8] = b"the rest of the client's bytes";
-
-/// The first flight rustls sends to `server_name` (a DNS name, or an IP address, for
-/// which a client sends no SNI).
-fn client_hello(server_name: &str) -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
-        .expect("test server names are valid");
-    let mut connection =
-        rustls::ClientConnection::new(Arc::new(config), name).expect("a client connection");
-    let mut flight = Vec::new();
-    while connection.wants_write() {
-        connection
-            .write_tls(&mut flight)
-            .expect("writing to a Vec cannot fail");
-    }
-    flight
-}
 
 /// A backend that reads everything up to the client's FIN and answers with its name
 /// and the digest of what it got; it checks that a ClientHello came first.

@@ -1,7 +1,8 @@
 //! The control socket, on each data path:
 //! - `stats` answers one JSON object with every key of the contract (DESIGN.md,
 //!   "Stats"), every closure reason included at zero, and live figures for an open
-//!   connection;
+//!   connection, and the keys added since (per-route closures, data paths and
+//!   histograms; unrouted connections);
 //! - the socket file has mode 0600;
 //! - `connections` lists a live connection with its route, peers and bytes.
 
@@ -112,6 +113,17 @@ async fn stats_reply_has_every_contract_key_and_counts_a_live_connection() {
         assert_eq!(number(web, "total"), 1, "routes[0].total");
         assert_eq!(number(web, "bytes_client_to_backend"), 10);
         assert_eq!(number(web, "bytes_backend_to_client"), 10);
+        // Keys added for the views and the metrics.
+        assert_eq!(number(web, &mode.to_string()), 1, "routes[0].{mode}");
+        assert_eq!(number(web, "half_open"), 0, "routes[0].half_open");
+        assert_eq!(number(&stats, &format!("connections.half_open_{mode}")), 0);
+        assert_eq!(number(web, "backend_connect_seconds.count"), 1);
+        assert_eq!(number(web, "connection_duration_seconds.count"), 0);
+        assert_eq!(number(&stats, "unrouted.active"), 0);
+        for reason in Reason::ALL {
+            assert_eq!(number(web, &format!("closed.{reason}")), 0);
+            assert_eq!(number(&stats, &format!("unrouted.closed.{reason}")), 0);
+        }
 
         drop(client);
         proxy.expect_closed(Reason::Normal).await;
@@ -126,6 +138,11 @@ async fn stats_reply_has_every_contract_key_and_counts_a_live_connection() {
             1,
             "closed.normal after the close"
         );
+        let web = &field(&stats, "routes")
+            .as_array()
+            .expect("routes is a list")[0];
+        assert_eq!(number(web, "closed.normal"), 1, "routes[0].closed.normal");
+        assert_eq!(number(web, "connection_duration_seconds.count"), 1);
         assert_eq!(
             number(&stats, "bytes.client_to_backend"),
             10,

@@ -91,6 +91,17 @@ impl ProxyProcess {
     /// `backend` (userspace data path, control socket in a temporary directory), with
     /// `lifecycle` as its `[lifecycle]` table body, and waits until it is ready.
     pub fn start(route: &str, backend: SocketAddr, lifecycle: &str) -> ProxyProcess {
+        Self::start_with(route, backend, lifecycle, |_| {})
+    }
+
+    /// [`ProxyProcess::start`], with `customize` adding arguments or environment to the
+    /// `smartproxy run --config FILE` command before it is spawned.
+    pub fn start_with(
+        route: &str,
+        backend: SocketAddr,
+        lifecycle: &str,
+        customize: impl FnOnce(&mut Command),
+    ) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let control = dir.path().join("control.sock");
         let listen = free_port();
@@ -108,16 +119,17 @@ impl ProxyProcess {
         let log = dir.path().join("proxy.log");
         let out = std::fs::File::create(&log).expect("create the proxy log");
         let err = out.try_clone().expect("clone the proxy log handle");
-        let child = Command::new(env!("CARGO_BIN_EXE_smartproxy"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_smartproxy"));
+        command
             .arg("run")
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("the smartproxy binary starts");
+            .stderr(err);
+        customize(&mut command);
+        let child = command.spawn().expect("the smartproxy binary starts");
         let mut proxy = ProxyProcess {
             child,
             control,
@@ -156,6 +168,11 @@ impl ProxyProcess {
             );
             std::thread::sleep(POLL);
         }
+    }
+
+    /// What the proxy wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn signal(&self, signal: libc::c_int) {
