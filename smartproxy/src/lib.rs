@@ -9,6 +9,7 @@ pub mod control;
 pub mod datapath;
 pub mod ebpf;
 pub mod lifecycle;
+pub mod limits;
 pub mod proxy;
 pub mod route;
 pub mod sni;

@@ -19,6 +19,7 @@ use crate::datapath::{instant_of, DataPathKind, Relay};
 use crate::ebpf::{EbpfError, Kernel, LoadOptions};
 use crate::error_chain;
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
+use crate::limits::{Admissions, Limits};
 use crate::route::{ListenerRoutes, RouteTable};
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
@@ -63,6 +64,7 @@ pub(crate) struct Shared {
     routes: RouteTable,
     pub(crate) table: ConnTable,
     pub(crate) stats: Stats,
+    limits: Limits,
     /// The loaded kernel data path, if any route may use it and it loaded.
     kernel: Option<Kernel>,
     closed: broadcast::Sender<Closed>,
@@ -138,11 +140,16 @@ impl Proxy {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (closed, _) = broadcast::channel(1024);
         let control_path = config.proxy.control_socket.clone();
+        let limits = Limits::new(
+            config.proxy.per_ip,
+            config.routes.iter().map(|r| &r.limits),
+        );
         let shared = Arc::new(Shared {
             config,
             routes,
             table: ConnTable::default(),
             stats,
+            limits,
             kernel,
             closed,
             shutdown: shutdown_rx,
@@ -252,6 +259,7 @@ fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
     }
     let options = LoadOptions {
         max_queued_bytes: config.proxy.max_queued_bytes,
+        ring_buffer_bytes: config.proxy.ebpf_ring_buffer_bytes,
         ..LoadOptions::default()
     };
     match Kernel::load(options) {
@@ -300,10 +308,11 @@ async fn accept_loop(listener: TcpListener, index: usize, shared: Arc<Shared>, t
 async fn serve(shared: Arc<Shared>, listener: usize, client: TcpStream, record: Arc<ConnRecord>) {
     let span = info_span!("conn", id = record.id, client = %record.client);
     async {
-        let reason = match establish(&shared, listener, &client, &record).await {
+        let mut admissions = Admissions::default();
+        let reason = match establish(&shared, listener, &client, &record, &mut admissions).await {
             Ok((route, backend)) => relay(&shared, route, client, backend, &record).await,
             Err(reason) => {
-                if reason == Reason::MaxConnections {
+                if reason.is_refusal() {
                     // Refused connections get an RST, every time, at once.
                     let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
                 }
@@ -311,6 +320,8 @@ async fn serve(shared: Arc<Shared>, listener: usize, client: TcpStream, record: 
                 reason
             }
         };
+        // Before the close is announced: whoever hears of it may connect again at once.
+        drop(admissions);
         close(&shared, &record, reason);
     }
     .instrument(span)
@@ -349,10 +360,13 @@ async fn establish(
     listener: usize,
     client: &TcpStream,
     record: &ConnRecord,
+    admissions: &mut Admissions,
 ) -> Result<(usize, TcpStream), Reason> {
     if shared.table.len() > shared.config.proxy.max_connections {
         return Err(Reason::MaxConnections);
     }
+    let ip = record.client.ip();
+    admissions.push(shared.limits.admit_client(ip, std::time::Instant::now())?);
     let mut shutdown = shared.shutdown.clone();
     let routes = &shared.routes.listeners[listener].1;
     let (route, peeked) = tokio::select! {
@@ -361,6 +375,7 @@ async fn establish(
     };
     let _ = record.route.set(route);
     shared.stats.routed(route);
+    admissions.extend(shared.limits.admit_route(route, ip, std::time::Instant::now())?);
     let config = &shared.config.routes[route];
     keepalive(client, &config.lifecycle);
     let backend = tokio::select! {
@@ -400,7 +415,9 @@ async fn route(
                 return Err(Reason::BadHandshake);
             }
         }
-        if hello.len() > MAX_CLIENT_HELLO * 2 {
+        // The parser refuses a ClientHello that says it is longer; this bounds what an
+        // endless run of records that never completes one can make us hold.
+        if hello.len() > MAX_CLIENT_HELLO {
             return Err(Reason::BadHandshake);
         }
         timeout_at(deadline, client.readable())
