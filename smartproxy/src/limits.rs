@@ -424,7 +424,9 @@ mod tests {
             Some(Reason::MaxConnections)
         );
         drop(a);
-        limits.admit_route(0, ip("127.0.0.4"), now).expect("a slot is free");
+        limits
+            .admit_route(0, ip("127.0.0.4"), now)
+            .expect("a slot is free");
     }
 
     #[test]
@@ -438,7 +440,9 @@ mod tests {
         );
         let now = Instant::now();
         let a = limits.admit_client(ip("127.0.0.2"), now).expect("first");
-        let _b = limits.admit_client(ip("127.0.0.3"), now).expect("other address");
+        let _b = limits
+            .admit_client(ip("127.0.0.3"), now)
+            .expect("other address");
         assert_eq!(
             limits.admit_client(ip("127.0.0.2"), now).err(),
             Some(Reason::MaxConnections)
@@ -469,7 +473,11 @@ mod tests {
         );
         // One token per 20 s.
         let later = start + Duration::from_secs(21);
-        drop(limits.admit_client(ip("127.0.0.2"), later).expect("refilled"));
+        drop(
+            limits
+                .admit_client(ip("127.0.0.2"), later)
+                .expect("refilled"),
+        );
         assert!(limits.admit_client(ip("127.0.0.2"), later).is_err());
 
         // Many addresses, then a minute of quiet: the next sweep forgets them.

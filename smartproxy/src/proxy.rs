@@ -140,10 +140,7 @@ impl Proxy {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (closed, _) = broadcast::channel(1024);
         let control_path = config.proxy.control_socket.clone();
-        let limits = Limits::new(
-            config.proxy.per_ip,
-            config.routes.iter().map(|r| &r.limits),
-        );
+        let limits = Limits::new(config.proxy.per_ip, config.routes.iter().map(|r| &r.limits));
         let shared = Arc::new(Shared {
             config,
             routes,
@@ -375,7 +372,11 @@ async fn establish(
     };
     let _ = record.route.set(route);
     shared.stats.routed(route);
-    admissions.extend(shared.limits.admit_route(route, ip, std::time::Instant::now())?);
+    admissions.extend(
+        shared
+            .limits
+            .admit_route(route, ip, std::time::Instant::now())?,
+    );
     let config = &shared.config.routes[route];
     keepalive(client, &config.lifecycle);
     let backend = tokio::select! {
