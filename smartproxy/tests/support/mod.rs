@@ -42,6 +42,45 @@ pub fn echo_backend() -> SocketAddr {
     addr
 }
 
+/// Polls `condition` every [`POLL`] until it holds; panics naming `what` after [`WAIT`].
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {WAIT:?}: {what}");
+        std::thread::sleep(POLL);
+    }
+}
+
+/// From `/proc/PID/stat`: user + system CPU time in clock ticks.
+pub fn cpu_ticks(pid: libc::pid_t) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // The command name may hold spaces; the fields after it start past the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("a stat line") + 2..]
+        .split(' ')
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// The open descriptors of process `pid`.
+pub fn fd_count(pid: libc::pid_t) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .count()
+}
+
+/// A line of `/proc/PID/status` (`VmRSS`, `Uid`, `CapEff`), without its key.
+pub fn proc_status(pid: libc::pid_t, key: &str) -> String {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
 // === the proxy process ===
 
 /// A `smartproxy run` child. Dropping it kills the process if it still runs, and prints
@@ -59,6 +98,17 @@ impl ProxyProcess {
     /// `backend` (userspace data path, control socket in a temporary directory), with
     /// `lifecycle` as its `[lifecycle]` table body, and waits until it is ready.
     pub fn start(route: &str, backend: SocketAddr, lifecycle: &str) -> ProxyProcess {
+        Self::start_with(route, backend, lifecycle, "data_path = \"userspace\"")
+    }
+
+    /// [`ProxyProcess::start`] with `proxy` as the `[proxy]` lines besides the control
+    /// socket (data path, limits, user).
+    pub fn start_with(
+        route: &str,
+        backend: SocketAddr,
+        lifecycle: &str,
+        proxy: &str,
+    ) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let control = dir.path().join("control.sock");
         let listen = free_port();
@@ -66,7 +116,7 @@ impl ProxyProcess {
         std::fs::write(
             &config,
             format!(
-                "[proxy]\ndata_path = \"userspace\"\ncontrol_socket = {control:?}\n\n\
+                "[proxy]\n{proxy}\ncontrol_socket = {control:?}\n\n\
                  [lifecycle]\n{lifecycle}\n\n\
                  [[route]]\nname = \"{route}\"\nlisten = \"{listen}\"\ntargets = [\"{backend}\"]\n",
                 control = control.display().to_string(),
@@ -114,6 +164,26 @@ impl ProxyProcess {
             );
             std::thread::sleep(POLL);
         }
+    }
+
+    /// What the proxy logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> libc::pid_t {
+        self.child.id() as libc::pid_t
+    }
+
+    /// `smartproxy stats --json` of this proxy, parsed.
+    pub fn stats(&self) -> serde_json::Value {
+        let output = Command::new(env!("CARGO_BIN_EXE_smartproxy"))
+            .args(["stats", "--json", "--control"])
+            .arg(&self.control)
+            .output()
+            .expect("run smartproxy stats");
+        assert!(output.status.success(), "smartproxy stats: {output:?}");
+        serde_json::from_slice(&output.stdout).expect("stats --json is JSON")
     }
 
     pub fn signal(&self, signal: libc::c_int) {
