@@ -46,7 +46,10 @@ pub fn echo_backend() -> SocketAddr {
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {WAIT:?}: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?}: {what}"
+        );
         std::thread::sleep(POLL);
     }
 }
