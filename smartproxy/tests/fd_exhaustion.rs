@@ -29,16 +29,6 @@ fn set_fd_limit(pid: libc::pid_t, soft: u64) {
     assert_eq!(rc, 0, "prlimit set");
 }
 
-fn echo_once(stream: &mut TcpStream, message: &[u8]) {
-    stream
-        .set_read_timeout(Some(WAIT))
-        .expect("set a read timeout");
-    stream.write_all(message).expect("client writes");
-    let mut back = vec![0; message.len()];
-    stream.read_exact(&mut back).expect("the echo comes back");
-    assert_eq!(back, message);
-}
-
 const WARNING: &str = "accept failed; backing off";
 
 #[test]

@@ -84,6 +84,47 @@ pub fn proc_status(pid: libc::pid_t, key: &str) -> String {
         .to_owned()
 }
 
+/// Whether the eBPF data path can load here; prints a loud skip line when not, and
+/// panics instead with `SMARTPROXY_REQUIRE_EBPF=1`.
+pub fn ebpf_or_skip() -> bool {
+    // The probe loads the kernel part, which spawns its reader on a tokio runtime.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match runtime.block_on(async { smartproxy::datapath::probe_ebpf() }) {
+        Ok(()) => true,
+        Err(why) => {
+            if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") {
+                panic!("SMARTPROXY_REQUIRE_EBPF=1 but eBPF is unavailable: {why}");
+            }
+            eprintln!("SKIPPING the ebpf data path: {why}");
+            false
+        }
+    }
+}
+
+/// The data paths to run a binary test on: userspace, and ebpf where it loads.
+pub fn data_paths() -> Vec<&'static str> {
+    let mut paths = vec!["userspace"];
+    if ebpf_or_skip() {
+        paths.push("ebpf");
+    }
+    paths
+}
+
+/// Sends `message` and reads the echo back.
+pub fn echo_once(stream: &mut std::net::TcpStream, message: &[u8]) {
+    use std::io::{Read, Write};
+    stream
+        .set_read_timeout(Some(WAIT))
+        .expect("set a read timeout");
+    stream.write_all(message).expect("client writes");
+    let mut back = vec![0; message.len()];
+    stream.read_exact(&mut back).expect("the echo comes back");
+    assert_eq!(back, message);
+}
+
 // === the proxy process ===
 
 /// A `smartproxy run` child. Dropping it kills the process if it still runs, and prints
@@ -112,6 +153,18 @@ impl ProxyProcess {
         lifecycle: &str,
         proxy: &str,
     ) -> ProxyProcess {
+        Self::start_configured(route, backend, lifecycle, proxy, |_| {})
+    }
+
+    /// [`ProxyProcess::start_with`], and `configure` may change the command before it
+    /// runs (a `pre_exec`, say).
+    pub fn start_configured(
+        route: &str,
+        backend: SocketAddr,
+        lifecycle: &str,
+        proxy: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let control = dir.path().join("control.sock");
         let listen = free_port();
@@ -129,16 +182,17 @@ impl ProxyProcess {
         let log = dir.path().join("proxy.log");
         let out = std::fs::File::create(&log).expect("create the proxy log");
         let err = out.try_clone().expect("clone the proxy log handle");
-        let child = Command::new(env!("CARGO_BIN_EXE_smartproxy"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_smartproxy"));
+        command
             .arg("run")
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("the smartproxy binary starts");
+            .stderr(err);
+        configure(&mut command);
+        let child = command.spawn().expect("the smartproxy binary starts");
         let mut proxy = ProxyProcess {
             child,
             control,
