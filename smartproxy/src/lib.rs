@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod ebpf;
 pub mod lifecycle;
 pub mod limits;
+pub mod privileges;
 pub mod proxy;
 pub mod route;
 pub mod sni;

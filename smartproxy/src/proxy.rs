@@ -205,6 +205,11 @@ impl Proxy {
         self.shared.snapshot()
     }
 
+    /// Whether the kernel data path loaded (some routes may still use userspace).
+    pub fn uses_ebpf(&self) -> bool {
+        self.shared.kernel.is_some()
+    }
+
     pub fn connection_rows(&self) -> Vec<ConnectionRow> {
         self.shared.connection_rows()
     }
