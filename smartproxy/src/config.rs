@@ -668,7 +668,7 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
     }
     let page = crate::ebpf::page_size();
     let ring = proxy.ebpf_ring_buffer_bytes as usize;
-    if !ring.is_power_of_two() || ring % page != 0 {
+    if !ring.is_power_of_two() || !ring.is_multiple_of(page) {
         return Err(Invalid::new(
             "proxy.ebpf_ring_buffer_bytes",
             format!("must be a power of two and a multiple of the page size ({page})"),

@@ -298,7 +298,7 @@ async fn slowloris_client_hello_ends_at_handshake_timeout() {
         let backend = named_backend("alpha").await;
         let config = sni_routes("2s", backend.addr, backend.addr, None);
         let mut proxy = TestProxy::start(mode, &config).await;
-        let mut client = connect(proxy.addr("alpha")).await;
+        let client = connect(proxy.addr("alpha")).await;
         client.set_nodelay(true).expect("TCP_NODELAY");
         let started = Instant::now();
         let (mut read, mut write) = client.into_split();
