@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::limits::{AccessList, Cidr, PerIpConfig, RouteLimitsConfig};
+use crate::privileges::User;
 use crate::sni::is_dns_name;
 
 /// A whole, validated configuration file.
@@ -46,8 +47,9 @@ pub struct ProxyConfig {
     pub max_queued_bytes: u64,
     /// Per-client-IP limits over all routes together.
     pub per_ip: PerIpConfig,
-    /// The user to run as once the listeners, the control socket and eBPF are set up.
-    pub user: Option<String>,
+    /// The user to run as once the listeners, the control socket and eBPF are set up;
+    /// looked up at load, so that `check` catches a user this system does not have.
+    pub user: Option<User>,
     /// eBPF data path: size of the event ring buffer (FIN/RST/close events), a power of
     /// two and a multiple of the page size.
     pub ebpf_ring_buffer_bytes: u32,
@@ -657,15 +659,23 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             raw.proxy.connection_rate_per_ip,
             "proxy",
         )?,
-        user: raw.proxy.user,
+        user: match raw.proxy.user {
+            Some(name) if name.trim().is_empty() => {
+                return Err(Invalid::new("proxy.user", "must not be empty"));
+            }
+            Some(name) => Some(crate::privileges::lookup(&name).map_err(|_| {
+                Invalid::new(
+                    "proxy.user",
+                    format!("no user named {name:?} on this system"),
+                )
+            })?),
+            None => None,
+        },
         ebpf_ring_buffer_bytes: raw
             .proxy
             .ebpf_ring_buffer_bytes
             .unwrap_or(defaults.ebpf_ring_buffer_bytes),
     };
-    if proxy.user.as_deref().is_some_and(|u| u.trim().is_empty()) {
-        return Err(Invalid::new("proxy.user", "must not be empty"));
-    }
     let page = crate::ebpf::page_size();
     let ring = proxy.ebpf_ring_buffer_bytes as usize;
     if !ring.is_power_of_two() || !ring.is_multiple_of(page) {

@@ -148,15 +148,11 @@ fn report(result: Result<()>) -> ExitCode {
 }
 
 fn run(config: Config) -> Result<()> {
-    let user = match &config.proxy.user {
-        Some(name) => {
-            let user = privileges::lookup(name)?;
-            // Before the runtime starts its threads: they inherit it.
-            privileges::prepare()?;
-            Some(user)
-        }
-        None => None,
-    };
+    let user = config.proxy.user.clone();
+    if user.is_some() {
+        // Before the runtime starts its threads: they inherit it.
+        privileges::prepare()?;
+    }
     let control_socket = config.proxy.control_socket.clone();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     runtime.block_on(async {

@@ -35,7 +35,7 @@ pub struct User {
 /// Why the proxy could not become its configured user.
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
-    #[error("proxy.user: no user named {0:?}")]
+    #[error("no user named {0:?}")]
     NoSuchUser(String),
     #[error("{step}: {source}")]
     Syscall {
