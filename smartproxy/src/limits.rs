@@ -197,8 +197,9 @@ impl Limits {
         Ok(admissions)
     }
 
-    /// Addresses tracked by the proxy-wide table and every route's (for tests and stats).
-    pub fn tracked_ips(&self) -> usize {
+    /// Addresses tracked by the proxy-wide table and every route's.
+    #[cfg(test)]
+    fn tracked_ips(&self) -> usize {
         self.proxy.len() + self.routes.iter().map(|r| r.per_ip.len()).sum::<usize>()
     }
 }
@@ -318,6 +319,7 @@ impl IpTable {
         }
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().entries.len()
     }
