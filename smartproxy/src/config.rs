@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::limits::{AccessList, Cidr, PerIpConfig, RouteLimitsConfig};
+use crate::privileges::User;
 use crate::proxy_protocol::Version as ProxyProtocol;
 use crate::sni::is_dns_name;
 
@@ -46,6 +48,14 @@ pub struct ProxyConfig {
     /// eBPF data path: per direction, the most bytes on their way to a peer before the
     /// sender is paused (its TCP window closes). At least [`MIN_QUEUED_BYTES`].
     pub max_queued_bytes: u64,
+    /// Per-client-IP limits over all routes together.
+    pub per_ip: PerIpConfig,
+    /// The user to run as once the listeners, the control socket and eBPF are set up;
+    /// looked up at load, so that `check` catches a user this system does not have.
+    pub user: Option<User>,
+    /// eBPF data path: size of the event ring buffer (FIN/RST/close events), a power of
+    /// two and a multiple of the page size.
+    pub ebpf_ring_buffer_bytes: u32,
 }
 
 /// The smallest `max_queued_bytes`: below it nearly every byte would take the slow path.
@@ -61,6 +71,9 @@ impl Default for ProxyConfig {
             max_connections: 100_000,
             metrics: None,
             max_queued_bytes: crate::ebpf::DEFAULT_MAX_QUEUED_BYTES,
+            per_ip: PerIpConfig::default(),
+            user: None,
+            ebpf_ring_buffer_bytes: smartproxy_common::DEFAULT_RING_BUFFER_BYTES,
         }
     }
 }
@@ -200,6 +213,8 @@ pub struct RouteConfig {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// `[lifecycle]` with this route's overrides applied.
     pub lifecycle: LifecycleConfig,
+    /// `max_connections`, the per-IP limits and `allow`/`deny` of this route.
+    pub limits: RouteLimitsConfig,
 }
 
 /// A backend address as written: an IP address or a DNS name, and a port.
@@ -459,6 +474,11 @@ tables_with_lifecycle_keys! {
         key: Option<PathBuf>,
         data_path: Option<DataPathMode>,
         proxy_protocol: Option<ProxyProtocol>,
+        max_connections: Option<usize>,
+        max_connections_per_ip: Option<usize>,
+        connection_rate_per_ip: Option<u32>,
+        allow: Option<Vec<String>>,
+        deny: Option<Vec<String>>,
     }
 }
 
@@ -505,6 +525,10 @@ struct RawProxy {
     max_connections: Option<usize>,
     metrics: Option<SocketAddr>,
     max_queued_bytes: Option<u64>,
+    max_connections_per_ip: Option<usize>,
+    connection_rate_per_ip: Option<u32>,
+    user: Option<String>,
+    ebpf_ring_buffer_bytes: Option<u32>,
 }
 
 /// A duration written as a humantime string (`"500ms"`, `"5s"`, `"30m"`, `"24h"`).
@@ -638,7 +662,36 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             .proxy
             .max_queued_bytes
             .unwrap_or(defaults.max_queued_bytes),
+        per_ip: per_ip_limits(
+            raw.proxy.max_connections_per_ip,
+            raw.proxy.connection_rate_per_ip,
+            "proxy",
+        )?,
+        user: match raw.proxy.user {
+            Some(name) if name.trim().is_empty() => {
+                return Err(Invalid::new("proxy.user", "must not be empty"));
+            }
+            Some(name) => Some(crate::privileges::lookup(&name).map_err(|_| {
+                Invalid::new(
+                    "proxy.user",
+                    format!("no user named {name:?} on this system"),
+                )
+            })?),
+            None => None,
+        },
+        ebpf_ring_buffer_bytes: raw
+            .proxy
+            .ebpf_ring_buffer_bytes
+            .unwrap_or(defaults.ebpf_ring_buffer_bytes),
     };
+    let page = crate::ebpf::page_size();
+    let ring = proxy.ebpf_ring_buffer_bytes as usize;
+    if !ring.is_power_of_two() || !ring.is_multiple_of(page) {
+        return Err(Invalid::new(
+            "proxy.ebpf_ring_buffer_bytes",
+            format!("must be a power of two and a multiple of the page size ({page})"),
+        ));
+    }
     if !(MIN_QUEUED_BYTES..=MAX_QUEUED_BYTES).contains(&proxy.max_queued_bytes) {
         return Err(Invalid::new(
             "proxy.max_queued_bytes",
@@ -771,7 +824,46 @@ fn validate_route(
         data_path: raw.data_path,
         proxy_protocol: raw.proxy_protocol,
         lifecycle: overrides.apply_to(lifecycle),
+        limits: RouteLimitsConfig {
+            max_connections: positive(raw.max_connections, &format!("{at}.max_connections"))?,
+            per_ip: per_ip_limits(raw.max_connections_per_ip, raw.connection_rate_per_ip, at)?,
+            access: AccessList {
+                allow: cidrs(raw.allow, &format!("{at}.allow"))?,
+                deny: cidrs(raw.deny, &format!("{at}.deny"))?,
+            },
+        },
     })
+}
+
+/// An optional limit, which when set must be greater than zero (leave it out for none).
+fn positive<T: Default + PartialEq>(value: Option<T>, key: &str) -> Result<Option<T>, Invalid> {
+    match value {
+        Some(v) if v == T::default() => Err(Invalid::new(
+            key,
+            "must be greater than 0 (leave the key out for no limit)",
+        )),
+        other => Ok(other),
+    }
+}
+
+fn per_ip_limits(
+    max_connections: Option<usize>,
+    rate: Option<u32>,
+    table: &str,
+) -> Result<PerIpConfig, Invalid> {
+    Ok(PerIpConfig {
+        max_connections: positive(max_connections, &format!("{table}.max_connections_per_ip"))?,
+        rate_per_minute: positive(rate, &format!("{table}.connection_rate_per_ip"))?,
+    })
+}
+
+/// `allow` / `deny`: CIDR blocks or addresses.
+fn cidrs(list: Option<Vec<String>>, key: &str) -> Result<Vec<Cidr>, Invalid> {
+    list.unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(j, text)| Cidr::parse(text).map_err(|why| Invalid::new(format!("{key}[{j}]"), why)))
+        .collect()
 }
 
 /// `cert` or `key` of a terminating route: required, resolved against `base_dir`, and a

@@ -94,6 +94,9 @@ fn restart_only_change(running: &ProxyConfig, next: &ProxyConfig) -> Option<&'st
         max_connections: _,
         metrics,
         max_queued_bytes,
+        per_ip,
+        user,
+        ebpf_ring_buffer_bytes,
     } = running;
     [
         ("data_path", *data_path == next.data_path),
@@ -102,6 +105,19 @@ fn restart_only_change(running: &ProxyConfig, next: &ProxyConfig) -> Option<&'st
         (
             "max_queued_bytes",
             *max_queued_bytes == next.max_queued_bytes,
+        ),
+        (
+            "max_connections_per_ip",
+            per_ip.max_connections == next.per_ip.max_connections,
+        ),
+        (
+            "connection_rate_per_ip",
+            per_ip.rate_per_minute == next.per_ip.rate_per_minute,
+        ),
+        ("user", *user == next.user),
+        (
+            "ebpf_ring_buffer_bytes",
+            *ebpf_ring_buffer_bytes == next.ebpf_ring_buffer_bytes,
         ),
     ]
     .into_iter()

@@ -159,6 +159,12 @@ impl Reason {
         }
     }
 
+    /// Whether the proxy refused the connection (a limit or an access list): such a
+    /// connection is reset at once.
+    pub fn is_refusal(self) -> bool {
+        matches!(self, Reason::Denied | Reason::MaxConnections)
+    }
+
     pub fn index(self) -> usize {
         Reason::ALL
             .iter()

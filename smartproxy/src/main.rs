@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use smartproxy::config::Config;
 use smartproxy::control;
+use smartproxy::privileges;
 use smartproxy::stats::{ConnectionRow, Snapshot};
 use smartproxy::view::{self, SortBy};
 use smartproxy::{notify, Proxy};
@@ -186,6 +187,12 @@ fn report(result: Result<()>) -> ExitCode {
 }
 
 fn run(config: Config) -> Result<()> {
+    let user = config.proxy.user.clone();
+    if user.is_some() {
+        // Before the runtime starts its threads: they inherit it.
+        privileges::prepare()?;
+    }
+    let control_socket = config.proxy.control_socket.clone();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         // Handlers first: a signal that arrives once we are listening must not kill us.
@@ -194,6 +201,12 @@ fn run(config: Config) -> Result<()> {
         let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
         let grace = config.lifecycle.grace_period;
         let proxy = Proxy::start(config).await?;
+        if let Some(user) = &user {
+            let keep = privileges::kept_capabilities(proxy.uses_ebpf());
+            privileges::drop_to(user, &control_socket, keep)
+                .with_context(|| format!("cannot run as user {:?}", user.name))?;
+            info!(user = %user.name, uid = user.uid, capabilities = format_args!("{keep:#x}"), "privileges dropped");
+        }
         info!("ready");
         service_manager("READY=1");
         let signal = loop {

@@ -22,6 +22,7 @@ use crate::ebpf::{EbpfError, Kernel, LoadOptions};
 use crate::error_chain;
 use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
+use crate::limits::{Admissions, Limits};
 use crate::metrics::MetricsServer;
 use crate::route::ListenerRoutes;
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
@@ -128,6 +129,7 @@ pub(crate) struct Shared {
     control_socket: PathBuf,
     pub(crate) table: ConnTable,
     pub(crate) stats: Stats,
+    limits: Limits,
     /// The loaded kernel data path, if any route may use it and it loaded.
     kernel: Option<Kernel>,
     closed: broadcast::Sender<Closed>,
@@ -218,6 +220,7 @@ impl Shared {
                 bind(addr).map_err(|source| ReloadError::Bind { addr, source })?,
             ));
         }
+        configure_limits(&self.limits, &next);
         // Accept loops whose address is gone stop when they see this generation.
         self.generation.send_replace(next);
         for (addr, listener) in bound {
@@ -232,6 +235,13 @@ impl Shared {
             }
         }
         Ok(summary)
+    }
+}
+
+/// Applies the route limits of `generation`, by the routes' counters slots.
+fn configure_limits(limits: &Limits, generation: &Generation) {
+    for (index, route) in generation.config.routes.iter().enumerate() {
+        limits.configure_route(generation.slot(index), &route.limits);
     }
 }
 
@@ -296,6 +306,8 @@ impl Proxy {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (closed, _) = broadcast::channel(1024);
         let addrs: Vec<SocketAddr> = generation.routes.listeners.keys().copied().collect();
+        let limits = Limits::new(generation.config.proxy.per_ip, []);
+        configure_limits(&limits, &generation);
         let shared = Arc::new(Shared {
             generation: watch::Sender::new(Arc::new(generation)),
             listeners: Mutex::default(),
@@ -303,6 +315,7 @@ impl Proxy {
             control_socket,
             table: ConnTable::default(),
             stats,
+            limits,
             kernel,
             closed,
             shutdown: shutdown_rx,
@@ -369,6 +382,11 @@ impl Proxy {
         self.shared.snapshot()
     }
 
+    /// Whether the kernel data path loaded (some routes may still use userspace).
+    pub fn uses_ebpf(&self) -> bool {
+        self.shared.kernel.is_some()
+    }
+
     pub fn connection_rows(&self) -> Vec<ConnectionRow> {
         self.shared.connection_rows()
     }
@@ -433,6 +451,7 @@ fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
     }
     let options = LoadOptions {
         max_queued_bytes: config.proxy.max_queued_bytes,
+        ring_buffer_bytes: config.proxy.ebpf_ring_buffer_bytes,
         ..LoadOptions::default()
     };
     match Kernel::load(options) {
@@ -509,12 +528,22 @@ async fn serve(
 ) {
     let span = info_span!("conn", id = record.id, client = %record.client);
     async {
-        let reason = match establish(&shared, &generation, listen, &client, &record).await {
+        let mut admissions = Admissions::default();
+        let reason = match establish(
+            &shared,
+            &generation,
+            listen,
+            &client,
+            &record,
+            &mut admissions,
+        )
+        .await
+        {
             Ok((route, backend)) => {
                 relay(&shared, &generation, route, client, backend, &record).await
             }
             Err(reason) => {
-                if reason == Reason::MaxConnections {
+                if reason.is_refusal() {
                     // Refused connections get an RST, every time, at once.
                     let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
                 }
@@ -522,6 +551,8 @@ async fn serve(
                 reason
             }
         };
+        // Before the close is announced: whoever hears of it may connect again at once.
+        drop(admissions);
         close(&shared, &record, reason);
     }
     .instrument(span)
@@ -563,10 +594,13 @@ async fn establish(
     listen: SocketAddr,
     client: &TcpStream,
     record: &ConnRecord,
+    admissions: &mut Admissions,
 ) -> Result<(usize, TcpStream), Reason> {
     if shared.table.len() > generation.config.proxy.max_connections {
         return Err(Reason::MaxConnections);
     }
+    let ip = record.client.ip();
+    admissions.push(shared.limits.admit_client(ip, std::time::Instant::now())?);
     let mut shutdown = shared.shutdown.clone();
     // None: accepted just before a reload removed the address.
     let routes = generation
@@ -581,6 +615,11 @@ async fn establish(
     let slot = generation.slot(route);
     let _ = record.route.set(slot);
     shared.stats.routed(slot);
+    admissions.extend(
+        shared
+            .limits
+            .admit_route(slot, ip, std::time::Instant::now())?,
+    );
     let config = &generation.config.routes[route];
     keepalive(client, &config.lifecycle);
     let backend = tokio::select! {
@@ -629,7 +668,9 @@ async fn route(
                 return Err(Reason::BadHandshake);
             }
         }
-        if hello.len() > MAX_CLIENT_HELLO * 2 {
+        // The parser refuses a ClientHello that says it is longer; this bounds what an
+        // endless run of records that never completes one can make us hold.
+        if hello.len() > MAX_CLIENT_HELLO {
             return Err(Reason::BadHandshake);
         }
         timeout_at(deadline, client.readable())

@@ -23,7 +23,7 @@ fn json_lines(log: &str) -> Vec<Value> {
 #[test]
 fn json_log_has_one_closed_line_with_every_field() {
     let backend = echo_backend();
-    let mut proxy = ProxyProcess::start_with("logged", backend, "", |command| {
+    let mut proxy = ProxyProcess::start_configured("logged", backend, "", USERSPACE, |command| {
         command.args(["--log-format", "json"]);
     });
     let mut client = TcpStream::connect(proxy.listen).expect("connect through the proxy");

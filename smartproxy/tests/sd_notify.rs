@@ -23,7 +23,7 @@ fn next_message(socket: &UnixDatagram) -> String {
 fn notifies_ready_then_stopping(socket: &UnixDatagram, notify_socket: &str) {
     socket.set_read_timeout(Some(WAIT)).expect("read timeout");
     let backend = echo_backend();
-    let mut proxy = ProxyProcess::start_with("notified", backend, "", |command| {
+    let mut proxy = ProxyProcess::start_configured("notified", backend, "", USERSPACE, |command| {
         command.env("NOTIFY_SOCKET", notify_socket);
     });
     assert_eq!(next_message(socket), "READY=1");
@@ -54,9 +54,10 @@ fn ready_and_stopping_on_an_abstract_socket() {
 fn no_notify_socket_no_message_and_still_ready() {
     // Without NOTIFY_SOCKET the proxy runs as usual (support::ProxyProcess waits for it).
     let backend = echo_backend();
-    let mut proxy = ProxyProcess::start_with("unnotified", backend, "", |command| {
-        command.env_remove("NOTIFY_SOCKET");
-    });
+    let mut proxy =
+        ProxyProcess::start_configured("unnotified", backend, "", USERSPACE, |command| {
+            command.env_remove("NOTIFY_SOCKET");
+        });
     TcpStream::connect(proxy.listen).expect("the listener accepts");
     proxy.signal(libc::SIGTERM);
     assert_eq!(proxy.wait_exit(WAIT).code(), Some(0));

@@ -10,6 +10,12 @@
 //! - plain text instead of a ClientHello is closed with `bad_handshake` at once (well
 //!   before the 10 s `handshake_timeout`);
 //! - a partial ClientHello followed by silence is closed with `handshake_timeout`.
+//!
+//! The handshake phase under hostile input:
+//! - a slowloris ClientHello (1 byte per second) ends at `handshake_timeout`;
+//! - more than 16 KiB of handshake without a complete ClientHello is `bad_handshake`;
+//! - 5,000 connections that say nothing do not keep a legitimate client from being
+//!   served, and their descriptors are all gone once they close.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -261,4 +267,128 @@ fn assert_no_backend_reached(proxy: &TestProxy) {
     for route in proxy.stats().routes {
         assert_eq!(route.total, 0, "connections routed to {}", route.name);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_client_hello_ends_at_handshake_timeout() {
+    for_each_data_path(|mode| async move {
+        let backend = named_backend("alpha").await;
+        let config = sni_routes("2s", backend.addr, backend.addr, None);
+        let mut proxy = TestProxy::start(mode, &config).await;
+        let client = connect(proxy.addr("alpha")).await;
+        client.set_nodelay(true).expect("TCP_NODELAY");
+        let started = Instant::now();
+        let (mut read, mut write) = client.into_split();
+        // One byte a second: each byte arrives well within the timeout, the whole never.
+        let drip = tokio::spawn(async move {
+            let hello = client_hello("alpha.test");
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            for byte in hello {
+                every.tick().await;
+                if write.write_all(&[byte]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = [0u8; 64];
+        match within("the proxy hangs up", read.read(&mut buf)).await {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("expected a hang-up, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "closed before handshake_timeout, after {:?}",
+            started.elapsed()
+        );
+        proxy.expect_closed(Reason::HandshakeTimeout).await;
+        drip.abort();
+        assert_no_backend_reached(&proxy);
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_over_16_kib_without_a_client_hello_is_bad_handshake() {
+    for_each_data_path(|mode| async move {
+        let backend = named_backend("alpha").await;
+        let config = sni_routes("10s", backend.addr, backend.addr, None);
+        let mut proxy = TestProxy::start(mode, &config).await;
+        for declared in [20 * 1024, 16 * 1024 - 4] {
+            // Handshake records that add up to more than 16 KiB: a ClientHello header
+            // announcing `declared` bytes, then filler in records of at most 2^14 bytes.
+            let mut handshake = vec![1u8];
+            handshake.extend_from_slice(&(declared as u32).to_be_bytes()[1..]);
+            handshake.resize(17 * 1024, 0x41);
+            let mut bytes = Vec::new();
+            for record in handshake.chunks(4096) {
+                bytes.extend_from_slice(&[0x16, 0x03, 0x01]);
+                bytes.extend_from_slice(&(record.len() as u16).to_be_bytes());
+                bytes.extend_from_slice(record);
+            }
+            let mut client = connect(proxy.addr("alpha")).await;
+            // The proxy may hang up before it read everything: a failed write is fine.
+            let _ = client.write_all(&bytes).await;
+            expect_hangup(&mut client).await;
+            proxy.expect_closed(Reason::BadHandshake).await;
+        }
+        assert_no_backend_reached(&proxy);
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit.
+fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    limit.rlim_cur
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_silent_connections_do_not_block_a_legitimate_client() {
+    const SILENT: usize = 5_000;
+    // Each silent connection is two descriptors here: the client's and the proxy's.
+    let limit = raise_fd_limit();
+    if limit < (2 * SILENT + 1000) as u64 {
+        panic!("RLIMIT_NOFILE hard limit {limit} is too low for {SILENT} connections");
+    }
+    for_each_data_path(|mode| async move {
+        let mut sni = SniProxy::start(mode, true).await;
+        let baseline = open_fds();
+        let mut silent = Vec::with_capacity(SILENT);
+        for _ in 0..SILENT {
+            silent.push(connect(sni.addr).await);
+        }
+        wait_for("every silent connection is accepted", || {
+            sni.proxy.stats().connections.active as usize == SILENT
+        })
+        .await;
+        assert_routed(&mut sni, "alpha.test", 4096, "alpha").await;
+        assert_routed(&mut sni, "b.example.test", 4096, "wild").await;
+        assert_eq!(
+            sni.proxy.stats().connections.active as usize,
+            SILENT,
+            "the silent connections are still open"
+        );
+        drop(silent);
+        sni.proxy.wait_idle().await;
+        wait_for("the descriptors are back to the baseline", || {
+            open_fds() <= baseline
+        })
+        .await;
+        sni.stop().await;
+    })
+    .await;
 }

@@ -10,7 +10,9 @@
 //! - `allow_half_open = false`: the client's FIN ends the connection; the client still
 //!   gets the bytes the proxy had taken, then EOF; the backend sees EOF; `normal`;
 //! - connect: a target that never answers SYN gives `connect_timeout`; a refused target
-//!   is skipped for the next one; all targets refused gives `connect_failed` at once.
+//!   is skipped for the next one; all targets refused gives `connect_failed` at once;
+//!   a name that resolves to nothing (`nonexistent.invalid`) is skipped like a refused
+//!   target, and when every target fails the client gets a clean close (FIN, no byte).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -383,6 +385,62 @@ async fn all_targets_refused_closes_with_connect_failed_at_once() {
             "refused targets took {waited:?} to give up on"
         );
         proxy.expect_closed(Reason::ConnectFailed).await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+/// A route to `targets` written as text (names as well as addresses).
+fn route_to_names(name: &str, targets: &[String]) -> String {
+    let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+    format!(
+        "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\ntargets = [{}]\n",
+        targets.join(", ")
+    )
+}
+
+/// `.invalid` never resolves (RFC 6761), with or without a network.
+const UNRESOLVABLE: &str = "nonexistent.invalid:80";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unresolvable_target_is_skipped_for_the_next_one() {
+    for_each_data_path(|mode| async move {
+        let backend = Backend::spawn(echo).await;
+        let targets = [
+            UNRESOLVABLE.to_owned(),
+            refused_targets(1)[0].to_string(),
+            backend.addr.to_string(),
+        ];
+        let mut proxy = TestProxy::start(mode, &route_to_names("fallback", &targets)).await;
+        // Round-robin starts each connection at another target: every order is served.
+        for attempt in 0..3 {
+            let mut client = connect(proxy.addr("fallback")).await;
+            round_trip(&mut client, format!("attempt {attempt}").as_bytes()).await;
+            finish(client).await;
+            proxy.expect_closed(Reason::Normal).await;
+        }
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_target_failing_gives_a_clean_close() {
+    for_each_data_path(|mode| async move {
+        let targets = [UNRESOLVABLE.to_owned(), refused_targets(1)[0].to_string()];
+        let mut proxy = TestProxy::start(mode, &route_to_names("nowhere", &targets)).await;
+        for _ in 0..2 {
+            let mut client = connect(proxy.addr("nowhere")).await;
+            let mut rest = Vec::new();
+            let read = within("the proxy closes", client.read_to_end(&mut rest)).await;
+            assert!(
+                matches!(read, Ok(0)),
+                "expected a clean close (FIN, no byte), got {read:?} and {} bytes",
+                rest.len()
+            );
+            proxy.expect_closed(Reason::ConnectFailed).await;
+        }
         proxy.stop().await;
     })
     .await;

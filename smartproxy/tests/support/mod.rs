@@ -74,7 +74,93 @@ pub fn tag_of(addr: SocketAddr) -> u8 {
     tag[0]
 }
 
+/// Polls `condition` every [`POLL`] until it holds; panics naming `what` after [`WAIT`].
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?}: {what}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// From `/proc/PID/stat`: user + system CPU time in clock ticks.
+pub fn cpu_ticks(pid: libc::pid_t) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // The command name may hold spaces; the fields after it start past the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("a stat line") + 2..]
+        .split(' ')
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// The open descriptors of process `pid`.
+pub fn fd_count(pid: libc::pid_t) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .count()
+}
+
+/// A line of `/proc/PID/status` (`VmRSS`, `Uid`, `CapEff`), without its key.
+pub fn proc_status(pid: libc::pid_t, key: &str) -> String {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// Whether the eBPF data path can load here; prints a loud skip line when not, and
+/// panics instead with `SMARTPROXY_REQUIRE_EBPF=1`.
+pub fn ebpf_or_skip() -> bool {
+    // The probe loads the kernel part, which spawns its reader on a tokio runtime.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match runtime.block_on(async { smartproxy::datapath::probe_ebpf() }) {
+        Ok(()) => true,
+        Err(why) => {
+            if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") {
+                panic!("SMARTPROXY_REQUIRE_EBPF=1 but eBPF is unavailable: {why}");
+            }
+            eprintln!("SKIPPING the ebpf data path: {why}");
+            false
+        }
+    }
+}
+
+/// The data paths to run a binary test on: userspace, and ebpf where it loads.
+pub fn data_paths() -> Vec<&'static str> {
+    let mut paths = vec!["userspace"];
+    if ebpf_or_skip() {
+        paths.push("ebpf");
+    }
+    paths
+}
+
+/// Sends `message` and reads the echo back.
+pub fn echo_once(stream: &mut std::net::TcpStream, message: &[u8]) {
+    use std::io::{Read, Write};
+    stream
+        .set_read_timeout(Some(WAIT))
+        .expect("set a read timeout");
+    stream.write_all(message).expect("client writes");
+    let mut back = vec![0; message.len()];
+    stream.read_exact(&mut back).expect("the echo comes back");
+    assert_eq!(back, message);
+}
+
 // === the proxy process ===
+
+/// The `[proxy]` line of a proxy on the userspace data path.
+pub const USERSPACE: &str = "data_path = \"userspace\"";
 
 /// A `smartproxy run` child. Dropping it kills the process if it still runs, and prints
 /// its log when the test is failing.
@@ -91,16 +177,28 @@ impl ProxyProcess {
     /// `backend` (userspace data path, control socket in a temporary directory), with
     /// `lifecycle` as its `[lifecycle]` table body, and waits until it is ready.
     pub fn start(route: &str, backend: SocketAddr, lifecycle: &str) -> ProxyProcess {
-        Self::start_with(route, backend, lifecycle, |_| {})
+        Self::start_with(route, backend, lifecycle, USERSPACE)
     }
 
-    /// [`ProxyProcess::start`], with `customize` adding arguments or environment to the
-    /// `smartproxy run --config FILE` command before it is spawned.
+    /// [`ProxyProcess::start`] with `proxy` as the `[proxy]` lines besides the control
+    /// socket (data path, limits, user).
     pub fn start_with(
         route: &str,
         backend: SocketAddr,
         lifecycle: &str,
-        customize: impl FnOnce(&mut Command),
+        proxy: &str,
+    ) -> ProxyProcess {
+        Self::start_configured(route, backend, lifecycle, proxy, |_| {})
+    }
+
+    /// [`ProxyProcess::start_with`], and `configure` may change the command before it
+    /// runs (a `pre_exec`, say).
+    pub fn start_configured(
+        route: &str,
+        backend: SocketAddr,
+        lifecycle: &str,
+        proxy: &str,
+        configure: impl FnOnce(&mut Command),
     ) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let control = dir.path().join("control.sock");
@@ -109,7 +207,7 @@ impl ProxyProcess {
         std::fs::write(
             &config,
             format!(
-                "[proxy]\ndata_path = \"userspace\"\ncontrol_socket = {control:?}\n\n\
+                "[proxy]\n{proxy}\ncontrol_socket = {control:?}\n\n\
                  [lifecycle]\n{lifecycle}\n\n\
                  [[route]]\nname = \"{route}\"\nlisten = \"{listen}\"\ntargets = [\"{backend}\"]\n",
                 control = control.display().to_string(),
@@ -128,7 +226,7 @@ impl ProxyProcess {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        customize(&mut command);
+        configure(&mut command);
         let child = command.spawn().expect("the smartproxy binary starts");
         let mut proxy = ProxyProcess {
             child,
@@ -144,11 +242,6 @@ impl ProxyProcess {
     /// The config file the proxy was started with (and re-reads on reload).
     pub fn config_file(&self) -> PathBuf {
         self._dir.path().join("smartproxy.toml")
-    }
-
-    /// What the proxy logged so far.
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Polls until the control socket accepts a connection.
@@ -170,9 +263,24 @@ impl ProxyProcess {
         }
     }
 
-    /// What the proxy wrote to stdout and stderr so far.
+    /// What the proxy logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> libc::pid_t {
+        self.child.id() as libc::pid_t
+    }
+
+    /// `smartproxy stats --json` of this proxy, parsed.
+    pub fn stats(&self) -> serde_json::Value {
+        let output = Command::new(env!("CARGO_BIN_EXE_smartproxy"))
+            .args(["stats", "--json", "--control"])
+            .arg(&self.control)
+            .output()
+            .expect("run smartproxy stats");
+        assert!(output.status.success(), "smartproxy stats: {output:?}");
+        serde_json::from_slice(&output.stdout).expect("stats --json is JSON")
     }
 
     pub fn signal(&self, signal: libc::c_int) {

@@ -1,0 +1,603 @@
+//! Admission limits: allow/deny CIDR lists, connection caps per route and per client IP,
+//! and a per-IP connection rate, checked when a connection is accepted and routed.
+//!
+//! Each check that admits a connection returns an [`Admission`] guard; the connection
+//! holds its guards until it closes, and dropping one gives its slot back. The per-IP
+//! tables keep an entry only while the address has a live connection or its rate bucket
+//! is not yet full again (a connection within the last minute), so their memory is
+//! bounded by the live connections plus the addresses seen in the last minute.
+//!
+//! No sockets and no clock reads here: `now` comes in as an argument.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::lifecycle::Reason;
+
+/// An address block, `10.0.0.0/8` or `2001:db8::/32`; a bare address is a /32 or /128.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    /// The network address: host bits are zero (checked at parse).
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ip/prefix` or a bare `ip`. Host bits must be zero, so that a typo such as
+    /// `10.0.0.1/8` is an error rather than a silently wider rule.
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (ip, prefix) = match text.split_once('/') {
+            Some((ip, prefix)) => (ip, Some(prefix)),
+            None => (text, None),
+        };
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{ip:?} is not an IP address (expected \"10.0.0.0/8\", \"2001:db8::/32\" or an address)"))?;
+        let bits = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(prefix) => prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= bits)
+                .ok_or_else(|| format!("{text:?}: prefix length must be 0 to {bits}"))?,
+        };
+        let cidr = Cidr {
+            network: ip,
+            prefix,
+        };
+        if mask(ip, prefix) != ip {
+            return Err(format!(
+                "{text:?}: host bits are set; the network is {}/{prefix}",
+                mask(ip, prefix)
+            ));
+        }
+        Ok(cidr)
+    }
+
+    /// Whether `ip` is in this block. An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, as
+    /// a dual-stack listener reports IPv4 clients) counts as its IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        ip.is_ipv4() == self.network.is_ipv4() && mask(ip, self.prefix) == self.network
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let kept = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(bits & kept))
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let kept = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(bits & kept))
+        }
+    }
+}
+
+/// A route's `allow` and `deny` lists: deny wins; a non-empty allow list admits only
+/// its blocks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccessList {
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+}
+
+impl AccessList {
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        !self.deny.iter().any(|c| c.contains(ip))
+            && (self.allow.is_empty() || self.allow.iter().any(|c| c.contains(ip)))
+    }
+}
+
+/// Per-client-IP limits of one scope (the whole proxy, or one route). `None`: no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PerIpConfig {
+    /// Live connections from one address.
+    pub max_connections: Option<usize>,
+    /// New connections from one address per minute (a token bucket of that size that
+    /// refills continuously, so bursts up to the limit are allowed).
+    pub rate_per_minute: Option<u32>,
+}
+
+/// A route's limits as configured.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteLimitsConfig {
+    /// Live connections on this route.
+    pub max_connections: Option<usize>,
+    pub per_ip: PerIpConfig,
+    pub access: AccessList,
+}
+
+/// Live state of every limit of a running proxy.
+#[derive(Debug)]
+pub struct Limits {
+    proxy: Arc<IpTable>,
+    /// By route counters slot ([`crate::stats::Stats::route_slot`]), so that a route
+    /// keeps its live counts across reloads.
+    routes: RwLock<Vec<Option<RouteLimits>>>,
+}
+
+#[derive(Clone, Debug)]
+struct RouteLimits {
+    access: AccessList,
+    max_connections: Option<usize>,
+    active: Arc<AtomicUsize>,
+    per_ip: Arc<IpTable>,
+}
+
+impl Limits {
+    /// The proxy-wide limits, and `routes` in slots 0, 1, ...
+    pub fn new<'a>(
+        proxy: PerIpConfig,
+        routes: impl IntoIterator<Item = &'a RouteLimitsConfig>,
+    ) -> Limits {
+        let limits = Limits {
+            proxy: Arc::new(IpTable::new(proxy)),
+            routes: RwLock::default(),
+        };
+        for (slot, config) in routes.into_iter().enumerate() {
+            limits.configure_route(slot, config);
+        }
+        limits
+    }
+
+    /// Applies a route's configured limits (at start, and on reload). Its live counts
+    /// carry over: connections admitted before still count against the new cap, and its
+    /// per-IP table is kept unless the per-IP limits changed.
+    pub fn configure_route(&self, slot: usize, config: &RouteLimitsConfig) {
+        let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+        if routes.len() <= slot {
+            routes.resize(slot + 1, None);
+        }
+        let previous = routes[slot].take();
+        routes[slot] = Some(RouteLimits {
+            access: config.access.clone(),
+            max_connections: config.max_connections,
+            active: previous
+                .as_ref()
+                .map_or_else(Arc::default, |p| Arc::clone(&p.active)),
+            per_ip: match previous {
+                Some(p) if p.per_ip.config == config.per_ip => p.per_ip,
+                _ => Arc::new(IpTable::new(config.per_ip)),
+            },
+        });
+    }
+
+    /// The proxy-wide per-IP limits, at accept.
+    pub fn admit_client(&self, ip: IpAddr, now: Instant) -> Result<Admission, Reason> {
+        IpTable::admit(&self.proxy, ip, now)
+    }
+
+    /// The route's access list and limits, once the connection is routed.
+    pub fn admit_route(
+        &self,
+        route: usize,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Result<Admissions, Reason> {
+        let mut admissions = Admissions::default();
+        let limits = self
+            .routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(route)
+            .cloned()
+            .flatten();
+        let Some(limits) = limits else {
+            return Ok(admissions);
+        };
+        if !limits.access.permits(ip) {
+            return Err(Reason::Denied);
+        }
+        if let Some(max) = limits.max_connections {
+            let taken = limits
+                .active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                });
+            if taken.is_err() {
+                return Err(Reason::MaxConnections);
+            }
+            admissions.push(Admission(Slot::Route(Arc::clone(&limits.active))));
+        }
+        admissions.push(IpTable::admit(&limits.per_ip, ip, now)?);
+        Ok(admissions)
+    }
+
+    /// Addresses tracked by the proxy-wide table and every route's.
+    #[cfg(test)]
+    fn tracked_ips(&self) -> usize {
+        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+        self.proxy.len()
+            + routes
+                .iter()
+                .flatten()
+                .map(|r| r.per_ip.len())
+                .sum::<usize>()
+    }
+}
+
+/// The slots a connection holds; dropping it gives them back.
+#[derive(Debug, Default)]
+pub struct Admissions(Vec<Admission>);
+
+impl Admissions {
+    pub fn push(&mut self, admission: Admission) {
+        if !matches!(admission.0, Slot::None) {
+            self.0.push(admission);
+        }
+    }
+
+    pub fn extend(&mut self, other: Admissions) {
+        self.0.extend(other.0);
+    }
+}
+
+/// One slot a connection holds in a limit.
+#[derive(Debug)]
+pub struct Admission(Slot);
+
+#[derive(Debug)]
+enum Slot {
+    /// No limit applied.
+    None,
+    Route(Arc<AtomicUsize>),
+    Ip(Arc<IpTable>, IpAddr),
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        match &self.0 {
+            Slot::None => {}
+            Slot::Route(active) => {
+                active.fetch_sub(1, Ordering::AcqRel);
+            }
+            Slot::Ip(table, ip) => table.release(*ip),
+        }
+    }
+}
+
+/// Per-address live counts and rate buckets of one scope.
+#[derive(Debug)]
+struct IpTable {
+    config: PerIpConfig,
+    state: Mutex<IpState>,
+}
+
+#[derive(Debug, Default)]
+struct IpState {
+    entries: HashMap<IpAddr, IpEntry>,
+    /// Entries left after the last sweep: the next sweep comes when the table doubled.
+    swept_len: usize,
+}
+
+#[derive(Debug)]
+struct IpEntry {
+    live: usize,
+    /// Rate bucket: tokens left as of `refreshed`.
+    tokens: f64,
+    refreshed: Instant,
+}
+
+/// The rate window: `rate_per_minute` tokens refill over it.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+impl IpTable {
+    fn new(config: PerIpConfig) -> IpTable {
+        IpTable {
+            config,
+            state: Mutex::default(),
+        }
+    }
+
+    fn admit(table: &Arc<IpTable>, ip: IpAddr, now: Instant) -> Result<Admission, Reason> {
+        let config = table.config;
+        if config.max_connections.is_none() && config.rate_per_minute.is_none() {
+            return Ok(Admission(Slot::None));
+        }
+        let ip = canonical(ip);
+        let mut state = table.lock();
+        let capacity = f64::from(config.rate_per_minute.unwrap_or(0));
+        if state.entries.len() >= 2 * state.swept_len.max(64) {
+            state.sweep(capacity, now);
+        }
+        let entry = state.entries.entry(ip).or_insert(IpEntry {
+            live: 0,
+            tokens: capacity,
+            refreshed: now,
+        });
+        if config.max_connections.is_some_and(|max| entry.live >= max) {
+            return Err(Reason::MaxConnections);
+        }
+        if config.rate_per_minute.is_some() {
+            entry.refill(capacity, now);
+            if entry.tokens < 1.0 {
+                return Err(Reason::MaxConnections);
+            }
+            entry.tokens -= 1.0;
+        }
+        entry.live += 1;
+        Ok(Admission(Slot::Ip(Arc::clone(table), ip)))
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut state = self.lock();
+        let capacity = f64::from(self.config.rate_per_minute.unwrap_or(0));
+        if let Some(entry) = state.entries.get_mut(&ip) {
+            entry.live = entry.live.saturating_sub(1);
+            // Without a rate limit nothing is remembered of an address with no connection.
+            if entry.live == 0 && capacity == 0.0 {
+                state.entries.remove(&ip);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, IpState> {
+        // A panic while holding the lock leaves counts that are still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl IpState {
+    /// Drops the entries of addresses with no live connection and a full bucket.
+    fn sweep(&mut self, capacity: f64, now: Instant) {
+        self.entries.retain(|_, entry| {
+            entry.refill(capacity, now);
+            entry.live > 0 || entry.tokens < capacity
+        });
+        self.swept_len = self.entries.len();
+    }
+}
+
+impl IpEntry {
+    fn refill(&mut self, capacity: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refreshed);
+        let refill = capacity * elapsed.as_secs_f64() / RATE_WINDOW.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(capacity);
+        self.refreshed = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("an IP address")
+    }
+
+    #[test]
+    fn cidr_parses_and_matches() {
+        let block = Cidr::parse("10.1.0.0/16").expect("valid");
+        assert!(block.contains(ip("10.1.2.3")));
+        assert!(!block.contains(ip("10.2.0.1")));
+        assert!(block.contains(ip("::ffff:10.1.0.9")), "IPv4-mapped");
+        assert!(!block.contains(ip("::1")));
+        let host = Cidr::parse("127.0.0.2").expect("valid");
+        assert_eq!(host.to_string(), "127.0.0.2/32");
+        assert!(host.contains(ip("127.0.0.2")) && !host.contains(ip("127.0.0.3")));
+        let all = Cidr::parse("0.0.0.0/0").expect("valid");
+        assert!(all.contains(ip("192.0.2.1")) && !all.contains(ip("2001:db8::1")));
+        let v6 = Cidr::parse("2001:db8::/32").expect("valid");
+        assert!(v6.contains(ip("2001:db8:1::1")) && !v6.contains(ip("2001:db9::1")));
+        assert!(Cidr::parse("::/0").expect("valid").contains(ip("::1")));
+    }
+
+    #[test]
+    fn cidr_rejects_bad_text() {
+        for (text, why) in [
+            ("10.0.0.0/33", "prefix length must be 0 to 32"),
+            ("10.0.0.1/8", "host bits are set; the network is 10.0.0.0/8"),
+            ("example.com/8", "is not an IP address"),
+            ("10.0.0.0/", "prefix length"),
+            ("::/129", "0 to 128"),
+        ] {
+            let error = Cidr::parse(text).expect_err(text);
+            assert!(error.contains(why), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn deny_wins_and_allow_means_only() {
+        let cidr = |t| Cidr::parse(t).expect("valid");
+        let open = AccessList::default();
+        assert!(open.permits(ip("192.0.2.1")));
+        let list = AccessList {
+            allow: vec![cidr("127.0.0.0/8")],
+            deny: vec![cidr("127.0.0.3")],
+        };
+        assert!(list.permits(ip("127.0.0.2")));
+        assert!(!list.permits(ip("127.0.0.3")), "deny wins");
+        assert!(!list.permits(ip("192.0.2.1")), "not in allow");
+        let deny_only = AccessList {
+            allow: vec![],
+            deny: vec![cidr("127.0.0.3")],
+        };
+        assert!(deny_only.permits(ip("192.0.2.1")));
+    }
+
+    fn route(config: RouteLimitsConfig) -> Limits {
+        Limits::new(PerIpConfig::default(), [&config])
+    }
+
+    #[test]
+    fn a_reconfigured_route_keeps_its_live_count() {
+        let now = Instant::now();
+        let limits = route(RouteLimitsConfig {
+            max_connections: Some(2),
+            ..RouteLimitsConfig::default()
+        });
+        let _a = limits.admit_route(0, ip("127.0.0.2"), now).expect("first");
+        let _b = limits.admit_route(0, ip("127.0.0.2"), now).expect("second");
+        limits.configure_route(
+            0,
+            &RouteLimitsConfig {
+                max_connections: Some(3),
+                ..RouteLimitsConfig::default()
+            },
+        );
+        let _c = limits
+            .admit_route(0, ip("127.0.0.2"), now)
+            .expect("third, under the new cap");
+        assert_eq!(
+            limits.admit_route(0, ip("127.0.0.2"), now).err(),
+            Some(Reason::MaxConnections),
+            "the two admitted before the reload still count"
+        );
+    }
+
+    #[test]
+    fn route_cap_refuses_the_next_and_frees_on_drop() {
+        let limits = route(RouteLimitsConfig {
+            max_connections: Some(2),
+            ..RouteLimitsConfig::default()
+        });
+        let now = Instant::now();
+        let a = limits.admit_route(0, ip("127.0.0.2"), now).expect("first");
+        let _b = limits.admit_route(0, ip("127.0.0.3"), now).expect("second");
+        assert_eq!(
+            limits.admit_route(0, ip("127.0.0.4"), now).err(),
+            Some(Reason::MaxConnections)
+        );
+        drop(a);
+        limits
+            .admit_route(0, ip("127.0.0.4"), now)
+            .expect("a slot is free");
+    }
+
+    #[test]
+    fn per_ip_cap_counts_each_address() {
+        let limits = Limits::new(
+            PerIpConfig {
+                max_connections: Some(1),
+                rate_per_minute: None,
+            },
+            [],
+        );
+        let now = Instant::now();
+        let a = limits.admit_client(ip("127.0.0.2"), now).expect("first");
+        let _b = limits
+            .admit_client(ip("127.0.0.3"), now)
+            .expect("other address");
+        assert_eq!(
+            limits.admit_client(ip("127.0.0.2"), now).err(),
+            Some(Reason::MaxConnections)
+        );
+        drop(a);
+        assert_eq!(limits.tracked_ips(), 1, "nothing kept for an idle address");
+        limits
+            .admit_client(ip("127.0.0.2"), now)
+            .expect("freed on close");
+    }
+
+    #[test]
+    fn rate_refills_over_a_minute_and_idle_entries_are_evicted() {
+        let limits = Limits::new(
+            PerIpConfig {
+                max_connections: None,
+                rate_per_minute: Some(3),
+            },
+            [],
+        );
+        let start = Instant::now();
+        for _ in 0..3 {
+            drop(limits.admit_client(ip("127.0.0.2"), start).expect("burst"));
+        }
+        assert_eq!(
+            limits.admit_client(ip("127.0.0.2"), start).err(),
+            Some(Reason::MaxConnections)
+        );
+        // One token per 20 s.
+        let later = start + Duration::from_secs(21);
+        drop(
+            limits
+                .admit_client(ip("127.0.0.2"), later)
+                .expect("refilled"),
+        );
+        assert!(limits.admit_client(ip("127.0.0.2"), later).is_err());
+
+        // Many addresses, then a minute of quiet: the next sweep forgets them.
+        for i in 0..200u32 {
+            let addr = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            drop(limits.admit_client(addr, start).expect("fresh address"));
+        }
+        assert!(limits.tracked_ips() > 128);
+        let quiet = start + Duration::from_secs(120);
+        for i in 0..200u32 {
+            let addr = IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i));
+            drop(limits.admit_client(addr, quiet).expect("fresh address"));
+        }
+        assert!(
+            limits.tracked_ips() <= 200 + 1,
+            "old entries evicted, {} left",
+            limits.tracked_ips()
+        );
+    }
+
+    #[test]
+    fn live_connections_are_never_evicted() {
+        let limits = Limits::new(
+            PerIpConfig {
+                max_connections: Some(1),
+                rate_per_minute: Some(1000),
+            },
+            [],
+        );
+        let start = Instant::now();
+        let held = limits.admit_client(ip("127.0.0.2"), start).expect("first");
+        let later = start + Duration::from_secs(3600);
+        for i in 0..300u32 {
+            let addr = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            drop(limits.admit_client(addr, later).expect("fresh address"));
+        }
+        assert!(limits.admit_client(ip("127.0.0.2"), later).is_err());
+        drop(held);
+        assert!(limits.admit_client(ip("127.0.0.2"), later).is_ok());
+    }
+
+    #[test]
+    fn denied_before_counted() {
+        let limits = route(RouteLimitsConfig {
+            max_connections: Some(1),
+            access: AccessList {
+                allow: vec![],
+                deny: vec![Cidr::parse("127.0.0.3").expect("valid")],
+            },
+            ..RouteLimitsConfig::default()
+        });
+        let now = Instant::now();
+        assert_eq!(
+            limits.admit_route(0, ip("127.0.0.3"), now).err(),
+            Some(Reason::Denied)
+        );
+        limits
+            .admit_route(0, ip("127.0.0.2"), now)
+            .expect("the denied one took no slot");
+    }
+}

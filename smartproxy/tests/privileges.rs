@@ -1,0 +1,148 @@
+//! `[proxy] user`: on each data path the proxy, started as root, runs as that user once
+//! it is ready, with the expected capabilities in every thread (CAP_NET_ADMIN on the
+//! ebpf path, none on userspace), still serves (new connections are spliced on the ebpf
+//! path), and its control socket belongs to that user with mode 0600: the user can read
+//! stats, another user cannot.
+//!
+//! Needs root: it creates the system users `smartproxy-test` and `smartproxy-other` if
+//! they are missing, and skips loudly when not root.
+
+mod support;
+
+use std::net::TcpStream;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+
+use smartproxy::privileges::{kept_capabilities, lookup, User};
+use support::*;
+
+const RUN_AS: &str = "smartproxy-test";
+const OTHER: &str = "smartproxy-other";
+
+fn ensure_user(name: &str) -> User {
+    if let Ok(user) = lookup(name) {
+        return user;
+    }
+    let status = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ])
+        .status()
+        .expect("run useradd");
+    // Another test process may have created it at the same time.
+    lookup(name).unwrap_or_else(|e| panic!("useradd {name} ({status}): {e}"))
+}
+
+/// `smartproxy stats --json` against `proxy`, run as `user`.
+fn stats_as(user: &User, proxy: &ProxyProcess) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_smartproxy"))
+        .args(["stats", "--json", "--control"])
+        .arg(&proxy.control)
+        .uid(user.uid)
+        .gid(user.gid)
+        .output()
+        .expect("run smartproxy stats")
+}
+
+/// Every thread's line `key` of `/proc/PID/task/*/status`.
+fn thread_status(pid: libc::pid_t, key: &str) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("list the proxy's threads")
+        .filter_map(|entry| {
+            let path = entry.ok()?.path().join("status");
+            let status = std::fs::read_to_string(path).ok()?;
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+                .map(|value| value.trim().to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn runs_as_the_configured_user_with_only_the_capabilities_it_needs() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPING: dropping privileges needs root");
+        return;
+    }
+    let user = ensure_user(RUN_AS);
+    let other = ensure_user(OTHER);
+    for data_path in data_paths() {
+        eprintln!("--- data path: {data_path}");
+        let backend = echo_backend();
+        let proxy = ProxyProcess::start_with(
+            "dropped",
+            backend,
+            "",
+            &format!("data_path = \"{data_path}\"\nuser = \"{RUN_AS}\""),
+        );
+        wait_until("the proxy drops its privileges", || {
+            proxy.log().contains("privileges dropped")
+        });
+        let pid = proxy.pid();
+        let uid = user.uid.to_string();
+        let gid = user.gid.to_string();
+        assert_eq!(
+            proc_status(pid, "Uid")
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            [uid.as_str(); 4],
+            "real, effective, saved and fs uid"
+        );
+        assert_eq!(
+            proc_status(pid, "Gid")
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            [gid.as_str(); 4],
+            "real, effective, saved and fs gid"
+        );
+        assert_eq!(proc_status(pid, "Groups"), "", "no supplementary groups");
+        let expected = format!("{:016x}", kept_capabilities(data_path == "ebpf"));
+        for key in ["CapEff", "CapPrm"] {
+            let sets = thread_status(pid, key);
+            assert!(!sets.is_empty(), "the proxy has threads");
+            assert!(
+                sets.iter().all(|set| *set == expected),
+                "{key} of every thread should be {expected}: {sets:?}"
+            );
+        }
+
+        // The control socket: the running user's, 0600; its directory open to all, so
+        // that only the socket's own mode keeps another user out.
+        let dir = proxy
+            .control
+            .parent()
+            .expect("the control socket's directory");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .expect("open the directory");
+        let meta = std::fs::metadata(&proxy.control).expect("stat the control socket");
+        assert_eq!(meta.uid(), user.uid, "owner of the control socket");
+        assert_eq!(meta.mode() & 0o777, 0o600, "mode of the control socket");
+        let own = stats_as(&user, &proxy);
+        assert!(own.status.success(), "stats as {RUN_AS}: {own:?}");
+        let denied = stats_as(&other, &proxy);
+        assert!(!denied.status.success(), "stats as {OTHER} must fail");
+        let message = String::from_utf8_lossy(&denied.stderr);
+        assert!(
+            message.contains("ermission denied"),
+            "stats as {OTHER}: expected a permission error, got {message:?}"
+        );
+
+        // Still serving: a connection made after the drop.
+        let mut client = TcpStream::connect(proxy.listen).expect("connect");
+        echo_once(&mut client, b"after the drop");
+        let stats = proxy.stats();
+        assert_eq!(stats["connections"][data_path], 1, "{stats}");
+        if data_path == "ebpf" {
+            assert_eq!(stats["ebpf"]["sockhash_entries"], 2, "spliced: {stats}");
+            assert_eq!(stats["ebpf"]["splice_failures"], 0, "{stats}");
+        }
+        echo_once(&mut client, b"and again");
+    }
+}
