@@ -14,6 +14,7 @@ pub mod route;
 pub mod sni;
 pub mod stats;
 pub mod table;
+pub mod tls;
 
 pub use proxy::{Closed, Proxy, StartError};
 

@@ -15,7 +15,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::{Config, DataPathMode, LifecycleConfig, Target};
 use crate::control::ControlServer;
-use crate::datapath::{instant_of, DataPathKind, Relay};
+use crate::datapath::{instant_of, DataPathKind, Peer, Relay};
 use crate::ebpf::{EbpfError, Kernel, LoadOptions};
 use crate::error_chain;
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
@@ -23,6 +23,7 @@ use crate::route::{ListenerRoutes, RouteTable};
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
 use crate::table::{ConnRecord, ConnTable};
+use crate::tls::{TlsError, TlsRoutes};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -35,11 +36,8 @@ pub enum StartError {
     },
     #[error("the eBPF data path was requested (data_path = \"ebpf\") but cannot load: {0}")]
     Ebpf(#[source] EbpfError),
-    #[error("route[{index}].tls: \"{mode}\" is not implemented yet (only passthrough and plain TCP are)")]
-    TlsNotImplemented {
-        index: usize,
-        mode: crate::config::TlsMode,
-    },
+    #[error("TLS: {0}")]
+    Tls(#[source] TlsError),
     #[error("control socket {path}: {source}")]
     Control {
         path: std::path::PathBuf,
@@ -61,6 +59,8 @@ pub struct Closed {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     routes: RouteTable,
+    /// Certificates and TLS configs of the terminating routes.
+    tls: TlsRoutes,
     pub(crate) table: ConnTable,
     pub(crate) stats: Stats,
     /// The loaded kernel data path, if any route may use it and it loaded.
@@ -115,7 +115,7 @@ impl Proxy {
     /// Binds every listener and the control socket, then starts accepting. Returns once
     /// the proxy is ready: every listener accepts from now on.
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
-        check_supported(&config)?;
+        let tls = TlsRoutes::load(&config).map_err(StartError::Tls)?;
         // Before any listener exists: sockets only run the sock_ops program if they are
         // created in the cgroup it is attached to.
         let kernel = load_kernel(&config)?;
@@ -141,6 +141,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             config,
             routes,
+            tls,
             table: ConnTable::default(),
             stats,
             kernel,
@@ -227,16 +228,6 @@ impl Proxy {
     }
 }
 
-/// Rejects what the config allows but this build cannot do yet: TLS termination.
-pub fn check_supported(config: &Config) -> Result<(), StartError> {
-    for (index, route) in config.routes.iter().enumerate() {
-        if let Some(mode) = route.tls.filter(|tls| tls.terminates()) {
-            return Err(StartError::TlsNotImplemented { index, mode });
-        }
-    }
-    Ok(())
-}
-
 /// Loads the kernel data path if any route may use it. `auto` falls back to userspace and
 /// says why; `ebpf` that cannot load is a startup error.
 fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
@@ -300,16 +291,9 @@ async fn accept_loop(listener: TcpListener, index: usize, shared: Arc<Shared>, t
 async fn serve(shared: Arc<Shared>, listener: usize, client: TcpStream, record: Arc<ConnRecord>) {
     let span = info_span!("conn", id = record.id, client = %record.client);
     async {
-        let reason = match establish(&shared, listener, &client, &record).await {
-            Ok((route, backend)) => relay(&shared, route, client, backend, &record).await,
-            Err(reason) => {
-                if reason == Reason::MaxConnections {
-                    // Refused connections get an RST, every time, at once.
-                    let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
-                }
-                drop(client);
-                reason
-            }
+        let reason = match establish(&shared, listener, client, &record).await {
+            Ok((route, client, backend)) => relay(&shared, route, client, backend, &record).await,
+            Err(reason) => reason,
         };
         close(&shared, &record, reason);
     }
@@ -342,37 +326,62 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
     });
 }
 
-/// Routes the connection and connects its backend; the routing bytes already read are
-/// written to the backend before this returns.
+/// Routes the connection, terminates TLS if its route says so, and connects its backend
+/// (over TLS for reencrypt). The routing bytes already read reach the backend (or the TLS
+/// handshake) before this returns. On error the client is closed: RST for
+/// `max_connections`, else FIN (after close_notify once TLS is up).
 async fn establish(
     shared: &Shared,
     listener: usize,
-    client: &TcpStream,
+    client: TcpStream,
     record: &ConnRecord,
-) -> Result<(usize, TcpStream), Reason> {
+) -> Result<(usize, Peer, Peer), Reason> {
     if shared.table.len() > shared.config.proxy.max_connections {
+        // Refused connections get an RST, every time, at once.
+        let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
         return Err(Reason::MaxConnections);
     }
+    let accepted = Instant::now();
     let mut shutdown = shared.shutdown.clone();
     let routes = &shared.routes.listeners[listener].1;
     let (route, peeked) = tokio::select! {
         _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
-        routed = route(shared, routes, client) => routed?,
+        routed = route(shared, routes, &client) => routed?,
     };
     let _ = record.route.set(route);
     shared.stats.routed(route);
     let config = &shared.config.routes[route];
-    keepalive(client, &config.lifecycle);
-    let backend = tokio::select! {
-        _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
-        connected = connect(shared, route) => connected?,
+    keepalive(&client, &config.lifecycle);
+    let Some(tls) = shared.tls.route(route) else {
+        let backend = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
+            connected = connect(shared, route, record) => connected?.0,
+        };
+        write_all(&backend, &peeked).await?;
+        return Ok((route, client.into(), backend.into()));
     };
-    if let Ok(addr) = backend.peer_addr() {
-        let _ = record.backend.set(addr);
+    // The whole TLS handshake, ClientHello included, within handshake_timeout.
+    let deadline = accepted + config.lifecycle.handshake_timeout;
+    let (client, negotiated) = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
+        accepted = tls.accept(client, peeked, deadline) => accepted?,
+    };
+    let backend = async {
+        let (backend, target) = connect(shared, route, record).await?;
+        let deadline = Instant::now() + config.lifecycle.connect_timeout;
+        tls.connect(backend, &negotiated, target, deadline).await
+    };
+    let backend = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => Err(Reason::Shutdown),
+        connected = backend => connected,
+    };
+    match backend {
+        Ok(backend) => Ok((route, client, backend)),
+        Err(reason) => {
+            client.close(config.lifecycle.grace_period).await;
+            Err(reason)
+        }
     }
-    keepalive(&backend, &config.lifecycle);
-    write_all(&backend, &peeked).await?;
-    Ok((route, backend))
 }
 
 /// Picks the route: at once for a plain listener, from the ClientHello for SNI ones.
@@ -417,14 +426,25 @@ async fn route(
     }
 }
 
-/// Connects to the route's targets, round-robin, trying the next one on failure.
-async fn connect(shared: &Shared, route: usize) -> Result<TcpStream, Reason> {
+/// Connects to the route's targets, round-robin, trying the next one on failure; returns
+/// the socket (with keepalive set, its address in the record) and the target it reached.
+async fn connect<'a>(
+    shared: &'a Shared,
+    route: usize,
+    record: &ConnRecord,
+) -> Result<(TcpStream, &'a Target), Reason> {
     let config = &shared.config.routes[route];
     let mut reason = Reason::ConnectFailed;
     for target in shared.routes.targets_in_order(route, &config.targets) {
         let deadline = Instant::now() + config.lifecycle.connect_timeout;
         match timeout_at(deadline, connect_target(target)).await {
-            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Ok(stream)) => {
+                if let Ok(addr) = stream.peer_addr() {
+                    let _ = record.backend.set(addr);
+                }
+                keepalive(&stream, &config.lifecycle);
+                return Ok((stream, target));
+            }
             Ok(Err(e)) => {
                 warn!(%target, error = %e, "connect failed");
                 reason = Reason::ConnectFailed;
@@ -480,8 +500,8 @@ async fn write_all(backend: &TcpStream, mut bytes: &[u8]) -> Result<(), Reason> 
 async fn relay(
     shared: &Shared,
     route: usize,
-    client: TcpStream,
-    backend: TcpStream,
+    client: Peer,
+    backend: Peer,
     record: &ConnRecord,
 ) -> Reason {
     let config = shared.config.routes[route].lifecycle;
