@@ -813,7 +813,11 @@ fn validate_tls_keys(raw: &RawRoute, at: &str, base_dir: &Path) -> Result<TlsKey
         Some(TlsMode::Passthrough) | None => (false, false),
     };
     for (keys, allowed, used_with) in [
-        (&terminating, terminates, "tls = \"terminate\" or \"reencrypt\""),
+        (
+            &terminating,
+            terminates,
+            "tls = \"terminate\" or \"reencrypt\"",
+        ),
         (&reencrypting, reencrypts, "tls = \"reencrypt\""),
     ] {
         if let Some((name, _)) = keys.iter().find(|(_, set)| *set && !allowed) {
@@ -834,7 +838,12 @@ fn validate_tls_keys(raw: &RawRoute, at: &str, base_dir: &Path) -> Result<TlsKey
 
     let mode = raw.tls.map_or(String::new(), |t| t.to_string());
     let required = || format!("required with tls = \"{mode}\" (`cert` and `key` both)");
-    let cert = readable_file(raw.cert.as_deref(), &format!("{at}.cert"), base_dir, required)?;
+    let cert = readable_file(
+        raw.cert.as_deref(),
+        &format!("{at}.cert"),
+        base_dir,
+        required,
+    )?;
     let key = readable_file(raw.key.as_deref(), &format!("{at}.key"), base_dir, required)?;
     let chain = crate::tls::load_certificates(&cert)
         .map_err(|e| Invalid::new(format!("{at}.cert"), e.to_string()))?;
@@ -877,7 +886,8 @@ fn validate_tls_keys(raw: &RawRoute, at: &str, base_dir: &Path) -> Result<TlsKey
                 ));
             }
             (Some(ca), _) => {
-                let path = readable_file(Some(ca), &format!("{at}.backend_ca"), base_dir, String::new)?;
+                let path =
+                    readable_file(Some(ca), &format!("{at}.backend_ca"), base_dir, String::new)?;
                 crate::tls::load_roots(&path)
                     .map_err(|e| Invalid::new(format!("{at}.backend_ca"), e.to_string()))?;
                 BackendVerify::Ca(path)

@@ -345,8 +345,7 @@ impl RouteTls {
             .and_then(|chosen| tls.by_alpn.iter().find(|(p, _)| p == chosen))
             .map_or(&tls.no_alpn, |(_, connector)| connector);
         let io = TcpIo::new(Arc::new(backend), Vec::new());
-        let session = match timeout_at(deadline, connector.connect(server_name.clone(), io)).await
-        {
+        let session = match timeout_at(deadline, connector.connect(server_name.clone(), io)).await {
             Err(_) => {
                 warn!(%target, "TLS handshake with the backend timed out");
                 return Err(Reason::ConnectTimeout);

@@ -93,7 +93,9 @@ impl TestPki {
     fn issue(&self, names: &[&str], expired: bool) -> Leaf {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names.clone()).expect("leaf parameters");
-        params.distinguished_name.push(DnType::CommonName, &names[0]);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, &names[0]);
         if expired {
             params.not_before = rcgen::date_time_ymd(2019, 1, 1);
             params.not_after = rcgen::date_time_ymd(2020, 1, 1);
@@ -121,7 +123,11 @@ impl TestPki {
     }
 
     /// A client that trusts the test CA, offering `versions` and `alpn`.
-    pub fn client(&self, versions: &[&'static SupportedProtocolVersion], alpn: &[&str]) -> TlsConnector {
+    pub fn client(
+        &self,
+        versions: &[&'static SupportedProtocolVersion],
+        alpn: &[&str],
+    ) -> TlsConnector {
         let mut config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(versions)
             .expect("ring supports these versions")

@@ -36,7 +36,8 @@ async fn after_client_fin_backend_streams_five_mib_then_eof() {
             stream.shutdown().await.expect("backend FIN");
         })
         .await;
-        let mut proxy = TestProxy::start(front.data_path(), &front.route("half", backend.addr, "")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("half", backend.addr, "")).await;
         let mut client = front.connect(proxy.addr("half")).await;
         client.write_all(b"request").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
@@ -67,7 +68,8 @@ async fn after_backend_fin_client_streams_five_mib_then_eof() {
             assert_eq!(hash, expected, "checksum at the backend");
         })
         .await;
-        let mut proxy = TestProxy::start(front.data_path(), &front.route("half", backend.addr, "")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("half", backend.addr, "")).await;
         let mut client = front.connect(proxy.addr("half")).await;
         let mut greeting = Vec::new();
         within(
@@ -109,7 +111,8 @@ async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_thr
             stream.shutdown().await.expect("backend FIN");
         })
         .await;
-        let mut proxy = TestProxy::start(front.data_path(), &front.route("feed", backend.addr, "")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("feed", backend.addr, "")).await;
         let mut client = front.connect(proxy.addr("feed")).await;
         client.write_all(b"subscribe").await.expect("client writes");
         client.shutdown().await.expect("client FIN");

@@ -24,7 +24,8 @@ async fn client_reset_resets_the_backend() {
             expect_reset(&mut stream).await;
         })
         .await;
-        let mut proxy = TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
         let mut client = front.connect(proxy.addr("rst")).await;
         client.write_all(b"hello").await.expect("client writes");
         let mut ready = [0u8; 5];
@@ -48,7 +49,8 @@ async fn backend_reset_resets_the_client() {
             reset(stream);
         })
         .await;
-        let mut proxy = TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
         let mut client = front.connect(proxy.addr("rst")).await;
         client.write_all(b"hello").await.expect("client writes");
         expect_reset(&mut client).await;
@@ -72,7 +74,8 @@ async fn backend_reset_after_client_fin_resets_the_client() {
             reset(stream);
         })
         .await;
-        let mut proxy = TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
         let mut client = front.connect(proxy.addr("rst")).await;
         client.write_all(b"hello").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
@@ -102,7 +105,8 @@ async fn client_reset_after_client_fin_resets_the_backend() {
                 expect_reset_after_eof(&stream).await;
             })
             .await;
-        let mut proxy = TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
         let mut client = front.connect(proxy.addr("rst")).await;
         client.write_all(b"hello").await.expect("client writes");
         client.shutdown().await.expect("client FIN");

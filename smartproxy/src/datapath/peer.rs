@@ -78,7 +78,11 @@ impl Peer {
 
     /// Reads into `buf`, allocating it once there may be something to read. `Ok(0)`: EOF
     /// (a FIN; over TLS a close_notify, or a FIN without one).
-    pub fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>) -> Poll<io::Result<usize>> {
+    pub fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Poll<io::Result<usize>> {
         match self {
             Peer::Tcp(tcp) => loop {
                 // Readiness first: an idle socket holds no buffer.
@@ -149,7 +153,10 @@ impl Peer {
     /// the TLS part; then the socket is closed.
     pub async fn close(mut self, within: Duration) {
         if let Peer::Tls { session, .. } = &mut self {
-            if tokio::time::timeout(within, session.shutdown()).await.is_err() {
+            if tokio::time::timeout(within, session.shutdown())
+                .await
+                .is_err()
+            {
                 tracing::debug!("close_notify not sent in time");
             }
         }
