@@ -375,17 +375,32 @@ impl RouteTls {
 }
 
 impl BackendTls {
-    /// `backend_sni`, else the client's SNI, else the target's host if it is a name. An
-    /// IP address only when nothing is verified (it sends no SNI).
     fn server_name(&self, client: &Negotiated, target: &Target) -> Option<ServerName<'static>> {
-        if let Some(name) = &self.server_name {
-            return Some(name.clone());
-        }
-        let name = client.server_name.as_deref().unwrap_or(&target.host);
-        match ServerName::try_from(name.to_owned()).ok()? {
-            ServerName::IpAddress(_) if self.verify => None,
-            name => Some(name),
-        }
+        backend_server_name(
+            self.server_name.as_ref(),
+            client.server_name.as_deref(),
+            &target.host,
+            self.verify,
+        )
+    }
+}
+
+/// The name to ask the backend for and verify its certificate against: `backend_sni`,
+/// else the client's SNI, else the target's host if it is a DNS name. The target's IP
+/// address only when nothing is verified (an IP address sends no SNI).
+fn backend_server_name(
+    configured: Option<&ServerName<'static>>,
+    client: Option<&str>,
+    target_host: &str,
+    verify: bool,
+) -> Option<ServerName<'static>> {
+    if let Some(name) = configured {
+        return Some(name.clone());
+    }
+    let name = client.unwrap_or(target_host);
+    match ServerName::try_from(name.to_owned()).ok()? {
+        ServerName::IpAddress(_) if verify => None,
+        name => Some(name),
     }
 }
 
@@ -457,5 +472,72 @@ impl ServerCertVerifier for NoVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Covers: the backend's server name (backend_sni, the client's SNI, the target host)
+    //! and the PEM errors that name their file. Handshakes are tested end to end in
+    //! `tests/tests/tls.rs`.
+
+    use super::*;
+
+    fn name(text: &str) -> ServerName<'static> {
+        ServerName::try_from(text.to_owned()).expect("a server name")
+    }
+
+    #[test]
+    fn backend_name_is_backend_sni_then_client_sni_then_target_host() {
+        let configured = name("inner.test");
+        assert_eq!(
+            backend_server_name(Some(&configured), Some("front.test"), "10.0.0.5", true),
+            Some(name("inner.test"))
+        );
+        assert_eq!(
+            backend_server_name(None, Some("front.test"), "10.0.0.5", true),
+            Some(name("front.test"))
+        );
+        assert_eq!(
+            backend_server_name(None, None, "backend.internal", true),
+            Some(name("backend.internal"))
+        );
+    }
+
+    #[test]
+    fn an_ip_target_without_any_name_is_refused_unless_nothing_is_verified() {
+        assert_eq!(backend_server_name(None, None, "10.0.0.5", true), None);
+        assert_eq!(
+            backend_server_name(None, None, "10.0.0.5", false),
+            Some(name("10.0.0.5"))
+        );
+    }
+
+    #[test]
+    fn pem_errors_name_the_file() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/config/certs");
+        let (cert, key, other) = (
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+            dir.join("other-key.pem"),
+        );
+        let e = load_certificates(&key).expect_err("a key file has no certificate");
+        assert!(
+            e.to_string()
+                .ends_with("key.pem: no certificate found (a PEM \"CERTIFICATE\" block)"),
+            "{e}"
+        );
+        let chain = load_certificates(&cert).expect("the test certificate");
+        let e = load_certified_key(chain.clone(), &cert, &other).expect_err("a mismatched key");
+        assert!(matches!(e, TlsError::KeyMismatch { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("other-key.pem: the private key does not match the certificate in"),
+            "{e}"
+        );
+        load_certified_key(chain, &cert, &key).expect("the matching key");
+        let e =
+            load_certified_key(Vec::new(), &cert, &cert).expect_err("no key in a certificate file");
+        assert!(matches!(e, TlsError::NoKey { .. }), "{e}");
     }
 }

@@ -31,7 +31,6 @@ use smartproxy_tests::tls::{connect_tls, Leaf, TestPki, BOTH_VERSIONS};
 use smartproxy_tests::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 
 const USERSPACE: DataPathMode = DataPathMode::Userspace;
 
@@ -383,31 +382,28 @@ async fn reencrypt_half_close_keeps_the_other_direction_flowing_both_ways() {
     let up = pattern(ONE_MIB, 21);
     let down = pattern(ONE_MIB, 22);
     // The client's first byte says who closes first: 'c' the client, 'b' the backend.
-    let backend = Backend::spawn_with(
-        (pki.server(&leaf, &[]), Arc::new((up.clone(), down.clone()))),
-        |stream, (acceptor, payloads): (TlsAcceptor, Arc<(Vec<u8>, Vec<u8>)>)| async move {
-            let (up, down) = &*payloads;
-            let mut tls = acceptor.accept(stream).await.expect("backend handshake");
-            let mut first = [0u8; 1];
-            tls.read_exact(&mut first).await.expect("backend reads");
-            if first[0] == b'b' {
-                write_chunked(&mut tls, down)
-                    .await
-                    .expect("backend streams");
-                tls.shutdown().await.expect("backend close_notify");
-            }
-            let (len, hash) = read_to_end_hashed(&mut tls)
+    let backend = Backend::spawn_with(pki.server(&leaf, &[]), |stream, acceptor| async move {
+        let (up, down) = (pattern(ONE_MIB, 21), pattern(ONE_MIB, 22));
+        let mut tls = acceptor.accept(stream).await.expect("backend handshake");
+        let mut first = [0u8; 1];
+        tls.read_exact(&mut first).await.expect("backend reads");
+        if first[0] == b'b' {
+            write_chunked(&mut tls, &down)
                 .await
-                .expect("backend reads to the client's close_notify");
-            assert_eq!((len, hash), (ONE_MIB, sha256(up)), "bytes at the backend");
-            if first[0] == b'c' {
-                write_chunked(&mut tls, down)
-                    .await
-                    .expect("backend streams after it");
-                tls.shutdown().await.expect("backend close_notify");
-            }
-        },
-    )
+                .expect("backend streams");
+            tls.shutdown().await.expect("backend close_notify");
+        }
+        let (len, hash) = read_to_end_hashed(&mut tls)
+            .await
+            .expect("backend reads to the client's close_notify");
+        assert_eq!((len, hash), (ONE_MIB, sha256(&up)), "bytes at the backend");
+        if first[0] == b'c' {
+            write_chunked(&mut tls, &down)
+                .await
+                .expect("backend streams after it");
+            tls.shutdown().await.expect("backend close_notify");
+        }
+    })
     .await;
     let ca = path(pki.ca_file());
     let config = tls_route(
