@@ -16,7 +16,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Per direction buffer, held only while bytes move.
@@ -96,19 +96,27 @@ impl Peer {
                 }
             },
             Peer::Tls { session, .. } => {
-                // rustls may hold decrypted bytes while the socket is not readable.
+                // The session's own buffer first: an idle session holds none of ours. One
+                // chunk (a TLS record) per read.
+                let mut session = Pin::new(&mut **session);
+                let plaintext = match ready!(session.as_mut().poll_fill_buf(cx)) {
+                    Ok(plaintext) => plaintext,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!("TCP FIN without TLS close_notify; taken as EOF");
+                        return Poll::Ready(Ok(0));
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                };
+                if plaintext.is_empty() {
+                    return Poll::Ready(Ok(0));
+                }
                 if buf.is_empty() {
                     buf.resize(BUFFER_BYTES, 0);
                 }
-                let mut read_buf = ReadBuf::new(buf);
-                match ready!(Pin::new(&mut **session).poll_read(cx, &mut read_buf)) {
-                    Ok(()) => Poll::Ready(Ok(read_buf.filled().len())),
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        tracing::debug!("TCP FIN without TLS close_notify; taken as EOF");
-                        Poll::Ready(Ok(0))
-                    }
-                    Err(e) => Poll::Ready(Err(e)),
-                }
+                let read = plaintext.len().min(buf.len());
+                buf[..read].copy_from_slice(&plaintext[..read]);
+                session.consume(read);
+                Poll::Ready(Ok(read))
             }
         }
     }
