@@ -187,7 +187,8 @@ pub struct RouteConfig {
     pub tls: Option<TlsMode>,
     /// At least one.
     pub targets: Vec<Target>,
-    /// Set (both, readable files) exactly when `tls` terminates. A relative path in the
+    /// Set (both, PEM files that load, the key matching the certificate) exactly when
+    /// `tls` terminates. A relative path in the
     /// file is resolved against the directory of the config file.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,

@@ -341,7 +341,7 @@ async fn establish(
         let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
         return Err(Reason::MaxConnections);
     }
-    let accepted = Instant::now();
+    let accepted_at = Instant::now();
     let mut shutdown = shared.shutdown.clone();
     let routes = &shared.routes.listeners[listener].1;
     let (route, peeked) = tokio::select! {
@@ -361,7 +361,7 @@ async fn establish(
         return Ok((route, client.into(), backend.into()));
     };
     // The whole TLS handshake, ClientHello included, within handshake_timeout.
-    let deadline = accepted + config.lifecycle.handshake_timeout;
+    let deadline = accepted_at + config.lifecycle.handshake_timeout;
     let (client, negotiated) = tokio::select! {
         _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
         accepted = tls.accept(client, peeked, deadline) => accepted?,
