@@ -188,8 +188,8 @@ pub struct RouteConfig {
     /// At least one.
     pub targets: Vec<Target>,
     /// Set (both, PEM files that load, the key matching the certificate) exactly when
-    /// `tls` terminates. A relative path in the
-    /// file is resolved against the directory of the config file.
+    /// `tls` terminates. A relative path in the file is resolved against the directory
+    /// of the config file.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     /// ALPN protocols offered to clients, most preferred first; empty: no ALPN. Only set
