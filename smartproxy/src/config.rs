@@ -203,10 +203,16 @@ pub struct RouteConfig {
     pub tls: Option<TlsMode>,
     /// At least one.
     pub targets: Vec<Target>,
-    /// Set (both, readable files) exactly when `tls` terminates. A relative path in the
-    /// file is resolved against the directory of the config file.
+    /// Set (both, PEM files that load, the key matching the certificate) exactly when
+    /// `tls` terminates. A relative path in the file is resolved against the directory
+    /// of the config file.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// ALPN protocols offered to clients, most preferred first; empty: no ALPN. Only set
+    /// when `tls` terminates.
+    pub alpn: Vec<String>,
+    /// How the proxy speaks TLS to the backend: set exactly when `tls = "reencrypt"`.
+    pub backend_tls: Option<BackendTls>,
     /// Per-route override of `[proxy] data_path`; never `Ebpf` when `tls` terminates.
     pub data_path: Option<DataPathMode>,
     /// A PROXY protocol header to send the backend before any client byte.
@@ -215,6 +221,26 @@ pub struct RouteConfig {
     pub lifecycle: LifecycleConfig,
     /// `max_connections`, the per-IP limits and `allow`/`deny` of this route.
     pub limits: RouteLimitsConfig,
+}
+
+/// TLS toward the backend of a `tls = "reencrypt"` route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendTls {
+    pub verify: BackendVerify,
+    /// `backend_sni`: the name sent as SNI and verified. `None`: the client's SNI, else the
+    /// target's host name.
+    pub server_name: Option<String>,
+}
+
+/// How a reencrypt route checks its backend's certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendVerify {
+    /// Against the system's root certificates (no `backend_ca`).
+    SystemRoots,
+    /// Against the CA certificates of `backend_ca` (a readable PEM file with at least one).
+    Ca(PathBuf),
+    /// Not at all: `backend_verify = false`.
+    Off,
 }
 
 /// A backend address as written: an IP address or a DNS name, and a port.
@@ -472,6 +498,10 @@ tables_with_lifecycle_keys! {
         targets: Vec<String>,
         cert: Option<PathBuf>,
         key: Option<PathBuf>,
+        alpn: Option<Vec<String>>,
+        backend_ca: Option<PathBuf>,
+        backend_sni: Option<String>,
+        backend_verify: Option<bool>,
         data_path: Option<DataPathMode>,
         proxy_protocol: Option<ProxyProtocol>,
         max_connections: Option<usize>,
@@ -760,7 +790,7 @@ fn validate_route(
         })
         .collect::<Result<Vec<_>, _>>()?;
 
-    let sni = match raw.sni {
+    let sni = match &raw.sni {
         None => Vec::new(),
         Some(_) if raw.tls.is_none() => {
             return Err(Invalid::new(
@@ -784,27 +814,7 @@ fn validate_route(
     };
 
     let terminates = raw.tls.is_some_and(TlsMode::terminates);
-    let (cert, key) = if terminates {
-        let mode = raw.tls.map_or(String::new(), |t| t.to_string());
-        let cert = readable_file(raw.cert, "cert", at, &mode, base_dir)?;
-        let key = readable_file(raw.key, "key", at, &mode, base_dir)?;
-        (Some(cert), Some(key))
-    } else {
-        let used_with = "only used with tls = \"terminate\" or \"reencrypt\"";
-        let this_route = match raw.tls {
-            Some(mode) => format!("this route has tls = \"{mode}\""),
-            None => "this route is plain TCP".to_owned(),
-        };
-        for (name, value) in [("cert", &raw.cert), ("key", &raw.key)] {
-            if value.is_some() {
-                return Err(Invalid::new(
-                    format!("{at}.{name}"),
-                    format!("{used_with}; {this_route}"),
-                ));
-            }
-        }
-        (None, None)
-    };
+    let tls_keys = validate_tls_keys(&raw, at, base_dir)?;
 
     if terminates && raw.data_path == Some(DataPathMode::Ebpf) {
         return Err(Invalid::new(
@@ -819,8 +829,10 @@ fn validate_route(
         sni,
         tls: raw.tls,
         targets,
-        cert,
-        key,
+        cert: tls_keys.cert,
+        key: tls_keys.key,
+        alpn: tls_keys.alpn,
+        backend_tls: tls_keys.backend_tls,
         data_path: raw.data_path,
         proxy_protocol: raw.proxy_protocol,
         lifecycle: overrides.apply_to(lifecycle),
@@ -866,25 +878,157 @@ fn cidrs(list: Option<Vec<String>>, key: &str) -> Result<Vec<Cidr>, Invalid> {
         .collect()
 }
 
-/// `cert` or `key` of a terminating route: required, resolved against `base_dir`, and a
-/// file that opens for reading now (so `check` catches what `run` would trip on).
+/// The TLS keys of one route, validated.
+struct TlsKeys {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    alpn: Vec<String>,
+    backend_tls: Option<BackendTls>,
+}
+
+/// `cert`, `key`, `alpn` and the `backend_*` keys: each only where its `tls` mode uses it.
+/// The PEM files are parsed now, and the key checked against the certificate, so that
+/// `check` catches what `run` would trip on.
+fn validate_tls_keys(raw: &RawRoute, at: &str, base_dir: &Path) -> Result<TlsKeys, Invalid> {
+    let this_route = match raw.tls {
+        Some(mode) => format!("this route has tls = \"{mode}\""),
+        None => "this route is plain TCP".to_owned(),
+    };
+    let terminating = [
+        ("cert", raw.cert.is_some()),
+        ("key", raw.key.is_some()),
+        ("alpn", raw.alpn.is_some()),
+    ];
+    let reencrypting = [
+        ("backend_ca", raw.backend_ca.is_some()),
+        ("backend_sni", raw.backend_sni.is_some()),
+        ("backend_verify", raw.backend_verify.is_some()),
+    ];
+    let (terminates, reencrypts) = match raw.tls {
+        Some(TlsMode::Terminate) => (true, false),
+        Some(TlsMode::Reencrypt) => (true, true),
+        Some(TlsMode::Passthrough) | None => (false, false),
+    };
+    for (keys, allowed, used_with) in [
+        (
+            &terminating,
+            terminates,
+            "tls = \"terminate\" or \"reencrypt\"",
+        ),
+        (&reencrypting, reencrypts, "tls = \"reencrypt\""),
+    ] {
+        if let Some((name, _)) = keys.iter().find(|(_, set)| *set && !allowed) {
+            return Err(Invalid::new(
+                format!("{at}.{name}"),
+                format!("only used with {used_with}; {this_route}"),
+            ));
+        }
+    }
+    if !terminates {
+        return Ok(TlsKeys {
+            cert: None,
+            key: None,
+            alpn: Vec::new(),
+            backend_tls: None,
+        });
+    }
+
+    let mode = raw.tls.map_or(String::new(), |t| t.to_string());
+    let required = || format!("required with tls = \"{mode}\" (`cert` and `key` both)");
+    let cert = readable_file(
+        raw.cert.as_deref(),
+        &format!("{at}.cert"),
+        base_dir,
+        required,
+    )?;
+    let key = readable_file(raw.key.as_deref(), &format!("{at}.key"), base_dir, required)?;
+    let chain = crate::tls::load_certificates(&cert)
+        .map_err(|e| Invalid::new(format!("{at}.cert"), e.to_string()))?;
+    crate::tls::load_certified_key(chain, &cert, &key)
+        .map_err(|e| Invalid::new(format!("{at}.key"), e.to_string()))?;
+
+    let alpn = match &raw.alpn {
+        None => Vec::new(),
+        Some(list) if list.is_empty() => {
+            return Err(Invalid::new(
+                format!("{at}.alpn"),
+                "is empty; leave `alpn` out to offer no ALPN",
+            ));
+        }
+        Some(list) => {
+            for (j, protocol) in list.iter().enumerate() {
+                if protocol.is_empty() || protocol.len() > 255 {
+                    return Err(Invalid::new(
+                        format!("{at}.alpn[{j}]"),
+                        format!("{protocol:?}: an ALPN protocol name is 1 to 255 bytes"),
+                    ));
+                }
+                if list[..j].contains(protocol) {
+                    return Err(Invalid::new(
+                        format!("{at}.alpn[{j}]"),
+                        format!("{protocol:?} is listed twice"),
+                    ));
+                }
+            }
+            list.clone()
+        }
+    };
+
+    let backend_tls = if reencrypts {
+        let verify = match (&raw.backend_ca, raw.backend_verify) {
+            (Some(_), Some(false)) => {
+                return Err(Invalid::new(
+                    format!("{at}.backend_ca"),
+                    "set together with backend_verify = false; verify against it, or not at all",
+                ));
+            }
+            (Some(ca), _) => {
+                let path =
+                    readable_file(Some(ca), &format!("{at}.backend_ca"), base_dir, String::new)?;
+                crate::tls::load_roots(&path)
+                    .map_err(|e| Invalid::new(format!("{at}.backend_ca"), e.to_string()))?;
+                BackendVerify::Ca(path)
+            }
+            (None, Some(false)) => BackendVerify::Off,
+            (None, Some(true) | None) => BackendVerify::SystemRoots,
+        };
+        let server_name = match &raw.backend_sni {
+            Some(name) if name.parse::<IpAddr>().is_err() && !is_dns_name(name) => {
+                return Err(Invalid::new(
+                    format!("{at}.backend_sni"),
+                    format!("{name:?} is neither a DNS name nor an IP address"),
+                ));
+            }
+            Some(name) => Some(name.to_ascii_lowercase()),
+            None => None,
+        };
+        Some(BackendTls {
+            verify,
+            server_name,
+        })
+    } else {
+        None
+    };
+    Ok(TlsKeys {
+        cert: Some(cert),
+        key: Some(key),
+        alpn,
+        backend_tls,
+    })
+}
+
+/// A file a TLS key names: required (else `required()` says why), resolved against
+/// `base_dir`, and a file that opens for reading now.
 fn readable_file(
-    path: Option<PathBuf>,
-    name: &str,
-    at: &str,
-    mode: &str,
+    path: Option<&Path>,
+    key: &str,
     base_dir: &Path,
+    required: impl FnOnce() -> String,
 ) -> Result<PathBuf, Invalid> {
-    let key = format!("{at}.{name}");
-    let path = path.ok_or_else(|| {
-        Invalid::new(
-            &key,
-            format!("required with tls = \"{mode}\" (`cert` and `key` both)"),
-        )
-    })?;
+    let path = path.ok_or_else(|| Invalid::new(key, required()))?;
     let path = base_dir.join(path);
     let unreadable =
-        |why: String| Invalid::new(&key, format!("cannot read {}: {why}", path.display()));
+        |why: String| Invalid::new(key, format!("cannot read {}: {why}", path.display()));
     let file = std::fs::File::open(&path).map_err(|e| unreadable(e.to_string()))?;
     let metadata = file.metadata().map_err(|e| unreadable(e.to_string()))?;
     if !metadata.is_file() {

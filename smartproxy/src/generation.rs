@@ -7,12 +7,16 @@ use crate::config::{Config, DataPathMode, ProxyConfig};
 use crate::datapath::DataPathKind;
 use crate::route::RouteTable;
 use crate::stats::Stats;
+use crate::tls::TlsRoutes;
 
 /// One configuration as the proxy serves it.
 #[derive(Debug)]
 pub struct Generation {
     pub config: Config,
     pub routes: RouteTable,
+    /// Certificates and TLS configs of the terminating routes, read when the generation
+    /// was built: a reload re-reads them.
+    pub tls: TlsRoutes,
     /// Per route, in config order: its counters slot in [`Stats`].
     slots: Vec<usize>,
 }
@@ -29,7 +33,8 @@ pub enum NotReloadable {
 }
 
 impl Generation {
-    pub fn new(config: Config, stats: &Stats) -> Generation {
+    /// `tls` is what [`TlsRoutes::load`] read for `config`.
+    pub fn new(config: Config, tls: TlsRoutes, stats: &Stats) -> Generation {
         let routes = RouteTable::new(&config);
         let slots = config
             .routes
@@ -39,6 +44,7 @@ impl Generation {
         Generation {
             config,
             routes,
+            tls,
             slots,
         }
     }
@@ -178,8 +184,12 @@ mod tests {
     #[test]
     fn a_route_keeps_its_counters_slot_across_generations() {
         let stats = Stats::new(DataPathKind::Userspace);
-        let first = Generation::new(config("", ""), &stats);
-        let second = Generation::new(config("", "inactivity_timeout = \"5s\""), &stats);
+        let build = |config: Config| match TlsRoutes::load(&config) {
+            Ok(tls) => Generation::new(config, tls, &stats),
+            Err(e) => panic!("no TLS here, nothing to fail: {e}"),
+        };
+        let first = build(config("", ""));
+        let second = build(config("", "inactivity_timeout = \"5s\""));
         assert_eq!(first.slot(0), second.slot(0));
     }
 }

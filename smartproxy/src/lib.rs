@@ -20,6 +20,7 @@ pub mod route;
 pub mod sni;
 pub mod stats;
 pub mod table;
+pub mod tls;
 pub mod view;
 
 pub use proxy::{Closed, Proxy, ReloadError, ReloadSummary, StartError};

@@ -17,7 +17,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::{Config, ConfigError, DataPathMode, LifecycleConfig, Target};
 use crate::control::ControlServer;
-use crate::datapath::{instant_of, DataPathKind, Relay};
+use crate::datapath::{instant_of, DataPathKind, Peer, Relay};
 use crate::ebpf::{EbpfError, Kernel, LoadOptions};
 use crate::error_chain;
 use crate::generation::{check_reloadable, Generation, NotReloadable};
@@ -28,6 +28,7 @@ use crate::route::ListenerRoutes;
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
 use crate::table::{ConnRecord, ConnTable};
+use crate::tls::{TlsError, TlsRoutes};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,11 +41,8 @@ pub enum StartError {
     },
     #[error("the eBPF data path was requested (data_path = \"ebpf\") but cannot load: {0}")]
     Ebpf(#[source] EbpfError),
-    #[error("route[{index}].tls: \"{mode}\" is not implemented yet (only passthrough and plain TCP are)")]
-    TlsNotImplemented {
-        index: usize,
-        mode: crate::config::TlsMode,
-    },
+    #[error("TLS: {0}")]
+    Tls(#[source] TlsError),
     #[error("control socket {path}: {source}")]
     Control {
         path: std::path::PathBuf,
@@ -67,10 +65,10 @@ pub enum ReloadError {
         source: NotReloadable,
     },
     #[error("{file}: {source}")]
-    Unsupported {
+    Tls {
         file: PathBuf,
         #[source]
-        source: StartError,
+        source: TlsError,
     },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -191,10 +189,6 @@ impl Shared {
         let running = self.generation();
         let file = running.config.source.clone().ok_or(ReloadError::NoSource)?;
         let next = Config::from_file(&file)?;
-        check_supported(&next).map_err(|source| ReloadError::Unsupported {
-            file: file.clone(),
-            source,
-        })?;
         check_reloadable(&running.config, &next, self.kernel.is_some()).map_err(|source| {
             ReloadError::NotReloadable {
                 file: file.clone(),
@@ -202,7 +196,12 @@ impl Shared {
             }
         })?;
         let summary = summarize(&running.config, &next);
-        let next = Arc::new(Generation::new(next, &self.stats));
+        // Certificates are read again: a reload is how new ones take effect.
+        let tls = TlsRoutes::load(&next).map_err(|source| ReloadError::Tls {
+            file: file.clone(),
+            source,
+        })?;
+        let next = Arc::new(Generation::new(next, tls, &self.stats));
         let mut listeners = self.lock_listeners();
         let added: Vec<SocketAddr> = next
             .routes
@@ -288,7 +287,7 @@ impl Proxy {
     /// Binds every listener and the control socket, then starts accepting. Returns once
     /// the proxy is ready: every listener accepts from now on.
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
-        check_supported(&config)?;
+        let tls = TlsRoutes::load(&config).map_err(StartError::Tls)?;
         // Before any listener exists: sockets only run the sock_ops program if they are
         // created in the cgroup it is attached to.
         let kernel = load_kernel(&config)?;
@@ -302,7 +301,7 @@ impl Proxy {
             Some(addr) => Some(bind_metrics(addr).await?),
             None => None,
         };
-        let generation = Generation::new(config, &stats);
+        let generation = Generation::new(config, tls, &stats);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (closed, _) = broadcast::channel(1024);
         let addrs: Vec<SocketAddr> = generation.routes.listeners.keys().copied().collect();
@@ -419,16 +418,6 @@ impl Proxy {
     }
 }
 
-/// Rejects what the config allows but this build cannot do yet: TLS termination.
-pub fn check_supported(config: &Config) -> Result<(), StartError> {
-    for (index, route) in config.routes.iter().enumerate() {
-        if let Some(mode) = route.tls.filter(|tls| tls.terminates()) {
-            return Err(StartError::TlsNotImplemented { index, mode });
-        }
-    }
-    Ok(())
-}
-
 async fn bind_metrics(addr: SocketAddr) -> Result<(MetricsServer, SocketAddr), StartError> {
     let bind_error = |source| StartError::Bind { addr, source };
     let server = MetricsServer::bind(addr).await.map_err(bind_error)?;
@@ -533,23 +522,16 @@ async fn serve(
             &shared,
             &generation,
             listen,
-            &client,
+            client,
             &record,
             &mut admissions,
         )
         .await
         {
-            Ok((route, backend)) => {
+            Ok((route, client, backend)) => {
                 relay(&shared, &generation, route, client, backend, &record).await
             }
-            Err(reason) => {
-                if reason.is_refusal() {
-                    // Refused connections get an RST, every time, at once.
-                    let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
-                }
-                drop(client);
-                reason
-            }
+            Err(reason) => reason,
         };
         // Before the close is announced: whoever hears of it may connect again at once.
         drop(admissions);
@@ -586,16 +568,84 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
     });
 }
 
-/// Routes the connection and connects its backend; the route's PROXY protocol header and
-/// the routing bytes already read are written to the backend before this returns.
+/// Admits, routes and connects the connection: terminates TLS if its route says so and
+/// connects its backend (over TLS for reencrypt). Toward the backend, the route's PROXY
+/// header goes first, then the routing bytes already read (or, terminating, the TLS
+/// handshake takes them). On error the client is closed: RST for a refusal, else FIN
+/// (after close_notify once TLS is up).
 async fn establish(
+    shared: &Shared,
+    generation: &Generation,
+    listen: SocketAddr,
+    client: TcpStream,
+    record: &ConnRecord,
+    admissions: &mut Admissions,
+) -> Result<(usize, Peer, Peer), Reason> {
+    let accepted_at = Instant::now();
+    let (route, peeked) = match admit(shared, generation, listen, &client, record, admissions).await
+    {
+        Ok(routed) => routed,
+        Err(reason) => {
+            if reason.is_refusal() {
+                // Refused connections get an RST, every time, at once.
+                let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            }
+            return Err(reason);
+        }
+    };
+    let config = &generation.config.routes[route];
+    keepalive(&client, &config.lifecycle);
+    let header = match config.proxy_protocol {
+        Some(version) => {
+            let local = client.local_addr().map_err(|_| Reason::ClientReset)?;
+            crate::proxy_protocol::header(version, record.client, local)
+        }
+        None => Vec::new(),
+    };
+    let mut shutdown = shared.shutdown.clone();
+    let Some(tls) = generation.tls.route(route) else {
+        let backend = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
+            connected = connect(shared, generation, route, record) => connected?.0,
+        };
+        write_all(&backend, &[header, peeked].concat()).await?;
+        return Ok((route, client.into(), backend.into()));
+    };
+    // The whole TLS handshake, ClientHello included, within handshake_timeout.
+    let deadline = accepted_at + config.lifecycle.handshake_timeout;
+    let (client, negotiated) = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
+        accepted = tls.accept(client, peeked, deadline) => accepted?,
+    };
+    let backend = async {
+        let (backend, target) = connect(shared, generation, route, record).await?;
+        write_all(&backend, &header).await?;
+        let deadline = Instant::now() + config.lifecycle.connect_timeout;
+        tls.connect(backend, &negotiated, target, deadline).await
+    };
+    let backend = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => Err(Reason::Shutdown),
+        connected = backend => connected,
+    };
+    match backend {
+        Ok(backend) => Ok((route, client, backend)),
+        Err(reason) => {
+            client.close(config.lifecycle.grace_period).await;
+            Err(reason)
+        }
+    }
+}
+
+/// The limits at accept, the route (from the ClientHello on an SNI listener, whose bytes
+/// are returned), and the route's own limits.
+async fn admit(
     shared: &Shared,
     generation: &Generation,
     listen: SocketAddr,
     client: &TcpStream,
     record: &ConnRecord,
     admissions: &mut Admissions,
-) -> Result<(usize, TcpStream), Reason> {
+) -> Result<(usize, Vec<u8>), Reason> {
     if shared.table.len() > generation.config.proxy.max_connections {
         return Err(Reason::MaxConnections);
     }
@@ -620,27 +670,7 @@ async fn establish(
             .limits
             .admit_route(slot, ip, std::time::Instant::now())?,
     );
-    let config = &generation.config.routes[route];
-    keepalive(client, &config.lifecycle);
-    let backend = tokio::select! {
-        _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
-        connected = connect(shared, generation, route) => connected?,
-    };
-    if let Ok(addr) = backend.peer_addr() {
-        let _ = record.backend.set(addr);
-    }
-    keepalive(&backend, &config.lifecycle);
-    // The PROXY header goes first toward the backend, before any client byte.
-    let mut first = match config.proxy_protocol {
-        Some(version) => {
-            let local = client.local_addr().map_err(|_| Reason::ClientReset)?;
-            crate::proxy_protocol::header(version, record.client, local)
-        }
-        None => Vec::new(),
-    };
-    first.extend_from_slice(&peeked);
-    write_all(&backend, &first).await?;
-    Ok((route, backend))
+    Ok((route, peeked))
 }
 
 /// Picks the route: at once for a plain listener, from the ClientHello for SNI ones.
@@ -687,12 +717,14 @@ async fn route(
     }
 }
 
-/// Connects to the route's targets, round-robin, trying the next one on failure.
-async fn connect(
+/// Connects to the route's targets, round-robin, trying the next one on failure; returns
+/// the socket (with keepalive set, its address in the record) and the target it reached.
+async fn connect<'a>(
     shared: &Shared,
-    generation: &Generation,
+    generation: &'a Generation,
     route: usize,
-) -> Result<TcpStream, Reason> {
+    record: &ConnRecord,
+) -> Result<(TcpStream, &'a Target), Reason> {
     let config = &generation.config.routes[route];
     let mut reason = Reason::ConnectFailed;
     for target in generation.routes.targets_in_order(route, &config.targets) {
@@ -703,7 +735,11 @@ async fn connect(
                 shared
                     .stats
                     .backend_connected(generation.slot(route), started.elapsed());
-                return Ok(stream);
+                if let Ok(addr) = stream.peer_addr() {
+                    let _ = record.backend.set(addr);
+                }
+                keepalive(&stream, &config.lifecycle);
+                return Ok((stream, target));
             }
             Ok(Err(e)) => {
                 warn!(%target, error = %e, "connect failed");
@@ -761,8 +797,8 @@ async fn relay(
     shared: &Shared,
     generation: &Generation,
     route: usize,
-    client: TcpStream,
-    backend: TcpStream,
+    client: Peer,
+    backend: Peer,
     record: &ConnRecord,
 ) -> Reason {
     let config = generation.config.routes[route].lifecycle;

@@ -4,7 +4,8 @@
 //! Covers:
 //! - `check` exits 0 for a valid file, and 2 for an invalid one with a message naming the
 //!   file and the key: bad duration, unknown key, route without targets, bad listen
-//!   address, unknown `data_path`, two plain routes on one listen address, missing file;
+//!   address, unknown `data_path`, a TLS key that does not match its certificate, two
+//!   plain routes on one listen address, missing file;
 //! - `run` exits 1, naming the address, when the listen address or the metrics address is
 //!   already in use;
 //! - `run` on a valid config: the control socket is mode 0600; with one live connection
@@ -178,6 +179,15 @@ fn check_exits_2_naming_file_and_key_for_each_invalid_file() {
             format!("[proxy]\ndata_path = \"kernel\"\n{ROUTE}"),
             "proxy.data_path",
             "kernel",
+        ),
+        (
+            "a private key that does not match its certificate",
+            format!(
+                "{ROUTE}tls = \"terminate\"\ncert = \"{certs}/cert.pem\"\nkey = \"{certs}/other-key.pem\"\n",
+                certs = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/config/certs"),
+            ),
+            "route[0].key",
+            "other-key.pem: the private key does not match the certificate",
         ),
         (
             "two plain routes on one listen address",

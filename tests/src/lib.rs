@@ -17,6 +17,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
+pub mod tls;
+pub use tls::{for_each_frontend, Client, Frontend};
+
 /// Bounds every wait in a test: a failure, not the wait itself.
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -341,7 +344,7 @@ pub async fn write_chunked(
 }
 
 /// Asserts that `stream` was reset (ECONNRESET), not closed with a FIN.
-pub async fn expect_reset(stream: &mut TcpStream) {
+pub async fn expect_reset(stream: &mut (impl AsyncReadExt + Unpin)) {
     let mut buf = [0u8; 1024];
     let outcome = tokio::time::timeout(WAIT, async {
         loop {

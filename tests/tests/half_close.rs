@@ -1,4 +1,6 @@
-//! Half-close through the proxy, on each data path:
+//! Half-close through the proxy, over plain TCP on each data path and over TLS the proxy
+//! terminates (where a FIN from the client is close_notify + FIN, and the proxy answers a
+//! backend FIN with close_notify + FIN):
 //! - the client half-closes, then the backend (having read to EOF) streams 5 MiB and
 //!   closes: the client gets every byte, then EOF; reason `normal`;
 //! - the mirror: the backend half-closes first, then the client streams 5 MiB to it;
@@ -18,7 +20,7 @@ const FIVE_MIB: usize = 5 * 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_client_fin_backend_streams_five_mib_then_eof() {
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         let to_client = pattern(FIVE_MIB, 11);
         let expected = sha256(&to_client);
         let backend = Backend::spawn_with(to_client, |mut stream, payload| async move {
@@ -34,8 +36,9 @@ async fn after_client_fin_backend_streams_five_mib_then_eof() {
             stream.shutdown().await.expect("backend FIN");
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("half", backend.addr, "")).await;
-        let mut client = connect(proxy.addr("half")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("half", backend.addr, "")).await;
+        let mut client = front.connect(proxy.addr("half")).await;
         client.write_all(b"request").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         let (len, hash) = within("the client reads to EOF", read_to_end_hashed(&mut client))
@@ -52,7 +55,7 @@ async fn after_client_fin_backend_streams_five_mib_then_eof() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_backend_fin_client_streams_five_mib_then_eof() {
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         let to_backend = pattern(FIVE_MIB, 12);
         let expected = sha256(&to_backend);
         let backend = Backend::spawn(move |mut stream| async move {
@@ -65,8 +68,9 @@ async fn after_backend_fin_client_streams_five_mib_then_eof() {
             assert_eq!(hash, expected, "checksum at the backend");
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("half", backend.addr, "")).await;
-        let mut client = connect(proxy.addr("half")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("half", backend.addr, "")).await;
+        let mut client = front.connect(proxy.addr("half")).await;
         let mut greeting = Vec::new();
         within(
             "the client reads to the backend's FIN",
@@ -92,7 +96,7 @@ async fn after_backend_fin_client_streams_five_mib_then_eof() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_three_seconds() {
     const TICKS: usize = 30;
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         // The backend closes only when told to, after the last tick was checked.
         let release = Arc::new(Notify::new());
         let backend = Backend::spawn_with(Arc::clone(&release), |mut stream, release| async move {
@@ -107,8 +111,9 @@ async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_thr
             stream.shutdown().await.expect("backend FIN");
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("feed", backend.addr, "")).await;
-        let mut client = connect(proxy.addr("feed")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("feed", backend.addr, "")).await;
+        let mut client = front.connect(proxy.addr("feed")).await;
         client.write_all(b"subscribe").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         for index in 0..TICKS {

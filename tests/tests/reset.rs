@@ -1,4 +1,5 @@
-//! Resets through the proxy, on each data path:
+//! Resets through the proxy, over plain TCP on each data path and over TLS the proxy
+//! terminates (an RST is an RST, whatever ran over the connection):
 //! - the client resets: the backend sees ECONNRESET, reason `client_reset`;
 //! - the backend resets: the client sees ECONNRESET, reason `backend_reset`;
 //! - after the client's FIN the backend resets: the client, still reading, sees the
@@ -15,7 +16,7 @@ use tokio::sync::Notify;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reset_resets_the_backend() {
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         let backend = Backend::spawn(|mut stream| async move {
             let mut hello = [0u8; 5];
             stream.read_exact(&mut hello).await.expect("backend reads");
@@ -23,14 +24,15 @@ async fn client_reset_resets_the_backend() {
             expect_reset(&mut stream).await;
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("rst", backend.addr, "")).await;
-        let mut client = connect(proxy.addr("rst")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
+        let mut client = front.connect(proxy.addr("rst")).await;
         client.write_all(b"hello").await.expect("client writes");
         let mut ready = [0u8; 5];
         within("the backend answers", client.read_exact(&mut ready))
             .await
             .expect("client reads");
-        reset(client);
+        client.reset();
         proxy.expect_closed(Reason::ClientReset).await;
         backend.join().await;
         proxy.stop().await;
@@ -40,15 +42,16 @@ async fn client_reset_resets_the_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_reset_resets_the_client() {
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         let backend = Backend::spawn(|mut stream| async move {
             let mut hello = [0u8; 5];
             stream.read_exact(&mut hello).await.expect("backend reads");
             reset(stream);
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("rst", backend.addr, "")).await;
-        let mut client = connect(proxy.addr("rst")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
+        let mut client = front.connect(proxy.addr("rst")).await;
         client.write_all(b"hello").await.expect("client writes");
         expect_reset(&mut client).await;
         proxy.expect_closed(Reason::BackendReset).await;
@@ -60,7 +63,7 @@ async fn backend_reset_resets_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_reset_after_client_fin_resets_the_client() {
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         let backend = Backend::spawn(|mut stream| async move {
             let mut request = Vec::new();
             stream
@@ -71,8 +74,9 @@ async fn backend_reset_after_client_fin_resets_the_client() {
             reset(stream);
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("rst", backend.addr, "")).await;
-        let mut client = connect(proxy.addr("rst")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
+        let mut client = front.connect(proxy.addr("rst")).await;
         client.write_all(b"hello").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         expect_reset(&mut client).await;
@@ -85,7 +89,7 @@ async fn backend_reset_after_client_fin_resets_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reset_after_client_fin_resets_the_backend() {
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         // The backend says when it has read the client's FIN; only then does the client
         // reset, so the proxy's side of the client socket is already at EOF.
         let fin_seen = Arc::new(Notify::new());
@@ -101,12 +105,13 @@ async fn client_reset_after_client_fin_resets_the_backend() {
                 expect_reset_after_eof(&stream).await;
             })
             .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("rst", backend.addr, "")).await;
-        let mut client = connect(proxy.addr("rst")).await;
+        let mut proxy =
+            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
+        let mut client = front.connect(proxy.addr("rst")).await;
         client.write_all(b"hello").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         within("the backend reads the client's FIN", fin_seen.notified()).await;
-        reset(client);
+        client.reset();
         proxy.expect_closed(Reason::ClientReset).await;
         backend.join().await;
         proxy.stop().await;

@@ -1,5 +1,6 @@
 //! Timeouts and half-open policy, on each data path (`inactivity_timeout = "300ms"` and
-//! friends, so that each case takes a few seconds at most):
+//! friends, so that each case takes a few seconds at most); the inactivity, parity and
+//! `allow_half_open` cases also over TLS the proxy terminates:
 //! - `timeout_behavior = "reset"`: an idle connection outlives ten inactivity timeouts
 //!   (3 s), each one counted, and still relays both ways;
 //! - `timeout_behavior = "ignore"`: an idle connection outlives 3 s and still relays;
@@ -21,8 +22,7 @@ use std::time::{Duration, Instant};
 use smartproxy::lifecycle::Reason;
 use smartproxy_tests::*;
 use socket2::{Domain, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 /// The correctness bound on a 300 ms timeout: far above it, far below `WAIT`.
@@ -33,7 +33,7 @@ fn inactivity(behavior: &str) -> String {
 }
 
 /// Sends `message` and checks that it comes back (through an [`echo`] backend).
-async fn round_trip(client: &mut TcpStream, message: &[u8]) {
+async fn round_trip(client: &mut (impl AsyncRead + AsyncWrite + Unpin), message: &[u8]) {
     client.write_all(message).await.expect("client writes");
     let mut echoed = vec![0u8; message.len()];
     within("the echo comes back", client.read_exact(&mut echoed))
@@ -43,7 +43,7 @@ async fn round_trip(client: &mut TcpStream, message: &[u8]) {
 }
 
 /// Ends a connection to an [`echo`] backend cleanly: FIN, then EOF back.
-async fn finish(mut client: TcpStream) {
+async fn finish(mut client: impl AsyncRead + AsyncWrite + Unpin) {
     client.shutdown().await.expect("client FIN");
     let mut rest = Vec::new();
     within("the client reads to EOF", client.read_to_end(&mut rest))
@@ -60,11 +60,11 @@ async fn finish(mut client: TcpStream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inactivity_reset_counts_each_timeout_and_never_closes() {
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         let backend = Backend::spawn(echo).await;
-        let config = inactivity("reset") + &plain_route("idle", backend.addr, "");
-        let mut proxy = TestProxy::start(mode, &config).await;
-        let mut client = connect(proxy.addr("idle")).await;
+        let config = inactivity("reset") + &front.route("idle", backend.addr, "");
+        let mut proxy = TestProxy::start(front.data_path(), &config).await;
+        let mut client = front.connect(proxy.addr("idle")).await;
         round_trip(&mut client, b"before").await;
         // Ten counted timeouts of 300 ms: the connection sat idle for 3 s.
         wait_for("ten inactivity resets", || {
@@ -84,11 +84,11 @@ async fn inactivity_reset_counts_each_timeout_and_never_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         let backend = Backend::spawn(echo).await;
-        let config = inactivity("ignore") + &plain_route("idle", backend.addr, "");
-        let mut proxy = TestProxy::start(mode, &config).await;
-        let mut client = connect(proxy.addr("idle")).await;
+        let config = inactivity("ignore") + &front.route("idle", backend.addr, "");
+        let mut proxy = TestProxy::start(front.data_path(), &config).await;
+        let mut client = front.connect(proxy.addr("idle")).await;
         round_trip(&mut client, b"before").await;
         // The idle period is the scenario itself: nothing happens that could be awaited.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -110,11 +110,11 @@ async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inactivity_close_ends_an_idle_connection_with_eof() {
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         let backend = Backend::spawn(echo).await;
-        let config = inactivity("close") + &plain_route("idle", backend.addr, "");
-        let mut proxy = TestProxy::start(mode, &config).await;
-        let mut client = connect(proxy.addr("idle")).await;
+        let config = inactivity("close") + &front.route("idle", backend.addr, "");
+        let mut proxy = TestProxy::start(front.data_path(), &config).await;
+        let mut client = front.connect(proxy.addr("idle")).await;
         round_trip(&mut client, b"only").await;
         let idle_since = Instant::now();
         let mut rest = Vec::new();
@@ -150,7 +150,7 @@ const PARITY: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parity_check_closes_a_half_closed_connection_where_nothing_moves() {
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         // The backend keeps its side open until the client saw the proxy close it.
         let release = Arc::new(Notify::new());
         let backend = Backend::spawn_with(Arc::clone(&release), |mut stream, release| async move {
@@ -163,9 +163,9 @@ async fn parity_check_closes_a_half_closed_connection_where_nothing_moves() {
             release.notified().await;
         })
         .await;
-        let config = PARITY.to_owned() + &plain_route("parity", backend.addr, "");
-        let mut proxy = TestProxy::start(mode, &config).await;
-        let mut client = connect(proxy.addr("parity")).await;
+        let config = PARITY.to_owned() + &front.route("parity", backend.addr, "");
+        let mut proxy = TestProxy::start(front.data_path(), &config).await;
+        let mut client = front.connect(proxy.addr("parity")).await;
         client.write_all(b"request").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         let mut rest = Vec::new();
@@ -191,7 +191,7 @@ async fn parity_check_closes_a_half_closed_connection_where_nothing_moves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
     const TICKS: usize = 20;
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         let backend = Backend::spawn(|mut stream| async move {
             let mut request = Vec::new();
             stream
@@ -202,9 +202,9 @@ async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
             // Returning closes the stream: a FIN behind the last tick.
         })
         .await;
-        let config = PARITY.to_owned() + &plain_route("parity", backend.addr, "");
-        let mut proxy = TestProxy::start(mode, &config).await;
-        let mut client = connect(proxy.addr("parity")).await;
+        let config = PARITY.to_owned() + &front.route("parity", backend.addr, "");
+        let mut proxy = TestProxy::start(front.data_path(), &config).await;
+        let mut client = front.connect(proxy.addr("parity")).await;
         client.write_all(b"subscribe").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         for index in 0..TICKS {
@@ -230,7 +230,7 @@ async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
     const GREETING: usize = 64 * 1024;
-    for_each_data_path(|mode| async move {
+    for_each_frontend(|front| async move {
         let greeting = pattern(GREETING, 21);
         let expected = sha256(&greeting);
         // The backend stays open until the client got its EOF: that EOF must come from
@@ -249,9 +249,9 @@ async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
         })
         .await;
         let config = "[lifecycle]\nallow_half_open = false\n\n".to_owned()
-            + &plain_route("strict", backend.addr, "");
-        let mut proxy = TestProxy::start(mode, &config).await;
-        let mut client = connect(proxy.addr("strict")).await;
+            + &front.route("strict", backend.addr, "");
+        let mut proxy = TestProxy::start(front.data_path(), &config).await;
+        let mut client = front.connect(proxy.addr("strict")).await;
         // The FIN goes out once the proxy has taken every greeting byte (the client has
         // read none yet).
         wait_for("the proxy takes the greeting", || {

@@ -5,6 +5,7 @@
 //! build.
 
 mod bench;
+mod packages;
 mod run;
 mod test;
 mod toolchain;

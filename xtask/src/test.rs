@@ -4,6 +4,9 @@
 //! developer can pass `--runner "sudo -E"` to run the test binaries privileged. They skip
 //! loudly when unprivileged unless `SMARTPROXY_REQUIRE_EBPF=1` is set (inherited from the
 //! environment).
+//!
+//! The TLS tests run `openssl s_client` and `curl` as real clients: they are installed with
+//! apt-get first if they do not run (and the output says so).
 
 use std::{
     ffi::OsString,
@@ -28,6 +31,9 @@ pub struct Options {
 pub fn run(opts: Options) -> Result<ExitCode> {
     let Options { runner, args } = opts;
     toolchain::ensure()?;
+    for (binary, version_args) in [("openssl", &["version"][..]), ("curl", &["--version"][..])] {
+        crate::packages::ensure("test", binary, version_args, binary)?;
+    }
     let cargo = crate::run::cargo();
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())

@@ -3,6 +3,7 @@
 //! passes up. Both report the same lifecycle events through one [`Relay`].
 
 pub mod ebpf;
+pub mod peer;
 pub mod userspace;
 
 use std::fmt;
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::Direction;
 
+pub use peer::Peer;
 pub use userspace::Relay;
 
 /// Which data path carries a connection's bytes.

@@ -1,6 +1,7 @@
 //! The userspace data path: copies each direction with tokio, one half-duplex per
 //! direction, and reports what it sees as lifecycle events. Each half says which side
-//! failed, so a reset is told apart from a reset of the other side.
+//! failed, so a reset is told apart from a reset of the other side. The sides are
+//! [`Peer`]s: plain TCP, or TLS the proxy terminates, with the same events either way.
 //!
 //! The kernel data path uses the same relay: once spliced ([`Relay::offload`]), the
 //! sockets only ever hand userspace what the verdict passed up (a FIN, bytes of a failed
@@ -9,20 +10,16 @@
 
 use std::future::poll_fn;
 use std::io;
-use std::net::Shutdown;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use socket2::SockRef;
 use tokio::net::TcpStream;
 
 use super::ebpf::Offload;
+use super::peer::Peer;
 use super::Meter;
 use crate::ebpf::{Kernel, SpliceError};
 use crate::lifecycle::{Direction, Event, Side};
-
-/// Per direction buffer, held only while bytes move.
-const BUFFER_BYTES: usize = 64 * 1024;
 
 /// One direction: reads from its source, writes to its destination.
 #[derive(Debug)]
@@ -34,6 +31,8 @@ struct Half {
     end: usize,
     /// The source's FIN was seen (and reported).
     eof: bool,
+    /// Bytes were written that a TLS session may still hold.
+    unflushed: bool,
     /// `Action::Finish` was asked for.
     finishing: bool,
     /// The destination's write side is shut (and `Finished` reported).
@@ -48,6 +47,7 @@ impl Half {
             start: 0,
             end: 0,
             eof: false,
+            unflushed: false,
             finishing: false,
             finished: false,
         }
@@ -57,8 +57,8 @@ impl Half {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        source: &TcpStream,
-        destination: &TcpStream,
+        source: &mut Peer,
+        destination: &mut Peer,
         meter: &Meter,
         mut offload: Option<&mut Offload>,
     ) -> Poll<Event> {
@@ -74,9 +74,10 @@ impl Half {
                 }
             }
             if must_write {
-                match ready!(poll_write(cx, destination, &self.buf[self.start..self.end])) {
+                match ready!(destination.poll_write(cx, &self.buf[self.start..self.end])) {
                     Ok(written) => {
                         self.start += written;
+                        self.unflushed = true;
                         if let Some(offload) = offload.as_deref_mut() {
                             offload.wrote(self.direction, written);
                         }
@@ -85,10 +86,16 @@ impl Half {
                 }
                 continue;
             }
+            if self.unflushed {
+                if let Err(e) = ready!(destination.poll_flush(cx)) {
+                    return self.failed(destination_side, "flushing", &e);
+                }
+                self.unflushed = false;
+            }
             if self.finishing && !self.finished {
                 // Every byte before the FIN is in the destination's send queue: the
-                // FIN queued now goes out behind them.
-                if let Err(e) = SockRef::from(destination).shutdown(Shutdown::Write) {
+                // FIN (and a close_notify before it) queued now goes out behind them.
+                if let Err(e) = ready!(destination.poll_shutdown_write(cx)) {
                     return self.failed(destination_side, "shutting down its write side", &e);
                 }
                 self.finished = true;
@@ -97,7 +104,7 @@ impl Half {
             if self.eof {
                 return Poll::Pending;
             }
-            let read = match poll_read(cx, source, &mut self.buf) {
+            let read = match source.poll_read(cx, &mut self.buf) {
                 Poll::Ready(read) => read,
                 Poll::Pending => {
                     // Idle, with nothing left to write: give the buffer back, so that
@@ -141,35 +148,6 @@ impl Half {
     }
 }
 
-/// Reads into `buf`, allocating it once the socket is readable.
-fn poll_read(
-    cx: &mut Context<'_>,
-    stream: &TcpStream,
-    buf: &mut Vec<u8>,
-) -> Poll<io::Result<usize>> {
-    loop {
-        ready!(stream.poll_read_ready(cx))?;
-        if buf.is_empty() {
-            buf.resize(BUFFER_BYTES, 0);
-        }
-        match stream.try_read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            result => return Poll::Ready(result),
-        }
-    }
-}
-
-fn poll_write(cx: &mut Context<'_>, stream: &TcpStream, buf: &[u8]) -> Poll<io::Result<usize>> {
-    loop {
-        ready!(stream.poll_write_ready(cx))?;
-        match stream.try_write(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-            result => return Poll::Ready(result),
-        }
-    }
-}
-
 /// Resolves to `side` once `stream` has a pending error; never without a stream.
 async fn socket_error(side: Side, stream: Option<&TcpStream>) -> Side {
     let Some(stream) = stream else {
@@ -190,10 +168,8 @@ async fn socket_error(side: Side, stream: Option<&TcpStream>) -> Side {
 pub struct Relay {
     /// Declared first: the splice is undone before the sockets close.
     offload: Option<Offload>,
-    /// Shared with the error watch of [`Relay::next_event`], which must borrow a socket
-    /// while the halves borrow the relay.
-    client: Arc<TcpStream>,
-    backend: Arc<TcpStream>,
+    client: Peer,
+    backend: Peer,
     halves: [Half; 2],
     meter: Arc<Meter>,
     /// Which half is polled first; alternates so that a busy direction cannot starve
@@ -202,11 +178,11 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(client: TcpStream, backend: TcpStream, meter: Arc<Meter>) -> Relay {
+    pub fn new(client: Peer, backend: Peer, meter: Arc<Meter>) -> Relay {
         Relay {
             offload: None,
-            client: Arc::new(client),
-            backend: Arc::new(backend),
+            client,
+            backend,
             halves: [
                 Half::new(Direction::ClientToBackend),
                 Half::new(Direction::BackendToClient),
@@ -221,15 +197,19 @@ impl Relay {
     }
 
     /// Hands the connection's bytes to the kernel. Must come before the first
-    /// `next_event`. On error nothing was spliced unless `SpliceError::stream_intact` is
-    /// false.
+    /// `next_event`, and both sides must be plain TCP (TLS is decrypted here). On error
+    /// nothing was spliced unless `SpliceError::stream_intact` is false.
     pub fn offload(&mut self, kernel: &Kernel) -> Result<(), SpliceError> {
         debug_assert!(
             self.offload.is_none(),
             "attempted to splice a connection twice"
         );
-        let client = std::os::fd::AsFd::as_fd(&self.client);
-        let backend = std::os::fd::AsFd::as_fd(&self.backend);
+        debug_assert!(
+            !self.client.is_tls() && !self.backend.is_tls(),
+            "attempted to splice a TLS session"
+        );
+        let client = std::os::fd::AsFd::as_fd(&**self.client.tcp());
+        let backend = std::os::fd::AsFd::as_fd(&**self.backend.tcp());
         self.offload = Some(Offload::new(
             kernel,
             client,
@@ -250,9 +230,11 @@ impl Relay {
     /// tell a reset ([`Relay::poll_state_changes`]).
     pub async fn next_event(&mut self) -> Event {
         let spliced = self.offload.is_some();
-        let watched = |side: Side, stream: &Arc<TcpStream>| {
+        // The sockets are shared with these watches, which borrow them while the halves
+        // borrow the relay.
+        let watched = |side: Side, peer: &Peer| {
             let after_fin = self.halves[Direction::from_source(side).index()].eof;
-            (after_fin && !spliced).then(|| Arc::clone(stream))
+            (after_fin && !spliced).then(|| Arc::clone(peer.tcp()))
         };
         let client = watched(Side::Client, &self.client);
         let backend = watched(Side::Backend, &self.backend);
@@ -271,8 +253,8 @@ impl Relay {
         for offset in 0..2 {
             let index = (self.first + offset) % 2;
             let (source, destination) = match self.halves[index].direction {
-                Direction::ClientToBackend => (&self.client, &self.backend),
-                Direction::BackendToClient => (&self.backend, &self.client),
+                Direction::ClientToBackend => (&mut self.client, &mut self.backend),
+                Direction::BackendToClient => (&mut self.backend, &mut self.client),
             };
             let offload = self.offload.as_mut();
             if let Poll::Ready(event) =
@@ -299,13 +281,13 @@ impl Relay {
         [Side::Client, Side::Backend].into_iter().find(|side| {
             let from = &self.halves[Direction::from_source(*side).index()];
             let toward = &self.halves[Direction::from_source(side.peer()).index()];
-            let stream = match side {
+            let peer = match side {
                 Side::Client => &self.client,
                 Side::Backend => &self.backend,
             };
             from.eof
                 && !toward.finished
-                && crate::ebpf::tcp_state(std::os::fd::AsFd::as_fd(&**stream))
+                && crate::ebpf::tcp_state(std::os::fd::AsFd::as_fd(&**peer.tcp()))
                     .is_ok_and(|state| state == crate::ebpf::TcpState::Close)
         })
     }
@@ -320,11 +302,9 @@ impl Relay {
 
     /// `Action::Abort`: closing this side's socket will send RST, not FIN.
     pub fn abort(&mut self, side: Side) {
-        let stream = match side {
-            Side::Client => &self.client,
-            Side::Backend => &self.backend,
-        };
-        // Best effort: a socket that already failed needs no RST from us.
-        let _ = SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+        match side {
+            Side::Client => self.client.abort(),
+            Side::Backend => self.backend.abort(),
+        }
     }
 }

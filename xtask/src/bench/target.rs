@@ -368,36 +368,5 @@ impl Drop for TempDir {
 /// Makes sure `haproxy` runs, installing the distribution package if it does not (and saying
 /// so). It is only ever run by the bench in the foreground, never as a service.
 pub fn ensure_haproxy() -> Result<String> {
-    let version = || {
-        Command::new("haproxy")
-            .arg("-v")
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-    };
-    if let Some(v) = version() {
-        println!("xtask: bench: {v}");
-        return Ok(v);
-    }
-    println!("xtask: bench: haproxy is not installed; installing it (apt-get install -y haproxy)");
-    let mut install = Command::new("apt-get");
-    install
-        .args(["install", "-y", "haproxy"])
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    let status = install
-        .status()
-        .with_context(|| format!("failed to run {install:?}"))?;
-    if !status.success() {
-        bail!("{install:?} failed: {status} (try `apt-get update` first)");
-    }
-    let v = version().ok_or_else(|| anyhow!("haproxy still does not run after {install:?}"))?;
-    println!("xtask: bench: installed {v}");
-    Ok(v)
+    crate::packages::ensure("bench", "haproxy", &["-v"], "haproxy")
 }

@@ -1,0 +1,252 @@
+//! One side of a relayed connection as the relay drives it: a TCP socket, or a TLS session
+//! over one. Both offer the same five operations (read, write, flush, shut the write side,
+//! abort), so the relay has one copy loop for plain, terminated and re-encrypted
+//! connections.
+//!
+//! Over TLS, shutting the write side sends close_notify and then a FIN; a close_notify
+//! from the peer reads as EOF. A FIN without close_notify also reads as EOF (as HAProxy
+//! does; logged at debug): for the proxy, the byte stream ended either way. An abort is an
+//! RST on the TCP socket, whatever runs over it.
+
+use std::io;
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Per direction buffer, held only while bytes move.
+const BUFFER_BYTES: usize = 64 * 1024;
+
+/// A TLS session over a TCP socket, server side (the client's) or client side (the
+/// backend's).
+pub type TlsSession = tokio_rustls::TlsStream<TcpIo>;
+
+/// One side of a connection.
+pub enum Peer {
+    Tcp(Arc<TcpStream>),
+    Tls {
+        /// The socket under the session, for the relay's error watch and for aborts.
+        tcp: Arc<TcpStream>,
+        session: Box<TlsSession>,
+    },
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(tcp) => f.debug_tuple("Tcp").field(tcp).finish(),
+            Peer::Tls { tcp, session } => f
+                .debug_struct("Tls")
+                .field("tcp", tcp)
+                .field("version", &session.get_ref().1.protocol_version())
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl From<TcpStream> for Peer {
+    fn from(tcp: TcpStream) -> Self {
+        Peer::Tcp(Arc::new(tcp))
+    }
+}
+
+impl From<TlsSession> for Peer {
+    fn from(session: TlsSession) -> Self {
+        Peer::Tls {
+            tcp: Arc::clone(&session.get_ref().0.tcp),
+            session: Box::new(session),
+        }
+    }
+}
+
+impl Peer {
+    /// The TCP socket: the peer's own, or the one under its TLS session.
+    pub fn tcp(&self) -> &Arc<TcpStream> {
+        match self {
+            Peer::Tcp(tcp) | Peer::Tls { tcp, .. } => tcp,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Peer::Tls { .. })
+    }
+
+    /// Reads into `buf`, allocating it once there may be something to read. `Ok(0)`: EOF
+    /// (a FIN; over TLS a close_notify, or a FIN without one).
+    pub fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Peer::Tcp(tcp) => loop {
+                // Readiness first: an idle socket holds no buffer.
+                ready!(tcp.poll_read_ready(cx))?;
+                if buf.is_empty() {
+                    buf.resize(BUFFER_BYTES, 0);
+                }
+                match tcp.try_read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    result => return Poll::Ready(result),
+                }
+            },
+            Peer::Tls { session, .. } => {
+                // The session's own buffer first: an idle session holds none of ours. One
+                // chunk (a TLS record) per read.
+                let mut session = Pin::new(&mut **session);
+                let plaintext = match ready!(session.as_mut().poll_fill_buf(cx)) {
+                    Ok(plaintext) => plaintext,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!("TCP FIN without TLS close_notify; taken as EOF");
+                        return Poll::Ready(Ok(0));
+                    }
+                    Err(e) => return Poll::Ready(Err(e)),
+                };
+                if plaintext.is_empty() {
+                    return Poll::Ready(Ok(0));
+                }
+                if buf.is_empty() {
+                    buf.resize(BUFFER_BYTES, 0);
+                }
+                let read = plaintext.len().min(buf.len());
+                buf[..read].copy_from_slice(&plaintext[..read]);
+                session.consume(read);
+                Poll::Ready(Ok(read))
+            }
+        }
+    }
+
+    /// Writes some of `buf`. Over TLS the bytes may stay in the session until
+    /// [`Peer::poll_flush`].
+    pub fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let written = match self {
+            Peer::Tcp(tcp) => ready!(poll_write_tcp(cx, tcp, buf)),
+            Peer::Tls { session, .. } => ready!(Pin::new(&mut **session).poll_write(cx, buf)),
+        };
+        Poll::Ready(match written {
+            Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+            result => result,
+        })
+    }
+
+    /// Ready once every byte written is in the socket's send queue.
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Peer::Tcp(_) => Poll::Ready(Ok(())),
+            Peer::Tls { session, .. } => Pin::new(&mut **session).poll_flush(cx),
+        }
+    }
+
+    /// Shuts the write side: FIN, after every byte already written; over TLS a
+    /// close_notify first.
+    pub fn poll_shutdown_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Peer::Tcp(tcp) => Poll::Ready(SockRef::from(&**tcp).shutdown(Shutdown::Write)),
+            Peer::Tls { session, .. } => Pin::new(&mut **session).poll_shutdown(cx),
+        }
+    }
+
+    /// Closing the socket will send RST, not FIN.
+    pub fn abort(&self) {
+        // Best effort: a socket that already failed needs no RST from us.
+        let _ = SockRef::from(&**self.tcp()).set_linger(Some(Duration::ZERO));
+    }
+
+    /// Closes gracefully: FIN (after close_notify over TLS), waiting at most `within` for
+    /// the TLS part; then the socket is closed.
+    pub async fn close(mut self, within: Duration) {
+        if let Peer::Tls { session, .. } = &mut self {
+            if tokio::time::timeout(within, session.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::debug!("close_notify not sent in time");
+            }
+        }
+    }
+}
+
+fn poll_write_tcp(cx: &mut Context<'_>, tcp: &TcpStream, buf: &[u8]) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(tcp.poll_write_ready(cx))?;
+        match tcp.try_write(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return Poll::Ready(result),
+        }
+    }
+}
+
+/// The socket under a TLS session: shared with the relay (which watches its errors and
+/// aborts it), with bytes already read from it (the ClientHello read for routing)
+/// replayed first.
+#[derive(Debug)]
+pub struct TcpIo {
+    tcp: Arc<TcpStream>,
+    replay: Vec<u8>,
+    replayed: usize,
+}
+
+impl TcpIo {
+    pub fn new(tcp: Arc<TcpStream>, replay: Vec<u8>) -> TcpIo {
+        TcpIo {
+            tcp,
+            replay,
+            replayed: 0,
+        }
+    }
+}
+
+impl AsyncRead for TcpIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.replayed < this.replay.len() {
+            let rest = &this.replay[this.replayed..];
+            let take = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..take]);
+            this.replayed += take;
+            if this.replayed == this.replay.len() {
+                this.replay = Vec::new();
+                this.replayed = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(this.tcp.poll_read_ready(cx))?;
+            match this.tcp.try_read(buf.initialize_unfilled()) {
+                Ok(read) => {
+                    buf.advance(read);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TcpIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        poll_write_tcp(cx, &self.tcp, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(SockRef::from(&*self.tcp).shutdown(Shutdown::Write))
+    }
+}
