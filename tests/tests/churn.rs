@@ -1,4 +1,4 @@
-//! Connection churn leaks nothing, on each data path: after 20,000 short connections
+//! Connection churn leaks nothing, on each data path: after 10,000 short connections
 //! (50 at a time: connect, 16 bytes each way, close) every one closed `normal`, none is
 //! left in the table or in the sockhash, and this process has exactly the file
 //! descriptors it had before.
@@ -12,7 +12,11 @@ use smartproxy::lifecycle::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const CONNECTIONS: usize = 20_000;
+/// Below 14,000: `connect()` takes even ephemeral ports first (half of the 28,232 of the
+/// default range), and past them a loopback connect may reuse a 4-tuple still in TIME_WAIT,
+/// so that a client sees a connection the proxy never accepted: a test of the kernel's
+/// port reuse, not of the proxy.
+const CONNECTIONS: usize = 10_000;
 const CONCURRENCY: usize = 50;
 
 /// One short connection: 16 bytes there and back, then close.
@@ -28,7 +32,7 @@ async fn short_connection(addr: std::net::SocketAddr, seed: u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_thousand_short_connections_leave_no_descriptor_or_sockhash_entry_behind() {
+async fn ten_thousand_short_connections_leave_no_descriptor_or_sockhash_entry_behind() {
     for_each_data_path(|mode| async move {
         // Counts backend handlers that have dropped their socket.
         let done = Arc::new(AtomicUsize::new(0));

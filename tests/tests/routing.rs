@@ -275,9 +275,11 @@ async fn slowloris_client_hello_ends_at_handshake_timeout() {
         let backend = named_backend("alpha").await;
         let config = sni_routes("2s", backend.addr, backend.addr, None);
         let mut proxy = TestProxy::start(mode, &config).await;
+        // Before the connect: the proxy's clock starts at its accept, which may come
+        // before `connect` returns here.
+        let started = Instant::now();
         let client = connect(proxy.addr("alpha")).await;
         client.set_nodelay(true).expect("TCP_NODELAY");
-        let started = Instant::now();
         let (mut read, mut write) = client.into_split();
         // One byte a second: each byte arrives well within the timeout, the whole never.
         let drip = tokio::spawn(async move {
