@@ -6,7 +6,8 @@
 
 use aya_ebpf::{
     bindings::{
-        sk_action::SK_PASS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     },
@@ -50,17 +51,21 @@ pub fn redirect(ctx: SkBuffContext) -> u32 {
     try_redirect(&ctx)
 }
 
-/// Every path returns `SK_PASS`: either the value of a successful `bpf_sk_redirect_hash`
-/// (which makes the kernel redirect) or a plain pass to the socket's own receive queue,
-/// where userspace reads it. `SK_DROP` is never returned: for TCP it silently loses bytes
-/// the kernel already ACKed.
+/// Every skb that carries bytes gets `SK_PASS`: either the value of a successful
+/// `bpf_sk_redirect_hash` (which makes the kernel redirect) or a plain pass to the
+/// socket's own receive queue, where userspace reads it. Such an skb is never dropped: for
+/// TCP that silently loses bytes the kernel already ACKed.
 #[inline(always)]
 fn try_redirect(ctx: &SkBuffContext) -> u32 {
     let len = u64::from(ctx.len());
-    // A FIN arrives as a zero-length skb. Redirecting it sets EPIPE on the peer and kills the
-    // other direction; passing it lets userspace see EOF (KERNEL-NOTES).
+    // A FIN arrives as a zero-length skb, and TCP has already taken it (the socket is shut
+    // for reading, which is how userspace sees EOF). Redirecting it sets EPIPE on the peer
+    // (KERNEL-NOTES). Passing it is no better: while the kernel's redirect backlog toward
+    // this socket is not empty, a passed skb is queued behind it, and the backlog worker
+    // takes the zero length for a failed send: EPIPE on this socket, its send path off.
+    // Dropped, it carries no byte to lose.
     if len == 0 {
-        return SK_PASS;
+        return SK_DROP;
     }
     // SAFETY: the helper only reads the socket behind the verdict's own context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

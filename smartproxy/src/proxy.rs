@@ -816,7 +816,9 @@ async fn relay(
                 relay.abort(crate::lifecycle::Side::Backend);
                 return Reason::ConnectFailed;
             }
-            warn!(error = %error_chain(&e), "splice failed; this connection uses the userspace data path");
+            // Routine for a client that already sent its FIN (the kernel refuses such a
+            // socket), so not a warning: `ebpf.splice_failures` counts them.
+            debug!(error = %error_chain(&e), "splice failed; this connection uses the userspace data path");
             record.set_data_path(DataPathKind::Userspace);
         }
     }
