@@ -1,10 +1,11 @@
 //! Developer tasks for smartproxy, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
 //!
-//! Every command first makes sure the machine can build the eBPF programs (see
-//! [`toolchain::ensure`]); `smartproxy/build.rs` then builds them as part of an ordinary cargo
-//! build.
+//! Every command that builds the proxy first makes sure the machine can build the eBPF
+//! programs (see [`toolchain::ensure`]); `smartproxy/build.rs` then builds them as part of an
+//! ordinary cargo build. `fuzz` needs only nightly and cargo-fuzz, and skips the eBPF build.
 
 mod bench;
+mod fuzz;
 mod run;
 mod test;
 mod toolchain;
@@ -28,6 +29,8 @@ enum Command {
     Test(test::Options),
     /// Benchmark direct vs smartproxy (ebpf, userspace) [vs HAProxy] on loopback (needs root).
     Bench(bench::Options),
+    /// Run the cargo-fuzz targets (ClientHello reader, config loader) for a while each.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -36,5 +39,6 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Run(opts) => run::run(opts),
         Command::Test(opts) => test::run(opts),
         Command::Bench(opts) => bench::run(opts),
+        Command::Fuzz(opts) => fuzz::run(opts),
     }
 }
