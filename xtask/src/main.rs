@@ -7,6 +7,7 @@
 mod bench;
 mod fuzz;
 mod run;
+mod soak;
 mod test;
 mod toolchain;
 
@@ -31,6 +32,8 @@ enum Command {
     Bench(bench::Options),
     /// Run the cargo-fuzz targets (ClientHello reader, config loader) for a while each.
     Fuzz(fuzz::Options),
+    /// Mixed traffic through the proxy for a long time; fails on a lost byte or a leak (needs root).
+    Soak(soak::Options),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -40,5 +43,6 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Test(opts) => test::run(opts),
         Command::Bench(opts) => bench::run(opts),
         Command::Fuzz(opts) => fuzz::run(opts),
+        Command::Soak(opts) => soak::run(opts),
     }
 }
