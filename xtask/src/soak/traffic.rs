@@ -375,14 +375,23 @@ impl Clients {
         };
         // The reader ends at the backend's FIN, which follows ours; bound only that part.
         // A wrong byte ends the connection at once (and is reported then, not at the stop).
-        tokio::try_join!(writer, async {
+        let ended = tokio::try_join!(writer, async {
             tokio::select! {
                 read = reader => read,
                 _ = async { self.stopped().await; sleep(STEP_LIMIT).await } => {
                     Err(format!("no FIN from the backend {STEP_LIMIT:?} after the stop"))
                 }
             }
-        })?;
+        });
+        if let Err(e) = ended {
+            // Whether bytes went missing or only the FIN did.
+            return Err(format!(
+                "{e} (client sent {} and received {}; backend {:?})",
+                up.offset,
+                down.offset,
+                self.ledger.take(id)
+            ));
+        }
         self.compare_ledger(id, up.offset, down.offset)
     }
 
