@@ -645,9 +645,13 @@ fn parse(text: &str) -> Result<RawConfig, Invalid> {
             }
         };
         if let Some((name, rest)) = field("unknown field `") {
-            // serde_path_to_error's path already ends with the unknown key.
+            // serde_path_to_error's path already ends with the unknown key. An empty key
+            // (`"" = 1`) would vanish from it, so it is written as TOML writes it.
             let expected = rest.strip_prefix(", expected ").unwrap_or("none");
-            let key = if path.ends_with(&name) {
+            let key = if name.is_empty() {
+                let table = path.strip_suffix('.').filter(|t| !t.is_empty());
+                join(table.unwrap_or("."), "\"\"")
+            } else if path.ends_with(&name) {
                 path.clone()
             } else {
                 join(&path, &name)
@@ -1226,6 +1230,23 @@ mod tests {
             load_err(&format!("{ROUTE}connect_timeout = \"0ms\"\n")),
             "test.toml: route[0].connect_timeout: must be greater than 0"
         );
+    }
+
+    /// Found by the `config` fuzz target: an empty key left the message without one.
+    #[test]
+    fn unknown_empty_key_is_named_quoted() {
+        for (toml, key) in [
+            ("\"\" = 1\n", "\"\""),
+            ("[\"\"]\n", "\"\""),
+            ("[proxy]\n\"\" = 1\n", "proxy.\"\""),
+            ("[[route]]\n\"\" = 1\n", "route[0].\"\""),
+        ] {
+            let e = load_err(&format!("{toml}{ROUTE}"));
+            assert!(
+                e.starts_with(&format!("test.toml: {key}: unknown key (expected")),
+                "{toml:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Developer tasks for smartproxy, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
 //!
-//! Every command first makes sure the machine can build the eBPF programs (see
-//! [`toolchain::ensure`]); `smartproxy/build.rs` then builds them as part of an ordinary cargo
-//! build.
+//! Every command that builds the proxy first makes sure the machine can build the eBPF
+//! programs (see [`toolchain::ensure`]); `smartproxy/build.rs` then builds them as part of an
+//! ordinary cargo build. `fuzz` needs only nightly and cargo-fuzz, and skips the eBPF build.
 
 mod bench;
+mod fuzz;
 mod packages;
 mod run;
+mod soak;
 mod test;
 mod toolchain;
 
@@ -29,6 +31,10 @@ enum Command {
     Test(test::Options),
     /// Benchmark direct vs smartproxy (ebpf, userspace) [vs HAProxy] on loopback (needs root).
     Bench(bench::Options),
+    /// Run the cargo-fuzz targets (ClientHello reader, config loader) for a while each.
+    Fuzz(fuzz::Options),
+    /// Mixed traffic through the proxy for a long time; fails on a lost byte or a leak (needs root).
+    Soak(soak::Options),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -37,5 +43,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Run(opts) => run::run(opts),
         Command::Test(opts) => test::run(opts),
         Command::Bench(opts) => bench::run(opts),
+        Command::Fuzz(opts) => fuzz::run(opts),
+        Command::Soak(opts) => soak::run(opts),
     }
 }

@@ -18,8 +18,9 @@ use anyhow::{anyhow, bail, ensure, Context as _, Result};
 
 /// The bpf-linker release known to link aya-ebpf 0.2.1 programs built by nightly 1.97 (LLVM 22).
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Toolchain that builds the eBPF crate; aya-build runs `rustup run nightly cargo ...`.
-const NIGHTLY: &str = "nightly";
+/// Toolchain that builds the eBPF crate (aya-build runs `rustup run nightly cargo ...`) and
+/// the fuzz targets (sanitizers need nightly).
+pub const NIGHTLY: &str = "nightly";
 
 /// Installs whatever is missing: the nightly `rust-src` component and a bpf-linker matching the
 /// nightly's LLVM. Prints one line per check.
@@ -29,7 +30,22 @@ pub fn ensure() -> Result<()> {
     ensure_bpf_linker(&llvm)
 }
 
+/// Installs the nightly toolchain (minimal profile) when rustup has none.
+pub fn ensure_nightly() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if installed
+        .lines()
+        .any(|l| l.starts_with(&format!("{NIGHTLY}-")))
+    {
+        println!("xtask: {NIGHTLY} toolchain: already installed");
+        return Ok(());
+    }
+    println!("xtask: {NIGHTLY} toolchain: installing (rustup toolchain install {NIGHTLY} --profile minimal)");
+    status(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))
+}
+
 fn ensure_rust_src() -> Result<()> {
+    ensure_nightly()?;
     let installed = output(Command::new("rustup").args([
         "component",
         "list",

@@ -7,12 +7,12 @@
 //! release first so that they do not skew what they measure.
 
 mod backend;
-mod config;
+pub(crate) mod config;
 mod metric;
 mod report;
 mod scenario;
-mod system;
-mod target;
+pub(crate) mod system;
+pub(crate) mod target;
 mod units;
 mod wire;
 

@@ -91,39 +91,30 @@ struct Process {
 
 impl Running {
     pub fn start(target: Target, launch: &Launch<'_>) -> Result<Self> {
-        if target == Target::Direct {
-            return Ok(Self {
+        match target {
+            Target::Direct => Ok(Self {
                 target,
                 addr: launch.backend,
                 process: None,
-            });
-        }
-        let dir = TempDir::new(target.name())?;
-        let listen = free_port()?;
-        let log = dir.path().join("proxy.log");
-        let (mut cmd, control, ready_socket) = match target {
+            }),
             Target::Ebpf | Target::Userspace => {
-                let control = dir.path().join("control.sock");
-                let text = config::smartproxy(
-                    target.name(),
-                    listen,
-                    launch.backend,
-                    &control,
-                    launch.limits,
-                );
-                let file = write_file(&dir.path().join("smartproxy.toml"), &text)?;
                 let binary = launch
                     .smartproxy
                     .ok_or_else(|| anyhow!("no smartproxy binary to start {target} with"))?;
-                let mut cmd = Command::new(binary);
-                cmd.arg("run")
-                    .arg("--config")
-                    .arg(file)
-                    // Per-connection logging would be part of what is measured.
-                    .env("RUST_LOG", "warn");
-                (cmd, Some(control.clone()), control)
+                Self::smartproxy(target, binary, |listen, control| {
+                    config::smartproxy(
+                        target.name(),
+                        listen,
+                        launch.backend,
+                        control,
+                        launch.limits.smartproxy_max_connections(),
+                        config::BENCH_LIFECYCLE,
+                    )
+                })
             }
             Target::Haproxy | Target::HaproxySplice => {
+                let dir = TempDir::new(target.name())?;
+                let listen = free_port()?;
                 let stats = dir.path().join("haproxy.sock");
                 let text = config::haproxy(
                     listen,
@@ -136,10 +127,45 @@ impl Running {
                 let mut cmd = Command::new("haproxy");
                 // -db: stay in the foreground, no daemon, no master process.
                 cmd.arg("-f").arg(file).arg("-db");
-                (cmd, None, stats)
+                Self::spawn(target, dir, listen, cmd, None, stats)
             }
-            Target::Direct => unreachable!("handled above"),
-        };
+        }
+    }
+
+    /// Starts `binary` (smartproxy, `target` being its data path) on the config that
+    /// `config(listen, control_socket)` returns, and waits until it is ready.
+    pub fn smartproxy(
+        target: Target,
+        binary: &Path,
+        config: impl FnOnce(SocketAddr, &Path) -> String,
+    ) -> Result<Self> {
+        let dir = TempDir::new(target.name())?;
+        let listen = free_port()?;
+        let control = dir.path().join("control.sock");
+        let file = write_file(
+            &dir.path().join("smartproxy.toml"),
+            &config(listen, &control),
+        )?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(file)
+            // Per-connection logging would be part of what is measured.
+            .env("RUST_LOG", "warn");
+        Self::spawn(target, dir, listen, cmd, Some(control.clone()), control)
+    }
+
+    /// Spawns a proxy with its output in `dir/proxy.log` and waits until `ready_socket`
+    /// answers.
+    fn spawn(
+        target: Target,
+        dir: TempDir,
+        listen: SocketAddr,
+        mut cmd: Command,
+        control: Option<PathBuf>,
+        ready_socket: PathBuf,
+    ) -> Result<Self> {
+        let log = dir.path().join("proxy.log");
         let out = fs::File::create(&log)
             .with_context(|| format!("failed to create {}", log.display()))?;
         let err = out
