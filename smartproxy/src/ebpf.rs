@@ -16,7 +16,7 @@
 //! [`proxy_cgroup`].
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{HashMap as StdHashMap, VecDeque},
     fmt, fs, io,
     mem::{size_of, MaybeUninit},
     os::fd::{AsRawFd, BorrowedFd, RawFd},
@@ -25,7 +25,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard, PoisonError,
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 
 use aya::{
@@ -40,7 +40,6 @@ use smartproxy_common::{
 };
 use tokio::{
     io::{unix::AsyncFd, Interest},
-    sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender},
     task::JoinHandle,
 };
 
@@ -185,7 +184,59 @@ struct Shared {
 
 struct Registration {
     side: Side,
-    tx: UnboundedSender<StateChange>,
+    events: Arc<EventQueue>,
+}
+
+/// One splice's state changes, from the ring-buffer reader to its relay. It allocates
+/// nothing until a change arrives: an unbounded channel would allocate a block of slots
+/// for every idle connection.
+#[derive(Debug, Default)]
+struct EventQueue(Mutex<EventQueueState>);
+
+#[derive(Debug, Default)]
+struct EventQueueState {
+    changes: VecDeque<StateChange>,
+    waker: Option<Waker>,
+    /// The reader stopped: no change will come any more.
+    closed: bool,
+}
+
+impl EventQueue {
+    fn push(&self, change: StateChange) {
+        let waker = {
+            let mut state = lock(&self.0);
+            state.changes.push_back(change);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn close(&self) {
+        let waker = {
+            let mut state = lock(&self.0);
+            state.closed = true;
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<StateChange>> {
+        let mut state = lock(&self.0);
+        if let Some(change) = state.changes.pop_front() {
+            return Poll::Ready(Some(change));
+        }
+        if state.closed {
+            return Poll::Ready(None);
+        }
+        if !state.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            state.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
 }
 
 impl fmt::Debug for Kernel {
@@ -317,13 +368,13 @@ impl Kernel {
     ) -> Result<Splice, SpliceError> {
         let client = SpliceSocket::read(Side::Client, client)?;
         let backend = SpliceSocket::read(Side::Backend, backend)?;
-        let (tx, events) = unbounded_channel();
+        let events = Arc::new(EventQueue::default());
         self.inner.shared.register(
             &[
                 (client.cookie, Side::Client),
                 (backend.cookie, Side::Backend),
             ],
-            &tx,
+            &events,
         )?;
         // From here on, dropping `splice` undoes exactly the steps recorded in it.
         let mut splice = Splice {
@@ -378,7 +429,7 @@ impl Shared {
     fn register(
         &self,
         sockets: &[(u64, Side); 2],
-        tx: &UnboundedSender<StateChange>,
+        events: &Arc<EventQueue>,
     ) -> Result<(), SpliceError> {
         let mut registry = lock(&self.registry);
         if let Some((_, side)) = sockets.iter().find(|(c, _)| registry.contains_key(c)) {
@@ -393,7 +444,7 @@ impl Shared {
                 *cookie,
                 Registration {
                     side: *side,
-                    tx: tx.clone(),
+                    events: Arc::clone(events),
                 },
             );
         }
@@ -413,8 +464,8 @@ impl Shared {
         self.events.fetch_add(1, Ordering::Relaxed);
         let registry = lock(&self.registry);
         // A socket whose splice was just dropped may still report a change: nobody listens.
-        if let Some(Registration { side, tx }) = registry.get(&event.cookie) {
-            let _ = tx.send(StateChange {
+        if let Some(Registration { side, events }) = registry.get(&event.cookie) {
+            events.push(StateChange {
                 side: *side,
                 old: TcpState::from(event.old_state),
                 new: TcpState::from(event.new_state),
@@ -441,7 +492,9 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, shared: Arc<Shared>) {
         }
         guard.clear_ready();
     }
-    lock(&shared.registry).clear();
+    for (_, registration) in lock(&shared.registry).drain() {
+        registration.events.close();
+    }
 }
 
 /// Why [`Kernel::splice`] failed, which socket and step, and whether the byte stream is
@@ -626,7 +679,7 @@ pub struct Splice {
     kernel: Kernel,
     client: SpliceSocket,
     backend: SpliceSocket,
-    events: UnboundedReceiver<StateChange>,
+    events: Arc<EventQueue>,
     done: Done,
 }
 
@@ -645,12 +698,12 @@ impl Splice {
     /// splicing. `None` means the event reader stopped (it logs why); fall back to polling
     /// [`tcp_state`] then.
     pub async fn next_event(&mut self) -> Option<StateChange> {
-        self.events.recv().await
+        std::future::poll_fn(|cx| self.events.poll_next(cx)).await
     }
 
     /// Like [`Splice::next_event`], for hand-written futures.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<StateChange>> {
-        self.events.poll_recv(cx)
+        self.events.poll_next(cx)
     }
 
     /// The verdict's counters for the direction whose bytes come from `source`.

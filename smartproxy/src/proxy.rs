@@ -518,16 +518,18 @@ async fn serve(
     let span = info_span!("conn", id = record.id, client = %record.client);
     async {
         let mut admissions = Admissions::default();
-        let reason = match establish(
+        // Boxed: the handshake's state (a TLS one above all) is larger than the relay's,
+        // and inline it would size this task for the connection's whole life.
+        let established = Box::pin(establish(
             &shared,
             &generation,
             listen,
             client,
             &record,
             &mut admissions,
-        )
-        .await
-        {
+        ))
+        .await;
+        let reason = match established {
             Ok((route, client, backend)) => {
                 relay(&shared, &generation, route, client, backend, &record).await
             }
