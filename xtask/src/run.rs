@@ -50,6 +50,17 @@ pub fn cargo() -> OsString {
 
 /// `cargo build --release` of the `smartproxy` binary (after [`toolchain::ensure`]);
 /// returns its path.
+/// `--proxy-bin PATH` (relative to the workspace root), checked to be a file.
+pub fn given_binary(root: &Path, path: &Path) -> Result<PathBuf> {
+    let path = root.join(path);
+    anyhow::ensure!(
+        path.is_file(),
+        "--proxy-bin {} is not a file",
+        path.display()
+    );
+    Ok(path)
+}
+
 pub fn build_release_binary(root: &Path) -> Result<PathBuf> {
     toolchain::ensure()?;
     let cargo = cargo();

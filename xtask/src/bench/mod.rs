@@ -149,15 +149,7 @@ pub fn run(opts: Options) -> Result<ExitCode> {
         target::ensure_haproxy()?;
     }
     let smartproxy = match &opts.proxy_bin {
-        Some(path) => {
-            let path = root.join(path);
-            ensure!(
-                path.is_file(),
-                "--proxy-bin {} is not a file",
-                path.display()
-            );
-            Some(path)
-        }
+        Some(path) => Some(run::given_binary(root, path)?),
         None if targets
             .iter()
             .any(|t| matches!(t, Target::Ebpf | Target::Userspace)) =>

@@ -33,7 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{Context as _, Result};
 use clap::{Parser, ValueEnum};
 use tokio::{net::TcpStream, sync::watch, task::JoinSet};
 
@@ -96,15 +96,7 @@ pub struct Options {
 pub fn run(opts: Options) -> Result<std::process::ExitCode> {
     let root = run::workspace_root();
     let binary = match &opts.proxy_bin {
-        Some(path) => {
-            let path = root.join(path);
-            ensure!(
-                path.is_file(),
-                "--proxy-bin {} is not a file",
-                path.display()
-            );
-            path
-        }
+        Some(path) => run::given_binary(root, path)?,
         None => run::build_release_binary(root)?,
     };
     // Before any thread starts (the runtime's included).

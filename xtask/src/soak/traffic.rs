@@ -341,10 +341,7 @@ impl Clients {
         let counters = &self.counters;
         let writer = async {
             let mut buf = vec![0; CHUNK];
-            let mut tick = interval(Duration::from_secs_f64(
-                CHUNK as f64 / f64::from(rate.max(1)),
-            ));
-            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut tick = pace(CHUNK, rate);
             loop {
                 tokio::select! {
                     _ = self.stopped() => break,
@@ -402,10 +399,7 @@ impl Clients {
         let mut down = Pattern::new(id, Dir::BackendToClient);
         const READ: usize = 4096;
         let mut buf = vec![0; READ];
-        let mut tick = interval(Duration::from_secs_f64(
-            READ as f64 / f64::from(rate.max(1)),
-        ));
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut tick = pace(READ, rate);
         loop {
             tokio::select! {
                 _ = self.stopped() => break,
@@ -503,4 +497,13 @@ impl Clients {
             .fetch_add(backend.into(), Ordering::Relaxed);
         Ok(Reason::BackendReset)
     }
+}
+
+/// Ticks once per `chunk` bytes at `rate` bytes a second; a late tick delays the next.
+fn pace(chunk: usize, rate: u32) -> tokio::time::Interval {
+    let mut tick = interval(Duration::from_secs_f64(
+        chunk as f64 / f64::from(rate.max(1)),
+    ));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tick
 }
