@@ -1,7 +1,7 @@
 //! The proxy: binds the listeners, accepts, routes, connects, and drives each
 //! connection's lifecycle over its data path until it closes with one reason.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -201,14 +201,12 @@ impl Shared {
             file: file.clone(),
             source,
         })?;
-        let next = Arc::new(Generation::new(next, tls, &self.stats));
         let mut listeners = self.lock_listeners();
-        let added: Vec<SocketAddr> = next
+        let added: BTreeSet<SocketAddr> = next
             .routes
-            .listeners
-            .keys()
+            .iter()
+            .map(|route| route.listen)
             .filter(|addr| !listeners.contains_key(addr))
-            .copied()
             .collect();
         // Bind every new address before anything changes: one that fails refuses the
         // whole reload.
@@ -219,6 +217,8 @@ impl Shared {
                 bind(addr).map_err(|source| ReloadError::Bind { addr, source })?,
             ));
         }
+        // Only now, when nothing can fail any more: new route names get counters here.
+        let next = Arc::new(Generation::new(next, tls, &self.stats));
         configure_limits(&self.limits, &next);
         // Accept loops whose address is gone stop when they see this generation.
         self.generation.send_replace(next);

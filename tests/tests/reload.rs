@@ -200,6 +200,27 @@ async fn a_bad_configuration_is_refused_and_the_running_one_stays() {
             "the error names the key: {error}"
         );
 
+        // A new listen address that is taken: refused, and the new route leaves no trace.
+        let taken = std::net::TcpListener::bind("127.0.0.5:0").expect("hold an address");
+        let taken_addr = taken.local_addr().expect("its address");
+        proxy.rewrite_config(
+            &(plain_route("web", b.addr, "")
+                + &format!(
+                    "[[route]]\nname = \"taken\"\nlisten = \"{taken_addr}\"\ntargets = [\"{}\"]\n",
+                    b.addr
+                )),
+        );
+        let error = proxy
+            .proxy
+            .reload()
+            .await
+            .expect_err("a taken address is refused");
+        assert!(matches!(error, ReloadError::Bind { .. }), "{error:?}");
+        assert!(
+            proxy.stats().routes.iter().all(|r| r.name != "taken"),
+            "a refused reload adds no route to the stats"
+        );
+
         // Nothing changed: the old targets serve new connections, the live one runs on.
         let (new, tag) = connect_tagged(addr).await;
         assert_eq!(tag, b'A');
