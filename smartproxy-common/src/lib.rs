@@ -65,9 +65,13 @@ pub struct Flow {
     /// `tcpi_bytes_acked + SIOCOUTQ` of this socket at splice time: what `acked` reaches
     /// once everything written before the splice is acknowledged.
     pub acked_base: u64,
+    /// The TCP sequence number of the next byte the verdict has not seen yet; valid once
+    /// `seq_known` is non-zero (from the first skb on). Written by the verdict only.
+    pub next_seq: u32,
+    pub seq_known: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Flow>() == 48);
+const _: () = assert!(core::mem::size_of::<Flow>() == 56);
 
 /// Userspace's half of the backpressure switch of one direction, keyed in `CONTROL` by the
 /// source socket's cookie. Written only by userspace, read only by the verdict.

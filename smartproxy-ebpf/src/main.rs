@@ -7,6 +7,7 @@
 use aya_ebpf::{
     bindings::{
         sk_action::{SK_DROP, SK_PASS},
+        bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
@@ -81,6 +82,7 @@ fn try_redirect(ctx: &SkBuffContext) -> u32 {
     // kernel runs it serialized per socket.
     let flow = unsafe { &mut *flow };
     flow.last_activity_ns = unsafe { bpf_ktime_get_ns() };
+    let len = skip_seen_bytes(ctx, flow, len);
     // Pass while userspace holds passed bytes it has not written yet (a redirected byte
     // would overtake them), and while the peer has `cap` bytes on their way.
     if flow.passed != control.flushed || over_cap(flow, &control) {
@@ -97,11 +99,60 @@ fn try_redirect(ctx: &SkBuffContext) -> u32 {
     SK_PASS
 }
 
+/// Trims from the front of the skb the bytes this verdict already saw, and returns its
+/// length after that. On this kernel (6.18) a retransmitted segment that overlaps bytes
+/// already received (after a lost ACK, or when the receive queue was pruned under memory
+/// pressure) is queued whole, and `tcp_read_skb` hands it whole to the verdict: without
+/// this, the overlap reaches the peer twice. The skb's TCP sequence numbers are the first
+/// two words of its control block, which `__sk_buff.cb` exposes to sk_skb programs; an
+/// skb whose numbers do not match its length is left alone.
+#[inline(always)]
+fn skip_seen_bytes(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> u64 {
+    let cb = ctx.skb.cb();
+    let (seq, end_seq) = (cb[0], cb[1]);
+    let span = u64::from(end_seq.wrapping_sub(seq));
+    // end_seq counts a FIN too.
+    if span != len && span != len + 1 {
+        return len;
+    }
+    if flow.seq_known == 0 {
+        flow.seq_known = 1;
+        flow.next_seq = seq.wrapping_add(len as u32);
+        return len;
+    }
+    // Signed distance: positive when the skb starts before the next unseen byte.
+    let overlap = flow.next_seq.wrapping_sub(seq) as i32;
+    if overlap <= 0 || u64::from(overlap as u32) >= len {
+        // New bytes only (or, never queued by TCP, nothing new at all: left alone).
+        flow.next_seq = seq.wrapping_add(len as u32);
+        return len;
+    }
+    let mut left = overlap as u32;
+    // The helper removes at most 4095 bytes a call; 64 calls cover any overlap TCP queues
+    // (one retransmitted segment, at most a 256 KiB GRO skb).
+    for _ in 0..64 {
+        if left == 0 {
+            break;
+        }
+        let step = left.min(MAX_ADJUST_ROOM);
+        if ctx.skb.adjust_room(-(step as i32), BPF_ADJ_ROOM_NET, 0).is_err() {
+            break;
+        }
+        left -= step;
+    }
+    let trimmed = overlap as u32 - left;
+    flow.next_seq = seq.wrapping_add(len as u32);
+    len - u64::from(trimmed)
+}
+
+/// The most `bpf_skb_adjust_room` removes from an sk_skb in one call.
+const MAX_ADJUST_ROOM: u32 = 0xfff;
+
 /// Whether the bytes on their way to the peer (redirected or forwarded by userspace, not
 /// yet acknowledged by the peer's receiver) reached the cap. They include the peer
 /// socket's whole send queue, which is pinned larger than the cap: the kernel's redirect
 /// backlog then never meets a full send queue in the middle of an skb, where this kernel
-/// re-sends the skb from its start (duplicated bytes) or fails the socket (lost bytes).
+/// fails the socket (lost bytes).
 #[inline(always)]
 fn over_cap(flow: &Flow, control: &Control) -> bool {
     // SAFETY: the value is copied out; its `acked` is written by the peer's sock_ops

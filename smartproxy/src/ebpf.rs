@@ -1098,9 +1098,8 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int
 
 /// Pins the receive buffer to [`SPLICED_RECEIVE_BUFFER`], and the send buffer above the
 /// cap: the kernel's redirect backlog must never meet a full send queue in the middle of
-/// an skb. On 6.18 it then re-sends the skb from its start (duplicated bytes) or, when
-/// the send returns nothing, reports EPIPE, drops the skb and disables the socket's send
-/// path (lost bytes). The cap counts the whole send queue, so with the send buffer above
+/// an skb. On 6.18, when the send then returns nothing, it reports EPIPE, drops the skb
+/// and disables the socket's send path (lost bytes). The cap counts the whole send queue, so with the send buffer above
 /// it, the backlog only ever waits before an skb, which is harmless. `SO_SNDBUFFORCE`
 /// (CAP_NET_ADMIN, which the kernel path needs anyway) because `net.core.wmem_max`
 /// usually clamps `SO_SNDBUF` far below the cap.
