@@ -16,6 +16,7 @@ pub mod notify;
 pub mod privileges;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod resolve;
 pub mod route;
 pub mod sni;
 pub mod stats;

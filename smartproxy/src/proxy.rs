@@ -24,6 +24,7 @@ use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
 use crate::limits::{Admissions, Limits};
 use crate::metrics::MetricsServer;
+use crate::resolve::{Resolve, SystemResolver};
 use crate::route::ListenerRoutes;
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
@@ -128,6 +129,7 @@ pub(crate) struct Shared {
     pub(crate) table: ConnTable,
     pub(crate) stats: Stats,
     limits: Limits,
+    resolver: Arc<dyn Resolve>,
     /// The loaded kernel data path, if any route may use it and it loaded.
     kernel: Option<Kernel>,
     closed: broadcast::Sender<Closed>,
@@ -287,6 +289,14 @@ impl Proxy {
     /// Binds every listener and the control socket, then starts accepting. Returns once
     /// the proxy is ready: every listener accepts from now on.
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        Self::start_with_resolver(config, Arc::new(SystemResolver)).await
+    }
+
+    /// [`Proxy::start`], resolving target host names with `resolver`.
+    pub async fn start_with_resolver(
+        config: Config,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Proxy, StartError> {
         let tls = TlsRoutes::load(&config).map_err(StartError::Tls)?;
         // Before any listener exists: sockets only run the sock_ops program if they are
         // created in the cgroup it is attached to.
@@ -315,6 +325,7 @@ impl Proxy {
             table: ConnTable::default(),
             stats,
             limits,
+            resolver,
             kernel,
             closed,
             shutdown: shutdown_rx,
@@ -732,7 +743,7 @@ async fn connect<'a>(
     for target in generation.routes.targets_in_order(route, &config.targets) {
         let started = Instant::now();
         let deadline = started + config.lifecycle.connect_timeout;
-        match timeout_at(deadline, connect_target(target)).await {
+        match timeout_at(deadline, connect_target(&*shared.resolver, target)).await {
             Ok(Ok(stream)) => {
                 shared
                     .stats
@@ -756,9 +767,13 @@ async fn connect<'a>(
     Err(reason)
 }
 
-async fn connect_target(target: &Target) -> io::Result<TcpStream> {
+async fn connect_target(resolver: &dyn Resolve, target: &Target) -> io::Result<TcpStream> {
+    let addrs = match target.socket_addr() {
+        Some(addr) => vec![addr],
+        None => resolver.lookup(&target.host, target.port).await?,
+    };
     let mut last_error = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
-    for addr in tokio::net::lookup_host((target.host.as_str(), target.port)).await? {
+    for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(stream) => return Ok(stream),
             Err(e) => last_error = e,

@@ -2,6 +2,7 @@
 //! test, and [`for_each_data_path`], which runs one test body on each data path.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Once};
@@ -10,6 +11,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use smartproxy::config::{Config, DataPathMode};
 use smartproxy::lifecycle::Reason;
+use smartproxy::resolve::{Lookup, Resolve};
 use smartproxy::stats::Snapshot;
 use smartproxy::{Closed, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -63,6 +65,23 @@ where
     }
 }
 
+/// The resolver of every test proxy: tests route to IP addresses, and a host name is
+/// unknown at once, the way `getaddrinfo` answers one, so that no test ever sends a DNS
+/// query (the machine's resolver may be slow, or not there at all).
+#[derive(Debug)]
+struct NoNames;
+
+impl Resolve for NoNames {
+    fn lookup<'a>(&'a self, host: &'a str, _port: u16) -> Lookup<'a> {
+        Box::pin(async move {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{host}: unknown name (the test resolver knows none)"),
+            ))
+        })
+    }
+}
+
 /// A proxy running in this process, with its own control socket and config file.
 pub struct TestProxy {
     pub proxy: Proxy,
@@ -83,7 +102,7 @@ impl TestProxy {
                 config_text(&dir, mode, rest)
             )
         });
-        let proxy = Proxy::start(config)
+        let proxy = Proxy::start_with_resolver(config, Arc::new(NoNames))
             .await
             .unwrap_or_else(|e| panic!("proxy does not start: {e}"));
         let closed = proxy.subscribe();

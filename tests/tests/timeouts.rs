@@ -399,7 +399,8 @@ fn route_to_names(name: &str, targets: &[String]) -> String {
     )
 }
 
-/// `.invalid` never resolves (RFC 6761), with or without a network.
+/// `.invalid` never resolves (RFC 6761); the test proxy's resolver answers it at once
+/// without a query.
 const UNRESOLVABLE: &str = "nonexistent.invalid:80";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
