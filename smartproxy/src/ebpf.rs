@@ -67,6 +67,15 @@ const SEND_BUFFER_MARGIN: u64 = 1024 * 1024;
 /// Flag for map updates: fail with EEXIST instead of replacing an entry.
 const BPF_NOEXIST: u64 = 1;
 
+/// What [`Splice::may_write`] waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// The kernel's backlog toward the destination is in its send queue (before a FIN).
+    Delivered,
+    /// That, and the send queue has room under `max_queued_bytes` (before bytes).
+    Room,
+}
+
 /// Why the kernel data path could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -715,18 +724,32 @@ impl Splice {
         self.kernel.flow_counters(self.socket(source).cookie)
     }
 
-    /// True once every byte the verdict redirected from `source`, plus `written` bytes that
-    /// userspace wrote to the destination itself since the splice, has been taken into the
-    /// destination socket's send queue: `(tcpi_bytes_acked + SIOCOUTQ)` of the destination,
-    /// minus that value at splice time, is at least `redirected + written` (KERNEL-NOTES
-    /// drain rule). Only then may userspace write to the destination or pass a FIN on with
-    /// `shutdown(SHUT_WR)` without overtaking the kernel's backlog. The wait can be long
-    /// (hundreds of MB may be queued), so do not put a short timeout on it.
-    pub fn delivered(&self, source: Side, written: u64) -> io::Result<bool> {
+    /// Whether userspace may write to the destination of `source`'s bytes now.
+    ///
+    /// Always, for a FIN (`Wait::Delivered`): every byte the verdict redirected from
+    /// `source`, plus `written` bytes that userspace wrote to the destination itself since
+    /// the splice, has been taken into the destination socket's send queue:
+    /// `(tcpi_bytes_acked + SIOCOUTQ)` of the destination, minus that value at splice
+    /// time, is at least `redirected + written` (KERNEL-NOTES drain rule). Only then may
+    /// userspace write or pass a FIN on with `shutdown(SHUT_WR)` without overtaking the
+    /// kernel's backlog. The wait can be long (hundreds of MB may be queued), so do not put
+    /// a short timeout on it.
+    ///
+    /// For bytes (`Wait::Room`), also: the destination's send queue holds less than
+    /// `max_queued_bytes`, the bound the verdict keeps. Its send buffer is pinned above
+    /// the cap; filled to the brim, it would wake a writer only once a third of it drained,
+    /// which at a slow reader's pace keeps the source's window shut long enough for its
+    /// sender to probe it (zero-window probes that a direct connection does not see).
+    pub fn may_write(&self, source: Side, written: u64, wait: Wait) -> io::Result<bool> {
         let redirected = self.flow(source)?.redirected;
         let dest = self.socket(source.peer());
-        let handed = bytes_handed(dest.borrow())?.saturating_sub(dest.handed_at_splice);
-        Ok(handed >= redirected.saturating_add(written))
+        let (acked, outq) = acked_and_outq(dest.borrow())?;
+        let handed = (acked + outq).saturating_sub(dest.handed_at_splice);
+        let delivered = handed >= redirected.saturating_add(written);
+        Ok(match wait {
+            Wait::Delivered => delivered,
+            Wait::Room => delivered && outq < self.kernel.inner.max_queued_bytes,
+        })
     }
 
     /// Tells the verdict that userspace has written `flushed` bytes it read from `source`
@@ -1026,14 +1049,8 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
     Ok(TcpState::from(u32::from(tcp_info(fd)?.state)))
 }
 
-/// `tcpi_bytes_acked + SIOCOUTQ`: every byte ever taken into the socket's send queue (plus the
-/// SYN, on connected sockets).
-fn bytes_handed(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let (acked, outq) = acked_and_outq(fd)?;
-    Ok(acked + outq)
-}
-
-/// `(tcpi_bytes_acked, SIOCOUTQ)`.
+/// `(tcpi_bytes_acked, SIOCOUTQ)`: their sum is every byte ever taken into the socket's
+/// send queue (plus the SYN, on connected sockets).
 fn acked_and_outq(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     let acked = tcp_info(fd)?.bytes_acked;
     let mut outq: libc::c_int = 0;
@@ -1199,6 +1216,7 @@ mod tests {
         );
         assert_ne!(a, b, "cookies are unique per socket");
         // Nothing written yet: the baseline is the SYN at most.
-        assert!(bytes_handed(client.as_fd()).unwrap() <= 1);
+        let (acked, outq) = acked_and_outq(client.as_fd()).unwrap();
+        assert!(acked + outq <= 1);
     }
 }

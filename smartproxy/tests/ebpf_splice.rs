@@ -23,7 +23,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 use smartproxy::{
-    ebpf::{Kernel, LoadOptions, Splice, StateChange, TcpState},
+    ebpf::{Kernel, LoadOptions, Splice, StateChange, TcpState, Wait},
     lifecycle::Side,
 };
 use tokio::time::timeout;
@@ -117,7 +117,7 @@ fn sha(data: &[u8]) -> Vec<u8> {
 
 async fn wait_delivered(splice: &Splice, source: Side) {
     timeout(GENEROUS, async {
-        while !splice.delivered(source, 0).unwrap() {
+        while !splice.may_write(source, 0, Wait::Delivered).unwrap() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })

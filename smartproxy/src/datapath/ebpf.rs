@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior, Sleep};
 
 use super::Meter;
-use crate::ebpf::{FlowCounters, Kernel, Splice, SpliceError};
+use crate::ebpf::{FlowCounters, Kernel, Splice, SpliceError, Wait};
 use crate::lifecycle::{Direction, Side};
 
 /// The first re-check of the kernel backlog; doubles up to `BACKLOG_POLL_MAX`. There is no
@@ -83,18 +83,19 @@ impl Offload {
         })
     }
 
-    /// Ready once every byte the kernel redirected in `direction`, and every byte
-    /// userspace wrote there, has been taken into the destination's send queue.
-    pub fn poll_delivered(
+    /// Ready once userspace may write to `direction`'s destination: see
+    /// [`Splice::may_write`] for what `wait` waits for.
+    pub fn poll_may_write(
         &mut self,
         cx: &mut Context<'_>,
         direction: Direction,
+        wait: Wait,
     ) -> Poll<io::Result<()>> {
         let index = direction.index();
         loop {
             if self
                 .splice
-                .delivered(direction.source(), self.written[index])?
+                .may_write(direction.source(), self.written[index], wait)?
             {
                 self.retry[index] = None;
                 self.backoff[index] = BACKLOG_POLL_MIN;

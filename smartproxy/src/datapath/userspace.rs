@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use super::ebpf::Offload;
 use super::peer::Peer;
 use super::Meter;
-use crate::ebpf::{Kernel, SpliceError};
+use crate::ebpf::{Kernel, SpliceError, Wait};
 use crate::lifecycle::{Direction, Event, Side};
 
 /// One direction: reads from its source, writes to its destination.
@@ -68,7 +68,12 @@ impl Half {
             let must_write = self.start < self.end;
             if must_write || (self.finishing && !self.finished) {
                 if let Some(offload) = offload.as_deref_mut() {
-                    if let Err(e) = ready!(offload.poll_delivered(cx, self.direction)) {
+                    let wait = if must_write {
+                        Wait::Room
+                    } else {
+                        Wait::Delivered
+                    };
+                    if let Err(e) = ready!(offload.poll_may_write(cx, self.direction, wait)) {
                         return self.failed(destination_side, "reading its send counters", &e);
                     }
                 }

@@ -100,8 +100,8 @@ pub struct Options {
     /// Seconds the slow reader reads.
     #[arg(long, default_value_t = 20)]
     slow_secs: u64,
-    /// The proxy's max_queued_bytes, for the slow-reader target (2 × this).
-    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    /// smartproxy's max_queued_bytes (its default: 16 MiB); the slow-reader target is 2 × this.
+    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     max_queued: u64,
 }
 
@@ -184,6 +184,7 @@ pub fn run(opts: Options) -> Result<ExitCode> {
             },
             fd_limit,
         },
+        max_queued: opts.max_queued,
     };
     let backend_sent = backend.sent();
 
@@ -332,7 +333,7 @@ fn settings(p: &Params, opts: &Options) -> String {
     format!(
         "`cargo xtask {}`: bulk {}; request/response {} conns × {} B for {} s; churn {} at once \
          for {} s; idle {} conns; slow reader {} offered, read at {}/s for {} s; \
-         max_queued_bytes {} (for the target)",
+         smartproxy max_queued_bytes {}",
         args.join(" "),
         show_bytes(p.bulk_bytes),
         p.rr_conns,

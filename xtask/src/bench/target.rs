@@ -69,6 +69,8 @@ pub struct Launch<'a> {
     pub smartproxy: Option<&'a Path>,
     pub backend: SocketAddr,
     pub limits: config::Limits,
+    /// smartproxy's `max_queued_bytes`.
+    pub max_queued: u64,
 }
 
 /// A target ready for connections.
@@ -108,6 +110,7 @@ impl Running {
                         launch.backend,
                         control,
                         launch.limits.smartproxy_max_connections(),
+                        Some(launch.max_queued),
                         config::BENCH_LIFECYCLE,
                     )
                 })

@@ -226,6 +226,7 @@ impl Soak {
                 backend.addr(),
                 control,
                 100_000,
+                None,
                 SOAK_LIFECYCLE,
             )
         })?;
