@@ -60,6 +60,13 @@ pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 16 * 1024 * 1024;
 /// "Backpressure").
 const SPLICED_RECEIVE_BUFFER: usize = 512 * 1024;
 
+/// What userspace reads from a spliced socket at once: its whole receive queue. The
+/// verdict redirects again only once userspace has forwarded every byte it passed; a
+/// fast sender refills a queue read in 64 KiB steps before that moment comes, and the
+/// connection stays on the userspace copy (bench: 62-85 % of a bulk upload through the
+/// kernel with 64 KiB reads, 98-99 % with whole-queue reads).
+pub const PASSED_READ_BYTES: usize = 2 * SPLICED_RECEIVE_BUFFER;
+
 /// How much more a spliced socket's send buffer holds than `max_queued_bytes`: room for
 /// the skb that crosses the cap, plus skb overhead.
 const SEND_BUFFER_MARGIN: u64 = 1024 * 1024;
@@ -374,10 +381,14 @@ impl Kernel {
     /// before the first `SOCKETS` insert, or when the verdict redirected no byte before the
     /// undo. When it is false, bytes have already moved in the kernel and the connection must
     /// be aborted.
+    /// `early[i]`: bytes userspace read from side `i`'s socket (client, backend) before
+    /// the splice, which it writes to the peer itself: the verdict counts them as passed,
+    /// so it redirects nothing of that direction until they are written.
     pub fn splice(
         &self,
         client: BorrowedFd<'_>,
         backend: BorrowedFd<'_>,
+        early: [u64; 2],
     ) -> Result<Splice, SpliceError> {
         let client = SpliceSocket::read(Side::Client, client)?;
         let backend = SpliceSocket::read(Side::Backend, backend)?;
@@ -397,7 +408,7 @@ impl Kernel {
             events,
             done: Done::default(),
         };
-        match splice.attach() {
+        match splice.attach(early) {
             Ok(()) => Ok(splice),
             Err(mut err) => {
                 err.stream_intact = splice.undo();
@@ -780,7 +791,7 @@ impl Splice {
     }
 
     /// The map inserts of [`Kernel::splice`], recording each success in `self.done`.
-    fn attach(&mut self) -> Result<(), SpliceError> {
+    fn attach(&mut self, early: [u64; 2]) -> Result<(), SpliceError> {
         let inner = Arc::clone(&self.kernel.inner);
         let pair = [&self.client, &self.backend].map(|s| (s.side, s.fd, s.cookie));
         let control = Control {
@@ -800,6 +811,7 @@ impl Splice {
                 peer_cookie: pair[1 - i].2,
                 acked: socket.acked_at_splice,
                 acked_base: socket.handed_at_splice,
+                passed: early[i],
                 ..Flow::default()
             };
             let (side, cookie) = (socket.side, socket.cookie);
@@ -1047,6 +1059,17 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// The socket's TCP state (`TCP_INFO.tcpi_state`).
 pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
     Ok(TcpState::from(u32::from(tcp_info(fd)?.state)))
+}
+
+/// `SIOCINQ`: bytes received and not read yet.
+pub fn bytes_to_read(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut inq: libc::c_int = 0;
+    // SAFETY: SIOCINQ writes one c_int through the pointer, which points at `inq`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut inq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(inq).map_err(|_| io::Error::other(format!("SIOCINQ returned {inq}")))
 }
 
 /// `(tcpi_bytes_acked, SIOCOUTQ)`: their sum is every byte ever taken into the socket's

@@ -81,7 +81,11 @@ impl Chain {
 
     fn splice(&self, kernel: &Kernel) -> Splice {
         kernel
-            .splice(self.proxy_client.as_fd(), self.proxy_backend.as_fd())
+            .splice(
+                self.proxy_client.as_fd(),
+                self.proxy_backend.as_fd(),
+                [0, 0],
+            )
             .expect("splice of two established loopback sockets")
     }
 }
@@ -273,7 +277,11 @@ async fn dropping_the_splice_removes_its_entries() {
     let before = kernel.stats();
     let splice = chain.splice(&kernel);
     assert_eq!(kernel.stats().sockhash_entries, before.sockhash_entries + 2);
-    let again = kernel.splice(chain.proxy_client.as_fd(), chain.proxy_backend.as_fd());
+    let again = kernel.splice(
+        chain.proxy_client.as_fd(),
+        chain.proxy_backend.as_fd(),
+        [0, 0],
+    );
     let err = again.expect_err("a socket cannot be spliced twice");
     assert!(
         err.stream_intact,

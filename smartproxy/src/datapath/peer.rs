@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Per direction buffer, held only while bytes move.
-const BUFFER_BYTES: usize = 64 * 1024;
+pub const BUFFER_BYTES: usize = 64 * 1024;
 
 /// A TLS session over a TCP socket, server side (the client's) or client side (the
 /// backend's).
@@ -76,19 +76,20 @@ impl Peer {
         matches!(self, Peer::Tls { .. })
     }
 
-    /// Reads into `buf`, allocating it once there may be something to read. `Ok(0)`: EOF
-    /// (a FIN; over TLS a close_notify, or a FIN without one).
+    /// Reads into `buf`, allocating `capacity` bytes once there may be something to read.
+    /// `Ok(0)`: EOF (a FIN; over TLS a close_notify, or a FIN without one).
     pub fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut Vec<u8>,
+        capacity: usize,
     ) -> Poll<io::Result<usize>> {
         match self {
             Peer::Tcp(tcp) => loop {
                 // Readiness first: an idle socket holds no buffer.
                 ready!(tcp.poll_read_ready(cx))?;
                 if buf.is_empty() {
-                    buf.resize(BUFFER_BYTES, 0);
+                    buf.resize(capacity, 0);
                 }
                 match tcp.try_read(buf) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -111,7 +112,7 @@ impl Peer {
                     return Poll::Ready(Ok(0));
                 }
                 if buf.is_empty() {
-                    buf.resize(BUFFER_BYTES, 0);
+                    buf.resize(capacity, 0);
                 }
                 let read = plaintext.len().min(buf.len());
                 buf[..read].copy_from_slice(&plaintext[..read]);

@@ -16,9 +16,9 @@ use std::task::{ready, Context, Poll};
 use tokio::net::TcpStream;
 
 use super::ebpf::Offload;
-use super::peer::Peer;
+use super::peer::{Peer, BUFFER_BYTES};
 use super::Meter;
-use crate::ebpf::{Kernel, SpliceError, Wait};
+use crate::ebpf::{Kernel, SpliceError, Wait, PASSED_READ_BYTES};
 use crate::lifecycle::{Direction, Event, Side};
 
 /// One direction: reads from its source, writes to its destination.
@@ -109,7 +109,11 @@ impl Half {
             if self.eof {
                 return Poll::Pending;
             }
-            let read = match source.poll_read(cx, &mut self.buf) {
+            let capacity = match offload {
+                Some(_) => PASSED_READ_BYTES,
+                None => BUFFER_BYTES,
+            };
+            let read = match source.poll_read(cx, &mut self.buf, capacity) {
                 Poll::Ready(read) => read,
                 Poll::Pending => {
                     // Idle, with nothing left to write: give the buffer back, so that
@@ -213,15 +217,50 @@ impl Relay {
             !self.client.is_tls() && !self.backend.is_tls(),
             "attempted to splice a TLS session"
         );
+        let early = [
+            self.take_queued(Direction::ClientToBackend),
+            self.take_queued(Direction::BackendToClient),
+        ];
         let client = std::os::fd::AsFd::as_fd(&**self.client.tcp());
         let backend = std::os::fd::AsFd::as_fd(&**self.backend.tcp());
         self.offload = Some(Offload::new(
             kernel,
             client,
             backend,
+            early,
             Arc::clone(&self.meter),
         )?);
         Ok(())
+    }
+
+    /// Reads, before the splice, what `direction`'s source received so far (up to
+    /// [`PASSED_READ_BYTES`]), into the half's buffer, for userspace to write ahead of
+    /// anything the kernel redirects. Returns how many bytes that is. A client that sent
+    /// much before the backend answered has a nearly closed window; read by the verdict
+    /// instead, those bytes leave the socket without a window update (this kernel sends
+    /// none when a redirected skb is freed), and the client waits for its persist timer
+    /// (200 ms) before sending again. `recv` here announces the opened window at once.
+    /// Only bytes already queued are read, so an EOF is never taken here.
+    fn take_queued(&mut self, direction: Direction) -> u64 {
+        let source = match direction.source() {
+            Side::Client => self.client.tcp(),
+            Side::Backend => self.backend.tcp(),
+        };
+        let queued = match crate::ebpf::bytes_to_read(std::os::fd::AsFd::as_fd(&**source)) {
+            Ok(queued) => queued.min(PASSED_READ_BYTES),
+            Err(_) => 0,
+        };
+        if queued == 0 {
+            return 0;
+        }
+        let half = &mut self.halves[direction.index()];
+        half.buf.resize(queued, 0);
+        // The one read that cannot block; an error is met again by the half's next read.
+        let read = source.try_read(&mut half.buf).unwrap_or(0);
+        half.start = 0;
+        half.end = read;
+        self.meter.record(direction, read);
+        read as u64
     }
 
     /// The next lifecycle event. Cancel-safe: no progress is lost when the future is
