@@ -2,6 +2,7 @@
 //! connection's lifecycle over its data path until it closes with one reason.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -518,16 +519,18 @@ async fn accept_loop(
     }
 }
 
-/// One connection, from accept to close.
-async fn serve(
+/// One connection, from accept to close. Not an `async fn`: that would hold the
+/// connection's future twice, once as the block below and once inside `Instrumented`
+/// (3,056 bytes a connection instead of 1,552).
+fn serve(
     shared: Arc<Shared>,
     generation: Arc<Generation>,
     listen: SocketAddr,
     client: TcpStream,
     record: Arc<ConnRecord>,
-) {
+) -> impl Future<Output = ()> {
     let span = info_span!("conn", id = record.id, client = %record.client);
-    async {
+    async move {
         let mut admissions = Admissions::default();
         // Boxed: the handshake's state (a TLS one above all) is larger than the relay's,
         // and inline it would size this task for the connection's whole life.
@@ -551,7 +554,6 @@ async fn serve(
         close(&shared, &record, reason);
     }
     .instrument(span)
-    .await
 }
 
 fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
