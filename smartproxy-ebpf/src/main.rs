@@ -122,9 +122,14 @@ fn skip_seen_bytes(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> u64 {
     }
     // Signed distance: positive when the skb starts before the next unseen byte.
     let overlap = flow.next_seq.wrapping_sub(seq) as i32;
-    if overlap <= 0 || u64::from(overlap as u32) >= len {
-        // New bytes only (or, never queued by TCP, nothing new at all: left alone).
+    if overlap <= 0 {
+        // New bytes only.
         flow.next_seq = seq.wrapping_add(len as u32);
+        return len;
+    }
+    if u64::from(overlap as u32) >= len {
+        // Nothing new at all, which TCP never queues: left alone, and `next_seq` never
+        // moves back.
         return len;
     }
     let mut left = overlap as u32;
