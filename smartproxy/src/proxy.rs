@@ -521,7 +521,7 @@ async fn accept_loop(
 
 /// One connection, from accept to close. Not an `async fn`: that would hold the
 /// connection's future twice, once as the block below and once inside `Instrumented`
-/// (3,056 bytes a connection instead of 1,552).
+/// (3,056 bytes a connection instead of 1,568, measured in release).
 fn serve(
     shared: Arc<Shared>,
     generation: Arc<Generation>,
