@@ -14,6 +14,7 @@ use smartproxy::lifecycle::Reason;
 use smartproxy::resolve::{Lookup, Resolve};
 use smartproxy::stats::Snapshot;
 use smartproxy::{Closed, Proxy};
+use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
@@ -266,6 +267,44 @@ impl Backend {
                 Ok(Err(e)) => panic!("backend handler failed: {e}"),
                 Err(_) => panic!("a backend handler did not finish in time"),
             }
+        }
+    }
+}
+
+/// A loopback address whose SYNs go unanswered, for as long as it lives: a listener with
+/// backlog 0 whose accept queue is full of connections never accepted, so the kernel
+/// drops every further SYN.
+pub struct SilentTarget {
+    pub addr: SocketAddr,
+    _listener: Socket,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+impl SilentTarget {
+    pub fn bind() -> SilentTarget {
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        listener.bind(&any.into()).expect("bind");
+        listener.listen(0).expect("listen");
+        let addr = listener
+            .local_addr()
+            .expect("bound address")
+            .as_socket()
+            .expect("an IP address");
+        // Connect until a SYN goes unanswered: from then on the queue is full.
+        let mut queued = Vec::new();
+        loop {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(stream) => queued.push(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
+                Err(e) => panic!("filling the accept queue of {addr}: {e}"),
+            }
+            assert!(queued.len() < 8, "the accept queue of {addr} never fills");
+        }
+        SilentTarget {
+            addr,
+            _listener: listener,
+            _queued: queued,
         }
     }
 }

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use smartproxy::lifecycle::Reason;
 use smartproxy_tests::*;
-use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
@@ -275,44 +274,6 @@ async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
 
 // === connect ===
 
-/// A loopback address whose SYNs go unanswered, for as long as it lives: a listener with
-/// backlog 0 whose accept queue is full of connections never accepted, so the kernel
-/// drops every further SYN.
-struct SilentTarget {
-    addr: SocketAddr,
-    _listener: Socket,
-    _queued: Vec<std::net::TcpStream>,
-}
-
-impl SilentTarget {
-    fn new() -> SilentTarget {
-        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a socket");
-        let any: SocketAddr = "127.0.0.1:0".parse().expect("an address");
-        listener.bind(&any.into()).expect("bind");
-        listener.listen(0).expect("listen");
-        let addr = listener
-            .local_addr()
-            .expect("bound address")
-            .as_socket()
-            .expect("an IP address");
-        // Connect until a SYN goes unanswered: from then on the queue is full.
-        let mut queued = Vec::new();
-        loop {
-            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-                Ok(stream) => queued.push(stream),
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
-                Err(e) => panic!("filling the accept queue of {addr}: {e}"),
-            }
-            assert!(queued.len() < 8, "the accept queue of {addr} never fills");
-        }
-        SilentTarget {
-            addr,
-            _listener: listener,
-            _queued: queued,
-        }
-    }
-}
-
 /// `count` distinct loopback addresses that refuse connections: ports bound together,
 /// then released.
 fn refused_targets(count: usize) -> Vec<SocketAddr> {
@@ -328,7 +289,7 @@ fn refused_targets(count: usize) -> Vec<SocketAddr> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_that_never_answers_closes_with_connect_timeout() {
     for_each_data_path(|mode| async move {
-        let silent = tokio::task::spawn_blocking(SilentTarget::new)
+        let silent = tokio::task::spawn_blocking(SilentTarget::bind)
             .await
             .expect("a silent target");
         let route = plain_route("silent", silent.addr, "connect_timeout = \"300ms\"");

@@ -1,7 +1,8 @@
 //! Bulk transfer through the proxy, on each data path:
 //! - 64 MiB each way at once, checksums compared;
 //! - 50 parallel connections, each with its own payload;
-//! - bytes the backend sends first (server-first protocols) reach the client.
+//! - bytes the backend sends first (server-first protocols) reach the client;
+//! - bytes a client sends before the proxy reaches the backend arrive first and intact.
 
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -122,6 +123,56 @@ async fn bytes_the_backend_sends_first_reach_the_client() {
             .expect("greeting through the proxy");
         assert_eq!(&greeting, b"220 hello\r\n");
         client.write_all(b"QUIT").await.expect("client writes");
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+/// The first target never answers, so a client's first bytes wait in the proxy's socket
+/// until the connect timeout moves on to the backend. On the kernel path userspace
+/// forwards those bytes itself, ahead of what the kernel moves after the splice; a
+/// reordered, lost or doubled byte changes the checksum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_before_the_backend_is_reached_arrive_first_and_intact() {
+    const EARLY: usize = 8 * 1024 * 1024;
+    for_each_data_path(|mode| async move {
+        let silent = tokio::task::spawn_blocking(SilentTarget::bind)
+            .await
+            .expect("a silent target");
+        let payload = pattern(EARLY, 3);
+        let expected = sha256(&payload);
+        let backend = Backend::spawn(move |stream| async move {
+            let (mut read, _write) = stream.into_split();
+            let (len, hash) = read_to_end_hashed(&mut read).await.expect("backend reads");
+            assert_eq!(len, EARLY, "bytes at the backend");
+            assert_eq!(hash, expected, "checksum at the backend");
+        })
+        .await;
+        let route = plain_route_to(
+            "early",
+            &[silent.addr, backend.addr],
+            "connect_timeout = \"300ms\"",
+        );
+        let mut proxy = TestProxy::start(mode, &route).await;
+        // Round-robin starts each connection at another target: one of the two waits.
+        for _ in 0..2 {
+            let client = connect(proxy.addr("early")).await;
+            let (mut read, mut write) = client.into_split();
+            write_chunked(&mut write, &payload)
+                .await
+                .expect("client writes");
+            write.shutdown().await.expect("client FIN");
+            let mut rest = Vec::new();
+            within("the backend's FIN", read.read_to_end(&mut rest))
+                .await
+                .expect("client reads");
+            assert!(rest.is_empty(), "the backend sends nothing");
+            proxy
+                .expect_closed(smartproxy::lifecycle::Reason::Normal)
+                .await;
+        }
+        assert_eq!(proxy.stats().ebpf.splice_failures, 0);
         backend.join().await;
         proxy.stop().await;
     })

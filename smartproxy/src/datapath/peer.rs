@@ -76,8 +76,9 @@ impl Peer {
         matches!(self, Peer::Tls { .. })
     }
 
-    /// Reads into `buf`, allocating `capacity` bytes once there may be something to read.
-    /// `Ok(0)`: EOF (a FIN; over TLS a close_notify, or a FIN without one).
+    /// Reads into `buf` (its bytes are all written), growing it to `capacity` bytes once
+    /// there may be something to read. `Ok(0)`: EOF (a FIN; over TLS a close_notify, or a
+    /// FIN without one).
     pub fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
@@ -88,7 +89,7 @@ impl Peer {
             Peer::Tcp(tcp) => loop {
                 // Readiness first: an idle socket holds no buffer.
                 ready!(tcp.poll_read_ready(cx))?;
-                if buf.is_empty() {
+                if buf.len() < capacity {
                     buf.resize(capacity, 0);
                 }
                 match tcp.try_read(buf) {
@@ -111,7 +112,7 @@ impl Peer {
                 if plaintext.is_empty() {
                     return Poll::Ready(Ok(0));
                 }
-                if buf.is_empty() {
+                if buf.len() < capacity {
                     buf.resize(capacity, 0);
                 }
                 let read = plaintext.len().min(buf.len());

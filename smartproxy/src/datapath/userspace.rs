@@ -254,9 +254,13 @@ impl Relay {
             return 0;
         }
         let half = &mut self.halves[direction.index()];
-        half.buf.resize(queued, 0);
+        let mut buf = vec![0; queued];
         // The one read that cannot block; an error is met again by the half's next read.
-        let read = source.try_read(&mut half.buf).unwrap_or(0);
+        let read = source.try_read(&mut buf).unwrap_or(0);
+        if read == 0 {
+            return 0;
+        }
+        half.buf = buf;
         half.start = 0;
         half.end = read;
         self.meter.record(direction, read);
