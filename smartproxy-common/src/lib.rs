@@ -47,7 +47,7 @@ pub const DEFAULT_MAX_SOCKETS: u32 = 2 * 65_536;
 /// instead: the bytes stay in the source socket, charged to it, so its window closes, and
 /// userspace forwards them. It keeps passing until userspace has written every passed
 /// byte to the peer (`passed == Control::flushed`): only then can a redirected byte not
-/// overtake one that userspace still holds.
+/// overtake one that userspace still holds. The first `pass_first` bytes are passed too.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -69,9 +69,17 @@ pub struct Flow {
     /// `seq_known` is non-zero (from the first skb on). Written by the verdict only.
     pub next_seq: u32,
     pub seq_known: u32,
+    /// Bytes the socket had received before the splice and nobody had read: the verdict
+    /// passes at least that many, so that userspace reads them. Read by the verdict
+    /// instead, they would leave the socket without a window update (6.18 sends none when
+    /// a redirected skb is freed), and a client whose window had filled before the
+    /// backend answered waited for its persist timer (200 ms). A `recv` in userspace
+    /// announces the window; it also takes whole skbs, which a `recv` before the splice
+    /// could not promise (the verdict gets whole skbs, a partly read one included).
+    pub pass_first: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Flow>() == 56);
+const _: () = assert!(core::mem::size_of::<Flow>() == 64);
 
 /// Userspace's half of the backpressure switch of one direction, keyed in `CONTROL` by the
 /// source socket's cookie. Written only by userspace, read only by the verdict.

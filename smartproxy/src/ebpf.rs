@@ -382,14 +382,10 @@ impl Kernel {
     /// before the first `SOCKETS` insert, or when the verdict redirected no byte before the
     /// undo. When it is false, bytes have already moved in the kernel and the connection must
     /// be aborted.
-    /// `early[i]`: bytes userspace read from side `i`'s socket (client, backend) before
-    /// the splice, which it writes to the peer itself: the verdict counts them as passed,
-    /// so it redirects nothing of that direction until they are written.
     pub fn splice(
         &self,
         client: BorrowedFd<'_>,
         backend: BorrowedFd<'_>,
-        early: [u64; 2],
     ) -> Result<Splice, SpliceError> {
         let client = SpliceSocket::read(Side::Client, client)?;
         let backend = SpliceSocket::read(Side::Backend, backend)?;
@@ -409,7 +405,7 @@ impl Kernel {
             events,
             done: Done::default(),
         };
-        match splice.attach(early) {
+        match splice.attach() {
             Ok(()) => Ok(splice),
             Err(mut err) => {
                 err.stream_intact = splice.undo();
@@ -662,6 +658,8 @@ struct SpliceSocket {
     handed_at_splice: u64,
     /// `tcpi_bytes_acked` at splice time.
     acked_at_splice: u64,
+    /// `SIOCINQ` at splice time: bytes received before the splice, not read yet.
+    queued_at_splice: u64,
 }
 
 impl SpliceSocket {
@@ -670,12 +668,15 @@ impl SpliceSocket {
             socket_cookie(fd).map_err(|e| SpliceError::new(side, SpliceStep::Cookie, e))?;
         let (acked_at_splice, outq) =
             acked_and_outq(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
+        let queued_at_splice =
+            bytes_to_read(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
         Ok(Self {
             side,
             fd: fd.as_raw_fd(),
             cookie,
             handed_at_splice: acked_at_splice + outq,
             acked_at_splice,
+            queued_at_splice,
         })
     }
 
@@ -792,7 +793,7 @@ impl Splice {
     }
 
     /// The map inserts of [`Kernel::splice`], recording each success in `self.done`.
-    fn attach(&mut self, early: [u64; 2]) -> Result<(), SpliceError> {
+    fn attach(&mut self) -> Result<(), SpliceError> {
         let inner = Arc::clone(&self.kernel.inner);
         let pair = [&self.client, &self.backend].map(|s| (s.side, s.fd, s.cookie));
         let control = Control {
@@ -812,7 +813,7 @@ impl Splice {
                 peer_cookie: pair[1 - i].2,
                 acked: socket.acked_at_splice,
                 acked_base: socket.handed_at_splice,
-                passed: early[i],
+                pass_first: socket.queued_at_splice,
                 ..Flow::default()
             };
             let (side, cookie) = (socket.side, socket.cookie);
@@ -1063,14 +1064,14 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
 }
 
 /// `SIOCINQ`: bytes received and not read yet.
-pub fn bytes_to_read(fd: BorrowedFd<'_>) -> io::Result<usize> {
+fn bytes_to_read(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut inq: libc::c_int = 0;
     // SAFETY: SIOCINQ writes one c_int through the pointer, which points at `inq`.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut inq) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    usize::try_from(inq).map_err(|_| io::Error::other(format!("SIOCINQ returned {inq}")))
+    u64::try_from(inq).map_err(|_| io::Error::other(format!("SIOCINQ returned {inq}")))
 }
 
 /// `(tcpi_bytes_acked, SIOCOUTQ)`: their sum is every byte ever taken into the socket's

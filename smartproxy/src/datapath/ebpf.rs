@@ -46,14 +46,11 @@ pub struct Offload {
 
 impl Offload {
     /// Splices the pair and makes `meter` count the kernel's bytes too: from before the
-    /// splice, since the kernel may move bytes before this task runs again. `early`:
-    /// bytes userspace read from each direction's source before the splice and still
-    /// writes itself; the verdict passes until they are written.
+    /// splice, since the kernel may move bytes before this task runs again.
     pub fn new(
         kernel: &Kernel,
         client: std::os::fd::BorrowedFd<'_>,
         backend: std::os::fd::BorrowedFd<'_>,
-        early: [u64; 2],
         meter: Arc<Meter>,
     ) -> Result<Offload, SpliceError> {
         let cookie = |side, fd| {
@@ -67,14 +64,14 @@ impl Offload {
                 cookie(Side::Backend, backend)?,
             ],
         });
-        let splice = kernel.splice(client, backend, early).inspect_err(|_| {
+        let splice = kernel.splice(client, backend).inspect_err(|_| {
             // Nothing of the kernel's to count: its entries are gone again.
             meter.detach_kernel();
         })?;
         Ok(Offload {
             splice,
             meter,
-            taken: early,
+            taken: [0; 2],
             written: [0; 2],
             retry: [None, None],
             backoff: [BACKLOG_POLL_MIN; 2],

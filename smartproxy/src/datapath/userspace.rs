@@ -217,54 +217,15 @@ impl Relay {
             !self.client.is_tls() && !self.backend.is_tls(),
             "attempted to splice a TLS session"
         );
-        let early = [
-            self.take_queued(Direction::ClientToBackend),
-            self.take_queued(Direction::BackendToClient),
-        ];
         let client = std::os::fd::AsFd::as_fd(&**self.client.tcp());
         let backend = std::os::fd::AsFd::as_fd(&**self.backend.tcp());
         self.offload = Some(Offload::new(
             kernel,
             client,
             backend,
-            early,
             Arc::clone(&self.meter),
         )?);
         Ok(())
-    }
-
-    /// Reads, before the splice, what `direction`'s source received so far (up to
-    /// [`PASSED_READ_BYTES`]), into the half's buffer, for userspace to write ahead of
-    /// anything the kernel redirects. Returns how many bytes that is. A client that sent
-    /// much before the backend answered has a nearly closed window; read by the verdict
-    /// instead, those bytes leave the socket without a window update (this kernel sends
-    /// none when a redirected skb is freed), and the client waits for its persist timer
-    /// (200 ms) before sending again. `recv` here announces the opened window at once.
-    /// Only bytes already queued are read, so an EOF is never taken here.
-    fn take_queued(&mut self, direction: Direction) -> u64 {
-        let source = match direction.source() {
-            Side::Client => self.client.tcp(),
-            Side::Backend => self.backend.tcp(),
-        };
-        let queued = match crate::ebpf::bytes_to_read(std::os::fd::AsFd::as_fd(&**source)) {
-            Ok(queued) => queued.min(PASSED_READ_BYTES),
-            Err(_) => 0,
-        };
-        if queued == 0 {
-            return 0;
-        }
-        let half = &mut self.halves[direction.index()];
-        let mut buf = vec![0; queued];
-        // The one read that cannot block; an error is met again by the half's next read.
-        let read = source.try_read(&mut buf).unwrap_or(0);
-        if read == 0 {
-            return 0;
-        }
-        half.buf = buf;
-        half.start = 0;
-        half.end = read;
-        self.meter.record(direction, read);
-        read as u64
     }
 
     /// The next lifecycle event. Cancel-safe: no progress is lost when the future is
