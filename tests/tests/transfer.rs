@@ -130,9 +130,9 @@ async fn bytes_the_backend_sends_first_reach_the_client() {
 }
 
 /// The first target never answers, so a client's first bytes wait in the proxy's socket
-/// until the connect timeout moves on to the backend. On the kernel path userspace
-/// forwards those bytes itself, ahead of what the kernel moves after the splice; a
-/// reordered, lost or doubled byte changes the checksum.
+/// until the connect timeout moves on to the backend. On the kernel path the verdict
+/// passes them up at the splice and the relay forwards them ahead of what the kernel
+/// moves later; a reordered, lost or doubled byte changes the checksum.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_sent_before_the_backend_is_reached_arrive_first_and_intact() {
     const EARLY: usize = 8 * 1024 * 1024;

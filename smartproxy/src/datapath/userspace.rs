@@ -109,9 +109,14 @@ impl Half {
             if self.eof {
                 return Poll::Pending;
             }
+            // On a spliced connection a read that filled the buffer means the verdict is
+            // passing a stream: take the whole receive queue from then on (see
+            // `PASSED_READ_BYTES`). Not at once: most reads there are a FIN or a few
+            // bytes, and a megabyte for each would slow every connection's start and end.
+            let stream_passed = self.end > 0 && self.end == self.buf.len();
             let capacity = match offload {
-                Some(_) => PASSED_READ_BYTES,
-                None => BUFFER_BYTES,
+                Some(_) if stream_passed => PASSED_READ_BYTES,
+                _ => BUFFER_BYTES,
             };
             let read = match source.poll_read(cx, &mut self.buf, capacity) {
                 Poll::Ready(read) => read,
