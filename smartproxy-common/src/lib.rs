@@ -69,13 +69,11 @@ pub struct Flow {
     /// `seq_known` is non-zero (from the first skb on). Written by the verdict only.
     pub next_seq: u32,
     pub seq_known: u32,
-    /// Bytes the socket had received before the splice and nobody had read: the verdict
-    /// passes at least that many, so that userspace reads them. Read by the verdict
-    /// instead, they would leave the socket without a window update (6.18 sends none when
-    /// a redirected skb is freed), and a client whose window had filled before the
-    /// backend answered waited for its persist timer (200 ms). A `recv` in userspace
-    /// announces the window; it also takes whole skbs, which a `recv` before the splice
-    /// could not promise (the verdict gets whole skbs, a partly read one included).
+    /// Bytes the socket had received before the splice and nobody had read (`SIOCINQ`):
+    /// the verdict passes at least that many, so that userspace's `recv` announces the
+    /// window they held. Redirected, they leave without a window update (6.18 sends none
+    /// when a redirected skb is freed), and a client whose window filled before the
+    /// backend answered waits for its persist timer (200 ms).
     pub pass_first: u64,
 }
 

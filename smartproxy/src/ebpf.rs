@@ -60,12 +60,11 @@ pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 16 * 1024 * 1024;
 /// "Backpressure").
 const SPLICED_RECEIVE_BUFFER: usize = 512 * 1024;
 
-/// What userspace reads from a spliced socket at once: its whole receive queue. The
-/// verdict redirects again only once userspace has forwarded every byte it passed; a
-/// fast sender refills a queue read in 64 KiB steps before that moment comes, and the
-/// connection stays on the userspace copy (bench, bulk upload: 62-85 % of the bytes
-/// through the kernel with 64 KiB reads; with whole-queue reads 79-99 %, median 94 %,
-/// over 13 runs up and down).
+/// What userspace reads at once from a spliced socket whose verdict passes a stream: its
+/// whole receive queue. The verdict redirects again only once userspace has forwarded
+/// every byte it passed; a fast sender refills a queue read in 64 KiB steps before that
+/// moment comes, and the connection stays on the userspace copy (bench, bulk: 62-85 % of
+/// the bytes through the kernel with 64 KiB reads, 94-98 % with whole-queue reads).
 pub const PASSED_READ_BYTES: usize = 2 * SPLICED_RECEIVE_BUFFER;
 
 /// How much more a spliced socket's send buffer holds than `max_queued_bytes`: room for
@@ -1141,8 +1140,9 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int
 /// Pins the receive buffer to [`SPLICED_RECEIVE_BUFFER`], and the send buffer above the
 /// cap: the kernel's redirect backlog must never meet a full send queue in the middle of
 /// an skb. On 6.18, when the send then returns nothing, it reports EPIPE, drops the skb
-/// and disables the socket's send path (lost bytes). The cap counts the whole send queue, so with the send buffer above
-/// it, the backlog only ever waits before an skb, which is harmless. `SO_SNDBUFFORCE`
+/// and disables the socket's send path (lost bytes). The cap counts the whole send
+/// queue, so with the send buffer above it, the backlog only ever waits before an skb,
+/// which is harmless. `SO_SNDBUFFORCE`
 /// (CAP_NET_ADMIN, which the kernel path needs anyway) because `net.core.wmem_max`
 /// usually clamps `SO_SNDBUF` far below the cap.
 fn pin_buffers(fd: BorrowedFd<'_>, max_queued_bytes: u64) -> io::Result<()> {

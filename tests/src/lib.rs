@@ -271,6 +271,18 @@ impl Backend {
     }
 }
 
+/// Ends a connection with FIN both ways (the backend answers the client's FIN with its
+/// own, sending nothing more) and checks the proxy saw a normal close.
+pub async fn close_normally(proxy: &mut TestProxy, mut stream: TcpStream) {
+    stream.shutdown().await.expect("FIN");
+    let mut rest = Vec::new();
+    within("the backend's FIN", stream.read_to_end(&mut rest))
+        .await
+        .expect("read to EOF");
+    assert!(rest.is_empty(), "unexpected bytes after the FIN");
+    proxy.expect_closed(Reason::Normal).await;
+}
+
 /// A loopback address whose SYNs go unanswered, for as long as it lives: a listener with
 /// backlog 0 whose accept queue is full of connections never accepted, so the kernel
 /// drops every further SYN.

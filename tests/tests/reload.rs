@@ -43,19 +43,6 @@ async fn round_trip(stream: &mut TcpStream, seed: u64) {
     assert!(echoed == message, "echo differs from what was sent");
 }
 
-/// Ends a connection with FIN both ways and checks the proxy saw a normal close.
-async fn close_normally(proxy: &mut TestProxy, mut stream: TcpStream) {
-    stream.shutdown().await.expect("FIN");
-    let mut rest = Vec::new();
-    within("the backend's FIN", stream.read_to_end(&mut rest))
-        .await
-        .expect("read to EOF");
-    assert!(rest.is_empty(), "unexpected bytes after the FIN");
-    proxy
-        .expect_closed(smartproxy::lifecycle::Reason::Normal)
-        .await;
-}
-
 #[tokio::test]
 async fn a_changed_route_applies_to_new_connections_only() {
     for_each_data_path(|mode| async move {
