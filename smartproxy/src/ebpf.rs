@@ -556,7 +556,7 @@ pub enum SpliceStep {
     Register,
     /// `CONTROL` or `FLOWS` insert.
     Flows,
-    /// `setsockopt(SO_SNDBUF / SO_RCVBUF)`.
+    /// `setsockopt` of the buffer sizes.
     Buffers,
     /// `TARGETS` insert.
     Targets,
@@ -576,7 +576,7 @@ impl fmt::Display for SpliceStep {
             SpliceStep::Targets => "TARGETS insert",
             SpliceStep::Sockets => "SOCKETS insert",
             SpliceStep::RcvLowat => "setsockopt(SO_RCVLOWAT)",
-            SpliceStep::Buffers => "setsockopt(SO_SNDBUF/SO_RCVBUF)",
+            SpliceStep::Buffers => "setsockopt(SO_RCVBUFFORCE/SO_SNDBUFFORCE)",
         })
     }
 }
@@ -734,6 +734,22 @@ impl Splice {
     /// The verdict's counters for the direction whose bytes come from `source`.
     pub fn flow(&self, source: Side) -> io::Result<FlowCounters> {
         self.kernel.flow_counters(self.socket(source).cookie)
+    }
+
+    /// Whether a read from `source` would find anything now: bytes the verdict passed up, a
+    /// FIN or an error. Asked with `poll`, which takes no socket lock; a failed `poll` says
+    /// yes, and the read then finds out.
+    ///
+    /// Otherwise the socket was readable only for a moment (the verdict wakes its readers
+    /// after every skb, also one it redirects), and a read must not be tried: it holds the
+    /// socket, and skbs that arrive meanwhile wait in its backlog. TCP counts that whole
+    /// backlog against the receive buffer until it has processed all of it, and a
+    /// retransmission in it is acknowledged at once, with the window that leaves: after a
+    /// window's worth, zero or less than one segment. The verdict then takes the bytes, so
+    /// no read announces the reopened window, and the sender waits for its persist timer
+    /// (200 ms on loopback). Bench bulk transfers stalled so in about one run in eight.
+    pub fn may_have_bytes_to_read(&self, source: Side) -> bool {
+        readable_now(self.socket(source).borrow()).unwrap_or(true)
     }
 
     /// Whether userspace may write to the destination of `source`'s bytes now.
@@ -1062,6 +1078,21 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
     Ok(TcpState::from(u32::from(tcp_info(fd)?.state)))
 }
 
+/// Whether the socket is readable (bytes, EOF) or failed, by a `poll` that does not wait.
+fn readable_now(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, and the count says one.
+    let rc = unsafe { libc::poll(&mut pollfd, 1, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pollfd.revents != 0)
+}
+
 /// `SIOCINQ`: bytes received and not read yet.
 fn bytes_to_read(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut inq: libc::c_int = 0;
@@ -1142,39 +1173,40 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int
 /// an skb. On 6.18, when the send then returns nothing, it reports EPIPE, drops the skb
 /// and disables the socket's send path (lost bytes). The cap counts the whole send
 /// queue, so with the send buffer above it, the backlog only ever waits before an skb,
-/// which is harmless. `SO_SNDBUFFORCE`
-/// (CAP_NET_ADMIN, which the kernel path needs anyway) because `net.core.wmem_max`
-/// usually clamps `SO_SNDBUF` far below the cap.
+/// which is harmless. The `FORCE` variants (CAP_NET_ADMIN, which the kernel path needs
+/// anyway) because `net.core.rmem_max` and `wmem_max` usually clamp the plain ones below
+/// these sizes.
 fn pin_buffers(fd: BorrowedFd<'_>, max_queued_bytes: u64) -> io::Result<()> {
-    socket2::SockRef::from(&fd).set_recv_buffer_size(SPLICED_RECEIVE_BUFFER)?;
-    // The kernel doubles the value it is given.
+    // The kernel doubles the sizes it is given.
     let send = (max_queued_bytes + SEND_BUFFER_MARGIN) / 2;
-    let send = libc::c_int::try_from(send)
-        .map_err(|_| io::Error::other(format!("send buffer of {send} bytes is too large")))?;
-    // SAFETY: `send` outlives the call, and its size is passed along with its address.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            (&send as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+    for (name, bytes) in [
+        (libc::SO_RCVBUFFORCE, SPLICED_RECEIVE_BUFFER as u64),
+        (libc::SO_SNDBUFFORCE, send),
+    ] {
+        let bytes = libc::c_int::try_from(bytes)
+            .map_err(|_| io::Error::other(format!("buffer of {bytes} bytes is too large")))?;
+        set_int_option(fd, libc::SOL_SOCKET, name, bytes)?;
     }
     Ok(())
 }
 
 fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    set_int_option(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+fn set_int_option(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: passes a pointer to a c_int and its exact size.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&bytes as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

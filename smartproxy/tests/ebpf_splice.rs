@@ -5,10 +5,12 @@
 //! - `both_directions_at_once_arrive_intact`: 8 MiB each way at the same time, sha256
 //!   compared, bytes the backend wrote before the splice are passed up to userspace and,
 //!   forwarded there, arrive first (server-first), the verdict's counters match, and
-//!   `delivered` becomes true.
+//!   `delivered` becomes true. A read is worth trying while passed bytes wait, and not once
+//!   every byte was redirected.
 //! - `client_fin_is_reported_and_backend_to_client_keeps_flowing`: the client's FIN comes back
-//!   as a `StateChange` of the client side; after `shutdown(SHUT_WR)` of the backend-side
-//!   socket the backend sees EOF and its bytes still reach the client.
+//!   as a `StateChange` of the client side, and makes a read worth trying with no byte
+//!   passed; after `shutdown(SHUT_WR)` of the backend-side socket the backend sees EOF and
+//!   its bytes still reach the client.
 //! - `dropping_the_splice_removes_its_entries`: sockhash entries and events are accounted.
 //!
 //! Needs root (or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON). Without it each test prints
@@ -158,6 +160,11 @@ async fn both_directions_at_once_arrive_intact() {
     let splice = chain.splice(&kernel);
     // Bytes queued before the splice are passed up (`Flow::pass_first`): forward them as
     // the relay does, and report them, after which the verdict redirects.
+    assert!(
+        splice.may_have_bytes_to_read(Side::Backend),
+        "the passed greeting waits: {:?}",
+        splice.flow(Side::Backend)
+    );
     let mut greeting = vec![0; server_first.len()];
     chain.proxy_backend.read_exact(&mut greeting).unwrap();
     assert_eq!(greeting, server_first, "passed up whole and in order");
@@ -197,6 +204,10 @@ async fn both_directions_at_once_arrive_intact() {
     assert_eq!(down_flow.passed, server_first.len() as u64);
     assert_eq!(down_flow.redirected, SIZE as u64);
     assert!(up_flow.last_activity_ns > 0 && down_flow.last_activity_ns > 0);
+    // Both sockets were readable all along (the verdict wakes readers after every skb),
+    // but nothing waits in them: a read would only hold them.
+    assert!(!splice.may_have_bytes_to_read(Side::Client));
+    assert!(!splice.may_have_bytes_to_read(Side::Backend));
     wait_delivered(&splice, Side::Client).await;
     wait_delivered(&splice, Side::Backend).await;
 }
@@ -218,6 +229,10 @@ async fn client_fin_is_reported_and_backend_to_client_keeps_flowing() {
         (change.old, change.new),
         (TcpState::Established, TcpState::CloseWait),
         "the client's FIN"
+    );
+    assert!(
+        splice.may_have_bytes_to_read(Side::Client),
+        "no byte was passed up, but the FIN (EOF) waits to be read"
     );
     // Propagate the FIN only once every redirected byte has reached the backend socket.
     wait_delivered(&splice, Side::Client).await;

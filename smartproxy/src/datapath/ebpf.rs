@@ -133,6 +133,12 @@ impl Offload {
         Poll::Ready(())
     }
 
+    /// Whether a read of `direction`'s source may find anything: see
+    /// [`Splice::may_have_bytes_to_read`].
+    pub fn may_have_bytes_to_read(&self, direction: Direction) -> bool {
+        self.splice.may_have_bytes_to_read(direction.source())
+    }
+
     /// Userspace read `bytes` from `direction`'s source.
     pub fn read(&mut self, direction: Direction, bytes: usize) {
         self.taken[direction.index()] += bytes as u64;

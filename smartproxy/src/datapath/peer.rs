@@ -78,21 +78,32 @@ impl Peer {
 
     /// Reads into `buf` (its bytes are all written), growing it to `capacity` bytes once
     /// there may be something to read. `Ok(0)`: EOF (a FIN; over TLS a close_notify, or a
-    /// FIN without one).
+    /// FIN without one). A plain TCP socket that turned readable is read only if
+    /// `worth_reading` says so; if not, its readiness is dropped and the read waits for
+    /// the next one.
     pub fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut Vec<u8>,
         capacity: usize,
+        mut worth_reading: impl FnMut() -> bool,
     ) -> Poll<io::Result<usize>> {
         match self {
             Peer::Tcp(tcp) => loop {
                 // Readiness first: an idle socket holds no buffer.
                 ready!(tcp.poll_read_ready(cx))?;
-                if buf.len() < capacity {
-                    buf.resize(capacity, 0);
-                }
-                match tcp.try_read(buf) {
+                // The check runs inside `try_io`, which drops the readiness it saw before
+                // the check began: a wake-up that comes during the check is kept.
+                let read = tcp.try_io(tokio::io::Interest::READABLE, || {
+                    if !worth_reading() {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    if buf.len() < capacity {
+                        buf.resize(capacity, 0);
+                    }
+                    tcp.try_read(buf)
+                });
+                match read {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     result => return Poll::Ready(result),
                 }

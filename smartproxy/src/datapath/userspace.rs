@@ -118,7 +118,12 @@ impl Half {
                 Some(_) if stream_passed => PASSED_READ_BYTES,
                 _ => BUFFER_BYTES,
             };
-            let read = match source.poll_read(cx, &mut self.buf, capacity) {
+            let worth_reading = || {
+                offload
+                    .as_deref()
+                    .is_none_or(|offload| offload.may_have_bytes_to_read(self.direction))
+            };
+            let read = match source.poll_read(cx, &mut self.buf, capacity, worth_reading) {
                 Poll::Ready(read) => read,
                 Poll::Pending => {
                     // Idle, with nothing left to write: give the buffer back, so that
