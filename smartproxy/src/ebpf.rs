@@ -1177,7 +1177,7 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int
 /// anyway) because `net.core.rmem_max` and `wmem_max` usually clamp the plain ones below
 /// these sizes.
 fn pin_buffers(fd: BorrowedFd<'_>, max_queued_bytes: u64) -> io::Result<()> {
-    // The kernel doubles the sizes it is given.
+    // The kernel doubles the sizes it is given (`SPLICED_RECEIVE_BUFFER` already is one).
     let send = (max_queued_bytes + SEND_BUFFER_MARGIN) / 2;
     for (name, bytes) in [
         (libc::SO_RCVBUFFORCE, SPLICED_RECEIVE_BUFFER as u64),
@@ -1185,26 +1185,22 @@ fn pin_buffers(fd: BorrowedFd<'_>, max_queued_bytes: u64) -> io::Result<()> {
     ] {
         let bytes = libc::c_int::try_from(bytes)
             .map_err(|_| io::Error::other(format!("buffer of {bytes} bytes is too large")))?;
-        set_int_option(fd, libc::SOL_SOCKET, name, bytes)?;
+        set_socket_option(fd, name, bytes)?;
     }
     Ok(())
 }
 
 fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
-    set_int_option(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+    set_socket_option(fd, libc::SO_RCVLOWAT, bytes)
 }
 
-fn set_int_option(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
+/// `setsockopt(SOL_SOCKET, name)` of an int.
+fn set_socket_option(fd: BorrowedFd<'_>, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: passes a pointer to a c_int and its exact size.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            level,
+            libc::SOL_SOCKET,
             name,
             (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
