@@ -71,9 +71,9 @@ pub struct Flow {
     pub seq_known: u32,
     /// Bytes the socket had received before the splice and nobody had read (`SIOCINQ`):
     /// the verdict passes at least that many, so that userspace's `recv` announces the
-    /// window they held. Redirected, they leave without a window update (6.18 sends none
-    /// when a redirected skb is freed), and a client whose window filled before the
-    /// backend answered waits for its persist timer (200 ms).
+    /// window they held. Redirected, they left without a window update reaching a client
+    /// whose window had filled before the backend answered (seen with tcpdump), and that
+    /// client waited for its persist timer (200 ms).
     pub pass_first: u64,
 }
 
