@@ -79,8 +79,9 @@ pub struct Flow {
 
 const _: () = assert!(core::mem::size_of::<Flow>() == 64);
 
-/// Userspace's half of the backpressure switch of one direction, keyed in `CONTROL` by the
-/// source socket's cookie. Written only by userspace, read only by the verdict.
+/// Userspace's half of the switch between redirect and pass for one direction, keyed in
+/// `CONTROL` by the source socket's cookie. Written only by userspace, read only by the
+/// verdict.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -89,9 +90,14 @@ pub struct Control {
     pub flushed: u64,
     /// `max_queued_bytes`: the most bytes that may be on their way to the peer.
     pub cap: u64,
+    /// Non-zero: the verdict may redirect. Zero: it passes every byte to userspace. A splice
+    /// starts passing and redirects only once both sockets are in `SOCKETS`, so that a
+    /// socket the kernel refuses half way (its FIN arrived) leaves nothing redirected; it
+    /// goes back to passing before userspace shuts the destination on its own authority.
+    pub redirect: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Control>() == 16);
+const _: () = assert!(core::mem::size_of::<Control>() == 24);
 
 /// A TCP state change of a spliced socket, sent by the sock_ops program through `EVENTS`.
 /// States are the kernel's `TCP_*` numbers (`TCP_ESTABLISHED` = 1, `TCP_CLOSE` = 7,

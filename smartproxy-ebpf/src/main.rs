@@ -83,10 +83,14 @@ fn try_redirect(ctx: &SkBuffContext) -> u32 {
     let flow = unsafe { &mut *flow };
     flow.last_activity_ns = unsafe { bpf_ktime_get_ns() };
     let len = skip_seen_bytes(ctx, flow, len);
-    // Pass the bytes that were queued before the splice (see `Flow::pass_first`), while
-    // userspace holds passed bytes it has not written yet (a redirected byte would
-    // overtake them), and while the peer has `cap` bytes on their way.
-    if flow.passed < flow.pass_first || flow.passed != control.flushed || over_cap(flow, &control)
+    // Pass while userspace asks for it (`Control::redirect`), the bytes that were queued
+    // before the splice (see `Flow::pass_first`), while userspace holds passed bytes it
+    // has not written yet (a redirected byte would overtake them), and while the peer has
+    // `cap` bytes on their way.
+    if control.redirect == 0
+        || flow.passed < flow.pass_first
+        || flow.passed != control.flushed
+        || over_cap(flow, &control)
     {
         flow.passed += len;
         return SK_PASS;

@@ -43,7 +43,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::lifecycle::Side;
+use crate::lifecycle::{Direction, Side};
 
 /// The eBPF object `build.rs` built from `smartproxy-ebpf` (empty when built with
 /// `AYA_BUILD_SKIP=1`).
@@ -372,15 +372,18 @@ impl Kernel {
     /// written to the other socket before this call; bytes still queued in a socket are pushed
     /// through the verdict here, after them, in order.
     ///
-    /// Order (KERNEL-NOTES): register both cookies for events, create both `FLOWS` entries,
-    /// insert both sockets into `TARGETS`, then both into `SOCKETS`, then set `SO_RCVLOWAT` to 1
-    /// on both, which runs bytes already queued through the verdict.
+    /// Order: register both cookies for events, create both `CONTROL` entries (passing every
+    /// byte) and `FLOWS` entries, insert both sockets into `TARGETS`, then both into
+    /// `SOCKETS`, then set `SO_RCVLOWAT` to 1 on both, which runs bytes already queued
+    /// through the verdict; only then switch both directions to redirect.
     ///
-    /// On failure everything done so far is undone. [`SpliceError::stream_intact`] then says
-    /// whether the caller may fall back to the userspace copy: it is true when the failure came
-    /// before the first `SOCKETS` insert, or when the verdict redirected no byte before the
-    /// undo. When it is false, bytes have already moved in the kernel and the connection must
-    /// be aborted.
+    /// A failure before the first `SOCKETS` insert undoes everything and is returned: the
+    /// caller carries on with the userspace copy. A failure after it cannot be undone
+    /// (removing a socket from `SOCKETS` drops the bytes its psock holds), and it is not an
+    /// error: the kernel refuses to insert a socket that already got its FIN, which a peer
+    /// that answers and closes at once makes routine. The splice is then kept with the
+    /// verdict passing every byte to userspace for good, and [`Splice::fallback`] says why.
+    /// No byte was redirected by then, so the stream stays whole.
     pub fn splice(
         &self,
         client: BorrowedFd<'_>,
@@ -402,12 +405,21 @@ impl Kernel {
             client,
             backend,
             events,
+            control: [Control {
+                cap: self.inner.max_queued_bytes,
+                ..Control::default()
+            }; 2],
             done: Done::default(),
+            fallback: None,
         };
         match splice.attach() {
             Ok(()) => Ok(splice),
-            Err(mut err) => {
-                err.stream_intact = splice.undo();
+            Err(err) if splice.done.sockets.contains(&true) => {
+                splice.fallback = Some(err);
+                Ok(splice)
+            }
+            Err(err) => {
+                splice.undo();
                 Err(err)
             }
         }
@@ -517,15 +529,12 @@ async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, shared: Arc<Shared>) {
     }
 }
 
-/// Why [`Kernel::splice`] failed, which socket and step, and whether the byte stream is
-/// still untouched.
+/// Why [`Kernel::splice`] failed (or fell back to passing), which socket and step.
 #[derive(Debug, thiserror::Error)]
 #[error("splice: {step} of the {side} socket failed")]
 pub struct SpliceError {
     pub side: Side,
     pub step: SpliceStep,
-    /// True when no byte was redirected: the caller may carry on with the userspace copy.
-    pub stream_intact: bool,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync + 'static>,
 }
@@ -539,7 +548,6 @@ impl SpliceError {
         Self {
             side,
             step,
-            stream_intact: true,
             source: source.into(),
         }
     }
@@ -564,6 +572,8 @@ pub enum SpliceStep {
     Sockets,
     /// `setsockopt(SO_RCVLOWAT, 1)`.
     RcvLowat,
+    /// The `CONTROL` update that switches a direction from pass to redirect.
+    Redirect,
 }
 
 impl fmt::Display for SpliceStep {
@@ -577,6 +587,7 @@ impl fmt::Display for SpliceStep {
             SpliceStep::Sockets => "SOCKETS insert",
             SpliceStep::RcvLowat => "setsockopt(SO_RCVLOWAT)",
             SpliceStep::Buffers => "setsockopt(SO_RCVBUFFORCE/SO_SNDBUFFORCE)",
+            SpliceStep::Redirect => "CONTROL update to redirect",
         })
     }
 }
@@ -705,7 +716,12 @@ pub struct Splice {
     client: SpliceSocket,
     backend: SpliceSocket,
     events: Arc<EventQueue>,
+    /// Userspace's copy of each source's `CONTROL` entry, `[client, backend]`: every update
+    /// writes the whole value.
+    control: [Control; 2],
     done: Done,
+    /// Set when the splice could not complete and passes every byte to userspace.
+    fallback: Option<SpliceError>,
 }
 
 impl fmt::Debug for Splice {
@@ -780,16 +796,45 @@ impl Splice {
         })
     }
 
+    /// Whether the destination of `source`'s bytes has acknowledged every one of them: each
+    /// byte the verdict redirected and the `written` bytes userspace wrote since the splice
+    /// left its send queue and reached the peer's receiver. Only then does an abort (which
+    /// discards the send queue) lose nothing of what `source` sent.
+    pub fn acknowledged(&self, source: Side, written: u64) -> io::Result<bool> {
+        let redirected = self.flow(source)?.redirected;
+        let dest = self.socket(source.peer());
+        let (acked, _) = acked_and_outq(dest.borrow())?;
+        Ok(acked.saturating_sub(dest.handed_at_splice) >= redirected.saturating_add(written))
+    }
+
     /// Tells the verdict that userspace has written `flushed` bytes it read from `source`
     /// to the peer. Once that is every byte the verdict passed, it redirects again.
-    pub fn flushed(&self, source: Side, flushed: u64) -> io::Result<()> {
-        let control = Control {
-            flushed,
-            cap: self.kernel.inner.max_queued_bytes,
-        };
+    pub fn flushed(&mut self, source: Side, flushed: u64) -> io::Result<()> {
+        self.control[index(source)].flushed = flushed;
+        self.write_control(source)
+    }
+
+    /// Makes the verdict pass every byte of `source` from now on, so that nothing more is
+    /// redirected toward a destination userspace is about to shut. Returns once no verdict
+    /// run that still saw the old value can be in progress: `SIOCINQ` takes the source
+    /// socket's lock, which the verdict holds while it runs (it runs from the socket's
+    /// data-ready callback). After that, the verdict's `redirected` count is final.
+    pub fn stop_redirecting(&mut self, source: Side) -> io::Result<()> {
+        self.control[index(source)].redirect = 0;
+        self.write_control(source)?;
+        bytes_to_read(self.socket(source).borrow()).map(drop)
+    }
+
+    /// Why the splice could not complete, if it did not: its verdict then passes every
+    /// byte to userspace.
+    pub fn fallback(&self) -> Option<&SpliceError> {
+        self.fallback.as_ref()
+    }
+
+    fn write_control(&self, source: Side) -> io::Result<()> {
         let cookie = self.socket(source).cookie;
         lock(&self.kernel.inner.control)
-            .insert(cookie, control, 0)
+            .insert(cookie, self.control[index(source)], 0)
             .map_err(|e| {
                 io::Error::other(format!("{MAP_CONTROL} update for the {source} socket: {e}"))
             })
@@ -811,13 +856,9 @@ impl Splice {
     fn attach(&mut self) -> Result<(), SpliceError> {
         let inner = Arc::clone(&self.kernel.inner);
         let pair = [&self.client, &self.backend].map(|s| (s.side, s.fd, s.cookie));
-        let control = Control {
-            cap: inner.max_queued_bytes,
-            ..Control::default()
-        };
         for (i, (side, _, cookie)) in pair.into_iter().enumerate() {
             lock(&inner.control)
-                .insert(cookie, control, BPF_NOEXIST)
+                .insert(cookie, self.control[i], BPF_NOEXIST)
                 .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
             self.done.control[i] = true;
         }
@@ -846,6 +887,10 @@ impl Splice {
             self.done.targets[i] = true;
         }
         for (i, (side, fd, cookie)) in pair.into_iter().enumerate() {
+            #[cfg(feature = "test-hooks")]
+            if i == 1 {
+                test_hooks::pause_between_sockets_inserts();
+            }
             lock(&inner.sockets)
                 .insert(cookie, fd, BPF_NOEXIST)
                 .map_err(|e| SpliceError::new(side, SpliceStep::Sockets, e))?;
@@ -856,17 +901,29 @@ impl Splice {
                 .fetch_add(1, Ordering::Relaxed);
         }
         // Bytes queued before the insert may otherwise sit until the next skb arrives; this
-        // calls the data-ready hook, which runs them through the verdict (KERNEL-NOTES).
+        // calls the data-ready hook, which runs them through the verdict (in pass mode).
         for socket in [&self.client, &self.backend] {
             set_rcvlowat(socket.borrow(), 1)
                 .map_err(|e| SpliceError::new(socket.side, SpliceStep::RcvLowat, e))?;
         }
+        // Both sockets are in: the verdict may redirect. Either both directions do, or
+        // neither (a direction left redirecting alone would still be correct, but booking
+        // the connection on one path must be true of both).
+        for (i, side) in [Side::Client, Side::Backend].into_iter().enumerate() {
+            self.control[i].redirect = 1;
+            if let Err(e) = self.write_control(side) {
+                for side in [Side::Client, Side::Backend] {
+                    self.control[index(side)].redirect = 0;
+                    let _ = self.write_control(side);
+                }
+                return Err(SpliceError::new(side, SpliceStep::Redirect, e));
+            }
+        }
         Ok(())
     }
 
-    /// Removes every entry `attach` made; returns true if the verdict redirected no byte
-    /// before that (see [`SpliceError::stream_intact`]). Never panics.
-    fn undo(&mut self) -> bool {
+    /// Removes every entry `attach` made. Never panics.
+    fn undo(&mut self) {
         let inner = Arc::clone(&self.kernel.inner);
         let cookies = [self.client.cookie, self.backend.cookie];
         // SOCKETS first so the verdict stops before its targets and counters go.
@@ -884,13 +941,9 @@ impl Splice {
                 remove_logged(MAP_TARGETS, lock(&inner.targets).remove(cookie));
             }
         }
-        let mut intact = true;
         for (i, cookie) in cookies.iter().enumerate() {
             if std::mem::take(&mut self.done.flows[i]) {
-                let mut flows = lock(&inner.flows);
-                // An unreadable counter cannot prove that nothing moved.
-                intact &= flows.get(cookie, 0).is_ok_and(|f| f.redirected == 0);
-                remove_logged(MAP_FLOWS, flows.remove(cookie));
+                remove_logged(MAP_FLOWS, lock(&inner.flows).remove(cookie));
             }
             if std::mem::take(&mut self.done.control[i]) {
                 remove_logged(MAP_CONTROL, lock(&inner.control).remove(cookie));
@@ -900,7 +953,6 @@ impl Splice {
         for cookie in cookies {
             registry.remove(&cookie);
         }
-        intact
     }
 }
 
@@ -1052,6 +1104,33 @@ fn program_error(
     }
 }
 
+/// `[client, backend]` arrays are indexed like the direction each side is the source of.
+fn index(side: Side) -> usize {
+    Direction::from_source(side).index()
+}
+
+/// Test builds only (`--features test-hooks`): makes rare kernel races happen every time.
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    static PAUSE_BETWEEN_SOCKETS_INSERTS_MS: AtomicU64 = AtomicU64::new(0);
+
+    /// Every splice from now on waits `pause` between its two `SOCKETS` inserts, so that a
+    /// peer's FIN can arrive in between. Process-wide: for a test binary of its own.
+    pub fn set_pause_between_sockets_inserts(pause: Duration) {
+        PAUSE_BETWEEN_SOCKETS_INSERTS_MS.store(pause.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub(super) fn pause_between_sockets_inserts() {
+        let ms = PAUSE_BETWEEN_SOCKETS_INSERTS_MS.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks cannot leave a map half-updated (each guarded
     // operation is one syscall), so a poisoned lock is still usable.
@@ -1102,6 +1181,12 @@ fn bytes_to_read(fd: BorrowedFd<'_>) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     u64::try_from(inq).map_err(|_| io::Error::other(format!("SIOCINQ returned {inq}")))
+}
+
+/// Whether the peer acknowledged every byte written to the socket (`SIOCOUTQ` is 0): an
+/// abort, which discards the send queue, then loses nothing.
+pub fn all_acknowledged(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(acked_and_outq(fd)?.1 == 0)
 }
 
 /// `(tcpi_bytes_acked, SIOCOUTQ)`: their sum is every byte ever taken into the socket's

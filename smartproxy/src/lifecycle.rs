@@ -10,12 +10,17 @@
 //! | --- | --- |
 //! | FIN from one side | `Finish` that side's direction: deliver every byte already read, then `shutdown(SHUT_WR)` the other socket; the other direction keeps flowing |
 //! | FIN from both, both directions finished | `Close(Normal)` |
-//! | RST from one side | `Abort` the other side, `Close(ClientReset / BackendReset)` |
+//! | RST from one side | reset the other side once it has acknowledged every byte the resetting side sent before its RST, or after `grace_period` if it does not (`AbortWhenDelivered`); `Close(ClientReset / BackendReset)` |
 //! | idle for `inactivity_timeout` | `timeout_behavior`: `close` = graceful close (`InactivityTimeout`); `reset` = `InactivityReset` (count it) and re-arm; `ignore` = no timer |
-//! | one direction finished longer than `parity_check_timeout` AND idle longer than `parity_inactivity` | graceful close (`ParityCheck`) |
+//! | one side sent FIN longer than `parity_check_timeout` ago AND idle longer than `parity_inactivity` (whether or not its direction finished delivering) | graceful close (`ParityCheck`) |
 //! | `allow_half_open = false` and a FIN | graceful close with reason `Normal`: in-flight data delivered, FIN both ways |
 //! | graceful close | `Finish` every open direction, wait for both peers' FIN, `Close` after `grace_period` at the latest |
 //! | proxy shutdown | the connection may finish on its own; `Close(Shutdown)` after `grace_period` |
+//! | end of a grace period (graceful close or shutdown) | both directions finished: the sockets close with FIN; otherwise `Abort` both sides (RST), so that no peer takes a cut stream for a complete one |
+//!
+//! The wait before passing a reset on is bounded by `grace_period`, the time the proxy
+//! gives in-flight bytes at every close it starts: a destination that does not read must
+//! not keep a reset connection open for longer than a graceful close would be.
 //!
 //! Invariants (checked by the tests): exactly one `Close` per connection, no action
 //! after it, no deadline left after it.
@@ -210,8 +215,12 @@ pub enum Action {
     /// it sends later are read and dropped, so that its FIN is still seen); deliver every
     /// byte already taken, then `shutdown(SHUT_WR)` the destination; report `Finished`.
     Finish(Direction),
-    /// Reset this side's connection (RST).
+    /// Reset this side's connection (RST) now.
     Abort(Side),
+    /// The other side reset: reset `side` once it has acknowledged every byte the proxy
+    /// sent it, or at `deadline` if it has not by then. An abort discards the send queue,
+    /// and what it holds are the last bytes the resetting side sent.
+    AbortWhenDelivered { side: Side, deadline: Instant },
     /// An inactivity timeout passed under `timeout_behavior = "reset"`: count it.
     InactivityReset,
     /// The connection is over: close both sockets, record the reason.
@@ -252,8 +261,8 @@ enum Phase {
 pub struct Lifecycle {
     config: LifecycleConfig,
     flows: [Flow; 2],
-    /// Which sides have sent FIN, indexed like `Direction` (by source).
-    eof: [bool; 2],
+    /// When each side sent FIN, indexed like `Direction` (by source).
+    eof_at: [Option<Instant>; 2],
     phase: Phase,
     /// The latest activity the data path reported.
     last_activity: Instant,
@@ -267,7 +276,7 @@ impl Lifecycle {
         Lifecycle {
             config,
             flows: [Flow::Open; 2],
-            eof: [false; 2],
+            eof_at: [None; 2],
             phase: Phase::Relaying,
             last_activity: now,
             idle_since: now,
@@ -316,14 +325,12 @@ impl Lifecycle {
         }
     }
 
-    /// Set while exactly one direction is finished and the other is still open.
+    /// Set from the first FIN on, counted from it: also while the direction it ends is
+    /// still delivering, which a destination that never reads would make last forever.
     fn parity_deadline(&self) -> Option<Instant> {
-        let finished_at = match self.flows {
-            [Flow::Finished { at }, Flow::Open] | [Flow::Open, Flow::Finished { at }] => at,
-            _ => return None,
-        };
+        let ended_at = self.eof_at.into_iter().flatten().min()?;
         Some(std::cmp::max(
-            finished_at + self.config.parity_check_timeout,
+            ended_at + self.config.parity_check_timeout,
             self.last_activity + self.config.parity_inactivity,
         ))
     }
@@ -336,7 +343,7 @@ impl Lifecycle {
         }
         match event {
             Event::Eof(side) => {
-                self.eof[Direction::from_source(side).index()] = true;
+                self.eof_at[Direction::from_source(side).index()].get_or_insert(now);
                 self.finish(Direction::from_source(side), &mut actions);
                 if !self.config.allow_half_open {
                     self.begin_graceful_close(Reason::Normal, now, &mut actions);
@@ -351,7 +358,10 @@ impl Lifecycle {
                 self.flows[direction.index()] = Flow::Finished { at: now };
             }
             Event::Reset(side) => {
-                actions.push(Action::Abort(side.peer()));
+                actions.push(Action::AbortWhenDelivered {
+                    side: side.peer(),
+                    deadline: now + self.config.grace_period,
+                });
                 let reason = match self.phase {
                     Phase::Closing { reason, .. } => reason,
                     _ => Reason::reset_by(side),
@@ -420,8 +430,8 @@ impl Lifecycle {
 
     /// Decides, from both directions and the phase, whether the connection is over.
     fn settle(&mut self, now: Instant, actions: &mut Actions) {
-        let both_finished = matches!(self.flows, [Flow::Finished { .. }, Flow::Finished { .. }]);
-        let both_eof = self.eof == [true, true];
+        let both_finished = self.both_finished();
+        let both_eof = self.eof_at.iter().all(Option::is_some);
         match self.phase {
             Phase::Closed(_) => {}
             Phase::Relaying | Phase::ShuttingDown { .. } if both_finished && both_eof => {
@@ -430,12 +440,27 @@ impl Lifecycle {
             Phase::Closing { reason, .. } if both_finished && both_eof => {
                 self.close(reason, actions)
             }
-            Phase::Closing { reason, deadline } if now >= deadline => self.close(reason, actions),
+            Phase::Closing { reason, deadline } if now >= deadline => self.cut(reason, actions),
             Phase::ShuttingDown { deadline } if now >= deadline => {
-                self.close(Reason::Shutdown, actions)
+                self.cut(Reason::Shutdown, actions)
             }
             Phase::Relaying | Phase::ShuttingDown { .. } | Phase::Closing { .. } => {}
         }
+    }
+
+    fn both_finished(&self) -> bool {
+        matches!(self.flows, [Flow::Finished { .. }, Flow::Finished { .. }])
+    }
+
+    /// Ends the connection before both peers said they were done. It ends with a FIN each
+    /// way only if both directions finished, each with the FIN after its last byte. Any
+    /// other stream is cut where it stands, and an RST to both sides says so: the proxy
+    /// cannot know where a message ends, so an idle stream may be mid-message too.
+    fn cut(&mut self, reason: Reason, actions: &mut Actions) {
+        if !self.both_finished() {
+            actions.extend([Action::Abort(Side::Client), Action::Abort(Side::Backend)]);
+        }
+        self.close(reason, actions);
     }
 
     fn close(&mut self, reason: Reason, actions: &mut Actions) {
@@ -539,7 +564,16 @@ mod tests {
             (Backend, Reason::BackendReset),
         ] {
             let mut s = Script::new(config());
-            assert_eq!(s.on(Reset(side)), vec![Abort(side.peer()), Close(reason)]);
+            assert_eq!(
+                s.at(SEC).on(Reset(side)),
+                vec![
+                    AbortWhenDelivered {
+                        side: side.peer(),
+                        deadline: s.start + 6 * SEC
+                    },
+                    Close(reason)
+                ]
+            );
         }
     }
 
@@ -550,7 +584,13 @@ mod tests {
         s.on(Finished(ClientToBackend));
         assert_eq!(
             s.on(Reset(Client)),
-            vec![Abort(Backend), Close(Reason::ClientReset)]
+            vec![
+                AbortWhenDelivered {
+                    side: Backend,
+                    deadline: s.start + 5 * SEC
+                },
+                Close(Reason::ClientReset)
+            ]
         );
     }
 
@@ -607,6 +647,22 @@ mod tests {
         assert_eq!(s.lifecycle.deadline(), Some(s.start + 65 * SEC));
         assert_eq!(
             s.fire(Duration::ZERO),
+            vec![
+                Abort(Client),
+                Abort(Backend),
+                Close(Reason::InactivityTimeout)
+            ]
+        );
+    }
+
+    #[test]
+    fn graceful_close_whose_directions_both_finished_ends_with_fin_at_the_deadline() {
+        let mut s = Script::new(config());
+        s.fire(Duration::ZERO);
+        s.on(Finished(ClientToBackend));
+        s.on(Finished(BackendToClient));
+        assert_eq!(
+            s.fire(Duration::ZERO),
             vec![Close(Reason::InactivityTimeout)]
         );
     }
@@ -624,6 +680,43 @@ mod tests {
         assert_eq!(s.fire(Duration::ZERO), vec![Finish(BackendToClient)]);
         s.on(Finished(BackendToClient));
         assert_eq!(s.on(Eof(Backend)), vec![Close(Reason::ParityCheck)]);
+    }
+
+    #[test]
+    fn parity_check_closes_a_direction_that_never_finishes_delivering() {
+        let mut s = Script::new(LifecycleConfig {
+            timeout_behavior: TimeoutBehavior::Ignore,
+            ..config()
+        });
+        // The client's FIN at 2 s; its direction never reports Finished (a destination
+        // that does not read).
+        s.at(2 * SEC).on(Eof(Client));
+        assert_eq!(s.lifecycle.deadline(), Some(s.start + 32 * SEC));
+        assert_eq!(s.fire(Duration::ZERO), vec![Finish(BackendToClient)]);
+        s.on(Finished(BackendToClient));
+        // Still not delivered at the end of the grace period: cut, both sides.
+        assert_eq!(
+            s.fire(Duration::ZERO),
+            vec![Abort(Client), Abort(Backend), Close(Reason::ParityCheck)]
+        );
+    }
+
+    #[test]
+    fn parity_check_counts_from_the_first_fin_when_both_sides_ended() {
+        let mut s = Script::new(LifecycleConfig {
+            timeout_behavior: TimeoutBehavior::Ignore,
+            ..config()
+        });
+        s.at(SEC).on(Eof(Client));
+        s.at(3 * SEC).on(Eof(Backend));
+        s.on(Finished(BackendToClient));
+        // client->backend never finishes.
+        assert_eq!(s.lifecycle.deadline(), Some(s.start + 31 * SEC));
+        assert_eq!(s.fire(Duration::ZERO), vec![]);
+        assert_eq!(
+            s.fire(Duration::ZERO),
+            vec![Abort(Client), Abort(Backend), Close(Reason::ParityCheck)]
+        );
     }
 
     #[test]
@@ -683,7 +776,23 @@ mod tests {
         let mut s = Script::new(config());
         s.at(SEC).on(Shutdown);
         assert_eq!(s.lifecycle.deadline(), Some(s.start + 6 * SEC));
-        assert_eq!(s.fire(6 * SEC), vec![Close(Reason::Shutdown)]);
+        // Idle or not at that instant, an open stream is cut on both sides.
+        assert_eq!(
+            s.fire(6 * SEC),
+            vec![Abort(Client), Abort(Backend), Close(Reason::Shutdown)]
+        );
+    }
+
+    #[test]
+    fn shutdown_ends_with_fin_where_both_directions_finished() {
+        let mut s = Script::new(config());
+        s.on(Eof(Client));
+        s.on(Finished(ClientToBackend));
+        s.on(Shutdown);
+        s.on(Eof(Backend));
+        s.on(Finished(BackendToClient));
+        // Both finished and both sent FIN: closed normally before the deadline.
+        assert_eq!(s.lifecycle.closed(), Some(Reason::Normal));
     }
 
     #[test]
@@ -692,7 +801,13 @@ mod tests {
         s.fire(Duration::ZERO);
         assert_eq!(
             s.on(Reset(Backend)),
-            vec![Abort(Client), Close(Reason::InactivityTimeout)]
+            vec![
+                AbortWhenDelivered {
+                    side: Client,
+                    deadline: s.start + 65 * SEC
+                },
+                Close(Reason::InactivityTimeout)
+            ]
         );
     }
 
@@ -702,7 +817,10 @@ mod tests {
             grace_period: Duration::ZERO,
             ..config()
         });
-        assert_eq!(s.on(Shutdown), vec![Close(Reason::Shutdown)]);
+        assert_eq!(
+            s.on(Shutdown),
+            vec![Abort(Client), Abort(Backend), Close(Reason::Shutdown)]
+        );
     }
 
     /// Drives random event sequences through the lifecycle the way a data path would
@@ -782,7 +900,7 @@ mod tests {
                         to_finish.push(direction);
                     }
                     Close(_) => closes += 1,
-                    Abort(_) | InactivityReset => {}
+                    Abort(_) | AbortWhenDelivered { .. } | InactivityReset => {}
                 }
             }
             if lifecycle.closed().is_some() {
@@ -797,6 +915,12 @@ mod tests {
                 assert!(
                     lifecycle.deadline().is_some() || waiting_on_peers,
                     "{context}: live connection that nothing can end"
+                );
+                // Once a side ended, a timer always runs: a direction that never finishes
+                // delivering must not keep the connection forever.
+                assert!(
+                    lifecycle.deadline().is_some() || eof_sent == [false, false],
+                    "{context}: a side ended and no timer runs"
                 );
             }
             assert!(closes <= 1, "{context}: closed {closes} times");

@@ -826,18 +826,16 @@ async fn relay(
     // Before the splice: from then on the kernel may move bytes before this task runs.
     record.set_data_path(data_path);
     if let (DataPathKind::Ebpf, Some(kernel)) = (data_path, &shared.kernel) {
-        if let Err(e) = relay.offload(kernel) {
+        // Routine for a peer that already sent its FIN (the kernel refuses such a socket),
+        // so not a warning: `ebpf.splice_failures` counts them. A splice that failed half
+        // way stays in the maps, passing every byte to the relay: userspace moves them.
+        let failure = match relay.offload(kernel) {
+            Ok(()) => relay.splice_fallback().map(|e| error_chain(e)),
+            Err(e) => Some(error_chain(&e)),
+        };
+        if let Some(error) = failure {
             shared.stats.splice_failed();
-            if !e.stream_intact {
-                // Bytes already moved in the kernel: a userspace copy could reorder them.
-                warn!(error = %error_chain(&e), "splice failed after bytes moved; aborting");
-                relay.abort(crate::lifecycle::Side::Client);
-                relay.abort(crate::lifecycle::Side::Backend);
-                return Reason::ConnectFailed;
-            }
-            // Routine for a client that already sent its FIN (the kernel refuses such a
-            // socket), so not a warning: `ebpf.splice_failures` counts them.
-            debug!(error = %error_chain(&e), "splice failed; this connection uses the userspace data path");
+            debug!(%error, "splice failed; this connection uses the userspace data path");
             record.set_data_path(DataPathKind::Userspace);
         }
     }
@@ -861,6 +859,11 @@ async fn relay(
             match action {
                 Action::Finish(direction) => relay.finish(direction),
                 Action::Abort(side) => relay.abort(side),
+                Action::AbortWhenDelivered { side, deadline } => {
+                    relay
+                        .abort_when_delivered(side, Instant::from_std(deadline))
+                        .await
+                }
                 Action::InactivityReset => shared.stats.inactivity_reset(),
                 Action::Close(reason) => return reason,
             }

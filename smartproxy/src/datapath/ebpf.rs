@@ -20,10 +20,11 @@ use super::Meter;
 use crate::ebpf::{FlowCounters, Kernel, Splice, SpliceError, Wait};
 use crate::lifecycle::{Direction, Side};
 
-/// The first re-check of the kernel backlog; doubles up to `BACKLOG_POLL_MAX`. There is no
-/// limit on the wait itself: hundreds of MB may be queued toward a slow reader.
-const BACKLOG_POLL_MIN: Duration = Duration::from_millis(1);
-const BACKLOG_POLL_MAX: Duration = Duration::from_millis(50);
+/// The first re-check of the kernel backlog, or of what a destination acknowledged;
+/// doubles up to `BACKLOG_POLL_MAX`. There is no limit on the backlog wait itself: hundreds
+/// of MB may be queued toward a slow reader.
+pub(super) const BACKLOG_POLL_MIN: Duration = Duration::from_millis(1);
+pub(super) const BACKLOG_POLL_MAX: Duration = Duration::from_millis(50);
 
 /// How often a half-closed spliced connection re-checks its sockets' TCP state, in case
 /// the ring buffer lost the event of an RST.
@@ -154,6 +155,26 @@ impl Offload {
         if let Err(e) = self.splice.flushed(direction.source(), self.written[index]) {
             tracing::debug!(%direction, error = %e, "cannot report forwarded bytes to the kernel");
         }
+    }
+
+    /// Stops the verdict redirecting `direction`'s bytes, before userspace shuts its
+    /// destination on its own authority: redirected into a write-shut socket, they would
+    /// fail its send path (EPIPE). From then on the source's bytes are passed up, where the
+    /// relay reads and drops them, as the userspace path does.
+    pub fn stop_redirecting(&mut self, direction: Direction) -> io::Result<()> {
+        self.splice.stop_redirecting(direction.source())
+    }
+
+    /// Whether `direction`'s destination acknowledged every byte sent to it since the
+    /// splice, by the kernel or by userspace.
+    pub fn acknowledged(&self, direction: Direction) -> io::Result<bool> {
+        self.splice
+            .acknowledged(direction.source(), self.written[direction.index()])
+    }
+
+    /// Why the splice could not complete, if it did not (every byte is then passed up).
+    pub fn fallback(&self) -> Option<&SpliceError> {
+        self.splice.fallback()
     }
 
     /// Whether a socket's TCP state may have changed: the sock_ops program reported a

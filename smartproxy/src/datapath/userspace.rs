@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
-use super::ebpf::Offload;
+use super::ebpf::{Offload, BACKLOG_POLL_MAX, BACKLOG_POLL_MIN};
 use super::peer::{Peer, BUFFER_BYTES};
 use super::Meter;
 use crate::ebpf::{Kernel, SpliceError, Wait, PASSED_READ_BYTES};
@@ -217,7 +218,8 @@ impl Relay {
 
     /// Hands the connection's bytes to the kernel. Must come before the first
     /// `next_event`, and both sides must be plain TCP (TLS is decrypted here). On error
-    /// nothing was spliced unless `SpliceError::stream_intact` is false.
+    /// nothing was spliced. A splice that could not complete is kept, passing every byte
+    /// to this relay: [`Relay::splice_fallback`] says why.
     pub fn offload(&mut self, kernel: &Kernel) -> Result<(), SpliceError> {
         debug_assert!(
             self.offload.is_none(),
@@ -236,6 +238,12 @@ impl Relay {
             Arc::clone(&self.meter),
         )?);
         Ok(())
+    }
+
+    /// Why the splice could not complete, if it did not: the kernel then passes every byte
+    /// up, and this relay moves them as on the userspace path.
+    pub fn splice_fallback(&self) -> Option<&SpliceError> {
+        self.offload.as_ref().and_then(Offload::fallback)
     }
 
     /// The next lifecycle event. Cancel-safe: no progress is lost when the future is
@@ -313,10 +321,19 @@ impl Relay {
 
     /// `Action::Finish`: the half stops forwarding once its buffer is written, shuts the
     /// destination's write side and reports `Finished`.
+    /// On a spliced connection the verdict stops redirecting toward the destination
+    /// first, so that the shut socket receives nothing after its FIN.
     pub fn finish(&mut self, direction: Direction) {
         let half = &mut self.halves[direction.index()];
         debug_assert!(!half.finishing, "attempted to finish {direction} twice");
         half.finishing = true;
+        if let Some(offload) = self.offload.as_mut() {
+            if let Err(e) = offload.stop_redirecting(direction) {
+                // The direction still finishes once the kernel's backlog is delivered; only
+                // bytes the source sends later may meet the shut socket.
+                tracing::warn!(%direction, error = %e, "cannot stop the kernel redirecting");
+            }
+        }
     }
 
     /// `Action::Abort`: closing this side's socket will send RST, not FIN.
@@ -324,6 +341,44 @@ impl Relay {
         match side {
             Side::Client => self.client.abort(),
             Side::Backend => self.backend.abort(),
+        }
+    }
+
+    /// `Action::AbortWhenDelivered`: aborts `side` once it has acknowledged every byte
+    /// sent to it (an abort discards its send queue), or at `deadline`.
+    pub async fn abort_when_delivered(&mut self, side: Side, deadline: Instant) {
+        let toward = Direction::from_source(side.peer());
+        let mut pause = BACKLOG_POLL_MIN;
+        loop {
+            match self.acknowledged(toward) {
+                Ok(true) => break,
+                Ok(false) if Instant::now() < deadline => {}
+                Ok(false) => {
+                    tracing::debug!(%side, "not every byte was acknowledged by the deadline; resetting");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(%side, error = %e, "cannot tell what was acknowledged; resetting");
+                    break;
+                }
+            }
+            tokio::time::sleep_until(deadline.min(Instant::now() + pause)).await;
+            pause = (pause * 2).min(BACKLOG_POLL_MAX);
+        }
+        self.abort(side);
+    }
+
+    /// Whether `direction`'s destination acknowledged every byte sent to it.
+    fn acknowledged(&self, direction: Direction) -> io::Result<bool> {
+        match &self.offload {
+            Some(offload) => offload.acknowledged(direction),
+            None => {
+                let destination = match direction.destination() {
+                    Side::Client => &self.client,
+                    Side::Backend => &self.backend,
+                };
+                crate::ebpf::all_acknowledged(std::os::fd::AsFd::as_fd(&**destination.tcp()))
+            }
         }
     }
 }
