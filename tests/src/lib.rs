@@ -159,7 +159,11 @@ impl TestProxy {
         assert_eq!(echoed, GREETING, "the greeting, echoed");
         // The relay books the path before its first byte moves, and again if the splice
         // fails: after a round trip the row is final.
-        let local = client.tcp().local_addr().expect("client address").to_string();
+        let local = client
+            .tcp()
+            .local_addr()
+            .expect("client address")
+            .to_string();
         let row = self
             .proxy
             .connection_rows()
@@ -179,7 +183,10 @@ impl TestProxy {
     /// [`Direction::index`].
     pub fn kernel_bytes(&self) -> [u64; 2] {
         let bytes = self.stats().bytes;
-        [bytes.kernel_client_to_backend, bytes.kernel_backend_to_client]
+        [
+            bytes.kernel_client_to_backend,
+            bytes.kernel_backend_to_client,
+        ]
     }
 
     /// Asserts that the kernel moved bytes in `direction` since `before` (a

@@ -111,18 +111,19 @@ async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_thr
     for_each_frontend(|front| async move {
         // The backend closes only when told to, after the last tick was checked.
         let release = Arc::new(Notify::new());
-        let backend = Backend::greeted_with(Arc::clone(&release), |mut stream, release| async move {
-            let mut request = Vec::new();
-            stream
-                .read_to_end(&mut request)
-                .await
-                .expect("backend reads up to the client's FIN");
-            assert_eq!(request, b"subscribe", "bytes before the client's FIN");
-            send_ticks(&mut stream, TICKS, Duration::from_millis(100)).await;
-            release.notified().await;
-            stream.shutdown().await.expect("backend FIN");
-        })
-        .await;
+        let backend =
+            Backend::greeted_with(Arc::clone(&release), |mut stream, release| async move {
+                let mut request = Vec::new();
+                stream
+                    .read_to_end(&mut request)
+                    .await
+                    .expect("backend reads up to the client's FIN");
+                assert_eq!(request, b"subscribe", "bytes before the client's FIN");
+                send_ticks(&mut stream, TICKS, Duration::from_millis(100)).await;
+                release.notified().await;
+                stream.shutdown().await.expect("backend FIN");
+            })
+            .await;
         let mut proxy =
             TestProxy::start(front.data_path(), &front.route("feed", backend.addr, "")).await;
         let mut client = proxy.established(&front, "feed").await;
