@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use smartproxy::config::{Config, DataPathMode};
-use smartproxy::lifecycle::Reason;
+use smartproxy::datapath::DataPathKind;
+use smartproxy::lifecycle::{Direction, Reason};
 use smartproxy::resolve::{Lookup, Resolve};
 use smartproxy::stats::Snapshot;
 use smartproxy::{Closed, Proxy};
@@ -141,6 +142,70 @@ impl TestProxy {
         self.proxy.snapshot()
     }
 
+    /// A connection to `route` that is past its splice and booked on the proxy's data
+    /// path, through a [`Backend::greeted`] backend: [`GREETING`] makes the round trip
+    /// first. The kernel refuses to splice a socket that already got its FIN, so a test
+    /// that sent its FIN at once would run its kernel variant on the userspace copy.
+    pub async fn established(&self, front: &Frontend, route: &str) -> Client {
+        let mut client = front.connect(self.addr(route)).await;
+        client
+            .write_all(GREETING)
+            .await
+            .expect("client writes the greeting");
+        let mut echoed = [0u8; GREETING.len()];
+        within("the greeting comes back", client.read_exact(&mut echoed))
+            .await
+            .expect("client reads the greeting");
+        assert_eq!(echoed, GREETING, "the greeting, echoed");
+        // The relay books the path before its first byte moves, and again if the splice
+        // fails: after a round trip the row is final.
+        let local = client
+            .tcp()
+            .local_addr()
+            .expect("client address")
+            .to_string();
+        let row = self
+            .proxy
+            .connection_rows()
+            .into_iter()
+            .find(|row| row.client == local)
+            .unwrap_or_else(|| panic!("no connection row for client {local}"));
+        assert_eq!(
+            row.data_path,
+            Some(self.stats().data_path),
+            "data path of connection {} (a failed splice books it on userspace)",
+            row.id
+        );
+        client
+    }
+
+    /// The bytes the kernel moved so far, over every connection of this proxy, by
+    /// [`Direction::index`].
+    pub fn kernel_bytes(&self) -> [u64; 2] {
+        let bytes = self.stats().bytes;
+        [
+            bytes.kernel_client_to_backend,
+            bytes.kernel_backend_to_client,
+        ]
+    }
+
+    /// Asserts that the kernel moved bytes in `direction` since `before` (a
+    /// [`TestProxy::kernel_bytes`] taken after [`TestProxy::established`]) on the kernel
+    /// path, and none at all on the userspace path: a kernel variant that reached the
+    /// kernel. The first bytes of a connection go through userspace, hence the baseline.
+    pub fn assert_kernel_moved(&self, before: [u64; 2], direction: Direction) {
+        let now = self.kernel_bytes();
+        match self.stats().data_path {
+            DataPathKind::Ebpf => assert!(
+                now[direction.index()] > before[direction.index()],
+                "the kernel moved no {direction} byte after the splice: {before:?} -> {now:?}"
+            ),
+            DataPathKind::Userspace => {
+                assert_eq!(now, [0, 0], "kernel bytes on the userspace data path")
+            }
+        }
+    }
+
     pub fn control_socket(&self) -> PathBuf {
         self.dir.path().join("control.sock")
     }
@@ -256,6 +321,43 @@ impl Backend {
         Backend::spawn(move |stream| handler(stream, state.clone())).await
     }
 
+    /// A backend that, on each connection, first echoes [`GREETING`] (the round trip of
+    /// [`TestProxy::established`]), then runs `script`.
+    pub async fn greeted<F, Fut>(script: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let script = Arc::new(script);
+        Backend::spawn(move |mut stream| {
+            let script = Arc::clone(&script);
+            async move {
+                let mut greeting = [0u8; GREETING.len()];
+                stream
+                    .read_exact(&mut greeting)
+                    .await
+                    .expect("backend reads the greeting");
+                assert_eq!(greeting, GREETING, "the greeting at the backend");
+                stream
+                    .write_all(GREETING)
+                    .await
+                    .expect("backend echoes the greeting");
+                script(stream).await;
+            }
+        })
+        .await
+    }
+
+    /// [`Backend::greeted`] with a value each script gets a clone of.
+    pub async fn greeted_with<S, F, Fut>(state: S, script: F) -> Backend
+    where
+        S: Clone + Send + Sync + 'static,
+        F: Fn(TcpStream, S) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Backend::greeted(move |stream| script(stream, state.clone())).await
+    }
+
     /// Waits for every handler to end; a handler's panic fails the test here.
     pub async fn join(self) {
         self.accept.abort();
@@ -270,6 +372,9 @@ impl Backend {
         }
     }
 }
+
+/// What [`TestProxy::established`] sends and a [`Backend::greeted`] backend echoes.
+pub const GREETING: &[u8] = b"splice first";
 
 /// Ends a connection with FIN both ways (the backend answers the client's FIN with its
 /// own, sending nothing more) and checks the proxy saw a normal close.

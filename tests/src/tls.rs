@@ -258,6 +258,15 @@ impl Client {
         }
     }
 
+    /// The plain TCP stream of a [`Frontend::Plain`] client, for tests that run on the
+    /// data paths only.
+    pub fn into_tcp(self) -> TcpStream {
+        match self {
+            Client::Plain(tcp) => tcp,
+            Client::Tls(_) => panic!("a TLS client has no plain TCP stream to hand out"),
+        }
+    }
+
     /// Resets the TCP connection (SO_LINGER 0, close).
     pub fn reset(self) {
         let tcp = match self {

@@ -6,12 +6,20 @@
 //! - the mirror: the backend half-closes first, then the client streams 5 MiB to it;
 //! - after the client's FIN the backend sends a small message every 100 ms for 3 s:
 //!   nothing closes, the connection counts as half open meanwhile, every message
-//!   arrives, and the backend's close then ends it with `normal`.
+//!   arrives, and the backend's close then ends it with `normal`;
+//! - `allow_half_open = false` while the backend streams without pause: the client's FIN
+//!   makes the proxy finish both directions; the client gets an intact prefix of the
+//!   stream, then a clean EOF (not an RST); the backend sees a FIN; `normal`.
+//!
+//! Each connection first makes a round trip ([`TestProxy::established`]), so that the
+//! kernel variant runs spliced, and the kernel variant checks the kernel moved the bytes
+//! sent after it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use smartproxy::lifecycle::Reason;
+use smartproxy::lifecycle::{Direction, Reason};
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -23,7 +31,7 @@ async fn after_client_fin_backend_streams_five_mib_then_eof() {
     for_each_frontend(|front| async move {
         let to_client = pattern(FIVE_MIB, 11);
         let expected = sha256(&to_client);
-        let backend = Backend::spawn_with(to_client, |mut stream, payload| async move {
+        let backend = Backend::greeted_with(to_client, |mut stream, payload| async move {
             let mut request = Vec::new();
             stream
                 .read_to_end(&mut request)
@@ -38,7 +46,8 @@ async fn after_client_fin_backend_streams_five_mib_then_eof() {
         .await;
         let mut proxy =
             TestProxy::start(front.data_path(), &front.route("half", backend.addr, "")).await;
-        let mut client = front.connect(proxy.addr("half")).await;
+        let mut client = proxy.established(&front, "half").await;
+        let spliced = proxy.kernel_bytes();
         client.write_all(b"request").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         let (len, hash) = within("the client reads to EOF", read_to_end_hashed(&mut client))
@@ -47,6 +56,7 @@ async fn after_client_fin_backend_streams_five_mib_then_eof() {
         assert_eq!(len, FIVE_MIB, "bytes at the client");
         assert_eq!(hash, expected, "checksum at the client");
         proxy.expect_closed(Reason::Normal).await;
+        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
         backend.join().await;
         proxy.stop().await;
     })
@@ -58,7 +68,7 @@ async fn after_backend_fin_client_streams_five_mib_then_eof() {
     for_each_frontend(|front| async move {
         let to_backend = pattern(FIVE_MIB, 12);
         let expected = sha256(&to_backend);
-        let backend = Backend::spawn(move |mut stream| async move {
+        let backend = Backend::greeted(move |mut stream| async move {
             stream.write_all(b"greeting").await.expect("backend writes");
             stream.shutdown().await.expect("backend FIN");
             let (len, hash) = read_to_end_hashed(&mut stream)
@@ -70,7 +80,8 @@ async fn after_backend_fin_client_streams_five_mib_then_eof() {
         .await;
         let mut proxy =
             TestProxy::start(front.data_path(), &front.route("half", backend.addr, "")).await;
-        let mut client = front.connect(proxy.addr("half")).await;
+        let mut client = proxy.established(&front, "half").await;
+        let spliced = proxy.kernel_bytes();
         let mut greeting = Vec::new();
         within(
             "the client reads to the backend's FIN",
@@ -87,6 +98,7 @@ async fn after_backend_fin_client_streams_five_mib_then_eof() {
         .expect("client streams after the backend's FIN");
         client.shutdown().await.expect("client FIN");
         proxy.expect_closed(Reason::Normal).await;
+        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
         backend.join().await;
         proxy.stop().await;
     })
@@ -99,21 +111,23 @@ async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_thr
     for_each_frontend(|front| async move {
         // The backend closes only when told to, after the last tick was checked.
         let release = Arc::new(Notify::new());
-        let backend = Backend::spawn_with(Arc::clone(&release), |mut stream, release| async move {
-            let mut request = Vec::new();
-            stream
-                .read_to_end(&mut request)
-                .await
-                .expect("backend reads up to the client's FIN");
-            assert_eq!(request, b"subscribe", "bytes before the client's FIN");
-            send_ticks(&mut stream, TICKS, Duration::from_millis(100)).await;
-            release.notified().await;
-            stream.shutdown().await.expect("backend FIN");
-        })
-        .await;
+        let backend =
+            Backend::greeted_with(Arc::clone(&release), |mut stream, release| async move {
+                let mut request = Vec::new();
+                stream
+                    .read_to_end(&mut request)
+                    .await
+                    .expect("backend reads up to the client's FIN");
+                assert_eq!(request, b"subscribe", "bytes before the client's FIN");
+                send_ticks(&mut stream, TICKS, Duration::from_millis(100)).await;
+                release.notified().await;
+                stream.shutdown().await.expect("backend FIN");
+            })
+            .await;
         let mut proxy =
             TestProxy::start(front.data_path(), &front.route("feed", backend.addr, "")).await;
-        let mut client = front.connect(proxy.addr("feed")).await;
+        let mut client = proxy.established(&front, "feed").await;
+        let spliced = proxy.kernel_bytes();
         client.write_all(b"subscribe").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         for index in 0..TICKS {
@@ -141,6 +155,82 @@ async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_thr
             0,
             "half open after the close"
         );
+        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+/// Byte `offset` of the endless stream the backend of the forced-finish test sends: any
+/// prefix of it can be checked.
+fn stream_byte(offset: u64) -> u8 {
+    (offset % 251) as u8
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_half_open_client_fin_while_the_backend_streams_ends_with_fin_both_ways() {
+    // What the client reads before its FIN: the proxy is then surely moving the stream.
+    const BEFORE_FIN: usize = 1024 * 1024;
+    for_each_frontend(|front| async move {
+        let backend = Backend::greeted(|stream| async move {
+            let (mut read, mut write) = stream.into_split();
+            let fin_seen = Arc::new(AtomicBool::new(false));
+            let writer = tokio::spawn({
+                let fin_seen = Arc::clone(&fin_seen);
+                async move {
+                    let mut offset = 0u64;
+                    let mut chunk = vec![0u8; 64 * 1024];
+                    while !fin_seen.load(Ordering::SeqCst) {
+                        for (i, byte) in chunk.iter_mut().enumerate() {
+                            *byte = stream_byte(offset + i as u64);
+                        }
+                        // Fails once the proxy closed its socket with bytes unread (an
+                        // RST): what follows the forced finish is not this test's point.
+                        if write.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                        offset += chunk.len() as u64;
+                    }
+                    let _ = write.shutdown().await;
+                }
+            });
+            let mut rest = Vec::new();
+            match read.read_to_end(&mut rest).await {
+                Ok(_) => assert!(rest.is_empty(), "{} bytes after the greeting", rest.len()),
+                Err(e) => panic!("the backend expected the proxy's FIN, got error {e}"),
+            }
+            fin_seen.store(true, Ordering::SeqCst);
+            within("the backend's writer stops", writer)
+                .await
+                .expect("backend writer");
+        })
+        .await;
+        let config = "[lifecycle]\nallow_half_open = false\n\n".to_owned()
+            + &front.route("strict", backend.addr, "");
+        let mut proxy = TestProxy::start(front.data_path(), &config).await;
+        let mut client = proxy.established(&front, "strict").await;
+        let spliced = proxy.kernel_bytes();
+        let mut received = vec![0u8; BEFORE_FIN];
+        within("the stream arrives", client.read_exact(&mut received))
+            .await
+            .expect("client reads the stream");
+        client.shutdown().await.expect("client FIN");
+        // A pause in the reading: the stream toward the client backs up in the proxy, so
+        // the forced finish meets a full queue toward the client with the backend still
+        // sending.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        within("the client reads to EOF", client.read_to_end(&mut received))
+            .await
+            .expect("a clean EOF after the client's FIN, not an RST");
+        if let Some(offset) = (0..received.len()).find(|&i| received[i] != stream_byte(i as u64)) {
+            panic!(
+                "byte {offset} of {} at the client is not the backend's",
+                received.len()
+            );
+        }
+        proxy.expect_closed(Reason::Normal).await;
+        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
         backend.join().await;
         proxy.stop().await;
     })
