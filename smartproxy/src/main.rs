@@ -220,7 +220,19 @@ fn run(config: Config) -> Result<()> {
         info!(signal, grace_period = ?grace, "shutting down: no new connections");
         service_manager("STOPPING=1");
         proxy.shutdown();
-        proxy.wait().await;
+        let stopped = proxy.wait();
+        tokio::pin!(stopped);
+        // A second signal ends the drain at once, as most servers do.
+        let second = tokio::select! {
+            _ = &mut stopped => None,
+            _ = terminate.recv() => Some("SIGTERM"),
+            _ = interrupt.recv() => Some("SIGINT"),
+        };
+        if let Some(signal) = second {
+            warn!(signal, "second signal: cutting the connections still open");
+            proxy.cut();
+            stopped.await;
+        }
         info!("stopped");
         Ok(())
     })

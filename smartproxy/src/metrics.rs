@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::proxy::Shared;
+use crate::proxy::{reached, Shared, Stop};
 use crate::stats::{HistogramSnapshot, Snapshot};
 
 /// The most bytes of request line and headers read from a scraper.
@@ -51,11 +51,12 @@ impl MetricsServer {
     }
 
     pub(crate) async fn serve(self, shared: Arc<Shared>) {
-        let mut shutdown = shared.shutdown.clone();
+        let mut stop = shared.stop.clone();
         let scrapers = Arc::new(Semaphore::new(MAX_SCRAPERS));
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                // Until exit, not at shutdown: the drain is when an operator watches.
+                _ = reached(&mut stop, Stop::Exit) => return,
                 accepted = self.listener.accept() => accepted,
             };
             match accepted {
