@@ -325,6 +325,23 @@ pub fn render(s: &Snapshot) -> String {
         out.family(name, kind, help);
         out.sample(name, &[], value);
     }
+    // Prometheus' standard process metrics: their names and help texts, unprefixed.
+    let process = [
+        (
+            "process_open_fds",
+            "Number of open file descriptors.",
+            s.process.open_fds,
+        ),
+        (
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            s.process.max_fds,
+        ),
+    ];
+    for (name, help, value) in process {
+        out.family(name, "gauge", help);
+        out.sample(name, &[], value);
+    }
 
     out.family(
         "smartproxy_connection_duration_seconds",

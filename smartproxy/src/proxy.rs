@@ -150,6 +150,9 @@ pub(crate) struct Shared {
     control_socket: PathBuf,
     pub(crate) table: ConnTable,
     pub(crate) stats: Stats,
+    /// The soft RLIMIT_NOFILE at start (raised by then): what an unset `max_connections`
+    /// is derived from (`fdlimit`).
+    fd_limit: u64,
     limits: Limits,
     resolver: Arc<dyn Resolve>,
     /// The loaded kernel data path, if any route may use it and it loaded.
@@ -354,6 +357,8 @@ impl Proxy {
             control_socket,
             table: ConnTable::default(),
             stats,
+            // Unreadable (it never is): nothing to derive from.
+            fd_limit: crate::fdlimit::limit().map_or(u64::MAX, |limit| limit.soft),
             limits,
             resolver,
             kernel,
@@ -712,7 +717,7 @@ async fn admit(
     record: &ConnRecord,
     admissions: &mut Admissions,
 ) -> Result<(usize, Vec<u8>), Reason> {
-    if shared.table.len() > generation.config.proxy.max_connections {
+    if shared.table.len() > crate::fdlimit::max_connections(&generation.config, shared.fd_limit) {
         return Err(Reason::MaxConnections);
     }
     let ip = record.client.ip();
