@@ -101,6 +101,16 @@ impl Assessment {
             Fit::Enough | Fit::Short { .. } => self.configured,
         }
     }
+
+    /// Says where the limit falls short: one `info` line for a derived value, one
+    /// warning for an explicit one; nothing when it does not.
+    pub fn log(&self) {
+        match self.fit {
+            Fit::Enough => {}
+            Fit::Derived { .. } => tracing::info!("{self}"),
+            Fit::Short { .. } => tracing::warn!("{self}"),
+        }
+    }
 }
 
 /// Decides how `proxy.max_connections` fits under the soft limit `limit`.

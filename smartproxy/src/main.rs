@@ -204,11 +204,7 @@ fn raise_fd_limit(config: &Config) {
                     "file descriptor limit raised"
                 );
             }
-            match raise.assessment.fit {
-                Fit::Enough => {}
-                Fit::Derived { .. } => info!("{}", raise.assessment),
-                Fit::Short { .. } => warn!("{}", raise.assessment),
-            }
+            raise.assessment.log();
         }
         Err(e) => warn!(error = %smartproxy::error_chain(&e), "file descriptor limit unchanged"),
     }

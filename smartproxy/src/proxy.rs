@@ -231,6 +231,13 @@ impl Shared {
             }
         })?;
         let summary = summarize(&running.config, &next);
+        let max_connections_changed = (
+            next.proxy.max_connections,
+            next.proxy.max_connections_explicit,
+        ) != (
+            running.config.proxy.max_connections,
+            running.config.proxy.max_connections_explicit,
+        );
         // Certificates are read again: a reload is how new ones take effect.
         let tls = TlsRoutes::load(&next).map_err(|source| ReloadError::Tls {
             file: file.clone(),
@@ -267,6 +274,17 @@ impl Shared {
                 }
                 Err(e) => warn!(listen = %addr, error = %e, "new listener unusable"),
             }
+        }
+        // It applies live: a new value the descriptor limit falls short of is said, as
+        // at start.
+        if max_connections_changed {
+            let next = self.generation();
+            crate::fdlimit::assess(
+                &next.config.proxy,
+                crate::fdlimit::reserved(&next.config),
+                self.fd_limit,
+            )
+            .log();
         }
         Ok(summary)
     }

@@ -3,8 +3,8 @@
 //! so that 1,200 concurrent connections all work; a privileged start raises the hard
 //! limit too; under a hard limit it cannot raise (no CAP_SYS_RESOURCE), an unset
 //! `max_connections` is derived from the limit and said so at startup, and one set
-//! explicitly is warned about, at startup and by `smartproxy check`. Stats and metrics
-//! show `process_open_fds` and `process_max_fds`.
+//! explicitly is warned about, at startup, by `smartproxy check` and by a reload that
+//! changes it. Stats and metrics show `process_open_fds` and `process_max_fds`.
 //!
 //! The limits are set in the child before it runs (`pre_exec`); CAP_SYS_RESOURCE is
 //! taken away by dropping it from the bounding set, which a root exec then leaves out.
@@ -294,5 +294,27 @@ fn an_explicit_max_connections_beyond_the_limit_is_warned_about_at_start_and_by_
         warnings[0].ends_with(said),
         "check says what the start said:\n{said}\n{}",
         warnings[0]
+    );
+
+    // A reload applies max_connections live, and says the same of a new value.
+    let file = proxy.config_file();
+    let text = std::fs::read_to_string(&file).expect("read the config");
+    std::fs::write(
+        &file,
+        text.replace("max_connections = 5000", "max_connections = 6000"),
+    )
+    .expect("write the config");
+    let reload = Command::new(env!("CARGO_BIN_EXE_smartproxy"))
+        .args(["reload", "--control"])
+        .arg(&proxy.control)
+        .output()
+        .expect("run smartproxy reload");
+    assert!(reload.status.success(), "{reload:?}");
+    let log = proxy.log();
+    assert!(
+        log.lines().any(|line| line.contains(" WARN ")
+            && line.contains("max_connections = 6000 needs")
+            && line.contains("the limit is 2048")),
+        "the reload warns: {log}"
     );
 }

@@ -179,6 +179,10 @@ fn runs_as_the_configured_user_with_only_the_capabilities_it_needs() {
         echo_once(&mut client, b"after the drop");
         let stats = proxy.stats();
         assert_eq!(stats["connections"][data_path], 1, "{stats}");
+        assert!(
+            stats["process"]["open_fds"].as_u64() > Some(0),
+            "the proxy still counts its descriptors as {RUN_AS}: {stats}"
+        );
         if data_path == "ebpf" {
             assert_eq!(stats["ebpf"]["sockhash_entries"], 2, "spliced: {stats}");
             assert_eq!(stats["ebpf"]["splice_failures"], 0, "{stats}");
