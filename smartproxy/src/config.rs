@@ -41,8 +41,12 @@ pub struct Config {
 pub struct ProxyConfig {
     pub data_path: DataPathMode,
     pub control_socket: PathBuf,
-    /// Greater than zero.
+    /// Greater than zero: the file's value, or the default when it sets none.
     pub max_connections: usize,
+    /// Whether the file sets `max_connections`. When it does not, the proxy takes no more
+    /// than its file descriptor limit carries (`fdlimit`); when it does, it keeps the
+    /// value and warns if the limit falls short.
+    pub max_connections_explicit: bool,
     /// Address of the Prometheus text endpoint (`/metrics`), if any.
     pub metrics: Option<SocketAddr>,
     /// eBPF data path: per direction, the most bytes on their way to a peer before the
@@ -69,6 +73,7 @@ impl Default for ProxyConfig {
             data_path: DataPathMode::Auto,
             control_socket: PathBuf::from("/run/smartproxy/control.sock"),
             max_connections: 100_000,
+            max_connections_explicit: false,
             metrics: None,
             max_queued_bytes: crate::ebpf::DEFAULT_MAX_QUEUED_BYTES,
             per_ip: PerIpConfig::default(),
@@ -691,6 +696,7 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             .proxy
             .max_connections
             .unwrap_or(defaults.max_connections),
+        max_connections_explicit: raw.proxy.max_connections.is_some(),
         metrics: raw.proxy.metrics,
         max_queued_bytes: raw
             .proxy
@@ -1177,6 +1183,13 @@ mod tests {
             Path::new("/run/smartproxy/control.sock")
         );
         assert_eq!(config.proxy.max_connections, 100_000);
+        assert!(!config.proxy.max_connections_explicit);
+        let set = load_ok(&format!("[proxy]\nmax_connections = 100000\n{ROUTE}"));
+        assert_eq!(set.proxy.max_connections, 100_000);
+        assert!(
+            set.proxy.max_connections_explicit,
+            "the default value, but set"
+        );
         assert_eq!(config.lifecycle, LifecycleConfig::default());
         assert_eq!(
             config.lifecycle.inactivity_timeout,

@@ -12,7 +12,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
 use crate::error_chain;
-use crate::proxy::Shared;
+use crate::proxy::{reached, Shared, Stop};
 
 /// The longest request line accepted; the requests are single words.
 const MAX_REQUEST: usize = 64;
@@ -44,10 +44,11 @@ impl ControlServer {
     }
 
     pub(crate) async fn serve(self, shared: Arc<Shared>) {
-        let mut shutdown = shared.shutdown.clone();
+        let mut stop = shared.stop.clone();
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                // Until exit, not at shutdown: the drain is when an operator watches.
+                _ = reached(&mut stop, Stop::Exit) => return,
                 accepted = self.listener.accept() => accepted,
             };
             match accepted {

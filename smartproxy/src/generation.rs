@@ -98,6 +98,7 @@ fn restart_only_change(running: &ProxyConfig, next: &ProxyConfig) -> Option<&'st
         data_path,
         control_socket,
         max_connections: _,
+        max_connections_explicit: _,
         metrics,
         max_queued_bytes,
         per_ip,

@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod ebpf;
+pub mod fdlimit;
 pub mod generation;
 pub mod lifecycle;
 pub mod limits;

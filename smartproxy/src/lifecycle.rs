@@ -206,6 +206,9 @@ pub enum Event {
     Timer { last_activity: Instant },
     /// The proxy is shutting down.
     Shutdown,
+    /// The proxy must end now: a connection whose two directions both finished closes
+    /// normally, any other is aborted on both sides (RST).
+    Cut,
 }
 
 /// What the data path must do.
@@ -378,6 +381,13 @@ impl Lifecycle {
                 }
                 Phase::ShuttingDown { .. } | Phase::Closing { .. } | Phase::Closed(_) => {}
             },
+            Event::Cut => {
+                if !matches!(self.flows, [Flow::Finished { .. }, Flow::Finished { .. }]) {
+                    actions.extend([Action::Abort(Side::Client), Action::Abort(Side::Backend)]);
+                }
+                self.close(Reason::Shutdown, &mut actions);
+                return actions;
+            }
         }
         self.settle(now, &mut actions);
         actions
@@ -796,6 +806,25 @@ mod tests {
     }
 
     #[test]
+    fn cut_aborts_both_sides_unless_both_directions_finished() {
+        let mut s = Script::new(config());
+        s.on(Shutdown);
+        s.on(Eof(Client));
+        s.on(Finished(ClientToBackend));
+        assert_eq!(
+            s.on(Cut),
+            vec![Abort(Client), Abort(Backend), Close(Reason::Shutdown)]
+        );
+        assert_eq!(s.lifecycle.deadline(), None);
+
+        let mut s = Script::new(config());
+        s.fire(Duration::ZERO);
+        s.on(Finished(ClientToBackend));
+        s.on(Finished(BackendToClient));
+        assert_eq!(s.on(Cut), vec![Close(Reason::Shutdown)]);
+    }
+
+    #[test]
     fn reset_during_graceful_close_keeps_the_first_reason() {
         let mut s = Script::new(config());
         s.fire(Duration::ZERO);
@@ -874,6 +903,7 @@ mod tests {
                 }
                 3 if rng.gen_bool(0.1) => Reset(if rng.gen_bool(0.5) { Client } else { Backend }),
                 4 if rng.gen_bool(0.2) => Shutdown,
+                4 if rng.gen_bool(0.05) => Cut,
                 _ => match lifecycle.deadline() {
                     Some(deadline) => {
                         now = now.max(deadline);

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use smartproxy::config::Config;
 use smartproxy::control;
+use smartproxy::fdlimit::{self, Fit};
 use smartproxy::privileges;
 use smartproxy::stats::{ConnectionRow, Snapshot};
 use smartproxy::view::{self, SortBy};
@@ -110,9 +111,18 @@ impl ControlTarget {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match load_config(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
+        Command::Check { config: path } => match load_config(&path) {
+            Ok(config) => {
+                // What `run` would say about the file descriptor limit, as this user.
+                match fdlimit::attainable(&config) {
+                    Ok(raise) => match raise.assessment.fit {
+                        Fit::Enough => {}
+                        Fit::Derived { .. } => eprintln!("note: {}", raise.assessment),
+                        Fit::Short { .. } => eprintln!("warning: {}", raise.assessment),
+                    },
+                    Err(e) => eprintln!("warning: {e}"),
+                }
+                println!("{}: ok", path.display());
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -181,7 +191,28 @@ fn report(result: Result<()>) -> ExitCode {
     }
 }
 
+/// Raises the file descriptor limit for `config` and says where it still falls short.
+fn raise_fd_limit(config: &Config) {
+    match fdlimit::raise(config) {
+        Ok(raise) => {
+            if raise.after != raise.before {
+                info!(
+                    soft = raise.after.soft,
+                    hard = raise.after.hard,
+                    was_soft = raise.before.soft,
+                    was_hard = raise.before.hard,
+                    "file descriptor limit raised"
+                );
+            }
+            raise.assessment.log();
+        }
+        Err(e) => warn!(error = %smartproxy::error_chain(&e), "file descriptor limit unchanged"),
+    }
+}
+
 fn run(config: Config) -> Result<()> {
+    // Before privileges are dropped: raising the hard limit takes CAP_SYS_RESOURCE.
+    raise_fd_limit(&config);
     let user = config.proxy.user.clone();
     if user.is_some() {
         // Before the runtime starts its threads: they inherit it.
@@ -220,7 +251,19 @@ fn run(config: Config) -> Result<()> {
         info!(signal, grace_period = ?grace, "shutting down: no new connections");
         service_manager("STOPPING=1");
         proxy.shutdown();
-        proxy.wait().await;
+        let stopped = proxy.wait();
+        tokio::pin!(stopped);
+        // A second signal ends the drain at once, as most servers do.
+        let second = tokio::select! {
+            _ = &mut stopped => None,
+            _ = terminate.recv() => Some("SIGTERM"),
+            _ = interrupt.recv() => Some("SIGINT"),
+        };
+        if let Some(signal) = second {
+            warn!(signal, "second signal: cutting the connections still open");
+            proxy.cut();
+            stopped.await;
+        }
         info!("stopped");
         Ok(())
     })

@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::proxy::Shared;
+use crate::proxy::{reached, Shared, Stop};
 use crate::stats::{HistogramSnapshot, Snapshot};
 
 /// The most bytes of request line and headers read from a scraper.
@@ -51,11 +51,12 @@ impl MetricsServer {
     }
 
     pub(crate) async fn serve(self, shared: Arc<Shared>) {
-        let mut shutdown = shared.shutdown.clone();
+        let mut stop = shared.stop.clone();
         let scrapers = Arc::new(Semaphore::new(MAX_SCRAPERS));
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                // Until exit, not at shutdown: the drain is when an operator watches.
+                _ = reached(&mut stop, Stop::Exit) => return,
                 accepted = self.listener.accept() => accepted,
             };
             match accepted {
@@ -322,6 +323,23 @@ pub fn render(s: &Snapshot) -> String {
     ];
     for (name, kind, help, value) in ebpf {
         out.family(name, kind, help);
+        out.sample(name, &[], value);
+    }
+    // Prometheus' standard process metrics: their names and help texts, unprefixed.
+    let process = [
+        (
+            "process_open_fds",
+            "Number of open file descriptors.",
+            s.process.open_fds,
+        ),
+        (
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            s.process.max_fds,
+        ),
+    ];
+    for (name, help, value) in process {
+        out.family(name, "gauge", help);
         out.sample(name, &[], value);
     }
 

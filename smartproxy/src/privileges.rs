@@ -95,6 +95,25 @@ pub fn prepare() -> Result<(), PrivilegeError> {
 
 /// `CAP_NET_ADMIN` from `linux/capability.h`.
 const CAP_NET_ADMIN: u32 = 12;
+/// `CAP_SYS_RESOURCE` from `linux/capability.h`: raising a hard resource limit.
+pub const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether this thread has capability `cap` in its effective set.
+pub fn has_effective(cap: u32) -> bool {
+    let header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget writes two data words into a valid local array.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) };
+    let word = data.get(cap as usize / 32).map_or(0, |d| d.effective);
+    rc == 0 && word & (1 << (cap % 32)) != 0
+}
 
 /// The capabilities kept for the data paths in use.
 pub fn kept_capabilities(kernel_data_path: bool) -> u64 {

@@ -78,6 +78,8 @@ pub enum ReloadError {
         #[source]
         source: io::Error,
     },
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
 }
 
 /// What a reload changed, by route name.
@@ -115,6 +117,25 @@ pub struct Closed {
     pub reason: Reason,
 }
 
+/// How far the proxy is in stopping; each stage comes after the ones listed before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Stop {
+    Running,
+    /// No new connections; the open ones finish on their own or at `grace_period`.
+    Drain,
+    /// The open connections end now (a second SIGTERM/SIGINT).
+    Cut,
+    /// No connection is left: the control socket and the metrics endpoint, which
+    /// answer until then so that the drain can be watched, stop too.
+    Exit,
+}
+
+/// Resolves once the proxy reached `stage` (or is gone). Every accept loop waits on this:
+/// the listeners for [`Stop::Drain`], the control socket and metrics for [`Stop::Exit`].
+pub(crate) async fn reached(stop: &mut watch::Receiver<Stop>, stage: Stop) {
+    let _ = stop.wait_for(|now| *now >= stage).await;
+}
+
 /// What every connection task shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -129,13 +150,19 @@ pub(crate) struct Shared {
     control_socket: PathBuf,
     pub(crate) table: ConnTable,
     pub(crate) stats: Stats,
+    /// The soft RLIMIT_NOFILE at start (raised by then): what an unset `max_connections`
+    /// is derived from (`fdlimit`).
+    fd_limit: u64,
     limits: Limits,
     resolver: Arc<dyn Resolve>,
     /// The loaded kernel data path, if any route may use it and it loaded.
     kernel: Option<Kernel>,
     closed: broadcast::Sender<Closed>,
-    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) stop: watch::Receiver<Stop>,
+    /// The accept loops and the connections.
     tasks: TaskTracker,
+    /// The control socket and the metrics endpoint: they outlive `tasks`.
+    services: TaskTracker,
 }
 
 impl Shared {
@@ -189,6 +216,11 @@ impl Shared {
     /// the running configuration stays in force, untouched.
     pub(crate) async fn reload(self: &Arc<Self>) -> Result<ReloadSummary, ReloadError> {
         let _one_at_a_time = self.reloading.lock().await;
+        // A listener it opened would close at once, and a restart-only key could not
+        // apply either: nothing would change but the book.
+        if *self.stop.borrow() >= Stop::Drain {
+            return Err(ReloadError::ShuttingDown);
+        }
         let running = self.generation();
         let file = running.config.source.clone().ok_or(ReloadError::NoSource)?;
         let next = Config::from_file(&file)?;
@@ -199,6 +231,13 @@ impl Shared {
             }
         })?;
         let summary = summarize(&running.config, &next);
+        let max_connections_changed = (
+            next.proxy.max_connections,
+            next.proxy.max_connections_explicit,
+        ) != (
+            running.config.proxy.max_connections,
+            running.config.proxy.max_connections_explicit,
+        );
         // Certificates are read again: a reload is how new ones take effect.
         let tls = TlsRoutes::load(&next).map_err(|source| ReloadError::Tls {
             file: file.clone(),
@@ -235,6 +274,17 @@ impl Shared {
                 }
                 Err(e) => warn!(listen = %addr, error = %e, "new listener unusable"),
             }
+        }
+        // It applies live: a new value the descriptor limit falls short of is said, as
+        // at start.
+        if max_connections_changed {
+            let next = self.generation();
+            crate::fdlimit::assess(
+                &next.config.proxy,
+                crate::fdlimit::reserved(&next.config),
+                self.fd_limit,
+            )
+            .log();
         }
         Ok(summary)
     }
@@ -283,7 +333,7 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 pub struct Proxy {
     shared: Arc<Shared>,
     metrics_addr: Option<SocketAddr>,
-    shutdown: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
 }
 
 impl Proxy {
@@ -313,7 +363,7 @@ impl Proxy {
             None => None,
         };
         let generation = Generation::new(config, tls, &stats);
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(Stop::Running);
         let (closed, _) = broadcast::channel(1024);
         let addrs: Vec<SocketAddr> = generation.routes.listeners.keys().copied().collect();
         let limits = Limits::new(generation.config.proxy.per_ip, []);
@@ -325,40 +375,43 @@ impl Proxy {
             control_socket,
             table: ConnTable::default(),
             stats,
+            // Unreadable (it never is): nothing to derive from.
+            fd_limit: crate::fdlimit::limit().map_or(u64::MAX, |limit| limit.soft),
             limits,
             resolver,
             kernel,
             closed,
-            shutdown: shutdown_rx,
+            stop: stop_rx,
             tasks: TaskTracker::new(),
+            services: TaskTracker::new(),
         });
         {
             let mut listeners = shared.lock_listeners();
             for addr in addrs {
                 if let Err(source) = shared.open_listener(&mut listeners, addr) {
                     // Nothing accepts yet: stop the listeners already open.
-                    shutdown.send_replace(true);
+                    stop.send_replace(Stop::Exit);
                     return Err(StartError::Bind { addr, source });
                 }
             }
         }
         let control = ControlServer::bind(&shared.control_socket).map_err(|source| {
-            shutdown.send_replace(true);
+            stop.send_replace(Stop::Exit);
             StartError::Control {
                 path: shared.control_socket.clone(),
                 source,
             }
         })?;
-        shared.tasks.spawn(control.serve(Arc::clone(&shared)));
+        shared.services.spawn(control.serve(Arc::clone(&shared)));
         let metrics_addr = metrics.map(|(server, bound)| {
             info!(listen = %bound, "metrics endpoint at /metrics");
-            shared.tasks.spawn(server.serve(Arc::clone(&shared)));
+            shared.services.spawn(server.serve(Arc::clone(&shared)));
             bound
         });
         Ok(Proxy {
             shared,
             metrics_addr,
-            shutdown,
+            stop,
         })
     }
 
@@ -414,15 +467,36 @@ impl Proxy {
     }
 
     /// Stops accepting at once; connections finish on their own or are closed after
-    /// `grace_period`.
+    /// `grace_period`. The control socket and the metrics endpoint answer until the last
+    /// one ended.
     pub fn shutdown(&self) {
-        self.shutdown.send_replace(true);
+        self.advance(Stop::Drain);
+    }
+
+    /// Ends the connections still open now, as [`crate::lifecycle::Event::Cut`] says;
+    /// implies [`Proxy::shutdown`].
+    pub fn cut(&self) {
+        self.advance(Stop::Cut);
+    }
+
+    /// Moves the stop stage forward to `stage`, never back.
+    fn advance(&self, stage: Stop) {
+        self.stop.send_if_modified(|now| {
+            let later = *now < stage;
+            if later {
+                *now = stage;
+            }
+            later
+        });
     }
 
     /// Waits until the proxy stopped: after `shutdown`, when the last connection closed.
-    pub async fn wait(self) {
+    pub async fn wait(&self) {
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
+        self.advance(Stop::Exit);
+        self.shared.services.close();
+        self.shared.services.wait().await;
         let path = &self.shared.control_socket;
         if let Err(e) = std::fs::remove_file(path) {
             debug!(path = %path.display(), error = %e, "control socket already gone");
@@ -477,12 +551,12 @@ async fn accept_loop(
     bound: SocketAddr,
     shared: Arc<Shared>,
 ) {
-    let mut shutdown = shared.shutdown.clone();
+    let mut stop = shared.stop.clone();
     let mut generations = shared.generation.subscribe();
     let mut last_warning: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = reached(&mut stop, Stop::Drain) => return,
             _ = generations.changed() => {
                 let mut listeners = shared.lock_listeners();
                 if !generations.borrow_and_update().routes.listeners.contains_key(&addr) {
@@ -617,10 +691,10 @@ async fn establish(
         }
         None => Vec::new(),
     };
-    let mut shutdown = shared.shutdown.clone();
+    let mut stop = shared.stop.clone();
     let Some(tls) = generation.tls.route(route) else {
         let backend = tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
+            _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
             connected = connect(shared, generation, route, record) => connected?.0,
         };
         write_all(&backend, &[header, peeked].concat()).await?;
@@ -629,7 +703,7 @@ async fn establish(
     // The whole TLS handshake, ClientHello included, within handshake_timeout.
     let deadline = accepted_at + config.lifecycle.handshake_timeout;
     let (client, negotiated) = tokio::select! {
-        _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
+        _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
         accepted = tls.accept(client, peeked, deadline) => accepted?,
     };
     let backend = async {
@@ -639,7 +713,7 @@ async fn establish(
         tls.connect(backend, &negotiated, target, deadline).await
     };
     let backend = tokio::select! {
-        _ = shutdown.wait_for(|stop| *stop) => Err(Reason::Shutdown),
+        _ = reached(&mut stop, Stop::Drain) => Err(Reason::Shutdown),
         connected = backend => connected,
     };
     match backend {
@@ -661,12 +735,12 @@ async fn admit(
     record: &ConnRecord,
     admissions: &mut Admissions,
 ) -> Result<(usize, Vec<u8>), Reason> {
-    if shared.table.len() > generation.config.proxy.max_connections {
+    if shared.table.len() > crate::fdlimit::max_connections(&generation.config, shared.fd_limit) {
         return Err(Reason::MaxConnections);
     }
     let ip = record.client.ip();
     admissions.push(shared.limits.admit_client(ip, std::time::Instant::now())?);
-    let mut shutdown = shared.shutdown.clone();
+    let mut stop = shared.stop.clone();
     // None: accepted just before a reload removed the address.
     let routes = generation
         .routes
@@ -674,7 +748,7 @@ async fn admit(
         .get(&listen)
         .ok_or(Reason::NoRoute)?;
     let (route, peeked) = tokio::select! {
-        _ = shutdown.wait_for(|stop| *stop) => return Err(Reason::Shutdown),
+        _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
         routed = route(generation, routes, client) => routed?,
     };
     let slot = generation.slot(route);
@@ -840,8 +914,8 @@ async fn relay(
         }
     }
     let mut lifecycle = Lifecycle::new(config, Instant::now().into_std());
-    let mut shutdown = shared.shutdown.clone();
-    let mut shutdown_seen = false;
+    let mut stop = shared.stop.clone();
+    let mut stop_seen = Stop::Running;
     loop {
         let deadline = lifecycle.deadline().map(Instant::from_std);
         let event = tokio::select! {
@@ -849,9 +923,9 @@ async fn relay(
             _ = sleep_until_some(deadline) => Event::Timer {
                 last_activity: instant_of(relay.meter().last_activity_ns()),
             },
-            _ = shutdown.wait_for(|stop| *stop), if !shutdown_seen => {
-                shutdown_seen = true;
-                Event::Shutdown
+            stage = next_stage(&mut stop, stop_seen), if stop_seen < Stop::Cut => {
+                stop_seen = stage;
+                if stage == Stop::Drain { Event::Shutdown } else { Event::Cut }
             }
         };
         debug!(?event, "lifecycle event");
@@ -872,6 +946,17 @@ async fn relay(
             lifecycle.is_half_open(),
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+}
+
+/// The stop stage after `seen`, once the proxy reaches it.
+async fn next_stage(stop: &mut watch::Receiver<Stop>, seen: Stop) -> Stop {
+    let next = stop.wait_for(|now| *now > seen).await.map(|now| *now);
+    match next {
+        Ok(now) => now,
+        // The proxy was dropped without a shutdown: as one, then nothing more.
+        Err(_) if seen < Stop::Drain => Stop::Drain,
+        Err(_) => std::future::pending().await,
     }
 }
 

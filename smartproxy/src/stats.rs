@@ -171,6 +171,24 @@ pub struct BucketSnapshot {
     pub count: u64,
 }
 
+/// The process's file descriptors (`process_open_fds`, `process_max_fds` in Prometheus).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSnapshot {
+    pub open_fds: u64,
+    /// The soft RLIMIT_NOFILE.
+    pub max_fds: u64,
+}
+
+impl ProcessSnapshot {
+    fn now() -> ProcessSnapshot {
+        // Zero for a figure the kernel would not give: the rest of the snapshot stands.
+        ProcessSnapshot {
+            open_fds: crate::fdlimit::open_fds().unwrap_or(0),
+            max_fds: crate::fdlimit::limit().map_or(0, |limit| limit.soft),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LifecycleSnapshot {
     /// Inactivity timeouts counted and re-armed under `timeout_behavior = "reset"`.
@@ -190,6 +208,7 @@ pub struct Snapshot {
     pub routes: Vec<RouteSnapshot>,
     pub unrouted: UnroutedSnapshot,
     pub lifecycle: LifecycleSnapshot,
+    pub process: ProcessSnapshot,
 }
 
 impl Snapshot {
@@ -416,6 +435,7 @@ impl Stats {
             lifecycle: LifecycleSnapshot {
                 inactivity_resets: load(&self.inactivity_resets),
             },
+            process: ProcessSnapshot::now(),
         }
     }
 

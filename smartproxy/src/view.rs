@@ -68,6 +68,11 @@ pub fn render_stats(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> St
         "ebpf        sockhash entries {}  events {}  events lost {}",
         s.ebpf.sockhash_entries, s.ebpf.events, s.ebpf.events_lost
     );
+    let _ = writeln!(
+        out,
+        "process     open fds {}  fd limit {}",
+        s.process.open_fds, s.process.max_fds
+    );
     let _ = writeln!(out, "closed");
     for (reason, count) in &s.closed {
         let _ = writeln!(out, "  {reason:<20} {count}");

@@ -4,6 +4,11 @@
 //! path), and its control socket belongs to that user with mode 0600: the user can read
 //! stats, another user cannot.
 //!
+//! The commands run as another user execute a copy of the binary in a directory of its
+//! own that every user can traverse ([`Reachable`]): the build's binary may sit under a
+//! 0700 directory (a checkout under /root), which that user cannot enter.
+//! `a_binary_under_a_0700_directory_still_runs_as_another_user` proves the copy does it.
+//!
 //! Needs root: it creates the system users `smartproxy-test` and `smartproxy-other` if
 //! they are missing, and skips loudly when not root.
 
@@ -12,6 +17,7 @@ mod support;
 use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use smartproxy::privileges::{kept_capabilities, lookup, User};
@@ -38,9 +44,42 @@ fn ensure_user(name: &str) -> User {
     lookup(name).unwrap_or_else(|e| panic!("useradd {name} ({status}): {e}"))
 }
 
-/// `smartproxy stats --json` against `proxy`, run as `user`.
-fn stats_as(user: &User, proxy: &ProxyProcess) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_smartproxy"))
+/// A copy of a binary that any user can run: in a fresh 0755 directory under a temporary
+/// directory whose every ancestor others may traverse.
+struct Reachable {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Reachable {
+    fn copy_of(binary: &Path) -> Reachable {
+        let base = [std::env::temp_dir(), PathBuf::from("/tmp")]
+            .into_iter()
+            .find(|dir| traversable_by_others(dir))
+            .expect("$TMPDIR or /tmp, with every ancestor traversable by other users");
+        let dir = tempfile::tempdir_in(base).expect("a directory for the binary");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("open the binary's directory to all");
+        let path = dir
+            .path()
+            .join(binary.file_name().expect("a binary file name"));
+        std::fs::copy(binary, &path).expect("copy the binary");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("make the copy executable by all");
+        Reachable { path, _dir: dir }
+    }
+}
+
+/// Whether `dir` and each of its ancestors has the execute bit for others.
+fn traversable_by_others(dir: &Path) -> bool {
+    dir.ancestors().all(|dir| {
+        std::fs::metadata(dir).is_ok_and(|meta| meta.is_dir() && meta.mode() & 0o001 != 0)
+    })
+}
+
+/// `smartproxy stats --json` against `proxy`, run as `user` from `binary`.
+fn stats_as(user: &User, binary: &Reachable, proxy: &ProxyProcess) -> Output {
+    Command::new(&binary.path)
         .args(["stats", "--json", "--control"])
         .arg(&proxy.control)
         .uid(user.uid)
@@ -73,6 +112,7 @@ fn runs_as_the_configured_user_with_only_the_capabilities_it_needs() {
     }
     let user = ensure_user(RUN_AS);
     let other = ensure_user(OTHER);
+    let binary = Reachable::copy_of(Path::new(env!("CARGO_BIN_EXE_smartproxy")));
     for data_path in data_paths() {
         eprintln!("--- data path: {data_path}");
         let backend = echo_backend();
@@ -124,9 +164,9 @@ fn runs_as_the_configured_user_with_only_the_capabilities_it_needs() {
         let meta = std::fs::metadata(&proxy.control).expect("stat the control socket");
         assert_eq!(meta.uid(), user.uid, "owner of the control socket");
         assert_eq!(meta.mode() & 0o777, 0o600, "mode of the control socket");
-        let own = stats_as(&user, &proxy);
+        let own = stats_as(&user, &binary, &proxy);
         assert!(own.status.success(), "stats as {RUN_AS}: {own:?}");
-        let denied = stats_as(&other, &proxy);
+        let denied = stats_as(&other, &binary, &proxy);
         assert!(!denied.status.success(), "stats as {OTHER} must fail");
         let message = String::from_utf8_lossy(&denied.stderr);
         assert!(
@@ -139,10 +179,49 @@ fn runs_as_the_configured_user_with_only_the_capabilities_it_needs() {
         echo_once(&mut client, b"after the drop");
         let stats = proxy.stats();
         assert_eq!(stats["connections"][data_path], 1, "{stats}");
+        assert!(
+            stats["process"]["open_fds"].as_u64() > Some(0),
+            "the proxy still counts its descriptors as {RUN_AS}: {stats}"
+        );
         if data_path == "ebpf" {
             assert_eq!(stats["ebpf"]["sockhash_entries"], 2, "spliced: {stats}");
             assert_eq!(stats["ebpf"]["splice_failures"], 0, "{stats}");
         }
         echo_once(&mut client, b"and again");
     }
+}
+
+#[test]
+fn a_binary_under_a_0700_directory_still_runs_as_another_user() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPING: running a command as another user needs root");
+        return;
+    }
+    let other = ensure_user(OTHER);
+    // What a checkout under /root looks like to another user.
+    let private = tempfile::tempdir().expect("a temporary directory");
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700))
+        .expect("close the directory");
+    let hidden = private.path().join("smartproxy");
+    std::fs::copy(env!("CARGO_BIN_EXE_smartproxy"), &hidden).expect("copy the binary");
+    let version_as_other = |binary: &Path| {
+        Command::new(binary)
+            .arg("--version")
+            .uid(other.uid)
+            .gid(other.gid)
+            .output()
+    };
+    assert!(
+        version_as_other(&hidden).is_err(),
+        "{OTHER} must not reach {}: the test would prove nothing",
+        hidden.display()
+    );
+    let reachable = Reachable::copy_of(&hidden);
+    let output = version_as_other(&reachable.path).expect("run the reachable copy");
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).starts_with("smartproxy "),
+        "{output:?}"
+    );
 }

@@ -11,13 +11,17 @@
 //!   itself once it ended;
 //! - an idle connection still open when `grace_period = "500ms"` runs out is closed by
 //!   the proxy (the client sees EOF or RST, not before the grace period), and the proxy
-//!   exits 0.
+//!   exits 0;
+//! - on both data paths, during the drain the control socket (`smartproxy stats`) and the
+//!   metrics endpoint still answer and show the live connection; a second SIGTERM ends
+//!   the drain at once: the proxy exits 0 long before `grace_period = "60s"`, and both the
+//!   client and the backend see their connection reset.
 //!
 //! The transfer is held "in progress" deterministically: the client sends half, the test
 //! signals the proxy and waits for the refusal, and only then the client sends the rest.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -178,4 +182,113 @@ fn idle_connection_is_closed_after_grace_period_and_the_proxy_exits_0() {
         Some(0),
         "exit status after SIGTERM: {status}"
     );
+}
+
+/// A backend for one connection: echoes until its read ends, then reports how it ended
+/// (`Ok(())` for EOF, else the error's kind).
+fn reporting_echo_backend() -> (SocketAddr, mpsc::Receiver<Result<(), ErrorKind>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the backend");
+    let addr = listener.local_addr().expect("backend address");
+    let (report, reports) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("the proxy connects");
+        let mut buf = [0u8; 4096];
+        let outcome = loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    if let Err(e) = stream.write_all(&buf[..n]) {
+                        break Err(e.kind());
+                    }
+                }
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        let _ = report.send(outcome);
+    });
+    (addr, reports)
+}
+
+/// `GET /metrics` from `addr`: the whole response.
+fn scrape(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("the metrics endpoint answers");
+    response
+}
+
+#[test]
+fn the_drain_can_be_watched_and_a_second_sigterm_cuts_it_short() {
+    for data_path in data_paths() {
+        eprintln!("--- data path: {data_path}");
+        let (backend, backend_end) = reporting_echo_backend();
+        let metrics = free_port();
+        let mut proxy = ProxyProcess::start_with(
+            "echo",
+            backend,
+            "grace_period = \"60s\"",
+            &format!("data_path = \"{data_path}\"\nmetrics = \"{metrics}\""),
+        );
+        let mut client = TcpStream::connect(proxy.listen).expect("connect through the proxy");
+        echo_once(&mut client, b"before the drain");
+        let stats = proxy.stats();
+        assert_eq!(stats["connections"][data_path], 1, "{stats}");
+        if data_path == "ebpf" {
+            assert_eq!(stats["ebpf"]["sockhash_entries"], 2, "spliced: {stats}");
+        }
+
+        proxy.signal(libc::SIGTERM);
+        wait_until("the drain begins", || proxy.log().contains("shutting down"));
+        let stats = proxy.stats();
+        assert_eq!(
+            stats["connections"]["active"], 1,
+            "during the drain: {stats}"
+        );
+        assert_eq!(
+            stats["connections"][data_path], 1,
+            "during the drain: {stats}"
+        );
+        let scraped = scrape(metrics);
+        assert!(scraped.starts_with("HTTP/1.1 200 OK"), "{scraped}");
+        let active = format!(
+            "smartproxy_connections_active{{route=\"echo\",data_path=\"{data_path}\"}} 1\n"
+        );
+        assert!(scraped.contains(&active), "no {active:?} in {scraped}");
+        echo_once(&mut client, b"during the drain");
+
+        let signalled = Instant::now();
+        proxy.signal(libc::SIGTERM);
+        let status = proxy.wait_exit(WAIT);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "exit status after the cut: {status}"
+        );
+        assert!(
+            proxy.log().contains("second signal"),
+            "the cut is logged:\n{}",
+            proxy.log()
+        );
+        eprintln!("exited {:?} after the second SIGTERM", signalled.elapsed());
+        client.set_read_timeout(Some(WAIT)).expect("read timeout");
+        let mut byte = [0u8; 1];
+        match client.read(&mut byte) {
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            other => panic!("the client must see a reset, got {other:?}"),
+        }
+        let ended = backend_end
+            .recv_timeout(WAIT)
+            .expect("the backend's connection ends");
+        assert_eq!(
+            ended,
+            Err(ErrorKind::ConnectionReset),
+            "the backend sees a reset"
+        );
+    }
 }
