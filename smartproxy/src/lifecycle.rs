@@ -16,6 +16,7 @@
 //! | `allow_half_open = false` and a FIN | graceful close with reason `Normal`: in-flight data delivered, FIN both ways |
 //! | graceful close | `Finish` every open direction, wait for both peers' FIN, `Close` after `grace_period` at the latest |
 //! | proxy shutdown | the connection may finish on its own; `Close(Shutdown)` after `grace_period` |
+//! | a second SIGTERM/SIGINT during the shutdown (`Cut`) | as at the end of a grace period, at once, reason `shutdown` |
 //! | end of a grace period (graceful close or shutdown) | both directions finished: the sockets close with FIN; otherwise `Abort` both sides (RST), so that no peer takes a cut stream for a complete one |
 //!
 //! The wait before passing a reset on is bounded by `grace_period`, the time the proxy
@@ -382,10 +383,7 @@ impl Lifecycle {
                 Phase::ShuttingDown { .. } | Phase::Closing { .. } | Phase::Closed(_) => {}
             },
             Event::Cut => {
-                if !matches!(self.flows, [Flow::Finished { .. }, Flow::Finished { .. }]) {
-                    actions.extend([Action::Abort(Side::Client), Action::Abort(Side::Backend)]);
-                }
-                self.close(Reason::Shutdown, &mut actions);
+                self.cut(Reason::Shutdown, &mut actions);
                 return actions;
             }
         }

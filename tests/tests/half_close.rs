@@ -210,7 +210,9 @@ async fn no_half_open_client_fin_while_the_backend_streams_ends_with_fin_both_wa
             + &front.route("strict", backend.addr, "");
         let mut proxy = TestProxy::start(front.data_path(), &config).await;
         let mut client = proxy.established(&front, "strict").await;
-        let spliced = proxy.kernel_bytes();
+        // The backend streams from the greeting on, so the kernel may have moved much of
+        // the stream already: count from zero (the greeting itself went through userspace).
+        let spliced = [0, 0];
         let mut received = vec![0u8; BEFORE_FIN];
         within("the stream arrives", client.read_exact(&mut received))
             .await
