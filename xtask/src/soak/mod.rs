@@ -334,17 +334,21 @@ impl Soak {
         problems
     }
 
-    /// Prints, per kind of traffic, the connections started and those that failed.
+    /// Prints, per kind of traffic, the connections started and those that failed (with
+    /// the first failure).
     fn report_kinds(&self) {
         let label = self.target.name();
         println!("xtask: soak: [{label}] connections by kind: run / failed");
         for kind in Kind::ALL {
+            let (failed, first) = self.failures.failed(kind);
             println!(
-                "xtask: soak: [{label}]   {:<30} {:>7} / {}",
+                "xtask: soak: [{label}]   {:<30} {:>7} / {failed}",
                 kind.name(),
                 self.clients.counters.run(kind),
-                self.failures.failed(kind)
             );
+            if let Some(first) = first {
+                println!("xtask: soak: [{label}]     first: {first}");
+            }
         }
     }
 
@@ -505,6 +509,9 @@ pub struct Failures {
     /// Connections with a failure, each counted once however many of its ends saw one.
     connections: Mutex<HashSet<u64>>,
     by_kind: [AtomicU64; Kind::ALL.len()],
+    /// The first failure of each kind, so the report shows one even after
+    /// [`FAILURES_KEPT`] others.
+    first_by_kind: Mutex<[Option<String>; Kind::ALL.len()]>,
 }
 
 impl Failures {
@@ -518,6 +525,10 @@ impl Failures {
         {
             self.by_kind[kind as usize].fetch_add(1, Ordering::Relaxed);
         }
+        self.first_by_kind
+            .lock()
+            .expect("no holder of the failures lock panics")[kind as usize]
+            .get_or_insert_with(|| message.clone());
         self.push(message);
     }
 
@@ -538,9 +549,14 @@ impl Failures {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Connections of `kind` that failed.
-    fn failed(&self, kind: Kind) -> u64 {
-        self.by_kind[kind as usize].load(Ordering::Relaxed)
+    /// Connections of `kind` that failed, and the first failure's message.
+    fn failed(&self, kind: Kind) -> (u64, Option<String>) {
+        let first = self
+            .first_by_kind
+            .lock()
+            .expect("no holder of the failures lock panics")[kind as usize]
+            .clone();
+        (self.by_kind[kind as usize].load(Ordering::Relaxed), first)
     }
 
     fn kept(&self) -> Vec<String> {

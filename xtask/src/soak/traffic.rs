@@ -675,8 +675,15 @@ impl Clients {
         end_at_once(stream, end)
             .await
             .map_err(|e| format!("ending: {e}"))?;
+        // The backend reports on every connection whose header it reads.
         let seen = within("the backend's report", STEP_LIMIT, seen)
-            .await?
+            .await
+            .map_err(|_| {
+                format!(
+                    "no report from the backend within {STEP_LIMIT:?}: it did not read this \
+                     connection's header, so none of the {client} request bytes reached it"
+                )
+            })?
             .map_err(|_| "the backend ended without a report".to_owned())?;
         let (want, reason) = expected_end(end, Reason::ClientReset);
         if seen.received != u64::from(client) || seen.end != want {
