@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    io,
+    fmt, io,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -43,6 +43,16 @@ pub enum Ending {
     Reset,
     /// Anything else: a wrong byte, another error, nothing for too long.
     Failed(String),
+}
+
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ending::Eof => f.write_str("a FIN (EOF)"),
+            Ending::Reset => f.write_str("an RST"),
+            Ending::Failed(e) => f.write_str(e),
+        }
+    }
 }
 
 /// The backend's [`Seen`] by connection id: the client asks for it before it connects,
@@ -288,7 +298,6 @@ pub async fn read_until_closed(stream: &mut TcpStream, pattern: &mut Pattern) ->
 pub async fn expect_reset(stream: &mut TcpStream, pattern: &mut Pattern) -> Result<(), String> {
     match read_until_closed(stream, pattern).await {
         Ending::Reset => Ok(()),
-        Ending::Eof => Err("a FIN (EOF) instead of an RST".to_owned()),
-        Ending::Failed(e) => Err(format!("{e} instead of an RST")),
+        other => Err(format!("{other} instead of an RST")),
     }
 }
