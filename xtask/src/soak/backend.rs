@@ -1,10 +1,10 @@
 //! The soak backend: a tokio server on 127.0.0.1 that does what each connection's header
 //! asks ([`Plan`]), checks every byte it receives, and reports what it finds to the
-//! [`Ledger`] (stream counts) or [`Failures`].
+//! [`Ledger`] (what it saw where the client gives the verdict) or [`Failures`].
 
 use std::{
     collections::HashMap,
-    io,
+    fmt, io,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -14,41 +14,74 @@ use tokio::{
     io::AsyncReadExt as _,
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{oneshot, watch},
     task::JoinHandle,
     time::{interval, MissedTickBehavior},
 };
 
 use super::{
+    end_at_once, reset,
     wire::{Dir, Pattern, Plan, CHUNK, HEADER_LEN},
     within, Failures,
 };
 
-/// What the backend counted on a [`Plan::Stream`] connection, for the client to compare.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StreamCounts {
+/// What the backend saw on a connection whose client gives the verdict: a stream (the
+/// client compares counts) or a request the client ended at once (it cannot read anything
+/// after that).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
     pub received: u64,
     pub sent: u64,
+    /// How the client's side ended, as the backend read it.
+    pub end: Ending,
 }
 
-/// Stream counts by connection id: the backend puts them before its FIN, the client takes
-/// them after reading that FIN.
+/// How reading a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Eof,
+    Reset,
+    /// Anything else: a wrong byte, another error, nothing for too long.
+    Failed(String),
+}
+
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ending::Eof => f.write_str("a FIN (EOF)"),
+            Ending::Reset => f.write_str("an RST"),
+            Ending::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// The backend's [`Seen`] by connection id: the client asks for it before it connects,
+/// the backend sends it before its FIN (or once it has read the client's end).
 #[derive(Default)]
-pub struct Ledger(Mutex<HashMap<u64, StreamCounts>>);
+pub struct Ledger(Mutex<HashMap<u64, oneshot::Sender<Seen>>>);
 
 impl Ledger {
-    fn put(&self, id: u64, counts: StreamCounts) {
+    /// Where the backend's report on connection `id` will arrive. A connection that never
+    /// reaches the backend leaves its entry here, which only a failed run has.
+    pub fn expect(&self, id: u64) -> oneshot::Receiver<Seen> {
+        let (tx, rx) = oneshot::channel();
         self.0
             .lock()
             .expect("no holder of the ledger lock panics")
-            .insert(id, counts);
+            .insert(id, tx);
+        rx
     }
 
-    pub fn take(&self, id: u64) -> Option<StreamCounts> {
-        self.0
+    fn report(&self, id: u64, seen: Seen) {
+        let waiting = self
+            .0
             .lock()
             .expect("no holder of the ledger lock panics")
-            .remove(&id)
+            .remove(&id);
+        // A client that has given up has dropped its receiver; its failure is counted.
+        if let Some(tx) = waiting {
+            let _ = tx.send(seen);
+        }
     }
 }
 
@@ -72,9 +105,7 @@ impl Backend {
                         let ledger = Arc::clone(&ledger);
                         let failures = Arc::clone(&failures);
                         tokio::spawn(async move {
-                            if let Err(e) = serve(stream, &ledger).await {
-                                failures.push(format!("{label} backend: {e}"));
-                            }
+                            serve(label, stream, &ledger, &failures).await;
                         });
                     }
                     Err(e) => {
@@ -102,14 +133,29 @@ impl Drop for Backend {
 /// How long the header may take to arrive.
 const HEADER_LIMIT: Duration = Duration::from_secs(30);
 
-async fn serve(mut stream: TcpStream, ledger: &Ledger) -> Result<(), String> {
+/// Serves one connection; a failure counts against the connection's kind once the header
+/// names it.
+async fn serve(label: &str, mut stream: TcpStream, ledger: &Ledger, failures: &Failures) {
     let mut header = [0; HEADER_LEN];
-    within("the header", HEADER_LIMIT, stream.read_exact(&mut header))
-        .await?
-        .map_err(|e| format!("reading the header: {e}"))?;
-    let (id, plan) =
-        Plan::decode(&header).ok_or_else(|| format!("unknown plan in header {header:?}"))?;
-    let fail = |what: &str, e: io::Error| format!("#{id} {plan:?}: {what}: {e}");
+    let read = within("the header", HEADER_LIMIT, stream.read_exact(&mut header)).await;
+    let decoded = match read {
+        Ok(Ok(_)) => Plan::decode(&header).ok_or_else(|| format!("unknown header {header:?}")),
+        Ok(Err(e)) => Err(format!("reading the header: {e}")),
+        Err(e) => Err(e),
+    };
+    match decoded {
+        Ok((id, kind, plan)) => {
+            if let Err(e) = follow(stream, id, plan, ledger).await {
+                failures.connection(kind, id, format!("{label} backend: #{id} {plan:?}: {e}"));
+            }
+        }
+        Err(e) => failures.push(format!("{label} backend: {e}")),
+    }
+}
+
+/// Does what `plan` asks on connection `id`, whose header has been read.
+async fn follow(mut stream: TcpStream, id: u64, plan: Plan, ledger: &Ledger) -> Result<(), String> {
+    let fail = |what: &str, e: io::Error| format!("{what}: {e}");
     let mut up = Pattern::new(id, Dir::ClientToBackend);
     let mut down = Pattern::new(id, Dir::BackendToClient);
     match plan {
@@ -117,7 +163,7 @@ async fn serve(mut stream: TcpStream, ledger: &Ledger) -> Result<(), String> {
             up.recv_to_eof(&mut stream)
                 .await
                 .map_err(|e| fail("reading the client's bytes", e))?;
-            expect_count(id, plan, up.offset, client)?;
+            expect_count(up.offset, client)?;
             down.send(&mut stream, backend.into())
                 .await
                 .map_err(|e| fail("sending", e))?;
@@ -131,7 +177,7 @@ async fn serve(mut stream: TcpStream, ledger: &Ledger) -> Result<(), String> {
             up.recv_to_eof(&mut stream)
                 .await
                 .map_err(|e| fail("reading the client's bytes after our FIN", e))?;
-            expect_count(id, plan, up.offset, client)?;
+            expect_count(up.offset, client)?;
         }
         Plan::Stream { rate } => {
             let (mut r, mut w) = stream.into_split();
@@ -165,11 +211,12 @@ async fn serve(mut stream: TcpStream, ledger: &Ledger) -> Result<(), String> {
             let (read, written) = tokio::join!(reader, writer);
             read.map_err(|e| fail("reading the stream", e))?;
             written.map_err(|e| fail("writing the stream", e))?;
-            ledger.put(
+            ledger.report(
                 id,
-                StreamCounts {
+                Seen {
                     received: up.offset,
                     sent: down.offset,
+                    end: Ending::Eof,
                 },
             );
             w.shutdown().await.map_err(|e| fail("FIN", e))?;
@@ -178,9 +225,7 @@ async fn serve(mut stream: TcpStream, ledger: &Ledger) -> Result<(), String> {
             down.send(&mut stream, backend.into())
                 .await
                 .map_err(|e| fail("sending", e))?;
-            expect_reset(&mut stream, &mut up)
-                .await
-                .map_err(|e| format!("#{id} {plan:?}: {e}"))?;
+            expect_reset(&mut stream, &mut up).await?;
         }
         Plan::BackendResets { backend } => {
             down.send(&mut stream, backend.into())
@@ -189,35 +234,70 @@ async fn serve(mut stream: TcpStream, ledger: &Ledger) -> Result<(), String> {
             up.recv_exact(&mut stream, 1)
                 .await
                 .map_err(|e| fail("waiting for the go byte", e))?;
-            super::reset(stream).map_err(|e| fail("SO_LINGER 0", e))?;
+            reset(stream).await.map_err(|e| fail("SO_LINGER 0", e))?;
+        }
+        Plan::Answer {
+            client,
+            backend,
+            end,
+        } => {
+            up.recv_exact(&mut stream, client.into())
+                .await
+                .map_err(|e| fail("reading the request", e))?;
+            down.send(&mut stream, backend.into())
+                .await
+                .map_err(|e| fail("sending the answer", e))?;
+            end_at_once(stream, end)
+                .await
+                .map_err(|e| fail("ending", e))?;
+        }
+        Plan::Request { .. } => {
+            let end = read_until_closed(&mut stream, &mut up).await;
+            ledger.report(
+                id,
+                Seen {
+                    received: up.offset,
+                    sent: 0,
+                    end,
+                },
+            );
+            // Dropping the stream sends our FIN (the client's end, if a FIN, was read).
         }
     }
     Ok(())
 }
 
-fn expect_count(id: u64, plan: Plan, got: u64, want: u32) -> Result<(), String> {
+fn expect_count(got: u64, want: u32) -> Result<(), String> {
     if got == u64::from(want) {
         Ok(())
     } else {
         Err(format!(
-            "#{id} {plan:?}: received {got} bytes before EOF, the client sent {want}"
+            "received {got} bytes before EOF, the client sent {want}"
         ))
     }
 }
 
-/// Reads until the connection is reset (what the proxy must pass on from a client RST).
-pub async fn expect_reset(stream: &mut TcpStream, pattern: &mut Pattern) -> Result<(), String> {
+/// Reads and checks until the connection ends, and says how it ended.
+pub async fn read_until_closed(stream: &mut TcpStream, pattern: &mut Pattern) -> Ending {
     let mut buf = vec![0; CHUNK];
-    let outcome = within("the RST", HEADER_LIMIT, async {
+    let read = within("the end of the connection", HEADER_LIMIT, async {
         loop {
             match pattern.recv_some(stream, &mut buf).await {
-                Ok(0) => return Err("a FIN (EOF) instead of an RST".to_owned()),
+                Ok(0) => return Ending::Eof,
                 Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
-                Err(e) => return Err(format!("{e} instead of an RST")),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ending::Reset,
+                Err(e) => return Ending::Failed(e.to_string()),
             }
         }
     })
-    .await?;
-    outcome
+    .await;
+    read.unwrap_or_else(Ending::Failed)
+}
+
+/// Reads until the connection is reset (what the proxy must pass on from a client RST).
+pub async fn expect_reset(stream: &mut TcpStream, pattern: &mut Pattern) -> Result<(), String> {
+    match read_until_closed(stream, pattern).await {
+        Ending::Reset => Ok(()),
+        other => Err(format!("{other} instead of an RST")),
+    }
 }

@@ -4,11 +4,12 @@
 //!
 //! Each data path gets its own proxy (both at once by default), with its own backend in
 //! this process and its own clients: long-lived idle connections, streams both ways at a
-//! bounded rate, slow readers, half-closes either way round, churn, and resets from either
-//! side (see [`traffic`]). Every byte is checked as it arrives ([`wire`]). Every 10 s one
-//! line per proxy shows its active connections, fds, RSS, sockhash entries and the kernel's
-//! TCP memory. At the end the traffic stops, the proxy drains, and the soak fails (exit 1)
-//! unless: no client or backend saw anything unexpected; the proxy's byte counters equal
+//! bounded rate, slow readers, half-closes either way round, churn, resets from either
+//! side, and requests and answers after which their sender ends the connection at once
+//! with a FIN or an RST (see [`traffic`]). Every byte is checked as it arrives ([`wire`]).
+//! Every 10 s one line per proxy shows its active connections, fds, RSS, sockhash entries
+//! and the kernel's TCP memory. At the end the traffic stops, the proxy drains, it prints
+//! the connections run and failed per kind of traffic, and the soak fails (exit 1) unless: no client or backend saw anything unexpected; the proxy's byte counters equal
 //! what the clients sent and received; its closure reasons equal what was driven (so no
 //! `inactivity_timeout` for the idle ones, whose timer is `reset`); it has no active
 //! connection and no sockhash entry left; its fd count is back to where it was before the
@@ -21,9 +22,11 @@ mod traffic;
 mod wire;
 
 use std::{
+    collections::HashSet,
     fmt,
     future::Future,
     io,
+    os::fd::AsRawFd as _,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -39,7 +42,8 @@ use tokio::{net::TcpStream, sync::watch, task::JoinSet};
 
 use self::{
     backend::{Backend, Ledger},
-    traffic::{Clients, Load, Reason},
+    traffic::{Clients, Kind, Load, Reason},
+    wire::End,
 };
 use crate::{
     bench::{config, system, target::Running, target::Target},
@@ -61,6 +65,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 const RSS_SLACK: u64 = 8 << 20;
 /// Failure messages kept (and printed) in full; the rest are only counted.
 const FAILURES_KEPT: usize = 20;
+/// How long a side that resets may wait for its kernel to send what it wrote.
+const UNSENT_LIMIT: Duration = Duration::from_secs(10);
 const MIB: f64 = (1 << 20) as f64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -111,6 +117,7 @@ pub fn run(opts: Options) -> Result<std::process::ExitCode> {
         churn_per_sec: opts.churn,
         half_close_per_sec: 2,
         resets_per_sec: 1,
+        at_once_per_sec: 2,
     };
     println!(
         "xtask: soak: {} for {}, in a network namespace of its own, RLIMIT_NOFILE {fd_limit}; \
@@ -300,6 +307,7 @@ impl Soak {
             thread::sleep(Duration::from_millis(100));
         }
         let last = self.report(duration, false);
+        self.report_kinds();
         match (drained, last) {
             (Ok(Some(stats)), Some(s)) => {
                 self.check(&stats, &s, load, duration, &mut problems);
@@ -324,6 +332,24 @@ impl Soak {
             problems.push(format!("{e:#}"));
         }
         problems
+    }
+
+    /// Prints, per kind of traffic, the connections started and those that failed (with
+    /// the first failure).
+    fn report_kinds(&self) {
+        let label = self.target.name();
+        println!("xtask: soak: [{label}] connections by kind: run / failed");
+        for kind in Kind::ALL {
+            let (failed, first) = self.failures.failed(kind);
+            println!(
+                "xtask: soak: [{label}]   {:<30} {:>7} / {failed}",
+                kind.name(),
+                self.clients.counters.run(kind),
+            );
+            if let Some(first) = first {
+                println!("xtask: soak: [{label}]     first: {first}");
+            }
+        }
     }
 
     fn check(
@@ -474,14 +500,39 @@ impl fmt::Display for Elapsed {
     }
 }
 
-/// What went wrong on connections: counted, the first few kept and printed as they happen.
+/// What went wrong: counted, per traffic kind the connections that failed, the first few
+/// messages kept and printed as they happen.
 #[derive(Default)]
 pub struct Failures {
     count: AtomicU64,
     kept: Mutex<Vec<String>>,
+    /// Connections with a failure, each counted once however many of its ends saw one.
+    connections: Mutex<HashSet<u64>>,
+    by_kind: [AtomicU64; Kind::ALL.len()],
+    /// The first failure of each kind, so the report shows one even after
+    /// [`FAILURES_KEPT`] others.
+    first_by_kind: Mutex<[Option<String>; Kind::ALL.len()]>,
 }
 
 impl Failures {
+    /// A failure of connection `id`, of traffic `kind`.
+    pub fn connection(&self, kind: Kind, id: u64, message: String) {
+        if self
+            .connections
+            .lock()
+            .expect("no holder of the failures lock panics")
+            .insert(id)
+        {
+            self.by_kind[kind as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        self.first_by_kind
+            .lock()
+            .expect("no holder of the failures lock panics")[kind as usize]
+            .get_or_insert_with(|| message.clone());
+        self.push(message);
+    }
+
+    /// A failure that is not one connection's.
     pub fn push(&self, message: String) {
         self.count.fetch_add(1, Ordering::Relaxed);
         let mut kept = self
@@ -496,6 +547,16 @@ impl Failures {
 
     fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// Connections of `kind` that failed, and the first failure's message.
+    fn failed(&self, kind: Kind) -> (u64, Option<String>) {
+        let first = self
+            .first_by_kind
+            .lock()
+            .expect("no holder of the failures lock panics")[kind as usize]
+            .clone();
+        (self.by_kind[kind as usize].load(Ordering::Relaxed), first)
     }
 
     fn kept(&self) -> Vec<String> {
@@ -517,11 +578,44 @@ pub async fn within<T>(
         .map_err(|_| format!("{what}: nothing after {limit:?}"))
 }
 
-/// Sets SO_LINGER 0 and closes: the peer gets an RST.
-pub fn reset(stream: TcpStream) -> io::Result<()> {
+/// Sets SO_LINGER 0 and closes: the peer gets an RST. First waits (up to [`UNSENT_LIMIT`])
+/// until the kernel has sent every byte written: the abort discards the send queue, so an
+/// unsent byte would be lost by this side, not by the proxy. Bytes already sent reach the
+/// peer ahead of the RST.
+pub async fn reset(stream: TcpStream) -> io::Result<()> {
+    let sent = async {
+        while unsent(&stream)? > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok::<_, io::Error>(())
+    };
+    tokio::time::timeout(UNSENT_LIMIT, sent)
+        .await
+        .map_err(|_| io::Error::other(format!("bytes still unsent after {UNSENT_LIMIT:?}")))??;
     socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
     drop(stream);
     Ok(())
+}
+
+/// Ends a connection right after the last write: a FIN or an RST.
+pub async fn end_at_once(stream: TcpStream, end: End) -> io::Result<()> {
+    match end {
+        End::Close => {
+            drop(stream);
+            Ok(())
+        }
+        End::Reset => reset(stream).await,
+    }
+}
+
+/// Bytes written to `stream` that the kernel has not sent yet (`SIOCOUTQNSD`).
+fn unsent(stream: &TcpStream) -> io::Result<libc::c_int> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int through the pointer, which outlives the call.
+    if unsafe { libc::ioctl(stream.as_raw_fd(), libc::SIOCOUTQNSD, &mut n) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

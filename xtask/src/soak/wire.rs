@@ -9,7 +9,9 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-pub const HEADER_LEN: usize = 17;
+use super::traffic::Kind;
+
+pub const HEADER_LEN: usize = 18;
 /// Bytes per read and per write.
 pub const CHUNK: usize = 16 * 1024;
 
@@ -31,30 +33,60 @@ pub enum Plan {
     ClientResets { backend: u32 },
     /// The backend sends `backend` bytes, waits for one byte from the client, then resets.
     BackendResets { backend: u32 },
+    /// The client sends `client` bytes (no FIN); the backend reads them, answers `backend`
+    /// bytes and at once ends the connection as `end` says.
+    Answer { client: u32, backend: u32, end: End },
+    /// The client sends `client` bytes and at once ends the connection as `end` says; the
+    /// backend reads until its EOF or RST and reports what it got in the ledger.
+    Request { client: u32, end: End },
+}
+
+/// How a side ends a connection right after its last write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// `close()`: a FIN.
+    Close,
+    /// `SO_LINGER` 0, then `close()`: an RST.
+    Reset,
+}
+
+impl End {
+    /// In the order of their values (the header's tag adds the value).
+    const ALL: [End; 2] = [End::Close, End::Reset];
 }
 
 impl Plan {
-    pub fn encode(self, id: u64) -> [u8; HEADER_LEN] {
+    /// The header of connection `id`, which belongs to traffic of `kind` (so the backend
+    /// can say which kind a failure it sees belongs to).
+    pub fn encode(self, id: u64, kind: Kind) -> [u8; HEADER_LEN] {
         let (tag, a, b) = match self {
             Plan::ClientFinsFirst { client, backend } => (0, client, backend),
             Plan::BackendFinsFirst { client, backend } => (1, client, backend),
             Plan::Stream { rate } => (2, rate, 0),
             Plan::ClientResets { backend } => (3, 0, backend),
             Plan::BackendResets { backend } => (4, 0, backend),
+            Plan::Answer {
+                client,
+                backend,
+                end,
+            } => (5 + end as u8, client, backend),
+            Plan::Request { client, end } => (7 + end as u8, client, 0),
         };
         let mut header = [0; HEADER_LEN];
         header[..8].copy_from_slice(&id.to_be_bytes());
-        header[8] = tag;
-        header[9..13].copy_from_slice(&a.to_be_bytes());
-        header[13..].copy_from_slice(&b.to_be_bytes());
+        header[8] = kind as u8;
+        header[9] = tag;
+        header[10..14].copy_from_slice(&a.to_be_bytes());
+        header[14..].copy_from_slice(&b.to_be_bytes());
         header
     }
 
-    pub fn decode(header: &[u8; HEADER_LEN]) -> Option<(u64, Plan)> {
+    pub fn decode(header: &[u8; HEADER_LEN]) -> Option<(u64, Kind, Plan)> {
         let id = u64::from_be_bytes(header[..8].try_into().ok()?);
-        let a = u32::from_be_bytes(header[9..13].try_into().ok()?);
-        let b = u32::from_be_bytes(header[13..].try_into().ok()?);
-        let plan = match header[8] {
+        let kind = Kind::from_u8(header[8])?;
+        let a = u32::from_be_bytes(header[10..14].try_into().ok()?);
+        let b = u32::from_be_bytes(header[14..].try_into().ok()?);
+        let plan = match header[9] {
             0 => Plan::ClientFinsFirst {
                 client: a,
                 backend: b,
@@ -66,9 +98,18 @@ impl Plan {
             2 => Plan::Stream { rate: a },
             3 => Plan::ClientResets { backend: b },
             4 => Plan::BackendResets { backend: b },
+            tag @ (5 | 6) => Plan::Answer {
+                client: a,
+                backend: b,
+                end: End::ALL[usize::from(tag - 5)],
+            },
+            tag @ (7 | 8) => Plan::Request {
+                client: a,
+                end: End::ALL[usize::from(tag - 7)],
+            },
             _ => return None,
         };
-        Some((id, plan))
+        Some((id, kind, plan))
     }
 }
 
@@ -206,8 +247,28 @@ mod tests {
             Plan::Stream { rate: 262_144 },
             Plan::ClientResets { backend: 1024 },
             Plan::BackendResets { backend: 1 },
+            Plan::Answer {
+                client: 1,
+                backend: 4096,
+                end: End::Close,
+            },
+            Plan::Answer {
+                client: 4096,
+                backend: 1,
+                end: End::Reset,
+            },
+            Plan::Request {
+                client: 17,
+                end: End::Close,
+            },
+            Plan::Request {
+                client: 4096,
+                end: End::Reset,
+            },
         ] {
-            assert_eq!(Plan::decode(&plan.encode(42)), Some((42, plan)));
+            for kind in Kind::ALL {
+                assert_eq!(Plan::decode(&plan.encode(42, kind)), Some((42, kind, plan)));
+            }
         }
     }
 
