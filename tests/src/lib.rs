@@ -322,7 +322,9 @@ impl Backend {
     }
 
     /// A backend that, on each connection, first echoes [`GREETING`] (the round trip of
-    /// [`TestProxy::established`]), then runs `script`.
+    /// [`TestProxy::established`]), then runs `script`. A script that ends the connection
+    /// on its own (a reset, a close) should wait for a word from the client first: the
+    /// connection must still be there when `established` looks it up.
     pub async fn greeted<F, Fut>(script: F) -> Backend
     where
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
