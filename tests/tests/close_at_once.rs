@@ -129,7 +129,7 @@ async fn churn(
             "{mode}: {} of {CONNECTIONS} splices failed",
             stats.ebpf.splice_failures
         );
-        let failures = failures.lock().expect("failure list");
+        let failures = std::mem::take(&mut *failures.lock().expect("failure list"));
         assert!(
             failures.is_empty(),
             "{} of {CONNECTIONS} clients did not get the answer and EOF:\n{}",
