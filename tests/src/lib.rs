@@ -172,11 +172,22 @@ impl TestProxy {
             .unwrap_or_else(|| panic!("no connection row for client {local}"));
         assert_eq!(
             row.data_path,
-            Some(self.stats().data_path),
+            Some(self.data_path()),
             "data path of connection {} (a failed splice books it on userspace)",
             row.id
         );
         client
+    }
+
+    /// The data path this proxy's plain connections must be booked on: the one its test
+    /// asked for, not merely the one it runs (a kernel path that failed to load must not
+    /// pass for the userspace one).
+    fn data_path(&self) -> DataPathKind {
+        match self.mode {
+            DataPathMode::Userspace => DataPathKind::Userspace,
+            DataPathMode::Ebpf => DataPathKind::Ebpf,
+            DataPathMode::Auto => self.stats().data_path,
+        }
     }
 
     /// The bytes the kernel moved so far, over every connection of this proxy, by
@@ -195,7 +206,7 @@ impl TestProxy {
     /// kernel. The first bytes of a connection go through userspace, hence the baseline.
     pub fn assert_kernel_moved(&self, before: [u64; 2], direction: Direction) {
         let now = self.kernel_bytes();
-        match self.stats().data_path {
+        match self.data_path() {
             DataPathKind::Ebpf => assert!(
                 now[direction.index()] > before[direction.index()],
                 "the kernel moved no {direction} byte after the splice: {before:?} -> {now:?}"
@@ -322,7 +333,9 @@ impl Backend {
     }
 
     /// A backend that, on each connection, first echoes [`GREETING`] (the round trip of
-    /// [`TestProxy::established`]), then runs `script`.
+    /// [`TestProxy::established`]), then runs `script`. A script that ends the connection
+    /// on its own (a reset, a close) should wait for a word from the client first: the
+    /// connection must still be there when `established` looks it up.
     pub async fn greeted<F, Fut>(script: F) -> Backend
     where
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,

@@ -5,12 +5,16 @@
 //! - eBPF only: the event ring buffer overflows (one page, many connections closing at
 //!   once): events are counted as lost, yet every connection closes and nothing stays
 //!   behind (sockhash entries, table records, descriptors).
+//!
+//! The reset cases first make a round trip ([`TestProxy::established`]), so that the
+//! kernel variant runs spliced, and the kernel variant checks the kernel moved the bytes
+//! sent after it.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use smartproxy::config::DataPathMode;
-use smartproxy::lifecycle::Reason;
+use smartproxy::lifecycle::{Direction, Reason};
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -56,9 +60,9 @@ fn assert_noticed(reset_at: &ResetAt, noticed: Instant) {
 async fn backend_reset_while_sending_reaches_the_client_within_a_second() {
     for_each_data_path(|mode| async move {
         let reset_at = ResetAt::default();
-        let backend = Backend::spawn_with(reset_at.clone(), |mut stream, at| async move {
-            // Only once the client is there: a reset before the proxy's connect returned
-            // would be a connect failure instead.
+        let backend = Backend::greeted_with(reset_at.clone(), |mut stream, at| async move {
+            // Only once the client saw the connection established: a reset before would
+            // end it before the test looked at it.
             let mut go = [0u8; 2];
             stream.read_exact(&mut go).await.expect("backend reads");
             let chunk = pattern(64 * 1024, 1);
@@ -69,11 +73,16 @@ async fn backend_reset_while_sending_reaches_the_client_within_a_second() {
         })
         .await;
         let mut proxy = TestProxy::start(mode, &plain_route("mid", backend.addr, "")).await;
-        let mut client = connect(proxy.addr("mid")).await;
+        let mut client = proxy
+            .established(&Frontend::Plain(mode), "mid")
+            .await
+            .into_tcp();
+        let spliced = proxy.kernel_bytes();
         client.write_all(b"go").await.expect("client writes");
         let noticed = read_until_gone(&mut client).await;
         assert_noticed(&reset_at, noticed);
         proxy.expect_closed(Reason::BackendReset).await;
+        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
         assert_eq!(proxy.stats().closed(Reason::BackendReset), 1, "counted");
         backend.join().await;
         proxy.stop().await;
@@ -85,7 +94,7 @@ async fn backend_reset_while_sending_reaches_the_client_within_a_second() {
 async fn backend_reset_while_receiving_reaches_the_client_within_a_second() {
     for_each_data_path(|mode| async move {
         let reset_at = ResetAt::default();
-        let backend = Backend::spawn_with(reset_at.clone(), |mut stream, at| async move {
+        let backend = Backend::greeted_with(reset_at.clone(), |mut stream, at| async move {
             let mut buf = vec![0u8; 64 * 1024];
             let mut total = 0;
             while total < 1024 * 1024 {
@@ -95,7 +104,11 @@ async fn backend_reset_while_receiving_reaches_the_client_within_a_second() {
         })
         .await;
         let mut proxy = TestProxy::start(mode, &plain_route("mid", backend.addr, "")).await;
-        let client = connect(proxy.addr("mid")).await;
+        let client = proxy
+            .established(&Frontend::Plain(mode), "mid")
+            .await
+            .into_tcp();
+        let spliced = proxy.kernel_bytes();
         let (mut read, mut write) = client.into_split();
         // The client keeps sending until the proxy passes the reset on.
         let sender = tokio::spawn(async move {
@@ -117,6 +130,7 @@ async fn backend_reset_while_receiving_reaches_the_client_within_a_second() {
             .await
             .expect("sender task");
         proxy.expect_closed(Reason::BackendReset).await;
+        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
         backend.join().await;
         proxy.stop().await;
     })

@@ -7,19 +7,25 @@
 //! - `timeout_behavior = "close"`: an idle connection ends (the client sees EOF) within
 //!   2 s, reason `inactivity_timeout`;
 //! - parity check: a half-closed connection where nothing moves is closed with
-//!   `parity_check`; one whose open direction keeps sending is left alone;
+//!   `parity_check`; one whose open direction keeps sending is left alone; one whose
+//!   finishing direction never drains (the backend never reads 2 MiB sent before the
+//!   client's FIN) is closed with `parity_check` too;
 //! - `allow_half_open = false`: the client's FIN ends the connection; the client still
 //!   gets the bytes the proxy had taken, then EOF; the backend sees EOF; `normal`;
 //! - connect: a target that never answers SYN gives `connect_timeout`; a refused target
 //!   is skipped for the next one; all targets refused gives `connect_failed` at once;
 //!   a name that resolves to nothing (`nonexistent.invalid`) is skipped like a refused
 //!   target, and when every target fails the client gets a clean close (FIN, no byte).
+//!
+//! Each lifecycle case first makes a round trip ([`TestProxy::established`]), so that the
+//! kernel variant runs spliced, and the kernel variant checks the kernel moved the bytes
+//! sent after it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use smartproxy::lifecycle::Reason;
+use smartproxy::lifecycle::{Direction, Reason};
 use smartproxy_tests::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
@@ -60,11 +66,11 @@ async fn finish(mut client: impl AsyncRead + AsyncWrite + Unpin) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inactivity_reset_counts_each_timeout_and_never_closes() {
     for_each_frontend(|front| async move {
-        let backend = Backend::spawn(echo).await;
+        let backend = Backend::greeted(echo).await;
         let config = inactivity("reset") + &front.route("idle", backend.addr, "");
         let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = front.connect(proxy.addr("idle")).await;
-        round_trip(&mut client, b"before").await;
+        let mut client = proxy.established(&front, "idle").await;
+        let spliced = proxy.kernel_bytes();
         // Ten counted timeouts of 300 ms: the connection sat idle for 3 s.
         wait_for("ten inactivity resets", || {
             proxy.stats().lifecycle.inactivity_resets >= 10
@@ -75,6 +81,8 @@ async fn inactivity_reset_counts_each_timeout_and_never_closes() {
         round_trip(&mut client, b"after").await;
         finish(client).await;
         proxy.expect_closed(Reason::Normal).await;
+        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
+        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
         backend.join().await;
         proxy.stop().await;
     })
@@ -84,11 +92,11 @@ async fn inactivity_reset_counts_each_timeout_and_never_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
     for_each_frontend(|front| async move {
-        let backend = Backend::spawn(echo).await;
+        let backend = Backend::greeted(echo).await;
         let config = inactivity("ignore") + &front.route("idle", backend.addr, "");
         let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = front.connect(proxy.addr("idle")).await;
-        round_trip(&mut client, b"before").await;
+        let mut client = proxy.established(&front, "idle").await;
+        let spliced = proxy.kernel_bytes();
         // The idle period is the scenario itself: nothing happens that could be awaited.
         tokio::time::sleep(Duration::from_secs(3)).await;
         proxy.assert_nothing_closed();
@@ -101,6 +109,8 @@ async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
         round_trip(&mut client, b"after").await;
         finish(client).await;
         proxy.expect_closed(Reason::Normal).await;
+        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
+        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
         backend.join().await;
         proxy.stop().await;
     })
@@ -110,11 +120,10 @@ async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inactivity_close_ends_an_idle_connection_with_eof() {
     for_each_frontend(|front| async move {
-        let backend = Backend::spawn(echo).await;
+        let backend = Backend::greeted(echo).await;
         let config = inactivity("close") + &front.route("idle", backend.addr, "");
         let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = front.connect(proxy.addr("idle")).await;
-        round_trip(&mut client, b"only").await;
+        let mut client = proxy.established(&front, "idle").await;
         let idle_since = Instant::now();
         let mut rest = Vec::new();
         within(
@@ -143,28 +152,34 @@ async fn inactivity_close_ends_an_idle_connection_with_eof() {
 
 // === parity check ===
 
-const PARITY: &str =
-    "[lifecycle]\nparity_check_timeout = \"300ms\"\nparity_inactivity = \"300ms\"\n\
-                      timeout_behavior = \"ignore\"\n\n";
+/// Parity check after 300 ms, no inactivity timer, and `extra` lifecycle lines.
+fn parity(extra: &str) -> String {
+    format!(
+        "[lifecycle]\nparity_check_timeout = \"300ms\"\nparity_inactivity = \"300ms\"\n\
+         timeout_behavior = \"ignore\"\n{extra}\n"
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parity_check_closes_a_half_closed_connection_where_nothing_moves() {
     for_each_frontend(|front| async move {
         // The backend keeps its side open until the client saw the proxy close it.
         let release = Arc::new(Notify::new());
-        let backend = Backend::spawn_with(Arc::clone(&release), |mut stream, release| async move {
-            let mut request = Vec::new();
-            stream
-                .read_to_end(&mut request)
-                .await
-                .expect("backend reads up to the client's FIN");
-            assert_eq!(request, b"request", "bytes before the client's FIN");
-            release.notified().await;
-        })
-        .await;
-        let config = PARITY.to_owned() + &front.route("parity", backend.addr, "");
+        let backend =
+            Backend::greeted_with(Arc::clone(&release), |mut stream, release| async move {
+                let mut request = Vec::new();
+                stream
+                    .read_to_end(&mut request)
+                    .await
+                    .expect("backend reads up to the client's FIN");
+                assert_eq!(request, b"request", "bytes before the client's FIN");
+                release.notified().await;
+            })
+            .await;
+        let config = parity("") + &front.route("parity", backend.addr, "");
         let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = front.connect(proxy.addr("parity")).await;
+        let mut client = proxy.established(&front, "parity").await;
+        let spliced = proxy.kernel_bytes();
         client.write_all(b"request").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         let mut rest = Vec::new();
@@ -181,6 +196,7 @@ async fn parity_check_closes_a_half_closed_connection_where_nothing_moves() {
         );
         release.notify_one();
         proxy.expect_closed(Reason::ParityCheck).await;
+        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
         backend.join().await;
         proxy.stop().await;
     })
@@ -191,7 +207,7 @@ async fn parity_check_closes_a_half_closed_connection_where_nothing_moves() {
 async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
     const TICKS: usize = 20;
     for_each_frontend(|front| async move {
-        let backend = Backend::spawn(|mut stream| async move {
+        let backend = Backend::greeted(|mut stream| async move {
             let mut request = Vec::new();
             stream
                 .read_to_end(&mut request)
@@ -201,9 +217,10 @@ async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
             // Returning closes the stream: a FIN behind the last tick.
         })
         .await;
-        let config = PARITY.to_owned() + &front.route("parity", backend.addr, "");
+        let config = parity("") + &front.route("parity", backend.addr, "");
         let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = front.connect(proxy.addr("parity")).await;
+        let mut client = proxy.established(&front, "parity").await;
+        let spliced = proxy.kernel_bytes();
         client.write_all(b"subscribe").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         for index in 0..TICKS {
@@ -218,6 +235,58 @@ async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
         .expect("client reads");
         assert!(rest.is_empty(), "{} bytes after the last tick", rest.len());
         proxy.expect_closed(Reason::Normal).await;
+        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
+        backend.join().await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parity_check_closes_a_connection_whose_finishing_direction_never_drains() {
+    // What the client sends before its FIN: more than the backend's receive buffer, so
+    // that bytes stay queued toward it, and little enough that the proxy takes it all and
+    // reads the FIN on both paths (the rule counts from that EOF; a FIN behind bytes the
+    // proxy cannot take is never read).
+    const QUEUED: usize = 2 * 1024 * 1024;
+    for_each_data_path(|mode| async move {
+        // The backend neither reads nor sends, until the test is over.
+        let release = Arc::new(Notify::new());
+        let backend = Backend::greeted_with(Arc::clone(&release), |stream, release| async move {
+            release.notified().await;
+            drop(stream);
+        })
+        .await;
+        // A short grace period: the backend never answers the close with its FIN.
+        let config = parity("grace_period = \"300ms\"") + &plain_route("parity", backend.addr, "");
+        let mut proxy = TestProxy::start(mode, &config).await;
+        let mut client = proxy
+            .established(&Frontend::Plain(mode), "parity")
+            .await
+            .into_tcp();
+        let spliced = proxy.kernel_bytes();
+        within(
+            "the proxy takes the bytes",
+            write_chunked(&mut client, &pattern(QUEUED, 31)),
+        )
+        .await
+        .expect("client writes");
+        client.shutdown().await.expect("client FIN");
+        let mut rest = Vec::new();
+        within(
+            "the parity check closes the connection",
+            client.read_to_end(&mut rest),
+        )
+        .await
+        .expect("a graceful close: EOF, not RST");
+        assert!(
+            rest.is_empty(),
+            "{} unexpected bytes before EOF",
+            rest.len()
+        );
+        proxy.expect_closed(Reason::ParityCheck).await;
+        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
+        release.notify_one();
         backend.join().await;
         proxy.stop().await;
     })
@@ -228,16 +297,18 @@ async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
-    const GREETING: usize = 64 * 1024;
+    const BANNER: usize = 64 * 1024;
     for_each_frontend(|front| async move {
-        let greeting = pattern(GREETING, 21);
-        let expected = sha256(&greeting);
+        let banner = pattern(BANNER, 21);
+        let expected = sha256(&banner);
         // The backend stays open until the client got its EOF: that EOF must come from
         // the proxy's policy, not from the backend closing.
         let release = Arc::new(Notify::new());
-        let state = (Arc::clone(&release), greeting);
-        let backend = Backend::spawn_with(state, |mut stream, (release, greeting)| async move {
-            stream.write_all(&greeting).await.expect("backend writes");
+        let state = (Arc::clone(&release), banner);
+        let backend = Backend::greeted_with(state, |mut stream, (release, banner)| async move {
+            let mut ask = [0u8; 3];
+            stream.read_exact(&mut ask).await.expect("backend reads");
+            stream.write_all(&banner).await.expect("backend writes");
             let mut request = Vec::new();
             stream
                 .read_to_end(&mut request)
@@ -250,11 +321,14 @@ async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
         let config = "[lifecycle]\nallow_half_open = false\n\n".to_owned()
             + &front.route("strict", backend.addr, "");
         let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = front.connect(proxy.addr("strict")).await;
-        // The FIN goes out once the proxy has taken every greeting byte (the client has
+        let mut client = proxy.established(&front, "strict").await;
+        let spliced = proxy.kernel_bytes();
+        client.write_all(b"ask").await.expect("client writes");
+        // The FIN goes out once the proxy has taken every banner byte (the client has
         // read none yet).
-        wait_for("the proxy takes the greeting", || {
-            proxy.stats().bytes.backend_to_client == GREETING as u64
+        let banner_done = (GREETING.len() + BANNER) as u64;
+        wait_for("the proxy takes the banner", || {
+            proxy.stats().bytes.backend_to_client == banner_done
         })
         .await;
         client.write_all(b"bye").await.expect("client writes");
@@ -262,10 +336,11 @@ async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
         let (len, hash) = within("the client reads to EOF", read_to_end_hashed(&mut client))
             .await
             .expect("a graceful close: EOF, not RST");
-        assert_eq!(len, GREETING, "greeting bytes at the client");
-        assert_eq!(hash, expected, "greeting checksum at the client");
+        assert_eq!(len, BANNER, "banner bytes at the client");
+        assert_eq!(hash, expected, "banner checksum at the client");
         release.notify_one();
         proxy.expect_closed(Reason::Normal).await;
+        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
         backend.join().await;
         proxy.stop().await;
     })
