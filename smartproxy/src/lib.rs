@@ -21,6 +21,7 @@ pub mod route;
 pub mod sni;
 pub mod stats;
 pub mod table;
+pub mod throttle;
 pub mod tls;
 pub mod view;
 
