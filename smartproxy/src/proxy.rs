@@ -508,7 +508,12 @@ fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
     let options = LoadOptions {
         max_queued_bytes: config.proxy.max_queued_bytes,
         ring_buffer_bytes: config.proxy.ebpf_ring_buffer_bytes,
-        max_connections: config.proxy.ebpf_max_connections,
+        // Validated at most `max_connections` as the file has it; never more than the
+        // value in force either, should that be lower (derived at start).
+        max_connections: config
+            .proxy
+            .ebpf_max_connections
+            .min(u32::try_from(config.proxy.max_connections).unwrap_or(u32::MAX)),
     };
     match Kernel::load(options) {
         Ok(kernel) => {
