@@ -74,16 +74,18 @@ pub const MAX_QUEUED_BYTES: u64 = 256 * 1024 * 1024;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
+        let max_connections = 100_000;
         Self {
             data_path: DataPathMode::Auto,
             control_socket: PathBuf::from("/run/smartproxy/control.sock"),
-            max_connections: 100_000,
+            max_connections: max_connections as usize,
             metrics: None,
             max_queued_bytes: crate::ebpf::DEFAULT_MAX_QUEUED_BYTES,
             per_ip: PerIpConfig::default(),
             user: None,
             ebpf_ring_buffer_bytes: smartproxy_common::DEFAULT_RING_BUFFER_BYTES,
-            ebpf_max_connections: 100_000,
+            // The maps hold every connection `max_connections` admits.
+            ebpf_max_connections: max_connections,
         }
     }
 }

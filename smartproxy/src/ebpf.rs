@@ -600,9 +600,7 @@ impl SpliceError {
             source: source.into(),
         }
     }
-}
 
-impl SpliceError {
     /// Whether a map had no room for the pair: an insert failed with E2BIG, which the
     /// kernel's hash maps and sockhashes return when they hold `max_entries` already.
     pub fn map_full(&self) -> bool {
