@@ -7,12 +7,13 @@
 //! bounded rate, slow readers, half-closes either way round, churn, and resets from either
 //! side (see [`traffic`]). Every byte is checked as it arrives ([`wire`]). Every 10 s one
 //! line per proxy shows its active connections, fds, RSS, the entries of its kernel maps
-//! and the kernel's TCP memory. At the end the traffic stops, the proxy drains, and the soak fails (exit 1)
-//! unless: no client or backend saw anything unexpected; the proxy's byte counters equal
-//! what the clients sent and received; its closure reasons equal what was driven (so no
-//! `inactivity_timeout` for the idle ones, whose timer is `reset`); it has no active
-//! connection and no entry left in any kernel map (counted in the kernel); its fd count is back to where it was before the
-//! traffic; its RSS did not grow in the second half of the run over the first.
+//! and the kernel's TCP memory. At the end the traffic stops, the proxy drains, and the
+//! soak fails (exit 1) unless: no client or backend saw anything unexpected; the proxy's
+//! byte counters equal what the clients sent and received; its closure reasons equal what
+//! was driven (so no `inactivity_timeout` for the idle ones, whose timer is `reset`); it
+//! has no active connection and no entry left in any kernel map (counted in the kernel);
+//! its fd count is back to where it was before the traffic; its RSS did not grow in the
+//! second half of the run over the first, nor after the drain over the traffic's peak.
 //!
 //! It runs in a network namespace of its own (needs root, as the eBPF path does).
 
