@@ -27,7 +27,9 @@ pub const PROG_STATE_EVENTS: &str = "state_events";
 
 /// Default size of `EVENTS`, in bytes (a power of two, as the kernel requires).
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 256 * 1024;
-/// Default capacity of `FLOWS`, `TARGETS` and `SOCKETS` (entries, two per spliced connection).
+/// Capacity of `FLOWS`, `CONTROL`, `TARGETS` and `SOCKETS` as the eBPF object declares it
+/// (entries, two per spliced connection). The proxy sets its own at load, from
+/// `proxy.ebpf_max_connections`.
 pub const DEFAULT_MAX_SOCKETS: u32 = 2 * 65_536;
 
 /// One direction of a spliced connection, keyed in `FLOWS` by the cookie of the socket the

@@ -60,7 +60,16 @@ pub struct ProxyConfig {
     /// eBPF data path: size of the event ring buffer (FIN/RST/close events), a power of
     /// two and a multiple of the page size.
     pub ebpf_ring_buffer_bytes: u32,
+    /// eBPF data path: how many connections the kernel maps hold (two entries each).
+    /// Between 1 and `max_connections` as written in the file (its value, unless the
+    /// file sets this key), and at most [`MAX_EBPF_CONNECTIONS`]. A connection beyond it
+    /// uses the userspace copy.
+    pub ebpf_max_connections: u32,
 }
+
+/// The largest `ebpf_max_connections`: the maps' sizes (two entries a connection) are
+/// 32-bit numbers. The kernel's own limits are lower, and say so when the maps are created.
+pub const MAX_EBPF_CONNECTIONS: u32 = u32::MAX / 2;
 
 /// The smallest `max_queued_bytes`: below it nearly every byte would take the slow path.
 pub const MIN_QUEUED_BYTES: u64 = 64 * 1024;
@@ -69,16 +78,19 @@ pub const MAX_QUEUED_BYTES: u64 = 256 * 1024 * 1024;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
+        let max_connections = 100_000;
         Self {
             data_path: DataPathMode::Auto,
             control_socket: PathBuf::from("/run/smartproxy/control.sock"),
-            max_connections: 100_000,
+            max_connections: max_connections as usize,
             max_connections_explicit: false,
             metrics: None,
             max_queued_bytes: crate::ebpf::DEFAULT_MAX_QUEUED_BYTES,
             per_ip: PerIpConfig::default(),
             user: None,
             ebpf_ring_buffer_bytes: smartproxy_common::DEFAULT_RING_BUFFER_BYTES,
+            // The maps hold every connection `max_connections` admits.
+            ebpf_max_connections: max_connections,
         }
     }
 }
@@ -564,6 +576,7 @@ struct RawProxy {
     connection_rate_per_ip: Option<u32>,
     user: Option<String>,
     ebpf_ring_buffer_bytes: Option<u32>,
+    ebpf_max_connections: Option<u32>,
 }
 
 /// A duration written as a humantime string (`"500ms"`, `"5s"`, `"30m"`, `"24h"`).
@@ -723,6 +736,11 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             .proxy
             .ebpf_ring_buffer_bytes
             .unwrap_or(defaults.ebpf_ring_buffer_bytes),
+        ebpf_max_connections: ebpf_max_connections(
+            raw.proxy.ebpf_max_connections,
+            raw.proxy.max_connections,
+            defaults.max_connections,
+        )?,
     };
     let page = crate::ebpf::page_size();
     let ring = proxy.ebpf_ring_buffer_bytes as usize;
@@ -770,6 +788,31 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
         routes,
         source: None,
     })
+}
+
+/// `proxy.ebpf_max_connections`: as set, or `max_connections` (both as written in the
+/// file), within `1..=max_connections` and [`MAX_EBPF_CONNECTIONS`]. The file's values,
+/// not a limit derived at start: the maps cannot be resized, so a reload compares them.
+fn ebpf_max_connections(
+    set: Option<u32>,
+    max_connections: Option<usize>,
+    default_max_connections: usize,
+) -> Result<u32, Invalid> {
+    let max_connections = max_connections.unwrap_or(default_max_connections);
+    let bound = u32::try_from(max_connections)
+        .unwrap_or(u32::MAX)
+        .min(MAX_EBPF_CONNECTIONS);
+    match set {
+        None => Ok(bound),
+        Some(n) if (1..=bound).contains(&n) => Ok(n),
+        Some(_) => Err(Invalid::new(
+            "proxy.ebpf_max_connections",
+            format!(
+                "must be between 1 and {bound} (at most proxy.max_connections, \
+                 {max_connections}, and at most {MAX_EBPF_CONNECTIONS})"
+            ),
+        )),
+    }
 }
 
 /// The rules about one route alone.
@@ -1197,6 +1240,26 @@ mod tests {
         );
         assert_eq!(config.lifecycle.timeout_behavior, TimeoutBehavior::Reset);
         assert_eq!(config.routes[0].lifecycle, LifecycleConfig::default());
+    }
+
+    #[test]
+    fn ebpf_max_connections_defaults_to_max_connections_and_may_not_exceed_it() {
+        assert_eq!(load_ok(ROUTE).proxy.ebpf_max_connections, 100_000);
+        let config = load_ok(&format!("[proxy]\nmax_connections = 500\n{ROUTE}"));
+        assert_eq!(config.proxy.ebpf_max_connections, 500);
+        let config = load_ok(&format!(
+            "[proxy]\nmax_connections = 500\nebpf_max_connections = 2\n{ROUTE}"
+        ));
+        assert_eq!(config.proxy.ebpf_max_connections, 2);
+        let config = load_ok(&format!("[proxy]\nmax_connections = 5000000000\n{ROUTE}"));
+        assert_eq!(config.proxy.ebpf_max_connections, MAX_EBPF_CONNECTIONS);
+        for bad in ["ebpf_max_connections = 0", "ebpf_max_connections = 501"] {
+            let e = load_err(&format!("[proxy]\nmax_connections = 500\n{bad}\n{ROUTE}"));
+            assert!(
+                e.starts_with("test.toml: proxy.ebpf_max_connections: must be between 1 and 500"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The control socket: a Unix socket (mode 0600) that answers `stats`, `connections`
-//! and `reload` with one JSON document each, for the commands of the same names.
+//! and `reload` with one JSON document each, for the commands of the same names, and
+//! `stats-watch`, for each frame of `stats --watch`: `stats` without the kernel maps'
+//! entry counts.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -73,7 +75,19 @@ async fn answer(stream: UnixStream, shared: Arc<Shared>) {
         return;
     }
     let body = match line.trim() {
-        "stats" => serde_json::to_vec(&shared.snapshot()),
+        // The one-shot request counts the kernel maps' entries, a syscall each: off the
+        // runtime's threads. `stats --watch` asks every second and gets no count.
+        "stats" => {
+            let counting = Arc::clone(&shared);
+            match tokio::task::spawn_blocking(move || counting.snapshot_counting_maps()).await {
+                Ok(snapshot) => serde_json::to_vec(&snapshot),
+                Err(e) => {
+                    warn!(error = %e, "counting the kernel map entries did not finish");
+                    serde_json::to_vec(&shared.snapshot())
+                }
+            }
+        }
+        "stats-watch" => serde_json::to_vec(&shared.snapshot()),
         "connections" => serde_json::to_vec(&shared.connection_rows()),
         "reload" => {
             let reply = match shared.reload().await {
@@ -120,7 +134,8 @@ pub struct ControlError {
     pub source: io::Error,
 }
 
-/// Sends one request (`stats`, `connections` or `reload`) and returns the JSON reply.
+/// Sends one request (`stats`, `stats-watch`, `connections` or `reload`) and returns the
+/// JSON reply.
 pub fn query(path: &Path, request: &str) -> Result<Vec<u8>, ControlError> {
     let fail = |source| ControlError {
         path: path.to_owned(),

@@ -29,7 +29,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
+    maps::{HashMap, MapData, MapError, MapKeys, PerCpuArray, RingBuf, SockHash},
     programs::{CgroupAttachMode, ProgramError, SkSkb, SockOps},
     Ebpf, EbpfLoader,
 };
@@ -92,6 +92,8 @@ pub enum EbpfError {
     NotBuilt,
     #[error("ring buffer size {0} is not a power of two of at least one page")]
     RingBufferSize(u32),
+    #[error("maps for {0} connections would need more than u32::MAX entries")]
+    MapSize(u32),
     #[error("no tokio runtime: Kernel::load spawns the ring-buffer reader on the current one")]
     NoRuntime,
     #[error("failed to load the eBPF object")]
@@ -132,9 +134,10 @@ pub struct LoadOptions {
     /// Size of the `EVENTS` ring buffer in bytes: a power of two, at least one page. Each event
     /// takes 32 bytes (24 + header); when it is full, events are counted as lost.
     pub ring_buffer_bytes: u32,
-    /// Capacity of `FLOWS`, `CONTROL`, `TARGETS` and `SOCKETS`: two entries per spliced
-    /// connection.
-    pub max_sockets: u32,
+    /// How many spliced connections `FLOWS`, `CONTROL`, `TARGETS` and `SOCKETS` hold (two
+    /// entries each); a splice beyond it fails with [`SpliceError::map_full`]. At most
+    /// `u32::MAX / 2`.
+    pub max_connections: u32,
     /// Per direction, the most bytes that may be on their way to the peer (redirected or
     /// forwarded, not yet acknowledged by the peer) before the verdict passes instead of
     /// redirecting, so that the sender's window closes.
@@ -145,7 +148,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
-            max_sockets: DEFAULT_MAX_SOCKETS,
+            max_connections: DEFAULT_MAX_SOCKETS / 2,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
         }
     }
@@ -162,6 +165,17 @@ pub struct KernelStats {
     pub events_lost: u64,
 }
 
+/// Entries of each map, counted in the kernel ([`Kernel::map_entries`]). After every
+/// connection closed, all four are zero: `FLOWS` and `CONTROL` are where a leak shows, as
+/// the kernel removes a closed socket from the sockhashes by itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapEntries {
+    pub sockets: u64,
+    pub targets: u64,
+    pub flows: u64,
+    pub control: u64,
+}
+
 /// The loaded eBPF programs and their maps. Cheap to clone; everything is released (programs
 /// detached, maps freed, reader task stopped) when the last clone and the last [`Splice`] are
 /// dropped. Several `Kernel`s may live in one process, each with its own maps.
@@ -175,6 +189,7 @@ struct Inner {
     sockets: Mutex<SockHash<MapData, u64>>,
     flows: Mutex<HashMap<MapData, u64, Flow>>,
     control: Mutex<HashMap<MapData, u64, Control>>,
+    max_connections: u32,
     max_queued_bytes: u64,
     events_lost: PerCpuArray<MapData, u64>,
     shared: Arc<Shared>,
@@ -278,7 +293,7 @@ impl Kernel {
     pub fn load(opts: LoadOptions) -> Result<Kernel, EbpfError> {
         let LoadOptions {
             ring_buffer_bytes,
-            max_sockets,
+            max_connections,
             max_queued_bytes,
         } = opts;
         if OBJECT.is_empty() {
@@ -287,6 +302,9 @@ impl Kernel {
         if !ring_buffer_bytes.is_power_of_two() || (ring_buffer_bytes as usize) < page_size() {
             return Err(EbpfError::RingBufferSize(ring_buffer_bytes));
         }
+        let max_sockets = max_connections
+            .checked_mul(2)
+            .ok_or(EbpfError::MapSize(max_connections))?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| EbpfError::NoRuntime)?;
         let cgroup = proxy_cgroup()?;
 
@@ -345,7 +363,7 @@ impl Kernel {
         tracing::info!(
             cgroup = %cgroup.display(),
             ring_buffer_bytes,
-            max_sockets,
+            max_connections,
             "eBPF data path loaded"
         );
         Ok(Kernel {
@@ -354,6 +372,7 @@ impl Kernel {
                 sockets: Mutex::new(sockets),
                 flows: Mutex::new(flows),
                 control: Mutex::new(control),
+                max_connections,
                 max_queued_bytes,
                 events_lost,
                 shared,
@@ -440,6 +459,44 @@ impl Kernel {
             events: shared.events.load(Ordering::Relaxed),
             events_lost,
         }
+    }
+
+    /// How many connections the maps hold ([`LoadOptions::max_connections`]).
+    pub fn max_connections(&self) -> u32 {
+        self.inner.max_connections
+    }
+
+    /// Counts the entries of each map in the kernel. It walks the keys, a syscall each, with
+    /// the map's lock held (no splice starts or ends meanwhile): for one-shot requests, not
+    /// for every scrape. `FLOWS` and `CONTROL` are exact. The kernel may remove a closed
+    /// socket from a sockhash during the walk, which then starts over and may count some
+    /// keys twice, up to the map's capacity; once nothing closes, the counts are exact.
+    pub fn map_entries(&self) -> Result<MapEntries, EbpfError> {
+        let inner = &self.inner;
+        let capacity = u64::from(inner.max_connections) * 2;
+        let count = |map: &'static str, keys: MapKeys<'_, u64>| {
+            let mut entries = 0;
+            for key in keys.take(usize::try_from(capacity).unwrap_or(usize::MAX)) {
+                key.map_err(|source| EbpfError::Map {
+                    map,
+                    step: "walking the keys",
+                    source,
+                })?;
+                entries += 1;
+            }
+            Ok::<u64, EbpfError>(entries)
+        };
+        // One lock at a time, each released before the next is taken.
+        let sockets = count(MAP_SOCKETS, lock(&inner.sockets).keys())?;
+        let targets = count(MAP_TARGETS, lock(&inner.targets).keys())?;
+        let flows = count(MAP_FLOWS, lock(&inner.flows).keys())?;
+        let control = count(MAP_CONTROL, lock(&inner.control).keys())?;
+        Ok(MapEntries {
+            sockets,
+            targets,
+            flows,
+            control,
+        })
     }
 
     /// The verdict's counters for the direction whose source socket has `cookie` (see
@@ -550,6 +607,20 @@ impl SpliceError {
             step,
             source: source.into(),
         }
+    }
+
+    /// Whether a map had no room for the pair: an insert failed with E2BIG, which the
+    /// kernel's hash maps and sockhashes return when they hold `max_entries` already.
+    pub fn map_full(&self) -> bool {
+        let inserted = matches!(
+            self.step,
+            SpliceStep::Flows | SpliceStep::Targets | SpliceStep::Sockets
+        );
+        inserted
+            && matches!(
+                self.source.downcast_ref::<MapError>(),
+                Some(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG)
+            )
     }
 }
 
@@ -1331,6 +1402,55 @@ mod tests {
                 EbpfError::RingBufferSize(100_000) | EbpfError::NotBuilt
             ),
             "{err}"
+        );
+    }
+
+    /// A sockhash at capacity refuses an insert with E2BIG, as a hash map does, so that
+    /// [`SpliceError::map_full`] recognises both: `TARGETS` is filled behind the splice's
+    /// back, while `CONTROL` and `FLOWS` still have room.
+    #[tokio::test]
+    async fn a_full_sockhash_fails_the_splice_as_map_full() {
+        let kernel = match Kernel::load(LoadOptions {
+            max_connections: 1,
+            ..LoadOptions::default()
+        }) {
+            Ok(kernel) => kernel,
+            Err(e) if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") => {
+                panic!("SMARTPROXY_REQUIRE_EBPF=1 but eBPF is unavailable: {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPING: eBPF unavailable: {}", crate::error_chain(&e));
+                return;
+            }
+        };
+        use std::os::fd::AsFd;
+        let pair = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            (client, listener.accept().unwrap().0)
+        };
+        let (filler, filler_peer) = pair();
+        for socket in [&filler, &filler_peer] {
+            let cookie = socket_cookie(socket.as_fd()).unwrap();
+            lock(&kernel.inner.targets)
+                .insert(cookie, socket.as_raw_fd(), BPF_NOEXIST)
+                .unwrap();
+        }
+        let (client, backend) = pair();
+        let err = kernel
+            .splice(client.as_fd(), backend.as_fd())
+            .expect_err("TARGETS is full");
+        assert_eq!(err.step, SpliceStep::Targets, "{err}");
+        assert!(err.map_full(), "{}", crate::error_chain(&err));
+        assert!(err.stream_intact, "nothing was redirected");
+        let entries = kernel.map_entries().unwrap();
+        assert_eq!(
+            entries,
+            MapEntries {
+                targets: 2,
+                ..MapEntries::default()
+            },
+            "the failed splice took its CONTROL and FLOWS entries back"
         );
     }
 

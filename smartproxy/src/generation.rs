@@ -30,6 +30,12 @@ pub enum NotReloadable {
     ProxyKey { key: &'static str },
     #[error("route[{index}].data_path: \"ebpf\", but this proxy did not load the eBPF data path; only a restart can load it")]
     EbpfNotLoaded { index: usize },
+    #[error(
+        "proxy.ebpf_max_connections (proxy.max_connections when not set): the kernel maps \
+         hold {running} connections and cannot be resized; {next} needs a restart (the \
+         running values stay in force)"
+    )]
+    EbpfMapSize { running: u32, next: u32 },
 }
 
 impl Generation {
@@ -78,6 +84,13 @@ pub fn check_reloadable(
 ) -> Result<(), NotReloadable> {
     restart_only_change(&running.proxy, &next.proxy)
         .map_or(Ok(()), |key| Err(NotReloadable::ProxyKey { key }))?;
+    let map_size = [&running.proxy, &next.proxy].map(|proxy| proxy.ebpf_max_connections);
+    if kernel_loaded && map_size[0] != map_size[1] {
+        return Err(NotReloadable::EbpfMapSize {
+            running: map_size[0],
+            next: map_size[1],
+        });
+    }
     if !kernel_loaded {
         if let Some(index) = next
             .routes
@@ -104,6 +117,8 @@ fn restart_only_change(running: &ProxyConfig, next: &ProxyConfig) -> Option<&'st
         per_ip,
         user,
         ebpf_ring_buffer_bytes,
+        // Restart-only while the kernel maps it sizes exist: see `check_reloadable`.
+        ebpf_max_connections: _,
     } = running;
     [
         ("data_path", *data_path == next.data_path),
@@ -149,8 +164,11 @@ mod tests {
 
     #[test]
     fn routes_and_live_keys_may_change() {
-        let running = config("max_connections = 10", "");
-        let next = config("max_connections = 20", "inactivity_timeout = \"5s\"");
+        let running = config("max_connections = 10\nebpf_max_connections = 10", "");
+        let next = config(
+            "max_connections = 20\nebpf_max_connections = 10",
+            "inactivity_timeout = \"5s\"",
+        );
         assert_eq!(check_reloadable(&running, &next, true), Ok(()));
     }
 
@@ -169,6 +187,20 @@ mod tests {
                 key: "control_socket"
             })
         );
+    }
+
+    #[test]
+    fn the_kernel_map_size_needs_a_restart_once_the_maps_exist() {
+        let running = config("max_connections = 10", "");
+        let size = |running: u32, next: u32| Err(NotReloadable::EbpfMapSize { running, next });
+        // Unset, ebpf_max_connections follows max_connections, which then sizes the maps.
+        let next = config("max_connections = 20", "");
+        assert_eq!(check_reloadable(&running, &next, true), size(10, 20));
+        assert_eq!(check_reloadable(&running, &next, false), Ok(()));
+        let next = config("max_connections = 20\nebpf_max_connections = 10", "");
+        assert_eq!(check_reloadable(&running, &next, true), Ok(()));
+        let next = config("max_connections = 10\nebpf_max_connections = 5", "");
+        assert_eq!(check_reloadable(&running, &next, true), size(10, 5));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod route;
 pub mod sni;
 pub mod stats;
 pub mod table;
+pub mod throttle;
 pub mod tls;
 pub mod view;
 

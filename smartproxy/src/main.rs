@@ -323,7 +323,7 @@ fn watch_stats(path: &Path, json: bool) -> Result<()> {
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
         let mut previous: Option<(Snapshot, tokio::time::Instant)> = None;
         loop {
-            let snapshot: Snapshot = fetch(path, "stats")?;
+            let snapshot: Snapshot = fetch(path, "stats-watch")?;
             let now = tokio::time::Instant::now();
             let frame = if json {
                 format!("{}\n", serde_json::to_string(&snapshot)?)

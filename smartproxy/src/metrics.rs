@@ -315,6 +315,19 @@ pub fn render(s: &Snapshot) -> String {
             s.ebpf.splice_failures,
         ),
         (
+            "smartproxy_ebpf_map_full_total",
+            "counter",
+            "Connections the kernel data path could not take because its maps were full \
+             (part of smartproxy_ebpf_splice_failures_total).",
+            s.ebpf.map_full,
+        ),
+        (
+            "smartproxy_ebpf_max_connections",
+            "gauge",
+            "Connections the kernel maps hold (proxy.ebpf_max_connections).",
+            s.ebpf.max_connections,
+        ),
+        (
             "smartproxy_inactivity_resets_total",
             "counter",
             "Inactivity timeouts counted and re-armed (timeout_behavior = \"reset\").",

@@ -19,7 +19,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::config::{Config, ConfigError, DataPathMode, LifecycleConfig, Target};
 use crate::control::ControlServer;
 use crate::datapath::{instant_of, DataPathKind, Peer, Relay};
-use crate::ebpf::{EbpfError, Kernel, LoadOptions};
+use crate::ebpf::{EbpfError, Kernel, LoadOptions, MapEntries, SpliceError};
 use crate::error_chain;
 use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
@@ -30,7 +30,11 @@ use crate::route::ListenerRoutes;
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
 use crate::table::{ConnRecord, ConnTable};
+use crate::throttle::Throttle;
 use crate::tls::{TlsError, TlsRoutes};
+
+/// At most one warning that the kernel maps are full per this interval.
+const MAP_FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +161,8 @@ pub(crate) struct Shared {
     resolver: Arc<dyn Resolve>,
     /// The loaded kernel data path, if any route may use it and it loaded.
     kernel: Option<Kernel>,
+    /// Of the warning that the kernel maps are full.
+    map_full_warnings: Throttle,
     closed: broadcast::Sender<Closed>,
     pub(crate) stop: watch::Receiver<Stop>,
     /// The accept loops and the connections.
@@ -171,15 +177,57 @@ impl Shared {
             .kernel
             .as_ref()
             .map_or_else(EbpfSnapshot::default, |kernel| {
+                let max_connections = u64::from(kernel.max_connections());
                 let kernel = kernel.stats();
                 EbpfSnapshot {
                     sockhash_entries: kernel.sockhash_entries,
                     events: kernel.events,
                     events_lost: kernel.events_lost,
                     splice_failures: self.stats.splice_failures(),
+                    map_full: self.stats.map_full_failures(),
+                    max_connections,
+                    map_entries: None,
                 }
             });
         self.stats.snapshot(&self.table, ebpf)
+    }
+
+    /// [`Shared::snapshot`] with the kernel maps' entries counted: a syscall per entry,
+    /// for one-shot requests only. Blocks while it walks the maps.
+    pub(crate) fn snapshot_counting_maps(&self) -> Snapshot {
+        let mut snapshot = self.snapshot();
+        snapshot.ebpf.map_entries = self.map_entries();
+        snapshot
+    }
+
+    /// The kernel maps' entries, counted in the kernel; `None` without the kernel path or
+    /// when the count failed (logged).
+    pub(crate) fn map_entries(&self) -> Option<MapEntries> {
+        match self.kernel.as_ref()?.map_entries() {
+            Ok(entries) => Some(entries),
+            Err(e) => {
+                warn!(error = %error_chain(&e), "counting the kernel map entries failed");
+                None
+            }
+        }
+    }
+
+    /// Books a splice that failed; loud, but throttled, when the maps were full.
+    fn splice_failed(&self, error: &SpliceError) {
+        self.stats.splice_failed();
+        if !error.map_full() {
+            return;
+        }
+        self.stats.map_full();
+        if let Some(held_back) = self.map_full_warnings.admit(std::time::Instant::now()) {
+            warn!(
+                ebpf_max_connections = self.kernel.as_ref().map_or(0, Kernel::max_connections),
+                held_back,
+                "the kernel maps are full: new connections use the userspace data path \
+                 (raise proxy.ebpf_max_connections and restart; held_back = the same \
+                 warnings left out since the last one)"
+            );
+        }
     }
 
     pub(crate) fn connection_rows(&self) -> Vec<ConnectionRow> {
@@ -380,6 +428,7 @@ impl Proxy {
             limits,
             resolver,
             kernel,
+            map_full_warnings: Throttle::new(MAP_FULL_WARNING_EVERY),
             closed,
             stop: stop_rx,
             tasks: TaskTracker::new(),
@@ -455,6 +504,12 @@ impl Proxy {
         self.shared.connection_rows()
     }
 
+    /// The entries of each kernel map, counted in the kernel (a syscall per entry; blocks
+    /// meanwhile). `None` when the kernel path is not loaded or the count failed.
+    pub fn map_entries(&self) -> Option<MapEntries> {
+        self.shared.map_entries()
+    }
+
     /// Re-reads the configuration file: new connections follow it, running ones keep
     /// the configuration they started under. A bad file changes nothing.
     pub async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
@@ -527,7 +582,12 @@ fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
     let options = LoadOptions {
         max_queued_bytes: config.proxy.max_queued_bytes,
         ring_buffer_bytes: config.proxy.ebpf_ring_buffer_bytes,
-        ..LoadOptions::default()
+        // Validated at most `max_connections` as the file has it; never more than the
+        // value in force either, should that be lower (derived at start).
+        max_connections: config
+            .proxy
+            .ebpf_max_connections
+            .min(u32::try_from(config.proxy.max_connections).unwrap_or(u32::MAX)),
     };
     match Kernel::load(options) {
         Ok(kernel) => {
@@ -903,13 +963,18 @@ async fn relay(
         // Routine for a peer that already sent its FIN (the kernel refuses such a socket),
         // so not a warning: `ebpf.splice_failures` counts them. A splice that failed half
         // way stays in the maps, passing every byte to the relay: userspace moves them.
-        let failure = match relay.offload(kernel) {
-            Ok(()) => relay.splice_fallback().map(|e| error_chain(e)),
-            Err(e) => Some(error_chain(&e)),
+        let failed = |e: &SpliceError| {
+            shared.splice_failed(e);
+            debug!(error = %error_chain(e), "splice failed; this connection uses the userspace data path");
         };
-        if let Some(error) = failure {
-            shared.stats.splice_failed();
-            debug!(%error, "splice failed; this connection uses the userspace data path");
+        let fell_back = match relay.offload(kernel) {
+            Ok(()) => relay.splice_fallback().inspect(|e| failed(e)).is_some(),
+            Err(e) => {
+                failed(&e);
+                true
+            }
+        };
+        if fell_back {
             record.set_data_path(DataPathKind::Userspace);
         }
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::{instant_of, DataPathKind};
+use crate::ebpf::MapEntries;
 use crate::lifecycle::{Direction, Reason};
 use crate::table::{ConnRecord, ConnTable};
 
@@ -92,6 +93,7 @@ pub struct Stats {
     closed_kernel_bytes: [AtomicU64; 2],
     inactivity_resets: AtomicU64,
     splice_failures: AtomicU64,
+    map_full: AtomicU64,
     /// Every route any configuration named, by slot ([`Stats::route_slot`]). Append-only,
     /// so that a reload never resets a route's counters nor moves another's.
     routes: RwLock<Vec<RouteCounters>>,
@@ -107,6 +109,13 @@ pub struct EbpfSnapshot {
     pub events_lost: u64,
     /// Connections the kernel could not take (they used the userspace copy instead).
     pub splice_failures: u64,
+    /// The part of `splice_failures` that found the kernel maps full.
+    pub map_full: u64,
+    /// How many connections the kernel maps hold (`proxy.ebpf_max_connections`).
+    pub max_connections: u64,
+    /// Entries counted in the kernel: only in the answer to a one-shot `stats` request
+    /// (a count costs a syscall per entry), `null` otherwise.
+    pub map_entries: Option<MapEntries>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,6 +285,7 @@ impl Stats {
             closed_kernel_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
             inactivity_resets: AtomicU64::new(0),
             splice_failures: AtomicU64::new(0),
+            map_full: AtomicU64::new(0),
             routes: RwLock::default(),
             unrouted_closed: std::array::from_fn(|_| AtomicU64::new(0)),
         }
@@ -332,6 +342,15 @@ impl Stats {
 
     pub fn splice_failures(&self) -> u64 {
         self.splice_failures.load(Ordering::Relaxed)
+    }
+
+    /// A splice failed because the kernel maps were full (counted in `splice_failed` too).
+    pub fn map_full(&self) {
+        self.map_full.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn map_full_failures(&self) -> u64 {
+        self.map_full.load(Ordering::Relaxed)
     }
 
     pub fn inactivity_reset(&self) {

@@ -63,11 +63,24 @@ pub fn render_stats(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> St
             );
         }
     }
+    let e = &s.ebpf;
     let _ = writeln!(
         out,
         "ebpf        sockhash entries {}  events {}  events lost {}",
-        s.ebpf.sockhash_entries, s.ebpf.events, s.ebpf.events_lost
+        e.sockhash_entries, e.events, e.events_lost
     );
+    let _ = writeln!(
+        out,
+        "  maps      for {} connections  full {}  splice failures {}",
+        e.max_connections, e.map_full, e.splice_failures
+    );
+    if let Some(m) = e.map_entries {
+        let _ = writeln!(
+            out,
+            "  entries   SOCKETS {}  TARGETS {}  FLOWS {}  CONTROL {}",
+            m.sockets, m.targets, m.flows, m.control
+        );
+    }
     let _ = writeln!(
         out,
         "process     open fds {}  fd limit {}",

@@ -53,7 +53,7 @@ const REASONS: [&str; 13] = [
 ];
 
 /// The numeric keys of `smartproxy stats --json` (DESIGN.md, "Stats"), `closed.*` aside.
-const STATS_NUMBERS: [&str; 11] = [
+const STATS_NUMBERS: [&str; 14] = [
     "uptime_secs",
     "connections.active",
     "connections.half_open",
@@ -65,6 +65,9 @@ const STATS_NUMBERS: [&str; 11] = [
     "ebpf.sockhash_entries",
     "ebpf.events",
     "ebpf.events_lost",
+    "ebpf.splice_failures",
+    "ebpf.map_full",
+    "ebpf.max_connections",
 ];
 
 /// The keys of each `routes[]` entry besides `name`.

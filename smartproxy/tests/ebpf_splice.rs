@@ -26,7 +26,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 use smartproxy::{
-    ebpf::{Kernel, LoadOptions, Splice, StateChange, TcpState, Wait},
+    ebpf::{Kernel, LoadOptions, MapEntries, Splice, StateChange, TcpState, Wait},
     lifecycle::Side,
 };
 use tokio::time::timeout;
@@ -299,6 +299,13 @@ async fn dropping_the_splice_removes_its_entries() {
     let before = kernel.stats();
     let splice = chain.splice(&kernel);
     assert_eq!(kernel.stats().sockhash_entries, before.sockhash_entries + 2);
+    let two = MapEntries {
+        sockets: 2,
+        targets: 2,
+        flows: 2,
+        control: 2,
+    };
+    assert_eq!(kernel.map_entries().unwrap(), two, "counted in the kernel");
     let again = kernel.splice(chain.proxy_client.as_fd(), chain.proxy_backend.as_fd());
     again.expect_err("a socket cannot be spliced twice");
     assert_eq!(
@@ -306,8 +313,15 @@ async fn dropping_the_splice_removes_its_entries() {
         before.sockhash_entries + 2,
         "a refused splice leaves the first one alone"
     );
+    assert_eq!(
+        kernel.map_entries().unwrap(),
+        two,
+        "the refused splice added none"
+    );
     drop(splice);
     assert_eq!(kernel.stats().sockhash_entries, before.sockhash_entries);
+    // The sockets are still open: the splice removed every entry itself.
+    assert_eq!(kernel.map_entries().unwrap(), MapEntries::default());
 
     // Unspliced, bytes stay in the proxy-side socket for userspace to read.
     let (mut client, mut proxy_client) = (chain.client, chain.proxy_client);

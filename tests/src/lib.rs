@@ -11,6 +11,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use smartproxy::config::{Config, DataPathMode};
 use smartproxy::datapath::DataPathKind;
+use smartproxy::ebpf::MapEntries;
 use smartproxy::lifecycle::{Direction, Reason};
 use smartproxy::resolve::{Lookup, Resolve};
 use smartproxy::stats::Snapshot;
@@ -251,12 +252,28 @@ impl TestProxy {
         }
     }
 
-    /// Waits until no connection is left.
+    /// Waits until no connection is left and, with the kernel path loaded, until none of
+    /// its four maps holds an entry, counted in the kernel: one left after every connection
+    /// closed is a leak.
     pub async fn wait_idle(&self) {
         wait_for("every connection to close", || {
             self.stats().connections.active == 0
         })
         .await;
+        if !self.proxy.uses_ebpf() {
+            return;
+        }
+        let mut entries = None;
+        let empty = Some(MapEntries::default());
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            entries = self.proxy.map_entries();
+            if entries == empty {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("kernel map entries left {WAIT:?} after every connection closed: {entries:?}");
     }
 
     /// Shuts the proxy down and waits for it to stop.

@@ -235,6 +235,7 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
             "smartproxy_ebpf_events_total",
             "smartproxy_ebpf_events_lost_total",
             "smartproxy_ebpf_splice_failures_total",
+            "smartproxy_ebpf_map_full_total",
             "smartproxy_inactivity_resets_total",
         ] {
             counter(&s, name, &[]);
@@ -243,6 +244,13 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
             counter(&s, "smartproxy_ebpf_splice_failures_total", &[]),
             0.0
         );
+        assert_eq!(counter(&s, "smartproxy_ebpf_map_full_total", &[]), 0.0);
+        let map_size = gauge(&s, "smartproxy_ebpf_max_connections", &[]);
+        match mode {
+            // proxy.max_connections, as ebpf_max_connections is not set.
+            DataPathMode::Ebpf => assert_eq!(map_size, 100_000.0),
+            _ => assert_eq!(map_size, 0.0),
+        }
         assert_eq!(
             histogram(&s, "smartproxy_connection_duration_seconds", "web"),
             1.0

@@ -10,6 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use serde_json::Value;
+use smartproxy::config::DataPathMode;
 use smartproxy::lifecycle::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,8 +78,29 @@ async fn stats_reply_has_every_contract_key_and_counts_a_live_connection() {
         for key in ["ebpf", "userspace", "half_open"] {
             number(&stats, &format!("connections.{key}"));
         }
-        for key in ["sockhash_entries", "events", "events_lost"] {
+        for key in [
+            "sockhash_entries",
+            "events",
+            "events_lost",
+            "splice_failures",
+            "map_full",
+            "max_connections",
+        ] {
             number(&stats, &format!("ebpf.{key}"));
+        }
+        // Counted in the kernel for this one-shot request, not for a `--watch` frame.
+        let watch_frame = control(proxy.control_socket(), "stats-watch").await;
+        assert_eq!(field(&watch_frame, "ebpf.map_entries"), &Value::Null);
+        if mode == DataPathMode::Ebpf {
+            for map in ["sockets", "targets", "flows", "control"] {
+                assert_eq!(
+                    number(&stats, &format!("ebpf.map_entries.{map}")),
+                    2,
+                    "{map}: the live connection's two sockets"
+                );
+            }
+        } else {
+            assert_eq!(field(&stats, "ebpf.map_entries"), &Value::Null);
         }
         for reason in Reason::ALL {
             assert_eq!(

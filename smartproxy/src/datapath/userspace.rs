@@ -141,6 +141,11 @@ impl Half {
                     if let Some(offload) = offload.as_deref_mut() {
                         ready!(offload.poll_passed_read(cx, self.direction));
                     }
+                    // Nothing is left to write and nothing more will be read: give the
+                    // buffer back now, not when the connection ends. Kept, it made a
+                    // half-closed connection hold 64 KiB, and the soak's 200 idle
+                    // connections closing at once left 11 MiB more RSS.
+                    self.buf = Vec::new();
                     self.eof = true;
                     return Poll::Ready(Event::Eof(source_side));
                 }
