@@ -1,13 +1,14 @@
-//! Admission limits: allow/deny CIDR lists, connection caps per route and per client IP,
-//! and a per-IP connection rate, checked when a connection is accepted and routed.
+//! Admission limits: the proxy's connection cap, allow/deny CIDR lists, connection caps
+//! per route and per client IP, and a per-IP connection rate, checked when a connection
+//! is accepted and routed.
 //!
-//! Each check that refuses a connection says which limit did ([`Refusal`]); each check
-//! that admits one returns an [`Admission`] guard; the connection
-//! holds its guards until it closes, and dropping one gives its slot back. The per-IP
-//! tables keep an entry only while the address has a live connection or its rate bucket
-//! is not yet full again (a connection within the last minute), so their memory is
-//! bounded by the live connections plus the addresses seen in the last minute. An IPv6
-//! client counts as its `ipv6_prefix_per_ip` block ([`client_key`]).
+//! A check that refuses a connection says which limit did ([`Refusal`]); one that admits
+//! it returns an [`Admission`] guard, which the connection holds until it closes:
+//! dropping it gives the slot back. The per-IP tables keep an entry only while the
+//! address has a live connection or its rate bucket is not yet full again (a connection
+//! within the last minute), so their memory is bounded by the live connections plus the
+//! addresses seen in the last minute. An IPv6 client counts as its `ipv6_prefix_per_ip`
+//! block ([`client_key`]).
 //!
 //! No sockets and no clock reads here: `now` comes in as an argument.
 
