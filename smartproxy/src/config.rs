@@ -54,6 +54,8 @@ pub struct ProxyConfig {
     pub max_queued_bytes: u64,
     /// Per-client-IP limits over all routes together.
     pub per_ip: PerIpConfig,
+    /// The IPv6 prefix length that per-IP limits (here and on routes) count as one client.
+    pub ipv6_prefix_per_ip: u8,
     /// The user to run as once the listeners, the control socket and eBPF are set up;
     /// looked up at load, so that `check` catches a user this system does not have.
     pub user: Option<User>,
@@ -87,6 +89,7 @@ impl Default for ProxyConfig {
             metrics: None,
             max_queued_bytes: crate::ebpf::DEFAULT_MAX_QUEUED_BYTES,
             per_ip: PerIpConfig::default(),
+            ipv6_prefix_per_ip: crate::limits::DEFAULT_IPV6_PREFIX,
             user: None,
             ebpf_ring_buffer_bytes: smartproxy_common::DEFAULT_RING_BUFFER_BYTES,
             // The maps hold every connection `max_connections` admits.
@@ -574,6 +577,7 @@ struct RawProxy {
     max_queued_bytes: Option<u64>,
     max_connections_per_ip: Option<usize>,
     connection_rate_per_ip: Option<u32>,
+    ipv6_prefix_per_ip: Option<u8>,
     user: Option<String>,
     ebpf_ring_buffer_bytes: Option<u32>,
     ebpf_max_connections: Option<u32>,
@@ -720,6 +724,10 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             raw.proxy.connection_rate_per_ip,
             "proxy",
         )?,
+        ipv6_prefix_per_ip: raw
+            .proxy
+            .ipv6_prefix_per_ip
+            .unwrap_or(defaults.ipv6_prefix_per_ip),
         user: match raw.proxy.user {
             Some(name) if name.trim().is_empty() => {
                 return Err(Invalid::new("proxy.user", "must not be empty"));
@@ -754,6 +762,13 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
         return Err(Invalid::new(
             "proxy.max_queued_bytes",
             format!("must be at least {MIN_QUEUED_BYTES} (64 KiB) and at most {MAX_QUEUED_BYTES} (256 MiB)"),
+        ));
+    }
+    if !crate::limits::IPV6_PREFIXES.contains(&proxy.ipv6_prefix_per_ip) {
+        let (low, high) = crate::limits::IPV6_PREFIXES.into_inner();
+        return Err(Invalid::new(
+            "proxy.ipv6_prefix_per_ip",
+            format!("must be a prefix length from {low} to {high}"),
         ));
     }
     if proxy.control_socket.as_os_str().is_empty() {
@@ -1305,6 +1320,27 @@ mod tests {
         assert_eq!(
             load_err(&format!("{ROUTE}connect_timeout = \"0ms\"\n")),
             "test.toml: route[0].connect_timeout: must be greater than 0"
+        );
+    }
+
+    #[test]
+    fn ipv6_prefix_per_ip_defaults_to_64_and_is_a_prefix_length() {
+        assert_eq!(load_ok(ROUTE).proxy.ipv6_prefix_per_ip, 64);
+        for prefix in [1, 56, 128] {
+            let config = load_ok(&format!("[proxy]\nipv6_prefix_per_ip = {prefix}\n{ROUTE}"));
+            assert_eq!(config.proxy.ipv6_prefix_per_ip, prefix);
+        }
+        for prefix in [0, 129, 255] {
+            assert_eq!(
+                load_err(&format!("[proxy]\nipv6_prefix_per_ip = {prefix}\n{ROUTE}")),
+                "test.toml: proxy.ipv6_prefix_per_ip: must be a prefix length from 1 to 128",
+                "{prefix}"
+            );
+        }
+        let e = load_err(&format!("[proxy]\nipv6_prefix_per_ip = 256\n{ROUTE}"));
+        assert!(
+            e.starts_with("test.toml: proxy.ipv6_prefix_per_ip: "),
+            "{e}"
         );
     }
 

@@ -115,6 +115,7 @@ fn restart_only_change(running: &ProxyConfig, next: &ProxyConfig) -> Option<&'st
         metrics,
         max_queued_bytes,
         per_ip,
+        ipv6_prefix_per_ip,
         user,
         ebpf_ring_buffer_bytes,
         // Restart-only while the kernel maps it sizes exist: see `check_reloadable`.
@@ -135,6 +136,10 @@ fn restart_only_change(running: &ProxyConfig, next: &ProxyConfig) -> Option<&'st
         (
             "connection_rate_per_ip",
             per_ip.rate_per_minute == next.per_ip.rate_per_minute,
+        ),
+        (
+            "ipv6_prefix_per_ip",
+            *ipv6_prefix_per_ip == next.ipv6_prefix_per_ip,
         ),
         ("user", *user == next.user),
         (

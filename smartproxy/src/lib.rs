@@ -15,6 +15,7 @@ pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod privileges;
+pub mod process;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod resolve;
@@ -27,6 +28,9 @@ pub mod tls;
 pub mod view;
 
 pub use proxy::{Closed, Proxy, ReloadError, ReloadSummary, StartError};
+
+/// This build's version, as `smartproxy_build_info` reports it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// An error and its sources, on one line: `outer: cause: root cause`.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

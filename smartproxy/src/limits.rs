@@ -1,22 +1,101 @@
-//! Admission limits: allow/deny CIDR lists, connection caps per route and per client IP,
-//! and a per-IP connection rate, checked when a connection is accepted and routed.
+//! Admission limits: the proxy's connection cap, allow/deny CIDR lists, connection caps
+//! per route and per client IP, and a per-IP connection rate, checked when a connection
+//! is accepted and routed.
 //!
-//! Each check that admits a connection returns an [`Admission`] guard; the connection
-//! holds its guards until it closes, and dropping one gives its slot back. The per-IP
-//! tables keep an entry only while the address has a live connection or its rate bucket
-//! is not yet full again (a connection within the last minute), so their memory is
-//! bounded by the live connections plus the addresses seen in the last minute.
+//! A check that refuses a connection says which limit did ([`Refusal`]); one that admits
+//! it returns an [`Admission`] guard, which the connection holds until it closes:
+//! dropping it gives the slot back. The per-IP tables keep an entry only while the
+//! address has a live connection or its rate bucket is not yet full again (a connection
+//! within the last minute), so their memory is bounded by the live connections plus the
+//! addresses seen in the last minute. An IPv6 client counts as its `ipv6_prefix_per_ip`
+//! block ([`client_key`]).
 //!
 //! No sockets and no clock reads here: `now` comes in as an argument.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::lifecycle::Reason;
+
+/// `[proxy] ipv6_prefix_per_ip` when unset: one IPv6 client (a home, a VM) is commonly
+/// given a whole /64, and could otherwise take a fresh address for every connection.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// The values `ipv6_prefix_per_ip` may take.
+pub const IPV6_PREFIXES: RangeInclusive<u8> = 1..=128;
+
+/// The limit that refused a connection: the `limit` label of
+/// `smartproxy_connections_refused_total` and the keys of `refused` in stats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// `[proxy] max_connections`.
+    MaxConnections,
+    /// `[proxy] max_connections_per_ip`.
+    MaxConnectionsPerIp,
+    /// `[proxy] connection_rate_per_ip`.
+    ConnectionRatePerIp,
+    /// A route's `allow` / `deny`.
+    AccessList,
+    /// A route's `max_connections`.
+    RouteMaxConnections,
+    /// A route's `max_connections_per_ip`.
+    RouteMaxConnectionsPerIp,
+    /// A route's `connection_rate_per_ip`.
+    RouteConnectionRatePerIp,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 7] = [
+        Refusal::MaxConnections,
+        Refusal::MaxConnectionsPerIp,
+        Refusal::ConnectionRatePerIp,
+        Refusal::AccessList,
+        Refusal::RouteMaxConnections,
+        Refusal::RouteMaxConnectionsPerIp,
+        Refusal::RouteConnectionRatePerIp,
+    ];
+
+    /// The label value and stats key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::MaxConnectionsPerIp => "max_connections_per_ip",
+            Refusal::ConnectionRatePerIp => "connection_rate_per_ip",
+            Refusal::AccessList => "access_list",
+            Refusal::RouteMaxConnections => "route_max_connections",
+            Refusal::RouteMaxConnectionsPerIp => "route_max_connections_per_ip",
+            Refusal::RouteConnectionRatePerIp => "route_connection_rate_per_ip",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The closure reason: `denied` for the access list, `max_connections` for every cap
+    /// and rate.
+    pub fn reason(self) -> Reason {
+        match self {
+            Refusal::AccessList => Reason::Denied,
+            Refusal::MaxConnections
+            | Refusal::MaxConnectionsPerIp
+            | Refusal::ConnectionRatePerIp
+            | Refusal::RouteMaxConnections
+            | Refusal::RouteMaxConnectionsPerIp
+            | Refusal::RouteConnectionRatePerIp => Reason::MaxConnections,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// An address block, `10.0.0.0/8` or `2001:db8::/32`; a bare address is a /32 or /128.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +149,15 @@ impl Cidr {
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// The key `ip` counts under in a per-IP table: an IPv4 address (IPv4-mapped included)
+/// as itself, an IPv6 one as its `ipv6_prefix` block.
+fn client_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match canonical(ip) {
+        v4 @ IpAddr::V4(_) => v4,
+        v6 @ IpAddr::V6(_) => mask(v6, ipv6_prefix),
     }
 }
 
@@ -133,6 +221,8 @@ pub struct RouteLimitsConfig {
 #[derive(Debug)]
 pub struct Limits {
     proxy: Arc<IpTable>,
+    /// `[proxy] ipv6_prefix_per_ip`, for every per-IP table.
+    ipv6_prefix: u8,
     /// By route counters slot ([`crate::stats::Stats::route_slot`]), so that a route
     /// keeps its live counts across reloads.
     routes: RwLock<Vec<Option<RouteLimits>>>,
@@ -150,10 +240,12 @@ impl Limits {
     /// The proxy-wide limits, and `routes` in slots 0, 1, ...
     pub fn new<'a>(
         proxy: PerIpConfig,
+        ipv6_prefix: u8,
         routes: impl IntoIterator<Item = &'a RouteLimitsConfig>,
     ) -> Limits {
         let limits = Limits {
-            proxy: Arc::new(IpTable::new(proxy)),
+            proxy: Arc::new(IpTable::new(proxy, Scope::Proxy, ipv6_prefix)),
+            ipv6_prefix,
             routes: RwLock::default(),
         };
         for (slot, config) in routes.into_iter().enumerate() {
@@ -179,13 +271,23 @@ impl Limits {
                 .map_or_else(Arc::default, |p| Arc::clone(&p.active)),
             per_ip: match previous {
                 Some(p) if p.per_ip.config == config.per_ip => p.per_ip,
-                _ => Arc::new(IpTable::new(config.per_ip)),
+                _ => Arc::new(IpTable::new(config.per_ip, Scope::Route, self.ipv6_prefix)),
             },
         });
     }
 
-    /// The proxy-wide per-IP limits, at accept.
-    pub fn admit_client(&self, ip: IpAddr, now: Instant) -> Result<Admission, Reason> {
+    /// The limits at accept: the proxy's connection cap (`live` connections, this one
+    /// included, against `max_connections`), then its per-IP limits.
+    pub fn admit_client(
+        &self,
+        live: usize,
+        max_connections: usize,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Result<Admission, Refusal> {
+        if live > max_connections {
+            return Err(Refusal::MaxConnections);
+        }
         IpTable::admit(&self.proxy, ip, now)
     }
 
@@ -195,7 +297,7 @@ impl Limits {
         route: usize,
         ip: IpAddr,
         now: Instant,
-    ) -> Result<Admissions, Reason> {
+    ) -> Result<Admissions, Refusal> {
         let mut admissions = Admissions::default();
         let limits = self
             .routes
@@ -208,7 +310,7 @@ impl Limits {
             return Ok(admissions);
         };
         if !limits.access.permits(ip) {
-            return Err(Reason::Denied);
+            return Err(Refusal::AccessList);
         }
         if let Some(max) = limits.max_connections {
             let taken = limits
@@ -217,7 +319,7 @@ impl Limits {
                     (n < max).then_some(n + 1)
                 });
             if taken.is_err() {
-                return Err(Reason::MaxConnections);
+                return Err(Refusal::RouteMaxConnections);
             }
             admissions.push(Admission(Slot::Route(Arc::clone(&limits.active))));
         }
@@ -282,7 +384,16 @@ impl Drop for Admission {
 #[derive(Debug)]
 struct IpTable {
     config: PerIpConfig,
+    scope: Scope,
+    ipv6_prefix: u8,
     state: Mutex<IpState>,
+}
+
+/// Whose per-IP limits a table keeps: it names the [`Refusal`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    Proxy,
+    Route,
 }
 
 #[derive(Debug, Default)]
@@ -304,19 +415,28 @@ struct IpEntry {
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 
 impl IpTable {
-    fn new(config: PerIpConfig) -> IpTable {
+    fn new(config: PerIpConfig, scope: Scope, ipv6_prefix: u8) -> IpTable {
         IpTable {
             config,
+            scope,
+            ipv6_prefix,
             state: Mutex::default(),
         }
     }
 
-    fn admit(table: &Arc<IpTable>, ip: IpAddr, now: Instant) -> Result<Admission, Reason> {
+    fn admit(table: &Arc<IpTable>, ip: IpAddr, now: Instant) -> Result<Admission, Refusal> {
         let config = table.config;
         if config.max_connections.is_none() && config.rate_per_minute.is_none() {
             return Ok(Admission(Slot::None));
         }
-        let ip = canonical(ip);
+        let (cap, rate) = match table.scope {
+            Scope::Proxy => (Refusal::MaxConnectionsPerIp, Refusal::ConnectionRatePerIp),
+            Scope::Route => (
+                Refusal::RouteMaxConnectionsPerIp,
+                Refusal::RouteConnectionRatePerIp,
+            ),
+        };
+        let ip = client_key(ip, table.ipv6_prefix);
         let mut state = table.lock();
         let capacity = f64::from(config.rate_per_minute.unwrap_or(0));
         if state.entries.len() >= 2 * state.swept_len.max(64) {
@@ -328,12 +448,12 @@ impl IpTable {
             refreshed: now,
         });
         if config.max_connections.is_some_and(|max| entry.live >= max) {
-            return Err(Reason::MaxConnections);
+            return Err(cap);
         }
         if config.rate_per_minute.is_some() {
             entry.refill(capacity, now);
             if entry.tokens < 1.0 {
-                return Err(Reason::MaxConnections);
+                return Err(rate);
             }
             entry.tokens -= 1.0;
         }
@@ -443,7 +563,7 @@ mod tests {
     }
 
     fn route(config: RouteLimitsConfig) -> Limits {
-        Limits::new(PerIpConfig::default(), [&config])
+        Limits::new(PerIpConfig::default(), DEFAULT_IPV6_PREFIX, [&config])
     }
 
     #[test]
@@ -467,7 +587,7 @@ mod tests {
             .expect("third, under the new cap");
         assert_eq!(
             limits.admit_route(0, ip("127.0.0.2"), now).err(),
-            Some(Reason::MaxConnections),
+            Some(Refusal::RouteMaxConnections),
             "the two admitted before the reload still count"
         );
     }
@@ -483,7 +603,7 @@ mod tests {
         let _b = limits.admit_route(0, ip("127.0.0.3"), now).expect("second");
         assert_eq!(
             limits.admit_route(0, ip("127.0.0.4"), now).err(),
-            Some(Reason::MaxConnections)
+            Some(Refusal::RouteMaxConnections)
         );
         drop(a);
         limits
@@ -498,21 +618,26 @@ mod tests {
                 max_connections: Some(1),
                 rate_per_minute: None,
             },
+            DEFAULT_IPV6_PREFIX,
             [],
         );
         let now = Instant::now();
-        let a = limits.admit_client(ip("127.0.0.2"), now).expect("first");
+        let a = limits
+            .admit_client(1, usize::MAX, ip("127.0.0.2"), now)
+            .expect("first");
         let _b = limits
-            .admit_client(ip("127.0.0.3"), now)
+            .admit_client(1, usize::MAX, ip("127.0.0.3"), now)
             .expect("other address");
         assert_eq!(
-            limits.admit_client(ip("127.0.0.2"), now).err(),
-            Some(Reason::MaxConnections)
+            limits
+                .admit_client(1, usize::MAX, ip("127.0.0.2"), now)
+                .err(),
+            Some(Refusal::MaxConnectionsPerIp)
         );
         drop(a);
         assert_eq!(limits.tracked_ips(), 1, "nothing kept for an idle address");
         limits
-            .admit_client(ip("127.0.0.2"), now)
+            .admit_client(1, usize::MAX, ip("127.0.0.2"), now)
             .expect("freed on close");
     }
 
@@ -523,35 +648,52 @@ mod tests {
                 max_connections: None,
                 rate_per_minute: Some(3),
             },
+            DEFAULT_IPV6_PREFIX,
             [],
         );
         let start = Instant::now();
         for _ in 0..3 {
-            drop(limits.admit_client(ip("127.0.0.2"), start).expect("burst"));
+            drop(
+                limits
+                    .admit_client(1, usize::MAX, ip("127.0.0.2"), start)
+                    .expect("burst"),
+            );
         }
         assert_eq!(
-            limits.admit_client(ip("127.0.0.2"), start).err(),
-            Some(Reason::MaxConnections)
+            limits
+                .admit_client(1, usize::MAX, ip("127.0.0.2"), start)
+                .err(),
+            Some(Refusal::ConnectionRatePerIp)
         );
         // One token per 20 s.
         let later = start + Duration::from_secs(21);
         drop(
             limits
-                .admit_client(ip("127.0.0.2"), later)
+                .admit_client(1, usize::MAX, ip("127.0.0.2"), later)
                 .expect("refilled"),
         );
-        assert!(limits.admit_client(ip("127.0.0.2"), later).is_err());
+        assert!(limits
+            .admit_client(1, usize::MAX, ip("127.0.0.2"), later)
+            .is_err());
 
         // Many addresses, then a minute of quiet: the next sweep forgets them.
         for i in 0..200u32 {
             let addr = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
-            drop(limits.admit_client(addr, start).expect("fresh address"));
+            drop(
+                limits
+                    .admit_client(1, usize::MAX, addr, start)
+                    .expect("fresh address"),
+            );
         }
         assert!(limits.tracked_ips() > 128);
         let quiet = start + Duration::from_secs(120);
         for i in 0..200u32 {
             let addr = IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i));
-            drop(limits.admit_client(addr, quiet).expect("fresh address"));
+            drop(
+                limits
+                    .admit_client(1, usize::MAX, addr, quiet)
+                    .expect("fresh address"),
+            );
         }
         assert!(
             limits.tracked_ips() <= 200 + 1,
@@ -567,18 +709,29 @@ mod tests {
                 max_connections: Some(1),
                 rate_per_minute: Some(1000),
             },
+            DEFAULT_IPV6_PREFIX,
             [],
         );
         let start = Instant::now();
-        let held = limits.admit_client(ip("127.0.0.2"), start).expect("first");
+        let held = limits
+            .admit_client(1, usize::MAX, ip("127.0.0.2"), start)
+            .expect("first");
         let later = start + Duration::from_secs(3600);
         for i in 0..300u32 {
             let addr = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
-            drop(limits.admit_client(addr, later).expect("fresh address"));
+            drop(
+                limits
+                    .admit_client(1, usize::MAX, addr, later)
+                    .expect("fresh address"),
+            );
         }
-        assert!(limits.admit_client(ip("127.0.0.2"), later).is_err());
+        assert!(limits
+            .admit_client(1, usize::MAX, ip("127.0.0.2"), later)
+            .is_err());
         drop(held);
-        assert!(limits.admit_client(ip("127.0.0.2"), later).is_ok());
+        assert!(limits
+            .admit_client(1, usize::MAX, ip("127.0.0.2"), later)
+            .is_ok());
     }
 
     #[test]
@@ -594,10 +747,147 @@ mod tests {
         let now = Instant::now();
         assert_eq!(
             limits.admit_route(0, ip("127.0.0.3"), now).err(),
-            Some(Reason::Denied)
+            Some(Refusal::AccessList)
         );
         limits
             .admit_route(0, ip("127.0.0.2"), now)
             .expect("the denied one took no slot");
+    }
+
+    #[test]
+    fn the_proxy_cap_comes_first_and_each_refusal_names_its_limit() {
+        let limits = Limits::new(
+            PerIpConfig {
+                max_connections: Some(1),
+                rate_per_minute: Some(1),
+            },
+            DEFAULT_IPV6_PREFIX,
+            [&RouteLimitsConfig {
+                per_ip: PerIpConfig {
+                    max_connections: Some(1),
+                    rate_per_minute: Some(2),
+                },
+                ..RouteLimitsConfig::default()
+            }],
+        );
+        let now = Instant::now();
+        assert_eq!(
+            limits.admit_client(3, 2, ip("127.0.0.2"), now).err(),
+            Some(Refusal::MaxConnections),
+            "over the proxy's cap, before any per-IP table"
+        );
+        let held = limits
+            .admit_client(2, 2, ip("127.0.0.2"), now)
+            .expect("at the cap, a first connection");
+        assert_eq!(
+            limits.admit_client(2, 2, ip("127.0.0.2"), now).err(),
+            Some(Refusal::MaxConnectionsPerIp)
+        );
+        drop(held);
+        assert_eq!(
+            limits.admit_client(2, 2, ip("127.0.0.2"), now).err(),
+            Some(Refusal::ConnectionRatePerIp),
+            "the one token went to the first"
+        );
+        let route = limits.admit_route(0, ip("127.0.0.3"), now).expect("first");
+        assert_eq!(
+            limits.admit_route(0, ip("127.0.0.3"), now).err(),
+            Some(Refusal::RouteMaxConnectionsPerIp)
+        );
+        drop(route);
+        drop(
+            limits
+                .admit_route(0, ip("127.0.0.3"), now)
+                .expect("second token"),
+        );
+        assert_eq!(
+            limits.admit_route(0, ip("127.0.0.3"), now).err(),
+            Some(Refusal::RouteConnectionRatePerIp)
+        );
+    }
+
+    #[test]
+    fn refusals_keep_the_two_closure_reasons() {
+        for refusal in Refusal::ALL {
+            let expected = match refusal {
+                Refusal::AccessList => Reason::Denied,
+                _ => Reason::MaxConnections,
+            };
+            assert_eq!(refusal.reason(), expected, "{refusal}");
+            assert_eq!(Refusal::ALL[refusal.index()], refusal);
+        }
+    }
+
+    // IPv6 is tested here only, not end to end: loopback has ::1 alone (::1/128), and a
+    // second address in its /64 would have to be added to the host's interface.
+    #[test]
+    fn an_ipv6_client_counts_as_its_prefix() {
+        let per_ip = PerIpConfig {
+            max_connections: Some(1),
+            rate_per_minute: None,
+        };
+        let now = Instant::now();
+        let limits = Limits::new(per_ip, DEFAULT_IPV6_PREFIX, []);
+        let held = limits
+            .admit_client(1, usize::MAX, ip("2001:db8:1:2::1"), now)
+            .expect("first");
+        assert_eq!(
+            limits
+                .admit_client(1, usize::MAX, ip("2001:db8:1:2:ffff::9"), now)
+                .err(),
+            Some(Refusal::MaxConnectionsPerIp),
+            "another address of the same /64"
+        );
+        drop(
+            limits
+                .admit_client(1, usize::MAX, ip("2001:db8:1:3::1"), now)
+                .expect("the next /64"),
+        );
+        drop(held);
+        assert_eq!(limits.tracked_ips(), 0, "released under its /64 key");
+        drop(
+            limits
+                .admit_client(1, usize::MAX, ip("2001:db8:1:2::2"), now)
+                .expect("freed on close"),
+        );
+
+        // /128 counts each address; IPv4 (mapped or not) never takes the prefix.
+        let exact = Limits::new(per_ip, 128, []);
+        let _a = exact
+            .admit_client(1, usize::MAX, ip("2001:db8::1"), now)
+            .expect("first");
+        let _b = exact
+            .admit_client(1, usize::MAX, ip("2001:db8::2"), now)
+            .expect("another address");
+        let wide = Limits::new(per_ip, 1, []);
+        let _c = wide
+            .admit_client(1, usize::MAX, ip("10.0.0.1"), now)
+            .expect("IPv4");
+        let _d = wide
+            .admit_client(1, usize::MAX, ip("::ffff:10.0.0.2"), now)
+            .expect("another IPv4 address, mapped");
+        assert_eq!(
+            wide.admit_client(1, usize::MAX, ip("::ffff:10.0.0.1"), now)
+                .err(),
+            Some(Refusal::MaxConnectionsPerIp),
+            "a mapped address is its IPv4 address"
+        );
+
+        // Route tables take the proxy's prefix too.
+        let routed = Limits::new(
+            PerIpConfig::default(),
+            DEFAULT_IPV6_PREFIX,
+            [&RouteLimitsConfig {
+                per_ip,
+                ..RouteLimitsConfig::default()
+            }],
+        );
+        let _e = routed
+            .admit_route(0, ip("2001:db8::1"), now)
+            .expect("first");
+        assert_eq!(
+            routed.admit_route(0, ip("2001:db8::2"), now).err(),
+            Some(Refusal::RouteMaxConnectionsPerIp)
+        );
     }
 }

@@ -256,37 +256,52 @@ pub fn render(s: &Snapshot) -> String {
     }
 
     out.family(
-        "smartproxy_bytes_total",
+        "smartproxy_connections_refused_total",
         "counter",
-        "Bytes delivered, by route and direction.",
+        "Connections refused, by the limit that refused them (each is also closed, reason max_connections or denied).",
     );
-    for r in &s.routes {
-        for (direction, bytes) in [
-            ("client_to_backend", r.bytes_client_to_backend),
-            ("backend_to_client", r.bytes_backend_to_client),
-        ] {
-            out.sample(
-                "smartproxy_bytes_total",
-                &[("route", &r.name), ("direction", direction)],
-                bytes,
-            );
-        }
+    for (limit, count) in &s.refused {
+        out.sample(
+            "smartproxy_connections_refused_total",
+            &[("limit", limit)],
+            *count,
+        );
     }
 
     out.family(
-        "smartproxy_kernel_bytes_total",
+        "smartproxy_bytes_total",
         "counter",
-        "The part of smartproxy_bytes_total the eBPF data path moved, by direction.",
+        "Bytes delivered, by route, direction and the data path that moved them.",
     );
-    for (direction, bytes) in [
-        ("client_to_backend", s.bytes.kernel_client_to_backend),
-        ("backend_to_client", s.bytes.kernel_backend_to_client),
-    ] {
-        out.sample(
-            "smartproxy_kernel_bytes_total",
-            &[("direction", direction)],
-            bytes,
-        );
+    for r in &s.routes {
+        for (direction, bytes, kernel) in [
+            (
+                "client_to_backend",
+                r.bytes_client_to_backend,
+                r.bytes_kernel_client_to_backend,
+            ),
+            (
+                "backend_to_client",
+                r.bytes_backend_to_client,
+                r.bytes_kernel_backend_to_client,
+            ),
+        ] {
+            // The kernel's part and the rest: each byte in exactly one series.
+            for (data_path, count) in [
+                ("ebpf", kernel),
+                ("userspace", bytes.saturating_sub(kernel)),
+            ] {
+                out.sample(
+                    "smartproxy_bytes_total",
+                    &[
+                        ("route", &r.name),
+                        ("direction", direction),
+                        ("data_path", data_path),
+                    ],
+                    count,
+                );
+            }
+        }
     }
 
     let ebpf = [
@@ -338,22 +353,52 @@ pub fn render(s: &Snapshot) -> String {
         out.family(name, kind, help);
         out.sample(name, &[], value);
     }
-    // Prometheus' standard process metrics: their names and help texts, unprefixed.
+    out.family(
+        "smartproxy_build_info",
+        "gauge",
+        "The proxy's version, as a label; always 1.",
+    );
+    out.sample("smartproxy_build_info", &[("version", crate::VERSION)], 1);
+    // Prometheus' standard process metrics: their names, types and help texts,
+    // unprefixed. One that /proc would not give is left out.
+    let p = &s.process;
     let process = [
         (
             "process_open_fds",
+            "gauge",
             "Number of open file descriptors.",
-            s.process.open_fds,
+            Some(p.open_fds.to_string()),
         ),
         (
             "process_max_fds",
+            "gauge",
             "Maximum number of open file descriptors.",
-            s.process.max_fds,
+            Some(p.max_fds.to_string()),
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            p.resident_memory_bytes.map(|v| v.to_string()),
+        ),
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            p.cpu_seconds.map(|v| v.to_string()),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            p.start_time_seconds.map(|v| v.to_string()),
         ),
     ];
-    for (name, help, value) in process {
-        out.family(name, "gauge", help);
-        out.sample(name, &[], value);
+    for (name, kind, help, value) in process {
+        if let Some(value) = value {
+            out.family(name, kind, help);
+            out.sample(name, &[], value);
+        }
     }
 
     out.family(

@@ -414,7 +414,11 @@ impl Proxy {
         let (stop, stop_rx) = watch::channel(Stop::Running);
         let (closed, _) = broadcast::channel(1024);
         let addrs: Vec<SocketAddr> = generation.routes.listeners.keys().copied().collect();
-        let limits = Limits::new(generation.config.proxy.per_ip, []);
+        let limits = Limits::new(
+            generation.config.proxy.per_ip,
+            generation.config.proxy.ipv6_prefix_per_ip,
+            [],
+        );
         configure_limits(&limits, &generation);
         let shared = Arc::new(Shared {
             generation: watch::Sender::new(Arc::new(generation)),
@@ -795,11 +799,19 @@ async fn admit(
     record: &ConnRecord,
     admissions: &mut Admissions,
 ) -> Result<(usize, Vec<u8>), Reason> {
-    if shared.table.len() > crate::fdlimit::max_connections(&generation.config, shared.fd_limit) {
-        return Err(Reason::MaxConnections);
-    }
     let ip = record.client.ip();
-    admissions.push(shared.limits.admit_client(ip, std::time::Instant::now())?);
+    let max_connections = crate::fdlimit::max_connections(&generation.config, shared.fd_limit);
+    admissions.push(
+        shared
+            .limits
+            .admit_client(
+                shared.table.len(),
+                max_connections,
+                ip,
+                std::time::Instant::now(),
+            )
+            .map_err(|refusal| shared.stats.refused(refusal))?,
+    );
     let mut stop = shared.stop.clone();
     // None: accepted just before a reload removed the address.
     let routes = generation
@@ -817,7 +829,8 @@ async fn admit(
     admissions.extend(
         shared
             .limits
-            .admit_route(slot, ip, std::time::Instant::now())?,
+            .admit_route(slot, ip, std::time::Instant::now())
+            .map_err(|refusal| shared.stats.refused(refusal))?,
     );
     Ok((route, peeked))
 }

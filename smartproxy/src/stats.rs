@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::datapath::{instant_of, DataPathKind};
 use crate::ebpf::MapEntries;
 use crate::lifecycle::{Direction, Reason};
+use crate::limits::Refusal;
 use crate::table::{ConnRecord, ConnTable};
 
 /// Upper bounds, in seconds, of the connection duration histogram: from short requests
@@ -76,6 +77,8 @@ struct RouteCounters {
     /// Bytes of the route's connections that already closed; live ones are read from
     /// the table.
     closed_bytes: [AtomicU64; 2],
+    /// The part of `closed_bytes` the kernel moved.
+    closed_kernel_bytes: [AtomicU64; 2],
     closed: [AtomicU64; Reason::ALL.len()],
     duration: Histogram,
     connect: Histogram,
@@ -99,6 +102,8 @@ pub struct Stats {
     routes: RwLock<Vec<RouteCounters>>,
     /// Closures of connections that ended before a route was chosen.
     unrouted_closed: [AtomicU64; Reason::ALL.len()],
+    /// Refusals, by the limit that refused.
+    refused: [AtomicU64; Refusal::ALL.len()],
 }
 
 /// Kernel data path counters, zero when it is not loaded.
@@ -147,6 +152,9 @@ pub struct RouteSnapshot {
     pub total: u64,
     pub bytes_client_to_backend: u64,
     pub bytes_backend_to_client: u64,
+    /// The part of the above that the kernel data path moved.
+    pub bytes_kernel_client_to_backend: u64,
+    pub bytes_kernel_backend_to_client: u64,
     /// `active`, by data path; the rest are still connecting their backend.
     pub ebpf: u64,
     pub userspace: u64,
@@ -180,20 +188,33 @@ pub struct BucketSnapshot {
     pub count: u64,
 }
 
-/// The process's file descriptors (`process_open_fds`, `process_max_fds` in Prometheus).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The process, as Prometheus' standard `process_*` metrics have it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProcessSnapshot {
     pub open_fds: u64,
     /// The soft RLIMIT_NOFILE.
     pub max_fds: u64,
+    /// Absent when `/proc` would not say (`process`): the rest of the snapshot stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resident_memory_bytes: Option<u64>,
+    /// User and system CPU time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    /// Unix time the process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time_seconds: Option<f64>,
 }
 
 impl ProcessSnapshot {
     fn now() -> ProcessSnapshot {
-        // Zero for a figure the kernel would not give: the rest of the snapshot stands.
+        let figures = crate::process::figures();
+        // Zero for a descriptor figure the kernel would not give: the rest stands.
         ProcessSnapshot {
             open_fds: crate::fdlimit::open_fds().unwrap_or(0),
             max_fds: crate::fdlimit::limit().map_or(0, |limit| limit.soft),
+            resident_memory_bytes: figures.resident_memory_bytes,
+            cpu_seconds: figures.cpu_seconds,
+            start_time_seconds: figures.start_time_seconds,
         }
     }
 }
@@ -213,6 +234,9 @@ pub struct Snapshot {
     pub bytes: BytesSnapshot,
     /// Every closure reason, zero included.
     pub closed: BTreeMap<String, u64>,
+    /// Refused connections by the limit that refused them ([`Refusal`]), zero included.
+    /// Each is also in `closed`, as `max_connections` or `denied`.
+    pub refused: BTreeMap<String, u64>,
     pub ebpf: EbpfSnapshot,
     pub routes: Vec<RouteSnapshot>,
     pub unrouted: UnroutedSnapshot,
@@ -223,6 +247,10 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn closed(&self, reason: Reason) -> u64 {
         self.closed.get(reason.as_str()).copied().unwrap_or(0)
+    }
+
+    pub fn refused(&self, refusal: Refusal) -> u64 {
+        self.refused.get(refusal.as_str()).copied().unwrap_or(0)
     }
 }
 
@@ -251,10 +279,13 @@ struct LiveCounts {
     half_open_ebpf: u64,
     half_open_userspace: u64,
     bytes: [u64; 2],
+    /// The part of `bytes` the kernel moved.
+    kernel_bytes: [u64; 2],
 }
 
 impl LiveCounts {
-    fn add(&mut self, record: &ConnRecord, bytes: [u64; 2]) {
+    /// `live`: the record's bytes by direction, each `[userspace, kernel]`.
+    fn add(&mut self, record: &ConnRecord, live: [[u64; 2]; 2]) {
         let half_open = u64::from(record.half_open.load(Ordering::Relaxed));
         self.active += 1;
         self.half_open += half_open;
@@ -269,8 +300,10 @@ impl LiveCounts {
             }
             None => {}
         }
-        self.bytes[0] += bytes[0];
-        self.bytes[1] += bytes[1];
+        for (direction, [userspace, kernel]) in live.into_iter().enumerate() {
+            self.bytes[direction] += userspace + kernel;
+            self.kernel_bytes[direction] += kernel;
+        }
     }
 }
 
@@ -288,6 +321,7 @@ impl Stats {
             map_full: AtomicU64::new(0),
             routes: RwLock::default(),
             unrouted_closed: std::array::from_fn(|_| AtomicU64::new(0)),
+            refused: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -306,6 +340,7 @@ impl Stats {
             name: name.to_owned(),
             total: AtomicU64::new(0),
             closed_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+            closed_kernel_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
             closed: std::array::from_fn(|_| AtomicU64::new(0)),
             duration: Histogram::new(DURATION_BUCKETS),
             connect: Histogram::new(CONNECT_BUCKETS),
@@ -357,6 +392,12 @@ impl Stats {
         self.inactivity_resets.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Books a connection that `refusal`'s limit refused; returns its closure reason.
+    pub fn refused(&self, refusal: Refusal) -> Reason {
+        self.refused[refusal.index()].fetch_add(1, Ordering::Relaxed);
+        refusal.reason()
+    }
+
     /// Books a connection that ended: its reason, its bytes and its duration.
     pub fn closed(&self, record: &ConnRecord, reason: Reason) {
         self.closed[reason.index()].fetch_add(1, Ordering::Relaxed);
@@ -372,12 +413,14 @@ impl Stats {
             }
         }
         for direction in Direction::BOTH {
-            let bytes = record.meter.bytes(direction);
-            self.closed_bytes[direction.index()].fetch_add(bytes, Ordering::Relaxed);
-            self.closed_kernel_bytes[direction.index()]
-                .fetch_add(record.meter.kernel_bytes(direction), Ordering::Relaxed);
+            let [userspace, kernel] = record.meter.bytes_by_path(direction);
+            let i = direction.index();
+            self.closed_bytes[i].fetch_add(userspace + kernel, Ordering::Relaxed);
+            self.closed_kernel_bytes[i].fetch_add(kernel, Ordering::Relaxed);
             if let Some(route) = record.route.get() {
-                routes[*route].closed_bytes[direction.index()].fetch_add(bytes, Ordering::Relaxed);
+                let route = &routes[*route];
+                route.closed_bytes[i].fetch_add(userspace + kernel, Ordering::Relaxed);
+                route.closed_kernel_bytes[i].fetch_add(kernel, Ordering::Relaxed);
             }
         }
     }
@@ -385,18 +428,11 @@ impl Stats {
     pub fn snapshot(&self, table: &ConnTable, ebpf: EbpfSnapshot) -> Snapshot {
         let records = table.records();
         let routes = self.routes();
-        let mut bytes = [0u64; 2];
-        let mut kernel_bytes = [0u64; 2];
         let mut route_live = vec![LiveCounts::default(); routes.len()];
         let mut all = LiveCounts::default();
         let mut unrouted_active = 0;
         for record in &records {
-            let live = Direction::BOTH.map(|d| record.meter.bytes(d));
-            bytes[0] += live[0];
-            bytes[1] += live[1];
-            for direction in Direction::BOTH {
-                kernel_bytes[direction.index()] += record.meter.kernel_bytes(direction);
-            }
+            let live = Direction::BOTH.map(|d| record.meter.bytes_by_path(d));
             all.add(record, live);
             match record.route.get() {
                 Some(route) => route_live[*route].add(record, live),
@@ -423,12 +459,16 @@ impl Stats {
                 half_open_userspace: all.half_open_userspace,
             },
             bytes: BytesSnapshot {
-                client_to_backend: load(&self.closed_bytes[0]) + bytes[0],
-                backend_to_client: load(&self.closed_bytes[1]) + bytes[1],
-                kernel_client_to_backend: load(&self.closed_kernel_bytes[0]) + kernel_bytes[0],
-                kernel_backend_to_client: load(&self.closed_kernel_bytes[1]) + kernel_bytes[1],
+                client_to_backend: load(&self.closed_bytes[0]) + all.bytes[0],
+                backend_to_client: load(&self.closed_bytes[1]) + all.bytes[1],
+                kernel_client_to_backend: load(&self.closed_kernel_bytes[0]) + all.kernel_bytes[0],
+                kernel_backend_to_client: load(&self.closed_kernel_bytes[1]) + all.kernel_bytes[1],
             },
             closed: by_reason(&self.closed),
+            refused: Refusal::ALL
+                .iter()
+                .map(|r| (r.as_str().to_owned(), load(&self.refused[r.index()])))
+                .collect(),
             ebpf,
             routes: routes
                 .iter()
@@ -439,6 +479,10 @@ impl Stats {
                     total: load(&route.total),
                     bytes_client_to_backend: load(&route.closed_bytes[0]) + live.bytes[0],
                     bytes_backend_to_client: load(&route.closed_bytes[1]) + live.bytes[1],
+                    bytes_kernel_client_to_backend: load(&route.closed_kernel_bytes[0])
+                        + live.kernel_bytes[0],
+                    bytes_kernel_backend_to_client: load(&route.closed_kernel_bytes[1])
+                        + live.kernel_bytes[1],
                     ebpf: live.ebpf,
                     userspace: live.userspace,
                     half_open: live.half_open,

@@ -22,7 +22,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
+pub mod scrape;
 pub mod tls;
+pub use scrape::{counter, gauge, http, sample, scrape};
 pub use tls::{for_each_frontend, Client, Frontend};
 
 /// Bounds every wait in a test: a failure, not the wait itself.

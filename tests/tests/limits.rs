@@ -1,6 +1,7 @@
 //! Admission limits, on each data path: for every limit the connection past it is reset
-//! at once and counted, the connections already open keep working, and (for the caps)
-//! closing one lets a new one in.
+//! at once and counted (its closure reason, and `smartproxy_connections_refused_total`
+//! for that limit alone, scraped from the metrics endpoint), the connections already
+//! open keep working, and (for the caps) closing one lets a new one in.
 //! - `[proxy] max_connections`, route `max_connections`;
 //! - `max_connections_per_ip`, in `[proxy]` and on a route (several loopback sources);
 //! - `connection_rate_per_ip`;
@@ -10,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use smartproxy::config::DataPathMode;
 use smartproxy::lifecycle::Reason;
+use smartproxy::limits::Refusal;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -65,6 +67,8 @@ struct Case<'a> {
     /// The source of the connection that is refused.
     refused: &'a str,
     reason: Reason,
+    /// The limit that refuses it.
+    limit: Refusal,
     /// Whether closing the first admitted connection makes room for `refused`.
     frees_a_slot: bool,
 }
@@ -72,7 +76,7 @@ struct Case<'a> {
 async fn refuses_the_next(mode: DataPathMode, case: Case<'_>) {
     let backend = Backend::spawn(echo).await;
     let config = format!(
-        "{}\n{}",
+        "metrics = \"127.0.0.1:0\"\n{}\n{}",
         case.proxy,
         plain_route("limited", backend.addr, case.route)
     );
@@ -88,6 +92,18 @@ async fn refuses_the_next(mode: DataPathMode, case: Case<'_>) {
     expect_refused(case.refused, addr).await;
     proxy.expect_closed(case.reason).await;
     assert_eq!(proxy.stats().closed(case.reason), 1, "counted");
+    let metrics = scrape(proxy.proxy.metrics_addr().expect("a metrics address")).await;
+    for limit in Refusal::ALL {
+        assert_eq!(
+            counter(
+                &metrics,
+                "smartproxy_connections_refused_total",
+                &[("limit", limit.as_str())]
+            ),
+            f64::from(u8::from(limit == case.limit)),
+            "refusals by {limit}"
+        );
+    }
     for (index, client) in open.iter_mut().enumerate() {
         round_trip(client, 100 + index).await;
     }
@@ -120,6 +136,7 @@ async fn proxy_max_connections() {
                 admitted: &["127.0.0.2", "127.0.0.3"],
                 refused: "127.0.0.4",
                 reason: Reason::MaxConnections,
+                limit: Refusal::MaxConnections,
                 frees_a_slot: true,
             },
         )
@@ -138,6 +155,7 @@ async fn route_max_connections() {
                 admitted: &["127.0.0.2", "127.0.0.3"],
                 refused: "127.0.0.4",
                 reason: Reason::MaxConnections,
+                limit: Refusal::RouteMaxConnections,
                 frees_a_slot: true,
             },
         )
@@ -156,6 +174,7 @@ async fn proxy_max_connections_per_ip() {
                 admitted: &["127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.3"],
                 refused: "127.0.0.2",
                 reason: Reason::MaxConnections,
+                limit: Refusal::MaxConnectionsPerIp,
                 frees_a_slot: true,
             },
         )
@@ -174,6 +193,7 @@ async fn route_max_connections_per_ip() {
                 admitted: &["127.0.0.2", "127.0.0.3"],
                 refused: "127.0.0.2",
                 reason: Reason::MaxConnections,
+                limit: Refusal::RouteMaxConnectionsPerIp,
                 frees_a_slot: true,
             },
         )
@@ -186,9 +206,17 @@ async fn connection_rate_per_ip() {
     // A burst of 3 a minute: the 4th from the same address is refused even after the
     // others closed (the bucket refills one per 20 s); another address is not affected.
     for_each_data_path(|mode| async move {
-        for (proxy, route) in [
-            ("connection_rate_per_ip = 3", ""),
-            ("", "connection_rate_per_ip = 3"),
+        for (proxy, route, limit) in [
+            (
+                "connection_rate_per_ip = 3",
+                "",
+                Refusal::ConnectionRatePerIp,
+            ),
+            (
+                "",
+                "connection_rate_per_ip = 3",
+                Refusal::RouteConnectionRatePerIp,
+            ),
         ] {
             refuses_the_next(
                 mode,
@@ -198,6 +226,7 @@ async fn connection_rate_per_ip() {
                     admitted: &["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.2"],
                     refused: "127.0.0.2",
                     reason: Reason::MaxConnections,
+                    limit,
                     frees_a_slot: false,
                 },
             )
@@ -218,6 +247,7 @@ async fn deny_list() {
                 admitted: &["127.0.0.2", "127.0.0.4"],
                 refused: "127.0.0.3",
                 reason: Reason::Denied,
+                limit: Refusal::AccessList,
                 frees_a_slot: false,
             },
         )
@@ -236,6 +266,7 @@ async fn allow_list_admits_only_its_blocks_and_deny_wins() {
                 admitted: &["127.0.0.2", "127.0.0.4", "127.0.0.6"],
                 refused: "127.0.0.3",
                 reason: Reason::Denied,
+                limit: Refusal::AccessList,
                 frees_a_slot: false,
             },
         )
@@ -254,6 +285,7 @@ async fn deny_wins_over_allow() {
                 admitted: &["127.0.0.4", "127.0.0.6"],
                 refused: "127.0.0.5",
                 reason: Reason::Denied,
+                limit: Refusal::AccessList,
                 frees_a_slot: false,
             },
         )

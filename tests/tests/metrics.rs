@@ -5,85 +5,24 @@
 //!   suffixes on counters, the active gauge of a live connection labelled with its data
 //!   path, the ebpf counters, and both histograms (cumulative buckets, `+Inf` = `_count`,
 //!   `_sum`);
+//! - bytes by data path: the `ebpf` and `userspace` series of `smartproxy_bytes_total`
+//!   add up to the bytes the test moved, the kernel's share is non-zero on the eBPF path
+//!   (the connections are past their splice) and zero on the userspace one;
+//! - `smartproxy_build_info`, every refusal counter (at zero here; each limit's in
+//!   `limits.rs`) and the standard `process_*` metrics with plausible values;
 //! - the HTTP side: the 0.0.4 content type, 404 for any other path or method, 431 for an
 //!   oversized request, and a silent client that does not hold up a scrape.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use prometheus_parse::{Sample, Scrape, Value};
+use prometheus_parse::{Scrape, Value};
 use smartproxy::config::DataPathMode;
 use smartproxy::lifecycle::Reason;
+use smartproxy::limits::Refusal;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Sends `request` raw and returns the status line, headers and body.
-async fn http(addr: SocketAddr, request: &[u8]) -> (String, String, String) {
-    let mut stream = connect(addr).await;
-    stream.write_all(request).await.expect("send the request");
-    let mut reply = Vec::new();
-    within(
-        "the metrics endpoint answers",
-        stream.read_to_end(&mut reply),
-    )
-    .await
-    .expect("read the reply");
-    let reply = String::from_utf8(reply).expect("the reply is UTF-8");
-    let (head, body) = reply
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of headers in {reply:?}"));
-    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    (status.to_owned(), headers.to_owned(), body.to_owned())
-}
-
-async fn scrape(addr: SocketAddr) -> Scrape {
-    let (status, headers, body) = http(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert_eq!(status, "HTTP/1.1 200 OK", "{headers}\n{body}");
-    assert!(
-        headers.contains("Content-Type: text/plain; version=0.0.4"),
-        "content type of the text format: {headers}"
-    );
-    let lines = body.lines().map(|l| Ok(l.to_owned()));
-    Scrape::parse(lines).expect("the body parses as the Prometheus text format")
-}
-
-/// The one sample of `metric` whose labels are exactly `labels`.
-fn sample<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> &'a Sample {
-    let matching: Vec<&Sample> = scrape
-        .samples
-        .iter()
-        .filter(|s| {
-            s.metric == metric
-                && s.labels.len() == labels.len()
-                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
-        })
-        .collect();
-    assert_eq!(
-        matching.len(),
-        1,
-        "one sample {metric}{labels:?}, found {matching:?}"
-    );
-    matching[0]
-}
-
-fn counter(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    assert!(
-        metric.ends_with("_total"),
-        "counter {metric} ends in _total"
-    );
-    match sample(scrape, metric, labels).value {
-        Value::Counter(v) => v,
-        ref other => panic!("{metric}{labels:?} is {other:?}, not a counter"),
-    }
-}
-
-fn gauge(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    match sample(scrape, metric, labels).value {
-        Value::Gauge(v) => v,
-        ref other => panic!("{metric}{labels:?} is {other:?}, not a gauge"),
-    }
-}
 
 /// Checks a histogram's shape and returns its `_count`.
 fn histogram(scrape: &Scrape, metric: &str, route: &str) -> f64 {
@@ -115,10 +54,39 @@ fn untyped(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
     }
 }
 
+/// The `process_*` metrics of two scrapes, `s` then `later`: the figures of this process
+/// (the proxy runs in the test's process), in the units Prometheus' collector uses.
+fn process_metrics_are_plausible(s: &Scrape, later: &Scrape) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64();
+    let started = gauge(s, "process_start_time_seconds", &[]);
+    assert!(
+        started <= now + 1.0 && started > now - 3600.0,
+        "started at {started}, now {now}"
+    );
+    let cpu = counter(s, "process_cpu_seconds_total", &[]);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    // Seconds, not clock ticks: no more CPU time than every core over the run.
+    assert!(
+        cpu >= 0.0 && cpu <= (now - started + 1.0) * cores,
+        "{cpu} CPU seconds since {started}"
+    );
+    assert!(counter(later, "process_cpu_seconds_total", &[]) >= cpu);
+    let resident = gauge(s, "process_resident_memory_bytes", &[]);
+    assert!(
+        (1_048_576.0..64.0 * 1_073_741_824.0).contains(&resident),
+        "{resident} bytes resident"
+    );
+    let open = gauge(s, "process_open_fds", &[]);
+    assert!(open > 0.0 && open <= gauge(s, "process_max_fds", &[]));
+}
+
 #[tokio::test]
 async fn metrics_endpoint_reports_traffic_on_each_data_path() {
     for_each_data_path(|mode| async move {
-        let backend = Backend::spawn(echo).await;
+        let backend = Backend::greeted(echo).await;
         let dead = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
@@ -134,10 +102,11 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
         .await;
         let metrics = proxy.proxy.metrics_addr().expect("a metrics address");
 
-        // One finished connection with known bytes each way. The FIN goes after the echo,
-        // once the bytes move: a socket that closed before the splice cannot be spliced.
+        // One finished connection with known bytes each way, past its splice (the
+        // greeting's round trip) so that on the eBPF path the kernel moves the message.
+        let front = Frontend::Plain(mode);
         let message = pattern(10_000, 7);
-        let mut client = connect(proxy.addr("web")).await;
+        let mut client = proxy.established(&front, "web").await;
         client.write_all(&message).await.expect("client writes");
         let mut echoed = vec![0u8; message.len()];
         within("the echo", client.read_exact(&mut echoed))
@@ -153,7 +122,7 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
         let _refused = connect(proxy.addr("dead")).await;
         proxy.expect_closed(Reason::ConnectFailed).await;
         // One live connection.
-        let mut live = connect(proxy.addr("web")).await;
+        let mut live = proxy.established(&front, "web").await;
         live.write_all(b"ping").await.expect("live writes");
         let mut pong = [0u8; 4];
         within("the live echo", live.read_exact(&mut pong))
@@ -207,25 +176,61 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
         assert_eq!(web, expected, "closures of route web, every reason");
         assert_eq!(closed("dead", &Reason::ConnectFailed), 1.0);
         assert_eq!(closed("", &Reason::NoRoute), 0.0, "unrouted closures");
-        let bytes = |direction: &str| {
+        let bytes = |route: &str, direction: &str, data_path: &str| {
             counter(
                 &s,
                 "smartproxy_bytes_total",
-                &[("route", "web"), ("direction", direction)],
+                &[
+                    ("route", route),
+                    ("direction", direction),
+                    ("data_path", data_path),
+                ],
             )
         };
-        let sent = (message.len() + 4) as f64;
-        assert_eq!(bytes("client_to_backend"), sent);
-        assert_eq!(bytes("backend_to_client"), sent);
-        let kernel = counter(
-            &s,
-            "smartproxy_kernel_bytes_total",
-            &[("direction", "client_to_backend")],
-        );
-        if mode == DataPathMode::Userspace {
-            assert_eq!(kernel, 0.0, "no kernel bytes on the userspace path");
+        // Two greetings, the message and the live connection's ping, each way.
+        let sent = (2 * GREETING.len() + message.len() + 4) as f64;
+        for direction in ["client_to_backend", "backend_to_client"] {
+            let kernel = bytes("web", direction, "ebpf");
+            let userspace = bytes("web", direction, "userspace");
+            assert_eq!(
+                kernel + userspace,
+                sent,
+                "{direction}: each byte moved counted once, on one data path"
+            );
+            match mode {
+                DataPathMode::Ebpf => assert!(kernel > 0.0, "{direction}: spliced, yet no kernel byte"),
+                _ => assert_eq!(kernel, 0.0, "{direction}: kernel bytes on the userspace path"),
+            }
+            for data_path in ["ebpf", "userspace"] {
+                assert_eq!(bytes("dead", direction, data_path), 0.0);
+            }
         }
-        assert!(kernel <= sent);
+        assert!(
+            !s.samples
+                .iter()
+                .any(|x| x.metric == "smartproxy_kernel_bytes_total"),
+            "the kernel's bytes are a data_path of smartproxy_bytes_total, not a family of their own"
+        );
+        for refusal in Refusal::ALL {
+            assert_eq!(
+                counter(
+                    &s,
+                    "smartproxy_connections_refused_total",
+                    &[("limit", refusal.as_str())]
+                ),
+                0.0,
+                "{refusal}"
+            );
+        }
+        assert_eq!(
+            gauge(
+                &s,
+                "smartproxy_build_info",
+                &[("version", smartproxy::VERSION)]
+            ),
+            1.0
+        );
+        process_metrics_are_plausible(&s, &scrape(metrics).await);
         let entries = gauge(&s, "smartproxy_ebpf_sockhash_entries", &[]);
         match mode {
             DataPathMode::Ebpf => assert_eq!(entries, 2.0, "the live connection's two sockets"),

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 use smartproxy::config::DataPathMode;
 use smartproxy::lifecycle::Reason;
+use smartproxy::limits::Refusal;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -145,6 +146,17 @@ async fn stats_reply_has_every_contract_key_and_counts_a_live_connection() {
         for reason in Reason::ALL {
             assert_eq!(number(web, &format!("closed.{reason}")), 0);
             assert_eq!(number(&stats, &format!("unrouted.closed.{reason}")), 0);
+        }
+        for limit in Refusal::ALL {
+            assert_eq!(number(&stats, &format!("refused.{limit}")), 0);
+        }
+        // The kernel's part of the route's bytes: all or part of them past the splice.
+        for direction in ["client_to_backend", "backend_to_client"] {
+            assert!(number(web, &format!("bytes_kernel_{direction}")) <= 10);
+        }
+        for key in ["resident_memory_bytes", "cpu_seconds", "start_time_seconds"] {
+            let value = field(&stats, &format!("process.{key}"));
+            assert!(value.as_f64().is_some(), "process.{key} is {value}");
         }
 
         drop(client);

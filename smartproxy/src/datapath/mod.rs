@@ -94,7 +94,17 @@ impl Meter {
 
     /// Every byte moved in `direction`, by either path.
     pub fn bytes(&self, direction: Direction) -> u64 {
-        self.bytes[direction.index()].load(Ordering::Relaxed) + self.kernel_bytes(direction)
+        let [userspace, kernel] = self.bytes_by_path(direction);
+        userspace + kernel
+    }
+
+    /// The bytes moved in `direction` as `[userspace, kernel]`, each read once: their sum
+    /// is the total, which two separate reads of a live kernel counter would not give.
+    pub fn bytes_by_path(&self, direction: Direction) -> [u64; 2] {
+        [
+            self.bytes[direction.index()].load(Ordering::Relaxed),
+            self.kernel_bytes(direction),
+        ]
     }
 
     /// The bytes the kernel moved in `direction`.
