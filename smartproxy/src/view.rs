@@ -197,6 +197,7 @@ mod tests {
             route: Some(route.to_owned()),
             client: "127.0.0.1:1".to_owned(),
             backend: None,
+            target: None,
             data_path: None,
             age_secs: age,
             idle_secs: idle,
