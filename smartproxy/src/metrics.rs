@@ -21,8 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::proxy::{reached, Shared, Stop};
 use crate::health::TargetSnapshot;
+use crate::proxy::{reached, Shared, Stop};
 use crate::stats::{HistogramSnapshot, Snapshot};
 
 /// The most bytes of request line and headers read from a scraper.
