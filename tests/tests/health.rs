@@ -4,7 +4,9 @@
 //! - a refused target that comes back is used again once its back-off expires;
 //! - active checks take a silent target down and bring it back with no client at all;
 //! - when every target is down, a connection still tries one (the least recently
-//!   failed), and a target that is back then serves it.
+//!   failed), and a target that is back then serves it;
+//! - a reload keeps the health of the targets it keeps (a down target stays down) and
+//!   starts a new target up.
 //!
 //! Only the first runs on both data paths: the others are about the connect, which
 //! happens before a connection's data path is chosen and is the same code for both.
@@ -220,5 +222,45 @@ async fn with_every_target_down_a_connection_still_tries_one() {
     for backend in returned {
         backend.join().await;
     }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_health_of_the_targets_it_keeps() {
+    init_tracing();
+    let dead = closed_ports(1)[0];
+    let alive = Backend::spawn(echo).await;
+    let other = Backend::spawn(echo).await;
+    let health = "health = { fails = 1, backoff = \"1h\" }";
+    let mut proxy = TestProxy::start(
+        DataPathMode::Userspace,
+        &plain_route_to("kept", &[dead, alive.addr], health),
+    )
+    .await;
+    for _ in 0..2 {
+        serve_one(&mut proxy, "kept").await;
+    }
+    assert!(
+        !target(&proxy, dead).up,
+        "refused once with fails = 1: down"
+    );
+    // The route changes (a target added, a lifecycle key), its name and this target stay.
+    proxy.rewrite_config(&plain_route_to(
+        "kept",
+        &[dead, alive.addr, other.addr],
+        &format!("{health}\ninactivity_timeout = \"1h\""),
+    ));
+    proxy.proxy.reload().await.expect("the reload applies");
+    let kept = target(&proxy, dead);
+    assert!(!kept.up, "still down after the reload");
+    assert_eq!(kept.failures(FailureKind::Refused), 1, "its counts kept");
+    assert!(target(&proxy, other.addr).up, "a new target starts up");
+    // Down, and with an hour of back-off: none of these tries it.
+    for _ in 0..3 {
+        serve_one(&mut proxy, "kept").await;
+    }
+    assert_eq!(target(&proxy, dead).failures(FailureKind::Refused), 1);
+    alive.join().await;
+    other.join().await;
     proxy.stop().await;
 }

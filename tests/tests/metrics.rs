@@ -243,19 +243,35 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
             0.0
         );
         assert_eq!(
-            histogram(&s, "smartproxy_connection_duration_seconds", &[("route", "web")]),
+            histogram(
+                &s,
+                "smartproxy_connection_duration_seconds",
+                &[("route", "web")]
+            ),
             1.0
         );
         assert_eq!(
-            histogram(&s, "smartproxy_connection_duration_seconds", &[("route", "dead")]),
+            histogram(
+                &s,
+                "smartproxy_connection_duration_seconds",
+                &[("route", "dead")]
+            ),
             1.0
         );
         assert_eq!(
-            histogram(&s, "smartproxy_backend_connect_seconds", &[("route", "web")]),
+            histogram(
+                &s,
+                "smartproxy_backend_connect_seconds",
+                &[("route", "web")]
+            ),
             2.0
         );
         assert_eq!(
-            histogram(&s, "smartproxy_backend_connect_seconds", &[("route", "dead")]),
+            histogram(
+                &s,
+                "smartproxy_backend_connect_seconds",
+                &[("route", "dead")]
+            ),
             0.0
         );
         // Per target: the refused one is still up (one failure of the default three in a
@@ -266,10 +282,7 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
         let dead_labels = [("route", "dead"), ("target", dead_target.as_str())];
         assert_eq!(gauge(&s, "smartproxy_target_up", &web), 1.0);
         assert_eq!(gauge(&s, "smartproxy_target_up", &dead_labels), 1.0);
-        assert_eq!(
-            gauge(&s, "smartproxy_target_connections_active", &web),
-            1.0
-        );
+        assert_eq!(gauge(&s, "smartproxy_target_connections_active", &web), 1.0);
         for (kind, expected) in [("refused", 1.0), ("timeout", 0.0), ("other", 0.0)] {
             let [route, target] = dead_labels;
             assert_eq!(
