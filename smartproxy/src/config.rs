@@ -1253,6 +1253,34 @@ mod tests {
     }
 
     #[test]
+    fn the_health_table_takes_defaults_for_what_it_leaves_out() {
+        assert_eq!(load_ok(ROUTE).routes[0].health, HealthConfig::default());
+        let health = load_ok(&format!(
+            "{ROUTE}health = {{ backoff = \"2m\", check_interval = \"200ms\", fall = 5 }}\n"
+        ))
+        .routes[0]
+            .health;
+        assert_eq!(health.fails, HealthConfig::default().fails);
+        assert_eq!(
+            health.backoff_max,
+            Duration::from_secs(120),
+            "the cap is raised to a longer backoff"
+        );
+        assert_eq!(
+            health.check,
+            Some(CheckConfig {
+                fall: 5,
+                ..CheckConfig::with_interval(Duration::from_millis(200))
+            })
+        );
+        assert_eq!(
+            health.check.map(|c| c.timeout),
+            Some(Duration::from_millis(200)),
+            "the check timeout is at most the interval"
+        );
+    }
+
+    #[test]
     fn absent_tables_take_the_design_example_values() {
         let config = load_ok(ROUTE);
         assert_eq!(config.proxy, ProxyConfig::default());

@@ -378,23 +378,23 @@ fn target_labels(t: &TargetSnapshot) -> [(&str, &str); 2] {
 
 /// The per-target families, labelled `route` and `target` (as configured).
 fn render_targets(out: &mut Encoder, targets: &[TargetSnapshot]) {
-    let gauges: [(&str, &str, fn(&TargetSnapshot) -> u64); 2] = [
-        (
-            "smartproxy_target_up",
-            "Whether the target is up (1) or skipped by health (0), by route and target.",
-            |t| u64::from(t.up),
-        ),
-        (
-            "smartproxy_target_connections_active",
-            "Live connections to the target, by route and target.",
-            |t| t.active,
-        ),
-    ];
-    for (name, help, value) in gauges {
-        out.family(name, "gauge", help);
-        for t in targets {
-            out.sample(name, &target_labels(t), value(t));
-        }
+    let name = "smartproxy_target_up";
+    out.family(
+        name,
+        "gauge",
+        "Whether the target is up (1) or skipped by health (0), by route and target.",
+    );
+    for t in targets {
+        out.sample(name, &target_labels(t), u64::from(t.up));
+    }
+    let name = "smartproxy_target_connections_active";
+    out.family(
+        name,
+        "gauge",
+        "Live connections to the target, by route and target.",
+    );
+    for t in targets {
+        out.sample(name, &target_labels(t), t.active);
     }
     let name = "smartproxy_target_connect_failures_total";
     out.family(
