@@ -206,6 +206,15 @@ impl TargetState {
         None
     }
 
+    /// A reload turned the checks off: a target that waited for them gets a trial
+    /// connect at once, as it would have nothing else to bring it back.
+    pub fn checks_stopped(&mut self, config: &HealthConfig, now: Instant) {
+        if self.down && self.retry_at.is_none() {
+            self.backoff = self.backoff.max(config.backoff);
+            self.retry_at = Some(now);
+        }
+    }
+
     /// Whether a connect warning may be logged now; `Some(n)`: yes, and `n` were held
     /// back since the last one.
     pub fn warning(&mut self, now: Instant) -> Option<u64> {
@@ -366,7 +375,11 @@ impl TargetHealth {
     }
 
     fn configure(&self, config: HealthConfig) {
-        self.lock().config = config;
+        let mut inner = self.lock();
+        if config.check.is_none() {
+            inner.state.checks_stopped(&config, Instant::now());
+        }
+        inner.config = config;
     }
 
     fn stop_checks(&self) {
@@ -581,6 +594,24 @@ mod tests {
             "passes before it went down do not count"
         );
         assert_eq!(state.check_passed(&config), Some(Change::Up));
+    }
+
+    #[test]
+    fn a_target_left_to_checks_gets_a_trial_when_they_stop() {
+        let t0 = Instant::now();
+        let mut state = TargetState::default();
+        state.check_failed(&checked(), t0);
+        assert_eq!(state.check_failed(&checked(), t0), Some(Change::Down));
+        assert!(!state.take_usable(t0 + MS));
+        state.checks_stopped(&passive(), t0 + MS);
+        assert!(state.take_usable(t0 + MS), "tried at once");
+        assert!(!state.take_usable(t0 + MS), "by one connection");
+        assert_eq!(state.connect_failed(&passive(), t0 + MS), None);
+        assert!(
+            !state.take_usable(t0 + 100 * MS),
+            "then the back-off doubles as for any failed trial"
+        );
+        assert!(state.take_usable(t0 + 201 * MS));
     }
 
     #[test]
