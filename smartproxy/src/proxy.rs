@@ -866,23 +866,17 @@ async fn connect<'a>(
 ) -> Result<(TcpStream, &'a Target), Reason> {
     let config = &generation.config.routes[route];
     let targets = generation.health(route);
-    let order: Vec<usize> = generation
-        .routes
-        .targets_in_order(route, targets.len())
-        .collect();
+    let order = generation.routes.targets_in_order(route, targets.len());
     // Lazy: a down target's trial is taken only when it is its turn.
     let mut usable = order
-        .iter()
-        .copied()
+        .clone()
         .filter(|&index| targets[index].take_usable(std::time::Instant::now()))
         .peekable();
     let fallback = match usable.peek() {
         Some(_) => None,
-        None => health::least_recently_failed(
-            order
-                .iter()
-                .map(|&index| (index, targets[index].last_failure())),
-        ),
+        None => {
+            health::least_recently_failed(order.map(|index| (index, targets[index].last_failure())))
+        }
     };
     let mut reason = Reason::ConnectFailed;
     for index in usable.chain(fallback) {

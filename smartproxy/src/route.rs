@@ -109,7 +109,11 @@ impl RouteTable {
 
     /// The indexes of the route's `len` targets in the order to try them: round-robin
     /// start, then the rest.
-    pub fn targets_in_order(&self, route: usize, len: usize) -> impl Iterator<Item = usize> {
+    pub fn targets_in_order(
+        &self,
+        route: usize,
+        len: usize,
+    ) -> impl Iterator<Item = usize> + Clone {
         let start = self.cursors[route].fetch_add(1, Ordering::Relaxed);
         (0..len).map(move |offset| (start + offset) % len)
     }
