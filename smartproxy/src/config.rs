@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::health::{CheckConfig, HealthConfig};
 use crate::limits::{AccessList, Cidr, PerIpConfig, RouteLimitsConfig};
 use crate::privileges::User;
 use crate::proxy_protocol::Version as ProxyProtocol;
@@ -241,6 +242,8 @@ pub struct RouteConfig {
     pub lifecycle: LifecycleConfig,
     /// `max_connections`, the per-IP limits and `allow`/`deny` of this route.
     pub limits: RouteLimitsConfig,
+    /// The `health` table: passive health and optional active checks of its targets.
+    pub health: HealthConfig,
 }
 
 /// TLS toward the backend of a `tls = "reencrypt"` route.
@@ -280,7 +283,7 @@ impl Target {
         Some(SocketAddr::new(ip, self.port))
     }
 
-    fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let expected = "expected \"host:port\" (IPv6 in brackets: \"[::1]:443\")";
         let (host, port) = if let Some(bracketed) = text.strip_prefix('[') {
             let (ip, port) = bracketed
@@ -529,6 +532,7 @@ tables_with_lifecycle_keys! {
         connection_rate_per_ip: Option<u32>,
         allow: Option<Vec<String>>,
         deny: Option<Vec<String>>,
+        health: Option<RawHealth>,
     }
 }
 
@@ -904,6 +908,7 @@ fn validate_route(
         data_path: raw.data_path,
         proxy_protocol: raw.proxy_protocol,
         lifecycle: overrides.apply_to(lifecycle),
+        health: validate_health(raw.health, &format!("{at}.health"))?,
         limits: RouteLimitsConfig {
             max_connections: positive(raw.max_connections, &format!("{at}.max_connections"))?,
             per_ip: per_ip_limits(raw.max_connections_per_ip, raw.connection_rate_per_ip, at)?,
@@ -912,6 +917,79 @@ fn validate_route(
                 deny: cidrs(raw.deny, &format!("{at}.deny"))?,
             },
         },
+    })
+}
+
+// === backend health ===
+
+/// A route's `health` table; the defaults are [`HealthConfig::default`] and
+/// [`CheckConfig::with_interval`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    fails: Option<u32>,
+    backoff: Option<HumanDuration>,
+    backoff_max: Option<HumanDuration>,
+    check_interval: Option<HumanDuration>,
+    check_timeout: Option<HumanDuration>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+}
+
+fn validate_health(raw: Option<RawHealth>, at: &str) -> Result<HealthConfig, Invalid> {
+    let raw = raw.unwrap_or_default();
+    let defaults = HealthConfig::default();
+    let key = |name: &str| format!("{at}.{name}");
+    let positive_count = |value: Option<u32>, name: &str| match value {
+        Some(0) => Err(Invalid::new(key(name), "must be greater than 0")),
+        other => Ok(other),
+    };
+    let positive_duration = |value: Option<HumanDuration>, name: &str| match value {
+        Some(HumanDuration(d)) if d.is_zero() => {
+            Err(Invalid::new(key(name), "must be greater than 0"))
+        }
+        other => Ok(other.map(Duration::from)),
+    };
+    let backoff = positive_duration(raw.backoff, "backoff")?.unwrap_or(defaults.backoff);
+    let backoff_max = positive_duration(raw.backoff_max, "backoff_max")?
+        .unwrap_or(defaults.backoff_max.max(backoff));
+    if backoff_max < backoff {
+        return Err(Invalid::new(
+            key("backoff_max"),
+            "must not be less than `backoff`",
+        ));
+    }
+    let check = match positive_duration(raw.check_interval, "check_interval")? {
+        Some(interval) => {
+            let defaults = CheckConfig::with_interval(interval);
+            Some(CheckConfig {
+                interval,
+                timeout: positive_duration(raw.check_timeout, "check_timeout")?
+                    .unwrap_or(defaults.timeout),
+                rise: positive_count(raw.rise, "rise")?.unwrap_or(defaults.rise),
+                fall: positive_count(raw.fall, "fall")?.unwrap_or(defaults.fall),
+            })
+        }
+        None => {
+            let set = [
+                ("check_timeout", raw.check_timeout.is_some()),
+                ("rise", raw.rise.is_some()),
+                ("fall", raw.fall.is_some()),
+            ];
+            if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
+                return Err(Invalid::new(
+                    key(name),
+                    "only applies to active checks: set `check_interval` too",
+                ));
+            }
+            None
+        }
+    };
+    Ok(HealthConfig {
+        fails: positive_count(raw.fails, "fails")?.unwrap_or(defaults.fails),
+        backoff,
+        backoff_max,
+        check,
     })
 }
 
@@ -1230,6 +1308,34 @@ mod tests {
             Ok(config) => panic!("expected an error, loaded {config:?}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn the_health_table_takes_defaults_for_what_it_leaves_out() {
+        assert_eq!(load_ok(ROUTE).routes[0].health, HealthConfig::default());
+        let health = load_ok(&format!(
+            "{ROUTE}health = {{ backoff = \"2m\", check_interval = \"200ms\", fall = 5 }}\n"
+        ))
+        .routes[0]
+            .health;
+        assert_eq!(health.fails, HealthConfig::default().fails);
+        assert_eq!(
+            health.backoff_max,
+            Duration::from_secs(120),
+            "the cap is raised to a longer backoff"
+        );
+        assert_eq!(
+            health.check,
+            Some(CheckConfig {
+                fall: 5,
+                ..CheckConfig::with_interval(Duration::from_millis(200))
+            })
+        );
+        assert_eq!(
+            health.check.map(|c| c.timeout),
+            Some(Duration::from_millis(200)),
+            "the check timeout is at most the interval"
+        );
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! and swaps it in. Every connection keeps the generation it was accepted under until it
 //! ends, so a reload never changes a running connection.
 
+use std::sync::Arc;
+
 use crate::config::{Config, DataPathMode, ProxyConfig};
 use crate::datapath::DataPathKind;
+use crate::health::{Registry, TargetHealth};
 use crate::route::RouteTable;
 use crate::stats::Stats;
 use crate::tls::TlsRoutes;
@@ -19,6 +22,8 @@ pub struct Generation {
     pub tls: TlsRoutes,
     /// Per route, in config order: its counters slot in [`Stats`].
     slots: Vec<usize>,
+    /// Per route, in config order: the health of each target, in config order.
+    health: Vec<Vec<Arc<TargetHealth>>>,
 }
 
 /// Why a new configuration cannot replace the running one without a restart.
@@ -40,24 +45,37 @@ pub enum NotReloadable {
 
 impl Generation {
     /// `tls` is what [`TlsRoutes::load`] read for `config`.
-    pub fn new(config: Config, tls: TlsRoutes, stats: &Stats) -> Generation {
+    pub fn new(config: Config, tls: TlsRoutes, stats: &Stats, health: &Registry) -> Generation {
         let routes = RouteTable::new(&config);
-        let slots = config
+        let slots: Vec<usize> = config
             .routes
             .iter()
             .map(|route| stats.route_slot(&route.name))
             .collect();
+        let health = health.generation(
+            config
+                .routes
+                .iter()
+                .zip(&slots)
+                .map(|(route, slot)| (*slot, &route.targets[..], route.health)),
+        );
         Generation {
             config,
             routes,
             tls,
             slots,
+            health,
         }
     }
 
     /// The counters slot of the route at `index`.
     pub fn slot(&self, index: usize) -> usize {
         self.slots[index]
+    }
+
+    /// The health of the targets of the route at `index`, in config order.
+    pub fn health(&self, index: usize) -> &[Arc<TargetHealth>] {
+        &self.health[index]
     }
 
     /// The data path a connection of the route at `index` takes.
@@ -222,8 +240,9 @@ mod tests {
     #[test]
     fn a_route_keeps_its_counters_slot_across_generations() {
         let stats = Stats::new(DataPathKind::Userspace);
+        let health = Registry::default();
         let build = |config: Config| match TlsRoutes::load(&config) {
-            Ok(tls) => Generation::new(config, tls, &stats),
+            Ok(tls) => Generation::new(config, tls, &stats, &health),
             Err(e) => panic!("no TLS here, nothing to fail: {e}"),
         };
         let first = build(config("", ""));

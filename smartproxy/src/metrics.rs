@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use crate::health::TargetSnapshot;
 use crate::proxy::{reached, Shared, Stop};
 use crate::stats::{HistogramSnapshot, Snapshot};
 
@@ -409,7 +410,7 @@ pub fn render(s: &Snapshot) -> String {
     for r in &s.routes {
         out.histogram(
             "smartproxy_connection_duration_seconds",
-            &r.name,
+            &[("route", &r.name)],
             &r.connection_duration_seconds,
         );
     }
@@ -421,11 +422,68 @@ pub fn render(s: &Snapshot) -> String {
     for r in &s.routes {
         out.histogram(
             "smartproxy_backend_connect_seconds",
-            &r.name,
+            &[("route", &r.name)],
             &r.backend_connect_seconds,
         );
     }
+    render_targets(&mut out, &s.targets);
     out.text
+}
+
+fn target_labels(t: &TargetSnapshot) -> [(&str, &str); 2] {
+    [("route", &t.route), ("target", &t.target)]
+}
+
+/// The per-target families, labelled `route` and `target` (as configured).
+fn render_targets(out: &mut Encoder, targets: &[TargetSnapshot]) {
+    let name = "smartproxy_target_up";
+    out.family(
+        name,
+        "gauge",
+        "Whether the target is up (1) or skipped by health (0), by route and target.",
+    );
+    for t in targets {
+        out.sample(name, &target_labels(t), u64::from(t.up));
+    }
+    let name = "smartproxy_target_connections_active";
+    out.family(
+        name,
+        "gauge",
+        "Live connections to the target, by route and target.",
+    );
+    for t in targets {
+        out.sample(name, &target_labels(t), t.active);
+    }
+    let name = "smartproxy_target_connect_failures_total";
+    out.family(
+        name,
+        "counter",
+        "Failed connects to the target, by route, target and kind (refused, timeout, other).",
+    );
+    for t in targets {
+        for (kind, count) in &t.connect_failures {
+            let [route, target] = target_labels(t);
+            out.sample(name, &[route, target, ("kind", kind)], count);
+        }
+    }
+    let name = "smartproxy_target_connect_warnings_suppressed_total";
+    out.family(
+        name,
+        "counter",
+        "Connect-failure log lines held back (at most one per target every 10 s), by route and target.",
+    );
+    for t in targets {
+        out.sample(name, &target_labels(t), t.suppressed_warnings);
+    }
+    let name = "smartproxy_target_connect_seconds";
+    out.family(
+        name,
+        "histogram",
+        "Time to connect the target, by route and target.",
+    );
+    for t in targets {
+        out.histogram(name, &target_labels(t), &t.connect_seconds);
+    }
 }
 
 /// Appends families and samples to a text document.
@@ -455,15 +513,16 @@ impl Encoder {
         let _ = writeln!(self.text, " {value}");
     }
 
-    fn histogram(&mut self, name: &str, route: &str, h: &HistogramSnapshot) {
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &HistogramSnapshot) {
         let bucket = format!("{name}_bucket");
-        for b in &h.buckets {
-            let le = b.le.to_string();
-            self.sample(&bucket, &[("route", route), ("le", &le)], b.count);
+        let buckets = h.buckets.iter().map(|b| (b.le.to_string(), b.count));
+        for (le, count) in buckets.chain([("+Inf".to_owned(), h.count)]) {
+            let mut with_le = labels.to_vec();
+            with_le.push(("le", &le));
+            self.sample(&bucket, &with_le, count);
         }
-        self.sample(&bucket, &[("route", route), ("le", "+Inf")], h.count);
-        self.sample(&format!("{name}_sum"), &[("route", route)], h.sum_secs);
-        self.sample(&format!("{name}_count"), &[("route", route)], h.count);
+        self.sample(&format!("{name}_sum"), labels, h.sum_secs);
+        self.sample(&format!("{name}_count"), labels, h.count);
     }
 }
 

@@ -16,12 +16,13 @@ use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::config::{Config, ConfigError, DataPathMode, LifecycleConfig, Target};
+use crate::config::{Config, ConfigError, DataPathMode, LifecycleConfig, RouteConfig, Target};
 use crate::control::ControlServer;
 use crate::datapath::{instant_of, DataPathKind, Peer, Relay};
 use crate::ebpf::{EbpfError, Kernel, LoadOptions, MapEntries, SpliceError};
 use crate::error_chain;
 use crate::generation::{check_reloadable, Generation, NotReloadable};
+use crate::health::{self, Change, FailureKind, Registry, TargetHealth, TargetSnapshot};
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
 use crate::limits::{Admissions, Limits};
 use crate::metrics::MetricsServer;
@@ -154,6 +155,8 @@ pub(crate) struct Shared {
     control_socket: PathBuf,
     pub(crate) table: ConnTable,
     pub(crate) stats: Stats,
+    /// Every target's health, kept across reloads.
+    health: Registry,
     /// The soft RLIMIT_NOFILE at start (raised by then): what an unset `max_connections`
     /// is derived from (`fdlimit`).
     fd_limit: u64,
@@ -189,7 +192,48 @@ impl Shared {
                     map_entries: None,
                 }
             });
-        self.stats.snapshot(&self.table, ebpf)
+        self.stats
+            .snapshot(&self.table, ebpf, self.target_snapshots())
+    }
+
+    /// The targets of the running configuration, with their live connections.
+    fn target_snapshots(&self) -> Vec<TargetSnapshot> {
+        let mut active: std::collections::HashMap<*const TargetHealth, u64> =
+            std::collections::HashMap::new();
+        for record in self.table.records() {
+            if let Some(target) = record.target.get() {
+                *active.entry(Arc::as_ptr(target)).or_default() += 1;
+            }
+        }
+        let generation = self.generation();
+        generation
+            .config
+            .routes
+            .iter()
+            .enumerate()
+            .flat_map(|(index, route)| {
+                generation.health(index).iter().map(|target| {
+                    let live = active.get(&Arc::as_ptr(target)).copied().unwrap_or(0);
+                    target.snapshot(&route.name, live)
+                })
+            })
+            .collect()
+    }
+
+    /// Starts the check task of every checked target of `generation` that has none yet.
+    fn start_checks(self: &Arc<Self>, generation: &Generation) {
+        for (index, route) in generation.config.routes.iter().enumerate() {
+            for target in generation.health(index) {
+                if target.claim_checks() {
+                    self.tasks.spawn(check_target(
+                        Arc::clone(target),
+                        route.name.clone(),
+                        self.stop.clone(),
+                        Arc::clone(&self.resolver),
+                    ));
+                }
+            }
+        }
     }
 
     /// [`Shared::snapshot`] with the kernel maps' entries counted: a syscall per entry,
@@ -308,8 +352,9 @@ impl Shared {
             ));
         }
         // Only now, when nothing can fail any more: new route names get counters here.
-        let next = Arc::new(Generation::new(next, tls, &self.stats));
+        let next = Arc::new(Generation::new(next, tls, &self.stats, &self.health));
         configure_limits(&self.limits, &next);
+        self.start_checks(&next);
         // Accept loops whose address is gone stop when they see this generation.
         self.generation.send_replace(next);
         for (addr, listener) in bound {
@@ -410,7 +455,8 @@ impl Proxy {
             Some(addr) => Some(bind_metrics(addr).await?),
             None => None,
         };
-        let generation = Generation::new(config, tls, &stats);
+        let health = Registry::default();
+        let generation = Generation::new(config, tls, &stats, &health);
         let (stop, stop_rx) = watch::channel(Stop::Running);
         let (closed, _) = broadcast::channel(1024);
         let addrs: Vec<SocketAddr> = generation.routes.listeners.keys().copied().collect();
@@ -427,6 +473,7 @@ impl Proxy {
             control_socket,
             table: ConnTable::default(),
             stats,
+            health,
             // Unreadable (it never is): nothing to derive from.
             fd_limit: crate::fdlimit::limit().map_or(u64::MAX, |limit| limit.soft),
             limits,
@@ -438,6 +485,7 @@ impl Proxy {
             tasks: TaskTracker::new(),
             services: TaskTracker::new(),
         });
+        shared.start_checks(&shared.generation());
         {
             let mut listeners = shared.lock_listeners();
             for addr in addrs {
@@ -879,8 +927,10 @@ async fn route(
     }
 }
 
-/// Connects to the route's targets, round-robin, trying the next one on failure; returns
-/// the socket (with keepalive set, its address in the record) and the target it reached.
+/// Connects to the route's targets, round-robin, trying the next one on failure and
+/// skipping those its health has down (when all are, the least recently failed one is
+/// tried anyway); returns the socket (with keepalive set, its address and target in the
+/// record) and the target it reached.
 async fn connect<'a>(
     shared: &Shared,
     generation: &'a Generation,
@@ -888,32 +938,111 @@ async fn connect<'a>(
     record: &ConnRecord,
 ) -> Result<(TcpStream, &'a Target), Reason> {
     let config = &generation.config.routes[route];
+    let targets = generation.health(route);
+    let order = generation.routes.targets_in_order(route, targets.len());
+    // Lazy: a down target's trial is taken only when it is its turn.
+    let mut usable = order
+        .clone()
+        .filter(|&index| targets[index].take_usable(std::time::Instant::now()))
+        .peekable();
+    let fallback = match usable.peek() {
+        Some(_) => None,
+        None => {
+            health::least_recently_failed(order.map(|index| (index, targets[index].last_failure())))
+        }
+    };
     let mut reason = Reason::ConnectFailed;
-    for target in generation.routes.targets_in_order(route, &config.targets) {
-        let started = Instant::now();
-        let deadline = started + config.lifecycle.connect_timeout;
-        match timeout_at(deadline, connect_target(&*shared.resolver, target)).await {
-            Ok(Ok(stream)) => {
-                shared
-                    .stats
-                    .backend_connected(generation.slot(route), started.elapsed());
+    for index in usable.chain(fallback) {
+        let target = &targets[index];
+        match connect_one(shared, config, generation.slot(route), target).await {
+            Ok(stream) => {
                 if let Ok(addr) = stream.peer_addr() {
                     let _ = record.backend.set(addr);
                 }
+                let _ = record.target.set(Arc::clone(target));
                 keepalive(&stream, &config.lifecycle);
-                return Ok((stream, target));
+                return Ok((stream, &config.targets[index]));
             }
-            Ok(Err(e)) => {
-                warn!(%target, error = %e, "connect failed");
-                reason = Reason::ConnectFailed;
-            }
-            Err(_) => {
-                warn!(%target, "connect timed out");
-                reason = Reason::ConnectTimeout;
-            }
+            Err(why) => reason = why,
         }
     }
     Err(reason)
+}
+
+/// One connect to one target, within `connect_timeout`, booked in its health and
+/// counters. A failure warns at most once per target every [`health::WARN_INTERVAL`].
+async fn connect_one(
+    shared: &Shared,
+    config: &RouteConfig,
+    slot: usize,
+    health: &TargetHealth,
+) -> Result<TcpStream, Reason> {
+    let target = &health.target;
+    let started = Instant::now();
+    let deadline = started + config.lifecycle.connect_timeout;
+    let (kind, error, reason) =
+        match timeout_at(deadline, connect_target(&*shared.resolver, target)).await {
+            Ok(Ok(stream)) => {
+                let elapsed = started.elapsed();
+                shared.stats.backend_connected(slot, elapsed);
+                log_change(health.connected(elapsed), &config.name, target);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => (FailureKind::of(&e), e.to_string(), Reason::ConnectFailed),
+            Err(_) => (
+                FailureKind::Timeout,
+                format!("no answer within {:?}", config.lifecycle.connect_timeout),
+                Reason::ConnectTimeout,
+            ),
+        };
+    let (change, warning) = health.connect_failed(kind, std::time::Instant::now());
+    if let Some(suppressed) = warning {
+        warn!(route = %config.name, %target, kind = kind.as_str(), %error, suppressed, "connect failed");
+    }
+    log_change(change, &config.name, target);
+    Err(reason)
+}
+
+/// Says once that a target went down or came back.
+fn log_change(change: Option<Change>, route: &str, target: &Target) {
+    match change {
+        Some(Change::Down) => warn!(%route, %target, "target down: skipped until it is back"),
+        Some(Change::Up) => info!(%route, %target, "target up"),
+        None => {}
+    }
+}
+
+/// The active checks of one target: a TCP connect (closed at once) every
+/// `check_interval`, for as long as the newest configuration checks it.
+async fn check_target(
+    health: Arc<TargetHealth>,
+    route: String,
+    mut stop: watch::Receiver<Stop>,
+    resolver: Arc<dyn Resolve>,
+) {
+    loop {
+        let Some(check) = health.check_config() else {
+            if health.release_checks() {
+                continue;
+            }
+            return;
+        };
+        let probe = tokio::time::timeout(check.timeout, connect_target(&*resolver, &health.target));
+        let passed = tokio::select! {
+            _ = reached(&mut stop, Stop::Drain) => return,
+            probed = probe => matches!(probed, Ok(Ok(_))),
+        };
+        debug!(%route, target = %health.target, passed, "health check");
+        log_change(
+            health.check_done(passed, std::time::Instant::now()),
+            &route,
+            &health.target,
+        );
+        tokio::select! {
+            _ = reached(&mut stop, Stop::Drain) => return,
+            _ = tokio::time::sleep(check.interval) => {}
+        }
+    }
 }
 
 async fn connect_target(resolver: &dyn Resolve, target: &Target) -> io::Result<TcpStream> {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::config::{Config, RouteConfig, SniPattern, Target};
+use crate::config::{Config, RouteConfig, SniPattern};
 
 /// The routes that share one listen address.
 #[derive(Debug)]
@@ -107,15 +107,15 @@ impl RouteTable {
         }
     }
 
-    /// The route's targets in the order to try them: round-robin start, then the rest.
-    pub fn targets_in_order<'a>(
+    /// The indexes of the route's `len` targets in the order to try them: round-robin
+    /// start, then the rest.
+    pub fn targets_in_order(
         &self,
         route: usize,
-        targets: &'a [Target],
-    ) -> impl Iterator<Item = &'a Target> + 'a {
+        len: usize,
+    ) -> impl Iterator<Item = usize> + Clone {
         let start = self.cursors[route].fetch_add(1, Ordering::Relaxed);
-        let len = targets.len();
-        (0..len).map(move |offset| &targets[(start + offset) % len])
+        (0..len).map(move |offset| (start + offset) % len)
     }
 }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::datapath::{instant_of, DataPathKind};
 use crate::ebpf::MapEntries;
+use crate::health::TargetSnapshot;
 use crate::lifecycle::{Direction, Reason};
 use crate::limits::Refusal;
 use crate::table::{ConnRecord, ConnTable};
@@ -26,14 +27,14 @@ pub const CONNECT_BUCKETS: &[f64] = &[
 /// A lock-free histogram: one counter per bucket (not cumulative) plus `+Inf`, and the
 /// sum in microseconds (a u64 of microseconds holds half a million years).
 #[derive(Debug)]
-struct Histogram {
+pub(crate) struct Histogram {
     bounds: &'static [f64],
     counts: Vec<AtomicU64>,
     sum_micros: AtomicU64,
 }
 
 impl Histogram {
-    fn new(bounds: &'static [f64]) -> Histogram {
+    pub(crate) fn new(bounds: &'static [f64]) -> Histogram {
         Histogram {
             bounds,
             counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
@@ -41,7 +42,7 @@ impl Histogram {
         }
     }
 
-    fn observe(&self, value: Duration) {
+    pub(crate) fn observe(&self, value: Duration) {
         // Prometheus buckets count the observations `<= le`.
         let secs = value.as_secs_f64();
         let bucket = self.bounds.partition_point(|&le| le < secs);
@@ -50,7 +51,7 @@ impl Histogram {
         self.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
-    fn snapshot(&self) -> HistogramSnapshot {
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
         let mut cumulative = 0;
         let mut buckets = Vec::with_capacity(self.bounds.len());
         for (le, count) in self.bounds.iter().zip(&self.counts) {
@@ -242,6 +243,9 @@ pub struct Snapshot {
     pub unrouted: UnroutedSnapshot,
     pub lifecycle: LifecycleSnapshot,
     pub process: ProcessSnapshot,
+    /// Every target of the running configuration: health and connect counters.
+    #[serde(default)]
+    pub targets: Vec<TargetSnapshot>,
 }
 
 impl Snapshot {
@@ -261,6 +265,9 @@ pub struct ConnectionRow {
     pub route: Option<String>,
     pub client: String,
     pub backend: Option<String>,
+    /// The target as configured (`backend` is the address it resolved to).
+    #[serde(default)]
+    pub target: Option<String>,
     pub data_path: Option<DataPathKind>,
     pub age_secs: f64,
     pub idle_secs: f64,
@@ -425,7 +432,12 @@ impl Stats {
         }
     }
 
-    pub fn snapshot(&self, table: &ConnTable, ebpf: EbpfSnapshot) -> Snapshot {
+    pub fn snapshot(
+        &self,
+        table: &ConnTable,
+        ebpf: EbpfSnapshot,
+        targets: Vec<TargetSnapshot>,
+    ) -> Snapshot {
         let records = table.records();
         let routes = self.routes();
         let mut route_live = vec![LiveCounts::default(); routes.len()];
@@ -499,6 +511,7 @@ impl Stats {
                 inactivity_resets: load(&self.inactivity_resets),
             },
             process: ProcessSnapshot::now(),
+            targets,
         }
     }
 
@@ -513,6 +526,7 @@ impl Stats {
                 route: record.route.get().map(|r| routes[*r].name.clone()),
                 client: record.client.to_string(),
                 backend: record.backend.get().map(|b| b.to_string()),
+                target: record.target.get().map(|t| t.target.to_string()),
                 data_path: record.data_path(),
                 age_secs: now.duration_since(record.started).as_secs_f64(),
                 idle_secs: now

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use crate::datapath::{DataPathKind, Meter};
+use crate::health::TargetHealth;
 
 /// What the proxy knows of one live connection.
 #[derive(Debug)]
@@ -20,6 +21,8 @@ pub struct ConnRecord {
     pub route: OnceLock<usize>,
     /// Known once connected.
     pub backend: OnceLock<SocketAddr>,
+    /// Known once connected: the target as configured, with its health.
+    pub target: OnceLock<Arc<TargetHealth>>,
     /// Known once the bytes move: 0 none yet, 1 userspace, 2 ebpf. Set before the
     /// kernel starts moving bytes, and changed back if the splice fails.
     data_path: AtomicU8,
@@ -63,6 +66,7 @@ impl ConnTable {
             started_at: SystemTime::now(),
             route: OnceLock::new(),
             backend: OnceLock::new(),
+            target: OnceLock::new(),
             data_path: AtomicU8::new(0),
             meter: Arc::default(),
             half_open: AtomicBool::new(false),

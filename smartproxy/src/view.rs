@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::health::{FailureKind, TargetSnapshot};
 use crate::stats::{ConnectionRow, RouteSnapshot, Snapshot};
 
 /// How many routes the rates section lists.
@@ -102,7 +103,31 @@ pub fn render_stats(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> St
             r.name, r.active, r.total, r.bytes_client_to_backend, r.bytes_backend_to_client
         );
     }
+    render_targets(&mut out, &s.targets);
     out
+}
+
+/// One line per target: its health, live connections and failed connects by kind.
+fn render_targets(out: &mut String, targets: &[TargetSnapshot]) {
+    let _ = writeln!(
+        out,
+        "{:<20} {:<24} {:<5} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "target of route", "target", "state", "active", "refused", "timeout", "other", "suppressed"
+    );
+    for t in targets {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<24} {:<5} {:>8} {:>8} {:>8} {:>8} {:>10}",
+            t.route,
+            t.target,
+            if t.up { "up" } else { "down" },
+            t.active,
+            t.failures(FailureKind::Refused),
+            t.failures(FailureKind::Timeout),
+            t.failures(FailureKind::Other),
+            t.suppressed_warnings,
+        );
+    }
 }
 
 /// The busiest routes since `before`: `[conn/s, client->backend B/s, backend->client
@@ -210,6 +235,7 @@ mod tests {
             route: Some(route.to_owned()),
             client: "127.0.0.1:1".to_owned(),
             backend: None,
+            target: None,
             data_path: None,
             age_secs: age,
             idle_secs: idle,

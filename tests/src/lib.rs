@@ -316,9 +316,18 @@ impl Backend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Backend::spawn_at("127.0.0.1:0".parse().expect("an address"), handler).await
+    }
+
+    /// [`Backend::spawn`] on `addr`: a target that was dead comes back.
+    pub async fn spawn_at<F, Fut>(addr: SocketAddr, handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind(addr)
             .await
-            .expect("bind a backend");
+            .unwrap_or_else(|e| panic!("bind a backend on {addr}: {e}"));
         let addr = listener.local_addr().expect("backend address");
         let handlers: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = tokio::spawn({

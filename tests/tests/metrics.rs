@@ -4,7 +4,7 @@
 //!   unreachable backend counted as `connect_failed`) and byte counters, `_total`
 //!   suffixes on counters, the active gauge of a live connection labelled with its data
 //!   path, the ebpf counters, and both histograms (cumulative buckets, `+Inf` = `_count`,
-//!   `_sum`);
+//!   `_sum`), and the per-target families (up, active, failures by kind, connect time);
 //! - bytes by data path: the `ebpf` and `userspace` series of `smartproxy_bytes_total`
 //!   add up to the bytes the test moved, the kernel's share is non-zero on the eBPF path
 //!   (the connections are past their splice) and zero on the userspace one;
@@ -25,10 +25,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Checks a histogram's shape and returns its `_count`.
-fn histogram(scrape: &Scrape, metric: &str, route: &str) -> f64 {
-    let labels = [("route", route)];
-    let Value::Histogram(buckets) = &sample(scrape, metric, &labels).value else {
-        panic!("{metric}{{route={route}}} is not a histogram");
+fn histogram(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let Value::Histogram(buckets) = &sample(scrape, metric, labels).value else {
+        panic!("{metric}{labels:?} is not a histogram");
     };
     assert!(buckets.len() > 2, "{metric}: several buckets: {buckets:?}");
     for pair in buckets.windows(2) {
@@ -39,8 +38,8 @@ fn histogram(scrape: &Scrape, metric: &str, route: &str) -> f64 {
     }
     let last = buckets.last().expect("a bucket");
     assert!(last.less_than.is_infinite(), "{metric}: a +Inf bucket");
-    let count = untyped(scrape, &format!("{metric}_count"), &labels);
-    let sum = untyped(scrape, &format!("{metric}_sum"), &labels);
+    let count = untyped(scrape, &format!("{metric}_count"), labels);
+    let sum = untyped(scrape, &format!("{metric}_sum"), labels);
     assert_eq!(last.count, count, "{metric}: +Inf bucket = _count");
     assert!(sum >= 0.0, "{metric}_sum is {sum}");
     count
@@ -257,20 +256,69 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
             _ => assert_eq!(map_size, 0.0),
         }
         assert_eq!(
-            histogram(&s, "smartproxy_connection_duration_seconds", "web"),
+            histogram(
+                &s,
+                "smartproxy_connection_duration_seconds",
+                &[("route", "web")]
+            ),
             1.0
         );
         assert_eq!(
-            histogram(&s, "smartproxy_connection_duration_seconds", "dead"),
+            histogram(
+                &s,
+                "smartproxy_connection_duration_seconds",
+                &[("route", "dead")]
+            ),
             1.0
         );
         assert_eq!(
-            histogram(&s, "smartproxy_backend_connect_seconds", "web"),
+            histogram(
+                &s,
+                "smartproxy_backend_connect_seconds",
+                &[("route", "web")]
+            ),
             2.0
         );
         assert_eq!(
-            histogram(&s, "smartproxy_backend_connect_seconds", "dead"),
+            histogram(
+                &s,
+                "smartproxy_backend_connect_seconds",
+                &[("route", "dead")]
+            ),
             0.0
+        );
+        // Per target: the refused one is still up (one failure of the default three in a
+        // row), its failure counted by kind.
+        let web_target = backend.addr.to_string();
+        let dead_target = dead.to_string();
+        let web = [("route", "web"), ("target", web_target.as_str())];
+        let dead_labels = [("route", "dead"), ("target", dead_target.as_str())];
+        assert_eq!(gauge(&s, "smartproxy_target_up", &web), 1.0);
+        assert_eq!(gauge(&s, "smartproxy_target_up", &dead_labels), 1.0);
+        assert_eq!(gauge(&s, "smartproxy_target_connections_active", &web), 1.0);
+        for (kind, expected) in [("refused", 1.0), ("timeout", 0.0), ("other", 0.0)] {
+            let [route, target] = dead_labels;
+            assert_eq!(
+                counter(
+                    &s,
+                    "smartproxy_target_connect_failures_total",
+                    &[route, target, ("kind", kind)]
+                ),
+                expected,
+                "{kind} connects to the dead target"
+            );
+        }
+        assert_eq!(
+            counter(
+                &s,
+                "smartproxy_target_connect_warnings_suppressed_total",
+                &dead_labels
+            ),
+            0.0
+        );
+        assert_eq!(
+            histogram(&s, "smartproxy_target_connect_seconds", &web),
+            2.0
         );
         for family in ["smartproxy_connections_active", "smartproxy_bytes_total"] {
             assert!(s.docs.contains_key(family), "HELP for {family}");

@@ -4,7 +4,8 @@
 //!   connection, and the keys added since (per-route closures, data paths and
 //!   histograms; unrouted connections);
 //! - the socket file has mode 0600;
-//! - `connections` lists a live connection with its route, peers and bytes.
+//! - `connections` lists a live connection with its route, peers, target and bytes, and
+//!   `stats` counts it on its target.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -230,8 +231,22 @@ async fn connections_lists_a_live_connection_with_route_peers_and_bytes() {
             &Value::from(mode.to_string()),
             "data_path"
         );
+        assert_eq!(
+            field(row, "target"),
+            &Value::from(backend.addr.to_string()),
+            "target, as configured"
+        );
         assert_eq!(number(row, "bytes_client_to_backend"), 5);
         assert_eq!(number(row, "bytes_backend_to_client"), 5);
+        // The same connection in the target's stats.
+        let stats = control(proxy.control_socket(), "stats").await;
+        let targets = field(&stats, "targets")
+            .as_array()
+            .expect("targets is a list");
+        assert_eq!(targets.len(), 1, "one target: {targets:?}");
+        assert_eq!(field(&targets[0], "route"), "web");
+        assert_eq!(field(&targets[0], "up"), &Value::Bool(true));
+        assert_eq!(number(&targets[0], "active"), 1, "its live connection");
 
         drop(client);
         proxy.expect_closed(Reason::Normal).await;
