@@ -185,7 +185,9 @@ fn generate(what: Generate) -> Result<()> {
             .with_context(|| format!("cannot write the man pages into {}", dir.display())),
         Generate::Completions { shell, dir } => {
             let path = clap_complete::generate_to(shell, &mut Cli::command(), "smartproxy", &dir)
-                .with_context(|| format!("cannot write {shell} completions into {}", dir.display()))?;
+                .with_context(|| {
+                format!("cannot write {shell} completions into {}", dir.display())
+            })?;
             println!("{}", path.display());
             Ok(())
         }

@@ -690,7 +690,11 @@ fn generate_writes_man_pages_and_completions_for_every_visible_command() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let generate = |args: &[&str]| {
         let out = run_bounded(smartproxy().arg("generate").args(args).arg(dir.path()));
-        assert!(out.status.success(), "generate {args:?}: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "generate {args:?}: {}",
+            text(&out.stderr)
+        );
     };
     generate(&["man"]);
     for shell in ["bash", "zsh", "fish"] {
@@ -707,9 +711,15 @@ fn generate_writes_man_pages_and_completions_for_every_visible_command() {
             "smartproxy-{command}.1 documents its options (each has --config)"
         );
         for script in ["smartproxy.bash", "_smartproxy", "smartproxy.fish"] {
-            assert!(read(script).contains(command), "{script} completes {command}");
+            assert!(
+                read(script).contains(command),
+                "{script} completes {command}"
+            );
         }
     }
-    assert!(!top.contains("generate"), "the hidden command stays out of the man page");
+    assert!(
+        !top.contains("generate"),
+        "the hidden command stays out of the man page"
+    );
     assert!(!dir.path().join("smartproxy-generate.1").exists());
 }

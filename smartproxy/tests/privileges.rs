@@ -280,8 +280,7 @@ fn without_user_the_unit_s_ambient_capabilities_go_after_setup() {
             .expect("run setpriv (util-linux)");
         let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
         wait_until("the proxy is ready", || {
-            read_log().contains("smartproxy: ready")
-                || matches!(child.try_wait(), Ok(Some(_)))
+            read_log().contains("smartproxy: ready") || matches!(child.try_wait(), Ok(Some(_)))
         });
         assert!(
             matches!(child.try_wait(), Ok(None)),
@@ -289,7 +288,11 @@ fn without_user_the_unit_s_ambient_capabilities_go_after_setup() {
             read_log()
         );
         let pid = child.id() as libc::pid_t;
-        assert!(read_log().contains("capabilities dropped"), "{}", read_log());
+        assert!(
+            read_log().contains("capabilities dropped"),
+            "{}",
+            read_log()
+        );
         assert_eq!(
             proc_status(pid, "Uid").split_whitespace().next(),
             Some(user.uid.to_string().as_str()),

@@ -77,6 +77,10 @@ fn generate(binary: &Path) -> Result<()> {
         fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     status(Command::new(binary).args(["generate", "man"]).arg(&man))?;
+    // Debian keeps man pages gzipped; -n leaves out the time stamp (reproducible).
+    for page in fs::read_dir(&man)? {
+        status(Command::new("gzip").arg("-9n").arg(page?.path()))?;
+    }
     for shell in SHELLS {
         output(
             Command::new(binary)
@@ -110,9 +114,12 @@ fn build_package(root: &Path) -> Result<PathBuf> {
             println!("xtask: dist: installed {v}");
         }
     }
+    // The release profile keeps debug info (for backtraces and perf); it goes into the
+    // -dbgsym.ddeb package, so the binary installed on servers is stripped.
     let printed = output(Command::new(&cargo).current_dir(root).args([
         "deb",
         "--no-build",
+        "--dbgsym",
         "--package",
         PACKAGE,
     ]))?;
