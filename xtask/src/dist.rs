@@ -134,14 +134,18 @@ fn build_package(root: &Path) -> Result<PathBuf> {
 }
 
 fn install_test(deb: &Path) -> Result<()> {
-    let installed = Command::new("dpkg-query")
+    // "want ok state"; nothing at all when dpkg has never heard of the package. Any
+    // state but not-installed (installed, config-files, half-configured...) is someone's.
+    let query = Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", PACKAGE])
         .output()
         .context("failed to run dpkg-query")?;
+    let known = String::from_utf8_lossy(&query.stdout).into_owned();
+    let state = known.split_whitespace().last().unwrap_or("not-installed");
     ensure!(
-        !String::from_utf8_lossy(&installed.stdout).contains("installed"),
-        "a {PACKAGE} package is installed here already; the install test would purge it \
-         (remove it first, or pass --no-install-test)"
+        state == "not-installed",
+        "a {PACKAGE} package is here already ({known}); the install test would purge it \
+         (purge it first, or pass --no-install-test)"
     );
     println!("xtask: dist: install test: dpkg -i {}", deb.display());
     status(Command::new("dpkg").arg("-i").arg(deb))?;
