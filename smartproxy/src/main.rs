@@ -77,6 +77,24 @@ enum Command {
         #[command(flatten)]
         target: ControlTarget,
     },
+    /// Write the man pages or a shell's completions, generated from these definitions,
+    /// into a directory (used to build the packages: `cargo xtask dist`).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Generate {
+    /// smartproxy.1 and one page per subcommand (smartproxy-run.1, ...).
+    Man { dir: PathBuf },
+    /// The completion script for SHELL, named as that shell looks it up.
+    Completions {
+        shell: clap_complete::Shell,
+        dir: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -156,6 +174,23 @@ fn main() -> ExitCode {
             Ok(path) => report(reload(&path)),
             Err(code) => code,
         },
+        Command::Generate { what } => report(generate(what)),
+    }
+}
+
+fn generate(what: Generate) -> Result<()> {
+    use clap::CommandFactory;
+    match what {
+        Generate::Man { dir } => clap_mangen::generate_to(Cli::command(), &dir)
+            .with_context(|| format!("cannot write the man pages into {}", dir.display())),
+        Generate::Completions { shell, dir } => {
+            let path = clap_complete::generate_to(shell, &mut Cli::command(), "smartproxy", &dir)
+                .with_context(|| {
+                format!("cannot write {shell} completions into {}", dir.display())
+            })?;
+            println!("{}", path.display());
+            Ok(())
+        }
     }
 }
 
@@ -227,11 +262,19 @@ fn run(config: Config) -> Result<()> {
         let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
         let grace = config.lifecycle.grace_period;
         let proxy = Proxy::start(config).await?;
-        if let Some(user) = &user {
-            let keep = privileges::kept_capabilities(proxy.uses_ebpf());
-            privileges::drop_to(user, &control_socket, keep)
-                .with_context(|| format!("cannot run as user {:?}", user.name))?;
-            info!(user = %user.name, uid = user.uid, capabilities = format_args!("{keep:#x}"), "privileges dropped");
+        // Setup is done: keep only what the data path still uses, with `user` or without
+        // (under systemd the unit's ambient capabilities would otherwise stay for good).
+        let keep = privileges::kept_capabilities(proxy.uses_ebpf());
+        match &user {
+            Some(user) => {
+                privileges::drop_to(user, &control_socket, keep)
+                    .with_context(|| format!("cannot run as user {:?}", user.name))?;
+                info!(user = %user.name, uid = user.uid, capabilities = format_args!("{keep:#x}"), "privileges dropped");
+            }
+            None => {
+                let kept = privileges::keep_only(keep).context("cannot drop capabilities")?;
+                info!(capabilities = format_args!("{kept:#x}"), "capabilities dropped");
+            }
         }
         info!("ready");
         service_manager("READY=1");

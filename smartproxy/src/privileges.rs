@@ -1,6 +1,7 @@
 //! Dropping root: `[proxy] user` makes the proxy run as that user (its primary group, no
 //! supplementary groups) once eBPF is loaded and the listeners and the control socket
-//! are bound, keeping only the capabilities the data path still uses.
+//! are bound, keeping only the capabilities the data path still uses. Without `user` the
+//! ids stay and the capabilities are reduced the same way ([`keep_only`]).
 //!
 //! What is kept, and why (found by the tests in `tests/privileges.rs`, kernel 6.18):
 //! - ebpf data path: `CAP_NET_ADMIN`, for `SO_SNDBUFFORCE` on each spliced socket (see
@@ -98,8 +99,8 @@ const CAP_NET_ADMIN: u32 = 12;
 /// `CAP_SYS_RESOURCE` from `linux/capability.h`: raising a hard resource limit.
 pub const CAP_SYS_RESOURCE: u32 = 24;
 
-/// Whether this thread has capability `cap` in its effective set.
-pub fn has_effective(cap: u32) -> bool {
+/// This thread's capability sets (capget), or None if the call fails.
+fn this_thread_capabilities() -> Option<[CapData; 2]> {
     let header = CapHeader {
         version: CAPABILITY_VERSION_3,
         pid: 0,
@@ -111,8 +112,25 @@ pub fn has_effective(cap: u32) -> bool {
     }; 2];
     // SAFETY: capget writes two data words into a valid local array.
     let rc = unsafe { libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) };
-    let word = data.get(cap as usize / 32).map_or(0, |d| d.effective);
-    rc == 0 && word & (1 << (cap % 32)) != 0
+    (rc == 0).then_some(data)
+}
+
+/// Whether this thread has capability `cap` in its effective set.
+pub fn has_effective(cap: u32) -> bool {
+    this_thread_capabilities()
+        .and_then(|data| data.get(cap as usize / 32).map(|d| d.effective))
+        .is_some_and(|word| word & (1 << (cap % 32)) != 0)
+}
+
+/// Without `user`: the same ids, and only `keep` of the capabilities this process holds
+/// (the rest, ambient ones from a systemd unit included, are gone for good) on every
+/// thread. Returns the mask kept: `keep` less what the process did not have.
+pub fn keep_only(keep: u64) -> Result<u64, PrivilegeError> {
+    let data = this_thread_capabilities().ok_or_else(|| syscall_error("capget"))?;
+    let permitted = u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32);
+    let kept = keep & permitted;
+    set_capabilities_everywhere(kept)?;
+    Ok(kept)
 }
 
 /// The capabilities kept for the data paths in use.

@@ -17,7 +17,8 @@
 //!   and `--route NAME` keeps that route's connections only;
 //! - `stats --watch` prints a frame per second (from the second on with rates, active
 //!   and half-open by data path, and the top routes) until SIGINT, on which it exits 0;
-//!   the proxy itself exits 0 on SIGINT.
+//!   the proxy itself exits 0 on SIGINT;
+//! - `generate` writes the man pages and the bash, zsh and fish completions.
 //!
 //! Readiness is "the control socket accepts a connection": the proxy binds it after its
 //! listeners and after installing its signal handlers. Every wait is a bounded poll.
@@ -682,4 +683,46 @@ fn sighup_and_the_reload_command_apply_a_new_config_and_refuse_a_bad_one() {
     let mut echoed = [0u8; 10];
     live.read_exact(&mut echoed).expect("its echo");
     assert_eq!(&echoed, b"still here");
+}
+
+/// `generate` (hidden; used by `cargo xtask dist`) writes a man page per visible command
+/// and each shell's completions, all from the one clap definition: every subcommand an
+/// operator can type is in them, and the hidden `generate` is not.
+#[test]
+fn generate_writes_man_pages_and_completions_for_every_visible_command() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let generate = |args: &[&str]| {
+        let out = run_bounded(smartproxy().arg("generate").args(args).arg(dir.path()));
+        assert!(
+            out.status.success(),
+            "generate {args:?}: {}",
+            text(&out.stderr)
+        );
+    };
+    generate(&["man"]);
+    for shell in ["bash", "zsh", "fish"] {
+        generate(&["completions", shell]);
+    }
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.path().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let top = read("smartproxy.1");
+    for command in ["run", "check", "stats", "connections", "reload"] {
+        assert!(top.contains(command), "smartproxy.1 lists {command}");
+        assert!(
+            read(&format!("smartproxy-{command}.1")).contains("config"),
+            "smartproxy-{command}.1 documents its options (each has --config)"
+        );
+        for script in ["smartproxy.bash", "_smartproxy", "smartproxy.fish"] {
+            assert!(
+                read(script).contains(command),
+                "{script} completes {command}"
+            );
+        }
+    }
+    assert!(
+        !top.contains("generate"),
+        "the hidden command stays out of the man page"
+    );
+    assert!(!dir.path().join("smartproxy-generate.1").exists());
 }

@@ -9,6 +9,9 @@
 //! 0700 directory (a checkout under /root), which that user cannot enter.
 //! `a_binary_under_a_0700_directory_still_runs_as_another_user` proves the copy does it.
 //!
+//! Without `user`, started as the systemd unit starts it (a non-root user holding the
+//! unit's ambient capabilities), the proxy ends with the same capabilities.
+//!
 //! Needs root: it creates the system users `smartproxy-test` and `smartproxy-other` if
 //! they are missing, and skips loudly when not root.
 
@@ -224,4 +227,110 @@ fn a_binary_under_a_0700_directory_still_runs_as_another_user() {
         String::from_utf8_lossy(&output.stdout).starts_with("smartproxy "),
         "{output:?}"
     );
+}
+
+/// Without `user`, started as `dist/smartproxy.service` starts it: a non-root user with
+/// ambient capabilities (`DynamicUser=yes`, `AmbientCapabilities=`), here set up by
+/// util-linux `setpriv`. Once ready, every thread holds only the capabilities its data
+/// path keeps, none ambient, and the proxy still serves (spliced on the ebpf path).
+#[test]
+fn without_user_the_unit_s_ambient_capabilities_go_after_setup() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPING: starting the proxy as another user needs root");
+        return;
+    }
+    // The unit's capabilities (dist/smartproxy.service, AmbientCapabilities=).
+    const UNIT_CAPS: &str = "+bpf,+perfmon,+net_admin,+net_bind_service";
+    let user = ensure_user(RUN_AS);
+    let binary = Reachable::copy_of(Path::new(env!("CARGO_BIN_EXE_smartproxy")));
+    // systemd starts a service in a cgroup of its own; the proxy moves itself out of the
+    // root cgroup only as root. Take this process (and so its children) out of it first.
+    smartproxy::ebpf::proxy_cgroup().expect("leave the root cgroup");
+    for data_path in data_paths() {
+        eprintln!("--- data path: {data_path}");
+        let backend = echo_backend();
+        let listen = free_port();
+        // The user's own directory: config, control socket, log.
+        let dir = tempfile::tempdir_in(binary._dir.path()).expect("a directory");
+        std::os::unix::fs::chown(dir.path(), Some(user.uid), Some(user.gid)).expect("chown");
+        let control = dir.path().join("control.sock");
+        let config = dir.path().join("smartproxy.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[proxy]\ndata_path = \"{data_path}\"\ncontrol_socket = {:?}\n\n\
+                 [[route]]\nname = \"unit\"\nlisten = \"{listen}\"\ntargets = [\"{backend}\"]\n",
+                control.display().to_string()
+            ),
+        )
+        .expect("write the config");
+        let log = dir.path().join("proxy.log");
+        let out = std::fs::File::create(&log).expect("create the log");
+        let mut child = Command::new("setpriv")
+            .args(["--reuid", RUN_AS, "--regid", RUN_AS, "--clear-groups"])
+            .args(["--inh-caps", UNIT_CAPS, "--ambient-caps", UNIT_CAPS])
+            .arg(&binary.path)
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stdout(out.try_clone().expect("clone the log handle"))
+            .stderr(out)
+            .spawn()
+            .expect("run setpriv (util-linux)");
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        wait_until("the proxy is ready", || {
+            read_log().contains("smartproxy: ready") || matches!(child.try_wait(), Ok(Some(_)))
+        });
+        assert!(
+            matches!(child.try_wait(), Ok(None)),
+            "the proxy exited:\n{}",
+            read_log()
+        );
+        let pid = child.id() as libc::pid_t;
+        assert!(
+            read_log().contains("capabilities dropped"),
+            "{}",
+            read_log()
+        );
+        assert_eq!(
+            proc_status(pid, "Uid").split_whitespace().next(),
+            Some(user.uid.to_string().as_str()),
+            "runs as {RUN_AS}, as a unit's User= or DynamicUser= would"
+        );
+        let expected = format!("{:016x}", kept_capabilities(data_path == "ebpf"));
+        for (key, want) in [
+            ("CapEff", expected.as_str()),
+            ("CapPrm", expected.as_str()),
+            ("CapAmb", "0000000000000000"),
+        ] {
+            let sets = thread_status(pid, key);
+            assert!(!sets.is_empty(), "the proxy has threads");
+            assert!(
+                sets.iter().all(|set| set == want),
+                "{key} of every thread should be {want}: {sets:?}\n{}",
+                read_log()
+            );
+        }
+
+        let mut client = TcpStream::connect(listen).expect("connect");
+        echo_once(&mut client, b"after the drop");
+        let stats = Command::new("setpriv")
+            .args(["--reuid", RUN_AS, "--regid", RUN_AS, "--clear-groups"])
+            .arg(&binary.path)
+            .args(["stats", "--json", "--control"])
+            .arg(&control)
+            .output()
+            .expect("run smartproxy stats");
+        assert!(stats.status.success(), "{stats:?}");
+        let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("JSON");
+        assert_eq!(stats["connections"][data_path], 1, "{stats}");
+        if data_path == "ebpf" {
+            assert_eq!(stats["ebpf"]["sockhash_entries"], 2, "spliced: {stats}");
+            assert_eq!(stats["ebpf"]["splice_failures"], 0, "{stats}");
+        }
+        echo_once(&mut client, b"and again");
+        child.kill().expect("kill the proxy");
+        child.wait().expect("reap the proxy");
+    }
 }

@@ -5,6 +5,7 @@
 //! ordinary cargo build. `fuzz` needs only nightly and cargo-fuzz, and skips the eBPF build.
 
 mod bench;
+mod dist;
 mod fuzz;
 mod packages;
 mod run;
@@ -29,6 +30,8 @@ enum Command {
     Run(run::Options),
     /// Run the workspace's tests (the eBPF ones need root).
     Test(test::Options),
+    /// Release binary and Debian package; installs, tries and purges it (needs root, dpkg).
+    Dist(dist::Options),
     /// Benchmark direct vs smartproxy (ebpf, userspace) [vs HAProxy] on loopback (needs root).
     Bench(bench::Options),
     /// Run the cargo-fuzz targets (ClientHello reader, config loader) for a while each.
@@ -42,6 +45,7 @@ fn main() -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(opts) => run::run(opts),
         Command::Test(opts) => test::run(opts),
+        Command::Dist(opts) => dist::run(opts),
         Command::Bench(opts) => bench::run(opts),
         Command::Fuzz(opts) => fuzz::run(opts),
         Command::Soak(opts) => soak::run(opts),
