@@ -5,15 +5,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, watch};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::task::TaskTracker;
+use tracing::field::{display, Empty};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::{Config, ConfigError, DataPathMode, LifecycleConfig, Target};
@@ -25,11 +28,12 @@ use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
 use crate::limits::{Admissions, Limits};
 use crate::metrics::MetricsServer;
+use crate::proxy_protocol::{read_header, Inbound, Peeked as HeaderPeek, MAX_HEADER};
 use crate::resolve::{Resolve, SystemResolver};
 use crate::route::ListenerRoutes;
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
-use crate::table::{ConnRecord, ConnTable};
+use crate::table::{Carried, ConnRecord, ConnTable};
 use crate::tls::{TlsError, TlsRoutes};
 
 /// Why the proxy could not start.
@@ -603,7 +607,13 @@ fn serve(
     client: TcpStream,
     record: Arc<ConnRecord>,
 ) -> impl Future<Output = ()> {
-    let span = info_span!("conn", id = record.id, client = %record.client);
+    let span = info_span!("conn", id = record.id, client = Empty, via = Empty);
+    // Behind a load balancer the client is known once its PROXY header is read.
+    if generation.routes.inbound.contains_key(&listen) {
+        span.record("via", display(record.peer));
+    } else {
+        span.record("client", display(record.peer));
+    }
     async move {
         let mut admissions = Admissions::default();
         // Boxed: the handshake's state (a TLS one above all) is larger than the relay's,
@@ -640,7 +650,7 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
     info!(
         id = record.id,
         route = %route.as_deref().unwrap_or("-"),
-        client = %record.client,
+        client = %record.client(),
         backend = %record.backend.get().map_or_else(|| "-".to_owned(), |b| b.to_string()),
         data_path = %record.data_path().map_or("-", DataPathKind::as_str),
         client_to_backend = record.meter.bytes(crate::lifecycle::Direction::ClientToBackend),
@@ -686,8 +696,14 @@ async fn establish(
     keepalive(&client, &config.lifecycle);
     let header = match config.proxy_protocol {
         Some(version) => {
-            let local = client.local_addr().map_err(|_| Reason::ClientReset)?;
-            crate::proxy_protocol::header(version, record.client, local)
+            let (client, local) = match record.carried.get() {
+                Some(carried) => (carried.client, carried.destination),
+                None => (
+                    record.client(),
+                    client.local_addr().map_err(|_| Reason::ClientReset)?,
+                ),
+            };
+            crate::proxy_protocol::header(version, client, local)
         }
         None => Vec::new(),
     };
@@ -738,9 +754,19 @@ async fn admit(
     if shared.table.len() > crate::fdlimit::max_connections(&generation.config, shared.fd_limit) {
         return Err(Reason::MaxConnections);
     }
-    let ip = record.client.ip();
-    admissions.push(shared.limits.admit_client(ip, std::time::Instant::now())?);
+    // The PROXY header and the ClientHello both come before the route is known: the
+    // [lifecycle] handshake_timeout bounds them together.
+    let deadline = Instant::now() + generation.config.lifecycle.handshake_timeout;
     let mut stop = shared.stop.clone();
+    if let Some(inbound) = generation.routes.inbound.get(&listen) {
+        tokio::select! {
+            _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
+            received = receive_proxy_header(client, inbound, record, deadline) => received?,
+        }
+    }
+    // Charged to the client a PROXY header named, not to its load balancer.
+    let ip = record.client().ip();
+    admissions.push(shared.limits.admit_client(ip, std::time::Instant::now())?);
     // None: accepted just before a reload removed the address.
     let routes = generation
         .routes
@@ -749,7 +775,7 @@ async fn admit(
         .ok_or(Reason::NoRoute)?;
     let (route, peeked) = tokio::select! {
         _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
-        routed = route(generation, routes, client) => routed?,
+        routed = route(routes, client, deadline) => routed?,
     };
     let slot = generation.slot(route);
     let _ = record.route.set(slot);
@@ -764,15 +790,14 @@ async fn admit(
 
 /// Picks the route: at once for a plain listener, from the ClientHello for SNI ones.
 async fn route(
-    generation: &Generation,
     routes: &ListenerRoutes,
     client: &TcpStream,
+    deadline: Instant,
 ) -> Result<(usize, Vec<u8>), Reason> {
     if !routes.needs_client_hello() {
         let route = routes.select(None).ok_or(Reason::NoRoute)?;
         return Ok((route, Vec::new()));
     }
-    let deadline = Instant::now() + generation.config.lifecycle.handshake_timeout;
     let mut hello = Vec::with_capacity(1024);
     loop {
         match parse_client_hello(&hello) {
@@ -804,6 +829,96 @@ async fn route(
             Err(_) => return Err(Reason::ClientReset),
         }
     }
+}
+
+// === inbound PROXY protocol (`accept_proxy_protocol`) ===
+
+/// Refuses a peer outside `proxy_protocol_trusted` (with or without a header), then takes
+/// exactly the header's bytes off the socket, peeked first, so that the client's own
+/// stream (a ClientHello, say) stays unread for routing and the data path; and records
+/// the client the header names. A LOCAL command (the load balancer's health check) names
+/// none: the connection counts as the load balancer's own.
+async fn receive_proxy_header(
+    client: &TcpStream,
+    inbound: &Inbound,
+    record: &ConnRecord,
+    deadline: Instant,
+) -> Result<(), Reason> {
+    if !inbound.trusts(record.peer.ip()) {
+        debug!("peer not in proxy_protocol_trusted: refused");
+        return Err(Reason::Denied);
+    }
+    let mut buf = vec![0; MAX_HEADER];
+    let mut seen = 0;
+    let received = loop {
+        match read_header(&buf[..seen], inbound.accept) {
+            Ok(HeaderPeek::Complete(received)) => break received,
+            Ok(HeaderPeek::Incomplete) => {}
+            Err(e) => {
+                debug!(error = %e, "bad PROXY protocol header");
+                return Err(Reason::BadHandshake);
+            }
+        }
+        let ready = timeout_at(deadline, client.ready(Interest::READABLE))
+            .await
+            .map_err(|_| Reason::HandshakeTimeout)?
+            .map_err(|_| Reason::ClientReset)?;
+        let peeked = client.try_io(Interest::READABLE, || {
+            let n = peek(client, &mut buf)?;
+            // Nothing new: WouldBlock clears the readiness, so that the next wait is for
+            // more bytes, unless the peer is done sending.
+            if n == seen && !ready.is_read_closed() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match peeked {
+            Ok(n) if n == seen => {
+                debug!(
+                    bytes = n,
+                    "connection closed inside the PROXY protocol header"
+                );
+                return Err(Reason::BadHandshake);
+            }
+            Ok(n) => seen = n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Reason::ClientReset),
+        }
+    };
+    // Already in the receive queue (peeked): these reads do not wait for the peer.
+    let mut taken = 0;
+    while taken < received.len {
+        client.readable().await.map_err(|_| Reason::ClientReset)?;
+        match client.try_read(&mut buf[taken..received.len]) {
+            Ok(0) => return Err(Reason::ClientReset),
+            Ok(n) => taken += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Reason::ClientReset),
+        }
+    }
+    if let Some((client, destination)) = received.addresses {
+        let _ = record.carried.set(Carried {
+            client,
+            destination,
+        });
+    }
+    tracing::Span::current().record("client", display(record.client()));
+    debug!(header_bytes = received.len, "PROXY protocol header");
+    Ok(())
+}
+
+/// Copies the start of the socket's receive queue into `buf` without taking it off.
+fn peek(client: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call.
+    let n = unsafe {
+        libc::recv(
+            client.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// Connects to the route's targets, round-robin, trying the next one on failure; returns
