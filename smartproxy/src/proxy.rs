@@ -5,13 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
-use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, watch};
 use tokio::time::{sleep_until, timeout_at, Instant};
@@ -758,12 +757,13 @@ async fn admit(
     // [lifecycle] handshake_timeout bounds them together.
     let deadline = Instant::now() + generation.config.lifecycle.handshake_timeout;
     let mut stop = shared.stop.clone();
-    if let Some(inbound) = generation.routes.inbound.get(&listen) {
-        tokio::select! {
+    let read = match generation.routes.inbound.get(&listen) {
+        Some(inbound) => tokio::select! {
             _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
             received = receive_proxy_header(client, inbound, record, deadline) => received?,
-        }
-    }
+        },
+        None => Vec::new(),
+    };
     // Charged to the client a PROXY header named, not to its load balancer.
     let ip = record.client().ip();
     admissions.push(shared.limits.admit_client(ip, std::time::Instant::now())?);
@@ -775,7 +775,7 @@ async fn admit(
         .ok_or(Reason::NoRoute)?;
     let (route, peeked) = tokio::select! {
         _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
-        routed = route(routes, client, deadline) => routed?,
+        routed = route(routes, client, read, deadline) => routed?,
     };
     let slot = generation.slot(route);
     let _ = record.route.set(slot);
@@ -789,16 +789,19 @@ async fn admit(
 }
 
 /// Picks the route: at once for a plain listener, from the ClientHello for SNI ones.
+/// `read`: the client's bytes already read (after a PROXY header); the routing bytes
+/// returned start with them.
 async fn route(
     routes: &ListenerRoutes,
     client: &TcpStream,
+    read: Vec<u8>,
     deadline: Instant,
 ) -> Result<(usize, Vec<u8>), Reason> {
     if !routes.needs_client_hello() {
         let route = routes.select(None).ok_or(Reason::NoRoute)?;
-        return Ok((route, Vec::new()));
+        return Ok((route, read));
     }
-    let mut hello = Vec::with_capacity(1024);
+    let mut hello = read;
     loop {
         match parse_client_hello(&hello) {
             Ok(Peek::Complete(parsed)) => {
@@ -833,21 +836,26 @@ async fn route(
 
 // === inbound PROXY protocol (`accept_proxy_protocol`) ===
 
-/// Refuses a peer outside `proxy_protocol_trusted` (with or without a header), then takes
-/// exactly the header's bytes off the socket, peeked first, so that the client's own
-/// stream (a ClientHello, say) stays unread for routing and the data path; and records
-/// the client the header names. A LOCAL command (the load balancer's health check) names
-/// none: the connection counts as the load balancer's own.
+/// Refuses a peer outside `proxy_protocol_trusted` (with or without a header), reads the
+/// header and records the client it names. Returns the client's own bytes read with it:
+/// they go on as routing bytes do (the start of a ClientHello, or the backend's first
+/// bytes). A LOCAL command (the load balancer's health check) names no client: the
+/// connection counts as the load balancer's own.
+///
+/// Past the header, every byte already queued is taken too. Read up to the header's end
+/// only, the socket could keep a half-read skb, which the kernel data path's verdict gets
+/// whole once the socket is spliced: the header's bytes would reach the backend.
 async fn receive_proxy_header(
     client: &TcpStream,
     inbound: &Inbound,
     record: &ConnRecord,
     deadline: Instant,
-) -> Result<(), Reason> {
+) -> Result<Vec<u8>, Reason> {
     if !inbound.trusts(record.peer.ip()) {
         debug!("peer not in proxy_protocol_trusted: refused");
         return Err(Reason::Denied);
     }
+    // `read_header` decides within MAX_HEADER bytes.
     let mut buf = vec![0; MAX_HEADER];
     let mut seen = 0;
     let received = loop {
@@ -859,38 +867,36 @@ async fn receive_proxy_header(
                 return Err(Reason::BadHandshake);
             }
         }
-        let ready = timeout_at(deadline, client.ready(Interest::READABLE))
+        timeout_at(deadline, client.readable())
             .await
             .map_err(|_| Reason::HandshakeTimeout)?
             .map_err(|_| Reason::ClientReset)?;
-        let peeked = client.try_io(Interest::READABLE, || {
-            let n = peek(client, &mut buf)?;
-            // Nothing new: WouldBlock clears the readiness, so that the next wait is for
-            // more bytes, unless the peer is done sending.
-            if n == seen && !ready.is_read_closed() {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(n)
-        });
-        match peeked {
-            Ok(n) if n == seen => {
+        match client.try_read(&mut buf[seen..]) {
+            Ok(0) => {
                 debug!(
-                    bytes = n,
+                    bytes = seen,
                     "connection closed inside the PROXY protocol header"
                 );
                 return Err(Reason::BadHandshake);
             }
-            Ok(n) => seen = n,
+            Ok(n) => seen += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return Err(Reason::ClientReset),
         }
     };
-    // Already in the receive queue (peeked): these reads do not wait for the peer.
-    let mut taken = 0;
-    while taken < received.len {
+    buf.truncate(seen);
+    let mut rest = buf.split_off(received.len);
+    // SIOCINQ counts up to the end of the last queued skb.
+    let queued = crate::ebpf::bytes_to_read(client.as_fd())
+        .ok()
+        .and_then(|queued| usize::try_from(queued).ok())
+        .ok_or(Reason::ClientReset)?;
+    let mut taken = rest.len();
+    rest.resize(taken + queued, 0);
+    while taken < rest.len() {
         client.readable().await.map_err(|_| Reason::ClientReset)?;
-        match client.try_read(&mut buf[taken..received.len]) {
-            Ok(0) => return Err(Reason::ClientReset),
+        match client.try_read(&mut rest[taken..]) {
+            Ok(0) => rest.truncate(taken),
             Ok(n) => taken += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return Err(Reason::ClientReset),
@@ -903,22 +909,12 @@ async fn receive_proxy_header(
         });
     }
     tracing::Span::current().record("client", display(record.client()));
-    debug!(header_bytes = received.len, "PROXY protocol header");
-    Ok(())
-}
-
-/// Copies the start of the socket's receive queue into `buf` without taking it off.
-fn peek(client: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call.
-    let n = unsafe {
-        libc::recv(
-            client.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK,
-        )
-    };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    debug!(
+        header_bytes = received.len,
+        client_bytes = rest.len(),
+        "PROXY protocol header"
+    );
+    Ok(rest)
 }
 
 /// Connects to the route's targets, round-robin, trying the next one on failure; returns
