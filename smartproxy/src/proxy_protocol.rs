@@ -166,9 +166,9 @@ pub enum HeaderError {
 
 /// Reads the PROXY header at the start of `bytes` (the stream so far). The length is
 /// framed here (v1: up to the first `\r\n`; v2: the fixed part's length field), so that
-/// the caller can take exactly the header's bytes off the socket; the `ppp` crate then
-/// parses exactly those. A verdict other than `Incomplete` does not change with more
-/// bytes.
+/// the caller knows where the client's own bytes start; the `ppp` crate then parses
+/// exactly the header's bytes. A verdict other than `Incomplete` does not change with
+/// more bytes, and comes within [`MAX_HEADER`] bytes.
 pub fn read_header(bytes: &[u8], accept: Accept) -> Result<Peeked, HeaderError> {
     let version = match bytes.first() {
         None => return Ok(Peeked::Incomplete),

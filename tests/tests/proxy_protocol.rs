@@ -9,8 +9,9 @@
 //! each data path: from a trusted sender, v1 and v2, the backend gets the client's bytes
 //! only, the connection's row and the header sent on to the backend carry the address the
 //! header named, and the kernel variant is spliced; per-IP limits count that address;
-//! also behind an SNI route. An untrusted sender is reset (`denied`); a malformed header
-//! closes with `bad_handshake`, a slow one with `handshake_timeout`.
+//! also behind an SNI route; a LOCAL header counts as the load balancer's own connection.
+//! An untrusted sender is reset (`denied`); a malformed header closes with
+//! `bad_handshake`, a slow one with `handshake_timeout`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -348,6 +349,48 @@ async fn a_trusted_balancers_header_names_the_client() {
             proxy.stop().await;
             backend.join().await;
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_local_header_counts_as_the_balancer_itself() {
+    for_each_data_path(|mode| async move {
+        let backend = Backend::spawn(header_echo).await;
+        let mut proxy = TestProxy::start(mode, &behind_balancer(backend.addr, "v2", "")).await;
+        let addr = proxy.addr("lb");
+        let mut stream = BufReader::new(connect(addr).await);
+        let balancer = stream.get_ref().local_addr().expect("client address");
+        // A v2 LOCAL command (a health check): no address block.
+        let mut local = V2_SIGNATURE.to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+        local.extend_from_slice(b"hello");
+        stream
+            .get_mut()
+            .write_all(&local)
+            .await
+            .expect("client writes");
+        let mut line = String::new();
+        within("the backend's answer", stream.read_line(&mut line))
+            .await
+            .expect("client reads the answer");
+        assert_eq!(
+            line,
+            format!("{balancer} {addr}\n"),
+            "the connection's own addresses"
+        );
+        let rows = proxy.proxy.connection_rows();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].client, balancer.to_string());
+        let mut echoed = [0u8; 5];
+        within("the echo", stream.read_exact(&mut echoed))
+            .await
+            .expect("client reads the echo");
+        assert_eq!(&echoed, b"hello", "the client's bytes, without the header");
+        hang_up(stream).await;
+        proxy.expect_closed(Reason::Normal).await;
+        proxy.stop().await;
+        backend.join().await;
     })
     .await;
 }
