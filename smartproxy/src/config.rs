@@ -1083,7 +1083,6 @@ fn readable_file(
     Ok(path)
 }
 
-/// The rules across routes: unique names, and how routes may share a listen address.
 /// The PROXY header a load balancer sends comes before routing, so every route of one
 /// listen address (`group`, in file order) must expect the same one from the same peers.
 fn check_inbound_agrees(
@@ -1127,6 +1126,7 @@ fn check_inbound_agrees(
     Ok(())
 }
 
+/// The rules across routes: unique names, and how routes may share a listen address.
 fn check_route_set(routes: &[RouteConfig]) -> Result<(), Invalid> {
     let mut names: HashMap<&str, usize> = HashMap::new();
     for (i, route) in routes.iter().enumerate() {
