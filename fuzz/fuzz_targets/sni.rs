@@ -1,64 +1,16 @@
-//! The ClientHello reader on arbitrary bytes, whole and as the proxy feeds it.
-//!
-//! The proxy appends each read to one buffer and calls `parse_client_hello` on the whole
-//! buffer again, stopping at the first verdict that is not `Incomplete`. So besides never
-//! panicking, the reader must give that first verdict whatever the TCP segmentation: the
-//! same as for the whole input (or the whole input is still `Incomplete` too). The split
-//! points come from a hash of the input, so every mutation also tries other segmentations.
+//! The ClientHello reader on arbitrary bytes, whole and as the proxy feeds it: besides
+//! never panicking, its first verdict does not depend on the TCP segmentation
+//! (`segmented.rs`).
 //!
 //! Seeds: `fuzz/corpus/sni/` (ClientHellos written by rustls, some split into many records).
 
 #![no_main]
 
+mod segmented;
+
 use libfuzzer_sys::fuzz_target;
 use smartproxy::sni::{parse_client_hello, Peek};
 
-/// Reads per input at most; each re-parses the buffer so far, as the proxy does.
-const MAX_READS: usize = 16;
-
 fuzz_target!(|data: &[u8]| {
-    let whole = parse_client_hello(data);
-    let mut rng = SplitMix64(fnv1a(data));
-    let mut end = 0;
-    for read in 1..=MAX_READS {
-        if end == data.len() {
-            break;
-        }
-        let rest = data.len() - end;
-        end += if read == MAX_READS {
-            rest
-        } else {
-            1 + (rng.next() % rest as u64) as usize
-        };
-        let verdict = parse_client_hello(&data[..end]);
-        if verdict != Ok(Peek::Incomplete) {
-            assert_eq!(
-                verdict,
-                whole,
-                "verdict after {end} of {} bytes differs from the whole input's",
-                data.len()
-            );
-            return;
-        }
-    }
-    // Every read was `Incomplete`, the last one being the whole input.
+    segmented::check(data, &Ok(Peek::Incomplete), parse_client_hello);
 });
-
-fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// A tiny deterministic generator (splitmix64), so a crash replays from its input alone.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use crate::health::{CheckConfig, HealthConfig};
 use crate::limits::{AccessList, Cidr, PerIpConfig, RouteLimitsConfig};
 use crate::privileges::User;
-use crate::proxy_protocol::Version as ProxyProtocol;
+use crate::proxy_protocol::{Accept as AcceptProxyProtocol, Inbound, Version as ProxyProtocol};
 use crate::sni::is_dns_name;
 
 /// A whole, validated configuration file.
@@ -238,6 +238,9 @@ pub struct RouteConfig {
     pub data_path: Option<DataPathMode>,
     /// A PROXY protocol header to send the backend before any client byte.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// `accept_proxy_protocol` with `proxy_protocol_trusted`: the header a load balancer
+    /// sends first. The same on every route of one listen address.
+    pub accept_proxy_protocol: Option<Inbound>,
     /// `[lifecycle]` with this route's overrides applied.
     pub lifecycle: LifecycleConfig,
     /// `max_connections`, the per-IP limits and `allow`/`deny` of this route.
@@ -527,6 +530,8 @@ tables_with_lifecycle_keys! {
         backend_verify: Option<bool>,
         data_path: Option<DataPathMode>,
         proxy_protocol: Option<ProxyProtocol>,
+        accept_proxy_protocol: Option<AcceptProxyProtocol>,
+        proxy_protocol_trusted: Option<Vec<String>>,
         max_connections: Option<usize>,
         max_connections_per_ip: Option<usize>,
         connection_rate_per_ip: Option<u32>,
@@ -895,6 +900,8 @@ fn validate_route(
         ));
     }
 
+    let accept_proxy_protocol =
+        inbound_proxy_protocol(raw.accept_proxy_protocol, raw.proxy_protocol_trusted, at)?;
     Ok(RouteConfig {
         name: raw.name,
         listen: raw.listen,
@@ -907,6 +914,7 @@ fn validate_route(
         backend_tls: tls_keys.backend_tls,
         data_path: raw.data_path,
         proxy_protocol: raw.proxy_protocol,
+        accept_proxy_protocol,
         lifecycle: overrides.apply_to(lifecycle),
         health: validate_health(raw.health, &format!("{at}.health"))?,
         limits: RouteLimitsConfig {
@@ -991,6 +999,34 @@ fn validate_health(raw: Option<RawHealth>, at: &str) -> Result<HealthConfig, Inv
         backoff_max,
         check,
     })
+}
+
+/// `accept_proxy_protocol` and `proxy_protocol_trusted`: both or neither.
+fn inbound_proxy_protocol(
+    accept: Option<AcceptProxyProtocol>,
+    trusted: Option<Vec<String>>,
+    at: &str,
+) -> Result<Option<Inbound>, Invalid> {
+    let key = format!("{at}.proxy_protocol_trusted");
+    match (accept, trusted) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(Invalid::new(
+            key,
+            "only used with accept_proxy_protocol, which this route does not set",
+        )),
+        (Some(_), None) => Err(Invalid::new(
+            key,
+            "required with accept_proxy_protocol: the load balancers (CIDR blocks) whose header is believed; anyone else is refused",
+        )),
+        (Some(_), Some(list)) if list.is_empty() => Err(Invalid::new(
+            key,
+            "is empty: no peer could connect; list the load balancers' addresses (CIDR blocks)",
+        )),
+        (Some(accept), Some(list)) => Ok(Some(Inbound {
+            accept,
+            trusted: cidrs(Some(list), &key)?,
+        })),
+    }
 }
 
 /// An optional limit, which when set must be greater than zero (leave it out for none).
@@ -1183,6 +1219,49 @@ fn readable_file(
     Ok(path)
 }
 
+/// The PROXY header a load balancer sends comes before routing, so every route of one
+/// listen address (`group`, in file order) must expect the same one from the same peers.
+fn check_inbound_agrees(
+    routes: &[RouteConfig],
+    group: &[usize],
+    listen: SocketAddr,
+) -> Result<(), Invalid> {
+    let first = &routes[group[0]];
+    let shown = |inbound: &Option<Inbound>, field: fn(&Inbound) -> String| {
+        inbound.as_ref().map_or_else(|| "unset".to_owned(), field)
+    };
+    for &i in &group[1..] {
+        let route = &routes[i];
+        let (a, b) = (&route.accept_proxy_protocol, &first.accept_proxy_protocol);
+        let accept = |inbound: &Inbound| format!("\"{}\"", inbound.accept);
+        let trusted = |inbound: &Inbound| {
+            let list: Vec<String> = inbound.trusted.iter().map(|c| format!("\"{c}\"")).collect();
+            format!("[{}]", list.join(", "))
+        };
+        let differs = if a.as_ref().map(|x| x.accept) != b.as_ref().map(|x| x.accept) {
+            Some(("accept_proxy_protocol", shown(a, accept), shown(b, accept)))
+        } else if a != b {
+            Some((
+                "proxy_protocol_trusted",
+                shown(a, trusted),
+                shown(b, trusted),
+            ))
+        } else {
+            None
+        };
+        if let Some((key, here, there)) = differs {
+            return Err(Invalid::new(
+                format!("route[{i}].{key}"),
+                format!(
+                    "is {here} on route {:?} but {there} on route {:?}, which shares {listen}: the PROXY header comes before routing, so every route on one listen address must agree",
+                    route.name, first.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The rules across routes: unique names, and how routes may share a listen address.
 fn check_route_set(routes: &[RouteConfig]) -> Result<(), Invalid> {
     let mut names: HashMap<&str, usize> = HashMap::new();
@@ -1222,6 +1301,7 @@ fn check_route_set(routes: &[RouteConfig]) -> Result<(), Invalid> {
     listens.sort();
     for listen in listens {
         let group = &by_listen[listen];
+        check_inbound_agrees(routes, group, *listen)?;
         let mut default: Option<usize> = None;
         let mut claimed: HashMap<&SniPattern, usize> = HashMap::new();
         for &i in group {

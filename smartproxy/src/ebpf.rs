@@ -1244,7 +1244,7 @@ fn readable_now(fd: BorrowedFd<'_>) -> io::Result<bool> {
 }
 
 /// `SIOCINQ`: bytes received and not read yet.
-fn bytes_to_read(fd: BorrowedFd<'_>) -> io::Result<u64> {
+pub(crate) fn bytes_to_read(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut inq: libc::c_int = 0;
     // SAFETY: SIOCINQ writes one c_int through the pointer, which points at `inq`.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut inq) };

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, watch};
 use tokio::time::{sleep_until, timeout_at, Instant};
 use tokio_util::task::TaskTracker;
+use tracing::field::{display, Empty};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::{Config, ConfigError, DataPathMode, LifecycleConfig, RouteConfig, Target};
@@ -26,11 +28,12 @@ use crate::health::{self, Change, FailureKind, Registry, TargetHealth, TargetSna
 use crate::lifecycle::{Action, Event, Lifecycle, Reason};
 use crate::limits::{Admissions, Limits};
 use crate::metrics::MetricsServer;
+use crate::proxy_protocol::{read_header, Inbound, Peeked as HeaderPeek, MAX_HEADER};
 use crate::resolve::{Resolve, SystemResolver};
 use crate::route::ListenerRoutes;
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
-use crate::table::{ConnRecord, ConnTable};
+use crate::table::{Carried, ConnRecord, ConnTable};
 use crate::throttle::Throttle;
 use crate::tls::{TlsError, TlsRoutes};
 
@@ -715,7 +718,13 @@ fn serve(
     client: TcpStream,
     record: Arc<ConnRecord>,
 ) -> impl Future<Output = ()> {
-    let span = info_span!("conn", id = record.id, client = %record.client);
+    let span = info_span!("conn", id = record.id, client = Empty, via = Empty);
+    // Behind a load balancer the client is known once its PROXY header is read.
+    if generation.routes.inbound.contains_key(&listen) {
+        span.record("via", display(record.peer));
+    } else {
+        span.record("client", display(record.peer));
+    }
     async move {
         let mut admissions = Admissions::default();
         // Boxed: the handshake's state (a TLS one above all) is larger than the relay's,
@@ -752,7 +761,7 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
     info!(
         id = record.id,
         route = %route.as_deref().unwrap_or("-"),
-        client = %record.client,
+        client = %record.client(),
         backend = %record.backend.get().map_or_else(|| "-".to_owned(), |b| b.to_string()),
         data_path = %record.data_path().map_or("-", DataPathKind::as_str),
         client_to_backend = record.meter.bytes(crate::lifecycle::Direction::ClientToBackend),
@@ -798,8 +807,14 @@ async fn establish(
     keepalive(&client, &config.lifecycle);
     let header = match config.proxy_protocol {
         Some(version) => {
-            let local = client.local_addr().map_err(|_| Reason::ClientReset)?;
-            crate::proxy_protocol::header(version, record.client, local)
+            let (client, local) = match record.carried.get() {
+                Some(carried) => (carried.client, carried.destination),
+                None => (
+                    record.client(),
+                    client.local_addr().map_err(|_| Reason::ClientReset)?,
+                ),
+            };
+            crate::proxy_protocol::header(version, client, local)
         }
         None => Vec::new(),
     };
@@ -847,7 +862,19 @@ async fn admit(
     record: &ConnRecord,
     admissions: &mut Admissions,
 ) -> Result<(usize, Vec<u8>), Reason> {
-    let ip = record.client.ip();
+    // The PROXY header and the ClientHello both come before the route is known: the
+    // [lifecycle] handshake_timeout bounds them together.
+    let deadline = Instant::now() + generation.config.lifecycle.handshake_timeout;
+    let mut stop = shared.stop.clone();
+    let read = match generation.routes.inbound.get(&listen) {
+        Some(inbound) => tokio::select! {
+            _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
+            received = receive_proxy_header(client, inbound, record, deadline) => received?,
+        },
+        None => Vec::new(),
+    };
+    // Charged to the client a PROXY header named, not to its load balancer.
+    let ip = record.client().ip();
     let max_connections = crate::fdlimit::max_connections(&generation.config, shared.fd_limit);
     admissions.push(
         shared
@@ -860,7 +887,6 @@ async fn admit(
             )
             .map_err(|refusal| shared.stats.refused(refusal))?,
     );
-    let mut stop = shared.stop.clone();
     // None: accepted just before a reload removed the address.
     let routes = generation
         .routes
@@ -869,7 +895,7 @@ async fn admit(
         .ok_or(Reason::NoRoute)?;
     let (route, peeked) = tokio::select! {
         _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
-        routed = route(generation, routes, client) => routed?,
+        routed = route(routes, client, read, deadline) => routed?,
     };
     let slot = generation.slot(route);
     let _ = record.route.set(slot);
@@ -884,17 +910,19 @@ async fn admit(
 }
 
 /// Picks the route: at once for a plain listener, from the ClientHello for SNI ones.
+/// `read`: the client's bytes already read (after a PROXY header); the routing bytes
+/// returned start with them.
 async fn route(
-    generation: &Generation,
     routes: &ListenerRoutes,
     client: &TcpStream,
+    read: Vec<u8>,
+    deadline: Instant,
 ) -> Result<(usize, Vec<u8>), Reason> {
     if !routes.needs_client_hello() {
         let route = routes.select(None).ok_or(Reason::NoRoute)?;
-        return Ok((route, Vec::new()));
+        return Ok((route, read));
     }
-    let deadline = Instant::now() + generation.config.lifecycle.handshake_timeout;
-    let mut hello = Vec::with_capacity(1024);
+    let mut hello = read;
     loop {
         match parse_client_hello(&hello) {
             Ok(Peek::Complete(parsed)) => {
@@ -925,6 +953,89 @@ async fn route(
             Err(_) => return Err(Reason::ClientReset),
         }
     }
+}
+
+// === inbound PROXY protocol (`accept_proxy_protocol`) ===
+
+/// Refuses a peer outside `proxy_protocol_trusted` (with or without a header), reads the
+/// header and records the client it names. Returns the client's own bytes read with it:
+/// they go on as routing bytes do (the start of a ClientHello, or the backend's first
+/// bytes). A LOCAL command (the load balancer's health check) names no client: the
+/// connection counts as the load balancer's own.
+///
+/// Past the header, every byte already queued is taken too. Read up to the header's end
+/// only, the socket could keep a half-read skb, which the kernel data path's verdict gets
+/// whole once the socket is spliced: the header's bytes would reach the backend.
+async fn receive_proxy_header(
+    client: &TcpStream,
+    inbound: &Inbound,
+    record: &ConnRecord,
+    deadline: Instant,
+) -> Result<Vec<u8>, Reason> {
+    if !inbound.trusts(record.peer.ip()) {
+        debug!("peer not in proxy_protocol_trusted: refused");
+        return Err(Reason::Denied);
+    }
+    // `read_header` decides within MAX_HEADER bytes.
+    let mut buf = vec![0; MAX_HEADER];
+    let mut seen = 0;
+    let received = loop {
+        match read_header(&buf[..seen], inbound.accept) {
+            Ok(HeaderPeek::Complete(received)) => break received,
+            Ok(HeaderPeek::Incomplete) => {}
+            Err(e) => {
+                debug!(error = %e, "bad PROXY protocol header");
+                return Err(Reason::BadHandshake);
+            }
+        }
+        timeout_at(deadline, client.readable())
+            .await
+            .map_err(|_| Reason::HandshakeTimeout)?
+            .map_err(|_| Reason::ClientReset)?;
+        match client.try_read(&mut buf[seen..]) {
+            Ok(0) => {
+                debug!(
+                    bytes = seen,
+                    "connection closed inside the PROXY protocol header"
+                );
+                return Err(Reason::BadHandshake);
+            }
+            Ok(n) => seen += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Reason::ClientReset),
+        }
+    };
+    buf.truncate(seen);
+    let mut rest = buf.split_off(received.len);
+    // SIOCINQ counts up to the end of the last queued skb.
+    let queued = crate::ebpf::bytes_to_read(client.as_fd())
+        .ok()
+        .and_then(|queued| usize::try_from(queued).ok())
+        .ok_or(Reason::ClientReset)?;
+    let mut taken = rest.len();
+    rest.resize(taken + queued, 0);
+    while taken < rest.len() {
+        client.readable().await.map_err(|_| Reason::ClientReset)?;
+        match client.try_read(&mut rest[taken..]) {
+            Ok(0) => rest.truncate(taken),
+            Ok(n) => taken += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(Reason::ClientReset),
+        }
+    }
+    if let Some((client, destination)) = received.addresses {
+        let _ = record.carried.set(Carried {
+            client,
+            destination,
+        });
+    }
+    tracing::Span::current().record("client", display(record.client()));
+    debug!(
+        header_bytes = received.len,
+        client_bytes = rest.len(),
+        "PROXY protocol header"
+    );
+    Ok(rest)
 }
 
 /// Connects to the route's targets, round-robin, trying the next one on failure and

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config::{Config, RouteConfig, SniPattern};
+use crate::proxy_protocol::Inbound;
 
 /// The routes that share one listen address.
 #[derive(Debug)]
@@ -59,6 +60,9 @@ impl ListenerRoutes {
 #[derive(Debug)]
 pub struct RouteTable {
     pub listeners: BTreeMap<SocketAddr, ListenerRoutes>,
+    /// The listen addresses that require a PROXY header from a load balancer (every
+    /// route there agrees: validated at load).
+    pub inbound: BTreeMap<SocketAddr, Inbound>,
     cursors: Vec<AtomicUsize>,
 }
 
@@ -72,8 +76,14 @@ impl RouteTable {
             .into_iter()
             .map(|(addr, routes)| (addr, Self::listener_routes(&config.routes, &routes)))
             .collect();
+        let inbound = config
+            .routes
+            .iter()
+            .filter_map(|route| Some((route.listen, route.accept_proxy_protocol.clone()?)))
+            .collect();
         RouteTable {
             listeners,
+            inbound,
             cursors: config.routes.iter().map(|_| AtomicUsize::new(0)).collect(),
         }
     }

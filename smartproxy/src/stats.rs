@@ -524,7 +524,7 @@ impl Stats {
             .map(|record| ConnectionRow {
                 id: record.id,
                 route: record.route.get().map(|r| routes[*r].name.clone()),
-                client: record.client.to_string(),
+                client: record.client().to_string(),
                 backend: record.backend.get().map(|b| b.to_string()),
                 target: record.target.get().map(|t| t.target.to_string()),
                 data_path: record.data_path(),

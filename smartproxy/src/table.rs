@@ -13,7 +13,10 @@ use crate::health::TargetHealth;
 #[derive(Debug)]
 pub struct ConnRecord {
     pub id: u64,
-    pub client: SocketAddr,
+    /// The TCP peer: the client, or the load balancer that sent a PROXY header.
+    pub peer: SocketAddr,
+    /// Known once a PROXY header naming the client was read (`accept_proxy_protocol`).
+    pub carried: OnceLock<Carried>,
     pub started: Instant,
     pub started_at: SystemTime,
     /// Known once routed: the route's counters slot ([`crate::stats::Stats::route_slot`]),
@@ -30,7 +33,23 @@ pub struct ConnRecord {
     pub half_open: AtomicBool,
 }
 
+/// The addresses a load balancer's PROXY header carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Carried {
+    pub client: SocketAddr,
+    /// The address the client connected to (the load balancer's).
+    pub destination: SocketAddr,
+}
+
 impl ConnRecord {
+    /// The client, for logs, stats, limits and the PROXY header sent to the backend: the
+    /// address a PROXY header carried, else the TCP peer.
+    pub fn client(&self) -> SocketAddr {
+        self.carried
+            .get()
+            .map_or(self.peer, |carried| carried.client)
+    }
+
     pub fn set_data_path(&self, kind: DataPathKind) {
         let code = match kind {
             DataPathKind::Userspace => 1,
@@ -57,11 +76,12 @@ pub struct ConnTable {
 
 impl ConnTable {
     /// Records a newly accepted connection and returns its record.
-    pub fn insert(&self, client: SocketAddr) -> Arc<ConnRecord> {
+    pub fn insert(&self, peer: SocketAddr) -> Arc<ConnRecord> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let record = Arc::new(ConnRecord {
             id,
-            client,
+            peer,
+            carried: OnceLock::new(),
             started: Instant::now(),
             started_at: SystemTime::now(),
             route: OnceLock::new(),

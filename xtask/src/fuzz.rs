@@ -34,6 +34,12 @@ const TARGETS: &[Target] = &[
         args: &["-max_len=20000"],
     },
     Target {
+        name: "proxy_header",
+        seeds: &["fuzz/corpus/proxy_header"],
+        // Past MAX_HEADER (4 KiB), so the size cap is exercised too.
+        args: &["-max_len=5000"],
+    },
+    Target {
         name: "config",
         seeds: &[
             "fuzz/corpus/config",
@@ -63,7 +69,7 @@ pub struct Options {
     /// Seconds to run each target.
     #[arg(long, default_value_t = 60)]
     time: u64,
-    /// Run only this target (sni, config); all of them by default.
+    /// Run only this target (sni, proxy_header, config); all of them by default.
     #[arg(long)]
     target: Option<String>,
 }
