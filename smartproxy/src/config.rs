@@ -1,4 +1,5 @@
-//! Typed configuration: the TOML file of DESIGN.md, parsed and validated at load.
+//! Typed configuration: the TOML file of docs/architecture.md#configuration, parsed and
+//! validated at load.
 //!
 //! Loading is two steps, as in rathole. Serde first reads `Raw*` structs: every table is
 //! `deny_unknown_fields`, every optional key an `Option`, and `serde_path_to_error`
@@ -8,7 +9,7 @@
 //!
 //! Inheritance: a `[[route]]` may set any `[lifecycle]` key directly (flat, next to
 //! `listen`); a key it does not set has the `[lifecycle]` value, and a key `[lifecycle]`
-//! does not set has the default of DESIGN.md's example. [`RouteConfig::lifecycle`] holds
+//! does not set has its default (`LifecycleConfig::default`). [`RouteConfig::lifecycle`] holds
 //! the result, so nothing downstream needs to look at `[lifecycle]` again.
 
 use std::collections::{HashMap, HashSet};
@@ -121,7 +122,7 @@ impl fmt::Display for DataPathMode {
     }
 }
 
-/// Connection lifecycle settings (DESIGN.md, "Connection lifecycle").
+/// Connection lifecycle settings (docs/architecture.md#connection-lifecycle).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LifecycleConfig {
     /// Greater than zero.

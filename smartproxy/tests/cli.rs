@@ -36,7 +36,7 @@ use serde_json::Value;
 mod support;
 use support::*;
 
-/// The closure reasons of DESIGN.md ("Connection lifecycle"), each a `closed` key.
+/// The closure reasons (docs/architecture.md#closure-reasons), each a `closed` key.
 const REASONS: [&str; 13] = [
     "normal",
     "client_reset",
@@ -53,7 +53,8 @@ const REASONS: [&str; 13] = [
     "shutdown",
 ];
 
-/// The numeric keys of `smartproxy stats --json` (DESIGN.md, "Stats"), `closed.*` aside.
+/// The numeric keys of `smartproxy stats --json` (docs/architecture.md#stats), `closed.*`
+/// aside.
 const STATS_NUMBERS: [&str; 14] = [
     "uptime_secs",
     "connections.active",

@@ -1,5 +1,5 @@
-//! SIGTERM against the real `smartproxy` binary (DESIGN.md: "stop accepting at once, let
-//! connections finish, close the rest after `grace_period`, exit 0").
+//! SIGTERM against the real `smartproxy` binary (docs/architecture.md#shutdown: stop
+//! accepting at once, let connections finish, cut the rest after `grace_period`, exit 0).
 //!
 //! Its own test binary because it raises real signals (at a child process) and times a
 //! shutdown; nothing else runs beside it.

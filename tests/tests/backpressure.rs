@@ -144,7 +144,8 @@ async fn randomized_rounds_keep_every_byte_in_order_across_switches() {
 }
 
 /// On the kernel path a reader that stops must stop the sender too: the kernel may not
-/// queue for it without bound (KERNEL-NOTES: over 1 GiB without flow control).
+/// queue for it without bound (docs/kernel-notes.md#backpressure: over 1 GiB without
+/// flow control).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reads_nothing_stops_the_backend() {
     const OFFERED: usize = 256 << 20;

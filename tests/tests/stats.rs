@@ -1,6 +1,6 @@
 //! The control socket, on each data path:
-//! - `stats` answers one JSON object with every key of the contract (DESIGN.md,
-//!   "Stats"), every closure reason included at zero, and live figures for an open
+//! - `stats` answers one JSON object with every key of the contract
+//!   (docs/architecture.md#stats), every closure reason included at zero, and live figures for an open
 //!   connection, and the keys added since (per-route closures, data paths and
 //!   histograms; unrouted connections);
 //! - the socket file has mode 0600;

@@ -2,7 +2,7 @@
 //!
 //! The eBPF crate is built by nightly (`-Z build-std=core` for `bpfel-unknown-none`), which
 //! needs the nightly `rust-src` component, and linked by `bpf-linker`, which must be built
-//! against the same LLVM major as that nightly (KERNEL-NOTES "Toolchain"). A plain `cargo
+//! against the same LLVM major as that nightly (docs/kernel-notes.md#toolchain). A plain `cargo
 //! install bpf-linker` finds the distribution's LLVM instead, so we point `LLVM_PREFIX` at a
 //! folder whose `lib/` links to the nightly's own `libLLVM`. bpf-linker bakes that folder in as
 //! its rpath, so the folder lives in `$CARGO_HOME`, next to the installed binary.
