@@ -132,7 +132,12 @@ fn dist_service_unit_has_what_an_operator_needs() {
             .unwrap_or_else(|| panic!("{}: no {key}=", path.display()))
     };
     assert_eq!(value("Type"), "notify");
-    assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
+    // Runs `smartproxy reload`, which waits and exits 1 on a refused config, so that
+    // `systemctl reload` fails too (a SIGHUP would always succeed).
+    assert_eq!(
+        value("ExecReload"),
+        "/usr/bin/smartproxy reload --config /etc/smartproxy/smartproxy.toml"
+    );
     assert_eq!(value("Restart"), "on-failure");
     assert!(value("LimitNOFILE")
         .parse::<u64>()
