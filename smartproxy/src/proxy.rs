@@ -16,7 +16,7 @@ use crate::control::ControlServer;
 use crate::datapath::DataPathKind;
 use crate::ebpf::{EbpfError, Kernel, LoadOptions, MapEntries};
 use crate::error_chain;
-use crate::generation::Generation;
+use crate::generation::{select_data_path, Generation};
 use crate::health::Registry;
 use crate::limits::Limits;
 use crate::listener::open_listener;
@@ -74,10 +74,8 @@ impl Proxy {
         // Before any listener exists: sockets only run the sock_ops program if they are
         // created in the cgroup it is attached to.
         let kernel = load_kernel(&config)?;
-        let data_path = match (&kernel, config.proxy.data_path) {
-            (Some(_), DataPathMode::Auto | DataPathMode::Ebpf) => DataPathKind::Ebpf,
-            _ => DataPathKind::Userspace,
-        };
+        // The default for routes that set none: what `stats` reports as the proxy's.
+        let data_path = select_data_path(config.proxy.data_path, kernel.is_some(), false);
         let stats = Stats::new(data_path);
         let control_socket = config.proxy.control_socket.clone();
         let metrics = match config.proxy.metrics {
@@ -255,7 +253,7 @@ fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
     let (mut required, mut wanted) = (false, false);
     for mode in modes {
         required |= mode == DataPathMode::Ebpf;
-        wanted |= mode != DataPathMode::Userspace;
+        wanted |= select_data_path(mode, true, false) == DataPathKind::Ebpf;
     }
     if !wanted {
         return Ok(None);
