@@ -12,9 +12,10 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn};
 
 use crate::config::{LifecycleConfig, RouteConfig, Target};
+use crate::conn_error::{ConnError, Step};
 use crate::generation::Generation;
 use crate::health::{self, Change, FailureKind, TargetHealth};
-use crate::lifecycle::Reason;
+use crate::lifecycle::Side;
 use crate::resolve::Resolve;
 use crate::shared::{reached, Shared, Stop};
 use crate::table::ConnRecord;
@@ -44,7 +45,7 @@ pub(crate) async fn connect<'a>(
     generation: &'a Generation,
     route: usize,
     record: &ConnRecord,
-) -> Result<(TcpStream, &'a Target), Reason> {
+) -> Result<(TcpStream, &'a Target), ConnError> {
     let config = &generation.config.routes[route];
     let targets = generation.health(route);
     let order = generation.routes.targets_in_order(route, targets.len());
@@ -59,7 +60,8 @@ pub(crate) async fn connect<'a>(
             health::least_recently_failed(order.map(|index| (index, targets[index].last_failure())))
         }
     };
-    let mut reason = Reason::ConnectFailed;
+    // Every target is tried: the error is the last one's.
+    let mut last_error = None;
     for index in usable.chain(fallback) {
         let target = &targets[index];
         match connect_one(shared, config, generation.slot(route), target).await {
@@ -71,10 +73,17 @@ pub(crate) async fn connect<'a>(
                 keepalive(&stream, &config.lifecycle);
                 return Ok((stream, &config.targets[index]));
             }
-            Err(why) => reason = why,
+            Err(e) => last_error = Some(e),
         }
     }
-    Err(reason)
+    // None: the route has no target, which validation refuses.
+    Err(last_error.unwrap_or_else(|| {
+        ConnError::io(
+            Side::Backend,
+            Step::Connect,
+            io::Error::new(io::ErrorKind::NotFound, "the route has no target"),
+        )
+    }))
 }
 
 /// One connect to one target, within `connect_timeout`, booked in its health and
@@ -84,31 +93,40 @@ async fn connect_one(
     config: &RouteConfig,
     slot: usize,
     health: &TargetHealth,
-) -> Result<TcpStream, Reason> {
+) -> Result<TcpStream, ConnError> {
     let target = &health.target;
     let started = Instant::now();
     let deadline = started + config.lifecycle.connect_timeout;
-    let (kind, error, reason) =
-        match timeout_at(deadline, connect_target(&*shared.resolver, target)).await {
-            Ok(Ok(stream)) => {
-                let elapsed = started.elapsed();
-                shared.stats.backend_connected(slot, elapsed);
-                log_change(health.connected(elapsed), &config.name, target);
-                return Ok(stream);
-            }
-            Ok(Err(e)) => (FailureKind::of(&e), e.to_string(), Reason::ConnectFailed),
-            Err(_) => (
-                FailureKind::Timeout,
-                format!("no answer within {:?}", config.lifecycle.connect_timeout),
-                Reason::ConnectTimeout,
-            ),
-        };
+    let (kind, error) = match timeout_at(deadline, connect_target(&*shared.resolver, target)).await
+    {
+        Ok(Ok(stream)) => {
+            let elapsed = started.elapsed();
+            shared.stats.backend_connected(slot, elapsed);
+            log_change(health.connected(elapsed), &config.name, target);
+            return Ok(stream);
+        }
+        Ok(Err(e)) => (
+            FailureKind::of(&e),
+            ConnError::io(Side::Backend, Step::Connect, e),
+        ),
+        Err(_) => (
+            FailureKind::Timeout,
+            ConnError::Timeout {
+                side: Side::Backend,
+                step: Step::Connect,
+            },
+        ),
+    };
     let (change, warning) = health.connect_failed(kind, std::time::Instant::now());
     if let Some(suppressed) = warning {
+        let error = match &error {
+            ConnError::Io { source, .. } => source.to_string(),
+            _ => format!("no answer within {:?}", config.lifecycle.connect_timeout),
+        };
         warn!(route = %config.name, %target, kind = kind.as_str(), %error, suppressed, "connect failed");
     }
     log_change(change, &config.name, target);
-    Err(reason)
+    Err(error)
 }
 
 /// Says once that a target went down or came back.

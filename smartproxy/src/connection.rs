@@ -16,11 +16,12 @@ use tracing::field::{display, Empty};
 use tracing::{debug, info, info_span, Instrument};
 
 use crate::backend::{connect, keepalive};
+use crate::conn_error::{ConnError, Step};
 use crate::datapath::{instant_of, DataPathKind, Peer, Relay};
 use crate::ebpf::SpliceError;
 use crate::error_chain;
 use crate::generation::Generation;
-use crate::lifecycle::{Action, Event, Lifecycle, Reason};
+use crate::lifecycle::{Action, Event, Lifecycle, Reason, Side};
 use crate::limits::Admissions;
 use crate::routing::{receive_proxy_header, route};
 use crate::shared::{reached, Closed, Shared, Stop};
@@ -56,20 +57,22 @@ pub(crate) fn serve(
             &mut admissions,
         ))
         .await;
-        let reason = match established {
-            Ok((route, client, backend)) => {
-                relay(&shared, &generation, route, client, backend, &record).await
-            }
-            Err(reason) => reason,
+        let (reason, cause) = match established {
+            Ok((route, client, backend)) => (
+                relay(&shared, &generation, route, client, backend, &record).await,
+                None,
+            ),
+            Err(error) => (error.reason(), Some(error_chain(&error))),
         };
         // Before the close is announced: whoever hears of it may connect again at once.
         drop(admissions);
-        close(&shared, &record, reason);
+        close(&shared, &record, reason, cause.as_deref());
     }
     .instrument(span)
 }
 
-fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
+/// `cause`: why the setup failed, the error chain; `None` once the bytes moved.
+fn close(shared: &Shared, record: &ConnRecord, reason: Reason, cause: Option<&str>) {
     shared.stats.closed(record, reason);
     shared.table.remove(record.id);
     let route = record
@@ -86,6 +89,7 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
         backend_to_client = record.meter.bytes(crate::lifecycle::Direction::BackendToClient),
         duration_ms = record.started.elapsed().as_millis() as u64,
         %reason,
+        cause,
         "closed"
     );
     // Nobody listening is fine.
@@ -108,17 +112,17 @@ async fn establish(
     client: TcpStream,
     record: &ConnRecord,
     admissions: &mut Admissions,
-) -> Result<(usize, Peer, Peer), Reason> {
+) -> Result<(usize, Peer, Peer), ConnError> {
     let accepted_at = Instant::now();
     let (route, peeked) = match admit(shared, generation, listen, &client, record, admissions).await
     {
         Ok(routed) => routed,
-        Err(reason) => {
-            if reason.is_refusal() {
+        Err(error) => {
+            if error.reason().is_refusal() {
                 // Refused connections get an RST, every time, at once.
                 let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
             }
-            return Err(reason);
+            return Err(error);
         }
     };
     let config = &generation.config.routes[route];
@@ -129,7 +133,9 @@ async fn establish(
                 Some(carried) => (carried.client, carried.destination),
                 None => (
                     record.client(),
-                    client.local_addr().map_err(|_| Reason::ClientReset)?,
+                    client
+                        .local_addr()
+                        .map_err(|e| ConnError::io(Side::Client, Step::LocalAddress, e))?,
                 ),
             };
             crate::proxy_protocol::header(version, client, local)
@@ -139,7 +145,7 @@ async fn establish(
     let mut stop = shared.stop.clone();
     let Some(tls) = generation.tls.route(route) else {
         let backend = tokio::select! {
-            _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
+            _ = reached(&mut stop, Stop::Drain) => return Err(ConnError::Shutdown),
             connected = connect(shared, generation, route, record) => connected?.0,
         };
         write_all(&backend, &[header, peeked].concat()).await?;
@@ -148,7 +154,7 @@ async fn establish(
     // The whole TLS handshake, ClientHello included, within handshake_timeout.
     let deadline = accepted_at + config.lifecycle.handshake_timeout;
     let (client, negotiated) = tokio::select! {
-        _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
+        _ = reached(&mut stop, Stop::Drain) => return Err(ConnError::Shutdown),
         accepted = tls.accept(client, peeked, deadline) => accepted?,
     };
     let backend = async {
@@ -158,14 +164,14 @@ async fn establish(
         tls.connect(backend, &negotiated, target, deadline).await
     };
     let backend = tokio::select! {
-        _ = reached(&mut stop, Stop::Drain) => Err(Reason::Shutdown),
+        _ = reached(&mut stop, Stop::Drain) => Err(ConnError::Shutdown),
         connected = backend => connected,
     };
     match backend {
         Ok(backend) => Ok((route, client, backend)),
-        Err(reason) => {
+        Err(error) => {
             client.close(config.lifecycle.grace_period).await;
-            Err(reason)
+            Err(error)
         }
     }
 }
@@ -179,14 +185,14 @@ async fn admit(
     client: &TcpStream,
     record: &ConnRecord,
     admissions: &mut Admissions,
-) -> Result<(usize, Vec<u8>), Reason> {
+) -> Result<(usize, Vec<u8>), ConnError> {
     // The PROXY header and the ClientHello both come before the route is known: the
     // [lifecycle] handshake_timeout bounds them together.
     let deadline = Instant::now() + generation.config.lifecycle.handshake_timeout;
     let mut stop = shared.stop.clone();
     let read = match generation.routes.inbound.get(&listen) {
         Some(inbound) => tokio::select! {
-            _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
+            _ = reached(&mut stop, Stop::Drain) => return Err(ConnError::Shutdown),
             received = receive_proxy_header(client, inbound, record, deadline) => received?,
         },
         None => Vec::new(),
@@ -203,16 +209,16 @@ async fn admit(
                 ip,
                 std::time::Instant::now(),
             )
-            .map_err(|refusal| shared.stats.refused(refusal))?,
+            .map_err(|refusal| ConnError::Refused(shared.stats.refused(refusal)))?,
     );
     // None: accepted just before a reload removed the address.
     let routes = generation
         .routes
         .listeners
         .get(&listen)
-        .ok_or(Reason::NoRoute)?;
+        .ok_or(ConnError::NoRoute)?;
     let (route, peeked) = tokio::select! {
-        _ = reached(&mut stop, Stop::Drain) => return Err(Reason::Shutdown),
+        _ = reached(&mut stop, Stop::Drain) => return Err(ConnError::Shutdown),
         routed = route(routes, client, read, deadline) => routed?,
     };
     let slot = generation.slot(route);
@@ -222,18 +228,19 @@ async fn admit(
         shared
             .limits
             .admit_route(slot, ip, std::time::Instant::now())
-            .map_err(|refusal| shared.stats.refused(refusal))?,
+            .map_err(|refusal| ConnError::Refused(shared.stats.refused(refusal)))?,
     );
     Ok((route, peeked))
 }
 
-async fn write_all(backend: &TcpStream, mut bytes: &[u8]) -> Result<(), Reason> {
+async fn write_all(backend: &TcpStream, mut bytes: &[u8]) -> Result<(), ConnError> {
+    let failed = |e| ConnError::io(Side::Backend, Step::Send, e);
     while !bytes.is_empty() {
-        backend.writable().await.map_err(|_| Reason::BackendReset)?;
+        backend.writable().await.map_err(failed)?;
         match backend.try_write(bytes) {
             Ok(written) => bytes = &bytes[written..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(Reason::BackendReset),
+            Err(e) => return Err(failed(e)),
         }
     }
     Ok(())

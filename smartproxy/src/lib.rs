@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod conn_error;
 pub mod connection;
 pub mod control;
 pub mod datapath;

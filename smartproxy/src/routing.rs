@@ -10,7 +10,8 @@ use tokio::time::{timeout_at, Instant};
 use tracing::debug;
 use tracing::field::display;
 
-use crate::lifecycle::Reason;
+use crate::conn_error::{ConnError, Step};
+use crate::lifecycle::{Reason, Side};
 use crate::proxy_protocol::{read_header, Inbound, Peeked as HeaderPeek, MAX_HEADER};
 use crate::route::ListenerRoutes;
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
@@ -24,9 +25,9 @@ pub(crate) async fn route(
     client: &TcpStream,
     read: Vec<u8>,
     deadline: Instant,
-) -> Result<(usize, Vec<u8>), Reason> {
+) -> Result<(usize, Vec<u8>), ConnError> {
     if !routes.needs_client_hello() {
-        let route = routes.select(None).ok_or(Reason::NoRoute)?;
+        let route = routes.select(None).ok_or(ConnError::NoRoute)?;
         return Ok((route, read));
     }
     let mut hello = read;
@@ -35,29 +36,29 @@ pub(crate) async fn route(
             Ok(Peek::Complete(parsed)) => {
                 let route = routes.select(parsed.server_name.as_deref());
                 debug!(server_name = ?parsed.server_name, ?route, "client hello");
-                return route.map(|r| (r, hello)).ok_or(Reason::NoRoute);
+                return route.map(|r| (r, hello)).ok_or(ConnError::NoRoute);
             }
             Ok(Peek::Incomplete) => {}
-            Err(e) => {
-                debug!(error = %e, "bad client hello");
-                return Err(Reason::BadHandshake);
-            }
+            Err(e) => return Err(malformed(Step::ClientHello, e.to_string())),
         }
         // The parser refuses a ClientHello that says it is longer; this bounds what an
         // endless run of records that never completes one can make us hold.
         if hello.len() > MAX_CLIENT_HELLO {
-            return Err(Reason::BadHandshake);
+            return Err(malformed(
+                Step::ClientHello,
+                format!("incomplete after {} bytes", hello.len()),
+            ));
         }
         timeout_at(deadline, client.readable())
             .await
-            .map_err(|_| Reason::HandshakeTimeout)?
-            .map_err(|_| Reason::ClientReset)?;
+            .map_err(|_| timeout(Step::ClientHello))?
+            .map_err(|e| client_failed(Step::ClientHello, e))?;
         hello.reserve(4096);
         match client.try_read_buf(&mut hello) {
-            Ok(0) => return Err(Reason::BadHandshake),
+            Ok(0) => return Err(malformed(Step::ClientHello, "closed inside it".to_owned())),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(Reason::ClientReset),
+            Err(e) => return Err(client_failed(Step::ClientHello, e)),
         }
     }
 }
@@ -78,10 +79,10 @@ pub(crate) async fn receive_proxy_header(
     inbound: &Inbound,
     record: &ConnRecord,
     deadline: Instant,
-) -> Result<Vec<u8>, Reason> {
+) -> Result<Vec<u8>, ConnError> {
     if !inbound.trusts(record.peer.ip()) {
         debug!("peer not in proxy_protocol_trusted: refused");
-        return Err(Reason::Denied);
+        return Err(ConnError::Refused(Reason::Denied));
     }
     // `read_header` decides within MAX_HEADER bytes.
     let mut buf = vec![0; MAX_HEADER];
@@ -90,44 +91,42 @@ pub(crate) async fn receive_proxy_header(
         match read_header(&buf[..seen], inbound.accept) {
             Ok(HeaderPeek::Complete(received)) => break received,
             Ok(HeaderPeek::Incomplete) => {}
-            Err(e) => {
-                debug!(error = %e, "bad PROXY protocol header");
-                return Err(Reason::BadHandshake);
-            }
+            Err(e) => return Err(malformed(Step::ProxyHeader, e.to_string())),
         }
         timeout_at(deadline, client.readable())
             .await
-            .map_err(|_| Reason::HandshakeTimeout)?
-            .map_err(|_| Reason::ClientReset)?;
+            .map_err(|_| timeout(Step::ProxyHeader))?
+            .map_err(|e| client_failed(Step::ProxyHeader, e))?;
         match client.try_read(&mut buf[seen..]) {
             Ok(0) => {
-                debug!(
-                    bytes = seen,
-                    "connection closed inside the PROXY protocol header"
-                );
-                return Err(Reason::BadHandshake);
+                return Err(malformed(
+                    Step::ProxyHeader,
+                    format!("closed inside it, after {seen} bytes"),
+                ))
             }
             Ok(n) => seen += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(Reason::ClientReset),
+            Err(e) => return Err(client_failed(Step::ProxyHeader, e)),
         }
     };
     buf.truncate(seen);
     let mut rest = buf.split_off(received.len);
     // SIOCINQ counts up to the end of the last queued skb.
     let queued = crate::ebpf::bytes_to_read(client.as_fd())
-        .ok()
-        .and_then(|queued| usize::try_from(queued).ok())
-        .ok_or(Reason::ClientReset)?;
+        .and_then(|queued| usize::try_from(queued).map_err(io::Error::other))
+        .map_err(|e| client_failed(Step::ProxyHeader, e))?;
     let mut taken = rest.len();
     rest.resize(taken + queued, 0);
     while taken < rest.len() {
-        client.readable().await.map_err(|_| Reason::ClientReset)?;
+        client
+            .readable()
+            .await
+            .map_err(|e| client_failed(Step::ProxyHeader, e))?;
         match client.try_read(&mut rest[taken..]) {
             Ok(0) => rest.truncate(taken),
             Ok(n) => taken += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(Reason::ClientReset),
+            Err(e) => return Err(client_failed(Step::ProxyHeader, e)),
         }
     }
     if let Some((client, destination)) = received.addresses {
@@ -143,4 +142,23 @@ pub(crate) async fn receive_proxy_header(
         "PROXY protocol header"
     );
     Ok(rest)
+}
+
+fn client_failed(step: Step, source: io::Error) -> ConnError {
+    ConnError::io(Side::Client, step, source)
+}
+
+fn timeout(step: Step) -> ConnError {
+    ConnError::Timeout {
+        side: Side::Client,
+        step,
+    }
+}
+
+fn malformed(step: Step, why: String) -> ConnError {
+    ConnError::Malformed {
+        side: Side::Client,
+        step,
+        why,
+    }
 }
