@@ -340,14 +340,16 @@ pub enum SniPattern {
 }
 
 impl SniPattern {
-    /// Whether a ClientHello's server name selects this pattern (ASCII case-insensitive;
-    /// one trailing dot on `server_name` is ignored). `*.example.org` matches
-    /// `a.example.org`, but neither `example.org` nor `a.b.example.org`.
+    /// Whether a ClientHello's server name selects this pattern: the one SNI matcher
+    /// (routing calls it too). ASCII case-insensitive. `*.example.org` matches
+    /// `a.example.org`, but neither `example.org`, `a.b.example.org` nor `.example.org`
+    /// (an empty leftmost label). Strict: a trailing dot is not ignored here, since a
+    /// name never carries one by the time it is matched (`sni::parse_client_hello` strips
+    /// it, as RFC 6066 has SNI names without it).
     pub fn matches(&self, server_name: &str) -> bool {
-        let name = server_name.strip_suffix('.').unwrap_or(server_name);
         match self {
-            Self::Exact(exact) => name.eq_ignore_ascii_case(exact),
-            Self::Wildcard(suffix) => name.split_once('.').is_some_and(|(label, rest)| {
+            Self::Exact(exact) => server_name.eq_ignore_ascii_case(exact),
+            Self::Wildcard(suffix) => server_name.split_once('.').is_some_and(|(label, rest)| {
                 !label.is_empty() && label != "*" && rest.eq_ignore_ascii_case(suffix)
             }),
         }
@@ -1596,7 +1598,7 @@ mod tests {
         assert_eq!(exact, SniPattern::Exact("example.com".into()));
         assert!(exact.matches("example.com"));
         assert!(exact.matches("EXAMPLE.com"));
-        assert!(exact.matches("example.com."));
+        assert!(!exact.matches("example.com."));
         assert!(!exact.matches("a.example.com"));
         assert!(!exact.matches("example.co"));
 

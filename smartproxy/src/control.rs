@@ -14,7 +14,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
 use crate::error_chain;
-use crate::proxy::{reached, Shared, Stop};
+use crate::listener::accept_until;
+use crate::shared::{reached, Shared, Stop};
 
 /// The longest request line accepted; the requests are single words.
 const MAX_REQUEST: usize = 64;
@@ -47,22 +48,16 @@ impl ControlServer {
 
     pub(crate) async fn serve(self, shared: Arc<Shared>) {
         let mut stop = shared.stop.clone();
-        loop {
-            let accepted = tokio::select! {
-                // Until exit, not at shutdown: the drain is when an operator watches.
-                _ = reached(&mut stop, Stop::Exit) => return,
-                accepted = self.listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(answer(stream, Arc::clone(&shared)));
-                }
-                Err(e) => {
-                    warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-        }
+        accept_until(
+            "control",
+            || self.listener.accept(),
+            // Until exit, not at shutdown: the drain is when an operator watches.
+            reached(&mut stop, Stop::Exit),
+            |stream, _| {
+                tokio::spawn(answer(stream, Arc::clone(&shared)));
+            },
+        )
+        .await;
     }
 }
 

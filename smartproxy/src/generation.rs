@@ -83,12 +83,19 @@ impl Generation {
         let route = &self.config.routes[index];
         let mode = route.data_path.unwrap_or(self.config.proxy.data_path);
         let terminates = route.tls.is_some_and(|tls| tls.terminates());
-        match mode {
-            DataPathMode::Auto | DataPathMode::Ebpf if kernel_loaded && !terminates => {
-                DataPathKind::Ebpf
-            }
-            _ => DataPathKind::Userspace,
+        select_data_path(mode, kernel_loaded, terminates)
+    }
+}
+
+/// The one data-path rule: the kernel path when the mode allows it (`auto`, `ebpf`), the
+/// kernel loaded, and the proxy need not see the plaintext (a TLS-terminating route
+/// does); userspace otherwise.
+pub fn select_data_path(mode: DataPathMode, kernel_loaded: bool, terminates: bool) -> DataPathKind {
+    match mode {
+        DataPathMode::Auto | DataPathMode::Ebpf if kernel_loaded && !terminates => {
+            DataPathKind::Ebpf
         }
+        _ => DataPathKind::Userspace,
     }
 }
 

@@ -4,7 +4,10 @@
 //! either through the kernel (`datapath::ebpf`) or through a tokio copy
 //! (`datapath::userspace`). Both feed the same `lifecycle` state machine.
 
+pub mod backend;
 pub mod config;
+pub mod conn_error;
+pub mod connection;
 pub mod control;
 pub mod datapath;
 pub mod ebpf;
@@ -13,14 +16,18 @@ pub mod generation;
 pub mod health;
 pub mod lifecycle;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod privileges;
 pub mod process;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod reload;
 pub mod resolve;
 pub mod route;
+pub mod routing;
+pub mod shared;
 pub mod sni;
 pub mod stats;
 pub mod table;
@@ -28,7 +35,9 @@ pub mod throttle;
 pub mod tls;
 pub mod view;
 
-pub use proxy::{Closed, Proxy, ReloadError, ReloadSummary, StartError};
+pub use proxy::{Proxy, StartError};
+pub use reload::{ReloadError, ReloadSummary};
+pub use shared::Closed;
 
 /// This build's version, as `smartproxy_build_info` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

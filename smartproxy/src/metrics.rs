@@ -19,10 +19,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::health::TargetSnapshot;
-use crate::proxy::{reached, Shared, Stop};
+use crate::listener::accept_until;
+use crate::shared::{reached, Shared, Stop};
 use crate::stats::{HistogramSnapshot, Snapshot};
 
 /// The most bytes of request line and headers read from a scraper.
@@ -54,35 +55,28 @@ impl MetricsServer {
     pub(crate) async fn serve(self, shared: Arc<Shared>) {
         let mut stop = shared.stop.clone();
         let scrapers = Arc::new(Semaphore::new(MAX_SCRAPERS));
-        loop {
-            let accepted = tokio::select! {
-                // Until exit, not at shutdown: the drain is when an operator watches.
-                _ = reached(&mut stop, Stop::Exit) => return,
-                accepted = self.listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let Ok(permit) = Arc::clone(&scrapers).try_acquire_owned() else {
-                        debug!(%peer, "metrics: too many scrapers at once; closing");
-                        continue;
-                    };
-                    let shared = Arc::clone(&shared);
-                    tokio::spawn(async move {
-                        match tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &shared)).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => debug!(%peer, error = %e, "metrics: scrape failed"),
-                            Err(_) => debug!(%peer, "metrics: scraper too slow; closing"),
-                        }
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off rather than spin.
-                    warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+        accept_until(
+            "metrics",
+            || self.listener.accept(),
+            // Until exit, not at shutdown: the drain is when an operator watches.
+            reached(&mut stop, Stop::Exit),
+            |stream, peer| {
+                let Ok(permit) = Arc::clone(&scrapers).try_acquire_owned() else {
+                    debug!(%peer, "metrics: too many scrapers at once; closing");
+                    return;
+                };
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    match tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &shared)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => debug!(%peer, error = %e, "metrics: scrape failed"),
+                        Err(_) => debug!(%peer, "metrics: scraper too slow; closing"),
+                    }
+                    drop(permit);
+                });
+            },
+        )
+        .await;
     }
 }
 

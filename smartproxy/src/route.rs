@@ -15,9 +15,8 @@ pub enum ListenerRoutes {
     Single(usize),
     /// Routes told apart by the ClientHello's server name.
     Sni {
-        exact: BTreeMap<String, usize>,
-        /// `(suffix, route)`: `*.example.org` is stored as `example.org`.
-        wildcards: Vec<(String, usize)>,
+        /// `(pattern, route)`, the exact names first: they win over wildcards.
+        patterns: Vec<(SniPattern, usize)>,
         default: Option<usize>,
     },
 }
@@ -33,25 +32,14 @@ impl ListenerRoutes {
     pub fn select(&self, server_name: Option<&str>) -> Option<usize> {
         match self {
             ListenerRoutes::Single(route) => Some(*route),
-            ListenerRoutes::Sni {
-                exact,
-                wildcards,
-                default,
-            } => {
-                let Some(name) = server_name else {
-                    return *default;
-                };
-                let name = name.to_ascii_lowercase();
-                if let Some(route) = exact.get(&name) {
-                    return Some(*route);
-                }
-                let parent = name.split_once('.').map(|(_, parent)| parent);
-                wildcards
+            ListenerRoutes::Sni { patterns, default } => match server_name {
+                Some(name) => patterns
                     .iter()
-                    .find(|(suffix, _)| Some(suffix.as_str()) == parent)
+                    .find(|(pattern, _)| pattern.matches(name))
                     .map(|(_, route)| *route)
-                    .or(*default)
-            }
+                    .or(*default),
+                None => *default,
+            },
         }
     }
 }
@@ -94,27 +82,22 @@ impl RouteTable {
                 return ListenerRoutes::Single(*only);
             }
         }
-        let mut exact = BTreeMap::new();
-        let mut wildcards = Vec::new();
+        let mut patterns: Vec<(SniPattern, usize)> = Vec::new();
         let mut default = None;
         for &index in indexes {
             if all[index].sni.is_empty() {
                 default = Some(index);
             }
-            for pattern in &all[index].sni {
-                match pattern {
-                    SniPattern::Exact(name) => {
-                        exact.insert(name.clone(), index);
-                    }
-                    SniPattern::Wildcard(suffix) => wildcards.push((suffix.clone(), index)),
-                }
-            }
+            patterns.extend(
+                all[index]
+                    .sni
+                    .iter()
+                    .map(|pattern| (pattern.clone(), index)),
+            );
         }
-        ListenerRoutes::Sni {
-            exact,
-            wildcards,
-            default,
-        }
+        // Stable: among exact names (and among wildcards) the configured order stays.
+        patterns.sort_by_key(|(pattern, _)| matches!(pattern, SniPattern::Wildcard(_)));
+        ListenerRoutes::Sni { patterns, default }
     }
 
     /// The indexes of the route's `len` targets in the order to try them: round-robin
@@ -138,11 +121,16 @@ mod tests {
         wildcards: &[(&str, usize)],
         default: Option<usize>,
     ) -> ListenerRoutes {
-        ListenerRoutes::Sni {
-            exact: exact.iter().map(|(n, r)| (n.to_string(), *r)).collect(),
-            wildcards: wildcards.iter().map(|(n, r)| (n.to_string(), *r)).collect(),
-            default,
-        }
+        let patterns = exact
+            .iter()
+            .map(|(n, r)| (SniPattern::Exact(n.to_string()), *r))
+            .chain(
+                wildcards
+                    .iter()
+                    .map(|(n, r)| (SniPattern::Wildcard(n.to_string()), *r)),
+            )
+            .collect();
+        ListenerRoutes::Sni { patterns, default }
     }
 
     #[test]
@@ -157,6 +145,8 @@ mod tests {
         let routes = sni(&[], &[("example.org", 2)], Some(0));
         assert_eq!(routes.select(Some("example.org")), Some(0));
         assert_eq!(routes.select(Some("a.b.example.org")), Some(0));
+        // The stricter rule of the one matcher: no empty leftmost label.
+        assert_eq!(routes.select(Some(".example.org")), Some(0));
     }
 
     #[test]

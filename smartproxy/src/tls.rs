@@ -22,8 +22,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, warn};
 
 use crate::config::{BackendVerify, Config, RouteConfig, Target};
+use crate::conn_error::{ConnError, Step};
 use crate::datapath::peer::{Peer, TcpIo};
-use crate::lifecycle::Reason;
+use crate::lifecycle::Side;
 
 /// A TLS file that cannot be used, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -280,25 +281,25 @@ impl RouteTls {
     ///
     /// # Errors
     ///
-    /// `HandshakeTimeout`; `ClientReset` for a reset socket; `BadHandshake` for anything
-    /// else (not TLS, no common version or cipher suite, an alert, EOF).
+    /// The client's TLS handshake timed out or failed (`ConnError::reason` tells a reset
+    /// socket from a bad handshake).
     pub async fn accept(
         &self,
         client: TcpStream,
         replay: Vec<u8>,
         deadline: Instant,
-    ) -> Result<(Peer, Negotiated), Reason> {
+    ) -> Result<(Peer, Negotiated), ConnError> {
         let io = TcpIo::new(Arc::new(client), replay);
         let session = match timeout_at(deadline, self.acceptor.accept(io)).await {
-            Err(_) => return Err(Reason::HandshakeTimeout),
+            Err(_) => {
+                return Err(ConnError::Timeout {
+                    side: Side::Client,
+                    step: Step::TlsHandshake,
+                })
+            }
             Ok(Err(e)) => {
                 debug!(error = %e, "TLS handshake with the client failed");
-                return Err(match e.kind() {
-                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted => {
-                        Reason::ClientReset
-                    }
-                    _ => Reason::BadHandshake,
-                });
+                return Err(ConnError::io(Side::Client, Step::TlsHandshake, e));
             }
             Ok(Ok(session)) => session,
         };
@@ -323,21 +324,25 @@ impl RouteTls {
     ///
     /// # Errors
     ///
-    /// `ConnectTimeout`; `ConnectFailed` for anything else, a certificate that does not
-    /// verify included (logged as a warning with the reason).
+    /// The backend's TLS handshake timed out or failed, a certificate that does not verify
+    /// included (logged as a warning with the reason).
     pub async fn connect(
         &self,
         backend: TcpStream,
         client: &Negotiated,
         target: &Target,
         deadline: Instant,
-    ) -> Result<Peer, Reason> {
+    ) -> Result<Peer, ConnError> {
         let Some(tls) = &self.backend else {
             return Ok(backend.into());
         };
         let server_name = tls.server_name(client, target).ok_or_else(|| {
             warn!(%target, "no server name to verify the backend's certificate against: the client sent no SNI, backend_sni is not set and the target is an IP address");
-            Reason::ConnectFailed
+            ConnError::Malformed {
+                side: Side::Backend,
+                step: Step::TlsHandshake,
+                why: "no server name to verify its certificate against".to_owned(),
+            }
         })?;
         let connector = client
             .alpn
@@ -348,11 +353,14 @@ impl RouteTls {
         let session = match timeout_at(deadline, connector.connect(server_name.clone(), io)).await {
             Err(_) => {
                 warn!(%target, "TLS handshake with the backend timed out");
-                return Err(Reason::ConnectTimeout);
+                return Err(ConnError::Timeout {
+                    side: Side::Backend,
+                    step: Step::TlsHandshake,
+                });
             }
             Ok(Err(e)) => {
                 warn!(%target, server_name = ?server_name, error = %e, "TLS handshake with the backend failed");
-                return Err(Reason::ConnectFailed);
+                return Err(ConnError::io(Side::Backend, Step::TlsHandshake, e));
             }
             Ok(Ok(session)) => session,
         };

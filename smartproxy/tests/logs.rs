@@ -1,6 +1,7 @@
 //! `smartproxy run --log-format json`: every line of output is a JSON object, and one
 //! connection that closes logs one info line with its id, route, client, backend, bytes
-//! each way, duration, data path and reason. Without the flag the log is text.
+//! each way, duration, data path and reason, and for a connection whose setup failed,
+//! the cause. Without the flag the log is text.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -20,6 +21,24 @@ fn json_lines(log: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The one `closed` line of the log, once it is there.
+fn closed_line(proxy: &ProxyProcess) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let lines = json_lines(&proxy.log());
+        let closed: Vec<Value> = lines
+            .into_iter()
+            .filter(|l| l.get("message") == Some(&Value::from("closed")))
+            .collect();
+        if !closed.is_empty() {
+            assert_eq!(closed.len(), 1, "one closed line: {closed:#?}");
+            break closed.into_iter().next().expect("one line");
+        }
+        assert!(Instant::now() < deadline, "no closed line after {WAIT:?}");
+        std::thread::sleep(POLL);
+    }
+}
+
 #[test]
 fn json_log_has_one_closed_line_with_every_field() {
     let backend = echo_backend();
@@ -37,20 +56,7 @@ fn json_log_has_one_closed_line_with_every_field() {
         .read_to_end(&mut Vec::new())
         .expect("the backend's FIN");
 
-    let deadline = Instant::now() + WAIT;
-    let closed = loop {
-        let lines = json_lines(&proxy.log());
-        let closed: Vec<Value> = lines
-            .into_iter()
-            .filter(|l| l.get("message") == Some(&Value::from("closed")))
-            .collect();
-        if !closed.is_empty() {
-            assert_eq!(closed.len(), 1, "one closed line: {closed:#?}");
-            break closed.into_iter().next().expect("one line");
-        }
-        assert!(Instant::now() < deadline, "no closed line after {WAIT:?}");
-        std::thread::sleep(POLL);
-    };
+    let closed = closed_line(&proxy);
     assert_eq!(
         closed.get("level"),
         Some(&Value::from("INFO")),
@@ -96,10 +102,41 @@ fn json_log_has_one_closed_line_with_every_field() {
         Some(&Value::from("normal")),
         "{closed:#}"
     );
+    assert_eq!(
+        closed.get("cause"),
+        None,
+        "no cause for a normal close: {closed:#}"
+    );
 
     proxy.signal(libc::SIGTERM);
     assert_eq!(proxy.wait_exit(WAIT).code(), Some(0));
     json_lines(&proxy.log());
+}
+
+#[test]
+fn closed_line_says_why_the_backend_connect_failed() {
+    // An address nothing listens on: the connect is refused.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port");
+    let mut proxy = ProxyProcess::start_configured("refused", backend, "", USERSPACE, |command| {
+        command.args(["--log-format", "json"]);
+    });
+    let client = TcpStream::connect(proxy.listen).expect("connect through the proxy");
+    let closed = closed_line(&proxy);
+    drop(client);
+    assert_eq!(
+        closed.get("reason"),
+        Some(&Value::from("connect_failed")),
+        "{closed:#}"
+    );
+    let cause = closed.get("cause").and_then(Value::as_str).unwrap_or("");
+    assert!(
+        cause.starts_with("backend connect: Connection refused"),
+        "{closed:#}"
+    );
+    proxy.signal(libc::SIGTERM);
+    assert_eq!(proxy.wait_exit(WAIT).code(), Some(0));
 }
 
 #[test]
