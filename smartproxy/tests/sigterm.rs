@@ -25,7 +25,6 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 mod support;
@@ -64,8 +63,7 @@ fn transfer_in_progress_at_sigterm_completes_while_new_connects_are_refused() {
     let backend = echo_backend();
     let mut proxy = ProxyProcess::start("echo", backend, "grace_period = \"5s\"");
 
-    let mut data = vec![0u8; TRANSFER];
-    rand::thread_rng().fill_bytes(&mut data);
+    let data = pattern(TRANSFER, 1);
     let sent_digest = Sha256::digest(&data);
 
     let client = TcpStream::connect(proxy.listen).expect("connect through the proxy");

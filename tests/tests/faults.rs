@@ -140,11 +140,7 @@ async fn backend_reset_while_receiving_reaches_the_client_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_buffer_overflow_loses_events_but_nothing_leaks() {
     init_tracing();
-    if let Err(why) = ebpf_available() {
-        if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") {
-            panic!("SMARTPROXY_REQUIRE_EBPF=1 but the eBPF data path cannot load: {why}");
-        }
-        eprintln!("SKIPPING: the ring buffer is part of the eBPF data path: {why}");
+    if !ebpf_loads("this test (the ring buffer is part of the eBPF data path)") {
         return;
     }
     const CONNECTIONS: usize = 400;
