@@ -21,8 +21,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 
+pub mod scenario;
 pub mod scrape;
 pub mod tls;
+pub use scenario::Spliced;
 pub use scrape::{counter, gauge, http, sample, scrape};
 pub use tls::{for_each_frontend, Client, Frontend};
 // One harness for both kinds of tests: what the binary's tests share with these lives

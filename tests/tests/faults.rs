@@ -72,20 +72,15 @@ async fn backend_reset_while_sending_reaches_the_client_within_a_second() {
             reset_now(stream, &at);
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("mid", backend.addr, "")).await;
-        let mut client = proxy
-            .established(&Frontend::Plain(mode), "mid")
-            .await
-            .into_tcp();
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, client) = Spliced::start(&Frontend::Plain(mode), "", backend).await;
+        let mut client = client.into_tcp();
         client.write_all(b"go").await.expect("client writes");
         let noticed = read_until_gone(&mut client).await;
         assert_noticed(&reset_at, noticed);
         proxy.expect_closed(Reason::BackendReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
+        proxy.assert_kernel_moved(Direction::BackendToClient);
         assert_eq!(proxy.stats().closed(Reason::BackendReset), 1, "counted");
-        backend.join().await;
-        proxy.stop().await;
+        proxy.finish().await;
     })
     .await;
 }
@@ -103,12 +98,8 @@ async fn backend_reset_while_receiving_reaches_the_client_within_a_second() {
             reset_now(stream, &at);
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("mid", backend.addr, "")).await;
-        let client = proxy
-            .established(&Frontend::Plain(mode), "mid")
-            .await
-            .into_tcp();
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, client) = Spliced::start(&Frontend::Plain(mode), "", backend).await;
+        let client = client.into_tcp();
         let (mut read, mut write) = client.into_split();
         // The client keeps sending until the proxy passes the reset on.
         let sender = tokio::spawn(async move {
@@ -130,9 +121,8 @@ async fn backend_reset_while_receiving_reaches_the_client_within_a_second() {
             .await
             .expect("sender task");
         proxy.expect_closed(Reason::BackendReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+        proxy.assert_kernel_moved(Direction::ClientToBackend);
+        proxy.finish().await;
     })
     .await;
 }

@@ -32,10 +32,7 @@ async fn client_reset_resets_the_backend() {
             expect_reset(&mut stream).await;
         })
         .await;
-        let mut proxy =
-            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
-        let mut client = proxy.established(&front, "rst").await;
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         let mut ready = [0u8; 5];
         within("the backend answers", client.read_exact(&mut ready))
@@ -43,10 +40,9 @@ async fn client_reset_resets_the_backend() {
             .expect("client reads");
         client.reset();
         proxy.expect_closed(Reason::ClientReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        proxy.assert_kernel_moved(Direction::ClientToBackend);
+        proxy.assert_kernel_moved(Direction::BackendToClient);
+        proxy.finish().await;
     })
     .await;
 }
@@ -60,16 +56,12 @@ async fn backend_reset_resets_the_client() {
             reset(stream);
         })
         .await;
-        let mut proxy =
-            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
-        let mut client = proxy.established(&front, "rst").await;
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         expect_reset(&mut client).await;
         proxy.expect_closed(Reason::BackendReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+        proxy.assert_kernel_moved(Direction::ClientToBackend);
+        proxy.finish().await;
     })
     .await;
 }
@@ -87,17 +79,13 @@ async fn backend_reset_after_client_fin_resets_the_client() {
             reset(stream);
         })
         .await;
-        let mut proxy =
-            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
-        let mut client = proxy.established(&front, "rst").await;
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         expect_reset(&mut client).await;
         proxy.expect_closed(Reason::BackendReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+        proxy.assert_kernel_moved(Direction::ClientToBackend);
+        proxy.finish().await;
     })
     .await;
 }
@@ -120,18 +108,14 @@ async fn client_reset_after_client_fin_resets_the_backend() {
                 expect_reset_after_eof(&stream).await;
             })
             .await;
-        let mut proxy =
-            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
-        let mut client = proxy.established(&front, "rst").await;
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         within("the backend reads the client's FIN", fin_seen.notified()).await;
         client.reset();
         proxy.expect_closed(Reason::ClientReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+        proxy.assert_kernel_moved(Direction::ClientToBackend);
+        proxy.finish().await;
     })
     .await;
 }

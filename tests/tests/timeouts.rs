@@ -67,10 +67,7 @@ async fn finish(mut client: impl AsyncRead + AsyncWrite + Unpin) {
 async fn inactivity_reset_counts_each_timeout_and_never_closes() {
     for_each_frontend(|front| async move {
         let backend = Backend::greeted(echo).await;
-        let config = inactivity("reset") + &front.route("idle", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "idle").await;
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, mut client) = Spliced::start(&front, &inactivity("reset"), backend).await;
         // Ten counted timeouts of 300 ms: the connection sat idle for 3 s.
         wait_for("ten inactivity resets", || {
             proxy.stats().lifecycle.inactivity_resets >= 10
@@ -81,10 +78,9 @@ async fn inactivity_reset_counts_each_timeout_and_never_closes() {
         round_trip(&mut client, b"after").await;
         finish(client).await;
         proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        proxy.assert_kernel_moved(Direction::ClientToBackend);
+        proxy.assert_kernel_moved(Direction::BackendToClient);
+        proxy.finish().await;
     })
     .await;
 }
@@ -93,10 +89,7 @@ async fn inactivity_reset_counts_each_timeout_and_never_closes() {
 async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
     for_each_frontend(|front| async move {
         let backend = Backend::greeted(echo).await;
-        let config = inactivity("ignore") + &front.route("idle", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "idle").await;
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, mut client) = Spliced::start(&front, &inactivity("ignore"), backend).await;
         // The idle period is the scenario itself: nothing happens that could be awaited.
         tokio::time::sleep(Duration::from_secs(3)).await;
         proxy.assert_nothing_closed();
@@ -109,10 +102,9 @@ async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
         round_trip(&mut client, b"after").await;
         finish(client).await;
         proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        proxy.assert_kernel_moved(Direction::ClientToBackend);
+        proxy.assert_kernel_moved(Direction::BackendToClient);
+        proxy.finish().await;
     })
     .await;
 }
@@ -121,9 +113,7 @@ async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
 async fn inactivity_close_ends_an_idle_connection_with_eof() {
     for_each_frontend(|front| async move {
         let backend = Backend::greeted(echo).await;
-        let config = inactivity("close") + &front.route("idle", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "idle").await;
+        let (mut proxy, mut client) = Spliced::start(&front, &inactivity("close"), backend).await;
         let idle_since = Instant::now();
         let mut rest = Vec::new();
         within(
@@ -144,8 +134,7 @@ async fn inactivity_close_ends_an_idle_connection_with_eof() {
         );
         drop(client);
         proxy.expect_closed(Reason::InactivityTimeout).await;
-        backend.join().await;
-        proxy.stop().await;
+        proxy.finish().await;
     })
     .await;
 }
@@ -176,10 +165,7 @@ async fn parity_check_closes_a_half_closed_connection_where_nothing_moves() {
                 release.notified().await;
             })
             .await;
-        let config = parity("") + &front.route("parity", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "parity").await;
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, mut client) = Spliced::start(&front, &parity(""), backend).await;
         client.write_all(b"request").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         let mut rest = Vec::new();
@@ -196,9 +182,8 @@ async fn parity_check_closes_a_half_closed_connection_where_nothing_moves() {
         );
         release.notify_one();
         proxy.expect_closed(Reason::ParityCheck).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+        proxy.assert_kernel_moved(Direction::ClientToBackend);
+        proxy.finish().await;
     })
     .await;
 }
@@ -217,10 +202,7 @@ async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
             // Returning closes the stream: a FIN behind the last tick.
         })
         .await;
-        let config = parity("") + &front.route("parity", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "parity").await;
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, mut client) = Spliced::start(&front, &parity(""), backend).await;
         client.write_all(b"subscribe").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         for index in 0..TICKS {
@@ -235,9 +217,8 @@ async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
         .expect("client reads");
         assert!(rest.is_empty(), "{} bytes after the last tick", rest.len());
         proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        proxy.assert_kernel_moved(Direction::BackendToClient);
+        proxy.finish().await;
     })
     .await;
 }
@@ -258,13 +239,13 @@ async fn parity_check_closes_a_connection_whose_finishing_direction_never_drains
         })
         .await;
         // A short grace period: the backend never answers the close with its FIN.
-        let config = parity("grace_period = \"300ms\"") + &plain_route("parity", backend.addr, "");
-        let mut proxy = TestProxy::start(mode, &config).await;
-        let mut client = proxy
-            .established(&Frontend::Plain(mode), "parity")
-            .await
-            .into_tcp();
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, client) = Spliced::start(
+            &Frontend::Plain(mode),
+            &parity("grace_period = \"300ms\""),
+            backend,
+        )
+        .await;
+        let mut client = client.into_tcp();
         within(
             "the proxy takes the bytes",
             write_chunked(&mut client, &pattern(QUEUED, 31)),
@@ -285,10 +266,9 @@ async fn parity_check_closes_a_connection_whose_finishing_direction_never_drains
             rest.len()
         );
         proxy.expect_closed(Reason::ParityCheck).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
+        proxy.assert_kernel_moved(Direction::ClientToBackend);
         release.notify_one();
-        backend.join().await;
-        proxy.stop().await;
+        proxy.finish().await;
     })
     .await;
 }
@@ -318,11 +298,8 @@ async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
             release.notified().await;
         })
         .await;
-        let config = "[lifecycle]\nallow_half_open = false\n\n".to_owned()
-            + &front.route("strict", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "strict").await;
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, mut client) =
+            Spliced::start(&front, "[lifecycle]\nallow_half_open = false\n", backend).await;
         client.write_all(b"ask").await.expect("client writes");
         // The FIN goes out once the proxy has taken every banner byte (the client has
         // read none yet).
@@ -340,9 +317,8 @@ async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
         assert_eq!(hash, expected, "banner checksum at the client");
         release.notify_one();
         proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        proxy.assert_kernel_moved(Direction::BackendToClient);
+        proxy.finish().await;
     })
     .await;
 }
