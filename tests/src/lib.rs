@@ -420,6 +420,31 @@ pub async fn expect_reset(stream: &mut (impl AsyncReadExt + Unpin)) {
     }
 }
 
+/// Reads `stream` to its end, bounded by [`WAIT`] (`what` names the wait), and asserts a
+/// clean close (EOF, not RST) with no byte before it.
+pub async fn expect_eof(stream: &mut (impl AsyncReadExt + Unpin), what: &str) {
+    let mut rest = Vec::new();
+    within(what, stream.read_to_end(&mut rest))
+        .await
+        .expect("a graceful close: EOF, not RST");
+    assert!(
+        rest.is_empty(),
+        "{} unexpected bytes before EOF",
+        rest.len()
+    );
+}
+
+/// A backend script's first step: reads up to the client's FIN and checks that what came
+/// before it was `request`.
+pub async fn read_request(stream: &mut TcpStream, request: &[u8]) {
+    let mut received = Vec::new();
+    stream
+        .read_to_end(&mut received)
+        .await
+        .expect("backend reads up to the client's FIN");
+    assert_eq!(received, request, "bytes before the client's FIN");
+}
+
 /// Asserts that `stream`, which already read its peer's FIN, is then reset. Reads return
 /// EOF for good once a FIN arrived, so the RST shows as the socket's pending error
 /// instead: EPIPE for a reset in CLOSE_WAIT, ECONNRESET otherwise.

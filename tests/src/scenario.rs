@@ -4,7 +4,7 @@
 
 use std::ops::{Deref, DerefMut};
 
-use smartproxy::lifecycle::Direction;
+use smartproxy::lifecycle::{Direction, Reason};
 
 use crate::tls::{Client, Frontend};
 use crate::{Backend, TestProxy};
@@ -43,6 +43,16 @@ impl Spliced {
     /// [`TestProxy::assert_kernel_moved`] since the scenario's connection was established.
     pub fn assert_kernel_moved(&self, direction: Direction) {
         self.proxy.assert_kernel_moved(self.spliced, direction);
+    }
+
+    /// Ends the scenario the way most do: its connection closes with `reason`, the kernel
+    /// moved bytes in each of `moved` since the splice, then [`Spliced::finish`].
+    pub async fn finish_closed(mut self, reason: Reason, moved: &[Direction]) {
+        self.proxy.expect_closed(reason).await;
+        for &direction in moved {
+            self.assert_kernel_moved(direction);
+        }
+        self.finish().await;
     }
 
     /// Waits for the backend's handlers (a panic there fails the test here), then stops

@@ -27,13 +27,12 @@ async fn shutdown_resets_both_sides_of_a_stream_still_open_at_the_end_of_grace()
             expect_reset(&mut stream).await;
         })
         .await;
-        let (mut proxy, mut client) =
+        let (proxy, mut client) =
             spliced(mode, "[lifecycle]\ngrace_period = \"300ms\"\n", backend).await;
         proxy.proxy.shutdown();
         // Idle at the end of grace, as far as the proxy can tell: still cut.
         expect_reset(&mut client).await;
-        proxy.expect_closed(Reason::Shutdown).await;
-        proxy.finish().await;
+        proxy.finish_closed(Reason::Shutdown, &[]).await;
     })
     .await;
 }
@@ -51,14 +50,13 @@ async fn shutdown_resets_a_half_closed_stream_at_the_end_of_grace() {
             expect_reset_after_eof(&stream).await;
         })
         .await;
-        let (mut proxy, client) =
+        let (proxy, client) =
             spliced(mode, "[lifecycle]\ngrace_period = \"300ms\"\n", backend).await;
         let (mut read, mut write) = client.into_split();
         write.shutdown().await.expect("client FIN");
         proxy.proxy.shutdown();
         expect_reset(&mut read).await;
-        proxy.expect_closed(Reason::Shutdown).await;
-        proxy.finish().await;
+        proxy.finish_closed(Reason::Shutdown, &[]).await;
     })
     .await;
 }

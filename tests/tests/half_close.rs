@@ -32,19 +32,14 @@ async fn after_client_fin_backend_streams_five_mib_then_eof() {
         let to_client = pattern(FIVE_MIB, 11);
         let expected = sha256(&to_client);
         let backend = Backend::greeted_with(to_client, |mut stream, payload| async move {
-            let mut request = Vec::new();
-            stream
-                .read_to_end(&mut request)
-                .await
-                .expect("backend reads up to the client's FIN");
-            assert_eq!(request, b"request", "bytes before the client's FIN");
+            read_request(&mut stream, b"request").await;
             write_chunked(&mut stream, &payload)
                 .await
                 .expect("backend streams after the client's FIN");
             stream.shutdown().await.expect("backend FIN");
         })
         .await;
-        let (mut proxy, mut client) = Spliced::start(&front, "", backend).await;
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"request").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         let (len, hash) = within("the client reads to EOF", read_to_end_hashed(&mut client))
@@ -52,9 +47,9 @@ async fn after_client_fin_backend_streams_five_mib_then_eof() {
             .expect("client reads after its own FIN");
         assert_eq!(len, FIVE_MIB, "bytes at the client");
         assert_eq!(hash, expected, "checksum at the client");
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(Direction::BackendToClient);
-        proxy.finish().await;
+        proxy
+            .finish_closed(Reason::Normal, &[Direction::BackendToClient])
+            .await;
     })
     .await;
 }
@@ -74,7 +69,7 @@ async fn after_backend_fin_client_streams_five_mib_then_eof() {
             assert_eq!(hash, expected, "checksum at the backend");
         })
         .await;
-        let (mut proxy, mut client) = Spliced::start(&front, "", backend).await;
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         let mut greeting = Vec::new();
         within(
             "the client reads to the backend's FIN",
@@ -90,9 +85,9 @@ async fn after_backend_fin_client_streams_five_mib_then_eof() {
         .await
         .expect("client streams after the backend's FIN");
         client.shutdown().await.expect("client FIN");
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(Direction::ClientToBackend);
-        proxy.finish().await;
+        proxy
+            .finish_closed(Reason::Normal, &[Direction::ClientToBackend])
+            .await;
     })
     .await;
 }
@@ -105,12 +100,7 @@ async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_thr
         let release = Arc::new(Notify::new());
         let backend =
             Backend::greeted_with(Arc::clone(&release), |mut stream, release| async move {
-                let mut request = Vec::new();
-                stream
-                    .read_to_end(&mut request)
-                    .await
-                    .expect("backend reads up to the client's FIN");
-                assert_eq!(request, b"subscribe", "bytes before the client's FIN");
+                read_request(&mut stream, b"subscribe").await;
                 send_ticks(&mut stream, TICKS, Duration::from_millis(100)).await;
                 release.notified().await;
                 stream.shutdown().await.expect("backend FIN");
@@ -130,14 +120,7 @@ async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_thr
             );
         }
         release.notify_one();
-        let mut rest = Vec::new();
-        within(
-            "the client reads to the backend's FIN",
-            client.read_to_end(&mut rest),
-        )
-        .await
-        .expect("client reads");
-        assert!(rest.is_empty(), "{} bytes after the last tick", rest.len());
+        expect_eof(&mut client, "the client reads to the backend's FIN").await;
         proxy.expect_closed(Reason::Normal).await;
         assert_eq!(
             proxy.stats().connections.half_open,

@@ -32,17 +32,19 @@ async fn client_reset_resets_the_backend() {
             expect_reset(&mut stream).await;
         })
         .await;
-        let (mut proxy, mut client) = Spliced::start(&front, "", backend).await;
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         let mut ready = [0u8; 5];
         within("the backend answers", client.read_exact(&mut ready))
             .await
             .expect("client reads");
         client.reset();
-        proxy.expect_closed(Reason::ClientReset).await;
-        proxy.assert_kernel_moved(Direction::ClientToBackend);
-        proxy.assert_kernel_moved(Direction::BackendToClient);
-        proxy.finish().await;
+        proxy
+            .finish_closed(
+                Reason::ClientReset,
+                &[Direction::ClientToBackend, Direction::BackendToClient],
+            )
+            .await;
     })
     .await;
 }
@@ -56,12 +58,12 @@ async fn backend_reset_resets_the_client() {
             reset(stream);
         })
         .await;
-        let (mut proxy, mut client) = Spliced::start(&front, "", backend).await;
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         expect_reset(&mut client).await;
-        proxy.expect_closed(Reason::BackendReset).await;
-        proxy.assert_kernel_moved(Direction::ClientToBackend);
-        proxy.finish().await;
+        proxy
+            .finish_closed(Reason::BackendReset, &[Direction::ClientToBackend])
+            .await;
     })
     .await;
 }
@@ -70,22 +72,17 @@ async fn backend_reset_resets_the_client() {
 async fn backend_reset_after_client_fin_resets_the_client() {
     for_each_frontend(|front| async move {
         let backend = Backend::greeted(|mut stream| async move {
-            let mut request = Vec::new();
-            stream
-                .read_to_end(&mut request)
-                .await
-                .expect("backend reads up to the client's FIN");
-            assert_eq!(request, b"hello", "bytes before the client's FIN");
+            read_request(&mut stream, b"hello").await;
             reset(stream);
         })
         .await;
-        let (mut proxy, mut client) = Spliced::start(&front, "", backend).await;
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         expect_reset(&mut client).await;
-        proxy.expect_closed(Reason::BackendReset).await;
-        proxy.assert_kernel_moved(Direction::ClientToBackend);
-        proxy.finish().await;
+        proxy
+            .finish_closed(Reason::BackendReset, &[Direction::ClientToBackend])
+            .await;
     })
     .await;
 }
@@ -98,24 +95,19 @@ async fn client_reset_after_client_fin_resets_the_backend() {
         let fin_seen = Arc::new(Notify::new());
         let backend =
             Backend::greeted_with(Arc::clone(&fin_seen), |mut stream, fin_seen| async move {
-                let mut request = Vec::new();
-                stream
-                    .read_to_end(&mut request)
-                    .await
-                    .expect("backend reads up to the client's FIN");
-                assert_eq!(request, b"hello", "bytes before the client's FIN");
+                read_request(&mut stream, b"hello").await;
                 fin_seen.notify_one();
                 expect_reset_after_eof(&stream).await;
             })
             .await;
-        let (mut proxy, mut client) = Spliced::start(&front, "", backend).await;
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         within("the backend reads the client's FIN", fin_seen.notified()).await;
         client.reset();
-        proxy.expect_closed(Reason::ClientReset).await;
-        proxy.assert_kernel_moved(Direction::ClientToBackend);
-        proxy.finish().await;
+        proxy
+            .finish_closed(Reason::ClientReset, &[Direction::ClientToBackend])
+            .await;
     })
     .await;
 }

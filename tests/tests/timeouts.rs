@@ -50,15 +50,7 @@ async fn round_trip(client: &mut (impl AsyncRead + AsyncWrite + Unpin), message:
 /// Ends a connection to an [`echo`] backend cleanly: FIN, then EOF back.
 async fn finish(mut client: impl AsyncRead + AsyncWrite + Unpin) {
     client.shutdown().await.expect("client FIN");
-    let mut rest = Vec::new();
-    within("the client reads to EOF", client.read_to_end(&mut rest))
-        .await
-        .expect("client reads");
-    assert!(
-        rest.is_empty(),
-        "{} unexpected bytes before EOF",
-        rest.len()
-    );
+    expect_eof(&mut client, "the client reads to EOF").await;
 }
 
 // === inactivity_timeout ===
@@ -77,10 +69,12 @@ async fn inactivity_reset_counts_each_timeout_and_never_closes() {
         assert_eq!(proxy.stats().connections.active, 1, "active after 3 s idle");
         round_trip(&mut client, b"after").await;
         finish(client).await;
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(Direction::ClientToBackend);
-        proxy.assert_kernel_moved(Direction::BackendToClient);
-        proxy.finish().await;
+        proxy
+            .finish_closed(
+                Reason::Normal,
+                &[Direction::ClientToBackend, Direction::BackendToClient],
+            )
+            .await;
     })
     .await;
 }
@@ -101,10 +95,12 @@ async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
         );
         round_trip(&mut client, b"after").await;
         finish(client).await;
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(Direction::ClientToBackend);
-        proxy.assert_kernel_moved(Direction::BackendToClient);
-        proxy.finish().await;
+        proxy
+            .finish_closed(
+                Reason::Normal,
+                &[Direction::ClientToBackend, Direction::BackendToClient],
+            )
+            .await;
     })
     .await;
 }
@@ -113,7 +109,7 @@ async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
 async fn inactivity_close_ends_an_idle_connection_with_eof() {
     for_each_frontend(|front| async move {
         let backend = Backend::greeted(echo).await;
-        let (mut proxy, mut client) = Spliced::start(&front, &inactivity("close"), backend).await;
+        let (proxy, mut client) = Spliced::start(&front, &inactivity("close"), backend).await;
         let idle_since = Instant::now();
         let mut rest = Vec::new();
         within(
@@ -133,8 +129,7 @@ async fn inactivity_close_ends_an_idle_connection_with_eof() {
             "a 300 ms inactivity timeout closed after {idle:?}"
         );
         drop(client);
-        proxy.expect_closed(Reason::InactivityTimeout).await;
-        proxy.finish().await;
+        proxy.finish_closed(Reason::InactivityTimeout, &[]).await;
     })
     .await;
 }
@@ -156,34 +151,18 @@ async fn parity_check_closes_a_half_closed_connection_where_nothing_moves() {
         let release = Arc::new(Notify::new());
         let backend =
             Backend::greeted_with(Arc::clone(&release), |mut stream, release| async move {
-                let mut request = Vec::new();
-                stream
-                    .read_to_end(&mut request)
-                    .await
-                    .expect("backend reads up to the client's FIN");
-                assert_eq!(request, b"request", "bytes before the client's FIN");
+                read_request(&mut stream, b"request").await;
                 release.notified().await;
             })
             .await;
-        let (mut proxy, mut client) = Spliced::start(&front, &parity(""), backend).await;
+        let (proxy, mut client) = Spliced::start(&front, &parity(""), backend).await;
         client.write_all(b"request").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
-        let mut rest = Vec::new();
-        within(
-            "the parity check closes the connection",
-            client.read_to_end(&mut rest),
-        )
-        .await
-        .expect("a graceful close: EOF, not RST");
-        assert!(
-            rest.is_empty(),
-            "{} unexpected bytes before EOF",
-            rest.len()
-        );
+        expect_eof(&mut client, "the parity check closes the connection").await;
         release.notify_one();
-        proxy.expect_closed(Reason::ParityCheck).await;
-        proxy.assert_kernel_moved(Direction::ClientToBackend);
-        proxy.finish().await;
+        proxy
+            .finish_closed(Reason::ParityCheck, &[Direction::ClientToBackend])
+            .await;
     })
     .await;
 }
@@ -202,23 +181,16 @@ async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
             // Returning closes the stream: a FIN behind the last tick.
         })
         .await;
-        let (mut proxy, mut client) = Spliced::start(&front, &parity(""), backend).await;
+        let (proxy, mut client) = Spliced::start(&front, &parity(""), backend).await;
         client.write_all(b"subscribe").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         for index in 0..TICKS {
             read_tick(&mut client, index).await;
         }
-        let mut rest = Vec::new();
-        within(
-            "the client reads to the backend's FIN",
-            client.read_to_end(&mut rest),
-        )
-        .await
-        .expect("client reads");
-        assert!(rest.is_empty(), "{} bytes after the last tick", rest.len());
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(Direction::BackendToClient);
-        proxy.finish().await;
+        expect_eof(&mut client, "the client reads to the backend's FIN").await;
+        proxy
+            .finish_closed(Reason::Normal, &[Direction::BackendToClient])
+            .await;
     })
     .await;
 }
@@ -253,18 +225,7 @@ async fn parity_check_closes_a_connection_whose_finishing_direction_never_drains
         .await
         .expect("client writes");
         client.shutdown().await.expect("client FIN");
-        let mut rest = Vec::new();
-        within(
-            "the parity check closes the connection",
-            client.read_to_end(&mut rest),
-        )
-        .await
-        .expect("a graceful close: EOF, not RST");
-        assert!(
-            rest.is_empty(),
-            "{} unexpected bytes before EOF",
-            rest.len()
-        );
+        expect_eof(&mut client, "the parity check closes the connection").await;
         proxy.expect_closed(Reason::ParityCheck).await;
         proxy.assert_kernel_moved(Direction::ClientToBackend);
         release.notify_one();
@@ -289,16 +250,11 @@ async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
             let mut ask = [0u8; 3];
             stream.read_exact(&mut ask).await.expect("backend reads");
             stream.write_all(&banner).await.expect("backend writes");
-            let mut request = Vec::new();
-            stream
-                .read_to_end(&mut request)
-                .await
-                .expect("the backend sees EOF");
-            assert_eq!(request, b"bye", "bytes before the client's FIN");
+            read_request(&mut stream, b"bye").await;
             release.notified().await;
         })
         .await;
-        let (mut proxy, mut client) =
+        let (proxy, mut client) =
             Spliced::start(&front, "[lifecycle]\nallow_half_open = false\n", backend).await;
         client.write_all(b"ask").await.expect("client writes");
         // The FIN goes out once the proxy has taken every banner byte (the client has
@@ -316,9 +272,9 @@ async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
         assert_eq!(len, BANNER, "banner bytes at the client");
         assert_eq!(hash, expected, "banner checksum at the client");
         release.notify_one();
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(Direction::BackendToClient);
-        proxy.finish().await;
+        proxy
+            .finish_closed(Reason::Normal, &[Direction::BackendToClient])
+            .await;
     })
     .await;
 }
