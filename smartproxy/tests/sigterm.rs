@@ -207,20 +207,6 @@ fn reporting_echo_backend() -> (SocketAddr, mpsc::Receiver<Result<(), ErrorKind>
     (addr, reports)
 }
 
-/// `GET /metrics` from `addr`: the whole response.
-fn scrape(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: proxy\r\n\r\n")
-        .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("the metrics endpoint answers");
-    response
-}
-
 #[test]
 fn the_drain_can_be_watched_and_a_second_sigterm_cuts_it_short() {
     for data_path in data_paths() {

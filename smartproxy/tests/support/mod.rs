@@ -65,6 +65,21 @@ pub fn data_paths() -> Vec<&'static str> {
     paths
 }
 
+/// `GET /metrics` from `addr` (a `[proxy] metrics` endpoint): the whole response.
+pub fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("the metrics endpoint answers");
+    response
+}
+
 /// Sends `message` and reads the echo back.
 pub fn echo_once(stream: &mut std::net::TcpStream, message: &[u8]) {
     use std::io::{Read, Write};
