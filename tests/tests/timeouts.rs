@@ -55,26 +55,33 @@ async fn finish(mut client: impl AsyncRead + AsyncWrite + Unpin) {
 
 // === inactivity_timeout ===
 
+/// Ends a case whose idle connection must outlive its idle time: nothing closed, the
+/// connection still active and relaying both ways (through the kernel on its path), then
+/// a normal close.
+async fn survived(mut proxy: Spliced, mut client: Client) {
+    proxy.assert_nothing_closed();
+    assert_eq!(proxy.stats().connections.active, 1, "active after 3 s idle");
+    round_trip(&mut client, b"after").await;
+    finish(client).await;
+    proxy
+        .finish_closed(
+            Reason::Normal,
+            &[Direction::ClientToBackend, Direction::BackendToClient],
+        )
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inactivity_reset_counts_each_timeout_and_never_closes() {
     for_each_frontend(|front| async move {
         let backend = Backend::greeted(echo).await;
-        let (mut proxy, mut client) = Spliced::start(&front, &inactivity("reset"), backend).await;
+        let (proxy, client) = Spliced::start(&front, &inactivity("reset"), backend).await;
         // Ten counted timeouts of 300 ms: the connection sat idle for 3 s.
         wait_for("ten inactivity resets", || {
             proxy.stats().lifecycle.inactivity_resets >= 10
         })
         .await;
-        proxy.assert_nothing_closed();
-        assert_eq!(proxy.stats().connections.active, 1, "active after 3 s idle");
-        round_trip(&mut client, b"after").await;
-        finish(client).await;
-        proxy
-            .finish_closed(
-                Reason::Normal,
-                &[Direction::ClientToBackend, Direction::BackendToClient],
-            )
-            .await;
+        survived(proxy, client).await;
     })
     .await;
 }
@@ -83,24 +90,15 @@ async fn inactivity_reset_counts_each_timeout_and_never_closes() {
 async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
     for_each_frontend(|front| async move {
         let backend = Backend::greeted(echo).await;
-        let (mut proxy, mut client) = Spliced::start(&front, &inactivity("ignore"), backend).await;
+        let (proxy, client) = Spliced::start(&front, &inactivity("ignore"), backend).await;
         // The idle period is the scenario itself: nothing happens that could be awaited.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        proxy.assert_nothing_closed();
-        let stats = proxy.stats();
-        assert_eq!(stats.connections.active, 1, "active after 3 s idle");
         assert_eq!(
-            stats.lifecycle.inactivity_resets, 0,
+            proxy.stats().lifecycle.inactivity_resets,
+            0,
             "no timer under ignore"
         );
-        round_trip(&mut client, b"after").await;
-        finish(client).await;
-        proxy
-            .finish_closed(
-                Reason::Normal,
-                &[Direction::ClientToBackend, Direction::BackendToClient],
-            )
-            .await;
+        survived(proxy, client).await;
     })
     .await;
 }
