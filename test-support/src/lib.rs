@@ -3,14 +3,16 @@
 //! rule for skipping where eBPF cannot load, one payload generator, one family of mock
 //! backends.
 
+mod addr;
 mod backend;
 mod payload;
 mod skip;
 mod wait;
 
+pub use addr::{free_port, refused_addrs};
 pub use backend::{
     background_backend, echo, echo_backend, tagged_backend, try_echo, Backend, GREETING,
 };
 pub use payload::{pattern, sha256};
 pub use skip::ebpf_or_skip;
-pub use wait::{free_port, wait_for, wait_until, within, POLL, WAIT};
+pub use wait::{wait_for, wait_until, within, POLL, WAIT};

@@ -1,7 +1,6 @@
 //! Bounded waits: reaching a bound is a failure, never the wait itself.
 
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 /// Bounds every wait in a test.
@@ -37,11 +36,4 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
         );
         std::thread::sleep(POLL);
     }
-}
-
-/// A loopback port nobody listens on right now (bound, read, released).
-pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
 }

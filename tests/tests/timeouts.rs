@@ -21,7 +21,6 @@
 //! kernel variant runs spliced, and the kernel variant checks the kernel moved the bytes
 //! sent after it.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -279,18 +278,6 @@ async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
 
 // === connect ===
 
-/// `count` distinct loopback addresses that refuse connections: ports bound together,
-/// then released.
-fn refused_targets(count: usize) -> Vec<SocketAddr> {
-    let listeners: Vec<std::net::TcpListener> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("bound address"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_that_never_answers_closes_with_connect_timeout() {
     for_each_data_path(|mode| async move {
@@ -317,7 +304,7 @@ async fn target_that_never_answers_closes_with_connect_timeout() {
 async fn refused_target_is_skipped_for_the_next_one() {
     for_each_data_path(|mode| async move {
         let backend = Backend::spawn(echo).await;
-        let route = plain_route_to("fallback", &[refused_targets(1)[0], backend.addr], "");
+        let route = plain_route_to("fallback", &[refused_addrs(1)[0], backend.addr], "");
         let mut proxy = TestProxy::start(mode, &route).await;
         // Round-robin starts each connection at another target: both orders are served.
         for attempt in 0..2 {
@@ -340,7 +327,7 @@ async fn refused_target_is_skipped_for_the_next_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_targets_refused_closes_with_connect_failed_at_once() {
     for_each_data_path(|mode| async move {
-        let route = plain_route_to("nowhere", &refused_targets(2), "");
+        let route = plain_route_to("nowhere", &refused_addrs(2), "");
         let mut proxy = TestProxy::start(mode, &route).await;
         let mut client = connect(proxy.addr("nowhere")).await;
         let started = Instant::now();
@@ -375,7 +362,7 @@ async fn unresolvable_target_is_skipped_for_the_next_one() {
         let backend = Backend::spawn(echo).await;
         let targets = [
             UNRESOLVABLE.to_owned(),
-            refused_targets(1)[0].to_string(),
+            refused_addrs(1)[0].to_string(),
             backend.addr.to_string(),
         ];
         let mut proxy = TestProxy::start(mode, &route_to_names("fallback", &targets)).await;
@@ -395,7 +382,7 @@ async fn unresolvable_target_is_skipped_for_the_next_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_target_failing_gives_a_clean_close() {
     for_each_data_path(|mode| async move {
-        let targets = [UNRESOLVABLE.to_owned(), refused_targets(1)[0].to_string()];
+        let targets = [UNRESOLVABLE.to_owned(), refused_addrs(1)[0].to_string()];
         let mut proxy = TestProxy::start(mode, &route_to_names("nowhere", &targets)).await;
         for _ in 0..2 {
             let mut client = connect(proxy.addr("nowhere")).await;
