@@ -17,7 +17,7 @@ use smartproxy::resolve::{Lookup, Resolve};
 use smartproxy::stats::Snapshot;
 use smartproxy::{Closed, Proxy};
 use socket2::{Domain, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 
@@ -418,6 +418,16 @@ pub async fn expect_reset(stream: &mut (impl AsyncReadExt + Unpin)) {
     if let Err(what) = outcome {
         panic!("expected a reset: got {what}");
     }
+}
+
+/// Sends `message` and checks that it comes back (through an [`echo`] backend).
+pub async fn round_trip(client: &mut (impl AsyncRead + AsyncWrite + Unpin), message: &[u8]) {
+    client.write_all(message).await.expect("client writes");
+    let mut echoed = vec![0u8; message.len()];
+    within("the echo comes back", client.read_exact(&mut echoed))
+        .await
+        .expect("client reads the echo");
+    assert_eq!(echoed, message, "echoed bytes");
 }
 
 /// Reads `stream` to its end, bounded by [`WAIT`] (`what` names the wait), and asserts a

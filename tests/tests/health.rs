@@ -17,7 +17,7 @@ use smartproxy::config::DataPathMode;
 use smartproxy::health::{FailureKind, TargetSnapshot};
 use smartproxy::lifecycle::{Direction, Reason};
 use smartproxy_tests::*;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The health of `target` in the proxy's stats.
 fn target(proxy: &TestProxy, target: SocketAddr) -> TargetSnapshot {
@@ -28,15 +28,6 @@ fn target(proxy: &TestProxy, target: SocketAddr) -> TargetSnapshot {
         .into_iter()
         .find(|t| t.target == name)
         .unwrap_or_else(|| panic!("no target {name} in the stats"))
-}
-
-async fn round_trip(client: &mut (impl AsyncRead + AsyncWrite + Unpin), message: &[u8]) {
-    client.write_all(message).await.expect("client writes");
-    let mut echoed = vec![0u8; message.len()];
-    within("the echo comes back", client.read_exact(&mut echoed))
-        .await
-        .expect("client reads the echo");
-    assert_eq!(echoed, message, "echoed bytes");
 }
 
 /// A connection to an [`echo`] backend, through the proxy, there and back, then ended

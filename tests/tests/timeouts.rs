@@ -36,16 +36,6 @@ fn inactivity(behavior: &str) -> String {
     format!("[lifecycle]\ninactivity_timeout = \"300ms\"\ntimeout_behavior = \"{behavior}\"\n\n")
 }
 
-/// Sends `message` and checks that it comes back (through an [`echo`] backend).
-async fn round_trip(client: &mut (impl AsyncRead + AsyncWrite + Unpin), message: &[u8]) {
-    client.write_all(message).await.expect("client writes");
-    let mut echoed = vec![0u8; message.len()];
-    within("the echo comes back", client.read_exact(&mut echoed))
-        .await
-        .expect("client reads the echo");
-    assert_eq!(echoed, message, "echoed bytes");
-}
-
 /// Ends a connection to an [`echo`] backend cleanly: FIN, then EOF back.
 async fn finish(mut client: impl AsyncRead + AsyncWrite + Unpin) {
     client.shutdown().await.expect("client FIN");
