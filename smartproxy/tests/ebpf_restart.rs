@@ -107,7 +107,7 @@ fn start(cgroup: &Cgroup, backend: std::net::SocketAddr) -> ProxyProcess {
 
 #[test]
 fn sigkill_with_open_connections_leaves_nothing_attached_and_restart_serves() {
-    if !ebpf_or_skip() {
+    if ebpf_or_skip("this test", smartproxy::datapath::probe_ebpf).is_none() {
         return;
     }
     let backend = echo_backend();

@@ -14,7 +14,7 @@
 //! - `dropping_the_splice_removes_its_entries`: sockhash entries and events are accounted.
 //!
 //! Needs root (or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON). Without it each test prints
-//! `SKIPPING: eBPF unavailable: ...` and passes, unless `SMARTPROXY_REQUIRE_EBPF=1`.
+//! `SKIPPING this test: ...` and passes, unless `SMARTPROXY_REQUIRE_EBPF=1`.
 
 use std::{
     io::{Read, Write},
@@ -24,36 +24,27 @@ use std::{
     time::Duration,
 };
 
-use sha2::{Digest, Sha256};
 use smartproxy::{
     ebpf::{Kernel, LoadOptions, MapEntries, Splice, StateChange, TcpState, Wait},
     lifecycle::Side,
 };
+use smartproxy_test_support::{ebpf_or_skip, pattern, sha256};
 use tokio::time::timeout;
 
 /// Bounds a failing wait; never the wait itself.
 const GENEROUS: Duration = Duration::from_secs(30);
 
-/// Loads the eBPF data path, or says loudly why not and returns `None` (a skip), unless
-/// `SMARTPROXY_REQUIRE_EBPF=1` makes that a failure. Without a relay nobody forwards the
-/// bytes the verdict passes up at the backpressure cap, so these raw splices get a cap
-/// they never reach.
+/// Loads the eBPF data path, or skips (see [`ebpf_or_skip`]). Without a relay nobody
+/// forwards the bytes the verdict passes up at the backpressure cap, so these raw splices
+/// get a cap they never reach.
 fn kernel_or_skip() -> Option<Kernel> {
     let options = LoadOptions {
         max_queued_bytes: 64 << 20,
         ..LoadOptions::default()
     };
-    match Kernel::load(options) {
-        Ok(kernel) => Some(kernel),
-        Err(err) => {
-            let reason = smartproxy::error_chain(&err);
-            if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") {
-                panic!("SMARTPROXY_REQUIRE_EBPF=1 but eBPF is unavailable: {reason}");
-            }
-            eprintln!("SKIPPING: eBPF unavailable: {reason}");
-            None
-        }
-    }
+    ebpf_or_skip("this test", || {
+        Kernel::load(options).map_err(|e| smartproxy::error_chain(&e))
+    })
 }
 
 /// client <-> (proxy_client | proxy_backend) <-> backend, all blocking std sockets.
@@ -89,19 +80,6 @@ impl Chain {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift), different per seed.
-fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Writes `data` then reads exactly `expect_len` bytes, concurrently; returns what was read.
 fn exchange(mut sock: TcpStream, data: Vec<u8>, expect_len: usize) -> thread::JoinHandle<Vec<u8>> {
     thread::spawn(move || {
@@ -112,10 +90,6 @@ fn exchange(mut sock: TcpStream, data: Vec<u8>, expect_len: usize) -> thread::Jo
         w.join().unwrap();
         got
     })
-}
-
-fn sha(data: &[u8]) -> Vec<u8> {
-    Sha256::digest(data).to_vec()
 }
 
 async fn wait_delivered(splice: &Splice, source: Side) {
@@ -172,9 +146,9 @@ async fn both_directions_at_once_arrive_intact() {
     splice
         .flushed(Side::Backend, greeting.len() as u64)
         .unwrap();
-    let up = payload(SIZE, 1);
-    let down = payload(SIZE, 2);
-    let (up_sha, down_sha) = (sha(&up), sha(&down));
+    let up = pattern(SIZE, 1);
+    let down = pattern(SIZE, 2);
+    let (up_sha, down_sha) = (sha256(&up), sha256(&down));
     let client = exchange(
         chain.client.try_clone().unwrap(),
         up,
@@ -192,11 +166,11 @@ async fn both_directions_at_once_arrive_intact() {
         "server-first bytes come first"
     );
     assert_eq!(
-        sha(&got_down[server_first.len()..]),
+        sha256(&got_down[server_first.len()..]),
         down_sha,
         "backend->client intact"
     );
-    assert_eq!(sha(&got_up), up_sha, "client->backend intact");
+    assert_eq!(sha256(&got_up), up_sha, "client->backend intact");
 
     let up_flow = splice.flow(Side::Client).unwrap();
     let down_flow = splice.flow(Side::Backend).unwrap();
@@ -220,7 +194,7 @@ async fn client_fin_is_reported_and_backend_to_client_keeps_flowing() {
     let mut chain = Chain::connect();
     let mut splice = chain.splice(&kernel);
 
-    let request = payload(256 << 10, 3);
+    let request = pattern(256 << 10, 3);
     chain.client.write_all(&request).unwrap();
     chain.client.shutdown(Shutdown::Write).unwrap();
 
@@ -247,14 +221,14 @@ async fn client_fin_is_reported_and_backend_to_client_keeps_flowing() {
     .await
     .unwrap();
     assert_eq!(
-        sha(&got),
-        sha(&request),
+        sha256(&got),
+        sha256(&request),
         "the backend gets every byte, then EOF"
     );
 
     // Backend -> client still moves in the kernel after both half-closes above.
-    let response = payload(4 << 20, 4);
-    let response_sha = sha(&response);
+    let response = pattern(4 << 20, 4);
+    let response_sha = sha256(&response);
     let backend = exchange(chain.backend.try_clone().unwrap(), response, 0);
     let mut client = chain.client.try_clone().unwrap();
     let got = tokio::task::spawn_blocking(move || {
@@ -266,7 +240,7 @@ async fn client_fin_is_reported_and_backend_to_client_keeps_flowing() {
     .unwrap();
     backend.join().unwrap();
     assert_eq!(
-        sha(&got),
+        sha256(&got),
         response_sha,
         "backend->client intact after the client's FIN"
     );

@@ -128,20 +128,6 @@ fn config_of(proxy: &ProxyProcess) -> Config {
     Config::from_file(&proxy.config_file()).expect("the test config loads")
 }
 
-/// `GET /metrics` from `addr`: the response body.
-fn scrape(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: proxy\r\n\r\n")
-        .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("the metrics endpoint answers");
-    response
-}
-
 /// The value of the unlabelled sample `name` in a metrics text.
 fn sample(metrics: &str, name: &str) -> u64 {
     metrics

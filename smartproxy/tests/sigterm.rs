@@ -25,7 +25,6 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 mod support;
@@ -64,8 +63,7 @@ fn transfer_in_progress_at_sigterm_completes_while_new_connects_are_refused() {
     let backend = echo_backend();
     let mut proxy = ProxyProcess::start("echo", backend, "grace_period = \"5s\"");
 
-    let mut data = vec![0u8; TRANSFER];
-    rand::thread_rng().fill_bytes(&mut data);
+    let data = pattern(TRANSFER, 1);
     let sent_digest = Sha256::digest(&data);
 
     let client = TcpStream::connect(proxy.listen).expect("connect through the proxy");
@@ -207,20 +205,6 @@ fn reporting_echo_backend() -> (SocketAddr, mpsc::Receiver<Result<(), ErrorKind>
         let _ = report.send(outcome);
     });
     (addr, reports)
-}
-
-/// `GET /metrics` from `addr`: the whole response.
-fn scrape(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: proxy\r\n\r\n")
-        .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("the metrics endpoint answers");
-    response
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -17,15 +17,19 @@ use smartproxy::resolve::{Lookup, Resolve};
 use smartproxy::stats::Snapshot;
 use smartproxy::{Closed, Proxy};
 use socket2::{Domain, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
 use tokio::sync::broadcast;
-use tokio::task::JoinHandle;
 
+pub mod scenario;
 pub mod scrape;
 pub mod tls;
+pub use scenario::Spliced;
 pub use scrape::{counter, gauge, http, sample, scrape};
 pub use tls::{for_each_frontend, Client, Frontend};
+// One harness for both kinds of tests: what the binary's tests share with these lives
+// in `smartproxy-test-support`.
+pub use smartproxy_test_support::*;
 
 /// Bounds every wait in a test: a failure, not the wait itself.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -42,9 +46,10 @@ pub fn init_tracing() {
     });
 }
 
-/// Whether the kernel data path can load here; `Err` says why not.
-pub fn ebpf_available() -> Result<(), String> {
-    smartproxy::datapath::probe_ebpf()
+/// Whether the kernel data path loads here: where it does not, a loud skip of `what`, or
+/// a failure with `SMARTPROXY_REQUIRE_EBPF=1` (see [`ebpf_or_skip`]).
+pub fn ebpf_loads(what: &str) -> bool {
+    ebpf_or_skip(what, smartproxy::datapath::probe_ebpf).is_some()
 }
 
 /// Runs `body` once per data path. The eBPF run is skipped, loudly, where the kernel
@@ -56,14 +61,8 @@ where
 {
     init_tracing();
     for mode in [DataPathMode::Userspace, DataPathMode::Ebpf] {
-        if mode == DataPathMode::Ebpf {
-            if let Err(why) = ebpf_available() {
-                if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") {
-                    panic!("SMARTPROXY_REQUIRE_EBPF=1 but the eBPF data path cannot load: {why}");
-                }
-                eprintln!("SKIPPING the ebpf data path of this test: {why}");
-                continue;
-            }
+        if mode == DataPathMode::Ebpf && !ebpf_loads("the ebpf data path of this test") {
+            continue;
         }
         eprintln!("--- data path: {mode}");
         body(mode).await;
@@ -302,121 +301,6 @@ fn write_config(dir: &tempfile::TempDir, mode: DataPathMode, rest: &str) -> Path
     path
 }
 
-/// A mock backend on loopback: runs `handler` for every accepted connection. Its panics
-/// are handed to the test by [`Backend::join`].
-pub struct Backend {
-    pub addr: SocketAddr,
-    accept: JoinHandle<()>,
-    handlers: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Backend {
-    pub async fn spawn<F, Fut>(handler: F) -> Backend
-    where
-        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        Backend::spawn_at("127.0.0.1:0".parse().expect("an address"), handler).await
-    }
-
-    /// [`Backend::spawn`] on `addr`: a target that was dead comes back.
-    pub async fn spawn_at<F, Fut>(addr: SocketAddr, handler: F) -> Backend
-    where
-        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let listener = TcpListener::bind(addr)
-            .await
-            .unwrap_or_else(|e| panic!("bind a backend on {addr}: {e}"));
-        let addr = listener.local_addr().expect("backend address");
-        let handlers: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let accept = tokio::spawn({
-            let handlers = Arc::clone(&handlers);
-            async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let task = tokio::spawn(handler(stream));
-                    handlers.lock().expect("backend handler list").push(task);
-                }
-            }
-        });
-        Backend {
-            addr,
-            accept,
-            handlers,
-        }
-    }
-
-    /// [`Backend::spawn`] with a value (a payload, a [`tokio::sync::Notify`], a counter)
-    /// that each handler gets a clone of.
-    pub async fn spawn_with<S, F, Fut>(state: S, handler: F) -> Backend
-    where
-        S: Clone + Send + Sync + 'static,
-        F: Fn(TcpStream, S) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        Backend::spawn(move |stream| handler(stream, state.clone())).await
-    }
-
-    /// A backend that, on each connection, first echoes [`GREETING`] (the round trip of
-    /// [`TestProxy::established`]), then runs `script`. A script that ends the connection
-    /// on its own (a reset, a close) should wait for a word from the client first: the
-    /// connection must still be there when `established` looks it up.
-    pub async fn greeted<F, Fut>(script: F) -> Backend
-    where
-        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let script = Arc::new(script);
-        Backend::spawn(move |mut stream| {
-            let script = Arc::clone(&script);
-            async move {
-                let mut greeting = [0u8; GREETING.len()];
-                stream
-                    .read_exact(&mut greeting)
-                    .await
-                    .expect("backend reads the greeting");
-                assert_eq!(greeting, GREETING, "the greeting at the backend");
-                stream
-                    .write_all(GREETING)
-                    .await
-                    .expect("backend echoes the greeting");
-                script(stream).await;
-            }
-        })
-        .await
-    }
-
-    /// [`Backend::greeted`] with a value each script gets a clone of.
-    pub async fn greeted_with<S, F, Fut>(state: S, script: F) -> Backend
-    where
-        S: Clone + Send + Sync + 'static,
-        F: Fn(TcpStream, S) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        Backend::greeted(move |stream| script(stream, state.clone())).await
-    }
-
-    /// Waits for every handler to end; a handler's panic fails the test here.
-    pub async fn join(self) {
-        self.accept.abort();
-        let handlers = std::mem::take(&mut *self.handlers.lock().expect("backend handler list"));
-        for handler in handlers {
-            match tokio::time::timeout(WAIT, handler).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Ok(Err(e)) => panic!("backend handler failed: {e}"),
-                Err(_) => panic!("a backend handler did not finish in time"),
-            }
-        }
-    }
-}
-
-/// What [`TestProxy::established`] sends and a [`Backend::greeted`] backend echoes.
-pub const GREETING: &[u8] = b"splice first";
-
 /// Ends a connection with FIN both ways (the backend answers the client's FIN with its
 /// own, sending nothing more) and checks the proxy saw a normal close.
 pub async fn close_normally(proxy: &mut TestProxy, mut stream: TcpStream) {
@@ -482,53 +366,10 @@ pub fn plain_route_to(name: &str, targets: &[SocketAddr], extra: &str) -> String
     )
 }
 
-/// A mock backend handler: sends back every byte it gets, and its FIN after the
-/// client's.
-pub async fn echo(stream: TcpStream) {
-    let (mut read, mut write) = stream.into_split();
-    tokio::io::copy(&mut read, &mut write).await.expect("echo");
-    write.shutdown().await.expect("echo FIN");
-}
-
-/// Awaits `future`, bounded by [`WAIT`]; a timeout panics naming `what`.
-pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
-}
-
-/// Polls `condition` every 10 ms until it holds, bounded by [`WAIT`]. Only for state that
-/// no event announces (counters, descriptor counts).
-pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    within(what, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-}
-
 pub async fn connect(addr: SocketAddr) -> TcpStream {
     within("connect to the proxy", TcpStream::connect(addr))
         .await
         .expect("connect to the proxy")
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so failures replay.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
-
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
 }
 
 /// Reads until EOF and returns `(byte count, sha256)`, without holding it all.
@@ -577,6 +418,41 @@ pub async fn expect_reset(stream: &mut (impl AsyncReadExt + Unpin)) {
     if let Err(what) = outcome {
         panic!("expected a reset: got {what}");
     }
+}
+
+/// Sends `message` and checks that it comes back (through an [`echo`] backend).
+pub async fn round_trip(client: &mut (impl AsyncRead + AsyncWrite + Unpin), message: &[u8]) {
+    client.write_all(message).await.expect("client writes");
+    let mut echoed = vec![0u8; message.len()];
+    within("the echo comes back", client.read_exact(&mut echoed))
+        .await
+        .expect("client reads the echo");
+    assert_eq!(echoed, message, "echoed bytes");
+}
+
+/// Reads `stream` to its end, bounded by [`WAIT`] (`what` names the wait), and asserts a
+/// clean close (EOF, not RST) with no byte before it.
+pub async fn expect_eof(stream: &mut (impl AsyncReadExt + Unpin), what: &str) {
+    let mut rest = Vec::new();
+    within(what, stream.read_to_end(&mut rest))
+        .await
+        .expect("a graceful close: EOF, not RST");
+    assert!(
+        rest.is_empty(),
+        "{} unexpected bytes before EOF",
+        rest.len()
+    );
+}
+
+/// A backend script's first step: reads up to the client's FIN and checks that what came
+/// before it was `request`.
+pub async fn read_request(stream: &mut TcpStream, request: &[u8]) {
+    let mut received = Vec::new();
+    stream
+        .read_to_end(&mut received)
+        .await
+        .expect("backend reads up to the client's FIN");
+    assert_eq!(received, request, "bytes before the client's FIN");
 }
 
 /// Asserts that `stream`, which already read its peer's FIN, is then reset. Reads return

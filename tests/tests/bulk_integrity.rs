@@ -75,11 +75,7 @@ async fn transfer(upload: bool) -> (usize, [u8; 32]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_at_the_default_cap_delivers_every_byte_once() {
     init_tracing();
-    if let Err(why) = ebpf_available() {
-        if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") {
-            panic!("SMARTPROXY_REQUIRE_EBPF=1 but the eBPF data path cannot load: {why}");
-        }
-        eprintln!("SKIPPING: this test needs the eBPF data path: {why}");
+    if !ebpf_loads("this test (it needs the eBPF data path)") {
         return;
     }
     let expected = expected();

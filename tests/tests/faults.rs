@@ -72,20 +72,15 @@ async fn backend_reset_while_sending_reaches_the_client_within_a_second() {
             reset_now(stream, &at);
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("mid", backend.addr, "")).await;
-        let mut client = proxy
-            .established(&Frontend::Plain(mode), "mid")
-            .await
-            .into_tcp();
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, client) = Spliced::start(&Frontend::Plain(mode), "", backend).await;
+        let mut client = client.into_tcp();
         client.write_all(b"go").await.expect("client writes");
         let noticed = read_until_gone(&mut client).await;
         assert_noticed(&reset_at, noticed);
         proxy.expect_closed(Reason::BackendReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
+        proxy.assert_kernel_moved(Direction::BackendToClient);
         assert_eq!(proxy.stats().closed(Reason::BackendReset), 1, "counted");
-        backend.join().await;
-        proxy.stop().await;
+        proxy.finish().await;
     })
     .await;
 }
@@ -103,12 +98,8 @@ async fn backend_reset_while_receiving_reaches_the_client_within_a_second() {
             reset_now(stream, &at);
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("mid", backend.addr, "")).await;
-        let client = proxy
-            .established(&Frontend::Plain(mode), "mid")
-            .await
-            .into_tcp();
-        let spliced = proxy.kernel_bytes();
+        let (proxy, client) = Spliced::start(&Frontend::Plain(mode), "", backend).await;
+        let client = client.into_tcp();
         let (mut read, mut write) = client.into_split();
         // The client keeps sending until the proxy passes the reset on.
         let sender = tokio::spawn(async move {
@@ -129,10 +120,9 @@ async fn backend_reset_while_receiving_reaches_the_client_within_a_second() {
         within("the sender stops", sender)
             .await
             .expect("sender task");
-        proxy.expect_closed(Reason::BackendReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+        proxy
+            .finish_closed(Reason::BackendReset, &[Direction::ClientToBackend])
+            .await;
     })
     .await;
 }
@@ -140,11 +130,7 @@ async fn backend_reset_while_receiving_reaches_the_client_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_buffer_overflow_loses_events_but_nothing_leaks() {
     init_tracing();
-    if let Err(why) = ebpf_available() {
-        if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") {
-            panic!("SMARTPROXY_REQUIRE_EBPF=1 but the eBPF data path cannot load: {why}");
-        }
-        eprintln!("SKIPPING: the ring buffer is part of the eBPF data path: {why}");
+    if !ebpf_loads("this test (the ring buffer is part of the eBPF data path)") {
         return;
     }
     const CONNECTIONS: usize = 400;

@@ -32,22 +32,14 @@ async fn after_client_fin_backend_streams_five_mib_then_eof() {
         let to_client = pattern(FIVE_MIB, 11);
         let expected = sha256(&to_client);
         let backend = Backend::greeted_with(to_client, |mut stream, payload| async move {
-            let mut request = Vec::new();
-            stream
-                .read_to_end(&mut request)
-                .await
-                .expect("backend reads up to the client's FIN");
-            assert_eq!(request, b"request", "bytes before the client's FIN");
+            read_request(&mut stream, b"request").await;
             write_chunked(&mut stream, &payload)
                 .await
                 .expect("backend streams after the client's FIN");
             stream.shutdown().await.expect("backend FIN");
         })
         .await;
-        let mut proxy =
-            TestProxy::start(front.data_path(), &front.route("half", backend.addr, "")).await;
-        let mut client = proxy.established(&front, "half").await;
-        let spliced = proxy.kernel_bytes();
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"request").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         let (len, hash) = within("the client reads to EOF", read_to_end_hashed(&mut client))
@@ -55,10 +47,9 @@ async fn after_client_fin_backend_streams_five_mib_then_eof() {
             .expect("client reads after its own FIN");
         assert_eq!(len, FIVE_MIB, "bytes at the client");
         assert_eq!(hash, expected, "checksum at the client");
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        proxy
+            .finish_closed(Reason::Normal, &[Direction::BackendToClient])
+            .await;
     })
     .await;
 }
@@ -78,10 +69,7 @@ async fn after_backend_fin_client_streams_five_mib_then_eof() {
             assert_eq!(hash, expected, "checksum at the backend");
         })
         .await;
-        let mut proxy =
-            TestProxy::start(front.data_path(), &front.route("half", backend.addr, "")).await;
-        let mut client = proxy.established(&front, "half").await;
-        let spliced = proxy.kernel_bytes();
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         let mut greeting = Vec::new();
         within(
             "the client reads to the backend's FIN",
@@ -97,10 +85,9 @@ async fn after_backend_fin_client_streams_five_mib_then_eof() {
         .await
         .expect("client streams after the backend's FIN");
         client.shutdown().await.expect("client FIN");
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+        proxy
+            .finish_closed(Reason::Normal, &[Direction::ClientToBackend])
+            .await;
     })
     .await;
 }
@@ -113,21 +100,13 @@ async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_thr
         let release = Arc::new(Notify::new());
         let backend =
             Backend::greeted_with(Arc::clone(&release), |mut stream, release| async move {
-                let mut request = Vec::new();
-                stream
-                    .read_to_end(&mut request)
-                    .await
-                    .expect("backend reads up to the client's FIN");
-                assert_eq!(request, b"subscribe", "bytes before the client's FIN");
+                read_request(&mut stream, b"subscribe").await;
                 send_ticks(&mut stream, TICKS, Duration::from_millis(100)).await;
                 release.notified().await;
                 stream.shutdown().await.expect("backend FIN");
             })
             .await;
-        let mut proxy =
-            TestProxy::start(front.data_path(), &front.route("feed", backend.addr, "")).await;
-        let mut client = proxy.established(&front, "feed").await;
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"subscribe").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         for index in 0..TICKS {
@@ -141,23 +120,15 @@ async fn half_open_connection_stays_open_while_the_backend_keeps_sending_for_thr
             );
         }
         release.notify_one();
-        let mut rest = Vec::new();
-        within(
-            "the client reads to the backend's FIN",
-            client.read_to_end(&mut rest),
-        )
-        .await
-        .expect("client reads");
-        assert!(rest.is_empty(), "{} bytes after the last tick", rest.len());
+        expect_eof(&mut client, "the client reads to the backend's FIN").await;
         proxy.expect_closed(Reason::Normal).await;
         assert_eq!(
             proxy.stats().connections.half_open,
             0,
             "half open after the close"
         );
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        proxy.assert_kernel_moved(Direction::BackendToClient);
+        proxy.finish().await;
     })
     .await;
 }
@@ -206,13 +177,8 @@ async fn no_half_open_client_fin_while_the_backend_streams_ends_with_fin_both_wa
                 .expect("backend writer");
         })
         .await;
-        let config = "[lifecycle]\nallow_half_open = false\n\n".to_owned()
-            + &front.route("strict", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "strict").await;
-        // The backend streams from the greeting on, so the kernel may have moved much of
-        // the stream already when a baseline could be read: count from zero.
-        let spliced = [0, 0];
+        let (mut proxy, mut client) =
+            Spliced::start(&front, "[lifecycle]\nallow_half_open = false\n", backend).await;
         let mut received = vec![0u8; BEFORE_FIN];
         within("the stream arrives", client.read_exact(&mut received))
             .await
@@ -232,9 +198,10 @@ async fn no_half_open_client_fin_while_the_backend_streams_ends_with_fin_both_wa
             );
         }
         proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        // The backend streams from the greeting on, so the kernel may have moved much of
+        // the stream already when the scenario read its baseline: count from zero.
+        TestProxy::assert_kernel_moved(&proxy, [0, 0], Direction::BackendToClient);
+        proxy.finish().await;
     })
     .await;
 }

@@ -17,7 +17,7 @@ use smartproxy::config::DataPathMode;
 use smartproxy::health::{FailureKind, TargetSnapshot};
 use smartproxy::lifecycle::{Direction, Reason};
 use smartproxy_tests::*;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The health of `target` in the proxy's stats.
 fn target(proxy: &TestProxy, target: SocketAddr) -> TargetSnapshot {
@@ -28,27 +28,6 @@ fn target(proxy: &TestProxy, target: SocketAddr) -> TargetSnapshot {
         .into_iter()
         .find(|t| t.target == name)
         .unwrap_or_else(|| panic!("no target {name} in the stats"))
-}
-
-/// Addresses that refuse connections: listeners bound together (so the ports differ),
-/// then closed.
-fn closed_ports(count: usize) -> Vec<SocketAddr> {
-    let listeners: Vec<std::net::TcpListener> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("bound address"))
-        .collect()
-}
-
-async fn round_trip(client: &mut (impl AsyncRead + AsyncWrite + Unpin), message: &[u8]) {
-    client.write_all(message).await.expect("client writes");
-    let mut echoed = vec![0u8; message.len()];
-    within("the echo comes back", client.read_exact(&mut echoed))
-        .await
-        .expect("client reads the echo");
-    assert_eq!(echoed, message, "echoed bytes");
 }
 
 /// A connection to an [`echo`] backend, through the proxy, there and back, then ended
@@ -118,7 +97,7 @@ async fn a_blackholed_target_costs_fails_slow_connects_then_none_during_its_back
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_comes_back_is_used_again_after_its_back_off() {
     init_tracing();
-    let dead = closed_ports(1)[0];
+    let dead = refused_addrs(1)[0];
     let alive = Backend::spawn(echo).await;
     let route = plain_route_to(
         "back",
@@ -191,7 +170,7 @@ async fn active_checks_take_a_dead_target_down_and_bring_it_back_without_clients
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_target_down_a_connection_still_tries_one() {
     init_tracing();
-    let dead = closed_ports(2);
+    let dead = refused_addrs(2);
     let route = plain_route_to("down", &dead, "health = { fails = 1, backoff = \"1h\" }");
     let mut proxy = TestProxy::start(DataPathMode::Userspace, &route).await;
     let refused = |proxy: &TestProxy| -> u64 {
@@ -228,7 +207,7 @@ async fn with_every_target_down_a_connection_still_tries_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_keeps_the_health_of_the_targets_it_keeps() {
     init_tracing();
-    let dead = closed_ports(1)[0];
+    let dead = refused_addrs(1)[0];
     let alive = Backend::spawn(echo).await;
     let other = Backend::spawn(echo).await;
     let health = "health = { fails = 1, backoff = \"1h\" }";

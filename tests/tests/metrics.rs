@@ -86,9 +86,7 @@ fn process_metrics_are_plausible(s: &Scrape, later: &Scrape) {
 async fn metrics_endpoint_reports_traffic_on_each_data_path() {
     for_each_data_path(|mode| async move {
         let backend = Backend::greeted(echo).await;
-        let dead = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
+        let dead = free_port();
         let mut proxy = TestProxy::start(
             mode,
             &format!(

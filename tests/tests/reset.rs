@@ -16,6 +16,7 @@
 
 use std::sync::Arc;
 
+use smartproxy::config::DataPathMode;
 use smartproxy::lifecycle::{Direction, Reason};
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,21 +33,19 @@ async fn client_reset_resets_the_backend() {
             expect_reset(&mut stream).await;
         })
         .await;
-        let mut proxy =
-            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
-        let mut client = proxy.established(&front, "rst").await;
-        let spliced = proxy.kernel_bytes();
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         let mut ready = [0u8; 5];
         within("the backend answers", client.read_exact(&mut ready))
             .await
             .expect("client reads");
         client.reset();
-        proxy.expect_closed(Reason::ClientReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        proxy
+            .finish_closed(
+                Reason::ClientReset,
+                &[Direction::ClientToBackend, Direction::BackendToClient],
+            )
+            .await;
     })
     .await;
 }
@@ -60,16 +59,12 @@ async fn backend_reset_resets_the_client() {
             reset(stream);
         })
         .await;
-        let mut proxy =
-            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
-        let mut client = proxy.established(&front, "rst").await;
-        let spliced = proxy.kernel_bytes();
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         expect_reset(&mut client).await;
-        proxy.expect_closed(Reason::BackendReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+        proxy
+            .finish_closed(Reason::BackendReset, &[Direction::ClientToBackend])
+            .await;
     })
     .await;
 }
@@ -78,26 +73,17 @@ async fn backend_reset_resets_the_client() {
 async fn backend_reset_after_client_fin_resets_the_client() {
     for_each_frontend(|front| async move {
         let backend = Backend::greeted(|mut stream| async move {
-            let mut request = Vec::new();
-            stream
-                .read_to_end(&mut request)
-                .await
-                .expect("backend reads up to the client's FIN");
-            assert_eq!(request, b"hello", "bytes before the client's FIN");
+            read_request(&mut stream, b"hello").await;
             reset(stream);
         })
         .await;
-        let mut proxy =
-            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
-        let mut client = proxy.established(&front, "rst").await;
-        let spliced = proxy.kernel_bytes();
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         expect_reset(&mut client).await;
-        proxy.expect_closed(Reason::BackendReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+        proxy
+            .finish_closed(Reason::BackendReset, &[Direction::ClientToBackend])
+            .await;
     })
     .await;
 }
@@ -110,28 +96,19 @@ async fn client_reset_after_client_fin_resets_the_backend() {
         let fin_seen = Arc::new(Notify::new());
         let backend =
             Backend::greeted_with(Arc::clone(&fin_seen), |mut stream, fin_seen| async move {
-                let mut request = Vec::new();
-                stream
-                    .read_to_end(&mut request)
-                    .await
-                    .expect("backend reads up to the client's FIN");
-                assert_eq!(request, b"hello", "bytes before the client's FIN");
+                read_request(&mut stream, b"hello").await;
                 fin_seen.notify_one();
                 expect_reset_after_eof(&stream).await;
             })
             .await;
-        let mut proxy =
-            TestProxy::start(front.data_path(), &front.route("rst", backend.addr, "")).await;
-        let mut client = proxy.established(&front, "rst").await;
-        let spliced = proxy.kernel_bytes();
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         client.write_all(b"hello").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         within("the backend reads the client's FIN", fin_seen.notified()).await;
         client.reset();
-        proxy.expect_closed(Reason::ClientReset).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+        proxy
+            .finish_closed(Reason::ClientReset, &[Direction::ClientToBackend])
+            .await;
     })
     .await;
 }
@@ -210,14 +187,42 @@ async fn established_round(
     client
 }
 
-/// Fails the test with every round that went wrong, so that one run tells how often.
-fn assert_rounds(what: &str, failures: &[String]) {
+/// Runs [`BEFORE_RESET_ROUNDS`] rounds through a proxy on `mode` to `backend`, each on a
+/// connection of its own ([`established_round`]) that `round` drives, given the round's
+/// byte count, and that must close with `reason`. Fails the test with every round that
+/// went wrong (`what` they test), so that one run tells how often; then checks that the
+/// kernel moved the rounds' bytes in `direction`.
+async fn run_rounds(
+    mode: DataPathMode,
+    backend: Backend,
+    (reason, direction): (Reason, Direction),
+    what: &str,
+    mut round: impl AsyncFnMut(TcpStream, usize) -> Result<(), String>,
+) {
+    let mut proxy = TestProxy::start(mode, &plain_route("rst", backend.addr, "")).await;
+    let front = Frontend::Plain(mode);
+    let mut greetings = proxy.kernel_bytes();
+    let mut failures = Vec::new();
+    for index in 0..BEFORE_RESET_ROUNDS {
+        let len = size_of_round(index);
+        let client = established_round(&proxy, &front, &mut greetings).await;
+        if let Err(why) = round(client, len).await {
+            failures.push(format!("round {index}, {why}"));
+        }
+        let closed = proxy.next_closed().await;
+        if closed.reason != reason {
+            failures.push(format!("round {index}: closed {}", closed.reason));
+        }
+    }
     assert!(
         failures.is_empty(),
         "{what}: {} of {BEFORE_RESET_ROUNDS} rounds failed:\n{}",
         failures.len(),
         failures.join("\n")
     );
+    proxy.assert_kernel_moved(greetings, direction);
+    backend.join().await;
+    proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,30 +242,18 @@ async fn backend_answer_right_before_its_reset_reaches_the_client_first() {
             reset(stream);
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("rst", backend.addr, "")).await;
-        let front = Frontend::Plain(mode);
-        let mut greetings = proxy.kernel_bytes();
-        let mut failures = Vec::new();
-        for round in 0..BEFORE_RESET_ROUNDS {
-            let len = size_of_round(round);
-            let mut client = established_round(&proxy, &front, &mut greetings).await;
+        let closes = (Reason::BackendReset, Direction::BackendToClient);
+        let what = "the backend's answer, then its reset";
+        run_rounds(mode, backend, closes, what, async |mut client, len| {
             client
                 .write_all(&(len as u32).to_le_bytes())
                 .await
                 .expect("client writes");
             let outcome = read_until_reset(&mut client).await;
-            if let Err(what) = check_before_reset(&pattern(len, len as u64), outcome) {
-                failures.push(format!("round {round}, a {len}-byte answer: {what}"));
-            }
-            let closed = proxy.next_closed().await;
-            if closed.reason != Reason::BackendReset {
-                failures.push(format!("round {round}: closed {}", closed.reason));
-            }
-        }
-        assert_rounds("the backend's answer, then its reset", &failures);
-        proxy.assert_kernel_moved(greetings, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+            check_before_reset(&pattern(len, len as u64), outcome)
+                .map_err(|what| format!("a {len}-byte answer: {what}"))
+        })
+        .await;
     })
     .await;
 }
@@ -276,13 +269,9 @@ async fn client_bytes_right_before_its_reset_reach_the_backend_first() {
                 .expect("the test waits for every outcome");
         })
         .await;
-        let mut proxy = TestProxy::start(mode, &plain_route("rst", backend.addr, "")).await;
-        let front = Frontend::Plain(mode);
-        let mut greetings = proxy.kernel_bytes();
-        let mut failures = Vec::new();
-        for round in 0..BEFORE_RESET_ROUNDS {
-            let len = size_of_round(round);
-            let mut client = established_round(&proxy, &front, &mut greetings).await;
+        let closes = (Reason::ClientReset, Direction::ClientToBackend);
+        let what = "the client's bytes, then its reset";
+        run_rounds(mode, backend, closes, what, async |mut client, len| {
             let sent = pattern(len, len as u64);
             client.write_all(&sent).await.expect("client writes");
             wait_sent(&client).await;
@@ -290,18 +279,9 @@ async fn client_bytes_right_before_its_reset_reach_the_backend_first() {
             let outcome = within("the backend's outcome", results.recv())
                 .await
                 .expect("a backend outcome");
-            if let Err(what) = check_before_reset(&sent, outcome) {
-                failures.push(format!("round {round}, {len} bytes: {what}"));
-            }
-            let closed = proxy.next_closed().await;
-            if closed.reason != Reason::ClientReset {
-                failures.push(format!("round {round}: closed {}", closed.reason));
-            }
-        }
-        assert_rounds("the client's bytes, then its reset", &failures);
-        proxy.assert_kernel_moved(greetings, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+            check_before_reset(&sent, outcome).map_err(|what| format!("{len} bytes: {what}"))
+        })
+        .await;
     })
     .await;
 }

@@ -21,7 +21,6 @@
 //! kernel variant runs spliced, and the kernel variant checks the kernel moved the bytes
 //! sent after it.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,54 +36,41 @@ fn inactivity(behavior: &str) -> String {
     format!("[lifecycle]\ninactivity_timeout = \"300ms\"\ntimeout_behavior = \"{behavior}\"\n\n")
 }
 
-/// Sends `message` and checks that it comes back (through an [`echo`] backend).
-async fn round_trip(client: &mut (impl AsyncRead + AsyncWrite + Unpin), message: &[u8]) {
-    client.write_all(message).await.expect("client writes");
-    let mut echoed = vec![0u8; message.len()];
-    within("the echo comes back", client.read_exact(&mut echoed))
-        .await
-        .expect("client reads the echo");
-    assert_eq!(echoed, message, "echoed bytes");
-}
-
 /// Ends a connection to an [`echo`] backend cleanly: FIN, then EOF back.
 async fn finish(mut client: impl AsyncRead + AsyncWrite + Unpin) {
     client.shutdown().await.expect("client FIN");
-    let mut rest = Vec::new();
-    within("the client reads to EOF", client.read_to_end(&mut rest))
-        .await
-        .expect("client reads");
-    assert!(
-        rest.is_empty(),
-        "{} unexpected bytes before EOF",
-        rest.len()
-    );
+    expect_eof(&mut client, "the client reads to EOF").await;
 }
 
 // === inactivity_timeout ===
+
+/// Ends a case whose idle connection must outlive its idle time: nothing closed, the
+/// connection still active and relaying both ways (through the kernel on its path), then
+/// a normal close.
+async fn survived(mut proxy: Spliced, mut client: Client) {
+    proxy.assert_nothing_closed();
+    assert_eq!(proxy.stats().connections.active, 1, "active after 3 s idle");
+    round_trip(&mut client, b"after").await;
+    finish(client).await;
+    proxy
+        .finish_closed(
+            Reason::Normal,
+            &[Direction::ClientToBackend, Direction::BackendToClient],
+        )
+        .await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inactivity_reset_counts_each_timeout_and_never_closes() {
     for_each_frontend(|front| async move {
         let backend = Backend::greeted(echo).await;
-        let config = inactivity("reset") + &front.route("idle", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "idle").await;
-        let spliced = proxy.kernel_bytes();
+        let (proxy, client) = Spliced::start(&front, &inactivity("reset"), backend).await;
         // Ten counted timeouts of 300 ms: the connection sat idle for 3 s.
         wait_for("ten inactivity resets", || {
             proxy.stats().lifecycle.inactivity_resets >= 10
         })
         .await;
-        proxy.assert_nothing_closed();
-        assert_eq!(proxy.stats().connections.active, 1, "active after 3 s idle");
-        round_trip(&mut client, b"after").await;
-        finish(client).await;
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        survived(proxy, client).await;
     })
     .await;
 }
@@ -93,26 +79,15 @@ async fn inactivity_reset_counts_each_timeout_and_never_closes() {
 async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
     for_each_frontend(|front| async move {
         let backend = Backend::greeted(echo).await;
-        let config = inactivity("ignore") + &front.route("idle", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "idle").await;
-        let spliced = proxy.kernel_bytes();
+        let (proxy, client) = Spliced::start(&front, &inactivity("ignore"), backend).await;
         // The idle period is the scenario itself: nothing happens that could be awaited.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        proxy.assert_nothing_closed();
-        let stats = proxy.stats();
-        assert_eq!(stats.connections.active, 1, "active after 3 s idle");
         assert_eq!(
-            stats.lifecycle.inactivity_resets, 0,
+            proxy.stats().lifecycle.inactivity_resets,
+            0,
             "no timer under ignore"
         );
-        round_trip(&mut client, b"after").await;
-        finish(client).await;
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        survived(proxy, client).await;
     })
     .await;
 }
@@ -121,9 +96,7 @@ async fn inactivity_ignore_keeps_an_idle_connection_relaying() {
 async fn inactivity_close_ends_an_idle_connection_with_eof() {
     for_each_frontend(|front| async move {
         let backend = Backend::greeted(echo).await;
-        let config = inactivity("close") + &front.route("idle", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "idle").await;
+        let (proxy, mut client) = Spliced::start(&front, &inactivity("close"), backend).await;
         let idle_since = Instant::now();
         let mut rest = Vec::new();
         within(
@@ -143,9 +116,7 @@ async fn inactivity_close_ends_an_idle_connection_with_eof() {
             "a 300 ms inactivity timeout closed after {idle:?}"
         );
         drop(client);
-        proxy.expect_closed(Reason::InactivityTimeout).await;
-        backend.join().await;
-        proxy.stop().await;
+        proxy.finish_closed(Reason::InactivityTimeout, &[]).await;
     })
     .await;
 }
@@ -167,38 +138,18 @@ async fn parity_check_closes_a_half_closed_connection_where_nothing_moves() {
         let release = Arc::new(Notify::new());
         let backend =
             Backend::greeted_with(Arc::clone(&release), |mut stream, release| async move {
-                let mut request = Vec::new();
-                stream
-                    .read_to_end(&mut request)
-                    .await
-                    .expect("backend reads up to the client's FIN");
-                assert_eq!(request, b"request", "bytes before the client's FIN");
+                read_request(&mut stream, b"request").await;
                 release.notified().await;
             })
             .await;
-        let config = parity("") + &front.route("parity", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "parity").await;
-        let spliced = proxy.kernel_bytes();
+        let (proxy, mut client) = Spliced::start(&front, &parity(""), backend).await;
         client.write_all(b"request").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
-        let mut rest = Vec::new();
-        within(
-            "the parity check closes the connection",
-            client.read_to_end(&mut rest),
-        )
-        .await
-        .expect("a graceful close: EOF, not RST");
-        assert!(
-            rest.is_empty(),
-            "{} unexpected bytes before EOF",
-            rest.len()
-        );
+        expect_eof(&mut client, "the parity check closes the connection").await;
         release.notify_one();
-        proxy.expect_closed(Reason::ParityCheck).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
-        backend.join().await;
-        proxy.stop().await;
+        proxy
+            .finish_closed(Reason::ParityCheck, &[Direction::ClientToBackend])
+            .await;
     })
     .await;
 }
@@ -217,27 +168,16 @@ async fn parity_check_spares_a_half_closed_connection_that_keeps_sending() {
             // Returning closes the stream: a FIN behind the last tick.
         })
         .await;
-        let config = parity("") + &front.route("parity", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "parity").await;
-        let spliced = proxy.kernel_bytes();
+        let (proxy, mut client) = Spliced::start(&front, &parity(""), backend).await;
         client.write_all(b"subscribe").await.expect("client writes");
         client.shutdown().await.expect("client FIN");
         for index in 0..TICKS {
             read_tick(&mut client, index).await;
         }
-        let mut rest = Vec::new();
-        within(
-            "the client reads to the backend's FIN",
-            client.read_to_end(&mut rest),
-        )
-        .await
-        .expect("client reads");
-        assert!(rest.is_empty(), "{} bytes after the last tick", rest.len());
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        expect_eof(&mut client, "the client reads to the backend's FIN").await;
+        proxy
+            .finish_closed(Reason::Normal, &[Direction::BackendToClient])
+            .await;
     })
     .await;
 }
@@ -258,13 +198,13 @@ async fn parity_check_closes_a_connection_whose_finishing_direction_never_drains
         })
         .await;
         // A short grace period: the backend never answers the close with its FIN.
-        let config = parity("grace_period = \"300ms\"") + &plain_route("parity", backend.addr, "");
-        let mut proxy = TestProxy::start(mode, &config).await;
-        let mut client = proxy
-            .established(&Frontend::Plain(mode), "parity")
-            .await
-            .into_tcp();
-        let spliced = proxy.kernel_bytes();
+        let (mut proxy, client) = Spliced::start(
+            &Frontend::Plain(mode),
+            &parity("grace_period = \"300ms\""),
+            backend,
+        )
+        .await;
+        let mut client = client.into_tcp();
         within(
             "the proxy takes the bytes",
             write_chunked(&mut client, &pattern(QUEUED, 31)),
@@ -272,23 +212,11 @@ async fn parity_check_closes_a_connection_whose_finishing_direction_never_drains
         .await
         .expect("client writes");
         client.shutdown().await.expect("client FIN");
-        let mut rest = Vec::new();
-        within(
-            "the parity check closes the connection",
-            client.read_to_end(&mut rest),
-        )
-        .await
-        .expect("a graceful close: EOF, not RST");
-        assert!(
-            rest.is_empty(),
-            "{} unexpected bytes before EOF",
-            rest.len()
-        );
+        expect_eof(&mut client, "the parity check closes the connection").await;
         proxy.expect_closed(Reason::ParityCheck).await;
-        proxy.assert_kernel_moved(spliced, Direction::ClientToBackend);
+        proxy.assert_kernel_moved(Direction::ClientToBackend);
         release.notify_one();
-        backend.join().await;
-        proxy.stop().await;
+        proxy.finish().await;
     })
     .await;
 }
@@ -309,20 +237,12 @@ async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
             let mut ask = [0u8; 3];
             stream.read_exact(&mut ask).await.expect("backend reads");
             stream.write_all(&banner).await.expect("backend writes");
-            let mut request = Vec::new();
-            stream
-                .read_to_end(&mut request)
-                .await
-                .expect("the backend sees EOF");
-            assert_eq!(request, b"bye", "bytes before the client's FIN");
+            read_request(&mut stream, b"bye").await;
             release.notified().await;
         })
         .await;
-        let config = "[lifecycle]\nallow_half_open = false\n\n".to_owned()
-            + &front.route("strict", backend.addr, "");
-        let mut proxy = TestProxy::start(front.data_path(), &config).await;
-        let mut client = proxy.established(&front, "strict").await;
-        let spliced = proxy.kernel_bytes();
+        let (proxy, mut client) =
+            Spliced::start(&front, "[lifecycle]\nallow_half_open = false\n", backend).await;
         client.write_all(b"ask").await.expect("client writes");
         // The FIN goes out once the proxy has taken every banner byte (the client has
         // read none yet).
@@ -339,27 +259,14 @@ async fn no_half_open_client_fin_delivers_taken_bytes_then_eof_both_ways() {
         assert_eq!(len, BANNER, "banner bytes at the client");
         assert_eq!(hash, expected, "banner checksum at the client");
         release.notify_one();
-        proxy.expect_closed(Reason::Normal).await;
-        proxy.assert_kernel_moved(spliced, Direction::BackendToClient);
-        backend.join().await;
-        proxy.stop().await;
+        proxy
+            .finish_closed(Reason::Normal, &[Direction::BackendToClient])
+            .await;
     })
     .await;
 }
 
 // === connect ===
-
-/// `count` distinct loopback addresses that refuse connections: ports bound together,
-/// then released.
-fn refused_targets(count: usize) -> Vec<SocketAddr> {
-    let listeners: Vec<std::net::TcpListener> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("bound address"))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_that_never_answers_closes_with_connect_timeout() {
@@ -387,7 +294,7 @@ async fn target_that_never_answers_closes_with_connect_timeout() {
 async fn refused_target_is_skipped_for_the_next_one() {
     for_each_data_path(|mode| async move {
         let backend = Backend::spawn(echo).await;
-        let route = plain_route_to("fallback", &[refused_targets(1)[0], backend.addr], "");
+        let route = plain_route_to("fallback", &[refused_addrs(1)[0], backend.addr], "");
         let mut proxy = TestProxy::start(mode, &route).await;
         // Round-robin starts each connection at another target: both orders are served.
         for attempt in 0..2 {
@@ -410,7 +317,7 @@ async fn refused_target_is_skipped_for_the_next_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_targets_refused_closes_with_connect_failed_at_once() {
     for_each_data_path(|mode| async move {
-        let route = plain_route_to("nowhere", &refused_targets(2), "");
+        let route = plain_route_to("nowhere", &refused_addrs(2), "");
         let mut proxy = TestProxy::start(mode, &route).await;
         let mut client = connect(proxy.addr("nowhere")).await;
         let started = Instant::now();
@@ -445,7 +352,7 @@ async fn unresolvable_target_is_skipped_for_the_next_one() {
         let backend = Backend::spawn(echo).await;
         let targets = [
             UNRESOLVABLE.to_owned(),
-            refused_targets(1)[0].to_string(),
+            refused_addrs(1)[0].to_string(),
             backend.addr.to_string(),
         ];
         let mut proxy = TestProxy::start(mode, &route_to_names("fallback", &targets)).await;
@@ -465,7 +372,7 @@ async fn unresolvable_target_is_skipped_for_the_next_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_target_failing_gives_a_clean_close() {
     for_each_data_path(|mode| async move {
-        let targets = [UNRESOLVABLE.to_owned(), refused_targets(1)[0].to_string()];
+        let targets = [UNRESOLVABLE.to_owned(), refused_addrs(1)[0].to_string()];
         let mut proxy = TestProxy::start(mode, &route_to_names("nowhere", &targets)).await;
         for _ in 0..2 {
             let mut client = connect(proxy.addr("nowhere")).await;

@@ -33,6 +33,8 @@ use smartproxy_tests::tls::{connect_tls, Leaf, TestPki, BOTH_VERSIONS};
 use smartproxy_tests::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 const USERSPACE: DataPathMode = DataPathMode::Userspace;
 
@@ -57,6 +59,24 @@ fn tls_route(
         leaf.cert.display().to_string(),
         leaf.key.display().to_string()
     )
+}
+
+/// A proxy with the route most tests here have: "front", `tls = "{mode}"`, presenting
+/// `leaf`, to `backend`, plus `extra` lines.
+async fn front_proxy(mode: &str, leaf: &Leaf, backend: &Backend, extra: &str) -> TestProxy {
+    TestProxy::start(
+        USERSPACE,
+        &tls_route("front", mode, &[], leaf, backend.addr, extra),
+    )
+    .await
+}
+
+/// A client of [`front_proxy`]'s route: a TLS handshake for front.test.
+async fn connect_front(
+    connector: &TlsConnector,
+    proxy: &TestProxy,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    connect_tls(connector, proxy.addr("front"), "front.test").await
 }
 
 fn path(file: &std::path::Path) -> String {
@@ -143,14 +163,13 @@ async fn tls12_and_tls13_terminate_with_the_route_certificate() {
     let pki = TestPki::new();
     let leaf = pki.leaf(&["front.test"]);
     let backend = greeter("plain").await;
-    let config = tls_route("front", "terminate", &[], &leaf, backend.addr, "");
-    let mut proxy = TestProxy::start(USERSPACE, &config).await;
+    let mut proxy = front_proxy("terminate", &leaf, &backend, "").await;
     for (version, expected) in [
         (&rustls::version::TLS12, ProtocolVersion::TLSv1_2),
         (&rustls::version::TLS13, ProtocolVersion::TLSv1_3),
     ] {
         let connector = pki.client(&[version], &[]);
-        let mut client = connect_tls(&connector, proxy.addr("front"), "front.test")
+        let mut client = connect_front(&connector, &proxy)
             .await
             .unwrap_or_else(|e| panic!("{expected:?} handshake: {e}"));
         assert_eq!(client.get_ref().1.protocol_version(), Some(expected));
@@ -239,8 +258,7 @@ async fn plain_text_and_a_tls11_only_hello_close_with_bad_handshake() {
     let pki = TestPki::new();
     let leaf = pki.leaf(&["front.test"]);
     let backend = Backend::spawn(|_| async { panic!("no connection may reach the backend") }).await;
-    let config = tls_route("front", "terminate", &[], &leaf, backend.addr, "");
-    let mut proxy = TestProxy::start(USERSPACE, &config).await;
+    let mut proxy = front_proxy("terminate", &leaf, &backend, "").await;
     for (what, bytes) in [
         (
             "plain text",
@@ -269,15 +287,13 @@ async fn a_handshake_that_stalls_after_the_client_hello_closes_with_handshake_ti
     let pki = TestPki::new();
     let leaf = pki.leaf(&["front.test"]);
     let backend = Backend::spawn(|_| async { panic!("no connection may reach the backend") }).await;
-    let config = tls_route(
-        "front",
+    let mut proxy = front_proxy(
         "terminate",
-        &[],
         &leaf,
-        backend.addr,
+        &backend,
         "handshake_timeout = \"500ms\"",
-    );
-    let mut proxy = TestProxy::start(USERSPACE, &config).await;
+    )
+    .await;
     // A real ClientHello, and then nothing: the server's flight is never answered.
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -408,18 +424,10 @@ async fn reencrypt_half_close_keeps_the_other_direction_flowing_both_ways() {
     })
     .await;
     let ca = path(pki.ca_file());
-    let config = tls_route(
-        "front",
-        "reencrypt",
-        &[],
-        &leaf,
-        backend.addr,
-        &format!("backend_ca = {ca}"),
-    );
-    let mut proxy = TestProxy::start(USERSPACE, &config).await;
+    let mut proxy = front_proxy("reencrypt", &leaf, &backend, &format!("backend_ca = {ca}")).await;
     let connector = pki.client(BOTH_VERSIONS, &[]);
     for first in [b'c', b'b'] {
-        let mut client = connect_tls(&connector, proxy.addr("front"), "front.test")
+        let mut client = connect_front(&connector, &proxy)
             .await
             .expect("client handshake");
         client.write_all(&[first]).await.expect("client writes");
@@ -474,17 +482,9 @@ async fn reencrypt_refuses_a_backend_with_an_expired_certificate_and_closes_the_
     let leaf = pki.leaf(&["front.test"]);
     let backend = expired_backend(&pki, true).await;
     let ca = path(pki.ca_file());
-    let config = tls_route(
-        "front",
-        "reencrypt",
-        &[],
-        &leaf,
-        backend.addr,
-        &format!("backend_ca = {ca}"),
-    );
-    let mut proxy = TestProxy::start(USERSPACE, &config).await;
+    let mut proxy = front_proxy("reencrypt", &leaf, &backend, &format!("backend_ca = {ca}")).await;
     let connector = pki.client(BOTH_VERSIONS, &[]);
-    let mut client = connect_tls(&connector, proxy.addr("front"), "front.test")
+    let mut client = connect_front(&connector, &proxy)
         .await
         .expect("the handshake with the proxy completes");
     let mut rest = Vec::new();
@@ -504,17 +504,9 @@ async fn reencrypt_with_backend_verify_false_accepts_the_expired_backend() {
     let pki = TestPki::new();
     let leaf = pki.leaf(&["front.test"]);
     let backend = expired_backend(&pki, false).await;
-    let config = tls_route(
-        "front",
-        "reencrypt",
-        &[],
-        &leaf,
-        backend.addr,
-        "backend_verify = false",
-    );
-    let mut proxy = TestProxy::start(USERSPACE, &config).await;
+    let mut proxy = front_proxy("reencrypt", &leaf, &backend, "backend_verify = false").await;
     let connector = pki.client(BOTH_VERSIONS, &[]);
-    let mut client = connect_tls(&connector, proxy.addr("front"), "front.test")
+    let mut client = connect_front(&connector, &proxy)
         .await
         .expect("client handshake");
     assert_eq!(exchange(&mut client).await, "sni=front.test alpn=-");

@@ -5,63 +5,15 @@
     reason = "each test binary uses its own part of this module"
 )]
 
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// Bounds every wait: reaching it is a failure, not the wait itself.
-pub const WAIT: Duration = Duration::from_secs(10);
-/// How often a bounded wait looks again.
-pub const POLL: Duration = Duration::from_millis(20);
-
-/// A loopback port nobody listens on right now (bound, read, released).
-pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-}
-
-/// A loopback backend that echoes every connection until EOF, then closes its side.
-pub fn echo_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the echo backend");
-    let addr = listener.local_addr().expect("echo backend address");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut reader = stream.try_clone().expect("clone the echo stream");
-                let mut writer = stream;
-                if std::io::copy(&mut reader, &mut writer).is_ok() {
-                    let _ = writer.shutdown(Shutdown::Write);
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// A loopback backend that sends `tag` (one byte) on every connection, then echoes.
-pub fn tagged_backend(tag: u8) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the tagged backend");
-    let addr = listener.local_addr().expect("tagged backend address");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                if std::io::Write::write_all(&mut stream, &[tag]).is_err() {
-                    return;
-                }
-                let mut reader = stream.try_clone().expect("clone the stream");
-                if std::io::copy(&mut reader, &mut stream).is_ok() {
-                    let _ = stream.shutdown(Shutdown::Write);
-                }
-            });
-        }
-    });
-    addr
-}
+// One harness for both kinds of tests: what these share with the end-to-end tests
+// (`tests/`) lives in `smartproxy-test-support`.
+pub use smartproxy_test_support::*;
 
 /// Connects to `addr` and returns the one-byte tag a [`tagged_backend`] sent.
 pub fn tag_of(addr: SocketAddr) -> u8 {
@@ -72,18 +24,6 @@ pub fn tag_of(addr: SocketAddr) -> u8 {
     let mut tag = [0u8];
     std::io::Read::read_exact(&mut stream, &mut tag).expect("read the backend's tag");
     tag[0]
-}
-
-/// Polls `condition` every [`POLL`] until it holds; panics naming `what` after [`WAIT`].
-pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?}: {what}"
-        );
-        std::thread::sleep(POLL);
-    }
 }
 
 /// From `/proc/PID/stat`: user + system CPU time in clock ticks.
@@ -116,33 +56,28 @@ pub fn proc_status(pid: libc::pid_t, key: &str) -> String {
         .to_owned()
 }
 
-/// Whether the eBPF data path can load here; prints a loud skip line when not, and
-/// panics instead with `SMARTPROXY_REQUIRE_EBPF=1`.
-pub fn ebpf_or_skip() -> bool {
-    // The probe loads the kernel part, which spawns its reader on a tokio runtime.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    match runtime.block_on(async { smartproxy::datapath::probe_ebpf() }) {
-        Ok(()) => true,
-        Err(why) => {
-            if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") {
-                panic!("SMARTPROXY_REQUIRE_EBPF=1 but eBPF is unavailable: {why}");
-            }
-            eprintln!("SKIPPING the ebpf data path: {why}");
-            false
-        }
-    }
-}
-
 /// The data paths to run a binary test on: userspace, and ebpf where it loads.
 pub fn data_paths() -> Vec<&'static str> {
     let mut paths = vec!["userspace"];
-    if ebpf_or_skip() {
+    if ebpf_or_skip("the ebpf data path", smartproxy::datapath::probe_ebpf).is_some() {
         paths.push("ebpf");
     }
     paths
+}
+
+/// `GET /metrics` from `addr` (a `[proxy] metrics` endpoint): the whole response.
+pub fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("the metrics endpoint answers");
+    response
 }
 
 /// Sends `message` and reads the echo back.
