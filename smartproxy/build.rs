@@ -7,7 +7,7 @@
 //! LLVM; `cargo xtask test` / `cargo xtask run` install both (xtask/src/toolchain.rs).
 //!
 //! `AYA_BUILD_SKIP=1` skips the eBPF build and embeds an empty object instead, so the crate
-//! still compiles on a machine without that toolchain; `ebpf::Kernel::load` then fails with
+//! still compiles on a machine without that toolchain; `datapath::kernel::Kernel::load` then fails with
 //! `EbpfError::NotBuilt`, and `data_path = "auto"` says so in the log.
 
 use std::{

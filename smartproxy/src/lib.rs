@@ -1,13 +1,12 @@
 //! smartproxy: an L4 proxy for long-lived TCP and TLS connections.
 //!
 //! The control plane (this crate) accepts, routes and keeps the book; the bytes move
-//! either through the kernel (`datapath::ebpf`) or through a tokio copy
-//! (`datapath::userspace`). Both feed the same `lifecycle` state machine.
+//! either through the kernel (`datapath::kernel`) or through a tokio copy; one relay
+//! (`datapath::relay`) drives both and feeds the same `lifecycle` state machine.
 
 pub mod config;
 pub mod control;
 pub mod datapath;
-pub mod ebpf;
 pub mod fdlimit;
 pub mod generation;
 pub mod health;

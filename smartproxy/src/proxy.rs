@@ -18,8 +18,8 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::{Config, ConfigError, DataPathMode, LifecycleConfig, RouteConfig, Target};
 use crate::control::ControlServer;
+use crate::datapath::kernel::{EbpfError, Kernel, LoadOptions, MapEntries, SpliceError};
 use crate::datapath::{instant_of, DataPathKind, Peer, Relay};
-use crate::ebpf::{EbpfError, Kernel, LoadOptions, MapEntries, SpliceError};
 use crate::error_chain;
 use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::health::{self, Change, FailureKind, Registry, TargetHealth, TargetSnapshot};

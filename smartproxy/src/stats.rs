@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::datapath::kernel::MapEntries;
 use crate::datapath::{instant_of, DataPathKind};
-use crate::ebpf::MapEntries;
 use crate::health::TargetSnapshot;
 use crate::lifecycle::{Direction, Reason};
 use crate::limits::Refusal;

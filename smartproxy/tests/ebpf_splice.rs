@@ -1,4 +1,4 @@
-//! The kernel data path on real loopback sockets: `ebpf::Kernel::splice` of the two
+//! The kernel data path on real loopback sockets: `datapath::kernel::Kernel::splice` of the two
 //! proxy-side sockets of a client <-> proxy <-> backend chain.
 //!
 //! Scenarios:
@@ -26,7 +26,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 use smartproxy::{
-    ebpf::{Kernel, LoadOptions, MapEntries, Splice, StateChange, TcpState, Wait},
+    datapath::kernel::{Kernel, LoadOptions, MapEntries, Splice, StateChange, TcpState, Wait},
     lifecycle::Side,
 };
 use tokio::time::timeout;

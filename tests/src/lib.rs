@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use smartproxy::config::{Config, DataPathMode};
+use smartproxy::datapath::kernel::MapEntries;
 use smartproxy::datapath::DataPathKind;
-use smartproxy::ebpf::MapEntries;
 use smartproxy::lifecycle::{Direction, Reason};
 use smartproxy::resolve::{Lookup, Resolve};
 use smartproxy::stats::Snapshot;

@@ -4,8 +4,8 @@
 //! within them are spliced, and a slot freed by a close is used again.
 
 use smartproxy::config::DataPathMode;
+use smartproxy::datapath::kernel::MapEntries;
 use smartproxy::datapath::DataPathKind;
-use smartproxy::ebpf::MapEntries;
 use smartproxy::lifecycle::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use smartproxy::config::DataPathMode;
+use smartproxy::datapath::kernel::test_hooks;
 use smartproxy::datapath::DataPathKind;
-use smartproxy::ebpf::test_hooks;
 use smartproxy::lifecycle::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

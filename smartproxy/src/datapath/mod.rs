@@ -1,10 +1,11 @@
-//! Data paths: how the bytes of a routed connection move. `userspace` copies them with
-//! tokio; `ebpf` hands them to the kernel's sockhash and only forwards what the kernel
-//! passes up. Both report the same lifecycle events through one [`Relay`].
+//! Data paths: how the bytes of a routed connection move. On the userspace path the
+//! [`Relay`] (`relay`) copies them with tokio; on the kernel path (`kernel`) the eBPF
+//! verdict redirects them through the sockhash and the same relay only forwards what the
+//! kernel passes up. Both report the same lifecycle events.
 
-pub mod ebpf;
+pub mod kernel;
 pub mod peer;
-pub mod userspace;
+pub mod relay;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::lifecycle::Direction;
 
 pub use peer::Peer;
-pub use userspace::Relay;
+pub use relay::Relay;
 
 /// Which data path carries a connection's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,7 +72,7 @@ pub struct Meter {
     /// Bytes the kernel moved, once the splice ended (live ones are read from its maps).
     kernel_bytes: [AtomicU64; 2],
     last_activity_ns: AtomicU64,
-    kernel: Mutex<Option<ebpf::KernelFlows>>,
+    kernel: Mutex<Option<kernel::KernelFlows>>,
 }
 
 impl Default for Meter {
@@ -128,7 +129,7 @@ impl Meter {
         }
     }
 
-    fn attach_kernel(&self, flows: ebpf::KernelFlows) {
+    fn attach_kernel(&self, flows: kernel::KernelFlows) {
         *self.kernel() = Some(flows);
     }
 
@@ -145,7 +146,7 @@ impl Meter {
         }
     }
 
-    fn kernel(&self) -> MutexGuard<'_, Option<ebpf::KernelFlows>> {
+    fn kernel(&self) -> MutexGuard<'_, Option<kernel::KernelFlows>> {
         // Each guarded operation is one assignment: a poisoned lock is still consistent.
         self.kernel.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -154,7 +155,7 @@ impl Meter {
 /// Whether the kernel data path can load here; `Err` says why not. Loads the programs
 /// and releases them again.
 pub fn probe_ebpf() -> Result<(), String> {
-    crate::ebpf::Kernel::load(crate::ebpf::LoadOptions::default())
+    kernel::Kernel::load(kernel::LoadOptions::default())
         .map(drop)
         .map_err(|e| crate::error_chain(&e))
 }

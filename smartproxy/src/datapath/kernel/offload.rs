@@ -4,7 +4,7 @@
 //! `max_queued_bytes` are on their way to it). Before userspace writes anything to a
 //! socket or shuts it, every byte the kernel redirected toward it must have been taken
 //! into its send queue: otherwise userspace would overtake the kernel's backlog
-//! (KERNEL-NOTES). Each write is reported to the verdict, which redirects again once
+//! (`docs/kernel-notes.md#drain-before-fin`). Each write is reported to the verdict, which redirects again once
 //! userspace has forwarded every byte it passed.
 
 use std::future::Future;
@@ -16,15 +16,15 @@ use std::time::Duration;
 
 use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior, Sleep};
 
-use super::Meter;
-use crate::ebpf::{FlowCounters, Kernel, Splice, SpliceError, Wait};
+use super::{sys, FlowCounters, Kernel, Splice, SpliceError, SpliceStep, Wait};
+use crate::datapath::Meter;
 use crate::lifecycle::{Direction, Side};
 
 /// The first re-check of the kernel backlog, or of what a destination acknowledged;
 /// doubles up to `BACKLOG_POLL_MAX`. There is no limit on the backlog wait itself: hundreds
 /// of MB may be queued toward a slow reader.
-pub(super) const BACKLOG_POLL_MIN: Duration = Duration::from_millis(1);
-pub(super) const BACKLOG_POLL_MAX: Duration = Duration::from_millis(50);
+pub(crate) const BACKLOG_POLL_MIN: Duration = Duration::from_millis(1);
+pub(crate) const BACKLOG_POLL_MAX: Duration = Duration::from_millis(50);
 
 /// How often a half-closed spliced connection re-checks its sockets' TCP state, in case
 /// the ring buffer lost the event of an RST.
@@ -55,8 +55,7 @@ impl Offload {
         meter: Arc<Meter>,
     ) -> Result<Offload, SpliceError> {
         let cookie = |side, fd| {
-            crate::ebpf::socket_cookie(fd)
-                .map_err(|e| SpliceError::new(side, crate::ebpf::SpliceStep::Cookie, e))
+            sys::socket_cookie(fd).map_err(|e| SpliceError::new(side, SpliceStep::Cookie, e))
         };
         meter.attach_kernel(KernelFlows {
             kernel: kernel.clone(),
@@ -107,7 +106,7 @@ impl Offload {
     }
 
     /// Ready once userspace has read every byte the verdict passed up in `direction`.
-    /// Passed bytes can reach the socket after its FIN is visible (KERNEL-NOTES), so an
+    /// Passed bytes can reach the socket after its FIN is visible (`docs/kernel-notes.md#fin-skb`), so an
     /// EOF is final only then. Map errors end the wait: the EOF is taken as final.
     pub fn poll_passed_read(&mut self, cx: &mut Context<'_>, direction: Direction) -> Poll<()> {
         let index = direction.index();
