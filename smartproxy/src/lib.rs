@@ -26,6 +26,7 @@ pub mod table;
 pub mod throttle;
 pub mod tls;
 pub mod view;
+pub mod vocab;
 
 pub use proxy::{Closed, Proxy, ReloadError, ReloadSummary, StartError};
 

@@ -19,11 +19,11 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::config::{Config, ConfigError, DataPathMode, LifecycleConfig, RouteConfig, Target};
 use crate::control::ControlServer;
 use crate::datapath::kernel::{EbpfError, Kernel, LoadOptions, MapEntries, SpliceError};
-use crate::datapath::{instant_of, DataPathKind, Peer, Relay};
+use crate::datapath::{instant_of, Peer, Relay};
 use crate::error_chain;
 use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::health::{self, Change, FailureKind, Registry, TargetHealth, TargetSnapshot};
-use crate::lifecycle::{Action, Event, Lifecycle, Reason};
+use crate::lifecycle::{Action, Event, Lifecycle};
 use crate::limits::{Admissions, Limits};
 use crate::metrics::MetricsServer;
 use crate::resolve::{Resolve, SystemResolver};
@@ -33,6 +33,8 @@ use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
 use crate::table::{ConnRecord, ConnTable};
 use crate::throttle::Throttle;
 use crate::tls::{TlsError, TlsRoutes};
+use crate::vocab::DataPathKind;
+use crate::vocab::Reason;
 
 /// At most one warning that the kernel maps are full per this interval.
 const MAP_FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
@@ -755,8 +757,8 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason) {
         client = %record.client,
         backend = %record.backend.get().map_or_else(|| "-".to_owned(), |b| b.to_string()),
         data_path = %record.data_path().map_or("-", DataPathKind::as_str),
-        client_to_backend = record.meter.bytes(crate::lifecycle::Direction::ClientToBackend),
-        backend_to_client = record.meter.bytes(crate::lifecycle::Direction::BackendToClient),
+        client_to_backend = record.meter.bytes(crate::vocab::Direction::ClientToBackend),
+        backend_to_client = record.meter.bytes(crate::vocab::Direction::BackendToClient),
         duration_ms = record.started.elapsed().as_millis() as u64,
         %reason,
         "closed"

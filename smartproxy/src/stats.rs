@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::datapath::instant_of;
 use crate::datapath::kernel::MapEntries;
-use crate::datapath::{instant_of, DataPathKind};
 use crate::health::TargetSnapshot;
-use crate::lifecycle::{Direction, Reason};
 use crate::limits::Refusal;
 use crate::table::{ConnRecord, ConnTable};
+use crate::vocab::DataPathKind;
+use crate::vocab::{Direction, Reason};
 
 /// Upper bounds, in seconds, of the connection duration histogram: from short requests
 /// to the day-long connections this proxy is made for.

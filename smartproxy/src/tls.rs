@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 
 use crate::config::{BackendVerify, Config, RouteConfig, Target};
 use crate::datapath::peer::{Peer, TcpIo};
-use crate::lifecycle::Reason;
+use crate::vocab::Reason;
 
 /// A TLS file that cannot be used, naming the file.
 #[derive(Debug, thiserror::Error)]

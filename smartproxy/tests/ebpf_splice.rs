@@ -27,7 +27,7 @@ use std::{
 use sha2::{Digest, Sha256};
 use smartproxy::{
     datapath::kernel::{Kernel, LoadOptions, MapEntries, Splice, StateChange, TcpState, Wait},
-    lifecycle::Side,
+    vocab::Side,
 };
 use tokio::time::timeout;
 

@@ -5,8 +5,8 @@
 
 use smartproxy::config::DataPathMode;
 use smartproxy::datapath::kernel::MapEntries;
-use smartproxy::datapath::DataPathKind;
-use smartproxy::lifecycle::Reason;
+use smartproxy::vocab::DataPathKind;
+use smartproxy::vocab::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

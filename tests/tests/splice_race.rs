@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use smartproxy::config::DataPathMode;
 use smartproxy::datapath::kernel::test_hooks;
-use smartproxy::datapath::DataPathKind;
-use smartproxy::lifecycle::Reason;
+use smartproxy::vocab::DataPathKind;
+use smartproxy::vocab::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -7,40 +7,14 @@ pub mod kernel;
 pub mod peer;
 pub mod relay;
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-use crate::lifecycle::Direction;
+use crate::vocab::Direction;
 
 pub use peer::Peer;
 pub use relay::Relay;
-
-/// Which data path carries a connection's bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DataPathKind {
-    Userspace,
-    Ebpf,
-}
-
-impl DataPathKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DataPathKind::Userspace => "userspace",
-            DataPathKind::Ebpf => "ebpf",
-        }
-    }
-}
-
-impl fmt::Display for DataPathKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so kernel and
 /// userspace activity stamps compare directly.

@@ -20,7 +20,8 @@ use super::kernel::offload::{BACKLOG_POLL_MAX, BACKLOG_POLL_MIN};
 use super::kernel::{Kernel, Offload, SpliceError, Wait, PASSED_READ_BYTES};
 use super::peer::{Peer, BUFFER_BYTES};
 use super::Meter;
-use crate::lifecycle::{Direction, Event, Side};
+use crate::lifecycle::Event;
+use crate::vocab::{Direction, Side};
 
 /// One direction: reads from its source, writes to its destination.
 #[derive(Debug)]

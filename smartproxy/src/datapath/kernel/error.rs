@@ -6,7 +6,7 @@ use std::{fmt, io, path::PathBuf};
 use aya::{maps::MapError, programs::ProgramError};
 use smartproxy_common::MAP_EVENTS;
 
-use crate::lifecycle::Side;
+use crate::vocab::Side;
 
 /// Why the kernel data path could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,7 @@ use tokio::io::unix::AsyncFd;
 
 use super::error::{SpliceError, SpliceStep};
 use super::lock;
-use crate::lifecycle::Side;
+use crate::vocab::Side;
 
 /// Which splice each spliced socket belongs to (by socket cookie), and the counters the
 /// ring-buffer reader keeps: shared between [`super::Kernel`] and the reader task.

@@ -55,7 +55,7 @@ pub use splice::test_hooks;
 pub use splice::{Splice, Wait};
 pub use sys::{all_acknowledged, page_size, socket_cookie, tcp_state, PASSED_READ_BYTES};
 
-use crate::lifecycle::Side;
+use crate::vocab::Side;
 use events::{read_events, EventQueue, SpliceRegistry};
 use splice::{Done, SpliceSocket};
 

@@ -18,7 +18,7 @@ use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior, Sleep};
 
 use super::{sys, FlowCounters, Kernel, Splice, SpliceError, SpliceStep, Wait};
 use crate::datapath::Meter;
-use crate::lifecycle::{Direction, Side};
+use crate::vocab::{Direction, Side};
 
 /// The first re-check of the kernel backlog, or of what a destination acknowledged;
 /// doubles up to `BACKLOG_POLL_MAX`. There is no limit on the backlog wait itself: hundreds

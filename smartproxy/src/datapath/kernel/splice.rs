@@ -18,7 +18,7 @@ use super::sys::{
     acked_and_outq, bytes_to_read, pin_buffers, readable_now, set_rcvlowat, socket_cookie,
 };
 use super::{lock, FlowCounters, Kernel};
-use crate::lifecycle::{Direction, Side};
+use crate::vocab::{Direction, Side};
 
 /// Flag for map updates: fail with EEXIST instead of replacing an entry.
 pub(super) const BPF_NOEXIST: u64 = 1;
