@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::datapath::kernel::{self, LoadOptions};
 use crate::health::{CheckConfig, HealthConfig};
 use crate::limits::{AccessList, Cidr, PerIpConfig, RouteLimitsConfig};
 use crate::privileges::User;
@@ -78,6 +79,34 @@ pub const MAX_EBPF_CONNECTIONS: u32 = u32::MAX / 2;
 /// at 4 MiB fast readers hit the cap all the time (5-12 % of their bytes went through the
 /// kernel); at 16 MiB 63-96 % did, and a slow reader still holds at most about twice the cap.
 pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 16 * 1024 * 1024;
+
+impl ProxyConfig {
+    /// What the kernel data path is loaded with: these values, validated at load.
+    pub fn kernel_options(&self) -> LoadOptions {
+        LoadOptions {
+            max_queued_bytes: self.max_queued_bytes,
+            ring_buffer_bytes: self.ebpf_ring_buffer_bytes,
+            // Validated at most `max_connections` as the file has it; never more than the
+            // value in force either, should that be lower (derived at start).
+            max_connections: self
+                .ebpf_max_connections
+                .min(u32::try_from(self.max_connections).unwrap_or(u32::MAX)),
+        }
+    }
+}
+
+/// The kernel path's options when no config is at hand (the eBPF probe, tests): the
+/// defaults of `proxy.max_queued_bytes` and `proxy.ebpf_ring_buffer_bytes`, and maps as
+/// large as the eBPF object declares them.
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            ring_buffer_bytes: smartproxy_common::DEFAULT_RING_BUFFER_BYTES,
+            max_connections: smartproxy_common::DEFAULT_MAX_SOCKETS / 2,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+        }
+    }
+}
 
 /// The smallest `max_queued_bytes`: below it nearly every byte would take the slow path.
 pub const MIN_QUEUED_BYTES: u64 = 64 * 1024;
@@ -759,9 +788,8 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             defaults.max_connections,
         )?,
     };
-    let page = crate::datapath::kernel::page_size();
-    let ring = proxy.ebpf_ring_buffer_bytes as usize;
-    if !ring.is_power_of_two() || !ring.is_multiple_of(page) {
+    if !kernel::ring_buffer_bytes_valid(proxy.ebpf_ring_buffer_bytes) {
+        let page = kernel::page_size();
         return Err(Invalid::new(
             "proxy.ebpf_ring_buffer_bytes",
             format!("must be a power of two and a multiple of the page size ({page})"),

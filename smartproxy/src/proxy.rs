@@ -18,8 +18,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::config::{Config, ConfigError, DataPathMode, LifecycleConfig, RouteConfig, Target};
 use crate::control::ControlServer;
-use crate::datapath::kernel::{EbpfError, Kernel, LoadOptions, MapEntries, SpliceError};
-use crate::datapath::{instant_of, Peer, Relay};
+use crate::datapath::clock::instant_of;
+use crate::datapath::kernel::{EbpfError, Kernel, MapEntries, SpliceError};
+use crate::datapath::{Peer, Relay};
 use crate::error_chain;
 use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::health::{self, Change, FailureKind, Registry, TargetHealth, TargetSnapshot};
@@ -633,17 +634,7 @@ fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
     if !wanted {
         return Ok(None);
     }
-    let options = LoadOptions {
-        max_queued_bytes: config.proxy.max_queued_bytes,
-        ring_buffer_bytes: config.proxy.ebpf_ring_buffer_bytes,
-        // Validated at most `max_connections` as the file has it; never more than the
-        // value in force either, should that be lower (derived at start).
-        max_connections: config
-            .proxy
-            .ebpf_max_connections
-            .min(u32::try_from(config.proxy.max_connections).unwrap_or(u32::MAX)),
-    };
-    match Kernel::load(options) {
+    match Kernel::load(config.proxy.kernel_options()) {
         Ok(kernel) => {
             info!("eBPF data path loaded");
             Ok(Some(kernel))

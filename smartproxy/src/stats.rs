@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::instant_of;
+use crate::datapath::clock::instant_of;
 use crate::datapath::kernel::MapEntries;
 use crate::health::TargetSnapshot;
 use crate::limits::Refusal;

@@ -15,7 +15,7 @@ pub enum EbpfError {
         "this binary was built without its eBPF object (AYA_BUILD_SKIP was set at build time)"
     )]
     NotBuilt,
-    #[error("ring buffer size {0} is not a power of two of at least one page")]
+    #[error("ring buffer size {0} is not a power of two and a multiple of the page size")]
     RingBufferSize(u32),
     #[error("maps for {0} connections would need more than u32::MAX entries")]
     MapSize(u32),

@@ -35,8 +35,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use smartproxy_common::{
-    Control, Flow, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES, MAP_CONTROL, MAP_EVENTS,
-    MAP_EVENTS_LOST, MAP_FLOWS, MAP_SOCKETS, MAP_TARGETS, PROG_REDIRECT, PROG_STATE_EVENTS,
+    Control, Flow, MAP_CONTROL, MAP_EVENTS, MAP_EVENTS_LOST, MAP_FLOWS, MAP_SOCKETS, MAP_TARGETS,
+    PROG_REDIRECT, PROG_STATE_EVENTS,
 };
 use std::fmt;
 use std::fs;
@@ -79,14 +79,12 @@ pub struct LoadOptions {
     pub max_queued_bytes: u64,
 }
 
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self {
-            ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
-            max_connections: DEFAULT_MAX_SOCKETS / 2,
-            max_queued_bytes: crate::config::DEFAULT_MAX_QUEUED_BYTES,
-        }
-    }
+/// The one rule for the size of the `EVENTS` ring buffer: the kernel takes a power of two
+/// that is a multiple of the page size. `proxy.ebpf_ring_buffer_bytes` is validated with it
+/// at config load, and [`Kernel::load`] refuses other sizes with it.
+pub fn ring_buffer_bytes_valid(bytes: u32) -> bool {
+    let bytes = bytes as usize;
+    bytes.is_power_of_two() && bytes.is_multiple_of(page_size())
 }
 
 /// Totals for `smartproxy stats` (`ebpf.*`).
@@ -164,7 +162,7 @@ impl Kernel {
         if OBJECT.is_empty() {
             return Err(EbpfError::NotBuilt);
         }
-        if !ring_buffer_bytes.is_power_of_two() || (ring_buffer_bytes as usize) < page_size() {
+        if !ring_buffer_bytes_valid(ring_buffer_bytes) {
             return Err(EbpfError::RingBufferSize(ring_buffer_bytes));
         }
         let max_sockets = max_connections
@@ -386,7 +384,7 @@ pub struct FlowCounters {
     /// Bytes the verdict passed up to userspace instead.
     pub passed: u64,
     /// CLOCK_MONOTONIC nanoseconds of the last non-empty skb the source socket received
-    /// (`bpf_ktime_get_ns`; compare with `datapath::monotonic_ns()`); 0 = none yet.
+    /// (`bpf_ktime_get_ns`; compare with `datapath::clock::monotonic_ns()`); 0 = none yet.
     pub last_activity_ns: u64,
 }
 
