@@ -45,7 +45,8 @@ pub const DEFAULT_MAX_SOCKETS: u32 = 2 * 65_536;
 /// Backpressure: the verdict redirects while the bytes on their way to the peer
 /// (`redirected + Control::flushed - what the peer's receiver acknowledged`) stay under
 /// `Control::cap`. That is the kernel's redirect backlog plus the peer socket's send
-/// queue, whose size userspace pins above the cap (see `ebpf.rs`). At the cap it passes
+/// queue, whose size userspace pins above the cap (see
+/// `smartproxy/src/datapath/kernel/sys.rs` `pin_buffers`). At the cap it passes
 /// instead: the bytes stay in the source socket, charged to it, so its window closes, and
 /// userspace forwards them. It keeps passing until userspace has written every passed
 /// byte to the peer (`passed == Control::flushed`): only then can a redirected byte not
