@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use super::clock::monotonic_ns;
-use super::kernel::KernelFlows;
+use super::kernel::offload::{CountsKernelFlows, KernelFlows};
 use crate::vocab::Direction;
 
 /// Bytes each way and the last activity of one connection, shared between its relay
@@ -74,12 +74,18 @@ impl Meter {
         }
     }
 
-    pub(in crate::datapath) fn attach_kernel(&self, flows: KernelFlows) {
+    fn kernel(&self) -> MutexGuard<'_, Option<KernelFlows>> {
+        // Each guarded operation is one assignment: a poisoned lock is still consistent.
+        self.kernel.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl CountsKernelFlows for Meter {
+    fn attach_kernel(&self, flows: KernelFlows) {
         *self.kernel() = Some(flows);
     }
 
-    /// Folds the kernel's final counts into this meter, before the splice goes away.
-    pub(in crate::datapath) fn detach_kernel(&self) {
+    fn detach_kernel(&self) {
         let Some(flows) = self.kernel().take() else {
             return;
         };
@@ -89,10 +95,5 @@ impl Meter {
             self.last_activity_ns
                 .fetch_max(counters.last_activity_ns, Ordering::Relaxed);
         }
-    }
-
-    fn kernel(&self) -> MutexGuard<'_, Option<KernelFlows>> {
-        // Each guarded operation is one assignment: a poisoned lock is still consistent.
-        self.kernel.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

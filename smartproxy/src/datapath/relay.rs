@@ -241,7 +241,7 @@ impl Relay {
             kernel,
             client,
             backend,
-            Arc::clone(&self.meter),
+            Arc::<Meter>::clone(&self.meter),
         )?);
         Ok(())
     }

@@ -17,7 +17,6 @@ use std::time::Duration;
 use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior, Sleep};
 
 use super::{sys, FlowCounters, Kernel, Splice, SpliceError, SpliceStep, Wait};
-use crate::datapath::Meter;
 use crate::vocab::{Direction, Side};
 
 /// The first re-check of the kernel backlog, or of what a destination acknowledged;
@@ -34,7 +33,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Offload {
     splice: Splice,
-    meter: Arc<Meter>,
+    meter: Arc<dyn CountsKernelFlows>,
     /// Bytes userspace read from each direction's source since the splice: what the
     /// verdict passed up.
     taken: [u64; 2],
@@ -52,7 +51,7 @@ impl Offload {
         kernel: &Kernel,
         client: std::os::fd::BorrowedFd<'_>,
         backend: std::os::fd::BorrowedFd<'_>,
-        meter: Arc<Meter>,
+        meter: Arc<dyn CountsKernelFlows>,
     ) -> Result<Offload, SpliceError> {
         let cookie = |side, fd| {
             sys::socket_cookie(fd).map_err(|e| SpliceError::new(side, SpliceStep::Cookie, e))
@@ -201,7 +200,17 @@ impl Drop for Offload {
     }
 }
 
-/// Reads a spliced connection's kernel counters, for its [`Meter`].
+/// What counts a connection's bytes (`datapath::Meter`) and adds the kernel's while it is
+/// spliced. A trait so that this module does not depend on the meter, which depends on
+/// [`KernelFlows`].
+pub trait CountsKernelFlows: std::fmt::Debug + Send + Sync {
+    /// From now on, also count what `flows` reads from the kernel.
+    fn attach_kernel(&self, flows: KernelFlows);
+    /// Folds the kernel's final counts in, before the splice goes away.
+    fn detach_kernel(&self);
+}
+
+/// Reads a spliced connection's kernel counters, for its meter.
 #[derive(Debug)]
 pub struct KernelFlows {
     kernel: Kernel,
