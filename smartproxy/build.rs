@@ -1,5 +1,6 @@
 //! Builds the eBPF programs in `../smartproxy-ebpf` and leaves the object at
-//! `$OUT_DIR/smartproxy-ebpf`, which `src/ebpf.rs` embeds with `include_bytes_aligned!`.
+//! `$OUT_DIR/smartproxy-ebpf`, which `src/datapath/kernel/mod.rs` embeds with
+//! `include_bytes_aligned!`.
 //!
 //! aya-build (as in aya-template) runs `rustup run nightly cargo build -Z build-std=core
 //! --target bpfel-unknown-none` for the eBPF crate, with its own target dir under `OUT_DIR`.
