@@ -20,7 +20,6 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::datapath::kernel::{self, LoadOptions};
-use crate::health::{CheckConfig, HealthConfig};
 use crate::limits::{AccessList, Cidr, PerIpConfig, RouteLimitsConfig};
 use crate::privileges::User;
 use crate::proxy_protocol::Version as ProxyProtocol;
@@ -74,6 +73,9 @@ pub struct ProxyConfig {
 /// The largest `ebpf_max_connections`: the maps' sizes (two entries a connection) are
 /// 32-bit numbers. The kernel's own limits are lower, and say so when the maps are created.
 pub const MAX_EBPF_CONNECTIONS: u32 = u32::MAX / 2;
+
+/// Metrics scrapes answered at once; a connection beyond that is closed at accept.
+pub const MAX_SCRAPERS: usize = 16;
 
 /// The default of `proxy.max_queued_bytes`. Measured with `cargo xtask bench` on loopback:
 /// at 4 MiB fast readers hit the cap all the time (5-12 % of their bytes went through the
@@ -954,6 +956,51 @@ fn validate_route(
 }
 
 // === backend health ===
+
+/// A route's health settings (its `health` table), defaults included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Connect failures in a row that take a target down.
+    pub fails: u32,
+    /// The first back-off of a target taken down by failed connects.
+    pub backoff: Duration,
+    /// What the doubling back-off stops at.
+    pub backoff_max: Duration,
+    /// Active checks; `None`: passive health only.
+    pub check: Option<CheckConfig>,
+}
+
+/// `check_interval` and the keys that go with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            fails: 3,
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            check: None,
+        }
+    }
+}
+
+impl CheckConfig {
+    /// The check defaults for `check_interval = interval`: HAProxy's rise 2, fall 3.
+    pub fn with_interval(interval: Duration) -> CheckConfig {
+        CheckConfig {
+            interval,
+            timeout: Duration::from_secs(1).min(interval),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
 
 /// A route's `health` table; the defaults are [`HealthConfig::default`] and
 /// [`CheckConfig::with_interval`].

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod fdlimit;
 pub mod generation;
 pub mod health;
+pub mod histogram;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
