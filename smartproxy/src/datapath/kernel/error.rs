@@ -53,7 +53,7 @@ pub enum EbpfError {
     RingBufPoll(#[source] io::Error),
 }
 
-/// Why [`Kernel::splice`] failed (or fell back to passing), which socket and step.
+/// Why [`Kernel::splice`](super::Kernel::splice) failed (or fell back to passing), which socket and step.
 #[derive(Debug, thiserror::Error)]
 #[error("splice: {step} of the {side} socket failed")]
 pub struct SpliceError {
@@ -91,7 +91,7 @@ impl SpliceError {
     }
 }
 
-/// The steps of [`Kernel::splice`], in order.
+/// The steps of [`Kernel::splice`](super::Kernel::splice), in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpliceStep {
     /// `getsockopt(SO_COOKIE)`.

@@ -1,5 +1,5 @@
 //! The splice protocol: one routed pair's entries in the kernel maps, made in the order
-//! that loses no byte ([`Splice::attach`]) and removed when the [`Splice`] is dropped; and
+//! that loses no byte (`Splice::attach`) and removed when the [`Splice`] is dropped; and
 //! what the relay asks of a spliced pair (counters, the drain rule, control updates).
 
 use std::{
@@ -110,9 +110,9 @@ impl fmt::Debug for Splice {
 
 impl Splice {
     /// The next state change of either socket. Only changes after the splice are reported (a
-    /// FIN that arrived before it is not), so callers check [`tcp_state`] once after
+    /// FIN that arrived before it is not), so callers check [`tcp_state`](super::tcp_state) once after
     /// splicing. `None` means the event reader stopped (it logs why); fall back to polling
-    /// [`tcp_state`] then.
+    /// [`tcp_state`](super::tcp_state) then.
     pub async fn next_event(&mut self) -> Option<StateChange> {
         std::future::poll_fn(|cx| self.events.poll_next(cx)).await
     }
