@@ -1,5 +1,6 @@
 //! Builds the eBPF programs in `../smartproxy-ebpf` and leaves the object at
-//! `$OUT_DIR/smartproxy-ebpf`, which `src/ebpf.rs` embeds with `include_bytes_aligned!`.
+//! `$OUT_DIR/smartproxy-ebpf`, which `src/datapath/kernel/mod.rs` embeds with
+//! `include_bytes_aligned!`.
 //!
 //! aya-build (as in aya-template) runs `rustup run nightly cargo build -Z build-std=core
 //! --target bpfel-unknown-none` for the eBPF crate, with its own target dir under `OUT_DIR`.
@@ -7,7 +8,7 @@
 //! LLVM; `cargo xtask test` / `cargo xtask run` install both (xtask/src/toolchain.rs).
 //!
 //! `AYA_BUILD_SKIP=1` skips the eBPF build and embeds an empty object instead, so the crate
-//! still compiles on a machine without that toolchain; `ebpf::Kernel::load` then fails with
+//! still compiles on a machine without that toolchain; `datapath::kernel::Kernel::load` then fails with
 //! `EbpfError::NotBuilt`, and `data_path = "auto"` says so in the log.
 
 use std::{

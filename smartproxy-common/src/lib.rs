@@ -40,12 +40,13 @@ pub const DEFAULT_MAX_SOCKETS: u32 = 2 * 65_536;
 /// that, `redirected`, `passed` and `last_activity_ns` are written only by
 /// the stream verdict of the source socket, which the kernel runs serialized per socket,
 /// and `acked` only by the sock_ops program of the same socket; plain (non-atomic) stores
-/// are therefore safe (KERNEL-NOTES: `fetch_add` does not exist on bpfel).
+/// are therefore safe (`docs/kernel-notes.md#counters-without-atomics`: `fetch_add` does not exist on bpfel).
 ///
 /// Backpressure: the verdict redirects while the bytes on their way to the peer
 /// (`redirected + Control::flushed - what the peer's receiver acknowledged`) stay under
 /// `Control::cap`. That is the kernel's redirect backlog plus the peer socket's send
-/// queue, whose size userspace pins above the cap (see `ebpf.rs`). At the cap it passes
+/// queue, whose size userspace pins above the cap (see
+/// `smartproxy/src/datapath/kernel/sys.rs` `pin_buffers`). At the cap it passes
 /// instead: the bytes stay in the source socket, charged to it, so its window closes, and
 /// userspace forwards them. It keeps passing until userspace has written every passed
 /// byte to the peer (`passed == Control::flushed`): only then can a redirected byte not

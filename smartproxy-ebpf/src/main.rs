@@ -1,6 +1,7 @@
 //! smartproxy's kernel data path: an sk_skb stream verdict that redirects each spliced
 //! socket's bytes to its peer, and a sock_ops program that reports TCP state changes of
-//! spliced sockets through a ring buffer. See KERNEL-NOTES.md for the facts behind each rule.
+//! spliced sockets through a ring buffer. See `docs/kernel-notes.md` for the
+//! kernel behaviour behind each rule.
 #![no_std]
 #![no_main]
 
@@ -43,7 +44,8 @@ static CONTROL: HashMap<u64, Control> = HashMap::with_max_entries(DEFAULT_MAX_SO
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
 
 /// Slot 0 counts events dropped because `EVENTS` was full. Per CPU because sock_ops runs on
-/// several CPUs at once and bpfel has no atomic add (KERNEL-NOTES); userspace sums the slots.
+/// several CPUs at once and bpfel has no atomic add
+/// (`docs/kernel-notes.md#counters-without-atomics`); userspace sums the slots.
 #[map]
 static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
@@ -61,7 +63,7 @@ fn try_redirect(ctx: &SkBuffContext) -> u32 {
     let len = u64::from(ctx.len());
     // A FIN arrives as a zero-length skb, and TCP has already taken it (the socket is shut
     // for reading, which is how userspace sees EOF). Redirecting it sets EPIPE on the peer
-    // (KERNEL-NOTES). Passing it is no better: while the kernel's redirect backlog toward
+    // (`docs/kernel-notes.md#fin-skb`). Passing it is no better: while the kernel's redirect backlog toward
     // this socket is not empty, a passed skb is queued behind it, and the backlog worker
     // takes the zero length for a failed send: EPIPE on this socket, its send path off.
     // Dropped, it carries no byte to lose.
@@ -245,8 +247,10 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-/// The kernel reads the license from this section; GPL-compatible is required for helpers
-/// such as `bpf_sk_redirect_hash` and `bpf_ringbuf_reserve`.
+/// The kernel reads the license from this section. None of the helpers called here is
+/// `gpl_only` (not `bpf_sk_redirect_hash`, not `bpf_ringbuf_reserve`); a GPL-compatible
+/// string is only needed if a GPL-only helper (perf-event output, say) is ever called.
+/// See `docs/kernel-notes.md#gpl-only-helpers` and `LICENSE.md`.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

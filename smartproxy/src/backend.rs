@@ -15,10 +15,10 @@ use crate::config::{LifecycleConfig, RouteConfig, Target};
 use crate::conn_error::{ConnError, Step};
 use crate::generation::Generation;
 use crate::health::{self, Change, FailureKind, TargetHealth};
-use crate::lifecycle::Side;
 use crate::resolve::Resolve;
 use crate::shared::{reached, Shared, Stop};
 use crate::table::ConnRecord;
+use crate::vocab::Side;
 
 /// Starts the check task of every checked target of `generation` that has none yet.
 pub(crate) fn start_checks(shared: &Arc<Shared>, generation: &Generation) {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::health::{CheckConfig, HealthConfig};
+use crate::datapath::kernel::{self, LoadOptions};
 use crate::limits::{AccessList, Cidr, PerIpConfig, RouteLimitsConfig};
 use crate::privileges::User;
 use crate::proxy_protocol::{Accept as AcceptProxyProtocol, Inbound, Version as ProxyProtocol};
@@ -75,6 +75,39 @@ pub struct ProxyConfig {
 /// 32-bit numbers. The kernel's own limits are lower, and say so when the maps are created.
 pub const MAX_EBPF_CONNECTIONS: u32 = u32::MAX / 2;
 
+/// Metrics scrapes answered at once; a connection beyond that is closed at accept.
+pub const MAX_SCRAPERS: usize = 16;
+
+/// The default of `proxy.max_queued_bytes`. Measured with `cargo xtask bench` on loopback:
+/// at 4 MiB fast readers hit the cap all the time (5-12 % of their bytes went through the
+/// kernel); at 16 MiB 63-96 % did, and a slow reader still holds at most about twice the cap.
+pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 16 * 1024 * 1024;
+
+impl ProxyConfig {
+    /// What the kernel data path is loaded with: these values, validated at load.
+    pub fn kernel_options(&self) -> LoadOptions {
+        LoadOptions {
+            max_queued_bytes: self.max_queued_bytes,
+            ring_buffer_bytes: self.ebpf_ring_buffer_bytes,
+            // Validated at load to be at most `max_connections`.
+            max_connections: self.ebpf_max_connections,
+        }
+    }
+}
+
+/// The kernel path's options when no config is at hand (the eBPF probe, tests): the
+/// defaults of `proxy.max_queued_bytes` and `proxy.ebpf_ring_buffer_bytes`, and maps as
+/// large as the eBPF object declares them.
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            ring_buffer_bytes: smartproxy_common::DEFAULT_RING_BUFFER_BYTES,
+            max_connections: smartproxy_common::DEFAULT_MAX_SOCKETS / 2,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+        }
+    }
+}
+
 /// The smallest `max_queued_bytes`: below it nearly every byte would take the slow path.
 pub const MIN_QUEUED_BYTES: u64 = 64 * 1024;
 /// The largest `max_queued_bytes`: each spliced socket's send buffer is sized above it.
@@ -89,7 +122,7 @@ impl Default for ProxyConfig {
             max_connections: max_connections as usize,
             max_connections_explicit: false,
             metrics: None,
-            max_queued_bytes: crate::ebpf::DEFAULT_MAX_QUEUED_BYTES,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             per_ip: PerIpConfig::default(),
             ipv6_prefix_per_ip: crate::limits::DEFAULT_IPV6_PREFIX,
             user: None,
@@ -762,9 +795,8 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             defaults.max_connections,
         )?,
     };
-    let page = crate::ebpf::page_size();
-    let ring = proxy.ebpf_ring_buffer_bytes as usize;
-    if !ring.is_power_of_two() || !ring.is_multiple_of(page) {
+    if !kernel::ring_buffer_bytes_valid(proxy.ebpf_ring_buffer_bytes) {
+        let page = kernel::page_size();
         return Err(Invalid::new(
             "proxy.ebpf_ring_buffer_bytes",
             format!("must be a power of two and a multiple of the page size ({page})"),
@@ -932,6 +964,51 @@ fn validate_route(
 }
 
 // === backend health ===
+
+/// A route's health settings (its `health` table), defaults included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Connect failures in a row that take a target down.
+    pub fails: u32,
+    /// The first back-off of a target taken down by failed connects.
+    pub backoff: Duration,
+    /// What the doubling back-off stops at.
+    pub backoff_max: Duration,
+    /// Active checks; `None`: passive health only.
+    pub check: Option<CheckConfig>,
+}
+
+/// `check_interval` and the keys that go with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            fails: 3,
+            backoff: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            check: None,
+        }
+    }
+}
+
+impl CheckConfig {
+    /// The check defaults for `check_interval = interval`: HAProxy's rise 2, fall 3.
+    pub fn with_interval(interval: Duration) -> CheckConfig {
+        CheckConfig {
+            interval,
+            timeout: Duration::from_secs(1).min(interval),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
 
 /// A route's `health` table; the defaults are [`HealthConfig::default`] and
 /// [`CheckConfig::with_interval`].

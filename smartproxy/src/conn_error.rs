@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io;
 
-use crate::lifecycle::{Reason, Side};
+use crate::vocab::{Reason, Side};
 
 /// A step of a connection's setup, as the error and the log name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

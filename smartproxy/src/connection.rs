@@ -17,15 +17,17 @@ use tracing::{debug, info, info_span, Instrument};
 
 use crate::backend::{connect, keepalive};
 use crate::conn_error::{ConnError, Step};
-use crate::datapath::{instant_of, DataPathKind, Peer, Relay};
-use crate::ebpf::SpliceError;
+use crate::datapath::clock::instant_of;
+use crate::datapath::kernel::SpliceError;
+use crate::datapath::{Peer, Relay};
 use crate::error_chain;
 use crate::generation::Generation;
-use crate::lifecycle::{Action, Event, Lifecycle, Reason, Side};
+use crate::lifecycle::{Action, Event, Lifecycle};
 use crate::limits::Admissions;
 use crate::routing::{receive_proxy_header, route};
 use crate::shared::{reached, Closed, Shared, Stop};
 use crate::table::ConnRecord;
+use crate::vocab::{DataPathKind, Direction, Reason, Side};
 
 /// One connection, from accept to close. Not an `async fn`: that would hold the
 /// connection's future twice, once as the block below and once inside `Instrumented`
@@ -85,8 +87,8 @@ fn close(shared: &Shared, record: &ConnRecord, reason: Reason, cause: Option<&st
         client = %record.client(),
         backend = %record.backend.get().map_or_else(|| "-".to_owned(), |b| b.to_string()),
         data_path = %record.data_path().map_or("-", DataPathKind::as_str),
-        client_to_backend = record.meter.bytes(crate::lifecycle::Direction::ClientToBackend),
-        backend_to_client = record.meter.bytes(crate::lifecycle::Direction::BackendToClient),
+        client_to_backend = record.meter.bytes(Direction::ClientToBackend),
+        backend_to_client = record.meter.bytes(Direction::BackendToClient),
         duration_ms = record.started.elapsed().as_millis() as u64,
         %reason,
         cause,

@@ -33,7 +33,7 @@ pub fn reserved(config: &Config) -> u64 {
     // A listener per route at most (routes may share one).
     let listeners = config.routes.len() as u64;
     let metrics = if config.proxy.metrics.is_some() {
-        1 + crate::metrics::MAX_SCRAPERS as u64
+        1 + crate::config::MAX_SCRAPERS as u64
     } else {
         0
     };

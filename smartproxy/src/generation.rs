@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use crate::config::{Config, DataPathMode, ProxyConfig};
-use crate::datapath::DataPathKind;
 use crate::health::{Registry, TargetHealth};
 use crate::route::RouteTable;
 use crate::stats::Stats;
 use crate::tls::TlsRoutes;
+use crate::vocab::DataPathKind;
 
 /// One configuration as the proxy serves it.
 #[derive(Debug)]

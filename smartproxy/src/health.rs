@@ -23,53 +23,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Target;
-use crate::stats::{Histogram, HistogramSnapshot, CONNECT_BUCKETS};
-
-/// A route's health settings (its `health` table), defaults included.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HealthConfig {
-    /// Connect failures in a row that take a target down.
-    pub fails: u32,
-    /// The first back-off of a target taken down by failed connects.
-    pub backoff: Duration,
-    /// What the doubling back-off stops at.
-    pub backoff_max: Duration,
-    /// Active checks; `None`: passive health only.
-    pub check: Option<CheckConfig>,
-}
-
-/// `check_interval` and the keys that go with it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CheckConfig {
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub rise: u32,
-    pub fall: u32,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        HealthConfig {
-            fails: 3,
-            backoff: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
-            check: None,
-        }
-    }
-}
-
-impl CheckConfig {
-    /// The check defaults for `check_interval = interval`: HAProxy's rise 2, fall 3.
-    pub fn with_interval(interval: Duration) -> CheckConfig {
-        CheckConfig {
-            interval,
-            timeout: Duration::from_secs(1).min(interval),
-            rise: 2,
-            fall: 3,
-        }
-    }
-}
+use crate::config::{CheckConfig, HealthConfig, Target};
+use crate::histogram::{Histogram, HistogramSnapshot, CONNECT_BUCKETS};
 
 /// How often a failing target may log a connect warning; the rest are counted and the
 /// count goes with the next warning.

@@ -1,8 +1,8 @@
 //! smartproxy: an L4 proxy for long-lived TCP and TLS connections.
 //!
 //! The control plane (this crate) accepts, routes and keeps the book; the bytes move
-//! either through the kernel (`datapath::ebpf`) or through a tokio copy
-//! (`datapath::userspace`). Both feed the same `lifecycle` state machine.
+//! either through the kernel (`datapath::kernel`) or through a tokio copy; one relay
+//! (`datapath::relay`) drives both and feeds the same `lifecycle` state machine.
 
 pub mod backend;
 pub mod config;
@@ -10,10 +10,10 @@ pub mod conn_error;
 pub mod connection;
 pub mod control;
 pub mod datapath;
-pub mod ebpf;
 pub mod fdlimit;
 pub mod generation;
 pub mod health;
+pub mod histogram;
 pub mod lifecycle;
 pub mod limits;
 pub mod listener;
@@ -34,6 +34,7 @@ pub mod table;
 pub mod throttle;
 pub mod tls;
 pub mod view;
+pub mod vocab;
 
 pub use proxy::{Proxy, StartError};
 pub use reload::{ReloadError, ReloadSummary};

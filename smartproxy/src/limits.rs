@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::lifecycle::Reason;
+use crate::vocab::Reason;
 
 /// `[proxy] ipv6_prefix_per_ip` when unset: one IPv6 client (a home, a VM) is commonly
 /// given a whole /64, and could otherwise take a fresh address for every connection.

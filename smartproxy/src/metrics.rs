@@ -21,17 +21,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::debug;
 
+use crate::config::MAX_SCRAPERS;
 use crate::health::TargetSnapshot;
+use crate::histogram::HistogramSnapshot;
 use crate::listener::accept_until;
 use crate::shared::{reached, Shared, Stop};
-use crate::stats::{HistogramSnapshot, Snapshot};
+use crate::stats::Snapshot;
 
 /// The most bytes of request line and headers read from a scraper.
 pub const MAX_REQUEST: usize = 8 * 1024;
 /// Time a scraper has to send its request and take the answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Scrapes answered at once; a connection beyond that is closed at accept.
-pub const MAX_SCRAPERS: usize = 16;
 
 /// The content type of the text exposition format.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -5,7 +5,7 @@
 //!
 //! What is kept, and why (found by the tests in `tests/privileges.rs`, kernel 6.18):
 //! - ebpf data path: `CAP_NET_ADMIN`, for `SO_SNDBUFFORCE` on each spliced socket (see
-//!   `ebpf::pin_buffers`). Sockhash and hash map updates through map descriptors the
+//!   `datapath::kernel::sys::pin_buffers`). Sockhash and hash map updates through map descriptors the
 //!   proxy already holds need no capability since Linux 6.5; reading the ring buffer
 //!   neither. Kernels before 6.5 with `kernel.unprivileged_bpf_disabled` set would need
 //!   `CAP_BPF` for the map updates: there a splice fails and the connection takes the

@@ -96,7 +96,7 @@ fn clock_ticks() -> f64 {
 }
 
 fn page_size() -> u64 {
-    crate::ebpf::page_size() as u64
+    crate::datapath::kernel::page_size() as u64
 }
 
 #[cfg(test)]

@@ -13,8 +13,7 @@ use tracing::{debug, info, warn};
 use crate::backend::start_checks;
 use crate::config::{Config, DataPathMode};
 use crate::control::ControlServer;
-use crate::datapath::DataPathKind;
-use crate::ebpf::{EbpfError, Kernel, LoadOptions, MapEntries};
+use crate::datapath::kernel::{EbpfError, Kernel, MapEntries};
 use crate::error_chain;
 use crate::generation::{select_data_path, Generation};
 use crate::health::Registry;
@@ -28,6 +27,7 @@ use crate::stats::{ConnectionRow, Snapshot, Stats};
 use crate::table::ConnTable;
 use crate::throttle::Throttle;
 use crate::tls::{TlsError, TlsRoutes};
+use crate::vocab::DataPathKind;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -258,16 +258,7 @@ fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
     if !wanted {
         return Ok(None);
     }
-    let options = LoadOptions {
-        max_queued_bytes: config.proxy.max_queued_bytes,
-        ring_buffer_bytes: config.proxy.ebpf_ring_buffer_bytes,
-        // Validated at most `max_connections` as the file has it; never more than the
-        // value in force either, should that be lower (derived at start).
-        max_connections: config
-            .proxy
-            .ebpf_max_connections
-            .min(u32::try_from(config.proxy.max_connections).unwrap_or(u32::MAX)),
-    };
+    let options = config.proxy.kernel_options();
     match Kernel::load(options) {
         Ok(kernel) => {
             info!("eBPF data path loaded");

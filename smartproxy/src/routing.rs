@@ -11,11 +11,11 @@ use tracing::debug;
 use tracing::field::display;
 
 use crate::conn_error::{ConnError, Step};
-use crate::lifecycle::{Reason, Side};
 use crate::proxy_protocol::{read_header, Inbound, Peeked as HeaderPeek, MAX_HEADER};
 use crate::route::ListenerRoutes;
 use crate::sni::{parse_client_hello, Peek, MAX_CLIENT_HELLO};
 use crate::table::{Carried, ConnRecord};
+use crate::vocab::{Reason, Side};
 
 /// Picks the route: at once for a plain listener, from the ClientHello for SNI ones.
 /// `read`: the client's bytes already read (after a PROXY header); the routing bytes
@@ -112,7 +112,7 @@ pub(crate) async fn receive_proxy_header(
     buf.truncate(seen);
     let mut rest = buf.split_off(received.len);
     // SIOCINQ counts up to the end of the last queued skb.
-    let queued = crate::ebpf::bytes_to_read(client.as_fd())
+    let queued = crate::datapath::kernel::bytes_to_read(client.as_fd())
         .and_then(|queued| usize::try_from(queued).map_err(io::Error::other))
         .map_err(|e| client_failed(Step::ProxyHeader, e))?;
     let mut taken = rest.len();

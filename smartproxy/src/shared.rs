@@ -12,16 +12,16 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::ebpf::{Kernel, MapEntries, SpliceError};
+use crate::datapath::kernel::{Kernel, MapEntries, SpliceError};
 use crate::error_chain;
 use crate::generation::Generation;
 use crate::health::{Registry, TargetHealth, TargetSnapshot};
-use crate::lifecycle::Reason;
 use crate::limits::Limits;
 use crate::resolve::Resolve;
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
 use crate::table::ConnTable;
 use crate::throttle::Throttle;
+use crate::vocab::Reason;
 
 /// At most one warning that the kernel maps are full per this interval.
 pub(crate) const MAP_FULL_WARNING_EVERY: Duration = Duration::from_secs(10);

@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
-use crate::datapath::{DataPathKind, Meter};
+use crate::datapath::Meter;
+
 use crate::health::TargetHealth;
+use crate::vocab::DataPathKind;
 
 /// What the proxy knows of one live connection.
 #[derive(Debug)]

@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 use crate::config::{BackendVerify, Config, RouteConfig, Target};
 use crate::conn_error::{ConnError, Step};
 use crate::datapath::peer::{Peer, TcpIo};
-use crate::lifecycle::Side;
+use crate::vocab::Side;
 
 /// A TLS file that cannot be used, naming the file.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,4 @@
-//! The kernel data path on real loopback sockets: `ebpf::Kernel::splice` of the two
+//! The kernel data path on real loopback sockets: `datapath::kernel::Kernel::splice` of the two
 //! proxy-side sockets of a client <-> proxy <-> backend chain.
 //!
 //! Scenarios:
@@ -25,8 +25,8 @@ use std::{
 };
 
 use smartproxy::{
-    ebpf::{Kernel, LoadOptions, MapEntries, Splice, StateChange, TcpState, Wait},
-    lifecycle::Side,
+    datapath::kernel::{Kernel, LoadOptions, MapEntries, Splice, StateChange, TcpState, Wait},
+    vocab::Side,
 };
 use smartproxy_test_support::{ebpf_or_skip, pattern, sha256};
 use tokio::time::timeout;

@@ -246,7 +246,7 @@ fn without_user_the_unit_s_ambient_capabilities_go_after_setup() {
     let binary = Reachable::copy_of(Path::new(env!("CARGO_BIN_EXE_smartproxy")));
     // systemd starts a service in a cgroup of its own; the proxy moves itself out of the
     // root cgroup only as root. Take this process (and so its children) out of it first.
-    smartproxy::ebpf::proxy_cgroup().expect("leave the root cgroup");
+    smartproxy::datapath::kernel::proxy_cgroup().expect("leave the root cgroup");
     for data_path in data_paths() {
         eprintln!("--- data path: {data_path}");
         let backend = echo_backend();

@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use smartproxy::config::{Config, DataPathMode};
-use smartproxy::datapath::DataPathKind;
-use smartproxy::ebpf::MapEntries;
-use smartproxy::lifecycle::{Direction, Reason};
+use smartproxy::datapath::kernel::MapEntries;
 use smartproxy::resolve::{Lookup, Resolve};
 use smartproxy::stats::Snapshot;
+use smartproxy::vocab::DataPathKind;
+use smartproxy::vocab::{Direction, Reason};
 use smartproxy::{Closed, Proxy};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};

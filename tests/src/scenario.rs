@@ -4,7 +4,7 @@
 
 use std::ops::{Deref, DerefMut};
 
-use smartproxy::lifecycle::{Direction, Reason};
+use smartproxy::vocab::{Direction, Reason};
 
 use crate::tls::{Client, Frontend};
 use crate::{Backend, TestProxy};

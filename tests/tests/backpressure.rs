@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use smartproxy::config::DataPathMode;
-use smartproxy::lifecycle::Reason;
+use smartproxy::vocab::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

@@ -15,7 +15,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use smartproxy::lifecycle::{Direction, Reason};
+use smartproxy::vocab::{Direction, Reason};
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

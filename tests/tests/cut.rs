@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use smartproxy::config::DataPathMode;
-use smartproxy::lifecycle::Reason;
+use smartproxy::vocab::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 
 use smartproxy::config::DataPathMode;
 use smartproxy::health::{FailureKind, TargetSnapshot};
-use smartproxy::lifecycle::{Direction, Reason};
+use smartproxy::vocab::{Direction, Reason};
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -4,9 +4,9 @@
 //! within them are spliced, and a slot freed by a close is used again.
 
 use smartproxy::config::DataPathMode;
-use smartproxy::datapath::DataPathKind;
-use smartproxy::ebpf::MapEntries;
-use smartproxy::lifecycle::Reason;
+use smartproxy::datapath::kernel::MapEntries;
+use smartproxy::vocab::DataPathKind;
+use smartproxy::vocab::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -10,8 +10,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use smartproxy::config::DataPathMode;
-use smartproxy::lifecycle::Reason;
 use smartproxy::limits::Refusal;
+use smartproxy::vocab::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};

@@ -18,8 +18,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_parse::{Scrape, Value};
 use smartproxy::config::DataPathMode;
-use smartproxy::lifecycle::Reason;
 use smartproxy::limits::Refusal;
+use smartproxy::vocab::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -16,7 +16,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use smartproxy::config::DataPathMode;
-use smartproxy::lifecycle::{Direction, Reason};
+use smartproxy::vocab::{Direction, Reason};
 use smartproxy_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};

@@ -9,9 +9,9 @@
 use std::time::Duration;
 
 use smartproxy::config::DataPathMode;
-use smartproxy::datapath::DataPathKind;
-use smartproxy::ebpf::test_hooks;
-use smartproxy::lifecycle::Reason;
+use smartproxy::datapath::kernel::test_hooks;
+use smartproxy::vocab::DataPathKind;
+use smartproxy::vocab::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use smartproxy::config::DataPathMode;
-use smartproxy::lifecycle::Reason;
 use smartproxy::limits::Refusal;
+use smartproxy::vocab::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -24,7 +24,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use smartproxy::lifecycle::{Direction, Reason};
+use smartproxy::vocab::{Direction, Reason};
 use smartproxy_tests::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use rustls::ProtocolVersion;
 use smartproxy::config::DataPathMode;
-use smartproxy::lifecycle::Reason;
+use smartproxy::vocab::Reason;
 use smartproxy_tests::tls::{connect_tls, Leaf, TestPki, BOTH_VERSIONS};
 use smartproxy_tests::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -46,9 +46,7 @@ async fn sixty_four_mib_each_way_at_once_arrive_intact() {
         assert_eq!(len, BIG, "bytes at the client");
         assert_eq!(hash, sha256(&to_client), "checksum at the client");
         sender.await.expect("client sender");
-        proxy
-            .expect_closed(smartproxy::lifecycle::Reason::Normal)
-            .await;
+        proxy.expect_closed(smartproxy::vocab::Reason::Normal).await;
         let stats = proxy.stats();
         assert_eq!(stats.bytes.client_to_backend, BIG as u64);
         assert_eq!(stats.bytes.backend_to_client, BIG as u64);
@@ -97,7 +95,7 @@ async fn fifty_parallel_connections_each_get_their_own_bytes() {
         }
         proxy.wait_idle().await;
         let stats = proxy.stats();
-        assert_eq!(stats.closed(smartproxy::lifecycle::Reason::Normal), 50);
+        assert_eq!(stats.closed(smartproxy::vocab::Reason::Normal), 50);
         backend.join().await;
         proxy.stop().await;
     })

@@ -4,7 +4,7 @@
 //! `max_queued_bytes` are on their way to it). Before userspace writes anything to a
 //! socket or shuts it, every byte the kernel redirected toward it must have been taken
 //! into its send queue: otherwise userspace would overtake the kernel's backlog
-//! (KERNEL-NOTES). Each write is reported to the verdict, which redirects again once
+//! (`docs/kernel-notes.md#drain-before-fin`). Each write is reported to the verdict, which redirects again once
 //! userspace has forwarded every byte it passed.
 
 use std::future::Future;
@@ -16,15 +16,14 @@ use std::time::Duration;
 
 use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior, Sleep};
 
-use super::Meter;
-use crate::ebpf::{FlowCounters, Kernel, Splice, SpliceError, Wait};
-use crate::lifecycle::{Direction, Side};
+use super::{sys, FlowCounters, Kernel, Splice, SpliceError, SpliceStep, Wait};
+use crate::vocab::{Direction, Side};
 
 /// The first re-check of the kernel backlog, or of what a destination acknowledged;
 /// doubles up to `BACKLOG_POLL_MAX`. There is no limit on the backlog wait itself: hundreds
 /// of MB may be queued toward a slow reader.
-pub(super) const BACKLOG_POLL_MIN: Duration = Duration::from_millis(1);
-pub(super) const BACKLOG_POLL_MAX: Duration = Duration::from_millis(50);
+pub(crate) const BACKLOG_POLL_MIN: Duration = Duration::from_millis(1);
+pub(crate) const BACKLOG_POLL_MAX: Duration = Duration::from_millis(50);
 
 /// How often a half-closed spliced connection re-checks its sockets' TCP state, in case
 /// the ring buffer lost the event of an RST.
@@ -34,7 +33,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Offload {
     splice: Splice,
-    meter: Arc<Meter>,
+    meter: Arc<dyn CountsKernelFlows>,
     /// Bytes userspace read from each direction's source since the splice: what the
     /// verdict passed up.
     taken: [u64; 2],
@@ -52,11 +51,10 @@ impl Offload {
         kernel: &Kernel,
         client: std::os::fd::BorrowedFd<'_>,
         backend: std::os::fd::BorrowedFd<'_>,
-        meter: Arc<Meter>,
+        meter: Arc<dyn CountsKernelFlows>,
     ) -> Result<Offload, SpliceError> {
         let cookie = |side, fd| {
-            crate::ebpf::socket_cookie(fd)
-                .map_err(|e| SpliceError::new(side, crate::ebpf::SpliceStep::Cookie, e))
+            sys::socket_cookie(fd).map_err(|e| SpliceError::new(side, SpliceStep::Cookie, e))
         };
         meter.attach_kernel(KernelFlows {
             kernel: kernel.clone(),
@@ -107,7 +105,7 @@ impl Offload {
     }
 
     /// Ready once userspace has read every byte the verdict passed up in `direction`.
-    /// Passed bytes can reach the socket after its FIN is visible (KERNEL-NOTES), so an
+    /// Passed bytes can reach the socket after its FIN is visible (`docs/kernel-notes.md#fin-skb`), so an
     /// EOF is final only then. Map errors end the wait: the EOF is taken as final.
     pub fn poll_passed_read(&mut self, cx: &mut Context<'_>, direction: Direction) -> Poll<()> {
         let index = direction.index();
@@ -202,7 +200,17 @@ impl Drop for Offload {
     }
 }
 
-/// Reads a spliced connection's kernel counters, for its [`Meter`].
+/// What counts a connection's bytes (`datapath::Meter`) and adds the kernel's while it is
+/// spliced. A trait so that this module does not depend on the meter, which depends on
+/// [`KernelFlows`].
+pub trait CountsKernelFlows: std::fmt::Debug + Send + Sync {
+    /// From now on, also count what `flows` reads from the kernel.
+    fn attach_kernel(&self, flows: KernelFlows);
+    /// Folds the kernel's final counts in, before the splice goes away.
+    fn detach_kernel(&self);
+}
+
+/// Reads a spliced connection's kernel counters, for its meter.
 #[derive(Debug)]
 pub struct KernelFlows {
     kernel: Kernel,

@@ -1,5 +1,5 @@
-//! The userspace data path: copies each direction with tokio, one half-duplex per
-//! direction, and reports what it sees as lifecycle events. Each half says which side
+//! The relay of both data paths. On the userspace path it copies each direction with
+//! tokio, one half-duplex per direction, and reports what it sees as lifecycle events. Each half says which side
 //! failed, so a reset is told apart from a reset of the other side. The sides are
 //! [`Peer`]s: plain TCP, or TLS the proxy terminates, with the same events either way.
 //!
@@ -16,11 +16,12 @@ use std::task::{ready, Context, Poll};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::ebpf::{Offload, BACKLOG_POLL_MAX, BACKLOG_POLL_MIN};
+use super::kernel::offload::{BACKLOG_POLL_MAX, BACKLOG_POLL_MIN};
+use super::kernel::{Kernel, Offload, SpliceError, Wait, PASSED_READ_BYTES};
 use super::peer::{Peer, BUFFER_BYTES};
 use super::Meter;
-use crate::ebpf::{Kernel, SpliceError, Wait, PASSED_READ_BYTES};
-use crate::lifecycle::{Direction, Event, Side};
+use crate::lifecycle::Event;
+use crate::vocab::{Direction, Side};
 
 /// One direction: reads from its source, writes to its destination.
 #[derive(Debug)]
@@ -240,7 +241,7 @@ impl Relay {
             kernel,
             client,
             backend,
-            Arc::clone(&self.meter),
+            Arc::<Meter>::clone(&self.meter),
         )?);
         Ok(())
     }
@@ -319,8 +320,8 @@ impl Relay {
             };
             from.eof
                 && !toward.finished
-                && crate::ebpf::tcp_state(std::os::fd::AsFd::as_fd(&**peer.tcp()))
-                    .is_ok_and(|state| state == crate::ebpf::TcpState::Close)
+                && super::kernel::tcp_state(std::os::fd::AsFd::as_fd(&**peer.tcp()))
+                    .is_ok_and(|state| state == super::kernel::TcpState::Close)
         })
     }
 
@@ -382,7 +383,7 @@ impl Relay {
                     Side::Client => &self.client,
                     Side::Backend => &self.backend,
                 };
-                crate::ebpf::all_acknowledged(std::os::fd::AsFd::as_fd(&**destination.tcp()))
+                super::kernel::all_acknowledged(std::os::fd::AsFd::as_fd(&**destination.tcp()))
             }
         }
     }

@@ -1,0 +1,131 @@
+//! Why the kernel data path could not load ([`EbpfError`]) or could not splice a pair
+//! ([`SpliceError`], at which [`SpliceStep`]).
+
+use std::{fmt, io, path::PathBuf};
+
+use aya::{maps::MapError, programs::ProgramError};
+use smartproxy_common::MAP_EVENTS;
+
+use crate::vocab::Side;
+
+/// Why the kernel data path could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "this binary was built without its eBPF object (AYA_BUILD_SKIP was set at build time)"
+    )]
+    NotBuilt,
+    #[error("ring buffer size {0} is not a power of two and a multiple of the page size")]
+    RingBufferSize(u32),
+    #[error("maps for {0} connections would need more than u32::MAX entries")]
+    MapSize(u32),
+    #[error("no tokio runtime: Kernel::load spawns the ring-buffer reader on the current one")]
+    NoRuntime,
+    #[error("failed to load the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("map {map}: {step} failed")]
+    Map {
+        map: &'static str,
+        step: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {program}: {step} failed")]
+    Program {
+        program: &'static str,
+        step: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cgroup v2: {step} {}", path.display())]
+    Cgroup {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("ring buffer {MAP_EVENTS}: registering its fd with tokio failed")]
+    RingBufPoll(#[source] io::Error),
+}
+
+/// Why [`Kernel::splice`](super::Kernel::splice) failed (or fell back to passing), which socket and step.
+#[derive(Debug, thiserror::Error)]
+#[error("splice: {step} of the {side} socket failed")]
+pub struct SpliceError {
+    pub side: Side,
+    pub step: SpliceStep,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl SpliceError {
+    pub(crate) fn new(
+        side: Side,
+        step: SpliceStep,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self {
+            side,
+            step,
+            source: source.into(),
+        }
+    }
+
+    /// Whether a map had no room for the pair: an insert failed with E2BIG, which the
+    /// kernel's hash maps and sockhashes return when they hold `max_entries` already.
+    pub fn map_full(&self) -> bool {
+        let inserted = matches!(
+            self.step,
+            SpliceStep::Flows | SpliceStep::Targets | SpliceStep::Sockets
+        );
+        inserted
+            && matches!(
+                self.source.downcast_ref::<MapError>(),
+                Some(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG)
+            )
+    }
+}
+
+/// The steps of [`Kernel::splice`](super::Kernel::splice), in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpliceStep {
+    /// `getsockopt(SO_COOKIE)`.
+    Cookie,
+    /// `TCP_INFO` / `SIOCOUTQ`, the drain baseline.
+    Baseline,
+    /// Registering the cookie for events.
+    Register,
+    /// `CONTROL` or `FLOWS` insert.
+    Flows,
+    /// `setsockopt` of the buffer sizes.
+    Buffers,
+    /// `TARGETS` insert.
+    Targets,
+    /// `SOCKETS` insert.
+    Sockets,
+    /// `setsockopt(SO_RCVLOWAT, 1)`.
+    RcvLowat,
+    /// The `CONTROL` update that switches a direction from pass to redirect.
+    Redirect,
+}
+
+impl fmt::Display for SpliceStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SpliceStep::Cookie => "getsockopt(SO_COOKIE)",
+            SpliceStep::Baseline => "reading the send counters (TCP_INFO, SIOCOUTQ)",
+            SpliceStep::Register => "registering for events",
+            SpliceStep::Flows => "CONTROL/FLOWS insert",
+            SpliceStep::Targets => "TARGETS insert",
+            SpliceStep::Sockets => "SOCKETS insert",
+            SpliceStep::RcvLowat => "setsockopt(SO_RCVLOWAT)",
+            SpliceStep::Buffers => "setsockopt(SO_RCVBUFFORCE/SO_SNDBUFFORCE)",
+            SpliceStep::Redirect => "CONTROL update to redirect",
+        })
+    }
+}

@@ -1,0 +1,241 @@
+//! TCP state changes of spliced sockets: the sock_ops program writes them to the `EVENTS`
+//! ring buffer, one tokio task reads it and hands each change to the splice its socket
+//! cookie is registered for.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    io,
+    mem::size_of,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll, Waker},
+};
+
+use aya::maps::{MapData, RingBuf};
+use smartproxy_common::SocketEvent;
+use tokio::io::unix::AsyncFd;
+
+use super::error::{SpliceError, SpliceStep};
+use super::lock;
+use crate::vocab::Side;
+
+/// Which splice each spliced socket belongs to (by socket cookie), and the counters the
+/// ring-buffer reader keeps: shared between [`super::Kernel`] and the reader task.
+#[derive(Default)]
+pub(super) struct SpliceRegistry {
+    /// Socket cookie -> the splice it belongs to.
+    by_cookie: Mutex<HashMap<u64, Registration>>,
+    pub(super) events: AtomicU64,
+    pub(super) sockhash_entries: AtomicU64,
+}
+
+struct Registration {
+    side: Side,
+    events: Arc<EventQueue>,
+}
+
+/// One splice's state changes, from the ring-buffer reader to its relay. It allocates
+/// nothing until a change arrives: an unbounded channel would allocate a block of slots
+/// for every idle connection.
+#[derive(Debug, Default)]
+pub(super) struct EventQueue(Mutex<EventQueueState>);
+
+#[derive(Debug, Default)]
+struct EventQueueState {
+    changes: VecDeque<StateChange>,
+    waker: Option<Waker>,
+    /// The reader stopped: no change will come any more.
+    closed: bool,
+}
+
+impl EventQueue {
+    fn push(&self, change: StateChange) {
+        let waker = {
+            let mut state = lock(&self.0);
+            state.changes.push_back(change);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn close(&self) {
+        let waker = {
+            let mut state = lock(&self.0);
+            state.closed = true;
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    pub(super) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<StateChange>> {
+        let mut state = lock(&self.0);
+        if let Some(change) = state.changes.pop_front() {
+            return Poll::Ready(Some(change));
+        }
+        if state.closed {
+            return Poll::Ready(None);
+        }
+        if !state
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            state.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+impl SpliceRegistry {
+    /// Registers both cookies, or neither if one is already spliced.
+    pub(super) fn register(
+        &self,
+        sockets: &[(u64, Side); 2],
+        events: &Arc<EventQueue>,
+    ) -> Result<(), SpliceError> {
+        let mut registry = lock(&self.by_cookie);
+        if let Some((_, side)) = sockets.iter().find(|(c, _)| registry.contains_key(c)) {
+            return Err(SpliceError::new(
+                *side,
+                SpliceStep::Register,
+                io::Error::new(io::ErrorKind::AlreadyExists, "socket is already spliced"),
+            ));
+        }
+        for (cookie, side) in sockets {
+            registry.insert(
+                *cookie,
+                Registration {
+                    side: *side,
+                    events: Arc::clone(events),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Forgets both cookies: changes of these sockets are not delivered any more.
+    pub(super) fn unregister(&self, cookies: &[u64; 2]) {
+        let mut registry = lock(&self.by_cookie);
+        for cookie in cookies {
+            registry.remove(cookie);
+        }
+    }
+
+    fn dispatch(&self, bytes: &[u8]) {
+        let Some(raw) = bytes.get(..size_of::<SocketEvent>()) else {
+            debug_assert!(
+                false,
+                "ring buffer record of {} bytes is shorter than SocketEvent",
+                bytes.len()
+            );
+            return;
+        };
+        let event: SocketEvent = bytemuck::pod_read_unaligned(raw);
+        self.events.fetch_add(1, Ordering::Relaxed);
+        let registry = lock(&self.by_cookie);
+        // A socket whose splice was just dropped may still report a change: nobody listens.
+        if let Some(Registration { side, events }) = registry.get(&event.cookie) {
+            events.push(StateChange {
+                side: *side,
+                old: TcpState::from(event.old_state),
+                new: TcpState::from(event.new_state),
+                at_ns: event.timestamp_ns,
+            });
+        }
+    }
+}
+
+/// Reads `EVENTS` until the fd fails; then drops every registration so that
+/// [`Splice::next_event`] returns `None` instead of waiting forever.
+pub(super) async fn read_events(
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    registry: Arc<SpliceRegistry>,
+) {
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(guard) => guard,
+            Err(err) => {
+                tracing::error!(error = %err, "eBPF ring buffer reader stopped; no more socket events");
+                break;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            registry.dispatch(&item);
+        }
+        guard.clear_ready();
+    }
+    for (_, registration) in lock(&registry.by_cookie).drain() {
+        registration.events.close();
+    }
+}
+
+/// A TCP state change of one socket of a splice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateChange {
+    /// Which of the proxy's two sockets changed.
+    pub side: Side,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`) of the change.
+    pub at_ns: u64,
+}
+
+/// Linux TCP socket states (`include/net/tcp_states.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    /// The peer sent its FIN.
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+    BoundInactive,
+    /// A number this code does not know.
+    Other(u32),
+}
+
+impl From<u32> for TcpState {
+    fn from(state: u32) -> Self {
+        match state {
+            1 => TcpState::Established,
+            2 => TcpState::SynSent,
+            3 => TcpState::SynRecv,
+            4 => TcpState::FinWait1,
+            5 => TcpState::FinWait2,
+            6 => TcpState::TimeWait,
+            7 => TcpState::Close,
+            8 => TcpState::CloseWait,
+            9 => TcpState::LastAck,
+            10 => TcpState::Listen,
+            11 => TcpState::Closing,
+            12 => TcpState::NewSynRecv,
+            13 => TcpState::BoundInactive,
+            other => TcpState::Other(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_tcp_states_are_kept() {
+        assert_eq!(TcpState::from(8), TcpState::CloseWait);
+        assert_eq!(TcpState::from(99), TcpState::Other(99));
+    }
+}

@@ -1,0 +1,373 @@
+//! The splice protocol: one routed pair's entries in the kernel maps, made in the order
+//! that loses no byte (`Splice::attach`) and removed when the [`Splice`] is dropped; and
+//! what the relay asks of a spliced pair (counters, the drain rule, control updates).
+
+use std::{
+    fmt, io,
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    sync::{atomic::Ordering, Arc},
+    task::{Context, Poll},
+};
+
+use aya::maps::MapError;
+use smartproxy_common::{Control, Flow, MAP_CONTROL, MAP_FLOWS, MAP_SOCKETS, MAP_TARGETS};
+
+use super::error::{SpliceError, SpliceStep};
+use super::events::{EventQueue, StateChange};
+use super::sys::{
+    acked_and_outq, bytes_to_read, pin_buffers, readable_now, set_rcvlowat, socket_cookie,
+};
+use super::{lock, FlowCounters, Kernel};
+use crate::vocab::{Direction, Side};
+
+/// Flag for map updates: fail with EEXIST instead of replacing an entry.
+pub(super) const BPF_NOEXIST: u64 = 1;
+
+/// What [`Splice::may_write`] waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// The kernel's backlog toward the destination is in its send queue (before a FIN).
+    Delivered,
+    /// That, and the send queue has room under `max_queued_bytes` (before bytes).
+    Room,
+}
+
+/// One socket of a splice.
+#[derive(Debug)]
+pub(super) struct SpliceSocket {
+    side: Side,
+    fd: RawFd,
+    pub(super) cookie: u64,
+    /// `tcpi_bytes_acked + SIOCOUTQ` at splice time: everything written to the socket before
+    /// (plus the SYN on connected sockets, which `bytes_acked` counts).
+    handed_at_splice: u64,
+    /// `tcpi_bytes_acked` at splice time.
+    acked_at_splice: u64,
+    /// `SIOCINQ` at splice time: bytes received before the splice, not read yet.
+    queued_at_splice: u64,
+}
+
+impl SpliceSocket {
+    pub(super) fn read(side: Side, fd: BorrowedFd<'_>) -> Result<Self, SpliceError> {
+        let cookie =
+            socket_cookie(fd).map_err(|e| SpliceError::new(side, SpliceStep::Cookie, e))?;
+        let (acked_at_splice, outq) =
+            acked_and_outq(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
+        let queued_at_splice =
+            bytes_to_read(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
+        Ok(Self {
+            side,
+            fd: fd.as_raw_fd(),
+            cookie,
+            handed_at_splice: acked_at_splice + outq,
+            acked_at_splice,
+            queued_at_splice,
+        })
+    }
+
+    fn borrow(&self) -> BorrowedFd<'_> {
+        // SAFETY: `Kernel::splice` requires the caller to keep the socket open while the
+        // Splice lives. Even if it broke that contract, the fd is only passed to
+        // getsockopt/ioctl, which cannot touch memory outside the buffers we give them.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
+    }
+}
+
+/// Which steps of [`Kernel::splice`] completed, per socket (`[client, backend]`), so that
+/// undoing removes exactly those.
+#[derive(Debug, Default)]
+pub(super) struct Done {
+    control: [bool; 2],
+    flows: [bool; 2],
+    targets: [bool; 2],
+    pub(super) sockets: [bool; 2],
+}
+
+/// A routed pair whose bytes move in the kernel. Dropping it removes its `FLOWS`, `SOCKETS`
+/// and `TARGETS` entries and its event registration; from then on received bytes stay in the
+/// sockets' own receive queues.
+pub struct Splice {
+    pub(super) kernel: Kernel,
+    pub(super) client: SpliceSocket,
+    pub(super) backend: SpliceSocket,
+    pub(super) events: Arc<EventQueue>,
+    /// Userspace's copy of each source's `CONTROL` entry, `[client, backend]`: every update
+    /// writes the whole value.
+    pub(super) control: [Control; 2],
+    pub(super) done: Done,
+    /// Set when the splice could not complete and passes every byte to userspace.
+    pub(super) fallback: Option<SpliceError>,
+}
+
+impl fmt::Debug for Splice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Splice")
+            .field("client", &self.client)
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Splice {
+    /// The next state change of either socket. Only changes after the splice are reported (a
+    /// FIN that arrived before it is not), so callers check [`tcp_state`](super::tcp_state) once after
+    /// splicing. `None` means the event reader stopped (it logs why); fall back to polling
+    /// [`tcp_state`](super::tcp_state) then.
+    pub async fn next_event(&mut self) -> Option<StateChange> {
+        std::future::poll_fn(|cx| self.events.poll_next(cx)).await
+    }
+
+    /// Like [`Splice::next_event`], for hand-written futures.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<StateChange>> {
+        self.events.poll_next(cx)
+    }
+
+    /// The verdict's counters for the direction whose bytes come from `source`.
+    pub fn flow(&self, source: Side) -> io::Result<FlowCounters> {
+        self.kernel.flow_counters(self.socket(source).cookie)
+    }
+
+    /// Whether a read from `source` would find anything now: bytes the verdict passed up, a
+    /// FIN or an error. Asked with `poll`, which takes no socket lock; a failed `poll` says
+    /// yes, and the read then finds out.
+    ///
+    /// Otherwise the socket was readable only for a moment (the verdict wakes its readers
+    /// after every skb, also one it redirects), and a read must not be tried: it holds the
+    /// socket, and skbs that arrive meanwhile wait in its backlog. TCP counts that whole
+    /// backlog against the receive buffer until it has processed all of it, and a
+    /// retransmission in it is acknowledged at once, with the window that leaves: after a
+    /// window's worth, zero or less than one segment. The verdict then takes the bytes, so
+    /// no read announces the reopened window, and the sender waits for its persist timer
+    /// (200 ms on loopback). Bench bulk transfers stalled so in about one run in eight.
+    pub fn may_have_bytes_to_read(&self, source: Side) -> bool {
+        readable_now(self.socket(source).borrow()).unwrap_or(true)
+    }
+
+    /// Whether userspace may write to the destination of `source`'s bytes now.
+    ///
+    /// Always, for a FIN (`Wait::Delivered`): every byte the verdict redirected from
+    /// `source`, plus `written` bytes that userspace wrote to the destination itself since
+    /// the splice, has been taken into the destination socket's send queue:
+    /// `(tcpi_bytes_acked + SIOCOUTQ)` of the destination, minus that value at splice
+    /// time, is at least `redirected + written` (`docs/kernel-notes.md#drain-before-fin`). Only then may
+    /// userspace write or pass a FIN on with `shutdown(SHUT_WR)` without overtaking the
+    /// kernel's backlog. The wait can be long (hundreds of MB may be queued), so do not put
+    /// a short timeout on it.
+    ///
+    /// For bytes (`Wait::Room`), also: the destination's send queue holds less than
+    /// `max_queued_bytes`, the bound the verdict keeps. Its send buffer is pinned above
+    /// the cap; filled to the brim, it would wake a writer only once a third of it drained,
+    /// which at a slow reader's pace keeps the source's window shut long enough for its
+    /// sender to probe it (zero-window probes that a direct connection does not see).
+    pub fn may_write(&self, source: Side, written: u64, wait: Wait) -> io::Result<bool> {
+        let redirected = self.flow(source)?.redirected;
+        let dest = self.socket(source.peer());
+        let (acked, outq) = acked_and_outq(dest.borrow())?;
+        let handed = (acked + outq).saturating_sub(dest.handed_at_splice);
+        let delivered = handed >= redirected.saturating_add(written);
+        Ok(match wait {
+            Wait::Delivered => delivered,
+            Wait::Room => delivered && outq < self.kernel.inner.max_queued_bytes,
+        })
+    }
+
+    /// Whether the destination of `source`'s bytes has acknowledged every one of them: each
+    /// byte the verdict redirected and the `written` bytes userspace wrote since the splice
+    /// left its send queue and reached the peer's receiver. Only then does an abort (which
+    /// discards the send queue) lose nothing of what `source` sent.
+    pub fn acknowledged(&self, source: Side, written: u64) -> io::Result<bool> {
+        let redirected = self.flow(source)?.redirected;
+        let dest = self.socket(source.peer());
+        let (acked, _) = acked_and_outq(dest.borrow())?;
+        Ok(acked.saturating_sub(dest.handed_at_splice) >= redirected.saturating_add(written))
+    }
+
+    /// Tells the verdict that userspace has written `flushed` bytes it read from `source`
+    /// to the peer. Once that is every byte the verdict passed, it redirects again.
+    pub fn flushed(&mut self, source: Side, flushed: u64) -> io::Result<()> {
+        self.control[index(source)].flushed = flushed;
+        self.write_control(source)
+    }
+
+    /// Makes the verdict pass every byte of `source` from now on, so that nothing more is
+    /// redirected toward a destination userspace is about to shut. Returns once no verdict
+    /// run that still saw the old value can be in progress: `SIOCINQ` takes the source
+    /// socket's lock, which the verdict holds while it runs (it runs from the socket's
+    /// data-ready callback). After that, the verdict's `redirected` count is final.
+    pub fn stop_redirecting(&mut self, source: Side) -> io::Result<()> {
+        self.control[index(source)].redirect = 0;
+        self.write_control(source)?;
+        bytes_to_read(self.socket(source).borrow()).map(drop)
+    }
+
+    /// Why the splice could not complete, if it did not: its verdict then passes every
+    /// byte to userspace.
+    pub fn fallback(&self) -> Option<&SpliceError> {
+        self.fallback.as_ref()
+    }
+
+    fn write_control(&self, source: Side) -> io::Result<()> {
+        let cookie = self.socket(source).cookie;
+        lock(&self.kernel.inner.control)
+            .insert(cookie, self.control[index(source)], 0)
+            .map_err(|e| {
+                io::Error::other(format!("{MAP_CONTROL} update for the {source} socket: {e}"))
+            })
+    }
+
+    /// Socket cookie of one side (the key of its map entries).
+    pub fn cookie(&self, side: Side) -> u64 {
+        self.socket(side).cookie
+    }
+
+    fn socket(&self, side: Side) -> &SpliceSocket {
+        match side {
+            Side::Client => &self.client,
+            Side::Backend => &self.backend,
+        }
+    }
+
+    /// The map inserts of [`Kernel::splice`], recording each success in `self.done`.
+    pub(super) fn attach(&mut self) -> Result<(), SpliceError> {
+        let inner = Arc::clone(&self.kernel.inner);
+        let pair = [&self.client, &self.backend].map(|s| (s.side, s.fd, s.cookie));
+        for (i, (side, _, cookie)) in pair.into_iter().enumerate() {
+            lock(&inner.control)
+                .insert(cookie, self.control[i], BPF_NOEXIST)
+                .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
+            self.done.control[i] = true;
+        }
+        for (i, socket) in [&self.client, &self.backend].into_iter().enumerate() {
+            pin_buffers(socket.borrow(), inner.max_queued_bytes)
+                .map_err(|e| SpliceError::new(socket.side, SpliceStep::Buffers, e))?;
+            let flow = Flow {
+                peer_cookie: pair[1 - i].2,
+                acked: socket.acked_at_splice,
+                acked_base: socket.handed_at_splice,
+                pass_first: socket.queued_at_splice,
+                ..Flow::default()
+            };
+            let (side, cookie) = (socket.side, socket.cookie);
+            lock(&inner.flows)
+                .insert(cookie, flow, BPF_NOEXIST)
+                .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
+            self.done.flows[i] = true;
+        }
+        // Both must be targets before either gets the verdict: a redirect to a missing target
+        // would drop ACKed bytes (`docs/kernel-notes.md#targets-before-sockets`).
+        for (i, (side, fd, cookie)) in pair.into_iter().enumerate() {
+            lock(&inner.targets)
+                .insert(cookie, fd, BPF_NOEXIST)
+                .map_err(|e| SpliceError::new(side, SpliceStep::Targets, e))?;
+            self.done.targets[i] = true;
+        }
+        for (i, (side, fd, cookie)) in pair.into_iter().enumerate() {
+            #[cfg(feature = "test-hooks")]
+            if i == 1 {
+                test_hooks::pause_between_sockets_inserts();
+            }
+            lock(&inner.sockets)
+                .insert(cookie, fd, BPF_NOEXIST)
+                .map_err(|e| SpliceError::new(side, SpliceStep::Sockets, e))?;
+            self.done.sockets[i] = true;
+            inner
+                .registry
+                .sockhash_entries
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // Bytes queued before the insert may otherwise sit until the next skb arrives; this
+        // calls the data-ready hook, which runs them through the verdict (in pass mode).
+        for socket in [&self.client, &self.backend] {
+            set_rcvlowat(socket.borrow(), 1)
+                .map_err(|e| SpliceError::new(socket.side, SpliceStep::RcvLowat, e))?;
+        }
+        // Both sockets are in: the verdict may redirect. Either both directions do, or
+        // neither (a direction left redirecting alone would still be correct, but booking
+        // the connection on one path must be true of both).
+        for (i, side) in [Side::Client, Side::Backend].into_iter().enumerate() {
+            self.control[i].redirect = 1;
+            if let Err(e) = self.write_control(side) {
+                for side in [Side::Client, Side::Backend] {
+                    self.control[index(side)].redirect = 0;
+                    let _ = self.write_control(side);
+                }
+                return Err(SpliceError::new(side, SpliceStep::Redirect, e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every entry `attach` made. Never panics.
+    pub(super) fn undo(&mut self) {
+        let inner = Arc::clone(&self.kernel.inner);
+        let cookies = [self.client.cookie, self.backend.cookie];
+        // SOCKETS first so the verdict stops before its targets and counters go.
+        for (i, cookie) in cookies.iter().enumerate() {
+            if std::mem::take(&mut self.done.sockets[i]) {
+                inner
+                    .registry
+                    .sockhash_entries
+                    .fetch_sub(1, Ordering::Relaxed);
+                remove_logged(MAP_SOCKETS, lock(&inner.sockets).remove(cookie));
+            }
+        }
+        for (i, cookie) in cookies.iter().enumerate() {
+            if std::mem::take(&mut self.done.targets[i]) {
+                remove_logged(MAP_TARGETS, lock(&inner.targets).remove(cookie));
+            }
+        }
+        for (i, cookie) in cookies.iter().enumerate() {
+            if std::mem::take(&mut self.done.flows[i]) {
+                remove_logged(MAP_FLOWS, lock(&inner.flows).remove(cookie));
+            }
+            if std::mem::take(&mut self.done.control[i]) {
+                remove_logged(MAP_CONTROL, lock(&inner.control).remove(cookie));
+            }
+        }
+        inner.registry.unregister(&cookies);
+    }
+}
+
+impl Drop for Splice {
+    fn drop(&mut self) {
+        self.undo();
+    }
+}
+
+/// Logs a failed removal, except "not found": the kernel removes a socket from sockhashes
+/// itself when it is closed.
+fn remove_logged(map: &'static str, result: Result<(), MapError>) {
+    match result {
+        Ok(()) => {}
+        Err(MapError::ElementNotFound) => {}
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(err) => tracing::warn!(map, error = %err, "removing a splice entry failed"),
+    }
+}
+
+/// `[client, backend]` arrays are indexed like the direction each side is the source of.
+fn index(side: Side) -> usize {
+    Direction::from_source(side).index()
+}
+
+/// Test builds only (`--features test-hooks`): makes rare kernel races happen every time.
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    static PAUSE_BETWEEN_SOCKETS_INSERTS_MS: AtomicU64 = AtomicU64::new(0);
+
+    /// Every splice from now on waits `pause` between its two `SOCKETS` inserts, so that a
+    /// peer's FIN can arrive in between. Process-wide: for a test binary of its own.
+    pub fn set_pause_between_sockets_inserts(pause: Duration) {
+        PAUSE_BETWEEN_SOCKETS_INSERTS_MS.store(pause.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub(super) fn pause_between_sockets_inserts() {
+        let ms = PAUSE_BETWEEN_SOCKETS_INSERTS_MS.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
+}

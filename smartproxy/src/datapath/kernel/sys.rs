@@ -1,0 +1,210 @@
+//! Raw socket syscalls of the kernel data path (as aya keeps its own `sys` module): socket
+//! cookie, `TCP_INFO`, `SIOCINQ`/`SIOCOUTQ`, `poll`, the `setsockopt`s of a splice, page size.
+//! Every `unsafe` of the kernel path outside the ring-buffer registration lives here.
+
+use std::{
+    io,
+    mem::{size_of, MaybeUninit},
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+use super::events::TcpState;
+
+/// `SO_RCVBUF` of spliced sockets (the kernel doubles the value): what a paused sender
+/// may fill, pinned so that autotuning cannot grow it to many MB
+/// (`docs/kernel-notes.md#backpressure`).
+const SPLICED_RECEIVE_BUFFER: usize = 512 * 1024;
+
+/// What userspace reads at once from a spliced socket whose verdict passes a stream: its
+/// whole receive queue. The verdict redirects again only once userspace has forwarded
+/// every byte it passed; a fast sender refills a queue read in 64 KiB steps before that
+/// moment comes, and the connection stays on the userspace copy (bench, bulk: 62-85 % of
+/// the bytes through the kernel with 64 KiB reads, 94-98 % with whole-queue reads).
+pub const PASSED_READ_BYTES: usize = 2 * SPLICED_RECEIVE_BUFFER;
+
+/// How much more a spliced socket's send buffer holds than `max_queued_bytes`: room for
+/// the skb that crosses the cap, plus skb overhead.
+const SEND_BUFFER_MARGIN: u64 = 1024 * 1024;
+
+/// The system's page size: the ring buffer's size is a multiple of it.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096)
+}
+
+/// `SO_COOKIE` from `asm-generic/socket.h` (the libc crate does not export it).
+const SO_COOKIE: libc::c_int = 57;
+
+/// The socket's cookie: the key the eBPF programs see via `bpf_get_socket_cookie`.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_COOKIE)
+}
+
+/// The socket's TCP state (`TCP_INFO.tcpi_state`).
+pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<TcpState> {
+    Ok(TcpState::from(u32::from(tcp_info(fd)?.state)))
+}
+
+/// Whether the socket is readable (bytes, EOF) or failed, by a `poll` that does not wait.
+pub(super) fn readable_now(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, and the count says one.
+    let rc = unsafe { libc::poll(&mut pollfd, 1, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pollfd.revents != 0)
+}
+
+/// `SIOCINQ`: bytes received and not read yet.
+pub(crate) fn bytes_to_read(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut inq: libc::c_int = 0;
+    // SAFETY: SIOCINQ writes one c_int through the pointer, which points at `inq`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut inq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u64::try_from(inq).map_err(|_| io::Error::other(format!("SIOCINQ returned {inq}")))
+}
+
+/// Whether the peer acknowledged every byte written to the socket (`SIOCOUTQ` is 0): an
+/// abort, which discards the send queue, then loses nothing.
+pub fn all_acknowledged(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(acked_and_outq(fd)?.1 == 0)
+}
+
+/// `(tcpi_bytes_acked, SIOCOUTQ)`: their sum is every byte ever taken into the socket's
+/// send queue (plus the SYN, on connected sockets).
+pub(super) fn acked_and_outq(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let acked = tcp_info(fd)?.bytes_acked;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int through the pointer, which points at `outq`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let outq =
+        u64::try_from(outq).map_err(|_| io::Error::other(format!("SIOCOUTQ returned {outq}")))?;
+    Ok((acked, outq))
+}
+
+/// The head of the kernel's `struct tcp_info` (`include/uapi/linux/tcp.h`) up to
+/// `tcpi_bytes_acked`; the libc crate's glibc version of the struct stops before it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpInfoHead {
+    state: u8,
+    /// ca_state .. the two bitfield bytes.
+    _bytes: [u8; 7],
+    /// tcpi_rto .. tcpi_total_retrans.
+    _words: [u32; 24],
+    _pacing_rate: u64,
+    _max_pacing_rate: u64,
+    bytes_acked: u64,
+}
+
+const _: () = assert!(size_of::<TcpInfoHead>() == 128);
+
+fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfoHead> {
+    getsockopt::<TcpInfoHead>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+/// `getsockopt` for a plain-data `T`; fails if the kernel returns fewer bytes than `T`.
+fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut value = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `value`, which has room for them.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < size_of::<T>() {
+        return Err(io::Error::other(format!(
+            "getsockopt({level}, {name}) returned {len} bytes, expected {}",
+            size_of::<T>()
+        )));
+    }
+    // SAFETY: zero-initialised and then fully written by the kernel (checked above); every `T`
+    // used here is plain integers, valid for any bit pattern.
+    Ok(unsafe { value.assume_init() })
+}
+
+/// Pins the receive buffer to [`SPLICED_RECEIVE_BUFFER`], and the send buffer above the
+/// cap: the kernel's redirect backlog must never meet a full send queue in the middle of
+/// an skb. On 6.18, when the send then returns nothing, it reports EPIPE, drops the skb
+/// and disables the socket's send path (lost bytes). The cap counts the whole send
+/// queue, so with the send buffer above it, the backlog only ever waits before an skb,
+/// which is harmless. The `FORCE` variants (CAP_NET_ADMIN, which the kernel path needs
+/// anyway) because `net.core.rmem_max` and `wmem_max` usually clamp the plain ones below
+/// these sizes.
+pub(super) fn pin_buffers(fd: BorrowedFd<'_>, max_queued_bytes: u64) -> io::Result<()> {
+    // The kernel doubles the sizes it is given (`SPLICED_RECEIVE_BUFFER` already is one).
+    let send = (max_queued_bytes + SEND_BUFFER_MARGIN) / 2;
+    for (name, bytes) in [
+        (libc::SO_RCVBUFFORCE, SPLICED_RECEIVE_BUFFER as u64),
+        (libc::SO_SNDBUFFORCE, send),
+    ] {
+        let bytes = libc::c_int::try_from(bytes)
+            .map_err(|_| io::Error::other(format!("buffer of {bytes} bytes is too large")))?;
+        set_socket_option(fd, name, bytes)?;
+    }
+    Ok(())
+}
+
+pub(super) fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    set_socket_option(fd, libc::SO_RCVLOWAT, bytes)
+}
+
+/// `setsockopt(SOL_SOCKET, name)` of an int.
+fn set_socket_option(fd: BorrowedFd<'_>, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: passes a pointer to a c_int and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_state_and_cookie_of_a_connected_socket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        use std::os::fd::AsFd;
+        assert_eq!(tcp_state(client.as_fd()).unwrap(), TcpState::Established);
+        assert_eq!(tcp_state(listener.as_fd()).unwrap(), TcpState::Listen);
+        let (a, b) = (
+            socket_cookie(client.as_fd()).unwrap(),
+            socket_cookie(server.as_fd()).unwrap(),
+        );
+        assert_ne!(a, b, "cookies are unique per socket");
+        // Nothing written yet: the baseline is the SYN at most.
+        let (acked, outq) = acked_and_outq(client.as_fd()).unwrap();
+        assert!(acked + outq <= 1);
+    }
+}
