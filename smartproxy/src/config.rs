@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::datapath::kernel::{self, LoadOptions};
 use crate::limits::{AccessList, Cidr, PerIpConfig, RouteLimitsConfig};
 use crate::privileges::User;
 use crate::proxy_protocol::{Accept as AcceptProxyProtocol, Inbound, Version as ProxyProtocol};
@@ -82,6 +81,30 @@ pub const MAX_SCRAPERS: usize = 16;
 /// at 4 MiB fast readers hit the cap all the time (5-12 % of their bytes went through the
 /// kernel); at 16 MiB 63-96 % did, and a slow reader still holds at most about twice the cap.
 pub const DEFAULT_MAX_QUEUED_BYTES: u64 = 16 * 1024 * 1024;
+
+/// What the kernel data path (`datapath::kernel::Kernel::load`) is loaded with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Size of the `EVENTS` ring buffer in bytes: a power of two, at least one page. Each event
+    /// takes 32 bytes (24 + header); when it is full, events are counted as lost.
+    pub ring_buffer_bytes: u32,
+    /// How many spliced connections `FLOWS`, `CONTROL`, `TARGETS` and `SOCKETS` hold (two
+    /// entries each); a splice beyond it fails with `SpliceError::map_full`. At most
+    /// `u32::MAX / 2`.
+    pub max_connections: u32,
+    /// Per direction, the most bytes that may be on their way to the peer (redirected or
+    /// forwarded, not yet acknowledged by the peer) before the verdict passes instead of
+    /// redirecting, so that the sender's window closes.
+    pub max_queued_bytes: u64,
+}
+
+/// The one rule for the size of the `EVENTS` ring buffer: the kernel takes a power of two
+/// that is a multiple of the page size. `proxy.ebpf_ring_buffer_bytes` is validated with it
+/// at config load, and `Kernel::load` refuses other sizes with it.
+pub fn ring_buffer_bytes_valid(bytes: u32) -> bool {
+    let bytes = bytes as usize;
+    bytes.is_power_of_two() && bytes.is_multiple_of(crate::process::page_size())
+}
 
 impl ProxyConfig {
     /// What the kernel data path is loaded with: these values, validated at load.
@@ -795,8 +818,8 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             defaults.max_connections,
         )?,
     };
-    if !kernel::ring_buffer_bytes_valid(proxy.ebpf_ring_buffer_bytes) {
-        let page = kernel::page_size();
+    if !ring_buffer_bytes_valid(proxy.ebpf_ring_buffer_bytes) {
+        let page = crate::process::page_size();
         return Err(Invalid::new(
             "proxy.ebpf_ring_buffer_bytes",
             format!("must be a power of two and a multiple of the page size ({page})"),
@@ -1204,9 +1227,9 @@ fn validate_tls_keys(raw: &RawRoute, at: &str, base_dir: &Path) -> Result<TlsKey
         required,
     )?;
     let key = readable_file(raw.key.as_deref(), &format!("{at}.key"), base_dir, required)?;
-    let chain = crate::tls::load_certificates(&cert)
+    let chain = crate::tls_files::load_certificates(&cert)
         .map_err(|e| Invalid::new(format!("{at}.cert"), e.to_string()))?;
-    crate::tls::load_certified_key(chain, &cert, &key)
+    crate::tls_files::load_certified_key(chain, &cert, &key)
         .map_err(|e| Invalid::new(format!("{at}.key"), e.to_string()))?;
 
     let alpn = match &raw.alpn {
@@ -1247,7 +1270,7 @@ fn validate_tls_keys(raw: &RawRoute, at: &str, base_dir: &Path) -> Result<TlsKey
             (Some(ca), _) => {
                 let path =
                     readable_file(Some(ca), &format!("{at}.backend_ca"), base_dir, String::new)?;
-                crate::tls::load_roots(&path)
+                crate::tls_files::load_roots(&path)
                     .map_err(|e| Invalid::new(format!("{at}.backend_ca"), e.to_string()))?;
                 BackendVerify::Ca(path)
             }

@@ -33,6 +33,7 @@ pub mod stats;
 pub mod table;
 pub mod throttle;
 pub mod tls;
+pub mod tls_files;
 pub mod view;
 pub mod vocab;
 

@@ -41,7 +41,7 @@ pub fn figures() -> Figures {
         }
     };
     Figures {
-        resident_memory_bytes: Some(stat.rss_pages.saturating_mul(page_size())),
+        resident_memory_bytes: Some(stat.rss_pages.saturating_mul(page_size() as u64)),
         cpu_seconds: Some((stat.utime_ticks + stat.stime_ticks) as f64 / ticks),
         start_time_seconds,
     }
@@ -95,8 +95,12 @@ fn clock_ticks() -> f64 {
     }
 }
 
-fn page_size() -> u64 {
-    crate::datapath::kernel::page_size() as u64
+/// The system's page size (resident memory is counted in pages; the kernel's ring buffer
+/// is sized in them).
+pub fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096)
 }
 
 #[cfg(test)]

@@ -26,7 +26,8 @@ use crate::shared::{Closed, Shared, Stop, MAP_FULL_WARNING_EVERY};
 use crate::stats::{ConnectionRow, Snapshot, Stats};
 use crate::table::ConnTable;
 use crate::throttle::Throttle;
-use crate::tls::{TlsError, TlsRoutes};
+use crate::tls::TlsRoutes;
+use crate::tls_files::TlsError;
 use crate::vocab::DataPathKind;
 
 /// Why the proxy could not start.

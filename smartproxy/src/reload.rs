@@ -16,7 +16,8 @@ use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::limits::Limits;
 use crate::listener::{accept_loop, bind};
 use crate::shared::{Shared, Stop};
-use crate::tls::{TlsError, TlsRoutes};
+use crate::tls::TlsRoutes;
+use crate::tls_files::TlsError;
 
 /// Why a reload was refused; the running configuration stays in force.
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,8 @@ use std::{
 };
 
 use smartproxy::{
-    datapath::kernel::{Kernel, LoadOptions, MapEntries, Splice, StateChange, TcpState, Wait},
+    config::LoadOptions,
+    datapath::kernel::{Kernel, MapEntries, Splice, StateChange, TcpState, Wait},
     vocab::Side,
 };
 use smartproxy_test_support::{ebpf_or_skip, pattern, sha256};

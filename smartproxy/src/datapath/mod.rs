@@ -16,7 +16,7 @@ pub use relay::Relay;
 /// Whether the kernel data path can load here; `Err` says why not. Loads the programs
 /// and releases them again.
 pub fn probe_ebpf() -> Result<(), String> {
-    kernel::Kernel::load(kernel::LoadOptions::default())
+    kernel::Kernel::load(crate::config::LoadOptions::default())
         .map(drop)
         .map_err(|e| crate::error_chain(&e))
 }

@@ -54,8 +54,9 @@ pub use offload::{KernelFlows, Offload};
 pub use splice::test_hooks;
 pub use splice::{Splice, Wait};
 pub(crate) use sys::bytes_to_read;
-pub use sys::{all_acknowledged, page_size, socket_cookie, tcp_state, PASSED_READ_BYTES};
+pub use sys::{all_acknowledged, socket_cookie, tcp_state, PASSED_READ_BYTES};
 
+use crate::config::{ring_buffer_bytes_valid, LoadOptions};
 use crate::vocab::Side;
 use events::{read_events, EventQueue, SpliceRegistry};
 use splice::{Done, SpliceSocket};
@@ -63,30 +64,6 @@ use splice::{Done, SpliceSocket};
 /// The eBPF object `build.rs` built from `smartproxy-ebpf` (empty when built with
 /// `AYA_BUILD_SKIP=1`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/smartproxy-ebpf"));
-
-/// What [`Kernel::load`] may be told.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LoadOptions {
-    /// Size of the `EVENTS` ring buffer in bytes: a power of two, at least one page. Each event
-    /// takes 32 bytes (24 + header); when it is full, events are counted as lost.
-    pub ring_buffer_bytes: u32,
-    /// How many spliced connections `FLOWS`, `CONTROL`, `TARGETS` and `SOCKETS` hold (two
-    /// entries each); a splice beyond it fails with [`SpliceError::map_full`]. At most
-    /// `u32::MAX / 2`.
-    pub max_connections: u32,
-    /// Per direction, the most bytes that may be on their way to the peer (redirected or
-    /// forwarded, not yet acknowledged by the peer) before the verdict passes instead of
-    /// redirecting, so that the sender's window closes.
-    pub max_queued_bytes: u64,
-}
-
-/// The one rule for the size of the `EVENTS` ring buffer: the kernel takes a power of two
-/// that is a multiple of the page size. `proxy.ebpf_ring_buffer_bytes` is validated with it
-/// at config load, and [`Kernel::load`] refuses other sizes with it.
-pub fn ring_buffer_bytes_valid(bytes: u32) -> bool {
-    let bytes = bytes as usize;
-    bytes.is_power_of_two() && bytes.is_multiple_of(page_size())
-}
 
 /// Totals for `smartproxy stats` (`ebpf.*`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -26,13 +26,6 @@ pub const PASSED_READ_BYTES: usize = 2 * SPLICED_RECEIVE_BUFFER;
 /// the skb that crosses the cap, plus skb overhead.
 const SEND_BUFFER_MARGIN: u64 = 1024 * 1024;
 
-/// The system's page size: the ring buffer's size is a multiple of it.
-pub fn page_size() -> usize {
-    // SAFETY: sysconf only reads a system constant.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size).unwrap_or(4096)
-}
-
 /// `SO_COOKIE` from `asm-generic/socket.h` (the libc crate does not export it).
 const SO_COOKIE: libc::c_int = 57;
 
