@@ -10,7 +10,7 @@
 //! | --- | --- |
 //! | FIN from one side | `Finish` that side's direction: deliver every byte already read, then `shutdown(SHUT_WR)` the other socket; the other direction keeps flowing |
 //! | FIN from both, both directions finished | `Close(Normal)` |
-//! | RST from one side | reset the other side once it has acknowledged every byte the resetting side sent before its RST, or after `grace_period` if it does not (`AbortWhenDelivered`); `Close(ClientReset / BackendReset)` |
+//! | RST from one side | reset the other side once it has acknowledged every byte the proxy already sent it (the resetting side's last bytes among them: an RST discards what a send queue holds), or after `grace_period` if it does not (`AbortWhenDelivered`); `Close(ClientReset / BackendReset)` |
 //! | idle for `inactivity_timeout` | `timeout_behavior`: `close` = graceful close (`InactivityTimeout`); `reset` = `InactivityReset` (count it) and re-arm; `ignore` = no timer |
 //! | one side sent FIN longer than `parity_check_timeout` ago AND idle longer than `parity_inactivity` (whether or not its direction finished delivering) | graceful close (`ParityCheck`) |
 //! | `allow_half_open = false` and a FIN | graceful close with reason `Normal`: in-flight data delivered, FIN both ways |

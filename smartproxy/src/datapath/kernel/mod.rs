@@ -243,7 +243,9 @@ impl Kernel {
     /// error: the kernel refuses to insert a socket that already got its FIN, which a peer
     /// that answers and closes at once makes routine. The splice is then kept with the
     /// verdict passing every byte to userspace for good, and [`Splice::fallback`] says why.
-    /// No byte was redirected by then, so the stream stays whole.
+    /// Nothing was redirected before a failed `SOCKETS` insert; should a later switch to
+    /// redirect fail half way, what the first direction redirected is counted, and the
+    /// relay's writes wait for it as on any spliced connection, so the stream stays whole.
     pub fn splice(
         &self,
         client: BorrowedFd<'_>,
