@@ -176,15 +176,16 @@ fn a_soft_limit_of_1024_is_raised_and_1200_connections_all_work() {
     drop(connections);
 }
 
+/// Ignored by default: the machines this project is developed and tested on give root no
+/// CAP_SYS_RESOURCE, so it cannot run there. Where it can: `cargo test -p smartproxy --test
+/// fd_limit -- --ignored`.
 #[test]
+#[ignore = "needs CAP_SYS_RESOURCE, which the development and CI machines lack"]
 fn a_privileged_start_raises_the_hard_limit_to_what_max_connections_needs() {
-    if !root_or_skip() {
-        return;
-    }
-    if !privileges::has_effective(privileges::CAP_SYS_RESOURCE) {
-        eprintln!("SKIPPING: this process has no CAP_SYS_RESOURCE to hand to the proxy");
-        return;
-    }
+    assert!(
+        privileges::has_effective(privileges::CAP_SYS_RESOURCE),
+        "this process has no CAP_SYS_RESOURCE to hand to the proxy"
+    );
     let backend = holding_backend();
     let proxy = ProxyProcess::start_configured("held", backend, "", USERSPACE, |command| {
         limited(command, 1024, 2048, true)
