@@ -22,12 +22,13 @@ const MAX_REQUEST: usize = 64;
 
 #[derive(Debug)]
 pub(crate) struct ControlServer {
-    listener: UnixListener,
+    listener: std::os::unix::net::UnixListener,
 }
 
 impl ControlServer {
     /// Binds `path`, replacing a stale socket file left by a proxy that died, but never
     /// one a running proxy still answers on.
+    /// Needs no runtime (see `listener::bind_std`).
     pub(crate) fn bind(path: &Path) -> io::Result<ControlServer> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
@@ -41,16 +42,24 @@ impl ControlServer {
             }
             std::fs::remove_file(path)?;
         }
-        let listener = UnixListener::bind(path)?;
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         Ok(ControlServer { listener })
     }
 
     pub(crate) async fn serve(self, shared: Arc<Shared>) {
+        let listener = match UnixListener::from_std(self.listener) {
+            Ok(listener) => listener,
+            Err(e) => {
+                warn!(error = %e, "control socket unusable");
+                return;
+            }
+        };
         let mut stop = shared.stop.clone();
         accept_until(
             "control",
-            || self.listener.accept(),
+            || listener.accept(),
             // Until exit, not at shutdown: the drain is when an operator watches.
             reached(&mut stop, Stop::Exit),
             |stream, _| {

@@ -37,7 +37,7 @@ pub mod tls_files;
 pub mod view;
 pub mod vocab;
 
-pub use proxy::{Proxy, StartError};
+pub use proxy::{Prepared, Proxy, StartError};
 pub use reload::{ReloadError, ReloadSummary};
 pub use shared::Closed;
 

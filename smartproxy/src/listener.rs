@@ -62,8 +62,9 @@ pub(crate) fn open_listener(
     shared: &Arc<Shared>,
     listeners: &mut BTreeMap<SocketAddr, SocketAddr>,
     addr: SocketAddr,
+    listener: std::net::TcpListener,
 ) -> io::Result<()> {
-    let listener = bind(addr)?;
+    let listener = TcpListener::from_std(listener)?;
     let bound = listener.local_addr()?;
     listeners.insert(addr, bound);
     info!(listen = %bound, "listening");
@@ -73,14 +74,20 @@ pub(crate) fn open_listener(
     Ok(())
 }
 
-/// A listening socket with a backlog fit for bursts of connections.
+/// A listening socket with a backlog fit for bursts of connections, on the runtime.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr)?)
+}
+
+/// [`bind`] without a runtime: at start, listeners are bound before privileges are
+/// dropped and before the runtime's threads exist.
+pub(crate) fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Accepts on one listen address until shutdown, or until a reload leaves no route on

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -10,6 +11,7 @@ use smartproxy::config::Config;
 use smartproxy::control;
 use smartproxy::fdlimit::{self, Fit};
 use smartproxy::privileges;
+use smartproxy::resolve::SystemResolver;
 use smartproxy::stats::{ConnectionRow, Snapshot};
 use smartproxy::view::{self, SortBy};
 use smartproxy::{notify, Proxy};
@@ -245,37 +247,79 @@ fn raise_fd_limit(config: &Config) {
     }
 }
 
+/// SIGTERM, SIGINT and SIGHUP held back (`pthread_sigmask`) until their handlers exist.
+struct BlockedSignals(libc::sigset_t);
+
+impl BlockedSignals {
+    fn block() -> Result<BlockedSignals> {
+        // SAFETY: sigemptyset/sigaddset initialise and fill a local set; pthread_sigmask
+        // reads it and changes only this thread's mask.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                libc::sigaddset(&mut set, signal);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc)).context("cannot block signals");
+            }
+            Ok(BlockedSignals(set))
+        }
+    }
+
+    /// Unblocks them on this thread (the runtime's own threads keep them blocked, so the
+    /// handlers run here).
+    fn unblock(self) -> Result<()> {
+        // SAFETY: pthread_sigmask reads the set made in `block`.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &self.0, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc)).context("cannot unblock signals");
+        }
+        Ok(())
+    }
+}
+
 fn run(config: Config) -> Result<()> {
     // Before privileges are dropped: raising the hard limit takes CAP_SYS_RESOURCE.
     raise_fd_limit(&config);
     let user = config.proxy.user.clone();
     if user.is_some() {
-        // Before the runtime starts its threads: they inherit it.
         privileges::prepare()?;
     }
     let control_socket = config.proxy.control_socket.clone();
+    let grace = config.lifecycle.grace_period;
+    // Signals are blocked before any thread exists, so that every later thread inherits
+    // the mask and a SIGTERM that arrives during setup waits for its handler.
+    let signals = BlockedSignals::block()?;
+    // Setup that needs privileges happens now, while the process has one thread; then
+    // only what the data path still uses is kept, with `user` or without (under systemd
+    // the unit's ambient capabilities would otherwise stay for good), and only then does
+    // the runtime start its threads, which copy the reduced credentials.
+    let prepared = Proxy::prepare(config)?;
+    let keep = privileges::kept_capabilities(prepared.uses_ebpf());
+    match &user {
+        Some(user) => {
+            privileges::drop_to(user, &control_socket, keep)
+                .with_context(|| format!("cannot run as user {:?}", user.name))?;
+            info!(user = %user.name, uid = user.uid, capabilities = format_args!("{keep:#x}"), "privileges dropped");
+        }
+        None => {
+            let kept = privileges::keep_only(keep).context("cannot drop capabilities")?;
+            info!(
+                capabilities = format_args!("{kept:#x}"),
+                "capabilities dropped"
+            );
+        }
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     runtime.block_on(async {
-        // Handlers first: a signal that arrives once we are listening must not kill us.
         let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
         let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-        let grace = config.lifecycle.grace_period;
-        let proxy = Proxy::start(config).await?;
-        // Setup is done: keep only what the data path still uses, with `user` or without
-        // (under systemd the unit's ambient capabilities would otherwise stay for good).
-        let keep = privileges::kept_capabilities(proxy.uses_ebpf());
-        match &user {
-            Some(user) => {
-                privileges::drop_to(user, &control_socket, keep)
-                    .with_context(|| format!("cannot run as user {:?}", user.name))?;
-                info!(user = %user.name, uid = user.uid, capabilities = format_args!("{keep:#x}"), "privileges dropped");
-            }
-            None => {
-                let kept = privileges::keep_only(keep).context("cannot drop capabilities")?;
-                info!(capabilities = format_args!("{kept:#x}"), "capabilities dropped");
-            }
-        }
+        // The handlers are in place: a signal that came during setup is delivered now.
+        signals.unblock()?;
+        let proxy = Proxy::start_prepared(prepared, Arc::new(SystemResolver)).await?;
         info!("ready");
         service_manager("READY=1");
         let signal = loop {

@@ -38,14 +38,15 @@ const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Debug)]
 pub(crate) struct MetricsServer {
-    listener: TcpListener,
+    listener: std::net::TcpListener,
 }
 
 impl MetricsServer {
-    pub(crate) async fn bind(addr: SocketAddr) -> io::Result<MetricsServer> {
-        Ok(MetricsServer {
-            listener: TcpListener::bind(addr).await?,
-        })
+    /// Needs no runtime (see `listener::bind_std`).
+    pub(crate) fn bind(addr: SocketAddr) -> io::Result<MetricsServer> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(MetricsServer { listener })
     }
 
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -53,11 +54,18 @@ impl MetricsServer {
     }
 
     pub(crate) async fn serve(self, shared: Arc<Shared>) {
+        let listener = match TcpListener::from_std(self.listener) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint unusable");
+                return;
+            }
+        };
         let mut stop = shared.stop.clone();
         let scrapers = Arc::new(Semaphore::new(MAX_SCRAPERS));
         accept_until(
             "metrics",
-            || self.listener.accept(),
+            || listener.accept(),
             // Until exit, not at shutdown: the drain is when an operator watches.
             reached(&mut stop, Stop::Exit),
             |stream, peer| {

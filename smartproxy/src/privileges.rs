@@ -13,17 +13,15 @@
 //! - userspace data path: nothing.
 //!   `CAP_NET_BIND_SERVICE` is not kept: every listener is bound before the drop.
 //!
-//! Linux credentials belong to each thread. glibc's `setresuid`/`setresgid`/`setgroups`
-//! change every thread of the process, but `capset` only the calling one. So
-//! [`prepare`] sets `PR_SET_KEEPCAPS` while the process has one thread (threads created
-//! later inherit it), and [`drop_to`] changes the ids through glibc, then sets the
-//! capabilities on every thread: itself directly, the others from a signal handler.
+//! Linux credentials belong to each thread, and `capset` changes only the calling one.
+//! So all of it happens while the process has one thread: the binary loads the kernel
+//! path and binds every socket first (`Proxy::prepare`), drops privileges here, and only
+//! then starts the tokio runtime, whose threads copy the reduced credentials. [`prepare`]
+//! sets `PR_SET_KEEPCAPS` so that the permitted set survives the uid change.
 
 use std::ffi::CString;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 /// The user to run as, looked up at startup.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,8 +42,10 @@ pub enum PrivilegeError {
         #[source]
         source: io::Error,
     },
-    #[error("{missed} threads did not take the reduced capabilities in time")]
-    Threads { missed: usize },
+    #[error(
+        "{threads} threads run already; capabilities must be dropped while the process has one"
+    )]
+    Threads { threads: usize },
 }
 
 fn syscall_error(step: &'static str) -> PrivilegeError {
@@ -123,13 +123,14 @@ pub fn has_effective(cap: u32) -> bool {
 }
 
 /// Without `user`: the same ids, and only `keep` of the capabilities this process holds
-/// (the rest, ambient ones from a systemd unit included, are gone for good) on every
-/// thread. Returns the mask kept: `keep` less what the process did not have.
+/// (the rest, ambient ones from a systemd unit included, are gone for good). Returns the
+/// mask kept: `keep` less what the process did not have. While the process has one
+/// thread only.
 pub fn keep_only(keep: u64) -> Result<u64, PrivilegeError> {
     let data = this_thread_capabilities().ok_or_else(|| syscall_error("capget"))?;
     let permitted = u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32);
     let kept = keep & permitted;
-    set_capabilities_everywhere(kept)?;
+    set_capabilities(kept)?;
     Ok(kept)
 }
 
@@ -143,7 +144,8 @@ pub fn kept_capabilities(kernel_data_path: bool) -> u64 {
 }
 
 /// Gives the control socket to `user`, then becomes `user` with only `keep` (a mask of
-/// capability numbers) in every thread's permitted and effective sets.
+/// capability numbers) in the permitted and effective sets. While the process has one
+/// thread only.
 pub fn drop_to(user: &User, control_socket: &Path, keep: u64) -> Result<(), PrivilegeError> {
     std::os::unix::fs::chown(control_socket, Some(user.uid), Some(user.gid)).map_err(|source| {
         PrivilegeError::Syscall {
@@ -163,10 +165,10 @@ pub fn drop_to(user: &User, control_socket: &Path, keep: u64) -> Result<(), Priv
             return Err(syscall_error("setresuid"));
         }
     }
-    set_capabilities_everywhere(keep)
+    set_capabilities(keep)
 }
 
-// === capabilities on every thread ===
+// === capabilities ===
 
 /// `_LINUX_CAPABILITY_VERSION_3`: two 32-bit words per set.
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
@@ -185,23 +187,23 @@ struct CapData {
     inheritable: u32,
 }
 
-/// The mask the signal handler applies (low and high word).
-static TARGET_LOW: AtomicU32 = AtomicU32::new(0);
-static TARGET_HIGH: AtomicU32 = AtomicU32::new(0);
-static APPLIED: AtomicUsize = AtomicUsize::new(0);
-static FAILED: AtomicBool = AtomicBool::new(false);
-
-/// Sets this thread's permitted and effective sets to the target mask; inheritable empty.
-/// Async-signal-safe: one raw syscall on stack data.
-fn capset_this_thread() -> bool {
+/// Sets the permitted and effective sets of the process to `keep`, inheritable empty.
+/// `capset` changes the calling thread only, so this refuses to run once a second thread
+/// exists: the binary drops its privileges before it starts the runtime, and threads
+/// created afterwards copy these sets.
+fn set_capabilities(keep: u64) -> Result<(), PrivilegeError> {
+    let threads = thread_count().map_err(|source| PrivilegeError::Syscall {
+        step: "count the threads in /proc/self/task",
+        source,
+    })?;
+    if threads != 1 {
+        return Err(PrivilegeError::Threads { threads });
+    }
     let header = CapHeader {
         version: CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let (low, high) = (
-        TARGET_LOW.load(Ordering::Acquire),
-        TARGET_HIGH.load(Ordering::Acquire),
-    );
+    let (low, high) = (keep as u32, (keep >> 32) as u32);
     let data = [
         CapData {
             effective: low,
@@ -215,91 +217,12 @@ fn capset_this_thread() -> bool {
         },
     ];
     // SAFETY: capset reads a valid header and two data words.
-    unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) == 0 }
-}
-
-extern "C" fn on_signal(_: libc::c_int) {
-    if !capset_this_thread() {
-        FAILED.store(true, Ordering::Release);
-    }
-    APPLIED.fetch_add(1, Ordering::AcqRel);
-}
-
-fn thread_ids() -> io::Result<Vec<libc::pid_t>> {
-    let mut ids = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/task")? {
-        if let Some(id) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
-            ids.push(id);
-        }
-    }
-    Ok(ids)
-}
-
-fn set_capabilities_everywhere(keep: u64) -> Result<(), PrivilegeError> {
-    TARGET_LOW.store(keep as u32, Ordering::Release);
-    TARGET_HIGH.store((keep >> 32) as u32, Ordering::Release);
-    if !capset_this_thread() {
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
         return Err(syscall_error("capset"));
     }
-    let signal = libc::SIGRTMAX() - 1;
-    // SAFETY: installs a handler that only makes one syscall and touches atomics.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-        action.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut action.sa_mask);
-        if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
-            return Err(syscall_error("sigaction"));
-        }
-    }
-    // SAFETY: getpid/gettid take no arguments.
-    let (pid, me) = unsafe { (libc::getpid(), libc::gettid()) };
-    let mut done = vec![me];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    // Threads may start while this runs; they copy the credentials of the thread that
-    // creates them, so repeat until a listing shows no thread left to do.
-    loop {
-        let threads = thread_ids().map_err(|source| PrivilegeError::Syscall {
-            step: "list /proc/self/task",
-            source,
-        })?;
-        let todo: Vec<libc::pid_t> = threads.into_iter().filter(|t| !done.contains(t)).collect();
-        if todo.is_empty() {
-            break;
-        }
-        APPLIED.store(0, Ordering::Release);
-        let mut sent = 0;
-        for &thread in &todo {
-            // SAFETY: tgkill to a thread of this process; one that exited meanwhile
-            // gives ESRCH, which is fine.
-            if unsafe { libc::syscall(libc::SYS_tgkill, pid, thread, signal) } == 0 {
-                sent += 1;
-            }
-        }
-        loop {
-            // A thread that exits before its handler runs never answers.
-            let live = thread_ids().map_or(todo.len(), |now| {
-                todo.iter().filter(|t| now.contains(t)).count()
-            });
-            let expected = sent.min(live);
-            let applied = APPLIED.load(Ordering::Acquire);
-            if applied >= expected {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(PrivilegeError::Threads {
-                    missed: expected - applied,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        done.extend(todo);
-    }
-    if FAILED.load(Ordering::Acquire) {
-        return Err(PrivilegeError::Syscall {
-            step: "capset in another thread",
-            source: io::Error::from(io::ErrorKind::PermissionDenied),
-        });
-    }
     Ok(())
+}
+
+fn thread_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
 }

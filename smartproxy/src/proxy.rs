@@ -18,7 +18,7 @@ use crate::error_chain;
 use crate::generation::{select_data_path, Generation};
 use crate::health::Registry;
 use crate::limits::Limits;
-use crate::listener::open_listener;
+use crate::listener::{bind_std, open_listener};
 use crate::metrics::MetricsServer;
 use crate::reload::{configure_limits, ReloadError, ReloadSummary};
 use crate::resolve::{Resolve, SystemResolver};
@@ -59,6 +59,35 @@ pub struct Proxy {
     stop: watch::Sender<Stop>,
 }
 
+/// A proxy set up but not running yet: its kernel data path loaded and every socket it
+/// listens on bound. Made without a tokio runtime, so that the binary drops its
+/// privileges after this and before any runtime thread exists.
+pub struct Prepared {
+    config: Config,
+    tls: TlsRoutes,
+    kernel: Option<Kernel>,
+    listeners: Vec<(SocketAddr, std::net::TcpListener)>,
+    control: ControlServer,
+    /// With its bound address (they differ for port 0).
+    metrics: Option<(MetricsServer, SocketAddr)>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("kernel", &self.kernel)
+            .field("listeners", &self.listeners)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// Whether the kernel data path loaded (some routes may still use userspace).
+    pub fn uses_ebpf(&self) -> bool {
+        self.kernel.is_some()
+    }
+}
+
 impl Proxy {
     /// Binds every listener and the control socket, then starts accepting. Returns once
     /// the proxy is ready: every listener accepts from now on.
@@ -71,23 +100,76 @@ impl Proxy {
         config: Config,
         resolver: Arc<dyn Resolve>,
     ) -> Result<Proxy, StartError> {
+        Self::start_prepared(Self::prepare(config)?, resolver).await
+    }
+
+    /// The first half of [`Proxy::start`], without a runtime: loads the TLS material and
+    /// the kernel data path, and binds the listeners, the control socket and the metrics
+    /// endpoint.
+    pub fn prepare(config: Config) -> Result<Prepared, StartError> {
         let tls = TlsRoutes::load(&config).map_err(StartError::Tls)?;
         // Before any listener exists: sockets only run the sock_ops program if they are
         // created in the cgroup it is attached to.
         let kernel = load_kernel(&config)?;
+        let metrics = match config.proxy.metrics {
+            Some(addr) => {
+                let bind_error = |source| StartError::Bind { addr, source };
+                let server = MetricsServer::bind(addr).map_err(bind_error)?;
+                let bound = server.local_addr().map_err(bind_error)?;
+                Some((server, bound))
+            }
+            None => None,
+        };
+        let mut listeners: Vec<(SocketAddr, std::net::TcpListener)> = Vec::new();
+        for route in &config.routes {
+            let addr = route.listen;
+            if listeners.iter().any(|(bound, _)| *bound == addr) {
+                continue;
+            }
+            let listener = bind_std(addr).map_err(|source| StartError::Bind { addr, source })?;
+            listeners.push((addr, listener));
+        }
+        let control_socket = &config.proxy.control_socket;
+        let control =
+            ControlServer::bind(control_socket).map_err(|source| StartError::Control {
+                path: control_socket.clone(),
+                source,
+            })?;
+        Ok(Prepared {
+            config,
+            tls,
+            kernel,
+            listeners,
+            control,
+            metrics,
+        })
+    }
+
+    /// The second half of [`Proxy::start`], on the runtime: starts accepting on what
+    /// [`Proxy::prepare`] bound.
+    pub async fn start_prepared(
+        prepared: Prepared,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Proxy, StartError> {
+        let Prepared {
+            config,
+            tls,
+            kernel,
+            listeners: bound,
+            control,
+            metrics,
+        } = prepared;
+        if let Some(kernel) = &kernel {
+            kernel.start_events().map_err(StartError::Ebpf)?;
+        }
         // The default for routes that set none: what `stats` reports as the proxy's.
         let data_path = select_data_path(config.proxy.data_path, kernel.is_some(), false);
         let stats = Stats::new(data_path);
         let control_socket = config.proxy.control_socket.clone();
-        let metrics = match config.proxy.metrics {
-            Some(addr) => Some(bind_metrics(addr).await?),
-            None => None,
-        };
         let health = Registry::default();
         let generation = Generation::new(config, tls, &stats, &health);
         let (stop, stop_rx) = watch::channel(Stop::Running);
         let (closed, _) = broadcast::channel(1024);
-        let addrs: Vec<SocketAddr> = generation.routes.listeners.keys().copied().collect();
         let limits = Limits::new(
             generation.config.proxy.per_ip,
             generation.config.proxy.ipv6_prefix_per_ip,
@@ -116,21 +198,14 @@ impl Proxy {
         start_checks(&shared, &shared.generation());
         {
             let mut listeners = shared.lock_listeners();
-            for addr in addrs {
-                if let Err(source) = open_listener(&shared, &mut listeners, addr) {
+            for (addr, listener) in bound {
+                if let Err(source) = open_listener(&shared, &mut listeners, addr, listener) {
                     // Nothing accepts yet: stop the listeners already open.
                     stop.send_replace(Stop::Exit);
                     return Err(StartError::Bind { addr, source });
                 }
             }
         }
-        let control = ControlServer::bind(&shared.control_socket).map_err(|source| {
-            stop.send_replace(Stop::Exit);
-            StartError::Control {
-                path: shared.control_socket.clone(),
-                source,
-            }
-        })?;
         shared.services.spawn(control.serve(Arc::clone(&shared)));
         let metrics_addr = metrics.map(|(server, bound)| {
             info!(listen = %bound, "metrics endpoint at /metrics");
@@ -237,13 +312,6 @@ impl Proxy {
             debug!(path = %path.display(), error = %e, "control socket already gone");
         }
     }
-}
-
-async fn bind_metrics(addr: SocketAddr) -> Result<(MetricsServer, SocketAddr), StartError> {
-    let bind_error = |source| StartError::Bind { addr, source };
-    let server = MetricsServer::bind(addr).await.map_err(bind_error)?;
-    let bound = server.local_addr().map_err(bind_error)?;
-    Ok((server, bound))
 }
 
 /// Loads the kernel data path if any route may use it. `auto` falls back to userspace and

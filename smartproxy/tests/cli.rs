@@ -21,7 +21,8 @@
 //! - `generate` writes the man pages and the bash, zsh and fish completions.
 //!
 //! Readiness is "the control socket accepts a connection": the proxy binds it after its
-//! listeners and after installing its signal handlers. Every wait is a bounded poll.
+//! listeners, with SIGTERM/SIGINT/SIGHUP held back until their handlers run. Every wait
+//! is a bounded poll.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

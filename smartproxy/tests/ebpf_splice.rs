@@ -44,7 +44,11 @@ fn kernel_or_skip() -> Option<Kernel> {
         ..LoadOptions::default()
     };
     ebpf_or_skip("this test", || {
-        Kernel::load(options).map_err(|e| smartproxy::error_chain(&e))
+        let kernel = Kernel::load(options).map_err(|e| smartproxy::error_chain(&e))?;
+        kernel
+            .start_events()
+            .map_err(|e| smartproxy::error_chain(&e))?;
+        Ok(kernel)
     })
 }
 

@@ -19,7 +19,9 @@ pub enum EbpfError {
     RingBufferSize(u32),
     #[error("maps for {0} connections would need more than u32::MAX entries")]
     MapSize(u32),
-    #[error("no tokio runtime: Kernel::load spawns the ring-buffer reader on the current one")]
+    #[error(
+        "no tokio runtime: Kernel::start_events spawns the ring-buffer reader on the current one"
+    )]
     NoRuntime,
     #[error("failed to load the eBPF object")]
     Load(#[source] aya::EbpfError),

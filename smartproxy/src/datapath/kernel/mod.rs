@@ -104,14 +104,24 @@ struct Inner {
     max_queued_bytes: u64,
     events_lost: PerCpuArray<MapData, u64>,
     registry: Arc<SpliceRegistry>,
-    reader: JoinHandle<()>,
+    reader: Mutex<Reader>,
     /// Keeps the programs loaded and the sock_ops link attached; dropping it detaches them.
     _ebpf: Ebpf,
 }
 
+/// The `EVENTS` ring buffer until [`Kernel::start_events`] hands it to its reader task.
+enum Reader {
+    Waiting(RingBuf<MapData>),
+    Running(JoinHandle<()>),
+    /// Registering the ring buffer with the runtime failed (reported by `start_events`).
+    Failed,
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.reader.abort();
+        if let Reader::Running(task) = &*lock(&self.reader) {
+            task.abort();
+        }
     }
 }
 
@@ -124,8 +134,9 @@ impl fmt::Debug for Kernel {
 }
 
 impl Kernel {
-    /// Loads and attaches everything; spawns the ring-buffer reader task on the current tokio
-    /// runtime (so this must be called from within one).
+    /// Loads and attaches everything. Needs no runtime, so that it runs before the
+    /// privileges are dropped and before any thread starts; the ring buffer is read once
+    /// [`Kernel::start_events`] is called on a runtime.
     ///
     /// The sock_ops program is attached to the cgroup v2 this process runs in, moving the
     /// process out of the root cgroup first (see [`proxy_cgroup`]). It is attached with a
@@ -146,7 +157,6 @@ impl Kernel {
         let max_sockets = max_connections
             .checked_mul(2)
             .ok_or(EbpfError::MapSize(max_connections))?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| EbpfError::NoRuntime)?;
         let cgroup = proxy_cgroup()?;
 
         let mut ebpf = EbpfLoader::new()
@@ -193,14 +203,6 @@ impl Kernel {
             ))?;
 
         let registry = Arc::new(SpliceRegistry::default());
-        let events = {
-            let _entered = runtime.enter();
-            // SAFETY: the RingBuf owns its map's fd (aya's MapData holds an OwnedFd) and
-            // always returns that same fd; it moves into the AsyncFd and closes only with it.
-            unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-                .map_err(|e| EbpfError::RingBufPoll(e.into_parts().1))?
-        };
-        let reader = runtime.spawn(read_events(events, Arc::clone(&registry)));
         tracing::info!(
             cgroup = %cgroup.display(),
             ring_buffer_bytes,
@@ -217,10 +219,36 @@ impl Kernel {
                 max_queued_bytes,
                 events_lost,
                 registry,
-                reader,
+                reader: Mutex::new(Reader::Waiting(events)),
                 _ebpf: ebpf,
             }),
         })
+    }
+
+    /// Starts reading the `EVENTS` ring buffer on the current tokio runtime; state changes
+    /// reach the splices from then on (events written before wait in the ring). Later
+    /// calls do nothing.
+    pub fn start_events(&self) -> Result<(), EbpfError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| EbpfError::NoRuntime)?;
+        let mut reader = lock(&self.inner.reader);
+        // Taken out, the ring buffer is either handed to its task or gone with the error.
+        let ring = match std::mem::replace(&mut *reader, Reader::Failed) {
+            Reader::Waiting(ring) => ring,
+            started => {
+                *reader = started;
+                return Ok(());
+            }
+        };
+        let events = {
+            let _entered = runtime.enter();
+            // SAFETY: the RingBuf owns its map's fd (aya's MapData holds an OwnedFd) and
+            // always returns that same fd; it moves into the AsyncFd and closes only with it.
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+                .map_err(|e| EbpfError::RingBufPoll(e.into_parts().1))?
+        };
+        *reader =
+            Reader::Running(runtime.spawn(read_events(events, Arc::clone(&self.inner.registry))));
+        Ok(())
     }
 
     /// Hands a routed pair to the kernel: from now on each socket's received bytes are
