@@ -508,6 +508,13 @@ impl IpEntry {
 mod tests {
     use super::*;
 
+    fn per_ip(max_connections: Option<usize>, rate_per_minute: Option<u32>) -> PerIpConfig {
+        PerIpConfig {
+            max_connections,
+            rate_per_minute,
+        }
+    }
+
     fn ip(text: &str) -> IpAddr {
         text.parse().expect("an IP address")
     }
@@ -613,14 +620,7 @@ mod tests {
 
     #[test]
     fn per_ip_cap_counts_each_address() {
-        let limits = Limits::new(
-            PerIpConfig {
-                max_connections: Some(1),
-                rate_per_minute: None,
-            },
-            DEFAULT_IPV6_PREFIX,
-            [],
-        );
+        let limits = Limits::new(per_ip(Some(1), None), DEFAULT_IPV6_PREFIX, []);
         let now = Instant::now();
         let a = limits
             .admit_client(1, usize::MAX, ip("127.0.0.2"), now)
@@ -643,14 +643,7 @@ mod tests {
 
     #[test]
     fn rate_refills_over_a_minute_and_idle_entries_are_evicted() {
-        let limits = Limits::new(
-            PerIpConfig {
-                max_connections: None,
-                rate_per_minute: Some(3),
-            },
-            DEFAULT_IPV6_PREFIX,
-            [],
-        );
+        let limits = Limits::new(per_ip(None, Some(3)), DEFAULT_IPV6_PREFIX, []);
         let start = Instant::now();
         for _ in 0..3 {
             drop(
@@ -704,14 +697,7 @@ mod tests {
 
     #[test]
     fn live_connections_are_never_evicted() {
-        let limits = Limits::new(
-            PerIpConfig {
-                max_connections: Some(1),
-                rate_per_minute: Some(1000),
-            },
-            DEFAULT_IPV6_PREFIX,
-            [],
-        );
+        let limits = Limits::new(per_ip(Some(1), Some(1000)), DEFAULT_IPV6_PREFIX, []);
         let start = Instant::now();
         let held = limits
             .admit_client(1, usize::MAX, ip("127.0.0.2"), start)
@@ -757,16 +743,10 @@ mod tests {
     #[test]
     fn the_proxy_cap_comes_first_and_each_refusal_names_its_limit() {
         let limits = Limits::new(
-            PerIpConfig {
-                max_connections: Some(1),
-                rate_per_minute: Some(1),
-            },
+            per_ip(Some(1), Some(1)),
             DEFAULT_IPV6_PREFIX,
             [&RouteLimitsConfig {
-                per_ip: PerIpConfig {
-                    max_connections: Some(1),
-                    rate_per_minute: Some(2),
-                },
+                per_ip: per_ip(Some(1), Some(2)),
                 ..RouteLimitsConfig::default()
             }],
         );
@@ -822,10 +802,7 @@ mod tests {
     // second address in its /64 would have to be added to the host's interface.
     #[test]
     fn an_ipv6_client_counts_as_its_prefix() {
-        let per_ip = PerIpConfig {
-            max_connections: Some(1),
-            rate_per_minute: None,
-        };
+        let per_ip = per_ip(Some(1), None);
         let now = Instant::now();
         let limits = Limits::new(per_ip, DEFAULT_IPV6_PREFIX, []);
         let held = limits

@@ -256,26 +256,19 @@ mod tests {
             row(1, "b", 30, 9.0, 0.5),
             row(3, "a", 20, 1.0, 3.0),
         ];
-        assert_eq!(
-            ids(&select_connections(rows.clone(), SortBy::Id, None)),
-            [1, 2, 3]
-        );
-        assert_eq!(
-            ids(&select_connections(rows.clone(), SortBy::Bytes, None)),
-            [1, 3, 2]
-        );
-        assert_eq!(
-            ids(&select_connections(rows.clone(), SortBy::Age, None)),
-            [1, 2, 3]
-        );
-        assert_eq!(
-            ids(&select_connections(rows.clone(), SortBy::Idle, None)),
-            [3, 2, 1]
-        );
-        assert_eq!(
-            ids(&select_connections(rows.clone(), SortBy::Bytes, Some("a"))),
-            [3, 2]
-        );
+        for (sort, route, expected) in [
+            (SortBy::Id, None, &[1, 2, 3][..]),
+            (SortBy::Bytes, None, &[1, 3, 2]),
+            (SortBy::Age, None, &[1, 2, 3]),
+            (SortBy::Idle, None, &[3, 2, 1]),
+            (SortBy::Bytes, Some("a"), &[3, 2]),
+        ] {
+            assert_eq!(
+                ids(&select_connections(rows.clone(), sort, route)),
+                expected,
+                "{sort:?} {route:?}"
+            );
+        }
         assert!(select_connections(rows, SortBy::Id, Some("zzz")).is_empty());
     }
 }
