@@ -1,4 +1,4 @@
-//! Config validation, tested with files (STYLE.md guideline 9).
+//! Config validation, tested with the files under `tests/config/`.
 //!
 //! Covers:
 //! - every `tests/config/valid/*.toml` loads;
