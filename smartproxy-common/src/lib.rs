@@ -25,6 +25,13 @@ pub const PROG_REDIRECT: &str = "redirect";
 /// Name of the sock_ops program reporting TCP state changes.
 pub const PROG_STATE_EVENTS: &str = "state_events";
 
+/// Version of everything the eBPF programs and the control plane share through the maps:
+/// the structs below, the map names, types, key and value sizes and what their fields
+/// mean. Bump it with every change to any of them. A successor process reuses its
+/// predecessor's pinned maps only at the same version (the pin directory carries it, see
+/// `smartproxy/src/datapath/kernel/pins.rs`), and the upgrade handoff stamp carries it too.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Default size of `EVENTS`, in bytes (a power of two, as the kernel requires).
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 256 * 1024;
 /// Capacity of `FLOWS`, `CONTROL`, `TARGETS` and `SOCKETS` as the eBPF object declares it

@@ -68,6 +68,10 @@ pub struct ProxyConfig {
     /// file sets this key), and at most [`MAX_EBPF_CONNECTIONS`]. A connection beyond it
     /// uses the userspace copy.
     pub ebpf_max_connections: u32,
+    /// eBPF data path: the bpffs mount under which the maps are pinned
+    /// (`<root>/smartproxy/<instance>`), so that `smartproxy upgrade` hands them to the
+    /// successor. An absolute path; mounted at start if it is not a bpffs yet.
+    pub ebpf_pin_root: PathBuf,
 }
 
 /// The largest `ebpf_max_connections`: the maps' sizes (two entries a connection) are
@@ -152,6 +156,7 @@ impl Default for ProxyConfig {
             ebpf_ring_buffer_bytes: smartproxy_common::DEFAULT_RING_BUFFER_BYTES,
             // The maps hold every connection `max_connections` admits.
             ebpf_max_connections: max_connections,
+            ebpf_pin_root: PathBuf::from(crate::datapath::kernel::DEFAULT_PIN_ROOT),
         }
     }
 }
@@ -649,6 +654,7 @@ struct RawProxy {
     user: Option<String>,
     ebpf_ring_buffer_bytes: Option<u32>,
     ebpf_max_connections: Option<u32>,
+    ebpf_pin_root: Option<PathBuf>,
 }
 
 /// A duration written as a humantime string (`"500ms"`, `"5s"`, `"30m"`, `"24h"`).
@@ -817,7 +823,14 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             raw.proxy.max_connections,
             defaults.max_connections,
         )?,
+        ebpf_pin_root: raw.proxy.ebpf_pin_root.unwrap_or(defaults.ebpf_pin_root),
     };
+    if !proxy.ebpf_pin_root.is_absolute() {
+        return Err(Invalid::new(
+            "proxy.ebpf_pin_root",
+            "must be an absolute path (a bpffs mount point, such as /sys/fs/bpf)",
+        ));
+    }
     if !ring_buffer_bytes_valid(proxy.ebpf_ring_buffer_bytes) {
         let page = crate::process::page_size();
         return Err(Invalid::new(

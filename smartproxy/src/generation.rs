@@ -145,6 +145,7 @@ fn restart_only_change(running: &ProxyConfig, next: &ProxyConfig) -> Option<&'st
         ebpf_ring_buffer_bytes,
         // Restart-only while the kernel maps it sizes exist: see `check_reloadable`.
         ebpf_max_connections: _,
+        ebpf_pin_root,
     } = running;
     [
         ("data_path", *data_path == next.data_path),
@@ -171,6 +172,7 @@ fn restart_only_change(running: &ProxyConfig, next: &ProxyConfig) -> Option<&'st
             "ebpf_ring_buffer_bytes",
             *ebpf_ring_buffer_bytes == next.ebpf_ring_buffer_bytes,
         ),
+        ("ebpf_pin_root", *ebpf_pin_root == next.ebpf_pin_root),
     ]
     .into_iter()
     .find(|(_, same)| !same)

@@ -85,15 +85,16 @@ impl CountsKernelFlows for Meter {
         *self.kernel() = Some(flows);
     }
 
-    fn detach_kernel(&self) {
-        let Some(flows) = self.kernel().take() else {
-            return;
-        };
+    fn detach_kernel(&self) -> Option<[u64; 2]> {
+        let flows = self.kernel().take()?;
+        let mut folded = [0; 2];
         for direction in Direction::BOTH {
             let counters = flows.counters(direction);
+            folded[direction.index()] = counters.redirected;
             self.kernel_bytes[direction.index()].fetch_add(counters.redirected, Ordering::Relaxed);
             self.last_activity_ns
                 .fetch_max(counters.last_activity_ns, Ordering::Relaxed);
         }
+        Some(folded)
     }
 }

@@ -53,6 +53,58 @@ pub enum EbpfError {
     },
     #[error("ring buffer {MAP_EVENTS}: registering its fd with tokio failed")]
     RingBufPoll(#[source] io::Error),
+    #[error("ring buffer {MAP_EVENTS}: the reader task failed while pausing")]
+    EventsPause(#[source] tokio::task::JoinError),
+    #[error("bpffs: {step} {}", path.display())]
+    Bpffs {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("map pins: {step} {}", path.display())]
+    PinDir {
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinned map {map}: {step} {} failed", path.display())]
+    Pin {
+        map: &'static str,
+        step: &'static str,
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error(
+        "no maps of this binary's layout (version {}) are pinned in {}: found {found} \
+         (a predecessor of another version pins in its own layout directory)",
+        smartproxy_common::LAYOUT_VERSION,
+        path.display()
+    )]
+    PinsMissing { path: PathBuf, found: String },
+    #[error(
+        "pinned map {map} at {}: its {what} is {found}, this binary expects {expected}; \
+         it was created by another version or another configuration and is not reused",
+        path.display()
+    )]
+    PinnedMapMismatch {
+        map: &'static str,
+        path: PathBuf,
+        what: &'static str,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "pinned map {map}: the loader used map id {loaded}, not the pinned map id {pinned} \
+         that was checked (the pin was replaced during the load)"
+    )]
+    PinReplaced {
+        map: &'static str,
+        pinned: u32,
+        loaded: u32,
+    },
 }
 
 /// Why [`Kernel::splice`](super::Kernel::splice) failed (or fell back to passing), which socket and step.
@@ -93,7 +145,7 @@ impl SpliceError {
     }
 }
 
-/// The steps of [`Kernel::splice`](super::Kernel::splice), in order.
+/// The steps of [`Kernel::splice`](super::Kernel::splice), in order, and the adoption check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpliceStep {
     /// `getsockopt(SO_COOKIE)`.
@@ -112,6 +164,9 @@ pub enum SpliceStep {
     Sockets,
     /// `setsockopt(SO_RCVLOWAT, 1)`.
     RcvLowat,
+    /// Checking a predecessor's record against this process's sockets and maps
+    /// ([`Offload::adopt`](super::Offload::adopt)).
+    Adopt,
     /// The `CONTROL` update that switches a direction from pass to redirect.
     Redirect,
 }
@@ -128,6 +183,33 @@ impl fmt::Display for SpliceStep {
             SpliceStep::RcvLowat => "setsockopt(SO_RCVLOWAT)",
             SpliceStep::Buffers => "setsockopt(SO_RCVBUFFORCE/SO_SNDBUFFORCE)",
             SpliceStep::Redirect => "CONTROL update to redirect",
+            SpliceStep::Adopt => "adopting the predecessor's splice",
         })
+    }
+}
+
+impl SpliceStep {
+    /// Every step, for the number a handoff record carries ([`SpliceStep::code`]).
+    pub const ALL: [SpliceStep; 10] = [
+        SpliceStep::Cookie,
+        SpliceStep::Baseline,
+        SpliceStep::Register,
+        SpliceStep::Flows,
+        SpliceStep::Buffers,
+        SpliceStep::Targets,
+        SpliceStep::Sockets,
+        SpliceStep::RcvLowat,
+        SpliceStep::Redirect,
+        SpliceStep::Adopt,
+    ];
+
+    /// The step's index in [`SpliceStep::ALL`].
+    pub fn code(self) -> u8 {
+        Self::ALL.iter().position(|s| *s == self).unwrap_or(0) as u8
+    }
+
+    /// The step of a [`SpliceStep::code`]; `None` for a number this binary does not know.
+    pub fn from_code(code: u8) -> Option<SpliceStep> {
+        Self::ALL.get(usize::from(code)).copied()
     }
 }

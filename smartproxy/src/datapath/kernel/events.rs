@@ -151,25 +151,42 @@ impl SpliceRegistry {
     }
 }
 
-/// Reads `EVENTS` until the fd fails; then drops every registration so that
-/// [`Splice::next_event`] returns `None` instead of waiting forever.
+/// Reads `EVENTS` until the fd fails, or until `pause` fires (or its sender is gone). On
+/// a pause it returns between two batches, with every record it read consumed (the
+/// consumer position in the map moved past it) and the registrations kept. When the fd
+/// fails it drops every registration, so that [`Splice::next_event`] returns `None`
+/// instead of waiting forever.
+///
+/// [`Splice::next_event`]: super::Splice::next_event
 pub(super) async fn read_events(
     mut ring: AsyncFd<RingBuf<MapData>>,
     registry: Arc<SpliceRegistry>,
+    mut pause: tokio::sync::oneshot::Receiver<()>,
 ) {
     loop {
-        let mut guard = match ring.readable_mut().await {
-            Ok(guard) => guard,
-            Err(err) => {
-                tracing::error!(error = %err, "eBPF ring buffer reader stopped; no more socket events");
-                break;
+        let paused = tokio::select! {
+            biased;
+            _ = &mut pause => true,
+            guard = ring.readable_mut() => {
+                let mut guard = match guard {
+                    Ok(guard) => guard,
+                    Err(err) => {
+                        tracing::error!(error = %err, "eBPF ring buffer reader stopped; no more socket events");
+                        break;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    registry.dispatch(&item);
+                }
+                guard.clear_ready();
+                false
             }
         };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            registry.dispatch(&item);
+        if paused {
+            tracing::debug!("eBPF ring buffer reader paused");
+            return;
         }
-        guard.clear_ready();
     }
     for (_, registration) in lock(&registry.by_cookie).drain() {
         registration.events.close();

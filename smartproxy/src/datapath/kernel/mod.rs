@@ -13,6 +13,9 @@
 //!   ([`Splice::may_write`]), and undoes everything when dropped.
 //! - [`Offload`] ([`offload`]) is a spliced connection's kernel side as the relay drives it.
 //! - [`sys`] holds the raw socket syscalls; [`error`] the typed errors.
+//! - [`pins`]: [`Kernel::load_pinned`] pins the maps in bpffs, so that a successor process
+//!   (`smartproxy upgrade`) reuses them; [`Offload::export`] and [`Offload::adopt`] move a
+//!   spliced connection's bookkeeping to it.
 //!
 //! Sockets created before the first `load` (in this process) may not be covered: see
 //! [`proxy_cgroup`].
@@ -21,17 +24,23 @@ pub mod cgroup;
 pub mod error;
 pub mod events;
 pub mod offload;
+pub mod pins;
 pub mod splice;
 pub mod sys;
 
 use std::{
     io,
-    sync::{atomic::Ordering, Arc, Mutex, MutexGuard, PoisonError},
+    os::fd::{AsFd, OwnedFd},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
 };
 
 use aya::{
-    maps::{HashMap, MapData, MapError, MapKeys, PerCpuArray, RingBuf, SockHash},
-    programs::{CgroupAttachMode, ProgramError, SkSkb, SockOps},
+    maps::{HashMap, Map, MapData, MapError, MapKeys, PerCpuArray, RingBuf, SockHash},
+    programs::{sk_skb::SkSkbLinkId, CgroupAttachMode, ProgramError, SkSkb, SockOps},
     Ebpf, EbpfLoader,
 };
 use smartproxy_common::{
@@ -49,7 +58,8 @@ use tokio::{
 pub use cgroup::proxy_cgroup;
 pub use error::{EbpfError, SpliceError, SpliceStep};
 pub use events::{StateChange, TcpState};
-pub use offload::{KernelFlows, Offload};
+pub use offload::{KernelFlows, Offload, OffloadRecord};
+pub use pins::{ensure_bpffs, pin_dir, Pins, DEFAULT_PIN_ROOT};
 #[cfg(feature = "test-hooks")]
 pub use splice::test_hooks;
 pub use splice::{Splice, Wait};
@@ -103,24 +113,79 @@ struct Inner {
     max_connections: u32,
     max_queued_bytes: u64,
     events_lost: PerCpuArray<MapData, u64>,
+    /// The `EVENTS` map, from which [`Kernel::start_events`] makes each reader's ring
+    /// buffer: a new one reads the consumer position from the map, where the last reader
+    /// (this process's before a pause, or a predecessor's) left it.
+    events: OwnedFd,
     registry: Arc<SpliceRegistry>,
     reader: Mutex<Reader>,
+    /// The instance's pin directory ([`Pins`]), if the maps are pinned.
+    pins: Option<PathBuf>,
+    /// Leave the pins in place when dropped ([`Kernel::keep_pins`]).
+    keep_pins: AtomicBool,
+    /// The verdict's attachment to `SOCKETS`, detached by hand when dropped so that the
+    /// outcome is logged (aya's own detach on drop discards it).
+    verdict_link: Option<SkSkbLinkId>,
     /// Keeps the programs loaded and the sock_ops link attached; dropping it detaches them.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
-/// The `EVENTS` ring buffer until [`Kernel::start_events`] hands it to its reader task.
+/// The reader of the `EVENTS` ring buffer.
 enum Reader {
-    Waiting(RingBuf<MapData>),
-    Running(JoinHandle<()>),
-    /// Registering the ring buffer with the runtime failed (reported by `start_events`).
-    Failed,
+    /// Not reading: not started yet, or paused ([`Kernel::pause_events`]).
+    Idle,
+    Running {
+        task: JoinHandle<()>,
+        /// Tells the task to stop reading ([`Kernel::pause_events`]).
+        pause: tokio::sync::oneshot::Sender<()>,
+    },
+    /// [`Kernel::pause_events`] waits for the task to stop.
+    Pausing,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Reader::Running(task) = &*lock(&self.reader) {
+        if let Reader::Running { task, .. } = &*lock(&self.reader) {
             task.abort();
+        }
+        self.detach_verdict();
+        if let Some(dir) = &self.pins {
+            if self.keep_pins.load(Ordering::Relaxed) {
+                tracing::info!(path = %dir.display(), "eBPF map pins left for the successor");
+            } else {
+                pins::remove(dir);
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Detaches this process's verdict from `SOCKETS`. The map has one verdict slot: once a
+    /// successor attached its own program to the reused map, ours is no longer there, and
+    /// the kernel refuses to detach it (ENOENT) without touching the successor's. Sockets
+    /// inserted while ours was attached keep running it either way (each socket holds the
+    /// program it was inserted with).
+    fn detach_verdict(&mut self) {
+        let Some(link) = self.verdict_link.take() else {
+            return;
+        };
+        let verdict: Result<&mut SkSkb, _> = program(&mut self.ebpf, PROG_REDIRECT);
+        let result = verdict.and_then(|verdict| {
+            verdict
+                .detach(link)
+                .map_err(program_error(PROG_REDIRECT, "detach from SOCKETS"))
+        });
+        match result {
+            Ok(()) => {}
+            Err(EbpfError::Program {
+                source: ProgramError::SyscallError(e),
+                ..
+            }) if e.io_error.raw_os_error() == Some(libc::ENOENT) => tracing::debug!(
+                "the verdict was already replaced on SOCKETS (a successor attached its own)"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "detaching the verdict failed")
+            }
         }
     }
 }
@@ -143,6 +208,34 @@ impl Kernel {
     /// bpf_link, which the kernel always treats as multi-attach: several `Kernel`s (proxies,
     /// parallel tests) can attach at once, and a killed process leaves nothing attached.
     pub fn load(opts: LoadOptions) -> Result<Kernel, EbpfError> {
+        Self::load_with(opts, None)
+    }
+
+    /// Like [`Kernel::load`], with every map pinned in the instance directory `pins`
+    /// names, inside a bpffs mount ([`ensure_bpffs`], [`pin_dir`]).
+    ///
+    /// - [`Pins::Fresh`]: removes what an earlier process left there, creates the maps and
+    ///   pins them. Dropping the last clone removes the pins, unless [`Kernel::keep_pins`]
+    ///   was called.
+    /// - [`Pins::Reuse`]: checks every pinned map's type, key and value size, capacity
+    ///   and flags against what this binary and `opts` would create, refuses a mismatch
+    ///   ([`EbpfError::PinnedMapMismatch`], [`EbpfError::PinsMissing`]), then loads this
+    ///   binary's programs against those maps and attaches them: its verdict to the reused
+    ///   `SOCKETS` (replacing the predecessor's there; sockets spliced before keep the
+    ///   predecessor's verdict) and its sock_ops program to this process's cgroup, next to
+    ///   the predecessor's until that one exits (each state change is then reported twice,
+    ///   which the relay's state checks take in their stride). The pins stay when this one
+    ///   is dropped, unless [`Kernel::own_pins`] was called: a successor that fails before
+    ///   the handoff is confirmed must not remove its running predecessor's pins.
+    ///
+    /// Start reading events ([`Kernel::start_events`]) only once the predecessor has
+    /// paused its reader ([`Kernel::pause_events`]): the ring buffer has one consumer
+    /// position, and two readers would corrupt it.
+    pub fn load_pinned(opts: LoadOptions, pins: Pins) -> Result<Kernel, EbpfError> {
+        Self::load_with(opts, Some(pins))
+    }
+
+    fn load_with(opts: LoadOptions, pins: Option<Pins>) -> Result<Kernel, EbpfError> {
         let LoadOptions {
             ring_buffer_bytes,
             max_connections,
@@ -158,28 +251,99 @@ impl Kernel {
             .checked_mul(2)
             .ok_or(EbpfError::MapSize(max_connections))?;
         let cgroup = proxy_cgroup()?;
+        let expected = pins::expected_maps(ring_buffer_bytes, max_sockets);
+        // Reuse: the ids of the checked maps, which the load must end up with.
+        let reused = match &pins {
+            None => None,
+            Some(Pins::Fresh(dir)) => {
+                pins::clear(dir)?;
+                None
+            }
+            Some(Pins::Reuse(dir)) => Some(pins::check_pins(dir, &expected)?),
+        };
 
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(MAP_EVENTS, ring_buffer_bytes)
             .map_max_entries(MAP_TARGETS, max_sockets)
             .map_max_entries(MAP_SOCKETS, max_sockets)
             .map_max_entries(MAP_FLOWS, max_sockets)
-            .map_max_entries(MAP_CONTROL, max_sockets)
-            .load(OBJECT)
-            .map_err(EbpfError::Load)?;
+            .map_max_entries(MAP_CONTROL, max_sockets);
+        if let Some(pins) = &pins {
+            // aya opens the map pinned at this path if there is one, else creates the map
+            // and pins it there.
+            let layout = pins::layout_dir(pins.dir());
+            for map in &expected {
+                loader.map_pin_path(map.name, layout.join(map.name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
+        // The loaded maps against this binary's table: on a reuse the pins were checked
+        // already, and this proves the load took those same maps; otherwise it keeps the
+        // table true to the object.
+        for (i, map) in expected.iter().enumerate() {
+            let info = ebpf
+                .map(map.name)
+                .and_then(pins::map_data)
+                .ok_or(EbpfError::Missing {
+                    kind: "map",
+                    name: map.name,
+                })?
+                .info()
+                .map_err(|source| EbpfError::Map {
+                    map: map.name,
+                    step: "read the info",
+                    source,
+                })?;
+            let path = pins
+                .as_ref()
+                .map(|p| pins::layout_dir(p.dir()).join(map.name))
+                .unwrap_or_default();
+            map.check(&info, &path)?;
+            if let Some(pinned) = reused.as_ref().and_then(|ids| ids.get(i)) {
+                if *pinned != info.id() {
+                    return Err(EbpfError::PinReplaced {
+                        map: map.name,
+                        pinned: *pinned,
+                        loaded: info.id(),
+                    });
+                }
+            }
+        }
 
         let targets: SockHash<_, u64> = take_map(&mut ebpf, MAP_TARGETS)?;
         let sockets: SockHash<_, u64> = take_map(&mut ebpf, MAP_SOCKETS)?;
         let flows: HashMap<_, u64, Flow> = take_map(&mut ebpf, MAP_FLOWS)?;
         let control: HashMap<_, u64, Control> = take_map(&mut ebpf, MAP_CONTROL)?;
-        let events: RingBuf<_> = take_map(&mut ebpf, MAP_EVENTS)?;
+        let events = ebpf
+            .take_map(MAP_EVENTS)
+            .ok_or(EbpfError::Missing {
+                kind: "map",
+                name: MAP_EVENTS,
+            })
+            .and_then(|map| {
+                pins::map_data(&map)
+                    .map(|data| data.fd().as_fd().try_clone_to_owned())
+                    .ok_or(EbpfError::Missing {
+                        kind: "map",
+                        name: MAP_EVENTS,
+                    })?
+                    .map_err(|e| EbpfError::Map {
+                        map: MAP_EVENTS,
+                        step: "duplicate the fd",
+                        source: MapError::SyscallError(aya::sys::SyscallError {
+                            call: "dup",
+                            io_error: e,
+                        }),
+                    })
+            })?;
         let events_lost: PerCpuArray<_, u64> = take_map(&mut ebpf, MAP_EVENTS_LOST)?;
 
         let verdict: &mut SkSkb = program(&mut ebpf, PROG_REDIRECT)?;
         verdict
             .load()
             .map_err(program_error(PROG_REDIRECT, "load"))?;
-        verdict
+        let verdict_link = verdict
             .attach(sockets.fd())
             .map_err(program_error(PROG_REDIRECT, "attach to SOCKETS"))?;
 
@@ -207,6 +371,7 @@ impl Kernel {
             cgroup = %cgroup.display(),
             ring_buffer_bytes,
             max_connections,
+            pins = ?pins,
             "eBPF data path loaded"
         );
         Ok(Kernel {
@@ -218,27 +383,48 @@ impl Kernel {
                 max_connections,
                 max_queued_bytes,
                 events_lost,
+                events,
                 registry,
-                reader: Mutex::new(Reader::Waiting(events)),
-                _ebpf: ebpf,
+                reader: Mutex::new(Reader::Idle),
+                keep_pins: AtomicBool::new(matches!(pins, Some(Pins::Reuse(_)))),
+                pins: pins.map(|p| p.dir().to_path_buf()),
+                verdict_link: Some(verdict_link),
+                ebpf,
             }),
         })
     }
 
     /// Starts reading the `EVENTS` ring buffer on the current tokio runtime; state changes
     /// reach the splices from then on (events written before wait in the ring). Later
-    /// calls do nothing.
+    /// calls do nothing, until [`Kernel::pause_events`]; after it, this resumes reading
+    /// where the last reader stopped.
     pub fn start_events(&self) -> Result<(), EbpfError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| EbpfError::NoRuntime)?;
         let mut reader = lock(&self.inner.reader);
-        // Taken out, the ring buffer is either handed to its task or gone with the error.
-        let ring = match std::mem::replace(&mut *reader, Reader::Failed) {
-            Reader::Waiting(ring) => ring,
-            started => {
-                *reader = started;
-                return Ok(());
-            }
-        };
+        if !matches!(*reader, Reader::Idle) {
+            return Ok(());
+        }
+        // A new ring buffer each time: it reads the consumer position from the map, so
+        // that bytes another reader consumed meanwhile are not read again.
+        let ring = self
+            .inner
+            .events
+            .try_clone()
+            .map_err(EbpfError::RingBufPoll)
+            .and_then(|fd| {
+                MapData::from_fd(fd).map_err(|source| EbpfError::Map {
+                    map: MAP_EVENTS,
+                    step: "open",
+                    source,
+                })
+            })
+            .and_then(|data| {
+                RingBuf::try_from(Map::RingBuf(data)).map_err(|source| EbpfError::Map {
+                    map: MAP_EVENTS,
+                    step: "open",
+                    source,
+                })
+            })?;
         let events = {
             let _entered = runtime.enter();
             // SAFETY: the RingBuf owns its map's fd (aya's MapData holds an OwnedFd) and
@@ -246,9 +432,57 @@ impl Kernel {
             unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
                 .map_err(|e| EbpfError::RingBufPoll(e.into_parts().1))?
         };
-        *reader =
-            Reader::Running(runtime.spawn(read_events(events, Arc::clone(&self.inner.registry))));
+        let (pause, paused) = tokio::sync::oneshot::channel();
+        *reader = Reader::Running {
+            task: runtime.spawn(read_events(
+                events,
+                Arc::clone(&self.inner.registry),
+                paused,
+            )),
+            pause,
+        };
         Ok(())
+    }
+
+    /// Stops this process's reading of `EVENTS` and returns once its reader no longer
+    /// consumes the ring buffer: before an upgrade's export, so that the successor's
+    /// reader, which starts at the consumer position this one left, is the only one.
+    /// Events written meanwhile wait in the ring buffer (or are counted lost if it fills).
+    /// Splices stay registered; [`Kernel::start_events`] resumes if the upgrade fails.
+    /// Does nothing if the reader is not running.
+    pub async fn pause_events(&self) -> Result<(), EbpfError> {
+        let (task, pause) = {
+            let mut reader = lock(&self.inner.reader);
+            match std::mem::replace(&mut *reader, Reader::Pausing) {
+                Reader::Running { task, pause } => (task, pause),
+                other => {
+                    *reader = other;
+                    return Ok(());
+                }
+            }
+        };
+        // The task may have stopped already (its fd failed): then the send finds no one.
+        let _ = pause.send(());
+        let result = task.await;
+        *lock(&self.inner.reader) = Reader::Idle;
+        result.map_err(EbpfError::EventsPause)
+    }
+
+    /// Leaves the pins in place when the last clone is dropped: the old process calls it
+    /// once its successor confirmed the handoff (the successor holds the maps then).
+    pub fn keep_pins(&self) {
+        self.inner.keep_pins.store(true, Ordering::Relaxed);
+    }
+
+    /// Removes the pins when the last clone is dropped (the default of [`Pins::Fresh`]): a
+    /// successor calls it once the handoff is confirmed and the pins are its own.
+    pub fn own_pins(&self) {
+        self.inner.keep_pins.store(false, Ordering::Relaxed);
+    }
+
+    /// The instance's pin directory, if the maps are pinned.
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.inner.pins.as_deref()
     }
 
     /// Hands a routed pair to the kernel: from now on each socket's received bytes are

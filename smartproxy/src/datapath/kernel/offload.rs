@@ -42,6 +42,12 @@ pub struct Offload {
     retry: [Option<Pin<Box<Sleep>>>; 2],
     backoff: [Duration; 2],
     sweep: Interval,
+    /// `FLOWS.redirected` per direction when this process took the splice over (zero for
+    /// its own splices): the meter counts only what the kernel moved since.
+    kernel_base: [u64; 2],
+    /// The next [`Offload::poll_state_check`] reports a check as due: after an adoption,
+    /// events the predecessor read before it stopped were never seen here.
+    recheck: bool,
 }
 
 impl Offload {
@@ -62,16 +68,30 @@ impl Offload {
                 cookie(Side::Client, client)?,
                 cookie(Side::Backend, backend)?,
             ],
+            base: [0; 2],
         });
         let splice = kernel.splice(client, backend).inspect_err(|_| {
             // Nothing of the kernel's to count: its entries are gone again.
             meter.detach_kernel();
         })?;
-        Ok(Offload {
+        Ok(Offload::with_splice(
+            splice, meter, [0; 2], [0; 2], [0; 2], false,
+        ))
+    }
+
+    fn with_splice(
+        splice: Splice,
+        meter: Arc<dyn CountsKernelFlows>,
+        taken: [u64; 2],
+        written: [u64; 2],
+        kernel_base: [u64; 2],
+        recheck: bool,
+    ) -> Offload {
+        Offload {
             splice,
             meter,
-            taken: [0; 2],
-            written: [0; 2],
+            taken,
+            written,
             retry: [None, None],
             backoff: [BACKLOG_POLL_MIN; 2],
             sweep: {
@@ -79,7 +99,99 @@ impl Offload {
                 sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
                 sweep
             },
-        })
+            kernel_base,
+            recheck,
+        }
+    }
+
+    /// Hands this spliced connection over to a successor process (`smartproxy upgrade`):
+    /// returns what cannot be recomputed from the sockets and the maps, for
+    /// [`Offload::adopt`] there. Nothing is undone: the map entries and the sockets'
+    /// options stay, and the kernel keeps redirecting. This process stops receiving the
+    /// sockets' state changes (their registration goes), and the meter is detached:
+    /// its kernel bytes from then on include, for good, everything the verdict redirected
+    /// up to this call (`redirected_at_export` in the record, minus what this process
+    /// itself adopted at, if it adopted the splice), and nothing the kernel moves after.
+    /// The successor's meter counts from `redirected_at_export` on, so the meter's totals
+    /// read after this call plus the successor's are every byte once.
+    ///
+    /// Call [`Kernel::pause_events`] first: events the reader dispatches after this are
+    /// dropped here, and the successor re-checks the TCP states instead.
+    pub fn export(mut self) -> OffloadRecord {
+        let folded = self.meter.detach_kernel();
+        let redirected_at_export = Direction::BOTH.map(|direction| {
+            let index = direction.index();
+            match folded {
+                Some(folded) => self.kernel_base[index] + folded[index],
+                // Not attached (cannot happen while the Offload lives): the live count.
+                None => self
+                    .splice
+                    .flow(direction.source())
+                    .map_or(self.kernel_base[index], |flow| flow.redirected),
+            }
+        });
+        let record = OffloadRecord {
+            client: self.splice.socket_record(Side::Client),
+            backend: self.splice.socket_record(Side::Backend),
+            taken: self.taken,
+            written: self.written,
+            redirected_at_export,
+            fallback: self.splice.fallback().map(|e| FallbackRecord {
+                side: Direction::from_source(e.side).index() as u8,
+                step: e.step.code(),
+                reason: crate::error_chain(e),
+            }),
+        };
+        // The drop that follows removes nothing: no step is recorded as done any more,
+        // and the meter is detached already.
+        self.splice.release();
+        record
+    }
+
+    /// Takes over a connection a predecessor spliced and [`Offload::export`]ed: `client`
+    /// and `backend` are the same sockets (received over SCM_RIGHTS; their cookies must be
+    /// the record's), and `kernel` was loaded with [`Pins::Reuse`](super::Pins::Reuse) of
+    /// the predecessor's pins (the record's `FLOWS` entries must be in its maps, and its
+    /// `max_queued_bytes` must be the predecessor's). The result behaves as the
+    /// predecessor's did: dropping it removes the entries, and the meter counts the
+    /// kernel's bytes from `redirected_at_export` on. Its first
+    /// [`Offload::poll_state_check`] reports a check as due, since a state change the
+    /// predecessor consumed before it paused is not delivered here.
+    pub fn adopt(
+        kernel: &Kernel,
+        client: std::os::fd::BorrowedFd<'_>,
+        backend: std::os::fd::BorrowedFd<'_>,
+        meter: Arc<dyn CountsKernelFlows>,
+        record: OffloadRecord,
+    ) -> Result<Offload, SpliceError> {
+        let fallback = record.fallback.as_ref().map(|f| {
+            let side = if usize::from(f.side) == Direction::from_source(Side::Client).index() {
+                Side::Client
+            } else {
+                Side::Backend
+            };
+            // A step this binary does not know is reported as the adoption's.
+            let step = SpliceStep::from_code(f.step).unwrap_or(SpliceStep::Adopt);
+            SpliceError::new(side, step, io::Error::other(f.reason.clone()))
+        });
+        let splice = Splice::adopt(
+            kernel,
+            [(client, &record.client), (backend, &record.backend)],
+            fallback,
+        )?;
+        meter.attach_kernel(KernelFlows {
+            kernel: kernel.clone(),
+            cookies: [record.client.cookie, record.backend.cookie],
+            base: record.redirected_at_export,
+        });
+        Ok(Offload::with_splice(
+            splice,
+            meter,
+            record.taken,
+            record.written,
+            record.redirected_at_export,
+            true,
+        ))
     }
 
     /// Ready once userspace may write to `direction`'s destination: see
@@ -179,7 +291,7 @@ impl Offload {
     /// change, or, while `watching` (a side sent FIN), the periodic sweep is due. The sweep
     /// finds what a ring-buffer event that was lost would have reported.
     pub fn poll_state_check(&mut self, cx: &mut Context<'_>, watching: bool) -> bool {
-        let mut due = false;
+        let mut due = std::mem::take(&mut self.recheck);
         while let Poll::Ready(Some(change)) = self.splice.poll_event(cx) {
             tracing::debug!(?change, "tcp state change");
             due = true;
@@ -206,8 +318,11 @@ impl Drop for Offload {
 pub trait CountsKernelFlows: std::fmt::Debug + Send + Sync {
     /// From now on, also count what `flows` reads from the kernel.
     fn attach_kernel(&self, flows: KernelFlows);
-    /// Folds the kernel's final counts in, before the splice goes away.
-    fn detach_kernel(&self);
+    /// Folds the kernel's final counts in, before the splice goes away (or moves to a
+    /// successor). Returns the kernel bytes folded in, per direction (indexed like
+    /// [`Direction::index`]), as [`KernelFlows::counters`] read them; `None` if nothing
+    /// was attached.
+    fn detach_kernel(&self) -> Option<[u64; 2]>;
 }
 
 /// Reads a spliced connection's kernel counters, for its meter.
@@ -216,14 +331,87 @@ pub struct KernelFlows {
     kernel: Kernel,
     /// `[client, backend]`: the sources of client->backend and backend->client.
     cookies: [u64; 2],
+    /// `redirected` per direction when this process took the splice over from a
+    /// predecessor, which counted the bytes before; zero for its own splices.
+    base: [u64; 2],
 }
 
 impl KernelFlows {
-    /// The verdict's counters of `direction`; zero if they cannot be read (the connection
-    /// is being torn down).
+    /// The verdict's counters of `direction`, `redirected` counted from when this process
+    /// took the splice over; zero if they cannot be read (the connection is being torn
+    /// down).
     pub fn counters(&self, direction: Direction) -> FlowCounters {
-        self.kernel
-            .flow_counters(self.cookies[direction.index()])
-            .unwrap_or_default()
+        let index = direction.index();
+        let mut counters = self
+            .kernel
+            .flow_counters(self.cookies[index])
+            .unwrap_or_default();
+        counters.redirected = counters.redirected.saturating_sub(self.base[index]);
+        counters
     }
+}
+
+/// A spliced connection's kernel-side bookkeeping, moved to a successor process
+/// ([`Offload::export`], [`Offload::adopt`]). Arrays of two are indexed like
+/// [`Direction::index`] (client->backend first), which is also `[client, backend]` for
+/// per-source values.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OffloadRecord {
+    pub client: SocketRecord,
+    pub backend: SocketRecord,
+    /// Bytes userspace read from each direction's source since the splice.
+    pub taken: [u64; 2],
+    /// Bytes userspace wrote to each direction's destination since the splice.
+    pub written: [u64; 2],
+    /// `FLOWS.redirected` of each direction when exported: what the exporting meter
+    /// counted up to; the adopting meter counts from there.
+    pub redirected_at_export: [u64; 2],
+    /// Why the splice could not complete, if it did not (every byte is then passed up).
+    pub fallback: Option<FallbackRecord>,
+}
+
+/// One socket of an [`OffloadRecord`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SocketRecord {
+    /// `SO_COOKIE`: the key of its map entries, and how the successor checks it holds
+    /// the same socket.
+    pub cookie: u64,
+    /// `tcpi_bytes_acked + SIOCOUTQ` at splice time.
+    pub handed_at_splice: u64,
+    /// `tcpi_bytes_acked` at splice time.
+    pub acked_at_splice: u64,
+    /// `SIOCINQ` at splice time.
+    pub queued_at_splice: u64,
+    /// Userspace's copy of this source's `CONTROL` entry (every update writes it whole).
+    pub control: ControlRecord,
+    /// Which of the splice's entries for this socket exist (the successor removes those).
+    pub done: StepsDone,
+}
+
+/// `smartproxy_common::Control`, field by field.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ControlRecord {
+    pub flushed: u64,
+    pub cap: u64,
+    pub redirect: u64,
+}
+
+/// Which map entries a splice made for one socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StepsDone {
+    pub control: bool,
+    pub flows: bool,
+    pub targets: bool,
+    pub sockets: bool,
+}
+
+/// [`Offload::fallback`], as numbers and text.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FallbackRecord {
+    /// [`Direction::index`] of the side's direction: 0 client, 1 backend.
+    pub side: u8,
+    /// [`SpliceStep::code`].
+    pub step: u8,
+    /// The error and its causes, as text.
+    pub reason: String,
 }

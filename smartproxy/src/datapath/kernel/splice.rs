@@ -14,6 +14,7 @@ use smartproxy_common::{Control, Flow, MAP_CONTROL, MAP_FLOWS, MAP_SOCKETS, MAP_
 
 use super::error::{SpliceError, SpliceStep};
 use super::events::{EventQueue, StateChange};
+use super::offload::{ControlRecord, SocketRecord, StepsDone};
 use super::sys::{
     acked_and_outq, bytes_to_read, pin_buffers, readable_now, set_rcvlowat, socket_cookie,
 };
@@ -40,11 +41,11 @@ pub(super) struct SpliceSocket {
     pub(super) cookie: u64,
     /// `tcpi_bytes_acked + SIOCOUTQ` at splice time: everything written to the socket before
     /// (plus the SYN on connected sockets, which `bytes_acked` counts).
-    handed_at_splice: u64,
+    pub(super) handed_at_splice: u64,
     /// `tcpi_bytes_acked` at splice time.
-    acked_at_splice: u64,
+    pub(super) acked_at_splice: u64,
     /// `SIOCINQ` at splice time: bytes received before the splice, not read yet.
-    queued_at_splice: u64,
+    pub(super) queued_at_splice: u64,
 }
 
 impl SpliceSocket {
@@ -77,9 +78,9 @@ impl SpliceSocket {
 /// undoing removes exactly those.
 #[derive(Debug, Default)]
 pub(super) struct Done {
-    control: [bool; 2],
-    flows: [bool; 2],
-    targets: [bool; 2],
+    pub(super) control: [bool; 2],
+    pub(super) flows: [bool; 2],
+    pub(super) targets: [bool; 2],
     pub(super) sockets: [bool; 2],
 }
 
@@ -295,6 +296,134 @@ impl Splice {
             }
         }
         Ok(())
+    }
+
+    /// For an export to a successor: gives up this process's part without undoing
+    /// anything in the kernel. The map entries and socket options stay; the cookies'
+    /// event registration goes, and the `SOCKETS` count of the stats with it. Dropped
+    /// after this, the splice removes nothing.
+    pub(super) fn release(&mut self) {
+        let inner = &self.kernel.inner;
+        let in_sockets = self.done.sockets.iter().filter(|done| **done).count();
+        inner
+            .registry
+            .sockhash_entries
+            .fetch_sub(in_sockets as u64, Ordering::Relaxed);
+        self.done = Done::default();
+        inner
+            .registry
+            .unregister(&[self.client.cookie, self.backend.cookie]);
+    }
+
+    /// A splice a predecessor made and [`Splice::release`]d, taken over by this process:
+    /// `sockets` are the same sockets (checked by cookie), with the baselines and
+    /// `CONTROL` values the predecessor recorded, and `done` the steps it had completed,
+    /// whose entries dropping the result removes as usual.
+    pub(super) fn adopt(
+        kernel: &Kernel,
+        sockets: [(BorrowedFd<'_>, &SocketRecord); 2],
+        fallback: Option<SpliceError>,
+    ) -> Result<Splice, SpliceError> {
+        let [client, backend] = [Side::Client, Side::Backend].map(|side| {
+            let (fd, record) = sockets[index(side)];
+            let cookie =
+                socket_cookie(fd).map_err(|e| SpliceError::new(side, SpliceStep::Cookie, e))?;
+            if cookie != record.cookie {
+                return Err(SpliceError::new(
+                    side,
+                    SpliceStep::Cookie,
+                    format!(
+                        "the socket's cookie is {cookie}, the record's {}: not the socket \
+                         the predecessor spliced",
+                        record.cookie
+                    ),
+                ));
+            }
+            if record.control.cap != kernel.inner.max_queued_bytes {
+                return Err(SpliceError::new(
+                    side,
+                    SpliceStep::Adopt,
+                    format!(
+                        "the predecessor's cap is {} bytes, this process's max_queued_bytes \
+                         {}: both must agree with the verdict",
+                        record.control.cap, kernel.inner.max_queued_bytes
+                    ),
+                ));
+            }
+            if record.done.flows {
+                // Missing when this Kernel does not share the predecessor's maps.
+                kernel
+                    .flow_counters(cookie)
+                    .map_err(|e| SpliceError::new(side, SpliceStep::Adopt, e))?;
+            }
+            Ok(SpliceSocket {
+                side,
+                fd: fd.as_raw_fd(),
+                cookie,
+                handed_at_splice: record.handed_at_splice,
+                acked_at_splice: record.acked_at_splice,
+                queued_at_splice: record.queued_at_splice,
+            })
+        });
+        let (client, backend) = (client?, backend?);
+        let events = Arc::new(EventQueue::default());
+        kernel.inner.registry.register(
+            &[
+                (client.cookie, Side::Client),
+                (backend.cookie, Side::Backend),
+            ],
+            &events,
+        )?;
+        let records = [sockets[0].1, sockets[1].1];
+        let done = Done {
+            control: records.map(|r| r.done.control),
+            flows: records.map(|r| r.done.flows),
+            targets: records.map(|r| r.done.targets),
+            sockets: records.map(|r| r.done.sockets),
+        };
+        let in_sockets = done.sockets.iter().filter(|done| **done).count();
+        kernel
+            .inner
+            .registry
+            .sockhash_entries
+            .fetch_add(in_sockets as u64, Ordering::Relaxed);
+        Ok(Splice {
+            kernel: kernel.clone(),
+            client,
+            backend,
+            events,
+            control: records.map(|r| Control {
+                flushed: r.control.flushed,
+                cap: r.control.cap,
+                redirect: r.control.redirect,
+            }),
+            done,
+            fallback,
+        })
+    }
+
+    /// What a record of this splice holds for `side`; taken before [`Splice::release`].
+    pub(super) fn socket_record(&self, side: Side) -> SocketRecord {
+        let socket = self.socket(side);
+        let i = index(side);
+        let control = self.control[i];
+        SocketRecord {
+            cookie: socket.cookie,
+            handed_at_splice: socket.handed_at_splice,
+            acked_at_splice: socket.acked_at_splice,
+            queued_at_splice: socket.queued_at_splice,
+            control: ControlRecord {
+                flushed: control.flushed,
+                cap: control.cap,
+                redirect: control.redirect,
+            },
+            done: StepsDone {
+                control: self.done.control[i],
+                flows: self.done.flows[i],
+                targets: self.done.targets[i],
+                sockets: self.done.sockets[i],
+            },
+        }
     }
 
     /// Removes every entry `attach` made. Never panics.
