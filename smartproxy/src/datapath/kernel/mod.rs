@@ -30,7 +30,7 @@ pub mod sys;
 
 use std::{
     io,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::AsFd,
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -116,7 +116,7 @@ struct Inner {
     /// The `EVENTS` map, from which [`Kernel::start_events`] makes each reader's ring
     /// buffer: a new one reads the consumer position from the map, where the last reader
     /// (this process's before a pause, or a predecessor's) left it.
-    events: OwnedFd,
+    events: Map,
     registry: Arc<SpliceRegistry>,
     reader: Mutex<Reader>,
     /// The instance's pin directory ([`Pins`]), if the maps are pinned.
@@ -315,28 +315,11 @@ impl Kernel {
         let sockets: SockHash<_, u64> = take_map(&mut ebpf, MAP_SOCKETS)?;
         let flows: HashMap<_, u64, Flow> = take_map(&mut ebpf, MAP_FLOWS)?;
         let control: HashMap<_, u64, Control> = take_map(&mut ebpf, MAP_CONTROL)?;
-        let events = ebpf
-            .take_map(MAP_EVENTS)
-            .ok_or(EbpfError::Missing {
-                kind: "map",
-                name: MAP_EVENTS,
-            })
-            .and_then(|map| {
-                pins::map_data(&map)
-                    .map(|data| data.fd().as_fd().try_clone_to_owned())
-                    .ok_or(EbpfError::Missing {
-                        kind: "map",
-                        name: MAP_EVENTS,
-                    })?
-                    .map_err(|e| EbpfError::Map {
-                        map: MAP_EVENTS,
-                        step: "duplicate the fd",
-                        source: MapError::SyscallError(aya::sys::SyscallError {
-                            call: "dup",
-                            io_error: e,
-                        }),
-                    })
-            })?;
+        // Kept as it is, open: the programs, loaded below, refer to the maps by these fds.
+        let events = ebpf.take_map(MAP_EVENTS).ok_or(EbpfError::Missing {
+            kind: "map",
+            name: MAP_EVENTS,
+        })?;
         let events_lost: PerCpuArray<_, u64> = take_map(&mut ebpf, MAP_EVENTS_LOST)?;
 
         let verdict: &mut SkSkb = program(&mut ebpf, PROG_REDIRECT)?;
@@ -406,10 +389,14 @@ impl Kernel {
         }
         // A new ring buffer each time: it reads the consumer position from the map, so
         // that bytes another reader consumed meanwhile are not read again.
-        let ring = self
-            .inner
-            .events
-            .try_clone()
+        let ring = pins::map_data(&self.inner.events)
+            .ok_or(EbpfError::Missing {
+                kind: "map",
+                name: MAP_EVENTS,
+            })?
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
             .map_err(EbpfError::RingBufPoll)
             .and_then(|fd| {
                 MapData::from_fd(fd).map_err(|source| EbpfError::Map {
@@ -675,6 +662,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsRawFd;
+    use std::task::Poll;
 
     use super::splice::BPF_NOEXIST;
     use super::*;
@@ -740,6 +728,321 @@ mod tests {
                 ..MapEntries::default()
             },
             "the failed splice took its CONTROL and FLOWS entries back"
+        );
+    }
+
+    /// A bpffs mounted on a temporary directory for one test (the machine's
+    /// `/sys/fs/bpf` may not be one), unmounted when dropped.
+    struct TestBpffs {
+        root: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestBpffs {
+        fn mount() -> TestBpffs {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("bpf");
+            ensure_bpffs(&root).unwrap();
+            ensure_bpffs(&root).expect("a second call finds the mount");
+            assert!(pins::is_bpffs(&root).unwrap());
+            TestBpffs { root, _dir: dir }
+        }
+    }
+
+    impl Drop for TestBpffs {
+        fn drop(&mut self) {
+            let path = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: a NUL-terminated path.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+
+    fn load_or_skip(opts: LoadOptions, pins: Pins) -> Option<Kernel> {
+        match Kernel::load_pinned(opts, pins) {
+            Ok(kernel) => Some(kernel),
+            Err(e @ (EbpfError::NotBuilt | EbpfError::Load(_) | EbpfError::Program { .. }))
+                if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() != Ok("1") =>
+            {
+                eprintln!("SKIPPING: eBPF unavailable: {}", crate::error_chain(&e));
+                None
+            }
+            Err(e) => panic!("load failed: {}", crate::error_chain(&e)),
+        }
+    }
+
+    fn small() -> LoadOptions {
+        LoadOptions {
+            max_connections: 8,
+            ..LoadOptions::default()
+        }
+    }
+
+    /// A stale pin set (a process that could not remove it) is replaced by a fresh start;
+    /// a successor refuses pins of another size or none; a normal stop removes the pins.
+    #[test]
+    fn reuse_checks_the_pinned_maps_and_a_normal_stop_removes_them() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPING: mounting bpffs needs root");
+            return;
+        }
+        let bpffs = TestBpffs::mount();
+        let dir = pin_dir(
+            &bpffs.root,
+            std::path::Path::new("/run/test-a/control.sock"),
+        );
+        let err =
+            Kernel::load_pinned(small(), Pins::Reuse(dir.clone())).expect_err("nothing pinned");
+        assert!(
+            matches!(err, EbpfError::PinsMissing { .. } | EbpfError::NotBuilt),
+            "{}",
+            crate::error_chain(&err)
+        );
+        let Some(stale) = load_or_skip(small(), Pins::Fresh(dir.clone())) else {
+            return;
+        };
+        let layout = pins::layout_dir(&dir);
+        for map in [
+            "SOCKETS",
+            "TARGETS",
+            "FLOWS",
+            "CONTROL",
+            "EVENTS",
+            "EVENTS_LOST",
+        ] {
+            assert!(layout.join(map).exists(), "{map} is pinned");
+        }
+        // As if killed: the pins outlive it.
+        stale.keep_pins();
+        let stale_id = aya::maps::MapData::from_pin(layout.join(MAP_FLOWS))
+            .unwrap()
+            .info()
+            .unwrap()
+            .id();
+        drop(stale);
+        assert!(layout.join(MAP_FLOWS).exists());
+
+        let fresh = Kernel::load_pinned(small(), Pins::Fresh(dir.clone())).unwrap();
+        let fresh_id = aya::maps::MapData::from_pin(layout.join(MAP_FLOWS))
+            .unwrap()
+            .info()
+            .unwrap()
+            .id();
+        assert_ne!(stale_id, fresh_id, "the stale maps were replaced");
+
+        let bigger = LoadOptions {
+            max_connections: 16,
+            ..small()
+        };
+        let err = Kernel::load_pinned(bigger, Pins::Reuse(dir.clone()))
+            .expect_err("maps of another capacity");
+        match &err {
+            EbpfError::PinnedMapMismatch {
+                map,
+                what,
+                found,
+                expected,
+                ..
+            } => {
+                assert_eq!(*map, MAP_TARGETS);
+                assert_eq!(*what, "max_entries");
+                assert_eq!((found.as_str(), expected.as_str()), ("16", "32"));
+            }
+            other => panic!("{}", crate::error_chain(other)),
+        }
+        assert!(err.to_string().contains("TARGETS"), "{err}");
+        let ring = LoadOptions {
+            ring_buffer_bytes: 2 * smartproxy_common::DEFAULT_RING_BUFFER_BYTES,
+            ..small()
+        };
+        let err = Kernel::load_pinned(ring, Pins::Reuse(dir.clone())).expect_err("another ring");
+        assert!(
+            matches!(
+                err,
+                EbpfError::PinnedMapMismatch {
+                    map: MAP_EVENTS,
+                    what: "max_entries",
+                    ..
+                }
+            ),
+            "{}",
+            crate::error_chain(&err)
+        );
+
+        // A successor that does not own the pins leaves them to its predecessor.
+        let successor = Kernel::load_pinned(small(), Pins::Reuse(dir.clone())).unwrap();
+        drop(successor);
+        assert!(layout.join(MAP_FLOWS).exists());
+        drop(fresh);
+        assert!(!dir.exists(), "a normal stop removes the pins");
+    }
+
+    /// `smartproxy upgrade` on the kernel path, without the process boundary: a pair
+    /// spliced under Kernel A is exported, A is dropped, Kernel B (Reuse) adopts it; the
+    /// kernel keeps redirecting, B sees the FIN that arrived while nobody read events,
+    /// new splices under B redirect, and dropping B's offloads empties the maps.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spliced_connection_moves_to_a_successor_kernel() {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::os::fd::AsFd;
+        use std::time::Duration;
+
+        use crate::datapath::Meter;
+        use crate::vocab::Direction;
+
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPING: mounting bpffs needs root");
+            return;
+        }
+        let bpffs = TestBpffs::mount();
+        let dir = pin_dir(
+            &bpffs.root,
+            std::path::Path::new("/run/test-b/control.sock"),
+        );
+        let Some(a) = load_or_skip(small(), Pins::Fresh(dir.clone())) else {
+            return;
+        };
+        a.start_events().unwrap();
+
+        // (app client, proxy's client socket, proxy's backend socket, app backend)
+        let quad = || {
+            let front = TcpListener::bind("127.0.0.1:0").unwrap();
+            let back = TcpListener::bind("127.0.0.1:0").unwrap();
+            let app_client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+            let proxy_client = front.accept().unwrap().0;
+            let proxy_backend = TcpStream::connect(back.local_addr().unwrap()).unwrap();
+            let app_backend = back.accept().unwrap().0;
+            for s in [&app_client, &app_backend] {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            }
+            (app_client, proxy_client, proxy_backend, app_backend)
+        };
+        let relay = |from: &mut TcpStream, to: &mut TcpStream, bytes: &[u8]| {
+            from.write_all(bytes).unwrap();
+            let mut got = vec![0; bytes.len()];
+            to.read_exact(&mut got).unwrap();
+            assert_eq!(got, bytes);
+        };
+
+        // Events A consumes before it pauses; B must not read them again.
+        let (x_client, x_proxy_client, x_proxy_backend, _x_backend) = quad();
+        let x = a
+            .splice(x_proxy_client.as_fd(), x_proxy_backend.as_fd())
+            .unwrap();
+        x_client.shutdown(Shutdown::Write).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while a.stats().events == 0 {
+            assert!(std::time::Instant::now() < deadline, "A got no event");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(x);
+
+        let (mut c1, p1c, p1b, mut s1) = quad();
+        let meter_a = Arc::new(Meter::default());
+        let offload = Offload::new(&a, p1c.as_fd(), p1b.as_fd(), meter_a.clone()).unwrap();
+        relay(&mut c1, &mut s1, b"hello");
+        relay(&mut s1, &mut c1, b"hi");
+        let cookie = socket_cookie(p1c.as_fd()).unwrap();
+        assert_eq!(a.flow_counters(cookie).unwrap().redirected, 5);
+
+        // The successor loads while the predecessor still runs.
+        let b = Kernel::load_pinned(small(), Pins::Reuse(dir.clone())).unwrap();
+        a.pause_events().await.unwrap();
+        let record = offload.export();
+        let record: OffloadRecord =
+            serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+        assert_eq!(record.redirected_at_export, [5, 2]);
+        assert_eq!(meter_a.kernel_bytes(Direction::ClientToBackend), 5);
+        assert_eq!(
+            a.map_entries().unwrap(),
+            MapEntries {
+                sockets: 2,
+                targets: 2,
+                flows: 2,
+                control: 2
+            },
+            "the export undid nothing"
+        );
+        a.keep_pins();
+        // Detaching A's verdict fails harmlessly (B's replaced it), and A's sock_ops link goes.
+        drop(a);
+
+        // (a) still redirected, with no process reading or writing those sockets.
+        relay(&mut c1, &mut s1, b"world");
+        assert_eq!(b.flow_counters(cookie).unwrap().redirected, 10);
+        assert_eq!(
+            meter_a.kernel_bytes(Direction::ClientToBackend),
+            5,
+            "A's meter is final"
+        );
+        // A FIN while nobody reads events: it waits in the ring buffer.
+        c1.shutdown(Shutdown::Write).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let meter_b = Arc::new(Meter::default());
+        let wrong = Offload::adopt(
+            &b,
+            p1b.as_fd(),
+            p1c.as_fd(),
+            meter_b.clone(),
+            record.clone(),
+        )
+        .expect_err("sockets swapped");
+        assert_eq!(wrong.step, SpliceStep::Cookie, "{wrong}");
+        let mut adopted =
+            Offload::adopt(&b, p1c.as_fd(), p1b.as_fd(), meter_b.clone(), record).unwrap();
+        b.start_events().unwrap();
+        assert_eq!(
+            meter_b.kernel_bytes(Direction::ClientToBackend),
+            5,
+            "since the export"
+        );
+        let first =
+            std::future::poll_fn(|cx| Poll::Ready(adopted.poll_state_check(cx, false))).await;
+        assert!(
+            first,
+            "the first poll after an adoption re-checks the states"
+        );
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| {
+                if adopted.poll_state_check(cx, false) {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            }),
+        )
+        .await
+        .expect("B receives the FIN the predecessor never read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            b.stats().events,
+            1,
+            "B read on from where A stopped: the FIN only, none of A's events"
+        );
+        assert_eq!(tcp_state(p1c.as_fd()).unwrap(), TcpState::CloseWait);
+        // The other direction still redirects after the half-close.
+        relay(&mut s1, &mut c1, b"back");
+        assert_eq!(meter_b.kernel_bytes(Direction::BackendToClient), 4);
+
+        // (b) a new pair under B.
+        let (mut c2, p2c, p2b, mut s2) = quad();
+        let second =
+            Offload::new(&b, p2c.as_fd(), p2b.as_fd(), Arc::new(Meter::default())).unwrap();
+        relay(&mut c2, &mut s2, b"new pair");
+        let cookie2 = socket_cookie(p2c.as_fd()).unwrap();
+        assert_eq!(b.flow_counters(cookie2).unwrap().redirected, 8);
+
+        drop(adopted);
+        drop(second);
+        assert_eq!(b.map_entries().unwrap(), MapEntries::default());
+        assert_eq!(b.stats().sockhash_entries, 0);
+        b.own_pins();
+        drop(b);
+        assert!(
+            !dir.exists(),
+            "the successor's stop removes the pins it owns"
         );
     }
 }
