@@ -74,8 +74,9 @@ pub enum EbpfError {
         map: &'static str,
         step: &'static str,
         path: PathBuf,
+        /// Boxed: `MapError` is large, and every `EbpfError` would carry its size.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error(
         "no maps of this binary's layout (version {}) are pinned in {}: found {found} \

@@ -259,13 +259,13 @@ pub(super) fn check_pins(dir: &Path, expected: &[ExpectedMap]) -> Result<Vec<u32
                 map: map.name,
                 step: "open",
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
             let info = data.info().map_err(|source| EbpfError::Pin {
                 map: map.name,
                 step: "read the info of",
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })?;
             map.check(&info, &path)?;
             Ok(info.id())
