@@ -1045,4 +1045,47 @@ mod tests {
             "the successor's stop removes the pins it owns"
         );
     }
+
+    /// An upgrade that fails after the pause: the old process resumes reading, and gets
+    /// the state change that arrived while it did not read, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paused_events_resume_where_they_stopped() {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::os::fd::AsFd;
+        use std::time::Duration;
+
+        let kernel = match Kernel::load(small()) {
+            Ok(kernel) => kernel,
+            Err(e) if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") => {
+                panic!("SMARTPROXY_REQUIRE_EBPF=1 but eBPF is unavailable: {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPING: eBPF unavailable: {}", crate::error_chain(&e));
+                return;
+            }
+        };
+        kernel.start_events().unwrap();
+        kernel.pause_events().await.unwrap();
+        kernel.pause_events().await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let proxy_client = listener.accept().unwrap().0;
+        let back = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy_backend = TcpStream::connect(back.local_addr().unwrap()).unwrap();
+        let _backend = back.accept().unwrap().0;
+        let mut splice = kernel
+            .splice(proxy_client.as_fd(), proxy_backend.as_fd())
+            .unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(kernel.stats().events, 0, "paused: nothing read");
+        kernel.start_events().unwrap();
+        let change = tokio::time::timeout(Duration::from_secs(5), splice.next_event())
+            .await
+            .expect("the event written during the pause")
+            .expect("reader running");
+        assert_eq!(change.new, TcpState::CloseWait);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(kernel.stats().events, 1);
+    }
 }
