@@ -121,7 +121,9 @@ pub fn haproxy(
 /// An nginx config: `worker_processes auto` (one per core, as HAProxy's threads and
 /// smartproxy's runtime), a `stream {}` server from `listen` to `backend`, and a second
 /// server on the unix socket `ready` that only answers, which tells the bench nginx is up
-/// without a connection to the backend. `dir` holds the pid file; `load_module` is the stream
+/// without a connection to the backend. `proxy_half_close on` (nginx ≥ 1.21.4): without it
+/// nginx ends the session at the client's FIN, and an upload never gets the backend's reply
+/// (HAProxy and smartproxy pass a half-close on). `dir` holds the pid file; `load_module` is the stream
 /// module when nginx is not built with it.
 pub fn nginx(
     listen: SocketAddr,
@@ -153,6 +155,7 @@ pub fn nginx(
          \x20       proxy_pass {backend};\n\
          \x20       proxy_connect_timeout 5s;\n\
          \x20       proxy_timeout 1h;\n\
+         \x20       proxy_half_close on;\n\
          \x20   }}\n\
          \x20   server {{\n\
          \x20       listen unix:{ready};\n\
@@ -236,6 +239,7 @@ mod tests {
         assert!(text.contains("load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n"));
         assert!(text.contains("        listen 127.0.0.1:4000 backlog=4096;\n"));
         assert!(text.contains("        proxy_pass 127.0.0.1:5000;\n"));
+        assert!(text.contains("        proxy_half_close on;\n"));
         assert!(text.contains("        listen unix:/tmp/n/ready.sock;\n"));
         assert!(text.contains("    worker_connections 19936;\n"));
     }
