@@ -26,9 +26,18 @@ pub fn ensure(who: &str, binary: &str, version_args: &[&str], package: &str) -> 
         println!("xtask: {who}: {v}");
         return Ok(v);
     }
-    println!(
-        "xtask: {who}: {binary} is not installed; installing it (apt-get install -y {package})"
-    );
+    println!("xtask: {who}: {binary} is not installed");
+    install(who, package)?;
+    let v = version().ok_or_else(|| {
+        anyhow!("{binary} still does not run after `apt-get install -y {package}`")
+    })?;
+    println!("xtask: {who}: installed {v}");
+    Ok(v)
+}
+
+/// `apt-get install -y package`, saying so first.
+pub fn install(who: &str, package: &str) -> Result<()> {
+    println!("xtask: {who}: installing {package} (apt-get install -y {package})");
     let mut install = Command::new("apt-get");
     install
         .args(["install", "-y", package])
@@ -39,7 +48,5 @@ pub fn ensure(who: &str, binary: &str, version_args: &[&str], package: &str) -> 
     if !status.success() {
         bail!("{install:?} failed: {status} (try `apt-get update` first)");
     }
-    let v = version().ok_or_else(|| anyhow!("{binary} still does not run after {install:?}"))?;
-    println!("xtask: {who}: installed {v}");
-    Ok(v)
+    Ok(())
 }

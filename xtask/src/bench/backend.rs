@@ -1,7 +1,7 @@
 //! The backend every target forwards to: a server on 127.0.0.1 inside the xtask process that
 //! sinks uploads, sources downloads and echoes messages (see [`super::wire`]).
 //!
-//! Echo connections (request/response, churn, idle) are tokio tasks, so 10,000 idle ones cost
+//! Echo connections (request/response, churn, idle, upgrade) are tokio tasks, so 10,000 idle ones cost
 //! no threads. Bulk connections leave tokio for a blocking thread each: a plain read/write
 //! loop times its waits without any scheduler in between.
 
@@ -115,6 +115,10 @@ async fn serve(mut stream: tokio::net::TcpStream, sent: Arc<AtomicU64>) {
         Request::Echo(size) => {
             let _ = echo(stream, size).await;
         }
+        Request::EchoOnce(size) => {
+            // Dropping the stream after the reply closes it: the backend's FIN comes first.
+            let _ = echo_once(stream, size).await;
+        }
         Request::Upload | Request::Download(_) => {
             let blocking = match stream.into_std() {
                 Ok(s) => s,
@@ -146,6 +150,13 @@ async fn echo(mut stream: tokio::net::TcpStream, size: u64) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     }
+}
+
+async fn echo_once(mut stream: tokio::net::TcpStream, size: u64) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut message = vec![0; usize::try_from(size).unwrap_or(wire::MAX_ECHO as usize)];
+    stream.read_exact(&mut message).await?;
+    stream.write_all(&message).await
 }
 
 /// Upload: read to EOF, then report the count and the longest read wait.

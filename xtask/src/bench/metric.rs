@@ -13,13 +13,27 @@ pub enum Metric {
     Throughput,
     ProxyCpuPerGib,
     MachineCpuPerGib,
+    CtxPerGib,
     RequestsPerSec,
+    LatencyMean,
+    ConnsOverRate,
     LatencyP50,
     LatencyP99,
     LatencyP999,
+    CtxPerRequest,
     ConnectionsPerSec,
     ConnectionP99,
     FailedConnections,
+    Refused,
+    Resets,
+    CtxPerConn,
+    HandoffMs,
+    HandoffWallMs,
+    UpgradeMoved,
+    UpgradeLongestGap,
+    UpgradeLost,
+    UpgradeFailedConnects,
+    UpgradeRefused,
     ProxyRssPerConn,
     KernelSlabPerConn,
     SocketMemPerConn,
@@ -42,13 +56,27 @@ impl Metric {
             Metric::Throughput => "throughput (Gbit/s)",
             Metric::ProxyCpuPerGib => "proxy CPU (s/GiB)",
             Metric::MachineCpuPerGib => "machine CPU (s/GiB)",
+            Metric::CtxPerGib => "context switches per GiB, machine-wide",
             Metric::RequestsPerSec => "requests/s",
+            Metric::LatencyMean => "mean latency (µs)",
+            Metric::ConnsOverRate => "connections / rate (µs)",
             Metric::LatencyP50 => "p50 (µs)",
             Metric::LatencyP99 => "p99 (µs)",
             Metric::LatencyP999 => "p99.9 (µs)",
+            Metric::CtxPerRequest => "context switches per request, machine-wide",
             Metric::ConnectionsPerSec => "connections/s",
-            Metric::ConnectionP99 => "p99 connect+exchange (µs)",
+            Metric::ConnectionP99 => "p99 connect+exchange+close (µs)",
             Metric::FailedConnections => "failed connections",
+            Metric::Refused => "of which refused",
+            Metric::Resets => "of which reset",
+            Metric::CtxPerConn => "context switches per connection, machine-wide",
+            Metric::HandoffMs => "handoff, elapsed_ms reported (ms)",
+            Metric::HandoffWallMs => "handoff, wall time of the command (ms)",
+            Metric::UpgradeMoved => "connections moved (reported)",
+            Metric::UpgradeLongestGap => "longest gap between reads, streaming clients (ms)",
+            Metric::UpgradeLost => "connections lost",
+            Metric::UpgradeFailedConnects => "connects failed during the upgrade",
+            Metric::UpgradeRefused => "of which refused",
             Metric::ProxyRssPerConn => "proxy RSS per conn (KiB)",
             Metric::KernelSlabPerConn => "kernel slab per conn (KiB)",
             Metric::SocketMemPerConn => "socket buffers per conn (KiB)",
@@ -93,19 +121,23 @@ impl Measurement {
     }
 }
 
-/// CPU counters at one instant: the machine's busy time and the proxy's own.
+/// CPU counters at one instant: the machine's busy time, its context switches and the
+/// proxy's own CPU time (all its processes).
 #[derive(Debug, Clone, Copy)]
 pub struct CpuCounters {
     at: Instant,
     machine: f64,
+    ctxt: u64,
     proxy: Option<f64>,
 }
 
-/// CPU seconds spent between two [`CpuCounters`].
+/// CPU seconds and context switches spent between two [`CpuCounters`].
 #[derive(Debug, Clone, Copy)]
 pub struct CpuSpent {
     pub wall: f64,
     pub machine: f64,
+    /// Machine-wide context switches (/proc/stat `ctxt`).
+    pub ctxt: u64,
     pub proxy: Option<f64>,
 }
 
@@ -114,7 +146,8 @@ impl CpuCounters {
         Ok(Self {
             at: Instant::now(),
             machine: system::machine_busy_secs()?,
-            proxy: proxy_pid.map(system::process_cpu_secs).transpose()?,
+            ctxt: system::context_switches()?,
+            proxy: proxy_pid.map(system::tree_cpu_secs).transpose()?,
         })
     }
 
@@ -124,6 +157,7 @@ impl CpuCounters {
         Ok(CpuSpent {
             wall: now.at.duration_since(self.at).as_secs_f64(),
             machine: now.machine - self.machine,
+            ctxt: now.ctxt.saturating_sub(self.ctxt),
             proxy: now
                 .proxy
                 .zip(self.proxy)

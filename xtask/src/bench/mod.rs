@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: the same load scenarios against a direct connection, smartproxy on
-//! both data paths and (with `--with-peers`) HAProxy, interleaved, reported as a Markdown table
-//! of medians with ratios to direct.
+//! both data paths and (with `--with-peers`) HAProxy and nginx, interleaved, reported as
+//! Markdown tables (one per scenario family) of medians with ratios to direct.
 //!
 //! Needs root (the ebpf path, and the fd limit for 10,000 idle connections). The load
 //! generator and backend are part of this process; a debug build of xtask re-runs itself in
@@ -8,7 +8,9 @@
 
 mod backend;
 pub(crate) mod config;
+mod estimate;
 mod metric;
+mod nginx;
 mod report;
 mod scenario;
 pub(crate) mod system;
@@ -17,15 +19,16 @@ mod units;
 mod wire;
 
 use std::{
+    cell::Cell,
     fs,
     os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Command, ExitCode},
     sync::{atomic::AtomicU64, Arc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{anyhow, ensure, Context as _, Result};
 use clap::Parser;
 
 use self::{
@@ -46,17 +49,23 @@ const FD_RESERVE: u64 = 256;
 
 #[derive(Debug, Parser)]
 pub struct Options {
-    /// Scenarios, comma-separated (default: all).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    scenarios: Vec<Scenario>,
+    /// Scenarios, comma-separated: names as listed in bench/README.md (bulk-upload-4,
+    /// rr-32x64, churn-server-close, idle, slow-reader, upgrade, ...) or a family (bulk,
+    /// bulk-upload, bulk-download, rr, churn). Default: the subset that fits 15 minutes.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
+    /// Every scenario (upgrade only if the smartproxy binary has the subcommand).
+    #[arg(long, conflicts_with = "scenarios")]
+    all: bool,
     /// Targets, comma-separated, in column order (default: direct,ebpf,userspace, plus
-    /// haproxy,haproxy-splice with --with-peers).
+    /// haproxy,haproxy-splice,nginx with --with-peers).
     #[arg(long, value_enum, value_delimiter = ',')]
     targets: Vec<Target>,
     /// Interleaved rounds; the report shows the median.
     #[arg(long, default_value_t = 3)]
     runs: u32,
-    /// Also run HAProxy (`mode tcp`, and with splicing forced); installs it with apt if missing.
+    /// Also run HAProxy (`mode tcp`, and with splicing forced) and nginx (`stream {}`);
+    /// installs them with apt-get if missing.
     #[arg(long)]
     with_peers: bool,
     /// Where the Markdown report goes (relative to the workspace root unless absolute).
@@ -66,24 +75,26 @@ pub struct Options {
     /// counters, ports and TIME_WAIT sockets no other process on the machine touches).
     #[arg(long)]
     shared_netns: bool,
+    /// Print the scenarios, targets and expected duration, and exit (nothing is built,
+    /// installed or run; the upgrade scenario is counted as if the binary had the command).
+    #[arg(long)]
+    estimate: bool,
     /// Use this smartproxy binary instead of building one (`cargo build --release`).
     #[arg(long, value_name = "PATH")]
     proxy_bin: Option<PathBuf>,
 
-    /// Bytes per bulk transfer (each direction).
+    /// Bytes per bulk run (each direction), split evenly over its streams.
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     bulk_bytes: u64,
-    /// Request and response size of request/response, churn and idle exchanges.
+    /// Request and response size of churn, idle and upgrade exchanges (request/response
+    /// scenarios carry their own: 64 B and 16 KiB).
     #[arg(long, default_value = "64", value_parser = parse_bytes)]
     message_size: u64,
-    /// Seconds of request/response.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds of each request/response run.
+    #[arg(long, default_value_t = 3)]
     rr_secs: u64,
-    /// Persistent connections of request/response.
-    #[arg(long, default_value_t = 32)]
-    rr_conns: usize,
-    /// Seconds of connection churn.
-    #[arg(long, default_value_t = 5)]
+    /// Seconds of each connection churn run.
+    #[arg(long, default_value_t = 3)]
     churn_secs: u64,
     /// Connections in flight at once during churn.
     #[arg(long, default_value_t = 16)]
@@ -100,6 +111,12 @@ pub struct Options {
     /// Seconds the slow reader reads.
     #[arg(long, default_value_t = 20)]
     slow_secs: u64,
+    /// Live connections during the upgrade scenario (streaming ones included).
+    #[arg(long, default_value_t = 10_000)]
+    upgrade_conns: usize,
+    /// Of those, clients reading a never-ending download at full speed.
+    #[arg(long, default_value_t = 8)]
+    upgrade_streams: usize,
     /// smartproxy's max_queued_bytes (its default: 16 MiB); the slow-reader target is 2 × this.
     #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     max_queued: u64,
@@ -111,8 +128,8 @@ pub fn run(opts: Options) -> Result<ExitCode> {
     }
     ensure!(opts.runs >= 1, "--runs must be at least 1");
     ensure!(
-        opts.rr_conns >= 1 && opts.churn_concurrency >= 1 && opts.idle_conns >= 1,
-        "--rr-conns, --churn-concurrency and --idle-conns must be at least 1"
+        opts.churn_concurrency >= 1 && opts.idle_conns >= 1 && opts.upgrade_conns >= 1,
+        "--churn-concurrency, --idle-conns and --upgrade-conns must be at least 1"
     );
     ensure!(
         (1..=wire::MAX_ECHO).contains(&opts.message_size),
@@ -120,10 +137,16 @@ pub fn run(opts: Options) -> Result<ExitCode> {
         show_bytes(wire::MAX_ECHO)
     );
     let root = run::workspace_root();
-    let scenarios = if opts.scenarios.is_empty() {
+    let explicit = !opts.scenarios.is_empty();
+    let mut scenarios = if explicit {
+        Scenario::resolve(&opts.scenarios).map_err(|e| anyhow!("--scenarios: {e}"))?
+    } else if opts.all {
         Scenario::ALL.to_vec()
     } else {
-        dedup(opts.scenarios.clone())
+        Scenario::ALL
+            .into_iter()
+            .filter(|s| s.is_default())
+            .collect()
     };
     let targets = if !opts.targets.is_empty() {
         dedup(opts.targets.clone())
@@ -136,18 +159,37 @@ pub fn run(opts: Options) -> Result<ExitCode> {
         bulk_bytes: opts.bulk_bytes,
         message: opts.message_size,
         rr_secs: opts.rr_secs,
-        rr_conns: opts.rr_conns,
         churn_secs: opts.churn_secs,
         churn_concurrency: opts.churn_concurrency,
         idle_conns: opts.idle_conns,
         slow_bytes: opts.slow_bytes,
         slow_rate: opts.slow_rate,
         slow_secs: opts.slow_secs,
+        upgrade_conns: opts.upgrade_conns,
+        upgrade_streams: opts.upgrade_streams,
     };
 
+    if opts.estimate {
+        let plan = estimate::Plan::new(&scenarios, &targets, opts.runs, &params);
+        let names: Vec<String> = scenarios.iter().map(|s| s.slug()).collect();
+        let columns: Vec<&str> = targets.iter().map(|t| t.name()).collect();
+        println!(
+            "xtask: bench: scenarios {}; targets {}; {} run(s): expected about {}",
+            names.join(","),
+            columns.join(","),
+            opts.runs,
+            plan.show()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     if targets.iter().any(|t| t.is_haproxy()) {
         target::ensure_haproxy()?;
     }
+    let nginx = if targets.contains(&Target::Nginx) {
+        Some(nginx::ensure()?)
+    } else {
+        None
+    };
     let smartproxy = match &opts.proxy_bin {
         Some(path) => Some(run::given_binary(root, path)?),
         None if targets
@@ -158,44 +200,79 @@ pub fn run(opts: Options) -> Result<ExitCode> {
         }
         None => None,
     };
+    let mut notes = Vec::new();
+    if scenarios.contains(&Scenario::Upgrade) && !explicit {
+        // Issue 15's subcommand may not exist yet: without it the scenario could only fail.
+        match &smartproxy {
+            Some(binary) if !has_upgrade(binary)? => {
+                let note = format!(
+                    "upgrade scenario skipped: {} has no `upgrade` subcommand (issue 15); \
+                     `--scenarios upgrade` runs it anyway and fails",
+                    binary.display()
+                );
+                println!("xtask: bench: {note}");
+                notes.push(note);
+                scenarios.retain(|s| *s != Scenario::Upgrade);
+            }
+            _ => {}
+        }
+    }
     if !opts.shared_netns {
-        // After the builds and the HAProxy install (they may need the network), before any
-        // thread starts.
+        // After the builds and the installs (they may need the network), before any thread
+        // starts.
         system::enter_own_netns()?;
         println!("xtask: bench: running in a network namespace of its own");
     }
-    let mut notes = vec![if opts.shared_netns {
-        "in the machine's network namespace (--shared-netns)".to_owned()
-    } else {
-        "in a network namespace of its own".to_owned()
-    }];
-    let idle = scenarios.contains(&Scenario::Idle);
-    let fd_limit = raise_fd_limit(idle, &mut params, &mut notes)?;
+    notes.insert(
+        0,
+        if opts.shared_netns {
+            "in the machine's network namespace (--shared-netns)".to_owned()
+        } else {
+            "in a network namespace of its own".to_owned()
+        },
+    );
+    let fd_limit = raise_fd_limit(&scenarios, &mut params, &mut notes)?;
+    let plan = estimate::Plan::new(&scenarios, &targets, opts.runs, &params);
+    println!(
+        "xtask: bench: {} scenario(s) × {} target(s) × {} run(s): expected about {} \
+         (the estimate assumes 2 cores)",
+        scenarios.len(),
+        targets.len(),
+        opts.runs,
+        plan.show()
+    );
+    let began = Instant::now();
     let machine = Machine::detect(root)?;
     let backend = Backend::start()?;
     let launch = Launch {
         smartproxy: smartproxy.as_deref(),
         backend: backend.addr(),
         limits: config::Limits {
-            connections: if idle {
-                params.idle_conns
-            } else {
-                params.rr_conns.max(params.churn_concurrency)
-            },
+            connections: scenarios
+                .iter()
+                .map(|s| s.connections(&params))
+                .max()
+                .unwrap_or(1),
             fd_limit,
         },
         max_queued: opts.max_queued,
+        nginx: nginx.as_ref(),
     };
     let backend_sent = backend.sent();
 
     let mut results = Results::default();
     for &scenario in &scenarios {
         for round in 1..=opts.runs {
-            for &target in &targets {
+            for &target in targets.iter().filter(|t| scenario.applies_to(**t)) {
                 let tag = format!("[{scenario} {round}/{}] {target}", opts.runs);
+                let started = Instant::now();
                 match run_one(scenario, target, &launch, &backend_sent, &params) {
                     Ok(m) => {
-                        println!("xtask: bench: {tag}: {}", summary(&m));
+                        println!(
+                            "xtask: bench: {tag} ({:.1} s): {}",
+                            started.elapsed().as_secs_f64(),
+                            summary(&m)
+                        );
                         results.record(scenario, target, m);
                     }
                     Err(e) => {
@@ -207,6 +284,11 @@ pub fn run(opts: Options) -> Result<ExitCode> {
         }
     }
     drop(backend);
+    println!(
+        "xtask: bench: the runs took {} (estimated {})",
+        estimate::show_secs(began.elapsed().as_secs_f64()),
+        plan.show()
+    );
 
     let mut settings = settings(&params, &opts);
     for note in &notes {
@@ -242,30 +324,49 @@ pub fn run(opts: Options) -> Result<ExitCode> {
     }
 }
 
-/// Raises RLIMIT_NOFILE for this process and the proxies it starts, and lowers the idle
-/// connection count to what the limit allows (saying so in `notes`). Returns the limit.
+/// Whether `smartproxy --help` lists an `upgrade` subcommand.
+fn has_upgrade(binary: &std::path::Path) -> Result<bool> {
+    let help = toolchain::output(Command::new(binary).arg("--help"))
+        .with_context(|| format!("`{} --help` failed", binary.display()))?;
+    Ok(help
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("upgrade")))
+}
+
+/// Raises RLIMIT_NOFILE for this process and the proxies it starts, and lowers the idle and
+/// upgrade connection counts to what the limit allows (saying so in `notes`). Returns the
+/// limit.
 ///
-/// This process holds the client and the backend end of every idle connection, and a proxy
+/// This process holds the client and the backend end of every held connection, and a proxy
 /// (which inherits the limit) its two sockets: two descriptors per connection each, plus a few
 /// the runtime, the maps and the logs take.
-fn raise_fd_limit(idle: bool, params: &mut Params, notes: &mut Vec<String>) -> Result<u64> {
-    let want = if idle {
-        2 * params.idle_conns as u64 + FD_RESERVE
-    } else {
-        4 * FD_RESERVE
-    };
+fn raise_fd_limit(
+    scenarios: &[Scenario],
+    params: &mut Params,
+    notes: &mut Vec<String>,
+) -> Result<u64> {
+    let held = scenarios
+        .iter()
+        .map(|s| s.connections(params))
+        .max()
+        .unwrap_or(0) as u64;
+    let want = (2 * held + FD_RESERVE).max(4 * FD_RESERVE);
     let fd_limit = system::raise_nofile(want)?;
     println!("xtask: bench: RLIMIT_NOFILE {fd_limit} (inherited by the proxies)");
     let fit = usize::try_from(fd_limit.saturating_sub(FD_RESERVE) / 2).unwrap_or(usize::MAX);
-    if idle && fit < params.idle_conns {
-        let note = format!(
-            "idle connections lowered from {} to {fit}: RLIMIT_NOFILE is {fd_limit} and this \
-             process may not raise its hard limit (no CAP_SYS_RESOURCE)",
-            params.idle_conns
-        );
-        eprintln!("xtask: bench: {note}");
-        params.idle_conns = fit;
-        notes.push(note);
+    for (scenario, what, count) in [
+        (Scenario::Idle, "idle", &mut params.idle_conns),
+        (Scenario::Upgrade, "upgrade", &mut params.upgrade_conns),
+    ] {
+        if scenarios.contains(&scenario) && fit < *count {
+            let note = format!(
+                "{what} connections lowered from {count} to {fit}: RLIMIT_NOFILE is {fd_limit} \
+                 and this process may not raise its hard limit (no CAP_SYS_RESOURCE)"
+            );
+            eprintln!("xtask: bench: {note}");
+            *count = fit;
+            notes.push(note);
+        }
     }
     Ok(fd_limit)
 }
@@ -278,15 +379,23 @@ fn run_one(
     backend_sent: &Arc<AtomicU64>,
     params: &Params,
 ) -> Result<Measurement> {
-    let running = Running::start(target, launch)?;
+    let mut running = Running::start(target, launch)?;
     let tcp = system::TcpCounters::read()?;
+    let successor = Cell::new(None);
     let env = Env {
         addr: running.addr(),
         proxy_pid: running.pid(),
         backend_sent: Arc::clone(backend_sent),
         params,
+        smartproxy: launch.smartproxy,
+        control: running.control(),
+        successor: &successor,
     };
-    let mut m = scenario::run(scenario, &env)?;
+    let outcome = scenario::run(scenario, &env);
+    if let Some(pid) = successor.get() {
+        running.handed_over(pid);
+    }
+    let mut m = outcome?;
     // Final byte counters need every connection gone from the proxy.
     let stats = running.wait_idle(Duration::from_secs(5))?;
     let tcp = system::TcpCounters::read()?.since(tcp);
@@ -331,20 +440,22 @@ fn settings(p: &Params, opts: &Options) -> String {
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     format!(
-        "`cargo xtask {}`: bulk {}; request/response {} conns × {} B for {} s; churn {} at once \
-         for {} s; idle {} conns; slow reader {} offered, read at {}/s for {} s; \
-         smartproxy max_queued_bytes {}",
+        "`cargo xtask {}`: bulk {} per run, split over its streams; request/response {} s \
+         per run; churn {} at once for {} s, {} B echo; idle {} conns; slow reader {} \
+         offered, read at {}/s for {} s; upgrade with {} conns ({} streaming); smartproxy \
+         max_queued_bytes {}",
         args.join(" "),
         show_bytes(p.bulk_bytes),
-        p.rr_conns,
-        p.message,
         p.rr_secs,
         p.churn_concurrency,
         p.churn_secs,
+        p.message,
         p.idle_conns,
         show_bytes(p.slow_bytes),
         show_bytes(p.slow_rate),
         p.slow_secs,
+        p.upgrade_conns,
+        p.upgrade_streams.min(p.upgrade_conns),
         show_bytes(opts.max_queued),
     )
 }

@@ -1,5 +1,6 @@
-//! The report: the machine it ran on, the median table with ratios to direct, the issue's
-//! targets (met or not, with numbers), every run's values, and how each metric is measured.
+//! The report: the machine it ran on, one median table per scenario family with ratios to
+//! direct, the closed-loop check of the request/response latencies, the issues' targets (met
+//! or not, with numbers), every run's values, and how each metric is measured.
 
 use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path, process::Command};
 
@@ -7,7 +8,7 @@ use anyhow::{Context as _, Result};
 
 use super::{
     metric::{Measurement, Metric},
-    scenario::Scenario,
+    scenario::{Closer, Direction, Family, Scenario},
     target::Target,
     units::{show_bytes, show_number, GIB, MIB},
 };
@@ -183,9 +184,12 @@ pub fn render(cx: &Context<'_>, results: &Results) -> String {
         "- median of {} interleaved run(s); a proxy's cell is `value (ratio to direct)`",
         cx.runs
     );
-    let _ = writeln!(out);
-    table(&mut out, cx, results, Cell::Median);
-    let _ = writeln!(out, "\n## Targets (issue 4)\n");
+    tables(&mut out, cx, results, Cell::Median);
+    if cx.scenarios.iter().any(|s| s.family() == Family::Rr) {
+        let _ = writeln!(out, "\n## Closed-loop check (request/response)\n");
+        closed_loop(&mut out, cx, results);
+    }
+    let _ = writeln!(out, "\n## Targets (issues 14 and 4)\n");
     targets(&mut out, cx, results);
     if !results.failures.is_empty() {
         let _ = writeln!(out, "\n## Failed runs\n");
@@ -194,8 +198,8 @@ pub fn render(cx: &Context<'_>, results: &Results) -> String {
         }
     }
     if cx.runs > 1 {
-        let _ = writeln!(out, "\n## Every run\n");
-        table(&mut out, cx, results, Cell::AllRuns);
+        let _ = writeln!(out, "\n## Every run");
+        tables(&mut out, cx, results, Cell::AllRuns);
     }
     let _ = writeln!(out, "\n## How it is measured\n");
     out.push_str(METHOD);
@@ -208,7 +212,17 @@ enum Cell {
     AllRuns,
 }
 
-fn table(out: &mut String, cx: &Context<'_>, results: &Results, cell: Cell) {
+/// One table per scenario family that ran, each under a heading.
+fn tables(out: &mut String, cx: &Context<'_>, results: &Results, cell: Cell) {
+    let mut families: Vec<Family> = cx.scenarios.iter().map(|s| s.family()).collect();
+    families.dedup();
+    for family in families {
+        let _ = writeln!(out, "\n### {}\n", family.title());
+        table(out, cx, results, cell, family);
+    }
+}
+
+fn table(out: &mut String, cx: &Context<'_>, results: &Results, cell: Cell, family: Family) {
     let mut header = String::from("| scenario | metric |");
     let mut rule = String::from("| --- | --- |");
     for t in cx.targets {
@@ -220,13 +234,17 @@ fn table(out: &mut String, cx: &Context<'_>, results: &Results, cell: Cell) {
         rule.push_str(" ---: |");
     }
     let _ = writeln!(out, "{header}\n{rule}");
-    for &scenario in cx.scenarios {
+    for &scenario in cx.scenarios.iter().filter(|s| s.family() == family) {
         for (row, metric) in results
             .metrics(scenario, cx.targets)
             .into_iter()
             .enumerate()
         {
-            let name = if row == 0 { scenario.name() } else { "" };
+            let name = if row == 0 {
+                scenario.title()
+            } else {
+                String::new()
+            };
             let _ = write!(out, "| {name} | {} |", metric.label());
             let direct = results.value(scenario, Target::Direct, metric);
             for &target in cx.targets {
@@ -285,6 +303,15 @@ impl Metric {
         !matches!(
             self,
             Metric::FailedConnections
+                | Metric::Refused
+                | Metric::Resets
+                | Metric::HandoffMs
+                | Metric::HandoffWallMs
+                | Metric::UpgradeMoved
+                | Metric::UpgradeLongestGap
+                | Metric::UpgradeLost
+                | Metric::UpgradeFailedConnects
+                | Metric::UpgradeRefused
                 | Metric::KernelShare
                 | Metric::WinProbes
                 | Metric::RtoTimeouts
@@ -299,27 +326,184 @@ impl Metric {
     }
 }
 
-/// One line per target of issue 4 item 4.
+/// Mean latency against connections / rate for every request/response row: in a closed loop
+/// they are equal (Little's law); a row where they differ by more than 10 % is flagged.
+fn closed_loop(out: &mut String, cx: &Context<'_>, results: &Results) {
+    let _ = writeln!(
+        out,
+        "| scenario | target | mean latency (µs) | connections / rate (µs) | difference | \
+         check |\n| --- | --- | ---: | ---: | ---: | --- |"
+    );
+    for &scenario in cx.scenarios.iter().filter(|s| s.family() == Family::Rr) {
+        for &target in cx.targets {
+            let mean = results.value(scenario, target, Metric::LatencyMean);
+            let little = results.value(scenario, target, Metric::ConnsOverRate);
+            let (diff, check) = match (mean, little) {
+                (Some(m), Some(l)) if l > 0.0 => {
+                    let d = (m - l) / l * 100.0;
+                    let check = if d.abs() > 10.0 {
+                        "**differs by more than 10 %**"
+                    } else {
+                        "ok"
+                    };
+                    (format!("{d:+.1} %"), check)
+                }
+                _ => ("n/a".to_owned(), "not measured"),
+            };
+            let show = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), show_number);
+            let _ = writeln!(
+                out,
+                "| {} | {target} | {} | {} | {diff} | {check} |",
+                scenario.title(),
+                show(mean),
+                show(little)
+            );
+        }
+    }
+}
+
+/// One line per target of issue 14 (and issue 4's slow reader), for smartproxy's paths.
+/// `data_path = "auto"` means "ebpf when it loads" today, so ebpf stands for auto.
 fn targets(out: &mut String, cx: &Context<'_>, results: &Results) {
     let has = |s: Scenario, t: Target| cx.scenarios.contains(&s) && cx.targets.contains(&t);
     let v = |s: Scenario, t: Target, m: Metric| results.value(s, t, m);
-    let mut line = |target: &str, verdict: Verdict, numbers: String| {
-        let _ = writeln!(out, "- {target}: **{}** — {numbers}", verdict.word());
-    };
     let fmt = |x: Option<f64>| x.map_or_else(|| "n/a".to_owned(), show_number);
+    let mut lines: Vec<(String, Verdict, String)> = Vec::new();
+    let paths = [Target::Ebpf, Target::Userspace];
 
-    // Slow reader: what the ebpf path holds beyond what direct holds.
+    // Ratios to direct.
+    let ratio_targets: Vec<(String, Scenario, Metric, f64, &str)> = vec![
+        (
+            "bulk upload, 1 stream ≥ 0.75 × direct".to_owned(),
+            Scenario::Bulk {
+                direction: Direction::Upload,
+                streams: 1,
+            },
+            Metric::Throughput,
+            0.75,
+            "Gbit/s",
+        ),
+        (
+            "bulk download, 1 stream ≥ 0.75 × direct".to_owned(),
+            Scenario::Bulk {
+                direction: Direction::Download,
+                streams: 1,
+            },
+            Metric::Throughput,
+            0.75,
+            "Gbit/s",
+        ),
+        (
+            "request/response, 32 conns × 64 B ≥ 0.6 × direct".to_owned(),
+            Scenario::Rr {
+                conns: 32,
+                size: 64,
+            },
+            Metric::RequestsPerSec,
+            0.6,
+            "req/s",
+        ),
+        (
+            "churn, client closes first ≥ 0.6 × direct with 0 failed".to_owned(),
+            Scenario::Churn {
+                closer: Closer::Client,
+            },
+            Metric::ConnectionsPerSec,
+            0.6,
+            "conn/s",
+        ),
+        (
+            "churn, server closes first ≥ 0.6 × direct with 0 failed".to_owned(),
+            Scenario::Churn {
+                closer: Closer::Server,
+            },
+            Metric::ConnectionsPerSec,
+            0.6,
+            "conn/s",
+        ),
+    ];
+    for (what, s, metric, min, unit) in ratio_targets {
+        for t in paths {
+            let what = format!("{t}: {what}");
+            if !(has(s, t) && has(s, Target::Direct)) {
+                lines.push((
+                    what,
+                    Verdict::NotMeasured,
+                    format!("needs {s} with direct and {t}"),
+                ));
+                continue;
+            }
+            let x = v(s, t, metric);
+            let d = v(s, Target::Direct, metric);
+            let ratio = x.zip(d).filter(|(_, d)| *d > 0.0).map(|(x, d)| x / d);
+            let failed = (s.family() == Family::Churn)
+                .then(|| v(s, t, Metric::FailedConnections))
+                .flatten();
+            let met = ratio.map(|r| r >= min && failed.is_none_or(|f| f == 0.0));
+            let mut numbers = format!(
+                "{} vs {} {unit} = {}×",
+                fmt(x),
+                fmt(d),
+                ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"))
+            );
+            if let Some(f) = failed {
+                let _ = write!(numbers, ", {} failed", show_number(f));
+            }
+            lines.push((what, Verdict::from(met), numbers));
+        }
+    }
+
+    // Context switches per request: ebpf (auto) no higher than userspace.
+    let s = Scenario::Rr {
+        conns: 32,
+        size: 64,
+    };
+    let what = "ebpf (auto) context switches per request no higher than userspace \
+                (32 conns × 64 B)"
+        .to_owned();
+    if has(s, Target::Ebpf) && has(s, Target::Userspace) {
+        let e = v(s, Target::Ebpf, Metric::CtxPerRequest);
+        let u = v(s, Target::Userspace, Metric::CtxPerRequest);
+        lines.push((
+            what,
+            Verdict::from(e.zip(u).map(|(e, u)| e <= u)),
+            format!("{} vs {}", fmt(e), fmt(u)),
+        ));
+    } else {
+        lines.push((
+            what,
+            Verdict::NotMeasured,
+            "needs rr-32x64 with ebpf and userspace".into(),
+        ));
+    }
+
+    // Idle RSS.
+    for t in paths {
+        let what = format!("{t}: ≤ 1 KiB proxy RSS per idle connection");
+        if has(Scenario::Idle, t) {
+            let x = v(Scenario::Idle, t, Metric::ProxyRssPerConn);
+            lines.push((
+                what,
+                Verdict::from(x.map(|x| x <= 1.0)),
+                format!("{} KiB", fmt(x)),
+            ));
+        } else {
+            lines.push((what, Verdict::NotMeasured, "needs the idle scenario".into()));
+        }
+    }
+
+    // Slow reader (issue 4): what the ebpf path holds beyond what direct holds.
     let cap = 2 * cx.max_queued;
     let what = format!(
-        "slow reader: kernel holds ≤ 2 × max_queued_bytes = {} per connection",
+        "ebpf: slow reader, kernel holds ≤ 2 × max_queued_bytes = {} per connection (issue 4)",
         show_bytes(cap)
     );
     if has(Scenario::SlowReader, Target::Ebpf) && has(Scenario::SlowReader, Target::Direct) {
         let e = v(Scenario::SlowReader, Target::Ebpf, Metric::PeakInFlight);
         let d = v(Scenario::SlowReader, Target::Direct, Metric::PeakInFlight);
         let added = e.zip(d).map(|(e, d)| e - d);
-        line(
-            &what,
+        lines.push((
+            what,
             Verdict::from(added.map(|a| a * MIB as f64 <= cap as f64)),
             format!(
                 "peak bytes in flight: ebpf {} MiB, direct {} MiB (the client's and backend's \
@@ -328,164 +512,17 @@ fn targets(out: &mut String, cx: &Context<'_>, results: &Results) {
                 fmt(d),
                 fmt(added)
             ),
-        );
+        ));
     } else {
-        line(
-            &what,
+        lines.push((
+            what,
             Verdict::NotMeasured,
-            "needs the slow-reader scenario with direct and ebpf".to_owned(),
-        );
+            "needs slow-reader with direct and ebpf".into(),
+        ));
     }
 
-    // Fast reader: share of bytes through the kernel.
-    let shares: Vec<(Scenario, Option<f64>)> = [Scenario::BulkUpload, Scenario::BulkDownload]
-        .into_iter()
-        .filter(|s| has(*s, Target::Ebpf))
-        .map(|s| (s, v(s, Target::Ebpf, Metric::KernelShare)))
-        .collect();
-    if shares.is_empty() {
-        line(
-            "fast reader: ≥ 95 % of bytes through the kernel",
-            Verdict::NotMeasured,
-            "needs a bulk scenario with ebpf".to_owned(),
-        );
-    } else {
-        let met = shares
-            .iter()
-            .map(|(_, s)| s.map(|s| s >= 95.0))
-            .collect::<Option<Vec<bool>>>()
-            .map(|all| all.into_iter().all(|b| b));
-        let numbers = shares
-            .iter()
-            .map(|(s, v)| format!("{s} {} %", fmt(*v)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        line(
-            "fast reader: ≥ 95 % of bytes through the kernel",
-            Verdict::from(met),
-            numbers,
-        );
-    }
-
-    // Bulk throughput ratio.
-    for s in [Scenario::BulkUpload, Scenario::BulkDownload] {
-        let what = format!("ebpf {s} ≥ 0.45 × direct");
-        if has(s, Target::Ebpf) && has(s, Target::Direct) {
-            let e = v(s, Target::Ebpf, Metric::Throughput);
-            let d = v(s, Target::Direct, Metric::Throughput);
-            let ratio = e.zip(d).map(|(e, d)| e / d);
-            line(
-                &what,
-                Verdict::from(ratio.map(|r| r >= 0.45)),
-                format!(
-                    "{} vs {} Gbit/s = {}×",
-                    fmt(e),
-                    fmt(d),
-                    ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"))
-                ),
-            );
-        } else {
-            line(
-                &what,
-                Verdict::NotMeasured,
-                "needs direct and ebpf".to_owned(),
-            );
-        }
-    }
-
-    // Request/response.
-    let s = Scenario::Rr;
-    if has(s, Target::Ebpf) && has(s, Target::Direct) {
-        let e = v(s, Target::Ebpf, Metric::RequestsPerSec);
-        let d = v(s, Target::Direct, Metric::RequestsPerSec);
-        let ratio = e.zip(d).map(|(e, d)| e / d);
-        line(
-            "ebpf request/response ≥ 0.75 × direct req/s",
-            Verdict::from(ratio.map(|r| r >= 0.75)),
-            format!(
-                "{} vs {} req/s = {}×",
-                fmt(e),
-                fmt(d),
-                ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}"))
-            ),
-        );
-    } else {
-        line(
-            "ebpf request/response ≥ 0.75 × direct req/s",
-            Verdict::NotMeasured,
-            "needs the request/response scenario with direct and ebpf".to_owned(),
-        );
-    }
-    if has(s, Target::Ebpf) && has(s, Target::Userspace) {
-        let e = v(s, Target::Ebpf, Metric::LatencyP99);
-        let u = v(s, Target::Userspace, Metric::LatencyP99);
-        line(
-            "ebpf request/response p99 no worse than userspace",
-            Verdict::from(e.zip(u).map(|(e, u)| e <= u)),
-            format!("{} vs {} µs", fmt(e), fmt(u)),
-        );
-    } else {
-        line(
-            "ebpf request/response p99 no worse than userspace",
-            Verdict::NotMeasured,
-            "needs the request/response scenario with ebpf and userspace".to_owned(),
-        );
-    }
-
-    // Machine CPU per GiB against HAProxy (the cheaper of its two modes).
-    for s in [Scenario::BulkUpload, Scenario::BulkDownload] {
-        let what = format!("ebpf machine CPU per GiB below HAProxy's ({s})");
-        let peers: Vec<(Target, Option<f64>)> = Target::PEERS
-            .into_iter()
-            .filter(|t| has(s, *t))
-            .map(|t| (t, v(s, t, Metric::MachineCpuPerGib)))
-            .collect();
-        if !has(s, Target::Ebpf) || peers.is_empty() {
-            line(
-                &what,
-                Verdict::NotMeasured,
-                "run with --with-peers".to_owned(),
-            );
-            continue;
-        }
-        let e = v(s, Target::Ebpf, Metric::MachineCpuPerGib);
-        let best = peers
-            .iter()
-            .map(|(_, c)| *c)
-            .collect::<Option<Vec<f64>>>()
-            .and_then(|c| c.into_iter().reduce(f64::min));
-        let numbers = peers
-            .iter()
-            .map(|(t, c)| format!("{t} {}", fmt(*c)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        line(
-            &what,
-            Verdict::from(e.zip(best).map(|(e, b)| e < b)),
-            format!("ebpf {} s/GiB; {numbers}", fmt(e)),
-        );
-    }
-
-    // Idle RSS.
-    let s = Scenario::Idle;
-    if has(s, Target::Ebpf) {
-        let e = v(s, Target::Ebpf, Metric::ProxyRssPerConn);
-        let u = cx
-            .targets
-            .contains(&Target::Userspace)
-            .then(|| v(s, Target::Userspace, Metric::ProxyRssPerConn))
-            .flatten();
-        line(
-            "≤ 1 KiB proxy RSS per idle connection",
-            Verdict::from(e.map(|e| e <= 1.0)),
-            format!("ebpf {} KiB, userspace {} KiB", fmt(e), fmt(u)),
-        );
-    } else {
-        line(
-            "≤ 1 KiB proxy RSS per idle connection",
-            Verdict::NotMeasured,
-            "needs the idle scenario with ebpf".to_owned(),
-        );
+    for (what, verdict, numbers) in lines {
+        let _ = writeln!(out, "- {what}: **{}** — {numbers}", verdict.word());
     }
 }
 
@@ -531,9 +568,35 @@ are interleaved: every round runs each target once, in the column order.
 **machine CPU**: user + nice + system + irq + softirq + steal of /proc/stat over the same \
 window, including the load generator and backend (direct shows their share). The kernel \
 path's work is softirq, charged to no process, so the machine figure is the fair comparison.
-- **request/response**: every latency sample (write start to last response byte) is kept; \
-percentiles are nearest-rank over all of them. TCP_NODELAY on client and backend.
-- **connection churn**: connect, one echo, close; a sample is connect start to echo received.
+- **request/response**: a closed loop: every connection always has one request outstanding. \
+The connections are tasks on one single-threaded tokio runtime per core (not a blocking \
+thread each: 32 or 256 threads on 2 cores ran in scheduler bursts, which gave a median far \
+below the mean). A sample runs from just before the request's write until the task has the \
+last response byte, and the next request follows at once, so the mean latency must equal \
+connections / rate (Little's law); both are printed and the closed-loop check flags a row \
+where they differ by more than 10 %. Percentiles are nearest-rank over every sample. \
+TCP_NODELAY on client and backend. **longest read wait** here is the largest sample.
+- **context switches**: the `ctxt` line of /proc/stat (every CPU, every process and kernel \
+thread: the machine-wide count), read before and after the measured window. Bulk: from \
+before the first connect to the last byte of the last stream, per GiB moved. \
+Request/response: from the common start of the loop until every connection has its last \
+response, per completed request. Churn: from before the threads start until they have all \
+finished, per connection attempted. The load generator's and backend's switches are in \
+it: direct shows their share.
+- **connection churn**: connect, one echo, close; a sample is connect start to close. Client \
+first: the client closes right after the echo. Server first: the backend closes after its \
+reply and the client closes once it has read that EOF. **failed connections**: attempts that \
+failed, of which **refused** (ECONNREFUSED) and **reset** (ECONNRESET, EPIPE); the rest are \
+early EOFs and timeouts.
+- **bulk**: --bulk-bytes per run, split evenly over 1, 4 or 16 parallel connections; proxy \
+CPU and RSS are summed over the proxy's processes (nginx's master and workers).
+- **upgrade**: `smartproxy upgrade --control PATH --json` with --upgrade-conns connections \
+open, --upgrade-streams of them reading an endless download at full speed, and one thread \
+connecting, echoing and closing in a loop. **handoff**: `elapsed_ms` of the command's JSON, \
+and its wall time. **longest gap**: the longest time between two reads of any streaming \
+client, from 1 s after the streams started until 2 s after the command exited. **lost**: \
+idle connections whose echo round trip failed after the upgrade, and streams that ended. \
+**connects failed**: the loop's failures over the same window.
 - **idle**: growth over the idle connections divided by their number: proxy VmRSS \
 (/proc/PID/status); kernel slab (Slab of /proc/meminfo); socket buffers (TCP mem of \
 /proc/net/sockstat). Kernel figures are machine-wide and include the client's and \

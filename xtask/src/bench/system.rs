@@ -62,6 +62,70 @@ pub fn machine_busy_secs() -> Result<f64> {
     Ok((user + nice + system + irq + softirq + steal) as f64 / ticks_per_sec())
 }
 
+/// Context switches the whole machine has made since boot: the `ctxt` line of /proc/stat
+/// (voluntary and involuntary, every CPU, kernel threads included).
+pub fn context_switches() -> Result<u64> {
+    let text = read("/proc/stat")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("ctxt "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow!("/proc/stat has no numeric \"ctxt\" line"))
+}
+
+/// `pid` and every live descendant of it (nginx's master forks its workers), found through
+/// the parent field of /proc/*/stat.
+pub fn process_tree(pid: u32) -> Result<Vec<u32>> {
+    let mut parents = Vec::new();
+    for entry in fs::read_dir("/proc").context("failed to list /proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit between the listing and the read: skip it.
+        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let parent = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(parent) = parent {
+            parents.push((child, parent));
+        }
+    }
+    let mut tree = vec![pid];
+    // Bounded: every pass adds at least one process or stops.
+    loop {
+        let before = tree.len();
+        for &(child, parent) in &parents {
+            if tree.contains(&parent) && !tree.contains(&child) {
+                tree.push(child);
+            }
+        }
+        if tree.len() == before {
+            return Ok(tree);
+        }
+    }
+}
+
+/// [`process_cpu_secs`] summed over [`process_tree`].
+pub fn tree_cpu_secs(pid: u32) -> Result<f64> {
+    process_tree(pid)?
+        .into_iter()
+        .map(process_cpu_secs)
+        .sum::<Result<f64>>()
+}
+
+/// [`rss_bytes`] summed over [`process_tree`] (pages shared between the processes count
+/// once per process, as VmRSS does).
+pub fn tree_rss_bytes(pid: u32) -> Result<u64> {
+    process_tree(pid)?.into_iter().map(rss_bytes).sum()
+}
+
 /// utime + stime of process `pid` (all its threads) in seconds, from /proc/PID/stat.
 pub fn process_cpu_secs(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
@@ -282,7 +346,7 @@ impl Sample {
         Ok(Self {
             kernel: meminfo()?.kernel,
             sockets: socket_mem_bytes()?,
-            proxy_rss: pid.map(rss_bytes).transpose()?.unwrap_or(0),
+            proxy_rss: pid.map(tree_rss_bytes).transpose()?.unwrap_or(0),
         })
     }
 }
@@ -336,6 +400,10 @@ mod tests {
     fn proc_readers_parse_this_machine() {
         assert!(machine_busy_secs().unwrap() > 0.0);
         assert!(process_cpu_secs(std::process::id()).unwrap() >= 0.0);
+        assert!(context_switches().unwrap() > 0);
+        assert!(process_tree(std::process::id())
+            .unwrap()
+            .contains(&std::process::id()));
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
         let mem = meminfo().unwrap();
         assert!(mem.total > mem.kernel && mem.kernel > mem.slab && mem.slab > 0);

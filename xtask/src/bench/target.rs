@@ -1,6 +1,8 @@
 //! The targets a scenario runs against: the backend itself (direct), smartproxy on either data
-//! path, HAProxy with and without splicing. A proxy is a child process with a generated config
-//! in its own temporary directory; it is stopped (SIGTERM, then SIGKILL) when dropped.
+//! path, HAProxy with and without splicing, nginx's stream module. A proxy is a child process
+//! with a generated config in its own temporary directory; it is stopped (SIGTERM, then
+//! SIGKILL) when dropped. After `smartproxy upgrade` the proxy is the successor process the
+//! command reported, which the bench stops instead.
 
 use std::{
     fmt, fs,
@@ -36,11 +38,13 @@ pub enum Target {
     Haproxy,
     /// HAProxy, `mode tcp` with `option splice-request` and `option splice-response`.
     HaproxySplice,
+    /// nginx, a `stream {}` server with `proxy_pass`.
+    Nginx,
 }
 
 impl Target {
     pub const DEFAULT: [Target; 3] = [Target::Direct, Target::Ebpf, Target::Userspace];
-    pub const PEERS: [Target; 2] = [Target::Haproxy, Target::HaproxySplice];
+    pub const PEERS: [Target; 3] = [Target::Haproxy, Target::HaproxySplice, Target::Nginx];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -49,6 +53,7 @@ impl Target {
             Target::Userspace => "userspace",
             Target::Haproxy => "haproxy",
             Target::HaproxySplice => "haproxy-splice",
+            Target::Nginx => "nginx",
         }
     }
 
@@ -71,6 +76,8 @@ pub struct Launch<'a> {
     pub limits: config::Limits,
     /// smartproxy's `max_queued_bytes`.
     pub max_queued: u64,
+    /// How to start nginx; None when no nginx target runs.
+    pub nginx: Option<&'a super::nginx::Nginx>,
 }
 
 /// A target ready for connections.
@@ -85,8 +92,10 @@ struct Process {
     child: Child,
     /// Where the proxy's stdout and stderr go.
     log: PathBuf,
-    /// smartproxy's control socket (None for HAProxy).
+    /// smartproxy's control socket (None for HAProxy and nginx).
     control: Option<PathBuf>,
+    /// The process that took over from `child` in `smartproxy upgrade` (not our child).
+    successor: Option<u32>,
     /// Holds the config, the log and the sockets; removed after the process is gone.
     _dir: TempDir,
 }
@@ -131,6 +140,33 @@ impl Running {
                 // -db: stay in the foreground, no daemon, no master process.
                 cmd.arg("-f").arg(file).arg("-db");
                 Self::spawn(target, dir, listen, cmd, None, stats)
+            }
+            Target::Nginx => {
+                let nginx = launch
+                    .nginx
+                    .ok_or_else(|| anyhow!("nginx was not set up (run with --with-peers)"))?;
+                let dir = TempDir::new(target.name())?;
+                let listen = free_port()?;
+                let ready = dir.path().join("ready.sock");
+                let text = config::nginx(
+                    listen,
+                    launch.backend,
+                    dir.path(),
+                    &ready,
+                    nginx.load_module.as_deref(),
+                    launch.limits,
+                );
+                let file = write_file(&dir.path().join("nginx.conf"), &text)?;
+                let mut cmd = Command::new("nginx");
+                // -e: its startup messages to stderr (the log), not the distribution's path;
+                // -p: relative paths under the temporary directory.
+                cmd.arg("-c")
+                    .arg(file)
+                    .arg("-p")
+                    .arg(dir.path())
+                    .arg("-e")
+                    .arg("stderr");
+                Self::spawn(target, dir, listen, cmd, None, ready)
             }
         }
     }
@@ -187,6 +223,7 @@ impl Running {
                 child,
                 log,
                 control,
+                successor: None,
                 _dir: dir,
             }),
         };
@@ -209,9 +246,24 @@ impl Running {
         self.addr
     }
 
-    /// The proxy's process id; None for direct.
+    /// The proxy's process id (its successor's after an upgrade); None for direct.
     pub fn pid(&self) -> Option<u32> {
-        self.process.as_ref().map(|p| p.child.id())
+        self.process
+            .as_ref()
+            .map(|p| p.successor.unwrap_or_else(|| p.child.id()))
+    }
+
+    /// smartproxy's control socket; None for other targets.
+    pub fn control(&self) -> Option<&Path> {
+        self.process.as_ref().and_then(|p| p.control.as_deref())
+    }
+
+    /// Records that `pid` took over the proxy (`smartproxy upgrade`): it is the one stopped
+    /// from now on, and the original process is expected to exit on its own.
+    pub fn handed_over(&mut self, pid: u32) {
+        if let Some(process) = self.process.as_mut() {
+            process.successor = Some(pid);
+        }
     }
 
     /// Waits until the socket at `path` accepts a connection (smartproxy binds its control
@@ -307,6 +359,11 @@ impl Drop for Running {
 
 impl Process {
     fn stop(mut self, target: Target) -> Result<()> {
+        // A successor that is our own child (a stand-in that reports the same process) is
+        // stopped as the child.
+        if let Some(successor) = self.successor.filter(|&pid| pid != self.child.id()) {
+            return self.stop_successor(target, successor);
+        }
         if let Some(status) = self.child.try_wait().context("failed to poll the proxy")? {
             bail!(
                 "{target} had exited before the bench stopped it ({status}); log:\n{}",
@@ -334,6 +391,58 @@ impl Process {
             "bench: {target} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed it; log:\n{}",
             log_tail(&self.log)
         );
+        Ok(())
+    }
+}
+
+impl Process {
+    /// After an upgrade: SIGTERM the successor (then SIGKILL), and reap the original process,
+    /// which should have exited once it handed everything over (else it is stopped too).
+    fn stop_successor(mut self, target: Target, pid: u32) -> Result<()> {
+        let pid_t = libc::pid_t::try_from(pid).context("pid out of range")?;
+        let alive = || {
+            // SAFETY: kill with signal 0 only checks that the process exists.
+            unsafe { libc::kill(pid_t, 0) == 0 }
+        };
+        // SAFETY: kill has no memory-safety preconditions; pid is the successor the upgrade
+        // command reported for the proxy this bench started.
+        unsafe { libc::kill(pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while alive() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        if alive() {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid_t, libc::SIGKILL) };
+            eprintln!(
+                "bench: {target}'s successor (pid {pid}) did not exit within {STOP_TIMEOUT:?} \
+                 of SIGTERM; killed it"
+            );
+        }
+        if self
+            .child
+            .try_wait()
+            .context("failed to poll the proxy")?
+            .is_none()
+        {
+            let old = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
+            // SAFETY: our own unreaped child.
+            unsafe { libc::kill(old, libc::SIGTERM) };
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while self
+                .child
+                .try_wait()
+                .context("failed to poll the proxy")?
+                .is_none()
+            {
+                if Instant::now() >= deadline {
+                    self.child.kill().context("failed to kill the proxy")?;
+                    self.child.wait().context("failed to reap the proxy")?;
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
         Ok(())
     }
 }

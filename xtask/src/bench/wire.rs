@@ -7,6 +7,8 @@
 //! - `D n` download: the backend sends `n` bytes and shuts down its write side; it closes once
 //!   the client has closed.
 //! - `E n` echo: the backend answers every `n`-byte message with the same `n` bytes until EOF.
+//! - `O n` echo once: the backend answers one `n`-byte message, then closes first (churn with
+//!   server-first close).
 
 use std::{
     io::{self, Read as _},
@@ -27,6 +29,7 @@ pub enum Request {
     Upload,
     Download(u64),
     Echo(u64),
+    EchoOnce(u64),
 }
 
 impl Request {
@@ -35,6 +38,7 @@ impl Request {
             Request::Upload => (b'U', 0),
             Request::Download(n) => (b'D', n),
             Request::Echo(n) => (b'E', n),
+            Request::EchoOnce(n) => (b'O', n),
         };
         let mut header = [0; HEADER_LEN];
         header[0] = mode;
@@ -48,6 +52,7 @@ impl Request {
             b'U' => Some(Request::Upload),
             b'D' => Some(Request::Download(arg)),
             b'E' if (1..=MAX_ECHO).contains(&arg) => Some(Request::Echo(arg)),
+            b'O' if (1..=MAX_ECHO).contains(&arg) => Some(Request::EchoOnce(arg)),
             _ => None,
         }
     }
@@ -190,6 +195,7 @@ mod tests {
             Request::Upload,
             Request::Download(1 << 30),
             Request::Echo(64),
+            Request::EchoOnce(16 * 1024),
         ] {
             assert_eq!(Request::decode(&request.encode()), Some(request));
         }

@@ -1,12 +1,15 @@
-//! Bulk transfer over one connection, each direction on its own: throughput and CPU per GiB.
+//! Bulk transfer in one direction over 1 or more parallel connections (one thread each):
+//! throughput, CPU and context switches per GiB. --bulk-bytes is the total, split evenly over
+//! the streams, so every stream count moves the same bytes.
 //!
-//! The window runs from before connect to the last byte: for an upload, until the backend's
-//! reply that it has read everything up to EOF; for a download, until the client has read the
-//! last byte.
+//! The window runs from before the first connect to the last byte of the last stream: for an
+//! upload, until every backend's reply that it has read everything up to EOF; for a download,
+//! until the client has read every stream's last byte.
 
 use std::{
     io::Write as _,
     net::Shutdown,
+    thread,
     time::{Duration, Instant},
 };
 
@@ -22,25 +25,91 @@ use crate::bench::{
 /// A bulk run that takes longer than this has stalled: fail instead of hanging.
 const LIMIT: Duration = Duration::from_secs(300);
 
-pub fn upload(env: &Env<'_>) -> Result<Measurement> {
-    let bytes = env.params.bulk_bytes;
+/// What one stream saw at its receiver.
+struct StreamResult {
+    longest_wait: Duration,
+    /// Bytes the receiver had read before its longest wait.
+    wait_after: u64,
+}
+
+pub fn upload(env: &Env<'_>, streams: u32) -> Result<Measurement> {
+    transfer(env, streams, "upload", upload_stream)
+}
+
+pub fn download(env: &Env<'_>, streams: u32) -> Result<Measurement> {
+    transfer(env, streams, "download", download_stream)
+}
+
+/// Runs `stream(addr, bytes)` on `streams` threads at once, the bytes split evenly.
+fn transfer(
+    env: &Env<'_>,
+    streams: u32,
+    what: &str,
+    stream: fn(std::net::SocketAddr, u64) -> Result<StreamResult>,
+) -> Result<Measurement> {
+    ensure!(streams >= 1, "{what}: at least one stream");
+    let total = env.params.bulk_bytes;
+    let share = total / u64::from(streams);
+    ensure!(
+        share > 0,
+        "{what}: --bulk-bytes {total} is less than one byte per stream"
+    );
+    let bytes = share * u64::from(streams);
     let cpu = CpuCounters::read(env.proxy_pid)?;
-    let mut stream = connect(env.addr)?;
+    let handles = (0..streams)
+        .map(|i| {
+            let addr = env.addr;
+            thread::Builder::new()
+                .name(format!("bench-bulk-{i}"))
+                .spawn(move || stream(addr, share))
+                .with_context(|| format!("{what}: failed to spawn a stream thread"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut worst: Option<StreamResult> = None;
+    let mut failure = None;
+    for (i, handle) in handles.into_iter().enumerate() {
+        match handle.join() {
+            Ok(Ok(r)) => {
+                if worst
+                    .as_ref()
+                    .is_none_or(|w| r.longest_wait > w.longest_wait)
+                {
+                    worst = Some(r);
+                }
+            }
+            Ok(Err(e)) => {
+                failure.get_or_insert(e.context(format!("{what}: stream {} of {streams}", i + 1)));
+            }
+            Err(_) => {
+                failure.get_or_insert(anyhow!("{what}: a stream thread panicked"));
+            }
+        }
+    }
+    let spent = cpu.spent(env.proxy_pid)?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let worst = worst.ok_or_else(|| anyhow!("{what}: no stream ran"))?;
+    Ok(measurement(bytes, spent, &worst))
+}
+
+fn upload_stream(addr: std::net::SocketAddr, bytes: u64) -> Result<StreamResult> {
+    let mut stream = connect(addr)?;
     stream
         .write_all(&Request::Upload.encode())
-        .context("upload: sending the header failed")?;
+        .context("sending the header failed")?;
     let buf = vec![0xa5; CHUNK];
     let mut left = bytes;
     while left > 0 {
         let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
         stream
             .write_all(&buf[..n])
-            .with_context(|| format!("upload: write failed after {} bytes", bytes - left))?;
+            .with_context(|| format!("write failed after {} bytes", bytes - left))?;
         left -= n as u64;
     }
     stream
         .shutdown(Shutdown::Write)
-        .context("upload: shutdown(SHUT_WR) failed")?;
+        .context("shutdown(SHUT_WR) failed")?;
     let mut reply = [0; UploadReply::LEN];
     wire::read_exact_timed(
         &mut stream,
@@ -48,70 +117,50 @@ pub fn upload(env: &Env<'_>) -> Result<Measurement> {
         &mut ReadWaits::default(),
         Instant::now() + LIMIT,
     )
-    .context("upload: reading the backend's reply failed")?;
-    let spent = cpu.spent(env.proxy_pid)?;
+    .context("reading the backend's reply failed")?;
     let reply = UploadReply::decode(&reply);
     ensure!(
         reply.received == bytes,
-        "upload: the backend received {} bytes, the client sent {bytes}",
+        "the backend received {} bytes, the client sent {bytes}",
         reply.received
     );
-    Ok(measurement(
-        bytes,
-        spent,
-        reply.longest_wait,
-        reply.longest_after,
-    ))
+    Ok(StreamResult {
+        longest_wait: reply.longest_wait,
+        wait_after: reply.longest_after,
+    })
 }
 
-pub fn download(env: &Env<'_>) -> Result<Measurement> {
-    let bytes = env.params.bulk_bytes;
-    let cpu = CpuCounters::read(env.proxy_pid)?;
-    let mut stream = connect(env.addr)?;
+fn download_stream(addr: std::net::SocketAddr, bytes: u64) -> Result<StreamResult> {
+    let mut stream = connect(addr)?;
     stream
         .write_all(&Request::Download(bytes).encode())
-        .context("download: sending the header failed")?;
+        .context("sending the header failed")?;
     let deadline = Instant::now() + LIMIT;
     let mut buf = vec![0; CHUNK];
     let mut waits = ReadWaits::default();
     let mut received = 0u64;
-    let mut spent = None;
     // Read to EOF, not just to `bytes`: a proxy that duplicates data shows as extra bytes.
     loop {
         match wire::read_timed(&mut stream, &mut buf, &mut waits, deadline)
-            .with_context(|| format!("download: read failed after {received} bytes"))?
+            .with_context(|| format!("read failed after {received} bytes"))?
         {
-            Got::Data(n) => {
-                received += n as u64;
-                if received >= bytes && spent.is_none() {
-                    spent = Some(cpu.spent(env.proxy_pid)?);
-                }
-            }
+            Got::Data(n) => received += n as u64,
             Got::Eof => break,
-            Got::Deadline => bail!("download: {received} of {bytes} bytes in {LIMIT:?}"),
+            Got::Deadline => bail!("{received} of {bytes} bytes in {LIMIT:?}"),
         }
     }
     ensure!(
-        received <= bytes,
-        "download: received {received} bytes, but the backend sent {bytes}: {} bytes too many",
-        received - bytes
+        received == bytes,
+        "received {received} bytes, but the backend sent {bytes}"
     );
-    let spent = spent.ok_or_else(|| anyhow!("download: EOF after {received} of {bytes} bytes"))?;
-    Ok(measurement(
-        bytes,
-        spent,
-        waits.longest,
-        waits.longest_after,
-    ))
+    Ok(StreamResult {
+        longest_wait: waits.longest,
+        wait_after: waits.longest_after,
+    })
 }
 
-/// `longest_wait` at the receiver, after it had read `wait_after` bytes.
-fn measurement(
-    bytes: u64,
-    spent: CpuSpent,
-    longest_wait: Duration,
-    wait_after: u64,
-) -> Measurement {
+/// The stream with the longest receiver wait is `worst`.
+fn measurement(bytes: u64, spent: CpuSpent, worst: &StreamResult) -> Measurement {
     let gib = bytes as f64 / GIB as f64;
     let mut m = Measurement::default();
     m.set(Metric::Throughput, bytes as f64 * 8.0 / spent.wall / 1e9);
@@ -119,7 +168,14 @@ fn measurement(
         m.set(Metric::ProxyCpuPerGib, proxy / gib);
     }
     m.set(Metric::MachineCpuPerGib, spent.machine / gib);
-    m.set(Metric::LongestReadWait, longest_wait.as_secs_f64() * 1e3);
-    m.set(Metric::LongestReadWaitAt, wait_after as f64 / MIB as f64);
+    m.set(Metric::CtxPerGib, spent.ctxt as f64 / gib);
+    m.set(
+        Metric::LongestReadWait,
+        worst.longest_wait.as_secs_f64() * 1e3,
+    );
+    m.set(
+        Metric::LongestReadWaitAt,
+        worst.wait_after as f64 / MIB as f64,
+    );
     m
 }

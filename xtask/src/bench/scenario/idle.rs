@@ -1,6 +1,6 @@
 //! Idle connections: open --idle-conns connections one after another, each with one echo so it
 //! is established end to end, hold them, and divide the growth of memory by their number:
-//! the proxy's RSS (VmRSS of /proc/PID/status), kernel slab (Slab of /proc/meminfo: socks,
+//! the proxy's RSS (VmRSS of /proc/PID/status, summed over its processes: nginx has workers), kernel slab (Slab of /proc/meminfo: socks,
 //! inodes, files, epoll items, psocks, map elements) and socket buffers (/proc/net/sockstat
 //! TCP mem). Kernel figures are machine-wide, so they include the client's and backend's
 //! sockets: direct shows that share.
@@ -28,7 +28,7 @@ const SETTLE: Duration = Duration::from_secs(1);
 pub fn run(env: &Env<'_>) -> Result<Measurement> {
     let n = env.params.idle_conns;
     thread::sleep(SETTLE);
-    let rss_before = env.proxy_pid.map(system::rss_bytes).transpose()?;
+    let rss_before = env.proxy_pid.map(system::tree_rss_bytes).transpose()?;
     let mem_before = system::meminfo()?;
     let sock_before = system::socket_mem_bytes()?;
     let deadline = Instant::now() + LIMIT;
@@ -43,7 +43,7 @@ pub fn run(env: &Env<'_>) -> Result<Measurement> {
         conns.push(stream);
     }
     thread::sleep(SETTLE);
-    let rss_after = env.proxy_pid.map(system::rss_bytes).transpose()?;
+    let rss_after = env.proxy_pid.map(system::tree_rss_bytes).transpose()?;
     let mem_after = system::meminfo()?;
     let sock_after = system::socket_mem_bytes()?;
     drop(conns);

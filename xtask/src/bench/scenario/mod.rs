@@ -1,72 +1,301 @@
 //! The load scenarios: the client side of each, run from this process over 127.0.0.1 against
-//! one target's address, returning what it measured.
+//! one target's address, returning what it measured. A scenario is a family (bulk,
+//! request/response, churn, ...) with its shape (streams, connections, message size, closer).
 
 mod bulk;
 mod churn;
 mod idle;
 mod rr;
 mod slow;
+mod upgrade;
 
 use std::{
-    fmt,
+    cell::Cell,
+    fmt, io,
     io::Write as _,
     net::{SocketAddr, TcpStream},
+    path::Path,
     sync::{atomic::AtomicU64, Arc},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
-use clap::ValueEnum;
 
 use super::{
     metric::Measurement,
+    target::Target,
     wire::{self, ReadWaits, Request, READ_POLL},
 };
 
 /// How long a connect may take before the run fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
-pub enum Scenario {
-    /// Client -> backend, one connection, --bulk-bytes.
-    BulkUpload,
-    /// Backend -> client, one connection, --bulk-bytes.
-    BulkDownload,
-    /// 64-byte request/response over --rr-conns persistent connections for --rr-secs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// Client -> backend.
+    Upload,
+    /// Backend -> client.
+    Download,
+}
+
+/// Who closes a churn connection first (and so who holds its TIME_WAIT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Closer {
+    Client,
+    Server,
+}
+
+/// A scenario family: one table of the report each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    Bulk,
     Rr,
-    /// Connect, one 64-byte exchange, close; --churn-concurrency at once for --churn-secs.
     Churn,
+    Idle,
+    Slow,
+    Upgrade,
+}
+
+impl Family {
+    pub fn title(self) -> &'static str {
+        match self {
+            Family::Bulk => "Bulk transfer",
+            Family::Rr => "Request/response",
+            Family::Churn => "Connection churn",
+            Family::Idle => "Idle connections",
+            Family::Slow => "Slow reader",
+            Family::Upgrade => "Upgrade (issue 15)",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scenario {
+    /// --bulk-bytes in total, split over `streams` connections in one direction.
+    Bulk { direction: Direction, streams: u32 },
+    /// `size`-byte request/response over `conns` persistent connections for --rr-secs.
+    Rr { conns: usize, size: u64 },
+    /// Connect, one --message-size echo, close; --churn-concurrency at once for --churn-secs.
+    Churn { closer: Closer },
     /// --idle-conns connections held open after one exchange each.
     Idle,
     /// The backend offers --slow-bytes; the client reads --slow-rate per second for --slow-secs.
     SlowReader,
+    /// `smartproxy upgrade` with --upgrade-conns live connections (issue 15).
+    Upgrade,
 }
 
+const KIB16: u64 = 16 * 1024;
+
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
-        Scenario::BulkUpload,
-        Scenario::BulkDownload,
-        Scenario::Rr,
-        Scenario::Churn,
+    /// Every scenario, in report order (`--all`).
+    pub const ALL: [Scenario; 17] = [
+        Scenario::Bulk {
+            direction: Direction::Upload,
+            streams: 1,
+        },
+        Scenario::Bulk {
+            direction: Direction::Upload,
+            streams: 4,
+        },
+        Scenario::Bulk {
+            direction: Direction::Upload,
+            streams: 16,
+        },
+        Scenario::Bulk {
+            direction: Direction::Download,
+            streams: 1,
+        },
+        Scenario::Bulk {
+            direction: Direction::Download,
+            streams: 4,
+        },
+        Scenario::Bulk {
+            direction: Direction::Download,
+            streams: 16,
+        },
+        Scenario::Rr { conns: 1, size: 64 },
+        Scenario::Rr {
+            conns: 32,
+            size: 64,
+        },
+        Scenario::Rr {
+            conns: 256,
+            size: 64,
+        },
+        Scenario::Rr {
+            conns: 1,
+            size: KIB16,
+        },
+        Scenario::Rr {
+            conns: 32,
+            size: KIB16,
+        },
+        Scenario::Rr {
+            conns: 256,
+            size: KIB16,
+        },
+        Scenario::Churn {
+            closer: Closer::Client,
+        },
+        Scenario::Churn {
+            closer: Closer::Server,
+        },
         Scenario::Idle,
         Scenario::SlowReader,
+        Scenario::Upgrade,
     ];
 
-    pub fn name(self) -> &'static str {
+    /// What runs without `--all` or `--scenarios`: sized so that with `--with-peers` the run
+    /// fits 15 minutes on 2 cores (the estimate is printed at the start). Left out: the 16 KiB
+    /// request/response rows on 1 and 256 connections (32 connections stands for them) and the
+    /// slow reader, which takes 20 s a run and answers issue 4, not issue 14.
+    pub fn is_default(self) -> bool {
+        !matches!(
+            self,
+            Scenario::Rr {
+                conns: 1 | 256,
+                size: KIB16
+            } | Scenario::SlowReader
+        )
+    }
+
+    pub fn family(self) -> Family {
         match self {
-            Scenario::BulkUpload => "bulk upload",
-            Scenario::BulkDownload => "bulk download",
-            Scenario::Rr => "request/response",
-            Scenario::Churn => "connection churn",
-            Scenario::Idle => "idle connections",
-            Scenario::SlowReader => "slow reader",
+            Scenario::Bulk { .. } => Family::Bulk,
+            Scenario::Rr { .. } => Family::Rr,
+            Scenario::Churn { .. } => Family::Churn,
+            Scenario::Idle => Family::Idle,
+            Scenario::SlowReader => Family::Slow,
+            Scenario::Upgrade => Family::Upgrade,
         }
+    }
+
+    /// Whether the scenario means anything for `target`: an upgrade is smartproxy's own.
+    pub fn applies_to(self, target: Target) -> bool {
+        match self {
+            Scenario::Upgrade => matches!(target, Target::Ebpf | Target::Userspace),
+            _ => true,
+        }
+    }
+
+    /// The most connections the scenario holds at once (for the fd limit and the proxies'
+    /// connection limits).
+    pub fn connections(self, p: &Params) -> usize {
+        match self {
+            Scenario::Bulk { streams, .. } => streams as usize,
+            Scenario::Rr { conns, .. } => conns,
+            Scenario::Churn { .. } => p.churn_concurrency,
+            Scenario::Idle => p.idle_conns,
+            Scenario::SlowReader => 1,
+            // The streams are among the connections; the connect loop adds one.
+            Scenario::Upgrade => p.upgrade_conns + 1,
+        }
+    }
+
+    /// The name on the command line (`--scenarios`).
+    pub fn slug(self) -> String {
+        match self {
+            Scenario::Bulk {
+                direction: Direction::Upload,
+                streams,
+            } => format!("bulk-upload-{streams}"),
+            Scenario::Bulk {
+                direction: Direction::Download,
+                streams,
+            } => {
+                format!("bulk-download-{streams}")
+            }
+            Scenario::Rr { conns, size } => format!("rr-{conns}x{}", size_slug(size)),
+            Scenario::Churn {
+                closer: Closer::Client,
+            } => "churn-client-close".to_owned(),
+            Scenario::Churn {
+                closer: Closer::Server,
+            } => "churn-server-close".to_owned(),
+            Scenario::Idle => "idle".to_owned(),
+            Scenario::SlowReader => "slow-reader".to_owned(),
+            Scenario::Upgrade => "upgrade".to_owned(),
+        }
+    }
+
+    /// The name in the report.
+    pub fn title(self) -> String {
+        match self {
+            Scenario::Bulk { direction, streams } => format!(
+                "{}, {streams} stream{}",
+                match direction {
+                    Direction::Upload => "upload",
+                    Direction::Download => "download",
+                },
+                if streams == 1 { "" } else { "s" }
+            ),
+            Scenario::Rr { conns, size } => format!(
+                "{conns} conn{} × {}",
+                if conns == 1 { "" } else { "s" },
+                super::units::show_bytes(size)
+            ),
+            Scenario::Churn {
+                closer: Closer::Client,
+            } => "client closes first".to_owned(),
+            Scenario::Churn {
+                closer: Closer::Server,
+            } => "server closes first".to_owned(),
+            Scenario::Idle => "idle connections".to_owned(),
+            Scenario::SlowReader => "slow reader".to_owned(),
+            Scenario::Upgrade => "upgrade".to_owned(),
+        }
+    }
+
+    /// Resolves `--scenarios` words: a scenario's slug, or a family (`bulk`, `bulk-upload`,
+    /// `bulk-download`, `rr`, `churn`) for all of its scenarios.
+    pub fn resolve(words: &[String]) -> Result<Vec<Scenario>, String> {
+        let mut out = Vec::new();
+        for word in words {
+            let word = word.trim();
+            let matched: Vec<Scenario> = Scenario::ALL
+                .into_iter()
+                .filter(|s| {
+                    let slug = s.slug();
+                    slug == word
+                        || (slug.starts_with(word)
+                            && slug.as_bytes().get(word.len()) == Some(&b'-')
+                            && matches!(
+                                word,
+                                "bulk" | "bulk-upload" | "bulk-download" | "rr" | "churn"
+                            ))
+                })
+                .collect();
+            if matched.is_empty() {
+                let names: Vec<String> = Scenario::ALL.iter().map(|s| s.slug()).collect();
+                return Err(format!(
+                    "unknown scenario {word:?}; known: {}, or a family: bulk, bulk-upload, \
+                     bulk-download, rr, churn",
+                    names.join(", ")
+                ));
+            }
+            for s in matched {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+        out.sort_unstable_by_key(|s| Scenario::ALL.iter().position(|a| a == s));
+        Ok(out)
+    }
+}
+
+fn size_slug(size: u64) -> String {
+    if size >= 1024 && size.is_multiple_of(1024) {
+        format!("{}k", size / 1024)
+    } else {
+        size.to_string()
     }
 }
 
 impl fmt::Display for Scenario {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(&self.slug())
     }
 }
 
@@ -74,15 +303,17 @@ impl fmt::Display for Scenario {
 #[derive(Debug, Clone)]
 pub struct Params {
     pub bulk_bytes: u64,
+    /// Message size of churn, idle and upgrade exchanges.
     pub message: u64,
     pub rr_secs: u64,
-    pub rr_conns: usize,
     pub churn_secs: u64,
     pub churn_concurrency: usize,
     pub idle_conns: usize,
     pub slow_bytes: u64,
     pub slow_rate: u64,
     pub slow_secs: u64,
+    pub upgrade_conns: usize,
+    pub upgrade_streams: usize,
 }
 
 /// Where a scenario sends its load.
@@ -93,16 +324,55 @@ pub struct Env<'a> {
     /// Bytes the backend's downloads have written so far (see `Backend::sent`).
     pub backend_sent: Arc<AtomicU64>,
     pub params: &'a Params,
+    /// The smartproxy binary and the proxy's control socket (upgrade only).
+    pub smartproxy: Option<&'a Path>,
+    pub control: Option<&'a Path>,
+    /// Set by the upgrade scenario to the process that now runs the proxy (the successor
+    /// `smartproxy upgrade` reported), so the bench stops that one afterwards.
+    pub successor: &'a Cell<Option<u32>>,
 }
 
 pub fn run(scenario: Scenario, env: &Env<'_>) -> Result<Measurement> {
     match scenario {
-        Scenario::BulkUpload => bulk::upload(env),
-        Scenario::BulkDownload => bulk::download(env),
-        Scenario::Rr => rr::run(env),
-        Scenario::Churn => churn::run(env),
+        Scenario::Bulk {
+            direction: Direction::Upload,
+            streams,
+        } => bulk::upload(env, streams),
+        Scenario::Bulk {
+            direction: Direction::Download,
+            streams,
+        } => bulk::download(env, streams),
+        Scenario::Rr { conns, size } => rr::run(env, conns, size),
+        Scenario::Churn { closer } => churn::run(env, closer),
         Scenario::Idle => idle::run(env),
         Scenario::SlowReader => slow::run(env),
+        Scenario::Upgrade => upgrade::run(env),
+    }
+}
+
+/// Why a connection failed, for the churn and upgrade counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// ECONNREFUSED: nobody listened (or the listen queue overflowed with syncookies off).
+    Refused,
+    /// ECONNRESET or EPIPE: the peer sent an RST.
+    Reset,
+    /// Anything else: an early EOF, a timeout, another error.
+    Other,
+}
+
+impl Failure {
+    /// Classifies by the first `io::Error` in the chain.
+    pub fn of(error: &anyhow::Error) -> Self {
+        let kind = error
+            .chain()
+            .find_map(|e| e.downcast_ref::<io::Error>())
+            .map(io::Error::kind);
+        match kind {
+            Some(io::ErrorKind::ConnectionRefused) => Failure::Refused,
+            Some(io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => Failure::Reset,
+            _ => Failure::Other,
+        }
     }
 }
 
@@ -120,15 +390,47 @@ fn connect(addr: SocketAddr) -> Result<TcpStream> {
     Ok(stream)
 }
 
+/// One more echo round trip of `size` bytes on an established echo connection.
+fn echo_round_trip(stream: &mut TcpStream, size: u64, waits: &mut ReadWaits) -> Result<()> {
+    let message = vec![0x42; usize::try_from(size).context("message size")?];
+    stream
+        .write_all(&message)
+        .context("sending an echo failed")?;
+    let mut reply = vec![0; message.len()];
+    wire::read_exact_timed(
+        stream,
+        &mut reply,
+        waits,
+        Instant::now() + Duration::from_secs(10),
+    )
+    .context("reading an echo failed")
+}
+
 /// An echo connection that has completed one exchange of `size` bytes, so it is routed and
 /// established end to end (for the proxies: both sockets, and for ebpf the sockhash entries).
 fn echo_connection(addr: SocketAddr, size: u64, waits: &mut ReadWaits) -> Result<TcpStream> {
+    echo_connection_as(addr, size, false, waits)
+}
+
+/// [`echo_connection`]; with `once` the backend closes after this exchange
+/// ([`Request::EchoOnce`]).
+fn echo_connection_as(
+    addr: SocketAddr,
+    size: u64,
+    once: bool,
+    waits: &mut ReadWaits,
+) -> Result<TcpStream> {
+    let request = if once {
+        Request::EchoOnce(size)
+    } else {
+        Request::Echo(size)
+    };
     let mut stream = connect(addr)?;
     stream
         .set_nodelay(true)
         .context("setting TCP_NODELAY failed")?;
     let message = vec![0x42; usize::try_from(size).context("message size")?];
-    let mut first = Request::Echo(size).encode().to_vec();
+    let mut first = request.encode().to_vec();
     first.extend_from_slice(&message);
     stream
         .write_all(&first)
