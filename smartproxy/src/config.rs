@@ -18,7 +18,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::limits::{AccessList, Cidr, PerIpConfig, RouteLimitsConfig};
 use crate::privileges::User;
@@ -183,8 +183,10 @@ impl fmt::Display for DataPathMode {
     }
 }
 
-/// Connection lifecycle settings (docs/architecture.md#connection-lifecycle).
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// Connection lifecycle settings (docs/architecture.md#connection-lifecycle). Serialized
+/// only to move a connection to a successor process (`upgrade`): the file's syntax is
+/// parsed elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LifecycleConfig {
     /// Greater than zero.
     pub connect_timeout: Duration,
@@ -223,7 +225,7 @@ impl Default for LifecycleConfig {
 }
 
 /// What an expired `inactivity_timeout` does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TimeoutBehavior {
     /// Close gracefully, reason `inactivity_timeout`.

@@ -5,21 +5,23 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tracing::field::{display, Empty};
-use tracing::{debug, info, info_span, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::backend::{connect, keepalive};
 use crate::conn_error::{ConnError, Step};
-use crate::datapath::clock::instant_of;
+use crate::datapath::clock::{instant_of, ns_of};
 use crate::datapath::kernel::SpliceError;
-use crate::datapath::{Peer, Relay};
+use crate::datapath::relay::Moved;
+use crate::datapath::{Meter, Peer, Relay};
 use crate::error_chain;
 use crate::generation::Generation;
 use crate::lifecycle::{Action, Event, Lifecycle};
@@ -27,6 +29,8 @@ use crate::limits::Admissions;
 use crate::routing::{receive_proxy_header, route};
 use crate::shared::{reached, Closed, Shared, Stop};
 use crate::table::ConnRecord;
+use crate::upgrade::message::ConnectionRecord;
+use crate::upgrade::{Outgoing, Phase};
 use crate::vocab::{DataPathKind, Direction, Reason, Side};
 
 /// One connection, from accept to close. Not an `async fn`: that would hold the
@@ -60,10 +64,12 @@ pub(crate) fn serve(
         ))
         .await;
         let (reason, cause) = match established {
-            Ok((route, client, backend)) => (
-                relay(&shared, &generation, route, client, backend, &record).await,
-                None,
-            ),
+            Ok((route, client, backend)) => {
+                match relay(&shared, &generation, route, client, backend, &record).await {
+                    Ended::Closed(reason) => (reason, None),
+                    Ended::Moved => return,
+                }
+            }
             Err(error) => (error.reason(), Some(error_chain(&error))),
         };
         // Before the close is announced: whoever hears of it may connect again at once.
@@ -71,6 +77,52 @@ pub(crate) fn serve(
         close(&shared, &record, reason, cause.as_deref());
     }
     .instrument(span)
+}
+
+/// How a connection's task ended.
+enum Ended {
+    Closed(Reason),
+    /// Handed to a successor process (`upgrade`), which closes it in the end.
+    Moved,
+}
+
+/// Drives a connection a predecessor process handed over (or an upgrade that failed gave
+/// back) from where it was: same id, counters, lifecycle state and timers.
+pub(crate) fn resume(
+    shared: &Arc<Shared>,
+    moved: ConnectionRecord,
+    sockets: Moved,
+) -> io::Result<()> {
+    let generation = shared.generation();
+    let slot = shared.stats.route_slot(&moved.route);
+    let target = generation
+        .config
+        .routes
+        .iter()
+        .position(|route| route.name == moved.route)
+        .and_then(|index| {
+            generation
+                .health(index)
+                .iter()
+                .find(|target| moved.target.as_deref() == Some(&*target.target.to_string()))
+                .cloned()
+        });
+    let meter = Arc::new(Meter::from_record(&moved.meter));
+    let relay = Relay::from_moved(sockets, Arc::clone(&meter), shared.kernel.as_ref())?;
+    let record = shared.table.insert_moved(&moved, slot, target, meter);
+    let lifecycle = Lifecycle::from_record(&moved.lifecycle, instant_of);
+    let span = info_span!("conn", id = record.id, client = %record.client(), moved = true);
+    let tasks = shared.tasks.clone();
+    let shared = Arc::clone(shared);
+    tasks.spawn(
+        async move {
+            if let Ended::Closed(reason) = drive(&shared, relay, lifecycle, &record).await {
+                close(&shared, &record, reason, None);
+            }
+        }
+        .instrument(span),
+    );
+    Ok(())
 }
 
 /// `cause`: why the setup failed, the error chain; `None` once the bytes moved.
@@ -250,13 +302,13 @@ async fn write_all(backend: &TcpStream, mut bytes: &[u8]) -> Result<(), ConnErro
 
 /// Moves the bytes and feeds the lifecycle until it closes the connection.
 async fn relay(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     generation: &Generation,
     route: usize,
     client: Peer,
     backend: Peer,
     record: &ConnRecord,
-) -> Reason {
+) -> Ended {
     let config = generation.config.routes[route].lifecycle;
     let mut relay = Relay::new(client, backend, Arc::clone(&record.meter));
     let data_path = generation.data_path(route, shared.kernel.is_some());
@@ -281,9 +333,23 @@ async fn relay(
             record.set_data_path(DataPathKind::Userspace);
         }
     }
-    let mut lifecycle = Lifecycle::new(config, Instant::now().into_std());
+    let lifecycle = Lifecycle::new(config, Instant::now().into_std());
+    drive(shared, relay, lifecycle, record).await
+}
+
+/// Feeds the lifecycle what the relay reports and carries out its actions, until it
+/// closes the connection or an upgrade moves it to the successor.
+async fn drive(
+    shared: &Arc<Shared>,
+    mut relay: Relay,
+    mut lifecycle: Lifecycle,
+    record: &ConnRecord,
+) -> Ended {
     let mut stop = shared.stop.clone();
     let mut stop_seen = Stop::Running;
+    let mut upgrade = shared.upgrade.subscribe();
+    let mut movable = relay.movable();
+    record.stays.store(!movable, Ordering::Relaxed);
     loop {
         let deadline = lifecycle.deadline().map(Instant::from_std);
         let event = tokio::select! {
@@ -294,6 +360,18 @@ async fn relay(
             stage = next_stage(&mut stop, stop_seen), if stop_seen < Stop::Cut => {
                 stop_seen = stage;
                 if stage == Stop::Drain { Event::Shutdown } else { Event::Cut }
+            }
+            handoff = handoff_requested(shared, &mut upgrade), if movable => {
+                match hand_off(shared, relay, &lifecycle, record, handoff) {
+                    Ok(()) => return Ended::Moved,
+                    Err(kept) => {
+                        // It stays here, and the upgrade need not wait for it.
+                        relay = kept;
+                        movable = false;
+                        record.stays.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                }
             }
         };
         debug!(?event, "lifecycle event");
@@ -307,14 +385,106 @@ async fn relay(
                         .await
                 }
                 Action::InactivityReset => shared.stats.inactivity_reset(),
-                Action::Close(reason) => return reason,
+                Action::Close(reason) => return Ended::Closed(reason),
             }
         }
-        record.half_open.store(
-            lifecycle.is_half_open(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        record
+            .half_open
+            .store(lifecycle.is_half_open(), Ordering::Relaxed);
     }
+}
+
+/// Resolves once an upgrade takes connections over, with where to hand this one.
+async fn handoff_requested(
+    shared: &Shared,
+    upgrade: &mut watch::Receiver<Phase>,
+) -> mpsc::UnboundedSender<Outgoing> {
+    loop {
+        if upgrade
+            .wait_for(|phase| *phase == Phase::HandingOff)
+            .await
+            .is_err()
+        {
+            return std::future::pending().await;
+        }
+        if let Some(sender) = shared.lock_handoff().clone() {
+            return sender;
+        }
+        // The handoff ended for this one: wait for the next upgrade.
+        if upgrade
+            .wait_for(|phase| *phase != Phase::HandingOff)
+            .await
+            .is_err()
+        {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Takes the relay apart and hands it, with its record, to the upgrade; gives it back if
+/// it cannot move now.
+fn hand_off(
+    shared: &Arc<Shared>,
+    relay: Relay,
+    lifecycle: &Lifecycle,
+    record: &ConnRecord,
+    handoff: mpsc::UnboundedSender<Outgoing>,
+) -> Result<(), Relay> {
+    let (Some(route), Some(backend), Some(data_path)) = (
+        record
+            .route
+            .get()
+            .and_then(|slot| shared.stats.route_name(*slot)),
+        record.backend.get().copied(),
+        record.data_path(),
+    ) else {
+        return Err(relay);
+    };
+    let moved = match relay.into_moved() {
+        Ok(moved) => moved,
+        Err((relay, e)) => {
+            warn!(error = %e, "this connection cannot move to the successor");
+            return Err(relay);
+        }
+    };
+    // After the splice was exported: the meter's kernel bytes are final up to here, and
+    // the successor's meter counts only what the kernel moves from now on.
+    let meter = record.meter.to_record();
+    let outgoing = Outgoing {
+        record: ConnectionRecord {
+            id: record.id,
+            peer: record.peer,
+            carried: record.carried.get().map(|c| (c.client, c.destination)),
+            started_ns: ns_of(record.started),
+            started_unix_ms: record
+                .started_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            route,
+            backend,
+            target: record.target.get().map(|t| t.target.to_string()),
+            data_path,
+            meter,
+            lifecycle: lifecycle.record(ns_of),
+            halves: moved.halves,
+            pending: moved.pending.each_ref().map(Vec::len),
+            offload: moved.offload.clone(),
+        },
+        moved,
+    };
+    // Out of the table first: the upgrade counts what is left to move there.
+    shared.table.remove(record.id);
+    // The upgrade reads until every sender is gone, and this one is alive: the send
+    // cannot fail. Should it, the connection goes on here all the same.
+    if let Err(returned) = handoff.send(outgoing) {
+        let Outgoing { record, moved } = returned.0;
+        let id = record.id;
+        if let Err(e) = resume(shared, record, moved) {
+            warn!(id, error = %e, "a connection whose handoff ended could not resume");
+        }
+    }
+    debug!("handed to the successor");
+    Ok(())
 }
 
 /// The stop stage after `seen`, once the proxy reaches it.

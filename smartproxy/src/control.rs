@@ -1,7 +1,7 @@
-//! The control socket: a Unix socket (mode 0600) that answers `stats`, `connections`
-//! and `reload` with one JSON document each, for the commands of the same names, and
-//! `stats-watch`, for each frame of `stats --watch`: `stats` without the kernel maps'
-//! entry counts.
+//! The control socket: a Unix socket (mode 0600) that answers `stats`, `connections`,
+//! `reload` and `upgrade [BINARY]` with one JSON document each, for the commands of the
+//! same names, and `stats-watch`, for each frame of `stats --watch`: `stats` without the
+//! kernel maps' entry counts.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -15,10 +15,10 @@ use tracing::{debug, info, warn};
 
 use crate::error_chain;
 use crate::listener::accept_until;
-use crate::shared::{reached, Shared, Stop};
+use crate::shared::Shared;
 
-/// The longest request line accepted; the requests are single words.
-const MAX_REQUEST: usize = 64;
+/// The longest request line accepted: a word, and for `upgrade` a binary's path.
+const MAX_REQUEST: usize = 4096 + 16;
 
 #[derive(Debug)]
 pub(crate) struct ControlServer {
@@ -48,6 +48,16 @@ impl ControlServer {
         Ok(ControlServer { listener })
     }
 
+    /// A control socket a predecessor handed over (`upgrade`); the path stays bound.
+    pub(crate) fn from_std(listener: std::os::unix::net::UnixListener) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(ControlServer { listener })
+    }
+
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
+    }
+
     pub(crate) async fn serve(self, shared: Arc<Shared>) {
         let listener = match UnixListener::from_std(self.listener) {
             Ok(listener) => listener,
@@ -56,12 +66,11 @@ impl ControlServer {
                 return;
             }
         };
-        let mut stop = shared.stop.clone();
         accept_until(
             "control",
             || listener.accept(),
             // Until exit, not at shutdown: the drain is when an operator watches.
-            reached(&mut stop, Stop::Exit),
+            shared.services_end(),
             |stream, _| {
                 tokio::spawn(answer(stream, Arc::clone(&shared)));
             },
@@ -71,6 +80,13 @@ impl ControlServer {
 }
 
 async fn answer(stream: UnixStream, shared: Arc<Shared>) {
+    // Besides the socket's mode: whoever asks for an upgrade makes this process start a
+    // binary with its privileges, so only its own user (or root) may.
+    let owner = stream.peer_cred().map(|cred| {
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        cred.uid() == me || cred.uid() == 0
+    });
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
@@ -110,7 +126,11 @@ async fn answer(stream: UnixStream, shared: Arc<Shared>) {
             };
             serde_json::to_vec(&reply)
         }
-        other => Ok(format!("{{\"error\":\"unknown request {other:?}\"}}").into_bytes()),
+        "upgrade" => serde_json::to_vec(&upgrade(&shared, None, owner).await),
+        other => match other.strip_prefix("upgrade ") {
+            Some(binary) => serde_json::to_vec(&upgrade(&shared, Some(binary.into()), owner).await),
+            None => Ok(format!("{{\"error\":\"unknown request {other:?}\"}}").into_bytes()),
+        },
     };
     match body {
         Ok(body) => {
@@ -120,6 +140,59 @@ async fn answer(stream: UnixStream, shared: Arc<Shared>) {
         }
         Err(e) => warn!(error = %e, "control reply not serializable"),
     }
+}
+
+/// `upgrade [BINARY]` from a client whose credentials say `owner`.
+async fn upgrade(
+    shared: &Arc<Shared>,
+    binary: Option<std::path::PathBuf>,
+    owner: io::Result<bool>,
+) -> UpgradeReply {
+    let refused = |message: String| UpgradeReply {
+        ok: false,
+        message,
+        upgraded: None,
+    };
+    match owner {
+        Ok(true) => {}
+        Ok(false) => {
+            warn!("upgrade refused: asked by another user than the proxy's");
+            return refused("only the proxy's own user or root may upgrade it".into());
+        }
+        Err(e) => return refused(format!("cannot tell who asks: {e}")),
+    }
+    match crate::upgrade::upgrade(shared, binary).await {
+        Ok(upgraded) => {
+            info!(
+                new_pid = upgraded.new_pid,
+                moved = upgraded.moved,
+                staying = upgraded.staying,
+                elapsed_ms = upgraded.elapsed_ms,
+                "upgraded (control socket)"
+            );
+            UpgradeReply {
+                ok: true,
+                message: format!(
+                    "pid {} handed over to pid {}: {} connections moved, {} draining here",
+                    upgraded.old_pid, upgraded.new_pid, upgraded.moved, upgraded.staying
+                ),
+                upgraded: Some(upgraded),
+            }
+        }
+        Err(e) => {
+            let message = error_chain(&e);
+            warn!(error = %message, "upgrade failed (control socket); this proxy keeps running everything");
+            refused(message)
+        }
+    }
+}
+
+/// The reply to `upgrade`: what moved, or why nothing did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeReply {
+    pub ok: bool,
+    pub message: String,
+    pub upgraded: Option<crate::upgrade::Upgraded>,
 }
 
 /// The reply to `reload`: what changed, or why nothing did.

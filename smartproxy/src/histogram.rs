@@ -43,6 +43,29 @@ impl Histogram {
         self.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
+    /// The raw counts (per bucket, `+Inf` last) and the sum in microseconds, for a
+    /// successor process to add to its own ([`Histogram::add`]).
+    pub(crate) fn raw(&self) -> (Vec<u64>, u64) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (
+            self.counts.iter().map(load).collect(),
+            load(&self.sum_micros),
+        )
+    }
+
+    /// Adds counts taken by [`Histogram::raw`] of a histogram with the same bounds;
+    /// counts of other bounds are ignored (false).
+    pub(crate) fn add(&self, counts: &[u64], sum_micros: u64) -> bool {
+        if counts.len() != self.counts.len() {
+            return false;
+        }
+        for (own, more) in self.counts.iter().zip(counts) {
+            own.fetch_add(*more, Ordering::Relaxed);
+        }
+        self.sum_micros.fetch_add(sum_micros, Ordering::Relaxed);
+        true
+    }
+
     pub(crate) fn snapshot(&self) -> HistogramSnapshot {
         let mut cumulative = 0;
         let mut buckets = Vec::with_capacity(self.bounds.len());

@@ -34,6 +34,7 @@ pub mod table;
 pub mod throttle;
 pub mod tls;
 pub mod tls_files;
+pub mod upgrade;
 pub mod view;
 pub mod vocab;
 

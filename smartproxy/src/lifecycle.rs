@@ -28,6 +28,8 @@
 
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::{LifecycleConfig, TimeoutBehavior};
 use crate::vocab::{Direction, Reason, Side};
 
@@ -73,29 +75,69 @@ pub enum Action {
 /// per packet, so a `Vec` costs nothing worth saving.
 pub type Actions = Vec<Action>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Flow {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Flow<T = Instant> {
     Open,
     /// `Finish` was asked for; the data path has not reported `Finished` yet.
     Finishing,
     Finished {
-        at: Instant,
+        at: T,
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Phase<T = Instant> {
     Relaying,
     /// The proxy is shutting down; the connection is closed at `deadline`.
     ShuttingDown {
-        deadline: Instant,
+        deadline: T,
     },
     /// A graceful close for `reason` is under way; destroyed at `deadline` at the latest.
     Closing {
         reason: Reason,
-        deadline: Instant,
+        deadline: T,
     },
     Closed(Reason),
+}
+
+impl<T: Copy> Flow<T> {
+    fn map<U>(self, f: impl Fn(T) -> U) -> Flow<U> {
+        match self {
+            Flow::Open => Flow::Open,
+            Flow::Finishing => Flow::Finishing,
+            Flow::Finished { at } => Flow::Finished { at: f(at) },
+        }
+    }
+}
+
+impl<T: Copy> Phase<T> {
+    fn map<U>(self, f: impl Fn(T) -> U) -> Phase<U> {
+        match self {
+            Phase::Relaying => Phase::Relaying,
+            Phase::ShuttingDown { deadline } => Phase::ShuttingDown {
+                deadline: f(deadline),
+            },
+            Phase::Closing { reason, deadline } => Phase::Closing {
+                reason,
+                deadline: f(deadline),
+            },
+            Phase::Closed(reason) => Phase::Closed(reason),
+        }
+    }
+}
+
+/// A lifecycle as a successor process takes it over (`upgrade`): the whole state, with
+/// every instant as CLOCK_MONOTONIC nanoseconds, the clock both processes share, so that
+/// its timers keep their deadlines. The configuration moves with it: a connection keeps
+/// the settings it was accepted under, as across a reload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LifecycleRecord {
+    config: LifecycleConfig,
+    flows: [Flow<u64>; 2],
+    eof_at: [Option<u64>; 2],
+    phase: Phase<u64>,
+    last_activity: u64,
+    idle_since: u64,
 }
 
 /// The lifecycle of one routed connection.
@@ -122,6 +164,31 @@ impl Lifecycle {
             phase: Phase::Relaying,
             last_activity: now,
             idle_since: now,
+        }
+    }
+
+    /// This lifecycle as a successor takes it over; `ns` gives an instant's CLOCK_MONOTONIC
+    /// nanoseconds.
+    pub fn record(&self, ns: impl Fn(Instant) -> u64) -> LifecycleRecord {
+        LifecycleRecord {
+            config: self.config,
+            flows: self.flows.map(|flow| flow.map(&ns)),
+            eof_at: self.eof_at.map(|at| at.map(&ns)),
+            phase: self.phase.map(&ns),
+            last_activity: ns(self.last_activity),
+            idle_since: ns(self.idle_since),
+        }
+    }
+
+    /// The lifecycle a predecessor recorded; `instant` is the inverse of `record`'s `ns`.
+    pub fn from_record(record: &LifecycleRecord, instant: impl Fn(u64) -> Instant) -> Self {
+        Lifecycle {
+            config: record.config,
+            flows: record.flows.map(|flow| flow.map(&instant)),
+            eof_at: record.eof_at.map(|at| at.map(&instant)),
+            phase: record.phase.map(&instant),
+            last_activity: instant(record.last_activity),
+            idle_since: instant(record.idle_since),
         }
     }
 
@@ -673,6 +740,35 @@ mod tests {
                 },
                 Close(Reason::InactivityTimeout)
             ]
+        );
+    }
+
+    /// A lifecycle moved to a successor (through its JSON record) keeps its state and its
+    /// deadlines: a half-closed connection stays half-closed, its parity timer unchanged.
+    #[test]
+    fn a_recorded_lifecycle_resumes_with_its_state_and_deadlines() {
+        let t0 = Instant::now();
+        let mut original = Lifecycle::new(config(), t0);
+        original.on_event(Event::Eof(Side::Client), t0 + SEC);
+        original.on_event(Event::Finished(Direction::ClientToBackend), t0 + 2 * SEC);
+        original.on_event(Event::Shutdown, t0 + 3 * SEC);
+        // An arbitrary origin: the record holds absolute clock readings.
+        let origin = 7_000_000_000_000u64;
+        let ns = |at: Instant| origin + at.duration_since(t0).as_nanos() as u64;
+        let instant = |at: u64| t0 + Duration::from_nanos(at - origin);
+        let json = serde_json::to_string(&original.record(ns)).expect("serializable");
+        let record: LifecycleRecord = serde_json::from_str(&json).expect("deserializable");
+        let mut moved = Lifecycle::from_record(&record, instant);
+        assert_eq!(moved.deadline(), original.deadline());
+        assert!(moved.is_half_open());
+        let now = t0 + 4 * SEC;
+        assert_eq!(
+            moved.on_event(Event::Eof(Side::Backend), now),
+            original.on_event(Event::Eof(Side::Backend), now)
+        );
+        assert_eq!(
+            moved.on_event(Event::Finished(Direction::BackendToClient), now),
+            vec![Action::Close(Reason::Normal)]
         );
     }
 

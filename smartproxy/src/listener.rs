@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::connection::serve;
 use crate::shared::{reached, Shared, Stop};
+use crate::upgrade::Phase;
 
 /// After a failed accept (EMFILE, ENFILE, ENOBUFS) the connection stays in the backlog:
 /// wait this long instead of spinning on it.
@@ -64,9 +65,14 @@ pub(crate) fn open_listener(
     addr: SocketAddr,
     listener: std::net::TcpListener,
 ) -> io::Result<()> {
+    let inherited = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned()?;
     let listener = TcpListener::from_std(listener)?;
     let bound = listener.local_addr()?;
     listeners.insert(addr, bound);
+    shared
+        .lock_handoff_sockets()
+        .listeners
+        .insert(addr, inherited);
     info!(listen = %bound, "listening");
     shared
         .tasks
@@ -100,11 +106,13 @@ pub(crate) async fn accept_loop(
 ) {
     let mut stop = shared.stop.clone();
     let mut generations = shared.generation.subscribe();
+    let mut upgrade = shared.upgrade.subscribe();
     loop {
         let until = async {
             tokio::select! {
-                _ = reached(&mut stop, Stop::Drain) => true,
-                _ = generations.changed() => false,
+                _ = reached(&mut stop, Stop::Drain) => Some(true),
+                _ = generations.changed() => Some(false),
+                _ = upgrade.wait_for(|phase| *phase >= Phase::HandingOff) => None,
             }
         };
         let stopped = accept_until(
@@ -121,6 +129,21 @@ pub(crate) async fn accept_loop(
             },
         )
         .await;
+        let stopped = match stopped {
+            Some(stopped) => stopped,
+            // The successor accepts on this socket: wait for the upgrade's outcome. One
+            // that failed gives it back.
+            None => {
+                let phase = upgrade
+                    .wait_for(|phase| *phase != Phase::HandingOff)
+                    .await
+                    .map_or(Phase::HandedOff, |phase| *phase);
+                if phase == Phase::HandedOff {
+                    return;
+                }
+                continue;
+            }
+        };
         if stopped {
             return;
         }
@@ -134,6 +157,7 @@ pub(crate) async fn accept_loop(
             // Closed under the lock: a reload that adds the address back binds it anew.
             drop(listener);
             listeners.remove(&addr);
+            shared.lock_handoff_sockets().listeners.remove(&addr);
             info!(listen = %bound, "no route uses this address any more: listener closed");
             return;
         }

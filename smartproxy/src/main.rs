@@ -1,4 +1,4 @@
-//! The `smartproxy` command: run, check, stats, connections.
+//! The `smartproxy` command: run, check, stats, connections, reload, upgrade.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,7 +14,7 @@ use smartproxy::privileges;
 use smartproxy::resolve::SystemResolver;
 use smartproxy::stats::{ConnectionRow, Snapshot};
 use smartproxy::view::{self, SortBy};
-use smartproxy::{notify, Proxy};
+use smartproxy::{notify, upgrade, Proxy};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -78,6 +78,20 @@ enum Command {
     Reload {
         #[command(flatten)]
         target: ControlTarget,
+    },
+    /// Hand a running proxy over to a successor process started from its binary (or
+    /// `--binary`), keeping every listener and connection (as SIGUSR2 does); exits 1 with
+    /// the reason if the proxy keeps running everything itself.
+    Upgrade {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// The binary to start instead of the one the proxy was started from (owned by
+        /// root or the proxy's user, writable by nobody else).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// Print the JSON reply.
+        #[arg(long)]
+        json: bool,
     },
     /// Write the man pages or a shell's completions, generated from these definitions,
     /// into a directory (used to build the packages: `cargo xtask dist`).
@@ -149,11 +163,34 @@ fn main() -> ExitCode {
         },
         Command::Run { config, log_format } => {
             init_logging(log_format);
-            let config = match load_config(&config) {
-                Ok(config) => config,
-                Err(code) => return code,
+            // Started by an upgrade: the predecessor waits for word, whatever happens.
+            let inherited = match upgrade::inherit() {
+                Ok(inherited) => inherited,
+                Err(e) => {
+                    eprintln!("error: cannot take over from the running proxy: {e}");
+                    return ExitCode::FAILURE;
+                }
             };
-            report(run(config))
+            let refuser = inherited.as_ref().and_then(|i| i.refuser().ok());
+            let refuse = |why: &str| {
+                if let Some(refuser) = &refuser {
+                    refuser.refuse(why);
+                }
+            };
+            let config = match Config::from_file(&config) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    refuse(&format!("the configuration does not load: {e}"));
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            let successor = successor_command(&config, log_format);
+            let result = run(config, inherited, successor);
+            if let Err(e) = &result {
+                refuse(&format!("{e:#}"));
+            }
+            report(result)
         }
         Command::Stats {
             target,
@@ -174,6 +211,14 @@ fn main() -> ExitCode {
         },
         Command::Reload { target } => match target.path() {
             Ok(path) => report(reload(&path)),
+            Err(code) => code,
+        },
+        Command::Upgrade {
+            target,
+            binary,
+            json,
+        } => match target.path() {
+            Ok(path) => report(upgrade_proxy(&path, binary.as_deref(), json)),
             Err(code) => code,
         },
         Command::Generate { what } => report(generate(what)),
@@ -247,7 +292,7 @@ fn raise_fd_limit(config: &Config) {
     }
 }
 
-/// SIGTERM, SIGINT and SIGHUP held back (`pthread_sigmask`) until their handlers exist.
+/// SIGTERM, SIGINT, SIGHUP and SIGUSR2 held back (`pthread_sigmask`) until their handlers exist.
 struct BlockedSignals(libc::sigset_t);
 
 impl BlockedSignals {
@@ -257,7 +302,7 @@ impl BlockedSignals {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR2] {
                 libc::sigaddset(&mut set, signal);
             }
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -280,7 +325,28 @@ impl BlockedSignals {
     }
 }
 
-fn run(config: Config) -> Result<()> {
+/// How an upgrade starts this proxy's successor: this binary, `run` with the same
+/// configuration file (by absolute path) and log format.
+fn successor_command(config: &Config, log_format: LogFormat) -> upgrade::SuccessorCommand {
+    let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(file) = &config.source {
+        let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+        args.extend(["run".into(), "--config".into(), file.into()]);
+        let format = match log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        args.extend(["--log-format".into(), format.into()]);
+    }
+    upgrade::SuccessorCommand { binary, args }
+}
+
+fn run(
+    config: Config,
+    inherited: Option<upgrade::Inherited>,
+    successor: upgrade::SuccessorCommand,
+) -> Result<()> {
     // Before privileges are dropped: raising the hard limit takes CAP_SYS_RESOURCE.
     raise_fd_limit(&config);
     let user = config.proxy.user.clone();
@@ -296,7 +362,8 @@ fn run(config: Config) -> Result<()> {
     // only what the data path still uses is kept, with `user` or without (under systemd
     // the unit's ambient capabilities would otherwise stay for good), and only then does
     // the runtime start its threads, which copy the reduced credentials.
-    let prepared = Proxy::prepare(config)?;
+    let mut prepared = Proxy::prepare_inherited(config, inherited)?;
+    prepared.set_successor(successor);
     let keep = privileges::kept_capabilities(prepared.uses_ebpf());
     match &user {
         Some(user) => {
@@ -317,15 +384,31 @@ fn run(config: Config) -> Result<()> {
         let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
         let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+        let mut user2 =
+            signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
         // The handlers are in place: a signal that came during setup is delivered now.
         signals.unblock()?;
         let proxy = Proxy::start_prepared(prepared, Arc::new(SystemResolver)).await?;
+        if let Some(taken) = proxy.take_over().await {
+            let taken = taken.context("taking over from the running proxy")?;
+            info!(predecessor = taken.predecessor, connections = taken.connections, complete = taken.complete, "took over from the predecessor");
+            // The service is this process from now on (the unit needs NotifyAccess=all).
+            service_manager(&format!("MAINPID={}", std::process::id()));
+        }
         info!("ready");
         service_manager("READY=1");
         let signal = loop {
             tokio::select! {
                 _ = terminate.recv() => break "SIGTERM",
                 _ = interrupt.recv() => break "SIGINT",
+                _ = proxy.handed_off() => break "upgrade",
+                _ = user2.recv() => match proxy.upgrade(None).await {
+                    Ok(upgraded) => info!(new_pid = upgraded.new_pid, moved = upgraded.moved, staying = upgraded.staying, "upgraded (SIGUSR2)"),
+                    Err(e) => warn!(
+                        error = %smartproxy::error_chain(&e),
+                        "upgrade failed (SIGUSR2); this proxy keeps running everything"
+                    ),
+                },
                 _ = hangup.recv() => match proxy.reload().await {
                     Ok(summary) => info!(%summary, "configuration reloaded (SIGHUP)"),
                     Err(e) => warn!(
@@ -335,8 +418,13 @@ fn run(config: Config) -> Result<()> {
                 },
             }
         };
-        info!(signal, grace_period = ?grace, "shutting down: no new connections");
-        service_manager("STOPPING=1");
+        if signal == "upgrade" {
+            // The successor is the service now: no STOPPING=1 from here.
+            info!(grace_period = ?grace, "handed over to the successor; draining what stayed here");
+        } else {
+            info!(signal, grace_period = ?grace, "shutting down: no new connections");
+            service_manager("STOPPING=1");
+        }
         proxy.shutdown();
         let stopped = proxy.wait();
         tokio::pin!(stopped);
@@ -382,6 +470,34 @@ fn reload(path: &Path) -> Result<()> {
         );
     }
     println!("reloaded: {}", reply.message);
+    Ok(())
+}
+
+fn upgrade_proxy(path: &Path, binary: Option<&Path>, json: bool) -> Result<()> {
+    let request = match binary {
+        Some(binary) => {
+            let binary = std::path::absolute(binary)
+                .with_context(|| format!("cannot resolve {}", binary.display()))?;
+            format!("upgrade {}", binary.display())
+        }
+        None => "upgrade".to_owned(),
+    };
+    let reply: control::UpgradeReply = fetch(path, &request)?;
+    if json {
+        println!("{}", serde_json::to_string(&reply)?);
+    }
+    if !reply.ok {
+        if json {
+            std::process::exit(1);
+        }
+        anyhow::bail!(
+            "upgrade failed; the running proxy keeps everything: {}",
+            reply.message
+        );
+    }
+    if !json {
+        println!("upgraded: {}", reply.message);
+    }
     Ok(())
 }
 

@@ -25,7 +25,7 @@ use crate::config::MAX_SCRAPERS;
 use crate::health::TargetSnapshot;
 use crate::histogram::HistogramSnapshot;
 use crate::listener::accept_until;
-use crate::shared::{reached, Shared, Stop};
+use crate::shared::Shared;
 use crate::stats::Snapshot;
 
 /// The most bytes of request line and headers read from a scraper.
@@ -49,6 +49,16 @@ impl MetricsServer {
         Ok(MetricsServer { listener })
     }
 
+    /// An endpoint a predecessor handed over (`upgrade`).
+    pub(crate) fn from_std(listener: std::net::TcpListener) -> io::Result<MetricsServer> {
+        listener.set_nonblocking(true)?;
+        Ok(MetricsServer { listener })
+    }
+
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
+    }
+
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
     }
@@ -61,13 +71,12 @@ impl MetricsServer {
                 return;
             }
         };
-        let mut stop = shared.stop.clone();
         let scrapers = Arc::new(Semaphore::new(MAX_SCRAPERS));
         accept_until(
             "metrics",
             || listener.accept(),
             // Until exit, not at shutdown: the drain is when an operator watches.
-            reached(&mut stop, Stop::Exit),
+            shared.services_end(),
             |stream, peer| {
                 let Ok(permit) = Arc::clone(&scrapers).try_acquire_owned() else {
                     debug!(%peer, "metrics: too many scrapers at once; closing");

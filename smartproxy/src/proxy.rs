@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, watch};
@@ -13,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::backend::start_checks;
 use crate::config::{Config, DataPathMode};
 use crate::control::ControlServer;
-use crate::datapath::kernel::{EbpfError, Kernel, MapEntries};
+use crate::datapath::kernel::{ensure_bpffs, pin_dir, EbpfError, Kernel, MapEntries, Pins};
 use crate::error_chain;
 use crate::generation::{select_data_path, Generation};
 use crate::health::Registry;
@@ -28,6 +29,8 @@ use crate::table::ConnTable;
 use crate::throttle::Throttle;
 use crate::tls::TlsRoutes;
 use crate::tls_files::TlsError;
+use crate::upgrade::message::KernelMaps;
+use crate::upgrade::{Inherited, Phase, SuccessorCommand, TakenOver, UpgradeError, Upgraded};
 use crate::vocab::DataPathKind;
 
 /// Why the proxy could not start.
@@ -43,6 +46,8 @@ pub enum StartError {
     Ebpf(#[source] EbpfError),
     #[error("TLS: {0}")]
     Tls(#[source] TlsError),
+    #[error("cannot take over from the running proxy: {0}")]
+    Successor(String),
     #[error("control socket {path}: {source}")]
     Control {
         path: std::path::PathBuf,
@@ -57,6 +62,9 @@ pub struct Proxy {
     shared: Arc<Shared>,
     metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<Stop>,
+    /// In a successor: the handoff socket and the predecessor's pid, until
+    /// [`Proxy::take_over`].
+    handoff: Mutex<Option<(std::os::unix::net::UnixStream, u32)>>,
 }
 
 /// A proxy set up but not running yet: its kernel data path loaded and every socket it
@@ -70,6 +78,8 @@ pub struct Prepared {
     control: ControlServer,
     /// With its bound address (they differ for port 0).
     metrics: Option<(MetricsServer, SocketAddr)>,
+    successor: SuccessorCommand,
+    handoff: Option<(std::os::unix::net::UnixStream, u32)>,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -85,6 +95,12 @@ impl Prepared {
     /// Whether the kernel data path loaded (some routes may still use userspace).
     pub fn uses_ebpf(&self) -> bool {
         self.kernel.is_some()
+    }
+
+    /// How an upgrade starts this proxy's successor (by default: this executable, `run
+    /// --config` the same file).
+    pub fn set_successor(&mut self, successor: SuccessorCommand) {
+        self.successor = successor;
     }
 }
 
@@ -107,14 +123,42 @@ impl Proxy {
     /// the kernel data path, and binds the listeners, the control socket and the metrics
     /// endpoint.
     pub fn prepare(config: Config) -> Result<Prepared, StartError> {
+        Self::prepare_inherited(config, None)
+    }
+
+    /// [`Proxy::prepare`] for a successor (`upgrade`): the sockets its predecessor handed
+    /// over are used instead of binding them again, and its kernel maps are reused.
+    pub fn prepare_inherited(
+        config: Config,
+        inherited: Option<Inherited>,
+    ) -> Result<Prepared, StartError> {
         let tls = TlsRoutes::load(&config).map_err(StartError::Tls)?;
         // Before any listener exists: sockets only run the sock_ops program if they are
         // created in the cgroup it is attached to.
-        let kernel = load_kernel(&config)?;
+        let kernel = load_kernel(&config, inherited.as_ref().map(|i| i.kernel.as_ref()))?;
+        let (mut inherited_listeners, inherited_control, mut inherited_metrics, handoff) =
+            match inherited {
+                Some(inherited) => {
+                    let predecessor = inherited.predecessor;
+                    let (listeners, control, metrics, socket) = inherited.into_parts();
+                    (
+                        listeners,
+                        Some(control),
+                        metrics,
+                        Some((socket, predecessor)),
+                    )
+                }
+                None => (Vec::new(), None, None, None),
+            };
         let metrics = match config.proxy.metrics {
             Some(addr) => {
                 let bind_error = |source| StartError::Bind { addr, source };
-                let server = MetricsServer::bind(addr).map_err(bind_error)?;
+                let server = match inherited_metrics.take() {
+                    Some((configured, listener)) if configured == addr => {
+                        MetricsServer::from_std(listener).map_err(bind_error)?
+                    }
+                    _ => MetricsServer::bind(addr).map_err(bind_error)?,
+                };
                 let bound = server.local_addr().map_err(bind_error)?;
                 Some((server, bound))
             }
@@ -126,15 +170,28 @@ impl Proxy {
             if listeners.iter().any(|(bound, _)| *bound == addr) {
                 continue;
             }
-            let listener = bind_std(addr).map_err(|source| StartError::Bind { addr, source })?;
+            let listener = match inherited_listeners.iter().position(|(a, _)| *a == addr) {
+                Some(index) => inherited_listeners.swap_remove(index).1,
+                None => bind_std(addr).map_err(|source| StartError::Bind { addr, source })?,
+            };
             listeners.push((addr, listener));
         }
         let control_socket = &config.proxy.control_socket;
-        let control =
-            ControlServer::bind(control_socket).map_err(|source| StartError::Control {
-                path: control_socket.clone(),
-                source,
-            })?;
+        let control_error = |source| StartError::Control {
+            path: control_socket.clone(),
+            source,
+        };
+        let control = match inherited_control {
+            Some(listener) => ControlServer::from_std(listener).map_err(control_error)?,
+            None => ControlServer::bind(control_socket).map_err(control_error)?,
+        };
+        let successor = SuccessorCommand {
+            binary: std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
+            args: match &config.source {
+                Some(path) => vec!["run".into(), "--config".into(), path.into()],
+                None => Vec::new(),
+            },
+        };
         Ok(Prepared {
             config,
             tls,
@@ -142,6 +199,8 @@ impl Proxy {
             listeners,
             control,
             metrics,
+            successor,
+            handoff,
         })
     }
 
@@ -158,8 +217,12 @@ impl Proxy {
             listeners: bound,
             control,
             metrics,
+            successor,
+            handoff,
         } = prepared;
-        if let Some(kernel) = &kernel {
+        // A successor reads the kernel's events once it adopted every connection
+        // ([`Proxy::take_over`]): the predecessor read them until then.
+        if let (Some(kernel), None) = (&kernel, &handoff) {
             kernel.start_events().map_err(StartError::Ebpf)?;
         }
         // The default for routes that set none: what `stats` reports as the proxy's.
@@ -194,6 +257,10 @@ impl Proxy {
             stop: stop_rx,
             tasks: TaskTracker::new(),
             services: TaskTracker::new(),
+            upgrade: watch::Sender::new(Phase::Idle),
+            handoff: Mutex::default(),
+            handoff_sockets: Mutex::default(),
+            successor,
         });
         start_checks(&shared, &shared.generation());
         {
@@ -206,6 +273,20 @@ impl Proxy {
                 }
             }
         }
+        {
+            let mut sockets = shared.lock_handoff_sockets();
+            let duplicate = |fd: std::os::fd::BorrowedFd<'_>| {
+                fd.try_clone_to_owned()
+                    .map_err(|source| StartError::Control {
+                        path: shared.control_socket.clone(),
+                        source,
+                    })
+            };
+            sockets.control = Some(duplicate(control.as_fd())?);
+            if let (Some((server, _)), Some(configured)) = (&metrics, generation_metrics(&shared)) {
+                sockets.metrics = Some((configured, duplicate(server.as_fd())?));
+            }
+        }
         shared.services.spawn(control.serve(Arc::clone(&shared)));
         let metrics_addr = metrics.map(|(server, bound)| {
             info!(listen = %bound, "metrics endpoint at /metrics");
@@ -216,7 +297,42 @@ impl Proxy {
             shared,
             metrics_addr,
             stop,
+            handoff: Mutex::new(handoff),
         })
+    }
+
+    /// Upgrades this proxy to a successor process started from `binary` (default: the
+    /// binary it was started from) that takes over its listeners and connections
+    /// (`upgrade`). Once it returns `Ok`, what stayed here drains: call
+    /// [`Proxy::shutdown`] and [`Proxy::wait`]. On error everything runs here as before.
+    pub async fn upgrade(&self, binary: Option<PathBuf>) -> Result<Upgraded, UpgradeError> {
+        crate::upgrade::upgrade(&self.shared, binary).await
+    }
+
+    /// Resolves once an upgrade handed this proxy over (whoever asked for it).
+    pub async fn handed_off(&self) {
+        let mut upgrade = self.shared.upgrade.subscribe();
+        let _ = upgrade.wait_for(|phase| *phase == Phase::HandedOff).await;
+    }
+
+    /// In a successor: takes over the predecessor's connections (`None` in a proxy not
+    /// started by an upgrade). Call it once [`Proxy::start_prepared`] returned: the
+    /// predecessor stops accepting once told this proxy accepts.
+    pub async fn take_over(&self) -> Option<std::io::Result<TakenOver>> {
+        let (socket, predecessor) = self
+            .handoff
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()?;
+        let taken = crate::upgrade::take_over(&self.shared, socket, predecessor).await;
+        if let Some(kernel) = &self.shared.kernel {
+            // The pins are this proxy's now, whatever became of the predecessor.
+            kernel.own_pins();
+            if let Err(e) = kernel.start_events() {
+                warn!(error = %error_chain(&e), "cannot read the kernel's state changes");
+            }
+        }
+        Some(taken)
     }
 
     /// `(configured, bound)` for every listen address: they differ for port 0.
@@ -307,6 +423,10 @@ impl Proxy {
         self.advance(Stop::Exit);
         self.shared.services.close();
         self.shared.services.wait().await;
+        if *self.shared.upgrade.borrow() == Phase::HandedOff {
+            // The successor answers on the control socket, and owns the pinned maps.
+            return;
+        }
         let path = &self.shared.control_socket;
         if let Err(e) = std::fs::remove_file(path) {
             debug!(path = %path.display(), error = %e, "control socket already gone");
@@ -315,8 +435,13 @@ impl Proxy {
 }
 
 /// Loads the kernel data path if any route may use it. `auto` falls back to userspace and
-/// says why; `ebpf` that cannot load is a startup error.
-fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
+/// says why; `ebpf` that cannot load is a startup error. The maps are pinned (so that an
+/// upgrade can hand them over) where `ebpf_pin_root` is a bpffs or can be made one; a
+/// successor (`inherited`) reuses its predecessor's and must be able to.
+fn load_kernel(
+    config: &Config,
+    inherited: Option<Option<&KernelMaps>>,
+) -> Result<Option<Kernel>, StartError> {
     let modes = std::iter::once(config.proxy.data_path)
         .chain(config.routes.iter().filter_map(|r| r.data_path));
     let (mut required, mut wanted) = (false, false);
@@ -324,11 +449,52 @@ fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
         required |= mode == DataPathMode::Ebpf;
         wanted |= select_data_path(mode, true, false) == DataPathKind::Ebpf;
     }
+    let options = config.proxy.kernel_options();
+    let predecessor = inherited.flatten();
+    if let Some(maps) = predecessor {
+        if !wanted {
+            return Err(StartError::Successor(
+                "the running proxy's connections use the kernel data path, which this configuration does not load".into(),
+            ));
+        }
+        let theirs = (
+            maps.ring_buffer_bytes,
+            maps.max_connections,
+            maps.max_queued_bytes,
+        );
+        let ours = (
+            options.ring_buffer_bytes,
+            options.max_connections,
+            options.max_queued_bytes,
+        );
+        if theirs != ours {
+            return Err(StartError::Successor(format!(
+                "the kernel maps were made with (ebpf_ring_buffer_bytes, ebpf_max_connections, max_queued_bytes) = {theirs:?} and this configuration says {ours:?}: restart to change them"
+            )));
+        }
+        return Kernel::load_pinned(options, Pins::Reuse(maps.pins.clone()))
+            .map(Some)
+            .map_err(|e| StartError::Successor(error_chain(&e)));
+    }
     if !wanted {
         return Ok(None);
     }
-    let options = config.proxy.kernel_options();
-    match Kernel::load(options) {
+    let root = &config.proxy.ebpf_pin_root;
+    let loaded = match ensure_bpffs(root) {
+        Ok(()) => {
+            let control = std::path::absolute(&config.proxy.control_socket)
+                .unwrap_or_else(|_| config.proxy.control_socket.clone());
+            Kernel::load_pinned(options, Pins::Fresh(pin_dir(root, &control)))
+        }
+        Err(e) => {
+            warn!(
+                reason = %error_chain(&e),
+                "the kernel maps are not pinned: an upgrade cannot move kernel-path connections (set proxy.ebpf_pin_root to a bpffs, or to a directory where the proxy may mount one)"
+            );
+            Kernel::load(options)
+        }
+    };
+    match loaded {
         Ok(kernel) => {
             info!("eBPF data path loaded");
             Ok(Some(kernel))
@@ -340,4 +506,9 @@ fn load_kernel(config: &Config) -> Result<Option<Kernel>, StartError> {
             Ok(None)
         }
     }
+}
+
+/// The configured metrics address of the running configuration.
+fn generation_metrics(shared: &Shared) -> Option<SocketAddr> {
+    shared.generation().config.proxy.metrics
 }

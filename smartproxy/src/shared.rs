@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
@@ -21,6 +21,7 @@ use crate::resolve::Resolve;
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
 use crate::table::ConnTable;
 use crate::throttle::Throttle;
+use crate::upgrade::{HandoffSockets, Outgoing, Phase, SuccessorCommand};
 use crate::vocab::Reason;
 
 /// At most one warning that the kernel maps are full per this interval.
@@ -84,6 +85,14 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// The control socket and the metrics endpoint: they outlive `tasks`.
     pub(crate) services: TaskTracker,
+    /// Where an upgrade is.
+    pub(crate) upgrade: watch::Sender<Phase>,
+    /// While an upgrade takes connections over: where they go.
+    pub(crate) handoff: Mutex<Option<mpsc::UnboundedSender<Outgoing>>>,
+    /// What a successor inherits.
+    pub(crate) handoff_sockets: Mutex<HandoffSockets>,
+    /// How a successor is started.
+    pub(crate) successor: SuccessorCommand,
 }
 
 impl Shared {
@@ -176,6 +185,31 @@ impl Shared {
 
     pub(crate) fn generation(&self) -> Arc<Generation> {
         Arc::clone(&self.generation.borrow())
+    }
+
+    pub(crate) fn lock_handoff(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<mpsc::UnboundedSender<Outgoing>>> {
+        // A single assignment at a time: a poisoned lock is still sound.
+        self.handoff.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn lock_handoff_sockets(&self) -> std::sync::MutexGuard<'_, HandoffSockets> {
+        // Single inserts and removals: a poisoned lock is still sound.
+        self.handoff_sockets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Resolves once the control socket and the metrics endpoint stop answering here: at
+    /// exit, or once a successor answers on them.
+    pub(crate) async fn services_end(&self) {
+        let mut stop = self.stop.clone();
+        let mut upgrade = self.upgrade.subscribe();
+        tokio::select! {
+            _ = reached(&mut stop, Stop::Exit) => {}
+            _ = upgrade.wait_for(|phase| *phase == Phase::HandedOff) => {}
+        }
     }
 
     pub(crate) fn lock_listeners(

@@ -245,7 +245,117 @@ impl LiveCounts {
     }
 }
 
+/// A proxy's counters as its successor carries them on (`upgrade`): closures, refusals and
+/// the bytes of connections that ended. Keyed by name, so that a successor with more
+/// reasons or routes adds what it knows; live connections move with their own meters.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    total: u64,
+    closed: BTreeMap<Reason, u64>,
+    closed_bytes: [u64; 2],
+    closed_kernel_bytes: [u64; 2],
+    inactivity_resets: u64,
+    splice_failures: u64,
+    map_full: u64,
+    unrouted_closed: BTreeMap<Reason, u64>,
+    refused: BTreeMap<String, u64>,
+    routes: Vec<RouteTotals>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct RouteTotals {
+    name: String,
+    total: u64,
+    closed: BTreeMap<Reason, u64>,
+    closed_bytes: [u64; 2],
+    closed_kernel_bytes: [u64; 2],
+    duration: (Vec<u64>, u64),
+    connect: (Vec<u64>, u64),
+}
+
+fn by_reason(counters: &[AtomicU64; Reason::ALL.len()]) -> BTreeMap<Reason, u64> {
+    Reason::ALL
+        .iter()
+        .map(|reason| (*reason, counters[reason.index()].load(Ordering::Relaxed)))
+        .collect()
+}
+
+fn add_by_reason(counters: &[AtomicU64; Reason::ALL.len()], more: &BTreeMap<Reason, u64>) {
+    for (reason, count) in more {
+        counters[reason.index()].fetch_add(*count, Ordering::Relaxed);
+    }
+}
+
+fn add_pair(counters: &[AtomicU64; 2], more: [u64; 2]) {
+    for (counter, more) in counters.iter().zip(more) {
+        counter.fetch_add(more, Ordering::Relaxed);
+    }
+}
+
 impl Stats {
+    /// The counters a successor carries on ([`Totals`]).
+    pub fn totals(&self) -> Totals {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Totals {
+            total: load(&self.total),
+            closed: by_reason(&self.closed),
+            closed_bytes: self.closed_bytes.each_ref().map(load),
+            closed_kernel_bytes: self.closed_kernel_bytes.each_ref().map(load),
+            inactivity_resets: load(&self.inactivity_resets),
+            splice_failures: load(&self.splice_failures),
+            map_full: load(&self.map_full),
+            unrouted_closed: by_reason(&self.unrouted_closed),
+            refused: Refusal::ALL
+                .iter()
+                .map(|r| (r.as_str().to_owned(), load(&self.refused[r.index()])))
+                .collect(),
+            routes: self
+                .routes()
+                .iter()
+                .map(|route| RouteTotals {
+                    name: route.name.clone(),
+                    total: load(&route.total),
+                    closed: by_reason(&route.closed),
+                    closed_bytes: route.closed_bytes.each_ref().map(load),
+                    closed_kernel_bytes: route.closed_kernel_bytes.each_ref().map(load),
+                    duration: route.duration.raw(),
+                    connect: route.connect.raw(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds a predecessor's counters to these.
+    pub fn add_totals(&self, totals: &Totals) {
+        let add = |counter: &AtomicU64, more: u64| {
+            counter.fetch_add(more, Ordering::Relaxed);
+        };
+        add(&self.total, totals.total);
+        add_by_reason(&self.closed, &totals.closed);
+        add_pair(&self.closed_bytes, totals.closed_bytes);
+        add_pair(&self.closed_kernel_bytes, totals.closed_kernel_bytes);
+        add(&self.inactivity_resets, totals.inactivity_resets);
+        add(&self.splice_failures, totals.splice_failures);
+        add(&self.map_full, totals.map_full);
+        add_by_reason(&self.unrouted_closed, &totals.unrouted_closed);
+        for refusal in Refusal::ALL {
+            if let Some(more) = totals.refused.get(refusal.as_str()) {
+                add(&self.refused[refusal.index()], *more);
+            }
+        }
+        for route in &totals.routes {
+            let slot = self.route_slot(&route.name);
+            let routes = self.routes();
+            let own = &routes[slot];
+            add(&own.total, route.total);
+            add_by_reason(&own.closed, &route.closed);
+            add_pair(&own.closed_bytes, route.closed_bytes);
+            add_pair(&own.closed_kernel_bytes, route.closed_kernel_bytes);
+            own.duration.add(&route.duration.0, route.duration.1);
+            own.connect.add(&route.connect.0, route.connect.1);
+        }
+    }
+
     pub fn new(data_path: DataPathKind) -> Stats {
         Stats {
             started: Instant::now(),
@@ -470,5 +580,45 @@ impl Stats {
             .collect();
         rows.sort_by_key(|row| row.id);
         rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A successor that adds its predecessor's totals reports what the predecessor did,
+    /// through JSON, route by name.
+    #[test]
+    fn totals_carry_over_to_a_successor() {
+        let old = Stats::new(DataPathKind::Userspace);
+        let web = old.route_slot("web");
+        old.accepted();
+        old.routed(web);
+        old.backend_connected(web, Duration::from_millis(3));
+        old.refused(Refusal::ALL[0]);
+        old.inactivity_reset();
+        let table = ConnTable::default();
+        let record = table.insert("127.0.0.1:1".parse().unwrap());
+        record.route.set(web).unwrap();
+        record.meter.record(Direction::ClientToBackend, 10);
+        old.closed(&record, Reason::ClientReset);
+        let json = serde_json::to_string(&old.totals()).unwrap();
+
+        let new = Stats::new(DataPathKind::Userspace);
+        new.route_slot("other");
+        new.add_totals(&serde_json::from_str(&json).unwrap());
+        let empty = ConnTable::default();
+        let (before, after) = (
+            old.snapshot(&empty, EbpfSnapshot::default(), Vec::new()),
+            new.snapshot(&empty, EbpfSnapshot::default(), Vec::new()),
+        );
+        assert_eq!(after.connections.total, 1);
+        assert_eq!(after.closed, before.closed);
+        assert_eq!(after.refused, before.refused);
+        assert_eq!(after.bytes, before.bytes);
+        assert_eq!(after.lifecycle.inactivity_resets, 1);
+        let route = |s: &Snapshot| s.routes.iter().find(|r| r.name == "web").cloned();
+        assert_eq!(route(&after), route(&before));
     }
 }

@@ -6,7 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
+use std::time::Duration;
+
+use crate::datapath::clock::instant_of;
 use crate::datapath::Meter;
+use crate::upgrade::message::ConnectionRecord;
 
 use crate::health::TargetHealth;
 use crate::vocab::DataPathKind;
@@ -33,6 +37,8 @@ pub struct ConnRecord {
     data_path: AtomicU8,
     pub meter: Arc<Meter>,
     pub half_open: AtomicBool,
+    /// Relayed over TLS this proxy holds the keys of: an upgrade cannot move it.
+    pub stays: AtomicBool,
 }
 
 /// The addresses a load balancer's PROXY header carries.
@@ -92,9 +98,66 @@ impl ConnTable {
             data_path: AtomicU8::new(0),
             meter: Arc::default(),
             half_open: AtomicBool::new(false),
+            stays: AtomicBool::new(false),
         });
         self.lock().insert(id, Arc::clone(&record));
         record
+    }
+
+    /// Records a connection a predecessor process handed over, under its own id.
+    pub fn insert_moved(
+        &self,
+        moved: &ConnectionRecord,
+        route: usize,
+        target: Option<Arc<TargetHealth>>,
+        meter: Arc<Meter>,
+    ) -> Arc<ConnRecord> {
+        let carried = OnceLock::new();
+        if let Some((client, destination)) = moved.carried {
+            let _ = carried.set(Carried {
+                client,
+                destination,
+            });
+        }
+        let record = Arc::new(ConnRecord {
+            id: moved.id,
+            peer: moved.peer,
+            carried,
+            started: instant_of(moved.started_ns),
+            started_at: SystemTime::UNIX_EPOCH + Duration::from_millis(moved.started_unix_ms),
+            route: OnceLock::from(route),
+            backend: OnceLock::from(moved.backend),
+            target: target.map_or_else(OnceLock::new, OnceLock::from),
+            data_path: AtomicU8::new(0),
+            meter,
+            half_open: AtomicBool::new(moved.lifecycle_half_open()),
+            stays: AtomicBool::new(false),
+        });
+        record.set_data_path(moved.data_path);
+        self.continue_ids(moved.id);
+        self.lock().insert(moved.id, Arc::clone(&record));
+        record
+    }
+
+    /// The next id handed out (ids of connections an upgrade moves are kept).
+    pub fn next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed) + 1
+    }
+
+    /// Hands out ids after `id` from now on (after a predecessor's).
+    pub fn continue_ids(&self, id: u64) {
+        self.next_id.fetch_max(id, Ordering::Relaxed);
+    }
+
+    /// `(movable, staying)`: live connections an upgrade has yet to move (set-ups
+    /// included), and those that stay in this process.
+    pub fn remaining_for_handoff(&self) -> (u64, u64) {
+        let records = self.lock();
+        let staying = records
+            .values()
+            .filter(|r| r.stays.load(Ordering::Relaxed))
+            .count() as u64;
+        (records.len() as u64 - staying, staying)
     }
 
     pub fn remove(&self, id: u64) {

@@ -87,7 +87,10 @@ impl fmt::Display for Direction {
 }
 
 /// Why a connection ended. Every closed connection gets exactly one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Reason {
     Normal,
     ClientReset,

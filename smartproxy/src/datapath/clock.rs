@@ -14,10 +14,42 @@ pub fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The `Instant` of a CLOCK_MONOTONIC stamp (both count from the same origin on Linux,
-/// but `Instant` has no constructor from raw nanoseconds).
+/// The `Instant` of a CLOCK_MONOTONIC stamp, past or future (both count from the same
+/// origin on Linux, but `Instant` has no constructor from raw nanoseconds).
 pub fn instant_of(stamp_ns: u64) -> Instant {
-    let now = Instant::now();
-    let age = monotonic_ns().saturating_sub(stamp_ns);
-    now.checked_sub(Duration::from_nanos(age)).unwrap_or(now)
+    let (now, now_ns) = (Instant::now(), monotonic_ns());
+    if stamp_ns >= now_ns {
+        return now + Duration::from_nanos(stamp_ns - now_ns);
+    }
+    now.checked_sub(Duration::from_nanos(now_ns - stamp_ns))
+        .unwrap_or(now)
+}
+
+/// The CLOCK_MONOTONIC stamp of an `Instant` (the inverse of [`instant_of`]): how a
+/// connection's timers travel to a successor process, which reads the same clock.
+pub fn ns_of(at: Instant) -> u64 {
+    let (now, now_ns) = (Instant::now(), monotonic_ns());
+    match at.checked_duration_since(now) {
+        Some(ahead) => now_ns.saturating_add(ahead.as_nanos() as u64),
+        None => now_ns.saturating_sub(now.duration_since(at).as_nanos() as u64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_and_instants_convert_both_ways_within_a_millisecond() {
+        let now = Instant::now();
+        for at in [
+            now,
+            now + Duration::from_secs(90),
+            now - Duration::from_millis(5),
+        ] {
+            let back = instant_of(ns_of(at));
+            let error = back.max(at) - back.min(at);
+            assert!(error < Duration::from_millis(1), "{error:?}");
+        }
+    }
 }

@@ -31,7 +31,37 @@ impl Default for Meter {
     }
 }
 
+/// A meter's own counts as a successor process takes them over (`upgrade`). Without the
+/// live counters of a splice: those stay in the kernel's maps, and the successor's meter
+/// reads them again once it adopts the splice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MeterRecord {
+    userspace: [u64; 2],
+    kernel_ended: [u64; 2],
+    last_activity_ns: u64,
+}
+
 impl Meter {
+    /// This meter's own counts (see [`MeterRecord`]).
+    pub fn to_record(&self) -> MeterRecord {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        MeterRecord {
+            userspace: self.bytes.each_ref().map(load),
+            kernel_ended: self.kernel_bytes.each_ref().map(load),
+            last_activity_ns: load(&self.last_activity_ns),
+        }
+    }
+
+    /// A meter that goes on from a predecessor's counts.
+    pub fn from_record(record: &MeterRecord) -> Meter {
+        Meter {
+            bytes: record.userspace.map(AtomicU64::new),
+            kernel_bytes: record.kernel_ended.map(AtomicU64::new),
+            last_activity_ns: AtomicU64::new(record.last_activity_ns),
+            kernel: Mutex::new(None),
+        }
+    }
+
     pub fn record(&self, direction: Direction, bytes: usize) {
         self.bytes[direction.index()].fetch_add(bytes as u64, Ordering::Relaxed);
         self.last_activity_ns

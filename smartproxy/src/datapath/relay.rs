@@ -10,6 +10,7 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -17,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::kernel::offload::{BACKLOG_POLL_MAX, BACKLOG_POLL_MIN};
-use super::kernel::{Kernel, Offload, SpliceError, Wait, PASSED_READ_BYTES};
+use super::kernel::{Kernel, Offload, OffloadRecord, SpliceError, Wait, PASSED_READ_BYTES};
 use super::peer::{Peer, BUFFER_BYTES};
 use super::Meter;
 use crate::lifecycle::Event;
@@ -189,6 +190,35 @@ async fn socket_error(side: Side, stream: Option<&TcpStream>) -> Side {
     side
 }
 
+/// One direction's state as a successor takes it over (`upgrade`); the bytes read and
+/// not yet written travel beside it ([`Moved::pending`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HalfRecord {
+    eof: bool,
+    finishing: bool,
+    finished: bool,
+}
+
+impl HalfRecord {
+    /// The direction stopped or is stopping.
+    pub fn ended(&self) -> bool {
+        self.finishing || self.finished
+    }
+}
+
+/// A relay as it leaves this process: its state, the bytes it holds, and its two
+/// sockets (new descriptors of the same sockets; the relay's own are closed).
+#[derive(Debug)]
+pub struct Moved {
+    pub halves: [HalfRecord; 2],
+    /// Per direction: read from the source, not yet written to the destination.
+    pub pending: [Vec<u8>; 2],
+    pub client: OwnedFd,
+    pub backend: OwnedFd,
+    /// The kernel's bookkeeping, when spliced: the maps keep the splice meanwhile.
+    pub offload: Option<OffloadRecord>,
+}
+
 /// Both directions of one connection.
 #[derive(Debug)]
 pub struct Relay {
@@ -220,6 +250,95 @@ impl Relay {
 
     pub fn meter(&self) -> &Arc<Meter> {
         &self.meter
+    }
+
+    /// Whether a successor process can take this relay over: not over TLS, whose session
+    /// state stays in this process.
+    pub fn movable(&self) -> bool {
+        !self.client.is_tls() && !self.backend.is_tls()
+    }
+
+    /// Takes the relay apart for a successor process. Call it between two `next_event`s
+    /// (which is cancel-safe, so every byte read is in a buffer here), and only when
+    /// [`Relay::movable`]. A spliced connection stays in the kernel's maps, its
+    /// bookkeeping exported ([`Offload::export`]). On error nothing changed.
+    pub fn into_moved(mut self) -> Result<Moved, (Relay, io::Error)> {
+        debug_assert!(self.movable(), "attempted to move a TLS session");
+        let duplicate = |peer: &Peer| peer.tcp().as_fd().try_clone_to_owned();
+        let (client, backend) = match (duplicate(&self.client), duplicate(&self.backend)) {
+            (Ok(client), Ok(backend)) => (client, backend),
+            (Err(e), _) | (_, Err(e)) => return Err((self, e)),
+        };
+        let halves = self.halves.each_ref().map(|half| HalfRecord {
+            eof: half.eof,
+            finishing: half.finishing,
+            finished: half.finished,
+        });
+        let pending = self
+            .halves
+            .each_mut()
+            .map(|half| match half.buf.get(half.start..half.end) {
+                // An idle half gave its buffer back: nothing is held.
+                Some(held) if half.start < half.end => held.to_vec(),
+                _ => Vec::new(),
+            });
+        let offload = self.offload.take().map(Offload::export);
+        Ok(Moved {
+            halves,
+            pending,
+            client,
+            backend,
+            offload,
+        })
+    }
+
+    /// The relay a predecessor moved here, on the runtime; a spliced one is adopted by
+    /// `kernel`, which must reuse the predecessor's maps.
+    pub fn from_moved(
+        moved: Moved,
+        meter: Arc<Meter>,
+        kernel: Option<&Kernel>,
+    ) -> io::Result<Relay> {
+        let Moved {
+            halves,
+            pending,
+            client,
+            backend,
+            offload,
+        } = moved;
+        let offload = match (offload, kernel) {
+            (None, _) => None,
+            (Some(record), Some(kernel)) => Some(
+                Offload::adopt(
+                    kernel,
+                    client.as_fd(),
+                    backend.as_fd(),
+                    Arc::<Meter>::clone(&meter),
+                    record,
+                )
+                .map_err(io::Error::other)?,
+            ),
+            (Some(_), None) => {
+                return Err(io::Error::other(
+                    "a spliced connection, and the kernel data path is not loaded here",
+                ))
+            }
+        };
+        let peer = |fd: OwnedFd| -> io::Result<Peer> {
+            let stream = std::net::TcpStream::from(fd);
+            stream.set_nonblocking(true)?;
+            Ok(TcpStream::from_std(stream)?.into())
+        };
+        let mut relay = Relay::new(peer(client)?, peer(backend)?, meter);
+        relay.offload = offload;
+        for ((half, record), bytes) in relay.halves.iter_mut().zip(halves).zip(pending) {
+            half.eof = record.eof;
+            half.finishing = record.finishing;
+            half.finished = record.finished;
+            half.end = bytes.len();
+            half.buf = bytes;
+        }
+        Ok(relay)
     }
 
     /// Hands the connection's bytes to the kernel. Must come before the first

@@ -1,0 +1,170 @@
+//! What the two processes of an upgrade say to each other, in order:
+//!
+//! 1. predecessor: [`Hello`], with the listening sockets, the control socket and the
+//!    metrics endpoint;
+//! 2. successor: `Ready` once it accepts on them (or `Refused`, and it exits);
+//! 3. predecessor: a `Connection` per live connection, with its two sockets; the successor
+//!    answers each with `Taken` once it drives it: from then on it is the successor's;
+//! 4. predecessor: `Done` when no connection is left to move, with its counters;
+//! 5. successor: `Confirmed`; the predecessor exits once what could not move has drained.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::kernel::OffloadRecord;
+use crate::datapath::meter::MeterRecord;
+use crate::datapath::relay::HalfRecord;
+use crate::lifecycle::LifecycleRecord;
+use crate::stats::Totals;
+use crate::vocab::DataPathKind;
+
+/// Bumped whenever a message or record changes shape or meaning.
+pub const PROTOCOL: u32 = 1;
+
+/// What a successor checks before it takes anything over: the handoff protocol, and the
+/// layout of the kernel maps it will reuse.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub protocol: u32,
+    pub map_layout: u32,
+    /// The predecessor's version, for the log.
+    pub version: String,
+}
+
+impl Stamp {
+    pub fn this_build() -> Stamp {
+        Stamp {
+            protocol: PROTOCOL,
+            map_layout: smartproxy_common::LAYOUT_VERSION,
+            version: crate::VERSION.to_owned(),
+        }
+    }
+
+    /// Why a successor built as `self` cannot take over from `predecessor`, if it cannot.
+    pub fn incompatible(&self, predecessor: &Stamp) -> Option<String> {
+        if predecessor.protocol != self.protocol {
+            return Some(format!(
+                "handoff protocol {} of smartproxy {} cannot be read by this build (protocol {}, smartproxy {})",
+                predecessor.protocol, predecessor.version, self.protocol, self.version
+            ));
+        }
+        if predecessor.map_layout != self.map_layout {
+            return Some(format!(
+                "the kernel maps of smartproxy {} have layout {}, this build expects {}",
+                predecessor.version, predecessor.map_layout, self.map_layout
+            ));
+        }
+        None
+    }
+}
+
+/// The first message: what comes with it and how to read it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub stamp: Stamp,
+    pub pid: u32,
+    /// The configured listen addresses, in the order of the descriptors; the control
+    /// socket's descriptor follows them, then the metrics endpoint's if any.
+    pub listeners: Vec<SocketAddr>,
+    /// The configured metrics address, when its descriptor is included.
+    pub metrics: Option<SocketAddr>,
+    /// The kernel data path, when the predecessor runs it: its pinned maps and the sizes
+    /// they were made with, which the successor's configuration must not change.
+    pub kernel: Option<KernelMaps>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelMaps {
+    pub pins: PathBuf,
+    /// `ebpf_ring_buffer_bytes`, `ebpf_max_connections` and `max_queued_bytes` as the maps
+    /// were made.
+    pub ring_buffer_bytes: u32,
+    pub max_connections: u32,
+    pub max_queued_bytes: u64,
+}
+
+/// One live connection. Its descriptors: client, backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    pub id: u64,
+    /// The TCP peer (a load balancer, when `carried` is set).
+    pub peer: SocketAddr,
+    /// The client and destination a PROXY header named.
+    pub carried: Option<(SocketAddr, SocketAddr)>,
+    /// CLOCK_MONOTONIC nanoseconds at accept, and wall-clock milliseconds since 1970.
+    pub started_ns: u64,
+    pub started_unix_ms: u64,
+    pub route: String,
+    pub backend: SocketAddr,
+    /// The target as configured (`host:port`), for its health counters.
+    pub target: Option<String>,
+    pub data_path: DataPathKind,
+    pub meter: MeterRecord,
+    pub lifecycle: LifecycleRecord,
+    pub halves: [HalfRecord; 2],
+    /// Bytes read and not yet written, per direction: the frame's tail holds them, client
+    /// to backend first.
+    pub pending: [usize; 2],
+    /// The kernel's bookkeeping of a spliced connection.
+    pub offload: Option<OffloadRecord>,
+}
+
+impl ConnectionRecord {
+    /// Whether exactly one direction has ended, as the lifecycle says.
+    pub fn lifecycle_half_open(&self) -> bool {
+        self.halves[0].ended() != self.halves[1].ended()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "message", rename_all = "snake_case")]
+pub enum Message {
+    Hello(Box<Hello>),
+    Ready {
+        pid: u32,
+    },
+    Refused {
+        reason: String,
+    },
+    Connection(Box<ConnectionRecord>),
+    Taken {
+        id: u64,
+    },
+    Done {
+        totals: Box<Totals>,
+        /// The next connection id to hand out.
+        next_id: u64,
+        /// Connections that stay in the predecessor until they end (TLS it terminates).
+        staying: u64,
+    },
+    Confirmed {
+        connections: u64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_successor_refuses_another_protocol_or_map_layout() {
+        let this = Stamp::this_build();
+        assert_eq!(this.incompatible(&this), None);
+        let older = Stamp {
+            protocol: PROTOCOL + 1,
+            version: "0.0.9".to_owned(),
+            ..this.clone()
+        };
+        let why = this.incompatible(&older).expect("another protocol");
+        assert!(why.contains("0.0.9"), "{why}");
+        let maps = Stamp {
+            map_layout: this.map_layout + 1,
+            ..this.clone()
+        };
+        assert!(this
+            .incompatible(&maps)
+            .is_some_and(|why| why.contains("layout")));
+    }
+}

@@ -1,0 +1,450 @@
+//! The running proxy's side of an upgrade: starts the successor, hands everything over,
+//! and takes back whatever the successor did not take should it fail.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tracing::{info, warn};
+
+use super::binary::{check, BinaryError, CheckedBinary};
+use super::message::{Hello, KernelMaps, Message, Stamp};
+use super::wire::{self, Frame};
+use super::{Outgoing, Phase, ANSWER_TIMEOUT, BINARY_FD_ENV, HANDOFF_FD_ENV, READY_TIMEOUT};
+use crate::connection::resume;
+use crate::shared::{Shared, Stop};
+
+/// How often the handoff checks whether every connection that can move has moved.
+const SETTLED_CHECK: Duration = Duration::from_millis(20);
+
+/// A finished upgrade.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Upgraded {
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// Connections the successor took over.
+    pub moved: u64,
+    /// Connections that stay here until they end (TLS this proxy terminates).
+    pub staying: u64,
+    pub elapsed_ms: f64,
+    pub binary: PathBuf,
+    pub sha256: String,
+}
+
+/// Why an upgrade did not happen; the running proxy keeps everything.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("the proxy is shutting down")]
+    Draining,
+    #[error("another upgrade is under way")]
+    InProgress,
+    #[error("the proxy was not started from a configuration file, which a successor must read")]
+    NoConfigFile,
+    #[error(transparent)]
+    Binary(#[from] BinaryError),
+    #[error("cannot start the successor {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the successor refused: {0}")]
+    Refused(String),
+    #[error("the successor exited ({0}) before it confirmed; its log says why")]
+    Exited(String),
+    #[error("the successor did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the handoff failed while {step}: {source}")]
+    Handoff {
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the kernel data path: {0}")]
+    Kernel(String),
+    #[error("unexpected message from the successor: {0}")]
+    Protocol(String),
+}
+
+fn handoff(step: &'static str) -> impl FnOnce(io::Error) -> UpgradeError {
+    move |source| UpgradeError::Handoff { step, source }
+}
+
+/// Upgrades the running proxy to a successor started from `binary` (or the binary this
+/// proxy was started from). Returns once the successor confirmed; the caller then drains
+/// what stayed. On error everything is as it was.
+pub(crate) async fn upgrade(
+    shared: &Arc<Shared>,
+    binary: Option<PathBuf>,
+) -> Result<Upgraded, UpgradeError> {
+    let started = Instant::now();
+    begin(shared)?;
+    let result = hand_over(shared, binary, started).await;
+    if result.is_ok() {
+        if let Some(kernel) = &shared.kernel {
+            // The successor reuses the maps: they outlive this process.
+            kernel.keep_pins();
+        }
+    }
+    shared.upgrade.send_replace(if result.is_ok() {
+        Phase::HandedOff
+    } else {
+        Phase::Idle
+    });
+    result
+}
+
+/// Idle -> Starting, unless the proxy drains or another upgrade runs.
+fn begin(shared: &Shared) -> Result<(), UpgradeError> {
+    if *shared.stop.borrow() != Stop::Running {
+        return Err(UpgradeError::Draining);
+    }
+    let mut refused = None;
+    shared.upgrade.send_if_modified(|phase| {
+        if *phase == Phase::Idle {
+            *phase = Phase::Starting;
+            true
+        } else {
+            refused = Some(UpgradeError::InProgress);
+            false
+        }
+    });
+    refused.map_or(Ok(()), Err)
+}
+
+async fn hand_over(
+    shared: &Arc<Shared>,
+    binary: Option<PathBuf>,
+    started: Instant,
+) -> Result<Upgraded, UpgradeError> {
+    let generation = shared.generation();
+    if generation.config.source.is_none() {
+        return Err(UpgradeError::NoConfigFile);
+    }
+    if let Some(kernel) = &shared.kernel {
+        if kernel.pin_dir().is_none() {
+            return Err(UpgradeError::Kernel(
+                "its maps are not pinned (the start log says why), so a successor cannot reuse them: set proxy.ebpf_pin_root to a bpffs, or to a directory where the proxy may mount one, and restart".into(),
+            ));
+        }
+    }
+    if shared.successor.args.is_empty() {
+        return Err(UpgradeError::NoConfigFile);
+    }
+    let path = binary.unwrap_or_else(|| shared.successor.binary.clone());
+    // SAFETY: geteuid cannot fail.
+    let binary = check(&path, unsafe { libc::geteuid() })?;
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(handoff("creating the socket pair"))?;
+    let mut child = spawn(shared, &binary, theirs.as_fd())?;
+    drop(theirs);
+    let new_pid = child.id().unwrap_or(0);
+    info!(binary = %binary.path.display(), sha256 = %binary.sha256, pid = new_pid, "upgrade: successor started");
+    let result = async {
+        ours.set_nonblocking(true)
+            .map_err(handoff("setting up the socket"))?;
+        let socket = UnixStream::from_std(ours).map_err(handoff("setting up the socket"))?;
+        send_hello(shared, &socket).await?;
+        let (frames, mut incoming) = mpsc::unbounded_channel();
+        let socket = Arc::new(socket);
+        let reader = tokio::spawn(read_frames(Arc::clone(&socket), frames));
+        let moved = async {
+            match next(&mut incoming, &mut child, READY_TIMEOUT).await? {
+                Message::Ready { pid } => info!(pid, "upgrade: successor ready, handing over"),
+                other => return Err(unexpected(other)),
+            }
+            move_connections(shared, &socket, &mut incoming, &mut child).await
+        }
+        .await;
+        reader.abort();
+        moved
+    }
+    .await;
+    match result {
+        Ok((moved, staying)) => Ok(Upgraded {
+            old_pid: std::process::id(),
+            new_pid,
+            moved,
+            staying,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            binary: binary.path,
+            sha256: binary.sha256,
+        }),
+        Err(e) => {
+            // The successor may run on, holding what it took: a second proxy would share
+            // the listeners. It ends here.
+            if let Err(kill) = child.start_kill() {
+                warn!(error = %kill, "upgrade: cannot stop the successor");
+            }
+            let _ = child.wait().await;
+            Err(e)
+        }
+    }
+}
+
+/// Starts the successor with its end of the socket pair and its binary open.
+fn spawn(
+    shared: &Shared,
+    binary: &CheckedBinary,
+    socket: BorrowedFd<'_>,
+) -> Result<Child, UpgradeError> {
+    let (socket_fd, binary_fd) = (socket.as_raw_fd(), binary.file.as_raw_fd());
+    // The file that was checked is the one started: through its descriptor, not its
+    // path, which may name another file by now.
+    let mut command = Command::new(format!("/proc/self/fd/{binary_fd}"));
+    command
+        .args(&shared.successor.args)
+        .env(HANDOFF_FD_ENV, socket_fd.to_string())
+        .env(BINARY_FD_ENV, binary_fd.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(false);
+    // SAFETY: between fork and exec the closure only calls fcntl, which is
+    // async-signal-safe, on descriptors this process keeps open until the spawn returns.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in [socket_fd, binary_fd] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    command.spawn().map_err(|source| UpgradeError::Spawn {
+        binary: binary.path.clone(),
+        source,
+    })
+}
+
+async fn send_hello(shared: &Shared, socket: &UnixStream) -> Result<(), UpgradeError> {
+    let duplicate = |e| handoff("duplicating the listening sockets")(e);
+    // New descriptors, so that no lock is held while the frame is sent.
+    let (listeners, control, metrics) = {
+        let sockets = shared.lock_handoff_sockets();
+        let mut listeners = Vec::new();
+        for (addr, fd) in &sockets.listeners {
+            listeners.push((*addr, fd.try_clone().map_err(duplicate)?));
+        }
+        let control = match &sockets.control {
+            Some(fd) => fd.try_clone().map_err(duplicate)?,
+            None => {
+                return Err(UpgradeError::Protocol(
+                    "the control socket has no descriptor to hand over".into(),
+                ))
+            }
+        };
+        let metrics = match &sockets.metrics {
+            Some((addr, fd)) => Some((*addr, fd.try_clone().map_err(duplicate)?)),
+            None => None,
+        };
+        (listeners, control, metrics)
+    };
+    let mut fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
+    fds.push(control.as_fd());
+    fds.extend(metrics.iter().map(|(_, fd)| fd.as_fd()));
+    // The ebpf keys are restart-only: the running configuration made the maps.
+    let options = shared.generation().config.proxy.kernel_options();
+    let kernel = shared.kernel.as_ref().and_then(|kernel| {
+        Some(KernelMaps {
+            pins: kernel.pin_dir()?.to_owned(),
+            ring_buffer_bytes: options.ring_buffer_bytes,
+            max_connections: options.max_connections,
+            max_queued_bytes: options.max_queued_bytes,
+        })
+    });
+    let hello = Message::Hello(Box::new(Hello {
+        stamp: Stamp::this_build(),
+        pid: std::process::id(),
+        listeners: listeners.iter().map(|(addr, _)| *addr).collect(),
+        metrics: metrics.as_ref().map(|(addr, _)| *addr),
+        kernel,
+    }));
+    wire::send(socket, &hello, &[], &fds)
+        .await
+        .map_err(handoff("sending the listening sockets"))
+}
+
+/// Reads every frame the successor sends, in order, until the socket closes.
+async fn read_frames(socket: Arc<UnixStream>, frames: mpsc::UnboundedSender<io::Result<Message>>) {
+    loop {
+        let frame = wire::receive::<Message>(&socket).await;
+        let end = frame.is_err();
+        if frames
+            .send(frame.map(|Frame { message, .. }| message))
+            .is_err()
+            || end
+        {
+            return;
+        }
+    }
+}
+
+/// The successor's next message, by `deadline`.
+async fn next(
+    incoming: &mut mpsc::UnboundedReceiver<io::Result<Message>>,
+    child: &mut Child,
+    within: Duration,
+) -> Result<Message, UpgradeError> {
+    tokio::select! {
+        frame = incoming.recv() => match frame {
+            Some(Ok(Message::Refused { reason })) => Err(UpgradeError::Refused(reason)),
+            Some(Ok(message)) => Ok(message),
+            Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(exited(child).await),
+            Some(Err(e)) => Err(handoff("reading the successor's answer")(e)),
+            None => Err(exited(child).await),
+        },
+        _ = sleep_until(Instant::now() + within) => Err(UpgradeError::Timeout(within)),
+    }
+}
+
+/// The successor closed its socket: how it exited, waiting briefly for it.
+async fn exited(child: &mut Child) -> UpgradeError {
+    match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        Ok(Ok(status)) => UpgradeError::Exited(status.to_string()),
+        Ok(Err(e)) => UpgradeError::Exited(format!("status unknown: {e}")),
+        Err(_) => UpgradeError::Exited("closed the handoff socket and still runs".into()),
+    }
+}
+
+fn unexpected(message: Message) -> UpgradeError {
+    UpgradeError::Protocol(format!("{message:?}"))
+}
+
+/// Stops accepting, moves every connection that can move, and waits for the successor's
+/// confirmation. Returns (moved, staying). On error, every connection the successor did
+/// not take is resumed here.
+async fn move_connections(
+    shared: &Arc<Shared>,
+    socket: &UnixStream,
+    incoming: &mut mpsc::UnboundedReceiver<io::Result<Message>>,
+    child: &mut Child,
+) -> Result<(u64, u64), UpgradeError> {
+    let (sender, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
+    *shared.lock_handoff() = Some(sender);
+    if let Some(kernel) = &shared.kernel {
+        // From here the successor reads the kernel's state changes.
+        if let Err(e) = kernel.pause_events().await {
+            return Err(UpgradeError::Kernel(crate::error_chain(&e)));
+        }
+    }
+    shared.upgrade.send_replace(Phase::HandingOff);
+    let mut pending: HashMap<u64, Outgoing> = HashMap::new();
+    let result = exchange(shared, socket, incoming, child, &mut outgoing, &mut pending).await;
+    // No connection is handed to the handoff from now on; those on their way stay here.
+    shared.lock_handoff().take();
+    if result.is_err() {
+        let mut back = 0;
+        // Ends once no task holds a sender: none keeps one across an await.
+        while let Some(out) = outgoing.recv().await {
+            pending.insert(out.record.id, out);
+        }
+        for (_, Outgoing { record, moved }) in pending.drain() {
+            let id = record.id;
+            if let Err(e) = resume(shared, record, moved) {
+                warn!(id, error = %e, "upgrade failed and a connection could not be resumed here");
+            }
+            back += 1;
+        }
+        if let Some(kernel) = &shared.kernel {
+            if let Err(e) = kernel.start_events() {
+                warn!(error = %crate::error_chain(&e), "cannot read the kernel's state changes again");
+            }
+        }
+        info!(
+            resumed = back,
+            "upgrade failed: the connections not taken over run here again"
+        );
+    }
+    result
+}
+
+async fn exchange(
+    shared: &Arc<Shared>,
+    socket: &UnixStream,
+    incoming: &mut mpsc::UnboundedReceiver<io::Result<Message>>,
+    child: &mut Child,
+    outgoing: &mut mpsc::UnboundedReceiver<Outgoing>,
+    pending: &mut HashMap<u64, Outgoing>,
+) -> Result<(u64, u64), UpgradeError> {
+    let lifecycle = shared.generation().config.lifecycle;
+    // A connection still in its handshake or backend connect moves once it is set up;
+    // one that takes longer than both timeouts allow stays here.
+    let give_up = Instant::now() + lifecycle.handshake_timeout + lifecycle.connect_timeout;
+    let mut moved = 0u64;
+    // Set once no connection is handed over any more: the connections that stay here.
+    let mut closing: Option<u64> = None;
+    // Every sender is gone: nothing more can come.
+    let mut drained = false;
+    let mut done_sent = false;
+    let mut settled = tokio::time::interval(SETTLED_CHECK);
+    loop {
+        if let (Some(staying), true, true, false) =
+            (closing, drained, pending.is_empty(), done_sent)
+        {
+            let message = Message::Done {
+                totals: Box::new(shared.stats.totals()),
+                next_id: shared.table.next_id(),
+                staying,
+            };
+            wire::send(socket, &message, &[], &[])
+                .await
+                .map_err(handoff("sending the end of the handoff"))?;
+            done_sent = true;
+        }
+        tokio::select! {
+            out = outgoing.recv(), if !drained => match out {
+                Some(out) => {
+                    send_connection(socket, &out).await?;
+                    pending.insert(out.record.id, out);
+                }
+                None => drained = true,
+            },
+            message = next(incoming, child, ANSWER_TIMEOUT), if !pending.is_empty() || done_sent => {
+                match message? {
+                    Message::Taken { id } => {
+                        if pending.remove(&id).is_some() {
+                            moved += 1;
+                        }
+                    }
+                    Message::Confirmed { connections } if done_sent => {
+                        let staying = closing.unwrap_or(0);
+                        info!(moved, connections, staying, "upgrade: the successor confirmed");
+                        return Ok((moved, staying));
+                    }
+                    other => return Err(unexpected(other)),
+                }
+            }
+            _ = settled.tick(), if closing.is_none() => {
+                let (movable, staying) = shared.table.remaining_for_handoff();
+                if movable == 0 || Instant::now() >= give_up {
+                    // Tasks hold a clone only while they hand over, never across an
+                    // await: the channel ends right after the ones on their way.
+                    shared.lock_handoff().take();
+                    closing = Some(staying + movable);
+                }
+            }
+        }
+    }
+}
+
+async fn send_connection(socket: &UnixStream, out: &Outgoing) -> Result<(), UpgradeError> {
+    let [to_backend, to_client] = &out.moved.pending;
+    let tail = [to_backend.as_slice(), to_client.as_slice()].concat();
+    let fds = [out.moved.client.as_fd(), out.moved.backend.as_fd()];
+    wire::send(
+        socket,
+        &Message::Connection(Box::new(out.record.clone())),
+        &tail,
+        &fds,
+    )
+    .await
+    .map_err(handoff("sending a connection"))
+}
