@@ -367,7 +367,7 @@ fn run(
     let keep = privileges::kept_capabilities(prepared.uses_ebpf());
     match &user {
         Some(user) => {
-            privileges::drop_to(user, &control_socket, keep)
+            privileges::drop_to(user, &control_socket, prepared.pin_dir(), keep)
                 .with_context(|| format!("cannot run as user {:?}", user.name))?;
             info!(user = %user.name, uid = user.uid, capabilities = format_args!("{keep:#x}"), "privileges dropped");
         }

@@ -7,11 +7,14 @@
 //! - ebpf data path: `CAP_NET_ADMIN`, for `SO_SNDBUFFORCE` on each spliced socket (see
 //!   `datapath::kernel::sys::pin_buffers`). Sockhash and hash map updates through map descriptors the
 //!   proxy already holds need no capability since Linux 6.5; reading the ring buffer
-//!   neither. Kernels before 6.5 with `kernel.unprivileged_bpf_disabled` set would need
-//!   `CAP_BPF` for the map updates: there a splice fails and the connection takes the
-//!   userspace path (counted in `ebpf.splice_failures`).
-//! - userspace data path: nothing.
-//!   `CAP_NET_BIND_SERVICE` is not kept: every listener is bound before the drop.
+//!   neither. For an upgrade (`upgrade`), `CAP_BPF` and `CAP_PERFMON` with it: the
+//!   successor loads its programs and attaches them (sk_skb to the reused sockhash,
+//!   sock_ops to the cgroup it inherits). All three stay in the ambient set, which an
+//!   `execve` as a user other than root keeps; as root, `execve` gives the successor the
+//!   bounding set in any case. The pinned maps are given to `user`, who opens them next.
+//! - userspace data path: nothing; a successor needs no privilege to take over.
+//!   `CAP_NET_BIND_SERVICE` is not kept: every listener is bound before the drop, and a
+//!   successor inherits them (a new port below 1024 takes a restart).
 //!
 //! Linux credentials belong to each thread, and `capset` changes only the calling one.
 //! So all of it happens while the process has one thread: the binary loads the kernel
@@ -94,8 +97,10 @@ pub fn prepare() -> Result<(), PrivilegeError> {
     Ok(())
 }
 
-/// `CAP_NET_ADMIN` from `linux/capability.h`.
+/// From `linux/capability.h`.
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
 /// `CAP_SYS_RESOURCE` from `linux/capability.h`: raising a hard resource limit.
 pub const CAP_SYS_RESOURCE: u32 = 24;
 
@@ -134,25 +139,55 @@ pub fn keep_only(keep: u64) -> Result<u64, PrivilegeError> {
     Ok(kept)
 }
 
-/// The capabilities kept for the data paths in use.
+/// The capabilities kept for the data paths in use: on the kernel path `CAP_NET_ADMIN`
+/// for `SO_SNDBUFFORCE`, and with `CAP_BPF` and `CAP_PERFMON` what an upgrade's
+/// successor needs to load its programs and attach them to the reused maps and the
+/// cgroup. They are kept in the ambient set too, so that they survive the successor's
+/// `execve` under a user other than root (`user`, or a unit's `User=`).
 pub fn kept_capabilities(kernel_data_path: bool) -> u64 {
     if kernel_data_path {
-        1 << CAP_NET_ADMIN
+        (1 << CAP_NET_ADMIN) | (1 << CAP_BPF) | (1 << CAP_PERFMON)
     } else {
         0
     }
 }
 
-/// Gives the control socket to `user`, then becomes `user` with only `keep` (a mask of
-/// capability numbers) in the permitted and effective sets. While the process has one
-/// thread only.
-pub fn drop_to(user: &User, control_socket: &Path, keep: u64) -> Result<(), PrivilegeError> {
-    std::os::unix::fs::chown(control_socket, Some(user.uid), Some(user.gid)).map_err(|source| {
-        PrivilegeError::Syscall {
-            step: "chown the control socket",
+/// Gives the control socket and the pinned kernel maps (`pins`, a directory) to `user`,
+/// then becomes `user` with only `keep` (a mask of capability numbers). A successor
+/// started by an upgrade already runs as `user`: it keeps its ids. While the process has
+/// one thread only.
+pub fn drop_to(
+    user: &User,
+    control_socket: &Path,
+    pins: Option<&Path>,
+    keep: u64,
+) -> Result<(), PrivilegeError> {
+    let give = |step: &'static str, path: &Path| {
+        std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))
+            .map_err(|source| PrivilegeError::Syscall { step, source })
+    };
+    give("chown the control socket", control_socket)?;
+    if let Some(dir) = pins {
+        // Its successor opens them as `user`.
+        give("chown the pinned maps", dir)?;
+        let entries = std::fs::read_dir(dir).map_err(|source| PrivilegeError::Syscall {
+            step: "list the pinned maps",
             source,
+        })?;
+        for entry in entries.flatten() {
+            give("chown the pinned maps", &entry.path())?;
+            if let Ok(maps) = std::fs::read_dir(entry.path()) {
+                for map in maps.flatten() {
+                    give("chown the pinned maps", &map.path())?;
+                }
+            }
         }
-    })?;
+    }
+    // SAFETY: getuid and getgid cannot fail.
+    let already = unsafe { libc::getuid() == user.uid && libc::getgid() == user.gid };
+    if already {
+        return set_capabilities(keep);
+    }
     // SAFETY: plain id syscalls (glibc applies each to every thread).
     unsafe {
         if libc::setgroups(0, std::ptr::null()) != 0 {
@@ -187,7 +222,8 @@ struct CapData {
     inheritable: u32,
 }
 
-/// Sets the permitted and effective sets of the process to `keep`, inheritable empty.
+/// Sets the permitted, effective, inheritable and ambient sets of the process to `keep`
+/// (ambient: so that they survive an upgrade's `execve` as a user other than root).
 /// `capset` changes the calling thread only, so this refuses to run once a second thread
 /// exists: the binary drops its privileges before it starts the runtime, and threads
 /// created afterwards copy these sets.
@@ -208,17 +244,33 @@ fn set_capabilities(keep: u64) -> Result<(), PrivilegeError> {
         CapData {
             effective: low,
             permitted: low,
-            inheritable: 0,
+            inheritable: low,
         },
         CapData {
             effective: high,
             permitted: high,
-            inheritable: 0,
+            inheritable: high,
         },
     ];
     // SAFETY: capset reads a valid header and two data words.
     if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
         return Err(syscall_error("capset"));
+    }
+    // Ambient capabilities outside the inheritable set are gone already; raise the kept.
+    for cap in (0..64).filter(|cap| keep & (1 << cap) != 0) {
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                cap as libc::c_ulong,
+                0,
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(syscall_error("prctl(PR_CAP_AMBIENT_RAISE)"));
+        }
     }
     Ok(())
 }

@@ -97,6 +97,11 @@ impl Prepared {
         self.kernel.is_some()
     }
 
+    /// Where the kernel maps are pinned, if they are.
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.kernel.as_ref()?.pin_dir()
+    }
+
     /// How an upgrade starts this proxy's successor (by default: this executable, `run
     /// --config` the same file).
     pub fn set_successor(&mut self, successor: SuccessorCommand) {

@@ -71,7 +71,9 @@ pub fn pin_dir(bpffs_root: &Path, control_socket: &Path) -> PathBuf {
 }
 
 /// Makes sure `root` is a bpffs mount: if it is not (or does not exist), creates the
-/// directory and mounts a bpffs instance there, private to root (`mode=0700`). Mounting
+/// directory and mounts a bpffs instance there that others may traverse but not list
+/// (`mode=0711`): a successor running as `[proxy] user` opens its pins, which are its
+/// own, through it (`privileges::drop_to` gives them to that user). Mounting
 /// needs CAP_SYS_ADMIN: call it at start, before the privileges are dropped.
 pub fn ensure_bpffs(root: &Path) -> Result<(), EbpfError> {
     if is_bpffs(root)? {
@@ -92,7 +94,7 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), EbpfError> {
             target.as_ptr(),
             c"bpf".as_ptr(),
             libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            c"mode=0700".as_ptr().cast(),
+            c"mode=0711".as_ptr().cast(),
         )
     };
     if rc != 0 {
