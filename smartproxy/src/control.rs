@@ -192,6 +192,8 @@ async fn upgrade(
 pub struct UpgradeReply {
     pub ok: bool,
     pub message: String,
+    /// Its fields at the top level (`new_pid`, `moved`, ...), present on success.
+    #[serde(flatten)]
     pub upgraded: Option<crate::upgrade::Upgraded>,
 }
 

@@ -42,6 +42,11 @@ impl Limits {
 /// short so that stopping the proxy between runs is quick.
 pub const BENCH_LIFECYCLE: &str = "inactivity_timeout = \"1h\"\ngrace_period = \"1s\"\n";
 
+/// Where the proxies xtask starts pin their kernel maps (so that `upgrade` can move
+/// kernel-path connections): one bpffs, mounted by the first proxy that needs it and
+/// shared by all, each in its own directory (`smartproxy/src/datapath/kernel/pins.rs`).
+pub const PIN_ROOT: &str = "/run/smartproxy-xtask/bpffs";
+
 /// A smartproxy config with one plain-TCP route `listen` -> `backend`, `lifecycle` being the
 /// lines of its `[lifecycle]` table; `max_queued_bytes` is left at smartproxy's default
 /// when `None`.
@@ -62,6 +67,7 @@ pub fn smartproxy(
          [proxy]\n\
          data_path = {data_path}\n\
          control_socket = {control}\n\
+         ebpf_pin_root = {pins}\n\
          max_connections = {max_connections}\n\
          {max_queued_bytes}\
          \n\
@@ -74,6 +80,7 @@ pub fn smartproxy(
          targets = [\"{backend}\"]\n",
         data_path = toml_string(data_path),
         control = toml_string(&control_socket.display().to_string()),
+        pins = toml_string(PIN_ROOT),
     )
 }
 
