@@ -485,19 +485,19 @@ fn load_kernel(
         return Ok(None);
     }
     let root = &config.proxy.ebpf_pin_root;
-    let loaded = match ensure_bpffs(root) {
-        Ok(()) => {
-            let control = std::path::absolute(&config.proxy.control_socket)
-                .unwrap_or_else(|_| config.proxy.control_socket.clone());
-            Kernel::load_pinned(options, Pins::Fresh(pin_dir(root, &control)))
-        }
-        Err(e) => {
+    let control = std::path::absolute(&config.proxy.control_socket)
+        .unwrap_or_else(|_| config.proxy.control_socket.clone());
+    let pinned = ensure_bpffs(root)
+        .and_then(|()| Kernel::load_pinned(options, Pins::Fresh(pin_dir(root, &control))));
+    let loaded = match pinned {
+        Ok(kernel) => Ok(kernel),
+        // Pinning is for upgrades only: the kernel path runs without it.
+        Err(pin_error) => Kernel::load(options).inspect(|_| {
             warn!(
-                reason = %error_chain(&e),
-                "the kernel maps are not pinned: an upgrade cannot move kernel-path connections (set proxy.ebpf_pin_root to a bpffs, or to a directory where the proxy may mount one)"
+                reason = %error_chain(&pin_error),
+                "the kernel maps are not pinned: an upgrade cannot move kernel-path connections (set proxy.ebpf_pin_root to a bpffs this user may write, or to a directory where the proxy may mount one)"
             );
-            Kernel::load(options)
-        }
+        }),
     };
     match loaded {
         Ok(kernel) => {
