@@ -262,6 +262,10 @@ impl Relay {
     /// (which is cancel-safe, so every byte read is in a buffer here), and only when
     /// [`Relay::movable`]. A spliced connection stays in the kernel's maps, its
     /// bookkeeping exported ([`Offload::export`]). On error nothing changed.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the error gives the relay back, once per upgrade"
+    )]
     pub fn into_moved(mut self) -> Result<Moved, (Relay, io::Error)> {
         debug_assert!(self.movable(), "attempted to move a TLS session");
         let duplicate = |peer: &Peer| peer.tcp().as_fd().try_clone_to_owned();
