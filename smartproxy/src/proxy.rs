@@ -80,6 +80,8 @@ pub struct Prepared {
     metrics: Option<(MetricsServer, SocketAddr)>,
     successor: SuccessorCommand,
     handoff: Option<(std::os::unix::net::UnixStream, u32)>,
+    /// A successor's first connection id (0 otherwise).
+    first_id: u64,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -141,6 +143,7 @@ impl Proxy {
         // Before any listener exists: sockets only run the sock_ops program if they are
         // created in the cgroup it is attached to.
         let kernel = load_kernel(&config, inherited.as_ref().map(|i| i.kernel.as_ref()))?;
+        let first_id = inherited.as_ref().map_or(0, |i| i.first_id);
         let (mut inherited_listeners, inherited_control, mut inherited_metrics, handoff) =
             match inherited {
                 Some(inherited) => {
@@ -206,6 +209,7 @@ impl Proxy {
             metrics,
             successor,
             handoff,
+            first_id,
         })
     }
 
@@ -224,6 +228,7 @@ impl Proxy {
             metrics,
             successor,
             handoff,
+            first_id,
         } = prepared;
         // A successor reads the kernel's events once it adopted every connection
         // ([`Proxy::take_over`]): the predecessor read them until then.
@@ -267,6 +272,7 @@ impl Proxy {
             handoff_sockets: Mutex::default(),
             successor,
         });
+        shared.table.continue_ids(first_id);
         start_checks(&shared, &shared.generation());
         {
             let mut listeners = shared.lock_listeners();

@@ -20,6 +20,9 @@ use crate::lifecycle::LifecycleRecord;
 use crate::stats::Totals;
 use crate::vocab::DataPathKind;
 
+/// Ids the predecessor may still hand out while its successor starts and already accepts.
+pub const ID_GAP: u64 = 1 << 32;
+
 /// Bumped whenever a message or record changes shape or meaning.
 pub const PROTOCOL: u32 = 1;
 
@@ -70,6 +73,10 @@ pub struct Hello {
     pub listeners: Vec<SocketAddr>,
     /// The configured metrics address, when its descriptor is included.
     pub metrics: Option<SocketAddr>,
+    /// The predecessor's next connection id: the successor numbers its own connections
+    /// from [`ID_GAP`] beyond it, so that no moved connection shares an id with one it
+    /// accepted meanwhile.
+    pub next_id: u64,
     /// The kernel data path, when the predecessor runs it: its pinned maps and the sizes
     /// they were made with, which the successor's configuration must not change.
     pub kernel: Option<KernelMaps>,

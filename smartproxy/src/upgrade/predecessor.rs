@@ -152,7 +152,20 @@ async fn hand_over(
         ours.set_nonblocking(true)
             .map_err(handoff("setting up the socket"))?;
         let socket = UnixStream::from_std(ours).map_err(handoff("setting up the socket"))?;
-        send_hello(shared, &socket).await?;
+        if let Err(e) = send_hello(shared, &socket).await {
+            // A successor that exits at once closes its end before the first message.
+            return Err(match e {
+                UpgradeError::Handoff { source, .. }
+                    if matches!(
+                        source.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    exited(&mut child).await
+                }
+                e => e,
+            });
+        }
         let (frames, mut incoming) = mpsc::unbounded_channel();
         let socket = Arc::new(socket);
         let reader = tokio::spawn(read_frames(Arc::clone(&socket), frames));
@@ -265,6 +278,7 @@ async fn send_hello(shared: &Shared, socket: &UnixStream) -> Result<(), UpgradeE
         pid: std::process::id(),
         listeners: listeners.iter().map(|(addr, _)| *addr).collect(),
         metrics: metrics.as_ref().map(|(addr, _)| *addr),
+        next_id: shared.table.next_id(),
         kernel,
     }));
     wire::send(socket, &hello, &[], &fds)
@@ -297,7 +311,8 @@ async fn next(
         frame = incoming.recv() => match frame {
             Some(Ok(Message::Refused { reason })) => Err(UpgradeError::Refused(reason)),
             Some(Ok(message)) => Ok(message),
-            Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(exited(child).await),
+            // A reset: it closed its end with our messages unread.
+            Some(Err(e)) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => Err(exited(child).await),
             Some(Err(e)) => Err(handoff("reading the successor's answer")(e)),
             None => Err(exited(child).await),
         },

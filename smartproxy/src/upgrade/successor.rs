@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::net::UnixStream;
 use tracing::{info, warn};
 
-use super::message::{ConnectionRecord, Hello, KernelMaps, Message, Stamp};
+use super::message::{ConnectionRecord, Hello, KernelMaps, Message, Stamp, ID_GAP};
 use super::wire::{self, Frame};
 use super::{BINARY_FD_ENV, HANDOFF_FD_ENV, HELLO_TIMEOUT};
 use crate::connection::resume;
@@ -44,6 +44,8 @@ pub struct Inherited {
     pub metrics: Option<(SocketAddr, std::net::TcpListener)>,
     /// The predecessor's kernel maps, to reuse.
     pub kernel: Option<KernelMaps>,
+    /// Where this process's own connection ids start.
+    pub first_id: u64,
 }
 
 /// In a process started by an upgrade (its environment names the handoff socket):
@@ -143,6 +145,7 @@ fn assemble(
         control,
         metrics,
         kernel: hello.kernel,
+        first_id: hello.next_id.saturating_add(ID_GAP),
     })
 }
 
@@ -221,10 +224,15 @@ pub(crate) async fn take_over(
     )
     .await?;
     let mut connections = 0;
+    // Set once an answer cannot be sent: the predecessor went away (killed, say). The
+    // connections it sent before are still queued on the socket, their descriptors with
+    // them: they are taken until the end of the stream, not left there.
+    let mut gone: Option<io::Error> = None;
     loop {
         let frame = match wire::receive::<Message>(&socket).await {
             Ok(frame) => frame,
             Err(e) => {
+                let e = gone.unwrap_or(e);
                 warn!(predecessor, taken = connections, error = %e, "the predecessor went away during the handoff; the connections taken so far run here");
                 return Ok(TakenOver {
                     predecessor,
@@ -236,10 +244,17 @@ pub(crate) async fn take_over(
         match frame.message {
             Message::Connection(record) => {
                 let id = record.id;
+                // Should the predecessor never send its last id, new connections here
+                // still get ids of their own.
+                shared.table.continue_ids(id);
                 let moved = moved(&record, frame.tail, frame.fds)?;
                 resume(shared, *record, moved)?;
                 connections += 1;
-                wire::send(&socket, &Message::Taken { id }, &[], &[]).await?;
+                if gone.is_none() {
+                    if let Err(e) = wire::send(&socket, &Message::Taken { id }, &[], &[]).await {
+                        gone = Some(e);
+                    }
+                }
             }
             Message::Done {
                 totals,
@@ -248,7 +263,15 @@ pub(crate) async fn take_over(
             } => {
                 shared.stats.add_totals(&totals);
                 shared.table.continue_ids(next_id);
-                wire::send(&socket, &Message::Confirmed { connections }, &[], &[]).await?;
+                let confirmed = Message::Confirmed { connections };
+                if let Err(e) = wire::send(&socket, &confirmed, &[], &[]).await {
+                    warn!(predecessor, taken = connections, error = %e, "the predecessor went away before the confirmation; the connections taken run here");
+                    return Ok(TakenOver {
+                        predecessor,
+                        connections,
+                        complete: false,
+                    });
+                }
                 info!(
                     predecessor,
                     connections,
