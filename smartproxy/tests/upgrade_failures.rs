@@ -154,11 +154,11 @@ impl UpgradeRun {
             .to_owned()
     }
 
-    /// `upgraded.new_pid` of a successful upgrade.
+    /// `new_pid` of a successful upgrade.
     fn new_pid(&self) -> libc::pid_t {
-        let pid = self.reply["upgraded"]["new_pid"]
+        let pid = self.reply["new_pid"]
             .as_i64()
-            .unwrap_or_else(|| panic!("no upgraded.new_pid in {}", self.reply));
+            .unwrap_or_else(|| panic!("no new_pid in {}", self.reply));
         pid as libc::pid_t
     }
 }
@@ -245,7 +245,7 @@ fn assert_refused(run: &UpgradeRun, expected: &str) {
         run.stderr
     );
     assert_eq!(run.reply["ok"], false, "{}", run.reply);
-    assert!(run.reply["upgraded"].is_null(), "{}", run.reply);
+    assert!(run.reply["new_pid"].is_null(), "{}", run.reply);
     assert!(
         run.message().contains(expected),
         "the message names the cause ({expected:?}): {:?}",
@@ -363,7 +363,7 @@ fn a_successor_whose_configuration_does_not_load_changes_nothing() {
         assert!(run.ok(), "{data_path}: {} {}", run.reply, run.stderr);
         let new_pid = run.new_pid();
         pids.add(new_pid);
-        assert_eq!(run.reply["upgraded"]["moved"], 5, "{}", run.reply);
+        assert_eq!(run.reply["moved"], 5, "{}", run.reply);
         assert_eq!(
             proxy.wait_exit(WAIT).code(),
             Some(0),
@@ -488,8 +488,8 @@ fn of_two_concurrent_upgrades_one_is_refused() {
             runs.iter().map(|r| r.reply.to_string()).collect::<Vec<_>>()
         );
         assert_refused(lost[0], "another upgrade is under way");
-        assert_eq!(won[0].reply["upgraded"]["old_pid"], proxy.pid());
-        assert_eq!(won[0].reply["upgraded"]["moved"], 3, "{}", won[0].reply);
+        assert_eq!(won[0].reply["old_pid"], proxy.pid());
+        assert_eq!(won[0].reply["moved"], 3, "{}", won[0].reply);
 
         assert_eq!(
             proxy.wait_exit(WAIT).code(),
