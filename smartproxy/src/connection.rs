@@ -366,7 +366,7 @@ async fn drive(
                     Ok(()) => return Ended::Moved,
                     Err(kept) => {
                         // It stays here, and the upgrade need not wait for it.
-                        relay = kept;
+                        relay = *kept;
                         movable = false;
                         record.stays.store(true, Ordering::Relaxed);
                         continue;
@@ -429,7 +429,7 @@ fn hand_off(
     lifecycle: &Lifecycle,
     record: &ConnRecord,
     handoff: mpsc::UnboundedSender<Outgoing>,
-) -> Result<(), Relay> {
+) -> Result<(), Box<Relay>> {
     let (Some(route), Some(backend), Some(data_path)) = (
         record
             .route
@@ -438,13 +438,14 @@ fn hand_off(
         record.backend.get().copied(),
         record.data_path(),
     ) else {
-        return Err(relay);
+        return Err(Box::new(relay));
     };
     let moved = match relay.into_moved() {
         Ok(moved) => moved,
-        Err((relay, e)) => {
+        Err(kept) => {
+            let (relay, e) = *kept;
             warn!(error = %e, "this connection cannot move to the successor");
-            return Err(relay);
+            return Err(Box::new(relay));
         }
     };
     // After the splice was exported: the meter's kernel bytes are final up to here, and

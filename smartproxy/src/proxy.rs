@@ -80,6 +80,8 @@ pub struct Prepared {
     metrics: Option<(MetricsServer, SocketAddr)>,
     successor: SuccessorCommand,
     handoff: Option<(std::os::unix::net::UnixStream, u32)>,
+    /// Ids of connections accepted here start after it (0 unless started by an upgrade).
+    id_floor: u64,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -136,6 +138,7 @@ impl Proxy {
         // Before any listener exists: sockets only run the sock_ops program if they are
         // created in the cgroup it is attached to.
         let kernel = load_kernel(&config, inherited.as_ref().map(|i| i.kernel.as_ref()))?;
+        let id_floor = inherited.as_ref().map_or(0, |i| i.id_floor);
         let (mut inherited_listeners, inherited_control, mut inherited_metrics, handoff) =
             match inherited {
                 Some(inherited) => {
@@ -201,6 +204,7 @@ impl Proxy {
             metrics,
             successor,
             handoff,
+            id_floor,
         })
     }
 
@@ -219,6 +223,7 @@ impl Proxy {
             metrics,
             successor,
             handoff,
+            id_floor,
         } = prepared;
         // A successor reads the kernel's events once it adopted every connection
         // ([`Proxy::take_over`]): the predecessor read them until then.
@@ -262,6 +267,8 @@ impl Proxy {
             handoff_sockets: Mutex::default(),
             successor,
         });
+        // Before any listener accepts: not an id a connection still to be moved here has.
+        shared.table.continue_ids(id_floor);
         start_checks(&shared, &shared.generation());
         {
             let mut listeners = shared.lock_listeners();

@@ -262,12 +262,12 @@ impl Relay {
     /// (which is cancel-safe, so every byte read is in a buffer here), and only when
     /// [`Relay::movable`]. A spliced connection stays in the kernel's maps, its
     /// bookkeeping exported ([`Offload::export`]). On error nothing changed.
-    pub fn into_moved(mut self) -> Result<Moved, (Relay, io::Error)> {
+    pub fn into_moved(mut self) -> Result<Moved, Box<(Relay, io::Error)>> {
         debug_assert!(self.movable(), "attempted to move a TLS session");
         let duplicate = |peer: &Peer| peer.tcp().as_fd().try_clone_to_owned();
         let (client, backend) = match (duplicate(&self.client), duplicate(&self.backend)) {
             (Ok(client), Ok(backend)) => (client, backend),
-            (Err(e), _) | (_, Err(e)) => return Err((self, e)),
+            (Err(e), _) | (_, Err(e)) => return Err(Box::new((self, e))),
         };
         let halves = self.halves.each_ref().map(|half| HalfRecord {
             eof: half.eof,

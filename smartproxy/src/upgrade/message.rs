@@ -21,7 +21,7 @@ use crate::stats::Totals;
 use crate::vocab::DataPathKind;
 
 /// Bumped whenever a message or record changes shape or meaning.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 
 /// What a successor checks before it takes anything over: the handoff protocol, and the
 /// layout of the kernel maps it will reuse.
@@ -73,6 +73,11 @@ pub struct Hello {
     /// The kernel data path, when the predecessor runs it: its pinned maps and the sizes
     /// they were made with, which the successor's configuration must not change.
     pub kernel: Option<KernelMaps>,
+    /// The successor's own connections get ids after this one: the predecessor's, plus
+    /// [`super::ID_RESERVE`] for those it still accepts until the successor is ready.
+    /// Without it a connection accepted during the handoff took the id of one still to
+    /// be moved, and one replaced the other in the successor's table.
+    pub id_floor: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

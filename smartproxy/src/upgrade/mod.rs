@@ -38,6 +38,10 @@ pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a successor may take to confirm once every connection was sent, and the
 /// longest wait for any one answer during the handoff.
 pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connection ids the predecessor may still hand out after it told its successor where
+/// to start its own ([`message::Hello::id_floor`]): far more than it accepts while the
+/// successor starts (at most [`READY_TIMEOUT`]).
+pub(crate) const ID_RESERVE: u64 = 1 << 20;
 /// How long a successor waits for its predecessor's first message.
 pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -44,6 +44,8 @@ pub struct Inherited {
     pub metrics: Option<(SocketAddr, std::net::TcpListener)>,
     /// The predecessor's kernel maps, to reuse.
     pub kernel: Option<KernelMaps>,
+    /// This process's connections get ids after this one ([`Hello::id_floor`]).
+    pub id_floor: u64,
 }
 
 /// In a process started by an upgrade (its environment names the handoff socket):
@@ -143,6 +145,7 @@ fn assemble(
         control,
         metrics,
         kernel: hello.kernel,
+        id_floor: hello.id_floor,
     })
 }
 
