@@ -492,6 +492,9 @@ async fn probe(
         let message = format!("probe {id}");
         let round = async {
             let stream = open(addr, None, PROBE, id).await?;
+            // Open a while: one accepted during a handoff then lives next to the
+            // connections still moving (whose ids it once took).
+            tokio::time::sleep(Duration::from_millis(20)).await;
             echo_and_close(stream, message.as_bytes()).await
         };
         match tokio::time::timeout(Duration::from_secs(5), round).await {
