@@ -141,7 +141,11 @@ async fn hand_over(
     }
     let path = binary.unwrap_or_else(|| shared.successor.binary.clone());
     // SAFETY: geteuid cannot fail.
-    let binary = check(&path, unsafe { libc::geteuid() })?;
+    let euid = unsafe { libc::geteuid() };
+    // Hashing the binary reads all of it: not on a worker that relays connections.
+    let binary = tokio::task::spawn_blocking(move || check(&path, euid))
+        .await
+        .map_err(|e| handoff("checking the binary")(io::Error::other(e)))??;
     let (ours, theirs) =
         std::os::unix::net::UnixStream::pair().map_err(handoff("creating the socket pair"))?;
     let mut child = spawn(shared, &binary, theirs.as_fd())?;

@@ -135,6 +135,19 @@ impl ProxyProcess {
         proxy: &str,
         configure: impl FnOnce(&mut Command),
     ) -> ProxyProcess {
+        Self::start_routes(route, backend, lifecycle, proxy, "", configure)
+    }
+
+    /// [`ProxyProcess::start_configured`] with `routes` (more `[[route]]` tables, TOML)
+    /// after the first route.
+    pub fn start_routes(
+        route: &str,
+        backend: SocketAddr,
+        lifecycle: &str,
+        proxy: &str,
+        routes: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let control = dir.path().join("control.sock");
         let listen = free_port();
@@ -144,7 +157,7 @@ impl ProxyProcess {
             format!(
                 "[proxy]\n{proxy}\ncontrol_socket = {control:?}\n\n\
                  [lifecycle]\n{lifecycle}\n\n\
-                 [[route]]\nname = \"{route}\"\nlisten = \"{listen}\"\ntargets = [\"{backend}\"]\n",
+                 [[route]]\nname = \"{route}\"\nlisten = \"{listen}\"\ntargets = [\"{backend}\"]\n\n{routes}",
                 control = control.display().to_string(),
             ),
         )
