@@ -80,6 +80,12 @@ pub(crate) fn open_listener(
     Ok(())
 }
 
+/// Closes the descriptor of `addr`'s listener kept for an upgrade's successor: as long as
+/// it is open, the socket listens, and clients would wait in its backlog, not be refused.
+fn forget_inherited(shared: &Shared, addr: SocketAddr) {
+    shared.lock_handoff_sockets().listeners.remove(&addr);
+}
+
 /// A listening socket with a backlog fit for bursts of connections, on the runtime.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(bind_std(addr)?)
@@ -139,12 +145,15 @@ pub(crate) async fn accept_loop(
                     .await
                     .map_or(Phase::HandedOff, |phase| *phase);
                 if phase == Phase::HandedOff {
+                    forget_inherited(&shared, addr);
                     return;
                 }
                 continue;
             }
         };
         if stopped {
+            // Its last descriptor closes with the listener: connects are refused from now.
+            forget_inherited(&shared, addr);
             return;
         }
         let mut listeners = shared.lock_listeners();
@@ -157,7 +166,7 @@ pub(crate) async fn accept_loop(
             // Closed under the lock: a reload that adds the address back binds it anew.
             drop(listener);
             listeners.remove(&addr);
-            shared.lock_handoff_sockets().listeners.remove(&addr);
+            forget_inherited(&shared, addr);
             info!(listen = %bound, "no route uses this address any more: listener closed");
             return;
         }
