@@ -305,7 +305,7 @@ async fn read_frames(socket: Arc<UnixStream>, frames: mpsc::UnboundedSender<io::
     }
 }
 
-/// The successor's next message, by `deadline`.
+/// The successor's next message, within `within`.
 async fn next(
     incoming: &mut mpsc::UnboundedReceiver<io::Result<Message>>,
     child: &mut Child,
@@ -346,14 +346,14 @@ async fn move_connections(
     incoming: &mut mpsc::UnboundedReceiver<io::Result<Message>>,
     child: &mut Child,
 ) -> Result<(u64, u64), UpgradeError> {
-    let (sender, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
-    *shared.lock_handoff() = Some(sender);
     if let Some(kernel) = &shared.kernel {
         // From here the successor reads the kernel's state changes.
         if let Err(e) = kernel.pause_events().await {
             return Err(UpgradeError::Kernel(crate::error_chain(&e)));
         }
     }
+    let (sender, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
+    *shared.lock_handoff() = Some(sender);
     shared.upgrade.send_replace(Phase::HandingOff);
     let mut pending: HashMap<u64, Outgoing> = HashMap::new();
     let result = exchange(shared, socket, incoming, child, &mut outgoing, &mut pending).await;
