@@ -15,7 +15,7 @@
 //!
 //! The successor of an upgrade is started by the proxy, not by this test: the test makes
 //! itself a child subreaper so that every old process, once orphaned, is its child (exit
-//! status through waitpid) and no process outlives it ([`Processes`]).
+//! status through waitpid) and no process outlives it ([`Successors`]).
 
 mod support;
 
@@ -84,86 +84,6 @@ fn ebpf_upgrades_under_load_keep_every_connection() {
 }
 
 // === processes ===
-
-/// Every proxy process of a test, by pid: killed and reaped on drop (a failing test
-/// included) unless already reaped. The test process is a child subreaper, so each
-/// successor becomes its child once its parent (the old proxy) exited.
-struct Processes {
-    pids: Vec<libc::pid_t>,
-    reaped: Vec<libc::pid_t>,
-}
-
-impl Processes {
-    fn new() -> Processes {
-        // SAFETY: prctl with integer arguments only.
-        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        assert_eq!(
-            rc,
-            0,
-            "PR_SET_CHILD_SUBREAPER: {}",
-            io::Error::last_os_error()
-        );
-        Processes {
-            pids: Vec::new(),
-            reaped: Vec::new(),
-        }
-    }
-
-    fn track(&mut self, pid: libc::pid_t) {
-        self.pids.push(pid);
-    }
-
-    /// Waits (bounded) for `pid`, a proxy orphaned to this process, to exit by itself,
-    /// and returns its exit code.
-    fn wait_exit(&mut self, pid: libc::pid_t) -> libc::c_int {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let mut status = 0;
-            // SAFETY: waitpid writes the status into a local.
-            let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-            if rc == pid {
-                self.reaped.push(pid);
-                assert!(
-                    libc::WIFEXITED(status),
-                    "process {pid} did not exit by itself (wait status {status:#x})"
-                );
-                assert!(
-                    !Path::new(&format!("/proc/{pid}")).exists(),
-                    "process {pid} reaped and still in /proc"
-                );
-                return libc::WEXITSTATUS(status);
-            }
-            assert_eq!(
-                rc,
-                0,
-                "waitpid({pid}): {} (not a child of this subreaper?)",
-                io::Error::last_os_error()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "process {pid} still runs {WAIT:?} after its upgrade"
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for &pid in &self.pids {
-            if self.reaped.contains(&pid) {
-                continue;
-            }
-            // SAFETY: kill and waitpid on a pid this test started (through a proxy) and
-            // has not reaped: it cannot have been reused.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                let mut status = 0;
-                libc::waitpid(pid, &mut status, 0);
-            }
-        }
-    }
-}
 
 /// Enough descriptors for both ends of 1,000 connections here and in the proxies (which
 /// inherit the limit).
@@ -522,7 +442,7 @@ fn closed(stats: &Value, reason: &str) -> u64 {
 fn under_load_keeps_every_connection(path: &str) {
     let began = Instant::now();
     raise_fd_limit();
-    let mut processes = Processes::new();
+    let mut processes = Successors::new();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -7,7 +7,7 @@
 //!
 //! A successor is started by the proxy, not by the test: it outlives the `ProxyProcess`
 //! child. This test binary makes itself a child subreaper, so an orphaned successor
-//! becomes its child, and [`Pids`] kills and reaps every successor a test saw.
+//! becomes its child, and [`Successors`] kills and reaps every successor a test saw.
 
 mod support;
 
@@ -29,84 +29,6 @@ fn proxy_lines(data_path: &str) -> String {
     match data_path {
         "ebpf" => format!("data_path = \"ebpf\"\nebpf_pin_root = \"{PIN_ROOT}\""),
         _ => USERSPACE.to_owned(),
-    }
-}
-
-/// Orphans (successors whose predecessor died) become children of this process.
-fn become_subreaper() {
-    // SAFETY: prctl with integer arguments only.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER");
-}
-
-/// Processes a test saw besides its `ProxyProcess`: killed and reaped on drop.
-#[derive(Default)]
-struct Pids(Vec<libc::pid_t>);
-
-impl Pids {
-    fn add(&mut self, pid: libc::pid_t) {
-        assert!(pid > 1, "a process id: {pid}");
-        if !self.0.contains(&pid) {
-            self.0.push(pid);
-        }
-    }
-
-    /// `pid` was reaped elsewhere: not to be killed.
-    fn forget(&mut self, pid: libc::pid_t) {
-        self.0.retain(|p| *p != pid);
-    }
-
-    /// Sends `signal` to `pid` and waits (bounded) for it to exit; its exit code if this
-    /// process reaped it (it is our child once its parent is gone).
-    fn stop(&mut self, pid: libc::pid_t, signal: libc::c_int) -> Option<i32> {
-        // SAFETY: kill(2) on a process this test started, not yet reaped by us.
-        assert_eq!(
-            unsafe { libc::kill(pid, signal) },
-            0,
-            "kill({pid}, {signal})"
-        );
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let mut status = 0;
-            // SAFETY: waitpid on one pid with a valid status pointer.
-            let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-            if rc == pid {
-                self.0.retain(|p| *p != pid);
-                return Some(if libc::WIFEXITED(status) {
-                    libc::WEXITSTATUS(status)
-                } else {
-                    128 + libc::WTERMSIG(status)
-                });
-            }
-            if rc < 0 && !Path::new(&format!("/proc/{pid}")).exists() {
-                // Not our child, and gone.
-                self.0.retain(|p| *p != pid);
-                return None;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pid {pid} still runs after {WAIT:?}"
-            );
-            std::thread::sleep(POLL);
-        }
-    }
-}
-
-impl Drop for Pids {
-    fn drop(&mut self) {
-        for pid in std::mem::take(&mut self.0) {
-            // SAFETY: kill(2) and waitpid on processes this test started.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                let mut status = 0;
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while libc::waitpid(pid, &mut status, libc::WNOHANG) == 0
-                    && Instant::now() < deadline
-                {
-                    std::thread::sleep(POLL);
-                }
-            }
-        }
     }
 }
 
@@ -337,9 +259,8 @@ fn start(data_path: &str, backend: SocketAddr, lifecycle: &str) -> ProxyProcess 
 
 #[test]
 fn a_successor_whose_configuration_does_not_load_changes_nothing() {
-    become_subreaper();
     for data_path in data_paths() {
-        let mut pids = Pids::default();
+        let mut pids = Successors::new();
         let backend = echo_backend();
         let mut proxy = start(data_path, backend, "grace_period = \"1s\"");
         let mut streams = open_echo(proxy.listen, 5);
@@ -362,7 +283,7 @@ fn a_successor_whose_configuration_does_not_load_changes_nothing() {
         let run = upgrade(&proxy.control, None);
         assert!(run.ok(), "{data_path}: {} {}", run.reply, run.stderr);
         let new_pid = run.new_pid();
-        pids.add(new_pid);
+        pids.track(new_pid);
         assert_eq!(run.reply["moved"], 5, "{}", run.reply);
         assert_eq!(
             proxy.wait_exit(WAIT).code(),
@@ -382,7 +303,6 @@ fn a_successor_whose_configuration_does_not_load_changes_nothing() {
 
 #[test]
 fn a_successor_that_exits_before_confirming_changes_nothing() {
-    become_subreaper();
     for data_path in data_paths() {
         let backend = echo_backend();
         let mut proxy = start(data_path, backend, "grace_period = \"1s\"");
@@ -409,7 +329,6 @@ fn a_successor_that_exits_before_confirming_changes_nothing() {
 
 #[test]
 fn a_binary_others_can_change_is_refused() {
-    become_subreaper();
     for data_path in data_paths() {
         let backend = echo_backend();
         let mut proxy = start(data_path, backend, "grace_period = \"1s\"");
@@ -441,7 +360,6 @@ fn a_binary_others_can_change_is_refused() {
 
 #[test]
 fn an_upgrade_during_a_drain_is_refused() {
-    become_subreaper();
     for data_path in data_paths() {
         let backend = echo_backend();
         let mut proxy = start(data_path, backend, "grace_period = \"30s\"");
@@ -463,9 +381,8 @@ fn an_upgrade_during_a_drain_is_refused() {
 
 #[test]
 fn of_two_concurrent_upgrades_one_is_refused() {
-    become_subreaper();
     for data_path in data_paths() {
-        let mut pids = Pids::default();
+        let mut pids = Successors::new();
         let backend = echo_backend();
         let mut proxy = start(data_path, backend, "grace_period = \"1s\"");
         let mut streams = open_echo(proxy.listen, 3);
@@ -479,7 +396,7 @@ fn of_two_concurrent_upgrades_one_is_refused() {
         let runs = [finish_upgrade(a), finish_upgrade(b)];
         let (won, lost): (Vec<_>, Vec<_>) = runs.iter().partition(|run| run.ok());
         for run in &won {
-            pids.add(run.new_pid());
+            pids.track(run.new_pid());
         }
         assert_eq!(
             (won.len(), lost.len()),
@@ -524,11 +441,10 @@ fn taken_over(log: &str, predecessor: libc::pid_t) -> Option<(u64, bool)> {
 
 #[test]
 fn sigkill_of_the_old_process_during_the_handoff_loses_no_taken_connection() {
-    become_subreaper();
     const N: usize = 500;
     for data_path in data_paths() {
         let started = Instant::now();
-        let mut pids = Pids::default();
+        let mut pids = Successors::new();
         let backend = echo_backend();
         let mut proxy = start(data_path, backend, "grace_period = \"1s\"");
         let mut streams = open_echo(proxy.listen, N);
@@ -551,7 +467,7 @@ fn sigkill_of_the_old_process_during_the_handoff_loses_no_taken_connection() {
             [pid] => pid,
             ref other => panic!("one successor, not {other:?}"),
         };
-        pids.add(successor);
+        pids.track(successor);
         proxy.signal(libc::SIGKILL);
         proxy.wait_exit(WAIT);
         let run = finish_upgrade_killed(request);
@@ -636,7 +552,7 @@ fn sigkill_of_the_old_process_during_the_handoff_loses_no_taken_connection() {
             .stderr(out)
             .spawn()
             .expect("start smartproxy run");
-        pids.add(fresh_proxy.id() as libc::pid_t);
+        pids.track(fresh_proxy.id() as libc::pid_t);
         wait_until("the fresh proxy answers", || {
             std::os::unix::net::UnixStream::connect(&proxy.control).is_ok()
         });

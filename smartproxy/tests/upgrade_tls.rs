@@ -60,16 +60,6 @@ impl Drop for TlsClient {
     }
 }
 
-/// Kills a successor (not our child) when the test ends, passing or not.
-struct Successor(libc::pid_t);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on a pid this test started (through the proxy); at worst ESRCH.
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
-    }
-}
-
 #[test]
 fn terminated_tls_stays_in_the_old_process_and_drains_there() {
     let backend = echo_backend();
@@ -113,7 +103,8 @@ fn terminated_tls_stays_in_the_old_process_and_drains_there() {
     let reply: serde_json::Value =
         serde_json::from_slice(&output.stdout).expect("upgrade --json prints JSON");
     assert!(output.status.success(), "{reply}\n{}", proxy.log());
-    let _successor = Successor(reply["new_pid"].as_i64().expect("new_pid") as libc::pid_t);
+    let mut successors = Successors::new();
+    successors.track(reply["new_pid"].as_i64().expect("new_pid") as libc::pid_t);
     assert_eq!(reply["moved"], 0, "{reply}");
     assert_eq!(reply["staying"], 1, "the TLS session stays: {reply}");
     let handed_over = Instant::now();

@@ -265,3 +265,117 @@ impl Drop for ProxyProcess {
         }
     }
 }
+
+// === processes an upgrade starts ===
+
+/// The processes an upgrade test sees besides its `ProxyProcess` (successors, fresh
+/// starts): killed and reaped on drop, a failing test included. Creating it makes the test
+/// process a child subreaper, so that a successor becomes its child once its parent (the
+/// old proxy) exited, and can be waited for.
+pub struct Successors(Vec<libc::pid_t>);
+
+impl Successors {
+    pub fn new() -> Successors {
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(
+            rc,
+            0,
+            "PR_SET_CHILD_SUBREAPER: {}",
+            std::io::Error::last_os_error()
+        );
+        Successors(Vec::new())
+    }
+
+    pub fn track(&mut self, pid: libc::pid_t) {
+        assert!(pid > 1, "a process id: {pid}");
+        if !self.0.contains(&pid) {
+            self.0.push(pid);
+        }
+    }
+
+    /// `pid` was reaped elsewhere: not to be killed.
+    pub fn forget(&mut self, pid: libc::pid_t) {
+        self.0.retain(|p| *p != pid);
+    }
+
+    /// Waits (bounded) for `pid`, a proxy orphaned to this process, to exit by itself,
+    /// and returns its exit code.
+    pub fn wait_exit(&mut self, pid: libc::pid_t) -> libc::c_int {
+        match self.reap(pid) {
+            Some(Ok(code)) => code,
+            Some(Err(status)) => {
+                panic!("process {pid} did not exit by itself (wait status {status:#x})")
+            }
+            None => panic!(
+                "waitpid({pid}): not a child of this subreaper, and gone: {}",
+                std::io::Error::last_os_error()
+            ),
+        }
+    }
+
+    /// Sends `signal` to `pid` and waits (bounded) for it to exit; its exit code if this
+    /// process reaped it (128 + the signal when a signal ended it), `None` when it was not
+    /// this process's child and is gone.
+    pub fn stop(&mut self, pid: libc::pid_t, signal: libc::c_int) -> Option<i32> {
+        // SAFETY: kill(2) on a process this test started, not yet reaped by us.
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "kill({pid}, {signal})"
+        );
+        self.reap(pid)
+            .map(|exited| exited.unwrap_or_else(|status| 128 + libc::WTERMSIG(status)))
+    }
+
+    /// Waits (bounded) for `pid`: `Ok(exit code)`, `Err(wait status)` when a signal ended
+    /// it, `None` when it is not our child and gone.
+    fn reap(&mut self, pid: libc::pid_t) -> Option<Result<i32, i32>> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid writes the status into a local.
+            let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if rc == pid {
+                self.forget(pid);
+                assert!(
+                    !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                    "process {pid} reaped and still in /proc"
+                );
+                return Some(if libc::WIFEXITED(status) {
+                    Ok(libc::WEXITSTATUS(status))
+                } else {
+                    Err(status)
+                });
+            }
+            if rc < 0 && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                self.forget(pid);
+                return None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {pid} still runs {WAIT:?} later"
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Successors {
+    fn drop(&mut self) {
+        for pid in std::mem::take(&mut self.0) {
+            // SAFETY: kill(2) and waitpid on processes this test started and has not
+            // reaped: their pids cannot have been reused.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                let mut status = 0;
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while libc::waitpid(pid, &mut status, libc::WNOHANG) == 0
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
+    }
+}
