@@ -1,0 +1,49 @@
+//! SIGUSR2 upgrades the proxy as `smartproxy upgrade` does: the old process hands its
+//! connection over and exits 0, and the successor serves it and answers on the control
+//! socket.
+
+mod support;
+
+use std::net::TcpStream;
+
+use support::*;
+
+/// The pid in the old process's "upgrade: successor started" log line.
+fn successor_pid(log: &str) -> Option<libc::pid_t> {
+    let line = log
+        .lines()
+        .find(|line| line.contains("upgrade: successor started"))?;
+    let (_, rest) = line.split_once(" pid=")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn sigusr2_hands_every_connection_to_a_successor() {
+    let mut successors = Successors::new();
+    let backend = echo_backend();
+    let mut proxy = ProxyProcess::start("echo", backend, "");
+    let mut client = TcpStream::connect(proxy.listen).expect("connect through the proxy");
+    echo_once(&mut client, b"before");
+
+    proxy.signal(libc::SIGUSR2);
+    let status = proxy.wait_exit(WAIT);
+    assert!(
+        status.success(),
+        "the old process exits 0: {status}\n{}",
+        proxy.log()
+    );
+    let successor = successor_pid(&proxy.log())
+        .unwrap_or_else(|| panic!("no successor in the log:\n{}", proxy.log()));
+    successors.track(successor);
+
+    echo_once(&mut client, b"after");
+    let stats = proxy.stats();
+    assert_eq!(stats["connections"]["active"], 1, "{stats}");
+    assert_eq!(stats["connections"]["total"], 1, "carried over: {stats}");
+    drop(client);
+    assert_eq!(
+        successors.stop(successor, libc::SIGTERM),
+        Some(0),
+        "the successor stops cleanly"
+    );
+}
