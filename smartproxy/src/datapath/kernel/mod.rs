@@ -739,6 +739,25 @@ mod tests {
     }
 
     impl TestBpffs {
+        /// A bpffs of its own and the pin directory of a proxy answering on `control`;
+        /// `None` (skipped, loudly) unless root, which mounting needs, and a failure when
+        /// SMARTPROXY_REQUIRE_EBPF=1.
+        fn with_pins(control: &str) -> Option<(TestBpffs, std::path::PathBuf)> {
+            // SAFETY: geteuid cannot fail.
+            if unsafe { libc::geteuid() } != 0 {
+                assert_ne!(
+                    std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref(),
+                    Ok("1"),
+                    "SMARTPROXY_REQUIRE_EBPF=1 but mounting bpffs needs root"
+                );
+                eprintln!("SKIPPING: mounting bpffs needs root");
+                return None;
+            }
+            let bpffs = TestBpffs::mount();
+            let dir = pin_dir(&bpffs.root, std::path::Path::new(control));
+            Some((bpffs, dir))
+        }
+
         fn mount() -> TestBpffs {
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().join("bpf");
@@ -781,15 +800,9 @@ mod tests {
     /// a successor refuses pins of another size or none; a normal stop removes the pins.
     #[test]
     fn reuse_checks_the_pinned_maps_and_a_normal_stop_removes_them() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPING: mounting bpffs needs root");
+        let Some((_mounted, dir)) = TestBpffs::with_pins("/run/test-a/control.sock") else {
             return;
-        }
-        let bpffs = TestBpffs::mount();
-        let dir = pin_dir(
-            &bpffs.root,
-            std::path::Path::new("/run/test-a/control.sock"),
-        );
+        };
         let err =
             Kernel::load_pinned(small(), Pins::Reuse(dir.clone())).expect_err("nothing pinned");
         assert!(
@@ -890,15 +903,9 @@ mod tests {
         use crate::datapath::Meter;
         use crate::vocab::Direction;
 
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPING: mounting bpffs needs root");
+        let Some((_mounted, dir)) = TestBpffs::with_pins("/run/test-b/control.sock") else {
             return;
-        }
-        let bpffs = TestBpffs::mount();
-        let dir = pin_dir(
-            &bpffs.root,
-            std::path::Path::new("/run/test-b/control.sock"),
-        );
+        };
         let Some(a) = load_or_skip(small(), Pins::Fresh(dir.clone())) else {
             return;
         };
