@@ -73,7 +73,14 @@ pub(crate) async fn connect<'a>(
                 keepalive(&stream, &config.lifecycle);
                 return Ok((stream, &config.targets[index]));
             }
-            Err(e) => last_error = Some(e),
+            Err(e) => {
+                let shortage =
+                    matches!(&e, ConnError::Io { source, .. } if health::is_local_shortage(source));
+                last_error = Some(e);
+                if shortage {
+                    break;
+                }
+            }
         }
     }
     // None: the route has no target, which validation refuses.
@@ -104,6 +111,11 @@ async fn connect_one(
             shared.stats.backend_connected(slot, elapsed);
             log_change(health.connected(elapsed), &config.name, target);
             return Ok(stream);
+        }
+        // This host ran short, the target did not fail: its health stays as it is.
+        // Its closure line names the cause; the accept loop warns of the shortage.
+        Ok(Err(e)) if health::is_local_shortage(&e) => {
+            return Err(ConnError::io(Side::Backend, Step::Connect, e));
         }
         Ok(Err(e)) => (
             FailureKind::of(&e),
@@ -154,16 +166,25 @@ async fn check_target(
             return;
         };
         let probe = tokio::time::timeout(check.timeout, connect_target(&*resolver, &health.target));
-        let passed = tokio::select! {
+        let probed = tokio::select! {
             _ = reached(&mut stop, Stop::Drain) => return,
-            probed = probe => matches!(probed, Ok(Ok(_))),
+            probed = probe => probed,
         };
-        debug!(%route, target = %health.target, passed, "health check");
-        log_change(
-            health.check_done(passed, std::time::Instant::now()),
-            &route,
-            &health.target,
-        );
+        match probed {
+            // A check this host could not make is not booked against the target.
+            Ok(Err(e)) if health::is_local_shortage(&e) => {
+                debug!(%route, target = %health.target, error = %e, "health check not made");
+            }
+            probed => {
+                let passed = matches!(probed, Ok(Ok(_)));
+                debug!(%route, target = %health.target, passed, "health check");
+                log_change(
+                    health.check_done(passed, std::time::Instant::now()),
+                    &route,
+                    &health.target,
+                );
+            }
+        }
         tokio::select! {
             _ = reached(&mut stop, Stop::Drain) => return,
             _ = tokio::time::sleep(check.interval) => {}

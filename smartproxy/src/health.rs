@@ -30,6 +30,16 @@ use crate::histogram::{Histogram, HistogramSnapshot, CONNECT_BUCKETS};
 /// count goes with the next warning.
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Whether a failed connect ran out of something on this host (descriptors, socket
+/// memory, local ports) rather than being turned away by the target: such a failure says
+/// nothing of the target's health, and the other targets would fail the same way.
+pub fn is_local_shortage(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
 /// Why a connect failed, as counted per target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureKind {
@@ -446,6 +456,17 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shortage_of_this_host_is_told_from_a_failing_target() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::EADDRNOTAVAIL] {
+            assert!(is_local_shortage(&io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EHOSTUNREACH] {
+            assert!(!is_local_shortage(&io::Error::from_raw_os_error(errno)));
+        }
+        assert!(!is_local_shortage(&io::Error::other("no such host")));
+    }
 
     const MS: Duration = Duration::from_millis(1);
 
