@@ -72,6 +72,47 @@ pub struct ProxyConfig {
     /// (`<root>/smartproxy/<instance>`), so that `smartproxy upgrade` hands them to the
     /// successor. An absolute path; mounted at start if it is not a bpffs yet.
     pub ebpf_pin_root: PathBuf,
+    /// `data_path = "auto"`: when a connection moves between the relay and the kernel.
+    pub auto: AutoConfig,
+}
+
+/// The knobs of the adaptive data path (`datapath::adaptive`), `[proxy] auto_*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoConfig {
+    /// Bytes per second, in one direction, at or above which a connection on the relay
+    /// goes into the kernel.
+    pub splice_rate: u64,
+    /// Bytes per second, both directions together, below which a connection the kernel
+    /// redirects goes back to the relay (pass mode). Lower than `splice_rate`: the gap is
+    /// the hysteresis.
+    pub leave_rate: u64,
+    /// Over how long each rate is measured: the policy's reaction time.
+    pub window: Duration,
+    /// Moves a connection may make; then it stays where it is.
+    pub max_moves: u32,
+}
+
+/// Measured with `cargo xtask bench` on the 2-core machine (bench/results/RESULTS.md):
+/// the kernel path won only bulk streams (about 1.2 GB/s each); request/response with
+/// 16 KiB messages over 32 connections (about 28 MiB/s each way per connection) was no
+/// faster there than on the relay. 64 MiB/s keeps such traffic on the relay.
+pub const DEFAULT_AUTO_SPLICE_RATE: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_AUTO_LEAVE_RATE: u64 = 8 * 1024 * 1024;
+pub const DEFAULT_AUTO_WINDOW: Duration = Duration::from_millis(200);
+pub const DEFAULT_AUTO_MAX_MOVES: u32 = 8;
+/// `auto_window` bounds: shorter windows measure single reads, longer ones react late.
+pub const AUTO_WINDOWS: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(10);
+
+impl Default for AutoConfig {
+    fn default() -> Self {
+        AutoConfig {
+            splice_rate: DEFAULT_AUTO_SPLICE_RATE,
+            leave_rate: DEFAULT_AUTO_LEAVE_RATE,
+            window: DEFAULT_AUTO_WINDOW,
+            max_moves: DEFAULT_AUTO_MAX_MOVES,
+        }
+    }
 }
 
 /// The largest `ebpf_max_connections`: the maps' sizes (two entries a connection) are
@@ -157,6 +198,7 @@ impl Default for ProxyConfig {
             // The maps hold every connection `max_connections` admits.
             ebpf_max_connections: max_connections,
             ebpf_pin_root: PathBuf::from(crate::datapath::kernel::DEFAULT_PIN_ROOT),
+            auto: AutoConfig::default(),
         }
     }
 }
@@ -657,6 +699,10 @@ struct RawProxy {
     ebpf_ring_buffer_bytes: Option<u32>,
     ebpf_max_connections: Option<u32>,
     ebpf_pin_root: Option<PathBuf>,
+    auto_splice_rate: Option<u64>,
+    auto_leave_rate: Option<u64>,
+    auto_window: Option<HumanDuration>,
+    auto_max_moves: Option<u32>,
 }
 
 /// A duration written as a humantime string (`"500ms"`, `"5s"`, `"30m"`, `"24h"`).
@@ -779,9 +825,53 @@ fn parse(text: &str) -> Result<RawConfig, Invalid> {
 
 // === validation ===
 
+/// `[proxy] auto_*`: a leave rate below the splice rate (no flapping), a window in
+/// [`AUTO_WINDOWS`], at least one move.
+fn auto_config(raw: &RawProxy, defaults: AutoConfig) -> Result<AutoConfig, Invalid> {
+    let auto = AutoConfig {
+        splice_rate: raw.auto_splice_rate.unwrap_or(defaults.splice_rate),
+        leave_rate: raw.auto_leave_rate.unwrap_or(defaults.leave_rate),
+        window: raw.auto_window.map_or(defaults.window, Duration::from),
+        max_moves: raw.auto_max_moves.unwrap_or(defaults.max_moves),
+    };
+    if auto.splice_rate == 0 {
+        return Err(Invalid::new(
+            "proxy.auto_splice_rate",
+            "must be greater than 0",
+        ));
+    }
+    if auto.leave_rate >= auto.splice_rate {
+        return Err(Invalid::new(
+            "proxy.auto_leave_rate",
+            format!(
+                "must be lower than proxy.auto_splice_rate ({}): the gap keeps a connection from moving back and forth",
+                auto.splice_rate
+            ),
+        ));
+    }
+    if !AUTO_WINDOWS.contains(&auto.window) {
+        return Err(Invalid::new(
+            "proxy.auto_window",
+            format!(
+                "must be from {:?} to {:?}",
+                AUTO_WINDOWS.start(),
+                AUTO_WINDOWS.end()
+            ),
+        ));
+    }
+    if auto.max_moves == 0 {
+        return Err(Invalid::new(
+            "proxy.auto_max_moves",
+            "must be greater than 0 (data_path = \"userspace\" keeps connections on the relay)",
+        ));
+    }
+    Ok(auto)
+}
+
 /// Applies defaults and inheritance, and checks every rule that the types alone do not.
 fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
     let defaults = ProxyConfig::default();
+    let auto = auto_config(&raw.proxy, defaults.auto)?;
     let proxy = ProxyConfig {
         data_path: raw.proxy.data_path.unwrap_or(defaults.data_path),
         control_socket: raw.proxy.control_socket.unwrap_or(defaults.control_socket),
@@ -826,6 +916,7 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
             defaults.max_connections,
         )?,
         ebpf_pin_root: raw.proxy.ebpf_pin_root.unwrap_or(defaults.ebpf_pin_root),
+        auto,
     };
     if !proxy.ebpf_pin_root.is_absolute() {
         return Err(Invalid::new(
@@ -1534,6 +1625,34 @@ mod tests {
             Some(Duration::from_millis(200)),
             "the check timeout is at most the interval"
         );
+    }
+
+    #[test]
+    fn auto_knobs_load_and_keep_their_hysteresis() {
+        let auto = load_ok(&format!(
+            "[proxy]\nauto_splice_rate = 1000000\nauto_leave_rate = 1000\nauto_window = \"50ms\"\nauto_max_moves = 3\n{ROUTE}"
+        ))
+        .proxy
+        .auto;
+        assert_eq!(
+            auto,
+            AutoConfig {
+                splice_rate: 1_000_000,
+                leave_rate: 1000,
+                window: Duration::from_millis(50),
+                max_moves: 3,
+            }
+        );
+        for (line, key) in [
+            ("auto_leave_rate = 67108864", "proxy.auto_leave_rate"),
+            ("auto_splice_rate = 0", "proxy.auto_splice_rate"),
+            ("auto_window = \"1ms\"", "proxy.auto_window"),
+            ("auto_window = \"1m\"", "proxy.auto_window"),
+            ("auto_max_moves = 0", "proxy.auto_max_moves"),
+        ] {
+            let error = load_err(&format!("[proxy]\n{line}\n{ROUTE}"));
+            assert!(error.contains(key), "{line}: {error}");
+        }
     }
 
     #[test]

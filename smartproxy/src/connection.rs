@@ -18,12 +18,13 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::backend::{connect, keepalive};
 use crate::conn_error::{ConnError, Step};
+use crate::datapath::adaptive::Place;
 use crate::datapath::clock::{instant_of, ns_of};
 use crate::datapath::kernel::SpliceError;
 use crate::datapath::relay::Moved;
-use crate::datapath::{Meter, Peer, Relay};
+use crate::datapath::{Meter, Peer, Relay, Report};
 use crate::error_chain;
-use crate::generation::Generation;
+use crate::generation::{Generation, Placement};
 use crate::lifecycle::{Action, Event, Lifecycle};
 use crate::limits::Admissions;
 use crate::routing::{receive_proxy_header, route};
@@ -108,7 +109,10 @@ pub(crate) fn resume(
                 .cloned()
         });
     let meter = Arc::new(Meter::from_record(&moved.meter));
-    let relay = Relay::from_moved(sockets, Arc::clone(&meter), shared.kernel.as_ref())?;
+    let mut relay = Relay::from_moved(sockets, Arc::clone(&meter), shared.kernel.as_ref())?;
+    if let (Some(moves), Some(kernel)) = (moved.moves, &shared.kernel) {
+        relay.adapt(kernel, generation.config.proxy.auto, moves);
+    }
     let record = shared.table.insert_moved(&moved, slot, target, meter);
     let lifecycle = Lifecycle::from_record(&moved.lifecycle, instant_of);
     let span = info_span!("conn", id = record.id, client = %record.client(), moved = true);
@@ -311,30 +315,63 @@ async fn relay(
 ) -> Ended {
     let config = generation.config.routes[route].lifecycle;
     let mut relay = Relay::new(client, backend, Arc::clone(&record.meter));
-    let data_path = generation.data_path(route, shared.kernel.is_some());
-    // Before the splice: from then on the kernel may move bytes before this task runs.
-    record.set_data_path(data_path);
-    if let (DataPathKind::Ebpf, Some(kernel)) = (data_path, &shared.kernel) {
-        // Routine for a peer that already sent its FIN (the kernel refuses such a socket),
-        // so not a warning: `ebpf.splice_failures` counts them. A splice that failed half
-        // way stays in the maps, passing every byte to the relay: userspace moves them.
-        let failed = |e: &SpliceError| {
-            shared.splice_failed(e);
-            debug!(error = %error_chain(e), "splice failed; this connection uses the userspace data path");
-        };
-        let fell_back = match relay.offload(kernel) {
-            Ok(()) => relay.splice_fallback().inspect(|e| failed(e)).is_some(),
-            Err(e) => {
-                failed(&e);
-                true
-            }
-        };
-        if fell_back {
-            record.set_data_path(DataPathKind::Userspace);
+    let placement = generation.data_path(route, shared.kernel.is_some());
+    record.set_data_path(DataPathKind::Userspace);
+    match (placement, &shared.kernel) {
+        (Placement::Kernel, Some(kernel)) => {
+            // Before the splice: from then on the kernel may move bytes before this task
+            // runs.
+            record.set_data_path(DataPathKind::Ebpf);
+            let result = relay.offload(kernel);
+            book_splice(shared, &relay, record, result);
         }
+        (Placement::Adaptive, Some(kernel)) => {
+            relay.adapt(kernel, generation.config.proxy.auto, 0);
+        }
+        _ => {}
     }
     let lifecycle = Lifecycle::new(config, Instant::now().into_std());
     drive(shared, relay, lifecycle, record).await
+}
+
+/// Books a splice (`result`): on the kernel path if it completed, on the userspace path
+/// otherwise, which is routine for a peer that already sent its FIN (the kernel refuses
+/// such a socket), so not a warning: `ebpf.splice_failures` counts them. A splice that
+/// failed half way stays in the maps, passing every byte to the relay: userspace moves
+/// them.
+fn book_splice(
+    shared: &Shared,
+    relay: &Relay,
+    record: &ConnRecord,
+    result: Result<(), SpliceError>,
+) {
+    let failed = |e: &SpliceError| {
+        shared.splice_failed(e);
+        debug!(error = %error_chain(e), "splice failed; this connection uses the userspace data path");
+    };
+    let completed = match result {
+        Ok(()) => relay.splice_fallback().inspect(|e| failed(e)).is_none(),
+        Err(e) => {
+            failed(&e);
+            false
+        }
+    };
+    record.set_data_path(if completed {
+        DataPathKind::Ebpf
+    } else {
+        DataPathKind::Userspace
+    });
+}
+
+/// Books a move of the adaptive path: the connection's path, and the proxy's count.
+fn book_move(shared: &Shared, record: &ConnRecord, place: Place) {
+    let path = match place {
+        Place::Kernel => DataPathKind::Ebpf,
+        Place::Relay => DataPathKind::Userspace,
+    };
+    record.set_data_path(path);
+    shared.stats.moved_to(path);
+    debug!(to = %path, "moved");
 }
 
 /// Feeds the lifecycle what the relay reports and carries out its actions, until it
@@ -353,7 +390,20 @@ async fn drive(
     loop {
         let deadline = lifecycle.deadline().map(Instant::from_std);
         let event = tokio::select! {
-            event = relay.next_event() => event,
+            report = relay.next_event() => match report {
+                Report::Event(event) => event,
+                Report::Spliced(result) => {
+                    book_splice(shared, &relay, record, result);
+                    if record.data_path() == Some(DataPathKind::Ebpf) {
+                        shared.stats.moved_to(DataPathKind::Ebpf);
+                    }
+                    continue;
+                }
+                Report::Moved(place) => {
+                    book_move(shared, record, place);
+                    continue;
+                }
+            },
             _ = sleep_until_some(deadline) => Event::Timer {
                 last_activity: instant_of(relay.meter().last_activity_ns()),
             },
@@ -470,6 +520,7 @@ fn hand_off(
             halves: moved.halves,
             pending: moved.pending.each_ref().map(Vec::len),
             offload: moved.offload.clone(),
+            moves: moved.moves,
         },
         moved,
     };

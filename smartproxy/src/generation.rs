@@ -78,8 +78,8 @@ impl Generation {
         &self.health[index]
     }
 
-    /// The data path a connection of the route at `index` takes.
-    pub fn data_path(&self, index: usize, kernel_loaded: bool) -> DataPathKind {
+    /// Where a connection of the route at `index` puts its bytes.
+    pub fn data_path(&self, index: usize, kernel_loaded: bool) -> Placement {
         let route = &self.config.routes[index];
         let mode = route.data_path.unwrap_or(self.config.proxy.data_path);
         let terminates = route.tls.is_some_and(|tls| tls.terminates());
@@ -87,15 +87,41 @@ impl Generation {
     }
 }
 
-/// The one data-path rule: the kernel path when the mode allows it (`auto`, `ebpf`), the
-/// kernel loaded, and the proxy need not see the plaintext (a TLS-terminating route
-/// does); userspace otherwise.
-pub fn select_data_path(mode: DataPathMode, kernel_loaded: bool, terminates: bool) -> DataPathKind {
-    match mode {
-        DataPathMode::Auto | DataPathMode::Ebpf if kernel_loaded && !terminates => {
-            DataPathKind::Ebpf
+/// Where a connection puts its bytes, decided once when its relay starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// The userspace relay, for good.
+    Relay,
+    /// The kernel, spliced at once (`data_path = "ebpf"`).
+    Kernel,
+    /// The relay first, then wherever its traffic is cheaper (`datapath::adaptive`).
+    Adaptive,
+}
+
+impl Placement {
+    pub fn uses_kernel(self) -> bool {
+        self != Placement::Relay
+    }
+
+    /// The path a proxy whose default this is reports (`stats`): the kernel one whenever
+    /// it is loaded for connections.
+    pub fn kind(self) -> DataPathKind {
+        match self {
+            Placement::Relay => DataPathKind::Userspace,
+            Placement::Kernel | Placement::Adaptive => DataPathKind::Ebpf,
         }
-        _ => DataPathKind::Userspace,
+    }
+}
+
+/// The one data-path rule: the kernel path when the mode allows it (`auto` adaptively,
+/// `ebpf` at once), the kernel loaded, and the proxy need not see the plaintext (a
+/// TLS-terminating route does); the relay otherwise.
+pub fn select_data_path(mode: DataPathMode, kernel_loaded: bool, terminates: bool) -> Placement {
+    match mode {
+        _ if !kernel_loaded || terminates => Placement::Relay,
+        DataPathMode::Auto => Placement::Adaptive,
+        DataPathMode::Ebpf => Placement::Kernel,
+        DataPathMode::Userspace => Placement::Relay,
     }
 }
 
@@ -146,6 +172,8 @@ fn restart_only_change(running: &ProxyConfig, next: &ProxyConfig) -> Option<&'st
         // Restart-only while the kernel maps it sizes exist: see `check_reloadable`.
         ebpf_max_connections: _,
         ebpf_pin_root,
+        // Taken by each new connection (`connection.rs` `relay`).
+        auto: _,
     } = running;
     [
         ("data_path", *data_path == next.data_path),

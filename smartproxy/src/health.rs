@@ -459,7 +459,12 @@ mod tests {
 
     #[test]
     fn a_shortage_of_this_host_is_told_from_a_failing_target() {
-        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::EADDRNOTAVAIL] {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::EADDRNOTAVAIL,
+        ] {
             assert!(is_local_shortage(&io::Error::from_raw_os_error(errno)));
         }
         for errno in [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EHOSTUNREACH] {

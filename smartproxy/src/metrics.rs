@@ -366,6 +366,17 @@ pub fn render(s: &Snapshot) -> String {
         out.sample(name, &[], value);
     }
     out.family(
+        "smartproxy_data_path_moves_total",
+        "counter",
+        "Connections data_path = \"auto\" moved, by the path they moved to.",
+    );
+    for (to, count) in [
+        ("ebpf", s.ebpf.moves_to_kernel),
+        ("userspace", s.ebpf.moves_to_relay),
+    ] {
+        out.sample("smartproxy_data_path_moves_total", &[("to", to)], count);
+    }
+    out.family(
         "smartproxy_build_info",
         "gauge",
         "The proxy's version, as a label; always 1.",

@@ -31,7 +31,6 @@ use crate::tls::TlsRoutes;
 use crate::tls_files::TlsError;
 use crate::upgrade::message::KernelMaps;
 use crate::upgrade::{Inherited, Phase, SuccessorCommand, TakenOver, UpgradeError, Upgraded};
-use crate::vocab::DataPathKind;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -236,7 +235,7 @@ impl Proxy {
             kernel.start_events().map_err(StartError::Ebpf)?;
         }
         // The default for routes that set none: what `stats` reports as the proxy's.
-        let data_path = select_data_path(config.proxy.data_path, kernel.is_some(), false);
+        let data_path = select_data_path(config.proxy.data_path, kernel.is_some(), false).kind();
         let stats = Stats::new(data_path);
         let control_socket = config.proxy.control_socket.clone();
         let health = Registry::default();
@@ -458,7 +457,7 @@ fn load_kernel(
     let (mut required, mut wanted) = (false, false);
     for mode in modes {
         required |= mode == DataPathMode::Ebpf;
-        wanted |= select_data_path(mode, true, false) == DataPathKind::Ebpf;
+        wanted |= select_data_path(mode, true, false).uses_kernel();
     }
     let options = config.proxy.kernel_options();
     let predecessor = inherited.flatten();

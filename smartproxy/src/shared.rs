@@ -22,7 +22,7 @@ use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
 use crate::table::ConnTable;
 use crate::throttle::Throttle;
 use crate::upgrade::{HandoffSockets, Outgoing, Phase, SuccessorCommand};
-use crate::vocab::Reason;
+use crate::vocab::{DataPathKind, Reason};
 
 /// At most one warning that the kernel maps are full per this interval.
 pub(crate) const MAP_FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
@@ -109,6 +109,8 @@ impl Shared {
                     events_lost: kernel.events_lost,
                     splice_failures: self.stats.splice_failures(),
                     map_full: self.stats.map_full_failures(),
+                    moves_to_kernel: self.stats.moves_to(DataPathKind::Ebpf),
+                    moves_to_relay: self.stats.moves_to(DataPathKind::Userspace),
                     max_connections,
                     map_entries: None,
                 }

@@ -44,6 +44,8 @@ pub struct Stats {
     inactivity_resets: AtomicU64,
     splice_failures: AtomicU64,
     map_full: AtomicU64,
+    /// Moves of the adaptive path, by where to: `[kernel, relay]`.
+    moves: [AtomicU64; 2],
     /// Every route any configuration named, by slot ([`Stats::route_slot`]). Append-only,
     /// so that a reload never resets a route's counters nor moves another's.
     routes: RwLock<Vec<RouteCounters>>,
@@ -63,6 +65,12 @@ pub struct EbpfSnapshot {
     pub splice_failures: u64,
     /// The part of `splice_failures` that found the kernel maps full.
     pub map_full: u64,
+    /// Moves of the adaptive path (`data_path = "auto"`) into the kernel (a splice, or
+    /// pass mode back to redirect), and out of it (to pass mode).
+    #[serde(default)]
+    pub moves_to_kernel: u64,
+    #[serde(default)]
+    pub moves_to_relay: u64,
     /// How many connections the kernel maps hold (`proxy.ebpf_max_connections`).
     pub max_connections: u64,
     /// Entries counted in the kernel: only in the answer to a one-shot `stats` request
@@ -257,6 +265,9 @@ pub struct Totals {
     inactivity_resets: u64,
     splice_failures: u64,
     map_full: u64,
+    /// `[kernel, relay]`; absent from a predecessor without the adaptive path.
+    #[serde(default)]
+    moves: [u64; 2],
     unrouted_closed: BTreeMap<Reason, u64>,
     refused: BTreeMap<String, u64>,
     routes: Vec<RouteTotals>,
@@ -304,6 +315,7 @@ impl Stats {
             inactivity_resets: load(&self.inactivity_resets),
             splice_failures: load(&self.splice_failures),
             map_full: load(&self.map_full),
+            moves: self.moves.each_ref().map(load),
             unrouted_closed: by_reason(&self.unrouted_closed),
             refused: Refusal::ALL
                 .iter()
@@ -337,6 +349,7 @@ impl Stats {
         add(&self.inactivity_resets, totals.inactivity_resets);
         add(&self.splice_failures, totals.splice_failures);
         add(&self.map_full, totals.map_full);
+        add_pair(&self.moves, totals.moves);
         add_by_reason(&self.unrouted_closed, &totals.unrouted_closed);
         for refusal in Refusal::ALL {
             if let Some(more) = totals.refused.get(refusal.as_str()) {
@@ -367,6 +380,7 @@ impl Stats {
             inactivity_resets: AtomicU64::new(0),
             splice_failures: AtomicU64::new(0),
             map_full: AtomicU64::new(0),
+            moves: std::array::from_fn(|_| AtomicU64::new(0)),
             routes: RwLock::default(),
             unrouted_closed: std::array::from_fn(|_| AtomicU64::new(0)),
             refused: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -434,6 +448,23 @@ impl Stats {
 
     pub fn map_full_failures(&self) -> u64 {
         self.map_full.load(Ordering::Relaxed)
+    }
+
+    /// The adaptive path moved a connection to `path`.
+    pub fn moved_to(&self, path: DataPathKind) {
+        self.moves[Self::move_index(path)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The adaptive path's moves to `path` so far.
+    pub fn moves_to(&self, path: DataPathKind) -> u64 {
+        self.moves[Self::move_index(path)].load(Ordering::Relaxed)
+    }
+
+    fn move_index(path: DataPathKind) -> usize {
+        match path {
+            DataPathKind::Ebpf => 0,
+            DataPathKind::Userspace => 1,
+        }
     }
 
     pub fn inactivity_reset(&self) {

@@ -75,6 +75,11 @@ pub fn render_stats(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> St
         "  maps      for {} connections  full {}  splice failures {}",
         e.max_connections, e.map_full, e.splice_failures
     );
+    let _ = writeln!(
+        out,
+        "  auto      moves into the kernel {}  out to the relay {}",
+        e.moves_to_kernel, e.moves_to_relay
+    );
     if let Some(m) = e.map_entries {
         let _ = writeln!(
             out,

@@ -68,6 +68,16 @@ impl Meter {
             .store(monotonic_ns(), Ordering::Relaxed);
     }
 
+    /// The bytes userspace moved in `direction`: one atomic load, no kernel lookup.
+    pub fn userspace_bytes(&self, direction: Direction) -> u64 {
+        self.bytes[direction.index()].load(Ordering::Relaxed)
+    }
+
+    /// Every byte moved, both ways, by either path.
+    pub fn total_bytes(&self) -> u64 {
+        Direction::BOTH.into_iter().map(|d| self.bytes(d)).sum()
+    }
+
     /// Every byte moved in `direction`, by either path.
     pub fn bytes(&self, direction: Direction) -> u64 {
         let [userspace, kernel] = self.bytes_by_path(direction);

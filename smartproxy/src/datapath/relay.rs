@@ -7,6 +7,10 @@
 //! sockets only ever hand userspace what the verdict passed up (a FIN, bytes of a failed
 //! redirect), and the relay treats those exactly as here, after the kernel's backlog
 //! toward the destination is delivered.
+//!
+//! On `data_path = "auto"` ([`Relay::adapt`]) the relay also carries out the moves its
+//! [`Policy`] asks for: a splice in the middle of the connection, and switches between the
+//! verdict's redirect and pass modes.
 
 use std::future::poll_fn;
 use std::io;
@@ -15,12 +19,14 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
 
+use super::adaptive::{Place, Policy};
 use super::kernel::offload::{BACKLOG_POLL_MAX, BACKLOG_POLL_MIN};
 use super::kernel::{Kernel, Offload, OffloadRecord, SpliceError, Wait, PASSED_READ_BYTES};
 use super::peer::{Peer, BUFFER_BYTES};
 use super::Meter;
+use crate::config::AutoConfig;
 use crate::lifecycle::Event;
 use crate::vocab::{Direction, Side};
 
@@ -190,6 +196,52 @@ async fn socket_error(side: Side, stream: Option<&TcpStream>) -> Side {
     side
 }
 
+/// What [`Relay::next_event`] reports.
+#[derive(Debug)]
+pub enum Report {
+    /// For the lifecycle.
+    Event(Event),
+    /// The adaptive path spliced the connection: on `Ok`, [`Relay::splice_fallback`] still
+    /// says whether the splice completed. On `Err` nothing changed.
+    Spliced(Result<(), SpliceError>),
+    /// The adaptive path switched a spliced connection between redirect and pass.
+    Moved(Place),
+}
+
+/// What [`Relay::poll_adaptive`] decided: what to report, and whether the connection
+/// stays on the adaptive path (not after a switch that failed).
+struct Decided {
+    report: Option<Report>,
+    keep: bool,
+}
+
+impl Decided {
+    const NOTHING: Decided = Decided {
+        report: None,
+        keep: true,
+    };
+    const STAY: Decided = Decided {
+        report: None,
+        keep: false,
+    };
+
+    fn report(report: Report) -> Decided {
+        Decided {
+            report: Some(report),
+            keep: true,
+        }
+    }
+}
+
+/// The adaptive path's part of a relay.
+#[derive(Debug)]
+struct Adaptive {
+    policy: Policy,
+    kernel: Kernel,
+    /// While the kernel redirects: one tick per window, to measure what it moved.
+    tick: Option<Interval>,
+}
+
 /// One direction's state as a successor takes it over (`upgrade`); the bytes read and
 /// not yet written travel beside it ([`Moved::pending`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -217,6 +269,8 @@ pub struct Moved {
     pub backend: OwnedFd,
     /// The kernel's bookkeeping, when spliced: the maps keep the splice meanwhile.
     pub offload: Option<OffloadRecord>,
+    /// On the adaptive path: the moves made so far.
+    pub moves: Option<u32>,
 }
 
 /// Both directions of one connection.
@@ -231,6 +285,8 @@ pub struct Relay {
     /// Which half is polled first; alternates so that a busy direction cannot starve
     /// the other.
     first: usize,
+    /// On `data_path = "auto"`, until the connection starts to close.
+    adaptive: Option<Adaptive>,
 }
 
 impl Relay {
@@ -245,6 +301,7 @@ impl Relay {
             ],
             meter,
             first: 0,
+            adaptive: None,
         }
     }
 
@@ -289,6 +346,7 @@ impl Relay {
             client,
             backend,
             offload,
+            moves: self.moves(),
         })
     }
 
@@ -305,6 +363,7 @@ impl Relay {
             client,
             backend,
             offload,
+            moves: _,
         } = moved;
         let offload = match (offload, kernel) {
             (None, _) => None,
@@ -341,9 +400,10 @@ impl Relay {
         Ok(relay)
     }
 
-    /// Hands the connection's bytes to the kernel. Must come before the first
-    /// `next_event`, and both sides must be plain TCP (TLS is decrypted here). On error
-    /// nothing was spliced. A splice that could not complete is kept, passing every byte
+    /// Hands the connection's bytes to the kernel. Before the first `next_event`, or, on
+    /// the adaptive path, when neither half holds a byte it read (see
+    /// [`Relay::poll_adaptive`]); both sides must be plain TCP (TLS is decrypted here). On
+    /// error nothing was spliced. A splice that could not complete is kept, passing every byte
     /// to this relay: [`Relay::splice_fallback`] says why.
     pub fn offload(&mut self, kernel: &Kernel) -> Result<(), SpliceError> {
         debug_assert!(
@@ -371,6 +431,33 @@ impl Relay {
         self.offload.as_ref().and_then(Offload::fallback)
     }
 
+    /// Puts the connection on the adaptive path: from now on it moves between the relay
+    /// and the kernel as its traffic asks ([`Policy`]). `moves`: those it made in a
+    /// predecessor process. Both sides must be plain TCP; a splice that could not
+    /// complete stays where it is.
+    pub fn adapt(&mut self, kernel: &Kernel, config: AutoConfig, moves: u32) {
+        if !self.movable() || self.splice_fallback().is_some() {
+            return;
+        }
+        let place = match &self.offload {
+            Some(offload) if offload.redirecting() => Place::Kernel,
+            _ => Place::Relay,
+        };
+        let read = Direction::BOTH.map(|direction| self.meter.userspace_bytes(direction));
+        self.adaptive = Some(Adaptive {
+            policy: Policy::new(config, place, moves, read, self.meter.total_bytes()),
+            kernel: kernel.clone(),
+            tick: None,
+        });
+    }
+
+    /// On the adaptive path: the moves made so far.
+    pub fn moves(&self) -> Option<u32> {
+        self.adaptive
+            .as_ref()
+            .map(|adaptive| adaptive.policy.moves())
+    }
+
     /// The next lifecycle event. Cancel-safe: no progress is lost when the future is
     /// dropped before it completes.
     ///
@@ -380,7 +467,7 @@ impl Relay {
     /// keepalive) is watched instead. Not on a spliced connection: there the kernel also
     /// sets socket errors of its own (a failed redirect), and the sock_ops state changes
     /// tell a reset ([`Relay::poll_state_changes`]).
-    pub async fn next_event(&mut self) -> Event {
+    pub async fn next_event(&mut self) -> Report {
         let spliced = self.offload.is_some();
         // The sockets are shared with these watches, which borrow them while the halves
         // borrow the relay.
@@ -391,15 +478,15 @@ impl Relay {
         let client = watched(Side::Client, &self.client);
         let backend = watched(Side::Backend, &self.backend);
         tokio::select! {
-            event = poll_fn(|cx| self.poll_event(cx)) => event,
-            side = socket_error(Side::Client, client.as_deref()) => Event::Reset(side),
-            side = socket_error(Side::Backend, backend.as_deref()) => Event::Reset(side),
+            report = poll_fn(|cx| self.poll_event(cx)) => report,
+            side = socket_error(Side::Client, client.as_deref()) => Report::Event(Event::Reset(side)),
+            side = socket_error(Side::Backend, backend.as_deref()) => Report::Event(Event::Reset(side)),
         }
     }
 
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Report> {
         if let Some(side) = self.poll_state_changes(cx) {
-            return Poll::Ready(Event::Reset(side));
+            return Poll::Ready(Report::Event(Event::Reset(side)));
         }
         self.first ^= 1;
         for offset in 0..2 {
@@ -412,10 +499,107 @@ impl Relay {
             if let Poll::Ready(event) =
                 self.halves[index].poll(cx, source, destination, &self.meter, offload)
             {
-                return Poll::Ready(event);
+                return Poll::Ready(Report::Event(event));
             }
         }
-        Poll::Pending
+        match self.poll_adaptive(cx) {
+            Some(report) => Poll::Ready(report),
+            None => Poll::Pending,
+        }
+    }
+
+    /// The adaptive path, once both halves are waiting: asks the policy and carries out a
+    /// move. A splice happens only while neither half holds a byte it read: each one's
+    /// last read then found its socket empty, so no skb is left half read, which the
+    /// verdict would receive whole (`docs/kernel-notes.md#window-updates-for-early-bytes`).
+    /// A connection that starts to close stays where it is: a direction that finishes stops
+    /// the verdict redirecting it, for good.
+    fn poll_adaptive(&mut self, cx: &mut Context<'_>) -> Option<Report> {
+        let mut adaptive = self.adaptive.take()?;
+        if self.halves.iter().any(|half| half.eof || half.finishing) {
+            return None;
+        }
+        let Decided { report, keep } = match adaptive.policy.place() {
+            Place::Kernel => self.leave_kernel(cx, &mut adaptive),
+            Place::Relay => self.enter_kernel(&mut adaptive),
+        };
+        if keep {
+            self.adaptive = Some(adaptive);
+        }
+        report
+    }
+
+    /// In the kernel: on each window's tick, back to the relay (pass mode) if too little
+    /// moved.
+    fn leave_kernel(&mut self, cx: &mut Context<'_>, adaptive: &mut Adaptive) -> Decided {
+        let window = adaptive.policy.window();
+        let tick = adaptive.tick.get_or_insert_with(|| {
+            let mut tick = interval_at(Instant::now() + window, window);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            tick
+        });
+        let mut due = false;
+        while tick.poll_tick(cx).is_ready() {
+            due = true;
+        }
+        if !due {
+            return Decided::NOTHING;
+        }
+        // Reads the kernel's counters: once a window, not on every wake-up.
+        let moved = self.meter.total_bytes();
+        let Some(offload) = self.offload.as_mut() else {
+            return Decided::STAY;
+        };
+        if !adaptive.policy.on_tick(moved) {
+            return Decided::NOTHING;
+        }
+        if let Err(e) = offload.set_redirect(false) {
+            tracing::warn!(error = %e, "cannot move the connection out of the kernel; it stays there");
+            return Decided::STAY;
+        }
+        adaptive.policy.moved(Place::Relay, moved);
+        adaptive.tick = None;
+        Decided::report(Report::Moved(Place::Relay))
+    }
+
+    /// On the relay: into the kernel once the policy asks, by a splice or, when spliced
+    /// already (pass mode), back to redirect.
+    fn enter_kernel(&mut self, adaptive: &mut Adaptive) -> Decided {
+        let read = Direction::BOTH.map(|direction| self.meter.userspace_bytes(direction));
+        if !adaptive.policy.on_reads(read, Instant::now().into_std()) {
+            return Decided::NOTHING;
+        }
+        let moved = self.meter.total_bytes();
+        if let Some(offload) = self.offload.as_mut() {
+            if let Err(e) = offload.set_redirect(true) {
+                tracing::warn!(error = %e, "cannot move the connection into the kernel; it stays on the relay");
+                return Decided::STAY;
+            }
+            adaptive.policy.moved(Place::Kernel, moved);
+            return Decided::report(Report::Moved(Place::Kernel));
+        }
+        let holds_bytes = self
+            .halves
+            .iter()
+            .any(|half| half.start < half.end || half.unflushed);
+        if holds_bytes {
+            return Decided::NOTHING;
+        }
+        let result = self.offload(&adaptive.kernel);
+        let completed = result.is_ok() && self.splice_fallback().is_none();
+        adaptive.policy.moved(
+            if completed {
+                Place::Kernel
+            } else {
+                Place::Relay
+            },
+            moved,
+        );
+        Decided {
+            report: Some(Report::Spliced(result)),
+            // A splice that could not complete passes every byte up for good.
+            keep: self.splice_fallback().is_none(),
+        }
     }
 
     /// On a spliced connection, finds an RST (or keepalive timeout) of a side that already

@@ -116,6 +116,10 @@ pub struct ConnectionRecord {
     pub pending: [usize; 2],
     /// The kernel's bookkeeping of a spliced connection.
     pub offload: Option<OffloadRecord>,
+    /// On the adaptive path (`data_path = "auto"`): the moves made so far. Absent from a
+    /// predecessor without that path.
+    #[serde(default)]
+    pub moves: Option<u32>,
 }
 
 impl ConnectionRecord {

@@ -317,5 +317,6 @@ fn moved(record: &ConnectionRecord, tail: Vec<u8>, fds: Vec<OwnedFd>) -> io::Res
         client,
         backend,
         offload: record.offload.clone(),
+        moves: record.moves,
     })
 }

@@ -275,6 +275,17 @@ impl Offload {
         self.splice.stop_redirecting(direction.source())
     }
 
+    /// Whether the verdict may redirect (both directions switch together).
+    pub fn redirecting(&self) -> bool {
+        self.splice.redirecting()
+    }
+
+    /// Moves both directions to pass mode (`redirect = false`) or back to redirect: see
+    /// [`Splice::set_redirect`].
+    pub fn set_redirect(&mut self, redirect: bool) -> io::Result<()> {
+        self.splice.set_redirect(redirect)
+    }
+
     /// Whether `direction`'s destination acknowledged every byte sent to it since the
     /// splice, by the kernel or by userspace.
     pub fn acknowledged(&self, direction: Direction) -> io::Result<bool> {

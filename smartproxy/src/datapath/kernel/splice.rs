@@ -201,6 +201,31 @@ impl Splice {
         bytes_to_read(self.socket(source).borrow()).map(drop)
     }
 
+    /// Whether the verdict may redirect the client's bytes (after a completed splice,
+    /// both directions' switch is the same until one of them stops).
+    pub fn redirecting(&self) -> bool {
+        self.control[index(Side::Client)].redirect != 0
+    }
+
+    /// Switches both directions between redirect and pass together (`data_path = "auto"`
+    /// moving a connection), or neither: on an error both are back as they were. Back in
+    /// redirect, the verdict still passes until userspace has forwarded every byte it
+    /// passed before (`Control::flushed`), so no byte overtakes another.
+    pub fn set_redirect(&mut self, redirect: bool) -> io::Result<()> {
+        let before = self.control.map(|control| control.redirect);
+        for side in [Side::Client, Side::Backend] {
+            self.control[index(side)].redirect = u64::from(redirect);
+            if let Err(e) = self.write_control(side) {
+                for side in [Side::Client, Side::Backend] {
+                    self.control[index(side)].redirect = before[index(side)];
+                    let _ = self.write_control(side);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Why the splice could not complete, if it did not: its verdict then passes every
     /// byte to userspace.
     pub fn fallback(&self) -> Option<&SpliceError> {
