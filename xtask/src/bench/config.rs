@@ -49,7 +49,8 @@ pub const PIN_ROOT: &str = "/run/smartproxy-xtask/bpffs";
 
 /// A smartproxy config with one plain-TCP route `listen` -> `backend`, `lifecycle` being the
 /// lines of its `[lifecycle]` table; `max_queued_bytes` is left at smartproxy's default
-/// when `None`.
+/// when `None`. No `auto_*` key is written: with `data_path = "auto"` the adaptive path
+/// runs on its defaults, as it does for a user who only leaves `data_path` unset.
 pub fn smartproxy(
     data_path: &str,
     listen: SocketAddr,
@@ -195,6 +196,7 @@ fn toml_string(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::target::Target;
 
     const LIMITS: Limits = Limits {
         connections: 10_000,
@@ -231,6 +233,30 @@ mod tests {
         assert!(
             text.contains("[lifecycle]\ninactivity_timeout = \"1h\"\ngrace_period = \"1s\"\n\n")
         );
+    }
+
+    #[test]
+    fn smartproxy_config_for_each_data_path() {
+        for target in [Target::Auto, Target::Ebpf, Target::Userspace] {
+            let text = smartproxy(
+                target.name(),
+                "127.0.0.1:4000".parse().unwrap(),
+                "127.0.0.1:5000".parse().unwrap(),
+                Path::new("/tmp/c.sock"),
+                LIMITS.smartproxy_max_connections(),
+                None,
+                BENCH_LIFECYCLE,
+            );
+            assert!(
+                text.contains(&format!("[proxy]\ndata_path = \"{}\"\n", target.name())),
+                "{text}"
+            );
+            // auto runs on the adaptive path's defaults, as the product ships it.
+            assert!(!text.contains("auto_"), "{text}");
+            assert!(!text.contains("max_queued_bytes"), "{text}");
+            assert!(text.contains("max_connections = 100000\n"), "{text}");
+            assert!(text.contains("targets = [\"127.0.0.1:5000\"]\n"), "{text}");
+        }
     }
 
     #[test]

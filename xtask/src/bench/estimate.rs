@@ -43,6 +43,11 @@ impl Plan {
     pub fn show(&self) -> String {
         show_secs(self.secs)
     }
+
+    #[cfg(test)]
+    pub fn secs(&self) -> f64 {
+        self.secs
+    }
 }
 
 /// The time one run of `scenario` takes, start to end of its load.

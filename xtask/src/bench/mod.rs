@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: the same load scenarios against a direct connection, smartproxy on
-//! both data paths and (with `--with-peers`) HAProxy and nginx, interleaved, reported as
-//! Markdown tables (one per scenario family) of medians with ratios to direct.
+//! each data path (auto, its default, then ebpf and userspace) and (with `--with-peers`)
+//! HAProxy and nginx, interleaved, reported as Markdown tables (one per scenario family) of
+//! medians with ratios to direct.
 //!
 //! Needs root (the ebpf path, and the fd limit for 10,000 idle connections). The load
 //! generator and backend are part of this process; a debug build of xtask re-runs itself in
@@ -57,7 +58,7 @@ pub struct Options {
     /// Every scenario (upgrade only if the smartproxy binary has the subcommand).
     #[arg(long, conflicts_with = "scenarios")]
     all: bool,
-    /// Targets, comma-separated, in column order (default: direct,ebpf,userspace, plus
+    /// Targets, comma-separated, in column order (default: direct,auto,ebpf,userspace, plus
     /// haproxy,haproxy-splice,nginx with --with-peers).
     #[arg(long, value_enum, value_delimiter = ',')]
     targets: Vec<Target>,
@@ -138,36 +139,8 @@ pub fn run(opts: Options) -> Result<ExitCode> {
     );
     let root = run::workspace_root();
     let explicit = !opts.scenarios.is_empty();
-    let mut scenarios = if explicit {
-        Scenario::resolve(&opts.scenarios).map_err(|e| anyhow!("--scenarios: {e}"))?
-    } else if opts.all {
-        Scenario::ALL.to_vec()
-    } else {
-        Scenario::ALL
-            .into_iter()
-            .filter(|s| s.is_default())
-            .collect()
-    };
-    let targets = if !opts.targets.is_empty() {
-        dedup(opts.targets.clone())
-    } else if opts.with_peers {
-        Target::DEFAULT.into_iter().chain(Target::PEERS).collect()
-    } else {
-        Target::DEFAULT.to_vec()
-    };
-    let mut params = Params {
-        bulk_bytes: opts.bulk_bytes,
-        message: opts.message_size,
-        rr_secs: opts.rr_secs,
-        churn_secs: opts.churn_secs,
-        churn_concurrency: opts.churn_concurrency,
-        idle_conns: opts.idle_conns,
-        slow_bytes: opts.slow_bytes,
-        slow_rate: opts.slow_rate,
-        slow_secs: opts.slow_secs,
-        upgrade_conns: opts.upgrade_conns,
-        upgrade_streams: opts.upgrade_streams,
-    };
+    let (mut scenarios, targets) = selection(&opts)?;
+    let mut params = params(&opts);
 
     if opts.estimate {
         let plan = estimate::Plan::new(&scenarios, &targets, opts.runs, &params);
@@ -192,12 +165,7 @@ pub fn run(opts: Options) -> Result<ExitCode> {
     };
     let smartproxy = match &opts.proxy_bin {
         Some(path) => Some(run::given_binary(root, path)?),
-        None if targets
-            .iter()
-            .any(|t| matches!(t, Target::Ebpf | Target::Userspace)) =>
-        {
-            Some(run::build_release_binary(root)?)
-        }
+        None if targets.iter().any(|t| t.is_smartproxy()) => Some(run::build_release_binary(root)?),
         None => None,
     };
     let mut notes = Vec::new();
@@ -324,6 +292,46 @@ pub fn run(opts: Options) -> Result<ExitCode> {
     }
 }
 
+/// The scenarios and targets `opts` select: `--scenarios`, `--all` or the default subset;
+/// `--targets`, or the default ones (with the peers after them for `--with-peers`).
+fn selection(opts: &Options) -> Result<(Vec<Scenario>, Vec<Target>)> {
+    let scenarios = if !opts.scenarios.is_empty() {
+        Scenario::resolve(&opts.scenarios).map_err(|e| anyhow!("--scenarios: {e}"))?
+    } else if opts.all {
+        Scenario::ALL.to_vec()
+    } else {
+        Scenario::ALL
+            .into_iter()
+            .filter(|s| s.is_default())
+            .collect()
+    };
+    let targets = if !opts.targets.is_empty() {
+        dedup(opts.targets.clone())
+    } else if opts.with_peers {
+        Target::DEFAULT.into_iter().chain(Target::PEERS).collect()
+    } else {
+        Target::DEFAULT.to_vec()
+    };
+    Ok((scenarios, targets))
+}
+
+/// The scenarios' sizes and durations from the command line.
+fn params(opts: &Options) -> Params {
+    Params {
+        bulk_bytes: opts.bulk_bytes,
+        message: opts.message_size,
+        rr_secs: opts.rr_secs,
+        churn_secs: opts.churn_secs,
+        churn_concurrency: opts.churn_concurrency,
+        idle_conns: opts.idle_conns,
+        slow_bytes: opts.slow_bytes,
+        slow_rate: opts.slow_rate,
+        slow_secs: opts.slow_secs,
+        upgrade_conns: opts.upgrade_conns,
+        upgrade_streams: opts.upgrade_streams,
+    }
+}
+
 /// Whether `smartproxy --help` lists an `upgrade` subcommand.
 fn has_upgrade(binary: &std::path::Path) -> Result<bool> {
     let help = toolchain::output(Command::new(binary).arg("--help"))
@@ -402,10 +410,16 @@ fn run_one(
     m.set(Metric::WinProbes, tcp.win_probes as f64);
     m.set(Metric::RtoTimeouts, tcp.rto_timeouts as f64);
     m.set(Metric::Retransmits, tcp.retransmits as f64);
-    if running.target() == Target::Ebpf {
+    if matches!(running.target(), Target::Auto | Target::Ebpf) {
         match stats.as_ref().and_then(kernel_share) {
             Some(share) => m.set(Metric::KernelShare, share),
             None => m.set_unavailable(Metric::KernelShare),
+        }
+    }
+    if running.target() == Target::Auto {
+        match stats.as_ref() {
+            Some(stats) => m.set(Metric::DataPathMoves, data_path_moves(stats) as f64),
+            None => m.set_unavailable(Metric::DataPathMoves),
         }
     }
     running.stop()?;
@@ -422,6 +436,20 @@ fn kernel_share(stats: &serde_json::Value) -> Option<f64> {
     let kernel = get("kernel_client_to_backend")? + get("kernel_backend_to_client")?;
     let total = get("client_to_backend")? + get("backend_to_client")?;
     (total > 0).then(|| 100.0 * kernel as f64 / total as f64)
+}
+
+/// The adaptive path's moves (`ebpf.moves_to_kernel` + `ebpf.moves_to_relay`); a key the
+/// proxy does not report (a build from before the adaptive path) counts as 0.
+fn data_path_moves(stats: &serde_json::Value) -> u64 {
+    ["moves_to_kernel", "moves_to_relay"]
+        .into_iter()
+        .map(|key| {
+            stats
+                .pointer(&format!("/ebpf/{key}"))
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 fn summary(m: &Measurement) -> String {
@@ -488,4 +516,67 @@ fn reexec_in_release() -> Result<ExitCode> {
     cmd.args(std::env::args_os().skip(1)).env(REEXEC_ENV, "1");
     let err = cmd.exec();
     Err(err).with_context(|| format!("failed to exec {cmd:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `cargo xtask bench ARGS --estimate` plans: scenarios, targets, seconds.
+    fn plan(args: &[&str]) -> (Vec<Scenario>, Vec<Target>, f64) {
+        let opts = Options::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+            .expect("valid arguments");
+        let (scenarios, targets) = selection(&opts).expect("a valid selection");
+        let secs = estimate::Plan::new(&scenarios, &targets, opts.runs, &params(&opts)).secs();
+        (scenarios, targets, secs)
+    }
+
+    #[test]
+    fn the_default_run_leads_with_auto_and_fits_15_minutes() {
+        let (scenarios, targets, secs) = plan(&["--with-peers"]);
+        assert_eq!(
+            targets,
+            [
+                Target::Direct,
+                Target::Auto,
+                Target::Ebpf,
+                Target::Userspace,
+                Target::Haproxy,
+                Target::HaproxySplice,
+                Target::Nginx
+            ]
+        );
+        assert!(scenarios.contains(&Scenario::Upgrade));
+        assert!(secs <= 15.0 * 60.0, "{}", estimate::show_secs(secs));
+        // Without the peers: the smartproxy paths only.
+        let (_, targets, _) = plan(&[]);
+        assert_eq!(targets, Target::DEFAULT);
+        let (_, targets, _) = plan(&["--targets", "auto,direct,auto"]);
+        assert_eq!(targets, [Target::Auto, Target::Direct]);
+    }
+
+    #[test]
+    fn auto_takes_part_in_the_upgrade_scenario() {
+        assert!(Scenario::Upgrade.applies_to(Target::Auto));
+        assert!(!Scenario::Upgrade.applies_to(Target::Nginx));
+    }
+
+    #[test]
+    fn moves_are_read_from_the_stats_and_default_to_zero() {
+        let stats = serde_json::json!({
+            "ebpf": { "moves_to_kernel": 5, "moves_to_relay": 2 },
+            "bytes": {
+                "client_to_backend": 300,
+                "backend_to_client": 100,
+                "kernel_client_to_backend": 200,
+                "kernel_backend_to_client": 0
+            }
+        });
+        assert_eq!(data_path_moves(&stats), 7);
+        assert_eq!(kernel_share(&stats), Some(50.0));
+        let before = serde_json::json!({ "ebpf": { "moves_to_kernel": 3 } });
+        assert_eq!(data_path_moves(&before), 3);
+        assert_eq!(data_path_moves(&serde_json::json!({})), 0);
+        assert_eq!(kernel_share(&before), None);
+    }
 }

@@ -313,6 +313,7 @@ impl Metric {
                 | Metric::UpgradeFailedConnects
                 | Metric::UpgradeRefused
                 | Metric::KernelShare
+                | Metric::DataPathMoves
                 | Metric::WinProbes
                 | Metric::RtoTimeouts
                 | Metric::Retransmits
@@ -362,14 +363,14 @@ fn closed_loop(out: &mut String, cx: &Context<'_>, results: &Results) {
     }
 }
 
-/// One line per target of issue 14 (and issue 4's slow reader), for smartproxy's paths.
-/// `data_path = "auto"` means "ebpf when it loads" today, so ebpf stands for auto.
+/// One line per target of issue 14 (and issue 4's slow reader), for each of smartproxy's data
+/// paths: auto (the default, adaptive per connection), ebpf and userspace.
 fn targets(out: &mut String, cx: &Context<'_>, results: &Results) {
     let has = |s: Scenario, t: Target| cx.scenarios.contains(&s) && cx.targets.contains(&t);
     let v = |s: Scenario, t: Target, m: Metric| results.value(s, t, m);
     let fmt = |x: Option<f64>| x.map_or_else(|| "n/a".to_owned(), show_number);
     let mut lines: Vec<(String, Verdict, String)> = Vec::new();
-    let paths = [Target::Ebpf, Target::Userspace];
+    let paths = [Target::Auto, Target::Ebpf, Target::Userspace];
 
     // Ratios to direct.
     let ratio_targets: Vec<(String, Scenario, Metric, f64, &str)> = vec![
@@ -453,28 +454,30 @@ fn targets(out: &mut String, cx: &Context<'_>, results: &Results) {
         }
     }
 
-    // Context switches per request: ebpf (auto) no higher than userspace.
+    // Context switches per request: the paths that use the kernel (auto may) no higher than
+    // the userspace relay.
     let s = Scenario::Rr {
         conns: 32,
         size: 64,
     };
-    let what = "ebpf (auto) context switches per request no higher than userspace \
-                (32 conns × 64 B)"
-        .to_owned();
-    if has(s, Target::Ebpf) && has(s, Target::Userspace) {
-        let e = v(s, Target::Ebpf, Metric::CtxPerRequest);
-        let u = v(s, Target::Userspace, Metric::CtxPerRequest);
-        lines.push((
-            what,
-            Verdict::from(e.zip(u).map(|(e, u)| e <= u)),
-            format!("{} vs {}", fmt(e), fmt(u)),
-        ));
-    } else {
-        lines.push((
-            what,
-            Verdict::NotMeasured,
-            "needs rr-32x64 with ebpf and userspace".into(),
-        ));
+    for t in [Target::Auto, Target::Ebpf] {
+        let what =
+            format!("{t}: context switches per request no higher than userspace (32 conns × 64 B)");
+        if has(s, t) && has(s, Target::Userspace) {
+            let x = v(s, t, Metric::CtxPerRequest);
+            let u = v(s, Target::Userspace, Metric::CtxPerRequest);
+            lines.push((
+                what,
+                Verdict::from(x.zip(u).map(|(x, u)| x <= u)),
+                format!("{} vs {}", fmt(x), fmt(u)),
+            ));
+        } else {
+            lines.push((
+                what,
+                Verdict::NotMeasured,
+                format!("needs rr-32x64 with {t} and userspace"),
+            ));
+        }
     }
 
     // Idle RSS.
@@ -492,33 +495,37 @@ fn targets(out: &mut String, cx: &Context<'_>, results: &Results) {
         }
     }
 
-    // Slow reader (issue 4): what the ebpf path holds beyond what direct holds.
+    // Slow reader (issue 4): what a path that may use the kernel holds beyond what direct
+    // holds.
     let cap = 2 * cx.max_queued;
-    let what = format!(
-        "ebpf: slow reader, kernel holds ≤ 2 × max_queued_bytes = {} per connection (issue 4)",
-        show_bytes(cap)
-    );
-    if has(Scenario::SlowReader, Target::Ebpf) && has(Scenario::SlowReader, Target::Direct) {
-        let e = v(Scenario::SlowReader, Target::Ebpf, Metric::PeakInFlight);
-        let d = v(Scenario::SlowReader, Target::Direct, Metric::PeakInFlight);
-        let added = e.zip(d).map(|(e, d)| e - d);
-        lines.push((
-            what,
-            Verdict::from(added.map(|a| a * MIB as f64 <= cap as f64)),
-            format!(
-                "peak bytes in flight: ebpf {} MiB, direct {} MiB (the client's and backend's \
-                 own buffers): the proxy holds {} MiB",
-                fmt(e),
-                fmt(d),
-                fmt(added)
-            ),
-        ));
-    } else {
-        lines.push((
-            what,
-            Verdict::NotMeasured,
-            "needs slow-reader with direct and ebpf".into(),
-        ));
+    for t in [Target::Auto, Target::Ebpf] {
+        let what = format!(
+            "{t}: slow reader, the proxy holds ≤ 2 × max_queued_bytes = {} per connection \
+             (issue 4)",
+            show_bytes(cap)
+        );
+        if has(Scenario::SlowReader, t) && has(Scenario::SlowReader, Target::Direct) {
+            let x = v(Scenario::SlowReader, t, Metric::PeakInFlight);
+            let d = v(Scenario::SlowReader, Target::Direct, Metric::PeakInFlight);
+            let added = x.zip(d).map(|(x, d)| x - d);
+            lines.push((
+                what,
+                Verdict::from(added.map(|a| a * MIB as f64 <= cap as f64)),
+                format!(
+                    "peak bytes in flight: {t} {} MiB, direct {} MiB (the client's and \
+                     backend's own buffers): the proxy holds {} MiB",
+                    fmt(x),
+                    fmt(d),
+                    fmt(added)
+                ),
+            ));
+        } else {
+            lines.push((
+                what,
+                Verdict::NotMeasured,
+                format!("needs slow-reader with direct and {t}"),
+            ));
+        }
     }
 
     for (what, verdict, numbers) in lines {
@@ -609,11 +616,17 @@ MemTotal − MemFree − Buffers − Cached − AnonPages of /proc/meminfo (slab
 no counter of their own, such as skbs queued between sockets that no socket is charged \
 for); noisy when other work runs. **socket memory**: TCP mem of /proc/net/sockstat \
 (memory charged to sockets, machine-wide). **delivered**: bytes the client read. The \
-slow-reader target compares ebpf's bytes in flight minus direct's (the client's and \
-backend's own buffers) with 2 × max_queued_bytes.
-- **bytes through kernel**: smartproxy stats after the scenario: \
+slow-reader targets compare auto's and ebpf's bytes in flight minus direct's (the client's \
+and backend's own buffers) with 2 × max_queued_bytes.
+- **auto**: smartproxy with `data_path = \"auto\"` (its default) and no `auto_*` key, so the \
+adaptive path's defaults apply: a connection starts on the userspace relay and moves into \
+the kernel when one direction reaches `auto_splice_rate` within `auto_window`.
+- **bytes through kernel** (ebpf and auto): smartproxy stats after the scenario: \
 (bytes.kernel_client_to_backend + bytes.kernel_backend_to_client) / (bytes.client_to_backend \
 + bytes.backend_to_client); n/a when the proxy does not report the kernel keys.
+- **data path moves** (auto only): smartproxy stats after the scenario: ebpf.moves_to_kernel \
++ ebpf.moves_to_relay, every connection of the run together (a key the proxy does not report \
+counts as 0).
 - **zero-window probes**, **RTO timeouts**, **retransmitted segments**: TcpExt TCPWinProbe \
 (what `nstat -az TcpExtTCPWinProbe` prints) and TCPTimeouts of /proc/net/netstat, Tcp \
 RetransSegs of /proc/net/snmp; difference over the scenario, in the bench's own network \
@@ -626,3 +639,86 @@ this is the longest gap between reads; the slow reader's pacing sleeps are not c
 transfer the stall was.
 - Memory and CPU figures are machine-wide: other work on the machine shows up in them.
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_has_its_column_its_kernel_share_and_its_moves() {
+        let bulk = Scenario::Bulk {
+            direction: Direction::Download,
+            streams: 1,
+        };
+        let rr = Scenario::Rr {
+            conns: 32,
+            size: 64,
+        };
+        let targets = [
+            Target::Direct,
+            Target::Auto,
+            Target::Ebpf,
+            Target::Userspace,
+        ];
+        let mut results = Results::default();
+        for t in targets {
+            let mut m = Measurement::default();
+            m.set(Metric::Throughput, 10.0);
+            match t {
+                Target::Auto => {
+                    m.set(Metric::KernelShare, 90.0);
+                    m.set(Metric::DataPathMoves, 1.0);
+                }
+                Target::Ebpf => m.set(Metric::KernelShare, 95.0),
+                _ => {}
+            }
+            results.record(bulk, t, m);
+            let mut m = Measurement::default();
+            m.set(Metric::LatencyMean, 100.0);
+            m.set(Metric::ConnsOverRate, 101.0);
+            results.record(rr, t, m);
+        }
+        let machine = Machine {
+            kernel: "6.1".into(),
+            cpu: "cpu".into(),
+            cores: 2,
+            ram: GIB,
+            date: "today".into(),
+            commit: "abc".into(),
+            load: "0 0 0".into(),
+        };
+        let text = render(
+            &Context {
+                machine: &machine,
+                settings: "test",
+                scenarios: &[bulk, rr],
+                targets: &targets,
+                runs: 1,
+                max_queued: 16 * MIB,
+            },
+            &results,
+        );
+        assert!(
+            text.contains(
+                "| scenario | metric | direct | auto (ratio) | ebpf (ratio) | userspace (ratio) |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("|  | bytes through kernel (%) | — | 90.0 | 95.0 | — |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("|  | data path moves (to kernel + to relay) | — | 1.00 | — | — |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| 32 conns × 64 B | auto | 100 | 101 | -1.0 % | ok |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("- auto: bulk download, 1 stream ≥ 0.75 × direct"),
+            "{text}"
+        );
+    }
+}

@@ -1,8 +1,8 @@
-//! The targets a scenario runs against: the backend itself (direct), smartproxy on either data
-//! path, HAProxy with and without splicing, nginx's stream module. A proxy is a child process
-//! with a generated config in its own temporary directory; it is stopped (SIGTERM, then
-//! SIGKILL) when dropped. After `smartproxy upgrade` the proxy is the successor process the
-//! command reported, which the bench stops instead.
+//! The targets a scenario runs against: the backend itself (direct), smartproxy on each of its
+//! data paths (auto, ebpf, userspace), HAProxy with and without splicing, nginx's stream
+//! module. A proxy is a child process with a generated config in its own temporary directory;
+//! it is stopped (SIGTERM, then SIGKILL) when dropped. After `smartproxy upgrade` the proxy is
+//! the successor process the command reported, which the bench stops instead.
 
 use std::{
     fmt, fs,
@@ -30,6 +30,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Target {
     /// The client connects straight to the backend: the limit.
     Direct,
+    /// smartproxy, `data_path = "auto"` (its default) with the default `auto_*` knobs: each
+    /// connection starts on the userspace relay and moves into the kernel when one direction
+    /// reaches `auto_splice_rate`.
+    Auto,
     /// smartproxy, `data_path = "ebpf"`.
     Ebpf,
     /// smartproxy, `data_path = "userspace"`.
@@ -43,18 +47,31 @@ pub enum Target {
 }
 
 impl Target {
-    pub const DEFAULT: [Target; 3] = [Target::Direct, Target::Ebpf, Target::Userspace];
+    /// What runs without `--targets`: auto, smartproxy's default, right after direct.
+    pub const DEFAULT: [Target; 4] = [
+        Target::Direct,
+        Target::Auto,
+        Target::Ebpf,
+        Target::Userspace,
+    ];
     pub const PEERS: [Target; 3] = [Target::Haproxy, Target::HaproxySplice, Target::Nginx];
 
+    /// The name on the command line and in the report; for smartproxy also its `data_path`.
     pub fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
+            Target::Auto => "auto",
             Target::Ebpf => "ebpf",
             Target::Userspace => "userspace",
             Target::Haproxy => "haproxy",
             Target::HaproxySplice => "haproxy-splice",
             Target::Nginx => "nginx",
         }
+    }
+
+    /// smartproxy on one of its data paths (the name is the `data_path`).
+    pub fn is_smartproxy(self) -> bool {
+        matches!(self, Target::Auto | Target::Ebpf | Target::Userspace)
     }
 
     pub fn is_haproxy(self) -> bool {
@@ -108,7 +125,7 @@ impl Running {
                 addr: launch.backend,
                 process: None,
             }),
-            Target::Ebpf | Target::Userspace => {
+            Target::Auto | Target::Ebpf | Target::Userspace => {
                 let binary = launch
                     .smartproxy
                     .ok_or_else(|| anyhow!("no smartproxy binary to start {target} with"))?;
@@ -507,4 +524,20 @@ impl Drop for TempDir {
 /// so). It is only ever run by the bench in the foreground, never as a service.
 pub fn ensure_haproxy() -> Result<String> {
     crate::packages::ensure("bench", "haproxy", &["-v"], "haproxy")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_the_default_target_after_direct() {
+        assert_eq!(Target::DEFAULT[..2], [Target::Direct, Target::Auto]);
+        assert_eq!(Target::Auto.name(), "auto");
+        assert!(Target::DEFAULT[1..].iter().all(|t| t.is_smartproxy()));
+        assert!(!Target::PEERS.iter().any(|t| t.is_smartproxy()));
+        assert!(!Target::Direct.is_smartproxy());
+        // `--targets auto` names it as the report does.
+        assert_eq!(Target::from_str("auto", false), Ok(Target::Auto));
+    }
 }

@@ -174,7 +174,7 @@ impl Scenario {
     /// Whether the scenario means anything for `target`: an upgrade is smartproxy's own.
     pub fn applies_to(self, target: Target) -> bool {
         match self {
-            Scenario::Upgrade => matches!(target, Target::Ebpf | Target::Userspace),
+            Scenario::Upgrade => target.is_smartproxy(),
             _ => true,
         }
     }
