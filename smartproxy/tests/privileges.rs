@@ -1,8 +1,9 @@
 //! `[proxy] user`: on each data path the proxy, started as root, runs as that user once
 //! it is ready, with the expected capabilities in every thread (CAP_NET_ADMIN on the
-//! ebpf path, none on userspace), still serves (new connections are spliced on the ebpf
-//! path), and its control socket belongs to that user with mode 0600: the user can read
-//! stats, another user cannot.
+//! ebpf and auto paths, none on userspace), still serves (new connections are spliced on
+//! the ebpf path, and on auto at their first read, long after the drop), and its control
+//! socket belongs to that user with mode 0600: the user can read stats, another user
+//! cannot.
 //!
 //! The commands run as another user execute a copy of the binary in a directory of its
 //! own that every user can traverse ([`Reachable`]): the build's binary may sit under a
@@ -123,7 +124,7 @@ fn runs_as_the_configured_user_with_only_the_capabilities_it_needs() {
             "dropped",
             backend,
             "",
-            &format!("data_path = \"{data_path}\"\nuser = \"{RUN_AS}\""),
+            &format!("{}\nuser = \"{RUN_AS}\"", data_path_lines(data_path)),
         );
         wait_until("the proxy drops its privileges", || {
             proxy.log().contains("privileges dropped")
@@ -146,7 +147,7 @@ fn runs_as_the_configured_user_with_only_the_capabilities_it_needs() {
             "real, effective, saved and fs gid"
         );
         assert_eq!(proc_status(pid, "Groups"), "", "no supplementary groups");
-        let expected = format!("{:016x}", kept_capabilities(data_path == "ebpf"));
+        let expected = format!("{:016x}", kept_capabilities(splices(data_path)));
         for key in ["CapEff", "CapPrm"] {
             let sets = thread_status(pid, key);
             assert!(!sets.is_empty(), "the proxy has threads");
@@ -181,12 +182,12 @@ fn runs_as_the_configured_user_with_only_the_capabilities_it_needs() {
         let mut client = TcpStream::connect(proxy.listen).expect("connect");
         echo_once(&mut client, b"after the drop");
         let stats = proxy.stats();
-        assert_eq!(stats["connections"][data_path], 1, "{stats}");
+        assert_eq!(stats["connections"][booked_path(data_path)], 1, "{stats}");
         assert!(
             stats["process"]["open_fds"].as_u64() > Some(0),
             "the proxy still counts its descriptors as {RUN_AS}: {stats}"
         );
-        if data_path == "ebpf" {
+        if splices(data_path) {
             assert_eq!(stats["ebpf"]["sockhash_entries"], 2, "spliced: {stats}");
             assert_eq!(stats["ebpf"]["splice_failures"], 0, "{stats}");
         }
@@ -260,8 +261,9 @@ fn without_user_the_unit_s_other_capabilities_go_after_setup() {
         std::fs::write(
             &config,
             format!(
-                "[proxy]\ndata_path = \"{data_path}\"\ncontrol_socket = {:?}\n\n\
+                "[proxy]\n{}\ncontrol_socket = {:?}\n\n\
                  [[route]]\nname = \"unit\"\nlisten = \"{listen}\"\ntargets = [\"{backend}\"]\n",
+                data_path_lines(data_path),
                 control.display().to_string()
             ),
         )
@@ -299,7 +301,7 @@ fn without_user_the_unit_s_other_capabilities_go_after_setup() {
             Some(user.uid.to_string().as_str()),
             "runs as {RUN_AS}, as a unit's User= or DynamicUser= would"
         );
-        let expected = format!("{:016x}", kept_capabilities(data_path == "ebpf"));
+        let expected = format!("{:016x}", kept_capabilities(splices(data_path)));
         for (key, want) in [
             ("CapEff", expected.as_str()),
             ("CapPrm", expected.as_str()),
@@ -326,8 +328,8 @@ fn without_user_the_unit_s_other_capabilities_go_after_setup() {
             .expect("run smartproxy stats");
         assert!(stats.status.success(), "{stats:?}");
         let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("JSON");
-        assert_eq!(stats["connections"][data_path], 1, "{stats}");
-        if data_path == "ebpf" {
+        assert_eq!(stats["connections"][booked_path(data_path)], 1, "{stats}");
+        if splices(data_path) {
             assert_eq!(stats["ebpf"]["sockhash_entries"], 2, "spliced: {stats}");
             assert_eq!(stats["ebpf"]["splice_failures"], 0, "{stats}");
         }

@@ -37,7 +37,7 @@ fn backend_that_never_reads_blocks_the_client_and_bounds_memory() {
             "silent",
             backend,
             "",
-            &format!("data_path = \"{data_path}\"\nmax_queued_bytes = 1048576"),
+            &format!("{}\nmax_queued_bytes = 1048576", data_path_lines(data_path)),
         );
         let rss_before = rss_kib(proxy.pid());
         let mut client = TcpStream::connect(proxy.listen).expect("connect");
@@ -71,6 +71,11 @@ fn backend_that_never_reads_blocks_the_client_and_bounds_memory() {
         );
         let stats = proxy.stats();
         assert_eq!(stats["connections"]["active"], 1, "{stats}");
-        assert_eq!(stats["connections"][data_path], 1, "{stats}");
+        // On auto the splice waits for a moment when the relay found both sockets empty,
+        // which a client writing as fast as it can toward a backend that reads nothing
+        // may never give (seen: it stayed on the relay); the bounds above hold either way.
+        if data_path != "auto" {
+            assert_eq!(stats["connections"][data_path], 1, "{stats}");
+        }
     }
 }

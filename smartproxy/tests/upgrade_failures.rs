@@ -2,8 +2,8 @@
 //! successor whose configuration does not load, one that exits before it confirms, a
 //! binary others can change, an upgrade during a drain or during another upgrade, and the
 //! old process killed in the middle of the handoff. Each failure leaves the running proxy
-//! serving every connection it had and accepting new ones; each test runs on both data
-//! paths where the kernel one loads.
+//! serving every connection it had and accepting new ones; each test runs on each data
+//! path ([`data_paths`]: userspace, and ebpf and auto where the kernel path loads).
 //!
 //! A successor is started by the proxy, not by the test: it outlives the `ProxyProcess`
 //! child. This test binary makes itself a child subreaper, so an orphaned successor
@@ -24,11 +24,15 @@ use support::*;
 /// socket below it, so the tests do not share pins).
 const PIN_ROOT: &str = "/tmp/smartproxy-test-bpffs";
 
-/// The `[proxy]` lines of a proxy on `data_path`.
+/// The `[proxy]` lines of a proxy on `data_path`: a kernel path pins its maps.
 fn proxy_lines(data_path: &str) -> String {
-    match data_path {
-        "ebpf" => format!("data_path = \"ebpf\"\nebpf_pin_root = \"{PIN_ROOT}\""),
-        _ => USERSPACE.to_owned(),
+    if splices(data_path) {
+        format!(
+            "{}\nebpf_pin_root = \"{PIN_ROOT}\"",
+            data_path_lines(data_path)
+        )
+    } else {
+        data_path_lines(data_path)
     }
 }
 
@@ -204,9 +208,9 @@ fn stats_of(control: &Path) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("stats --json is JSON")
 }
 
-/// On the kernel path, `n` connections are spliced.
+/// On the kernel paths, `n` connections are spliced (on auto, at their first read).
 fn assert_spliced(data_path: &str, control: &Path, n: u64) {
-    if data_path == "ebpf" {
+    if splices(data_path) {
         let stats = stats_of(control);
         assert_eq!(stats["connections"]["ebpf"], n, "spliced: {stats}");
     }
@@ -523,7 +527,7 @@ fn sigkill_of_the_old_process_during_the_handoff_loses_no_taken_connection() {
             served.len() as u64 + 1,
             "{data_path}: {stats}"
         );
-        if data_path == "ebpf" {
+        if splices(data_path) {
             assert_eq!(
                 stats["connections"]["ebpf"],
                 served.len() as u64 + 1,

@@ -52,21 +52,42 @@ pub fn ebpf_loads(what: &str) -> bool {
     ebpf_or_skip(what, smartproxy::datapath::probe_ebpf).is_some()
 }
 
-/// Runs `body` once per data path. The eBPF run is skipped, loudly, where the kernel
-/// path cannot load; with `SMARTPROXY_REQUIRE_EBPF=1` that is a failure instead.
+/// Runs `body` once per data path: userspace, ebpf, and auto with the knobs that splice
+/// each connection at its first read ([`AUTO_SPLICE_AT_FIRST_READ`]), so the same body
+/// runs across a splice in the middle of its connection. The ebpf and auto runs are
+/// skipped, loudly, where the kernel path cannot load (auto would only be the userspace
+/// run again); with `SMARTPROXY_REQUIRE_EBPF=1` that is a failure instead.
 pub async fn for_each_data_path<F, Fut>(body: F)
 where
     F: Fn(DataPathMode) -> Fut,
     Fut: Future<Output = ()>,
 {
     init_tracing();
-    for mode in [DataPathMode::Userspace, DataPathMode::Ebpf] {
-        if mode == DataPathMode::Ebpf && !ebpf_loads("the ebpf data path of this test") {
-            continue;
-        }
+    eprintln!("--- data path: {}", DataPathMode::Userspace);
+    body(DataPathMode::Userspace).await;
+    if !ebpf_loads("the ebpf and auto data paths of this test") {
+        return;
+    }
+    for mode in [DataPathMode::Ebpf, DataPathMode::Auto] {
         eprintln!("--- data path: {mode}");
         body(mode).await;
     }
+}
+
+/// The path a test proxy on `mode` books its plain connections on once they are
+/// [`TestProxy::established`]: the kernel on ebpf, and on auto, which the harness runs
+/// only where the kernel path loads and with knobs that splice at the first read and
+/// stay ([`data_path_lines`]).
+pub fn booked_path(mode: DataPathMode) -> DataPathKind {
+    match mode {
+        DataPathMode::Userspace => DataPathKind::Userspace,
+        DataPathMode::Ebpf | DataPathMode::Auto => DataPathKind::Ebpf,
+    }
+}
+
+/// Whether a test proxy on `mode` puts its plain connections in the kernel maps.
+pub fn splices(mode: DataPathMode) -> bool {
+    booked_path(mode) == DataPathKind::Ebpf
 }
 
 /// The resolver of every test proxy: tests route to IP addresses, and a host name is
@@ -91,6 +112,8 @@ pub struct TestProxy {
     pub proxy: Proxy,
     closed: broadcast::Receiver<Closed>,
     mode: DataPathMode,
+    /// The `[proxy]` lines that choose the data path ([`data_path_lines`]).
+    data_path_lines: String,
     dir: tempfile::TempDir,
 }
 
@@ -98,12 +121,25 @@ impl TestProxy {
     /// Starts a proxy on `mode` whose config file is `[proxy]` (data path, a private
     /// control socket) followed by `rest` (`[lifecycle]`, `[[route]]`s). Listen on port 0.
     pub async fn start(mode: DataPathMode, rest: &str) -> TestProxy {
+        TestProxy::start_with(mode, data_path_lines(mode), rest).await
+    }
+
+    /// [`TestProxy::start`] on `data_path = "auto"` with `knobs` (`auto_*` lines) instead
+    /// of the harness's, for the tests of the moves themselves. What
+    /// [`TestProxy::established`] and [`TestProxy::assert_kernel_moved`] expect of auto
+    /// holds for the harness's knobs only.
+    pub async fn start_auto(knobs: &str, rest: &str) -> TestProxy {
+        let lines = format!("data_path = \"auto\"\n{knobs}");
+        TestProxy::start_with(DataPathMode::Auto, lines, rest).await
+    }
+
+    async fn start_with(mode: DataPathMode, data_path_lines: String, rest: &str) -> TestProxy {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let config_file = write_config(&dir, mode, rest);
+        let config_file = write_config(&dir, &data_path_lines, rest);
         let config = Config::from_file(&config_file).unwrap_or_else(|e| {
             panic!(
                 "test config does not load: {e}\n{}",
-                config_text(&dir, mode, rest)
+                config_text(&dir, &data_path_lines, rest)
             )
         });
         let proxy = Proxy::start_with_resolver(config, Arc::new(NoNames))
@@ -114,6 +150,7 @@ impl TestProxy {
             proxy,
             closed,
             mode,
+            data_path_lines,
             dir,
         }
     }
@@ -121,7 +158,7 @@ impl TestProxy {
     /// Replaces everything after `[proxy]` in the config file with `rest`; the proxy
     /// reads it on its next reload.
     pub fn rewrite_config(&self, rest: &str) {
-        write_config(&self.dir, self.mode, rest);
+        write_config(&self.dir, &self.data_path_lines, rest);
     }
 
     /// Writes `text` verbatim as the config file, `[proxy]` included.
@@ -150,10 +187,30 @@ impl TestProxy {
     /// that sent its FIN at once would run its kernel variant on the userspace copy.
     pub async fn established(&self, front: &Frontend, route: &str) -> Client {
         let mut client = front.connect(self.addr(route)).await;
-        client
-            .write_all(GREETING)
-            .await
-            .expect("client writes the greeting");
+        if self.mode == DataPathMode::Auto {
+            // On auto the splice comes at the relay's first read, once it found both
+            // sockets empty. The greeting's first byte makes it, and the rest waits for
+            // it: otherwise a backend that answers and closes at once could close first,
+            // and a connection that starts to close stays on the relay.
+            let splices = self.stats().ebpf.moves_to_kernel;
+            client
+                .write_all(&GREETING[..1])
+                .await
+                .expect("client writes the greeting's first byte");
+            wait_for("the splice at the relay's first read", || {
+                self.stats().ebpf.moves_to_kernel > splices
+            })
+            .await;
+            client
+                .write_all(&GREETING[1..])
+                .await
+                .expect("client writes the rest of the greeting");
+        } else {
+            client
+                .write_all(GREETING)
+                .await
+                .expect("client writes the greeting");
+        }
         let mut echoed = [0u8; GREETING.len()];
         within("the greeting comes back", client.read_exact(&mut echoed))
             .await
@@ -165,12 +222,14 @@ impl TestProxy {
         // preempt the relay between the two, so the echo may come back before: bytes the
         // test sent at once would then be passed too, and a stream that starts then may
         // never go back to the kernel. A pause lets that bookkeeping finish; it bounds
-        // nothing and is not measured.
-        if self.mode == DataPathMode::Ebpf {
+        // nothing and is not measured. On auto the greeting's first byte went through
+        // the relay too, and the echo meets the same bookkeeping.
+        if splices(self.mode) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // The relay books the path before its first byte moves, and again if the splice
-        // fails: after a round trip the row is final.
+        // fails: after a round trip the row is final. On auto it books the splice when it
+        // counts the move, which was waited for.
         let local = client
             .tcp()
             .local_addr()
@@ -195,11 +254,7 @@ impl TestProxy {
     /// asked for, not merely the one it runs (a kernel path that failed to load must not
     /// pass for the userspace one).
     fn data_path(&self) -> DataPathKind {
-        match self.mode {
-            DataPathMode::Userspace => DataPathKind::Userspace,
-            DataPathMode::Ebpf => DataPathKind::Ebpf,
-            DataPathMode::Auto => self.stats().data_path,
-        }
+        booked_path(self.mode)
     }
 
     /// The bytes the kernel moved so far, over every connection of this proxy, by
@@ -216,6 +271,8 @@ impl TestProxy {
     /// [`TestProxy::kernel_bytes`] taken after [`TestProxy::established`]) on the kernel
     /// path, and none at all on the userspace path: a kernel variant that reached the
     /// kernel. The first bytes of a connection go through userspace, hence the baseline.
+    /// On auto the kernel got them by a move, which the stats count, and the knobs allow
+    /// no move back; the fixed paths count no move at all.
     pub fn assert_kernel_moved(&self, before: [u64; 2], direction: Direction) {
         let now = self.kernel_bytes();
         match self.data_path() {
@@ -226,6 +283,17 @@ impl TestProxy {
             DataPathKind::Userspace => {
                 assert_eq!(now, [0, 0], "kernel bytes on the userspace data path")
             }
+        }
+        let ebpf = self.stats().ebpf;
+        let moves = (ebpf.moves_to_kernel, ebpf.moves_to_relay);
+        if self.mode == DataPathMode::Auto {
+            assert!(
+                moves.0 >= 1 && moves.1 == 0,
+                "auto: (moves to the kernel, moves to the relay) are {moves:?}: the kernel's \
+                 bytes came by a move, and one move is all the knobs allow"
+            );
+        } else {
+            assert_eq!(moves, (0, 0), "moves on data_path = \"{}\"", self.mode);
         }
     }
 
@@ -296,18 +364,18 @@ impl TestProxy {
     }
 }
 
-fn config_text(dir: &tempfile::TempDir, mode: DataPathMode, rest: &str) -> String {
+fn config_text(dir: &tempfile::TempDir, data_path_lines: &str, rest: &str) -> String {
     let control = dir.path().join("control.sock");
     format!(
-        "[proxy]\ndata_path = \"{mode}\"\ncontrol_socket = {control:?}\n\n{rest}",
+        "[proxy]\n{data_path_lines}\ncontrol_socket = {control:?}\n\n{rest}",
         control = control.display().to_string()
     )
 }
 
 /// Writes the test config file of a [`TestProxy`] and returns its path.
-fn write_config(dir: &tempfile::TempDir, mode: DataPathMode, rest: &str) -> PathBuf {
+fn write_config(dir: &tempfile::TempDir, data_path_lines: &str, rest: &str) -> PathBuf {
     let path = dir.path().join("smartproxy.toml");
-    std::fs::write(&path, config_text(dir, mode, rest)).expect("write the test config");
+    std::fs::write(&path, config_text(dir, data_path_lines, rest)).expect("write the test config");
     path
 }
 

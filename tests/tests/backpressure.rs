@@ -130,6 +130,9 @@ async fn randomized_rounds_keep_every_byte_in_order_across_switches() {
                 all_bytes += bytes.client_to_backend + bytes.backend_to_client;
                 proxy.stop().await;
             }
+            // On auto the splice comes in the middle of the flood, once the relay found
+            // both sockets empty, and what the kernel moves after it depends on when that
+            // was (in some rounds nothing): the auto run checks the bytes alone.
             if mode == DataPathMode::Ebpf {
                 // The switch was taken: some bytes went through the kernel, some were
                 // passed up and forwarded by userspace.

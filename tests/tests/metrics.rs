@@ -127,10 +127,8 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
             .expect("live reads");
 
         let s = scrape(metrics).await;
-        let path = match mode {
-            DataPathMode::Ebpf => "ebpf",
-            _ => "userspace",
-        };
+        let path = booked_path(mode).to_string();
+        let path = path.as_str();
         assert_eq!(
             gauge(
                 &s,
@@ -194,9 +192,10 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
                 sent,
                 "{direction}: each byte moved counted once, on one data path"
             );
-            match mode {
-                DataPathMode::Ebpf => assert!(kernel > 0.0, "{direction}: spliced, yet no kernel byte"),
-                _ => assert_eq!(kernel, 0.0, "{direction}: kernel bytes on the userspace path"),
+            if splices(mode) {
+                assert!(kernel > 0.0, "{direction}: spliced, yet no kernel byte");
+            } else {
+                assert_eq!(kernel, 0.0, "{direction}: kernel bytes on the userspace path");
             }
             for data_path in ["ebpf", "userspace"] {
                 assert_eq!(bytes("dead", direction, data_path), 0.0);
@@ -229,9 +228,20 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
         );
         process_metrics_are_plausible(&s, &scrape(metrics).await);
         let entries = gauge(&s, "smartproxy_ebpf_sockhash_entries", &[]);
-        match mode {
-            DataPathMode::Ebpf => assert_eq!(entries, 2.0, "the live connection's two sockets"),
-            _ => assert_eq!(entries, 0.0),
+        if splices(mode) {
+            assert_eq!(entries, 2.0, "the live connection's two sockets");
+        } else {
+            assert_eq!(entries, 0.0);
+        }
+        // On auto each of the two established connections moved into the kernel once
+        // (and the harness's knobs allow no move back); the fixed paths move nothing.
+        let moves_to_kernel = if mode == DataPathMode::Auto { 2.0 } else { 0.0 };
+        for (to, moves) in [("ebpf", moves_to_kernel), ("userspace", 0.0)] {
+            assert_eq!(
+                counter(&s, "smartproxy_data_path_moves_total", &[("to", to)]),
+                moves,
+                "moves to {to}"
+            );
         }
         for name in [
             "smartproxy_ebpf_events_total",
@@ -248,10 +258,11 @@ async fn metrics_endpoint_reports_traffic_on_each_data_path() {
         );
         assert_eq!(counter(&s, "smartproxy_ebpf_map_full_total", &[]), 0.0);
         let map_size = gauge(&s, "smartproxy_ebpf_max_connections", &[]);
-        match mode {
+        if splices(mode) {
             // proxy.max_connections, as ebpf_max_connections is not set.
-            DataPathMode::Ebpf => assert_eq!(map_size, 100_000.0),
-            _ => assert_eq!(map_size, 0.0),
+            assert_eq!(map_size, 100_000.0);
+        } else {
+            assert_eq!(map_size, 0.0);
         }
         assert_eq!(
             histogram(

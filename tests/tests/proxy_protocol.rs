@@ -15,7 +15,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use smartproxy::config::DataPathMode;
 use smartproxy::vocab::{Direction, Reason};
 use smartproxy_tests::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -156,7 +155,7 @@ async fn backend_sees_the_client_address_in_v1_and_v2_over_ipv4_and_ipv6() {
                     "{version} over {listen}: the backend sees the client and the proxy's address"
                 );
                 proxy.expect_closed(Reason::Normal).await;
-                if mode == DataPathMode::Ebpf {
+                if splices(mode) {
                     assert_eq!(
                         proxy.stats().ebpf.splice_failures,
                         0,

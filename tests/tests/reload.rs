@@ -168,12 +168,13 @@ async fn a_bad_configuration_is_refused_and_the_running_one_stays() {
 
         // A valid file that changes what only a restart can: refused too.
         let other = if mode == DataPathMode::Userspace {
-            "auto"
+            DataPathMode::Auto
         } else {
-            "userspace"
+            DataPathMode::Userspace
         };
         proxy.write_raw_config(&format!(
-            "[proxy]\ndata_path = \"{other}\"\ncontrol_socket = {:?}\n\n{}",
+            "[proxy]\n{}\ncontrol_socket = {:?}\n\n{}",
+            data_path_lines(other),
             proxy.control_socket().display().to_string(),
             plain_route("web", b.addr, "")
         ));

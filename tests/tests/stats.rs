@@ -69,11 +69,14 @@ async fn stats_reply_has_every_contract_key_and_counts_a_live_connection() {
         let backend = Backend::spawn(echo).await;
         let mut proxy = TestProxy::start(mode, &plain_route("web", backend.addr, "")).await;
         let client = live_connection(&proxy, "web", b"0123456789").await;
+        // The path the proxy reports and books its connections on: on auto, the kernel
+        // one (the harness's knobs splice at the first read).
+        let path = booked_path(mode).to_string();
 
         let stats = control(proxy.control_socket(), "stats").await;
         assert_eq!(
             field(&stats, "data_path"),
-            &Value::from(mode.to_string()),
+            &Value::from(path.as_str()),
             "data_path"
         );
         number(&stats, "uptime_secs");
@@ -86,6 +89,8 @@ async fn stats_reply_has_every_contract_key_and_counts_a_live_connection() {
             "events_lost",
             "splice_failures",
             "map_full",
+            "moves_to_kernel",
+            "moves_to_relay",
             "max_connections",
         ] {
             number(&stats, &format!("ebpf.{key}"));
@@ -93,7 +98,7 @@ async fn stats_reply_has_every_contract_key_and_counts_a_live_connection() {
         // Counted in the kernel for this one-shot request, not for a `--watch` frame.
         let watch_frame = control(proxy.control_socket(), "stats-watch").await;
         assert_eq!(field(&watch_frame, "ebpf.map_entries"), &Value::Null);
-        if mode == DataPathMode::Ebpf {
+        if splices(mode) {
             for map in ["sockets", "targets", "flows", "control"] {
                 assert_eq!(
                     number(&stats, &format!("ebpf.map_entries.{map}")),
@@ -138,9 +143,15 @@ async fn stats_reply_has_every_contract_key_and_counts_a_live_connection() {
         assert_eq!(number(web, "bytes_client_to_backend"), 10);
         assert_eq!(number(web, "bytes_backend_to_client"), 10);
         // Keys added for the views and the metrics.
-        assert_eq!(number(web, &mode.to_string()), 1, "routes[0].{mode}");
+        assert_eq!(number(web, &path), 1, "routes[0].{path}");
         assert_eq!(number(web, "half_open"), 0, "routes[0].half_open");
-        assert_eq!(number(&stats, &format!("connections.half_open_{mode}")), 0);
+        assert_eq!(number(&stats, &format!("connections.half_open_{path}")), 0);
+        assert_eq!(
+            number(&stats, "ebpf.moves_to_kernel"),
+            u64::from(mode == DataPathMode::Auto),
+            "ebpf.moves_to_kernel: the live connection's splice on auto"
+        );
+        assert_eq!(number(&stats, "ebpf.moves_to_relay"), 0);
         assert_eq!(number(web, "backend_connect_seconds.count"), 1);
         assert_eq!(number(web, "connection_duration_seconds.count"), 0);
         assert_eq!(number(&stats, "unrouted.active"), 0);
@@ -228,7 +239,7 @@ async fn connections_lists_a_live_connection_with_route_peers_and_bytes() {
         );
         assert_eq!(
             field(row, "data_path"),
-            &Value::from(mode.to_string()),
+            &Value::from(booked_path(mode).to_string()),
             "data_path"
         );
         assert_eq!(

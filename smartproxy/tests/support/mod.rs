@@ -56,13 +56,36 @@ pub fn proc_status(pid: libc::pid_t, key: &str) -> String {
         .to_owned()
 }
 
-/// The data paths to run a binary test on: userspace, and ebpf where it loads.
+/// The data paths to run a binary test on: userspace, and where the kernel path loads,
+/// ebpf and auto. Their `[proxy]` lines are [`data_path_lines`]: on auto, knobs that
+/// splice each connection at its first read and keep it in the kernel.
 pub fn data_paths() -> Vec<&'static str> {
     let mut paths = vec!["userspace"];
-    if ebpf_or_skip("the ebpf data path", smartproxy::datapath::probe_ebpf).is_some() {
-        paths.push("ebpf");
+    if ebpf_or_skip(
+        "the ebpf and auto data paths",
+        smartproxy::datapath::probe_ebpf,
+    )
+    .is_some()
+    {
+        paths.extend(["ebpf", "auto"]);
     }
     paths
+}
+
+/// The path a proxy on `data_path` books its connections on once their first bytes
+/// moved: the `connections.<path>` key of `stats` and the `data_path` label of the
+/// metrics. The kernel one on auto too, with the knobs of [`data_path_lines`].
+pub fn booked_path(data_path: &str) -> &'static str {
+    match data_path {
+        "userspace" => "userspace",
+        "ebpf" | "auto" => "ebpf",
+        other => panic!("no data path {other:?}"),
+    }
+}
+
+/// Whether a proxy on `data_path` splices its connections (see [`booked_path`]).
+pub fn splices(data_path: &str) -> bool {
+    booked_path(data_path) == "ebpf"
 }
 
 /// `GET /metrics` from `addr` (a `[proxy] metrics` endpoint): the whole response.
