@@ -80,7 +80,8 @@ pub struct ProxyConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AutoConfig {
     /// Bytes per second, in one direction, at or above which a connection on the relay
-    /// goes into the kernel.
+    /// goes into the kernel. 0 (the default): no adaptive path, `auto` splices every
+    /// connection at once as `ebpf` does.
     pub splice_rate: u64,
     /// Bytes per second, both directions together, below which a connection the kernel
     /// redirects goes back to the relay (pass mode). Lower than `splice_rate`: the gap is
@@ -92,17 +93,25 @@ pub struct AutoConfig {
     pub max_moves: u32,
 }
 
-/// Measured with `cargo xtask bench` on the 2-core machine (bench/results/RESULTS.md):
-/// the kernel path won only bulk streams (about 1.2 GB/s each); request/response with
-/// 16 KiB messages over 32 connections (about 28 MiB/s each way per connection) was no
-/// faster there than on the relay. 64 MiB/s keeps such traffic on the relay.
-pub const DEFAULT_AUTO_SPLICE_RATE: u64 = 64 * 1024 * 1024;
+/// Off: the adaptive path's splice in the middle of a connection was seen to deliver
+/// bytes twice (README, "Adaptive data path"). Where it is turned on, 64 MiB/s keeps
+/// request/response traffic on the relay: with 16 KiB messages over 32 connections (about
+/// 28 MiB/s each way per connection) the kernel path was no faster than the relay, and it
+/// won only bulk streams (about 1.2 GB/s each; bench/results/RESULTS.md).
+pub const DEFAULT_AUTO_SPLICE_RATE: u64 = 0;
 pub const DEFAULT_AUTO_LEAVE_RATE: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_AUTO_WINDOW: Duration = Duration::from_millis(200);
 pub const DEFAULT_AUTO_MAX_MOVES: u32 = 8;
 /// `auto_window` bounds: shorter windows measure single reads, longer ones react late.
 pub const AUTO_WINDOWS: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(10)..=Duration::from_secs(10);
+
+impl AutoConfig {
+    /// Whether `auto` moves connections ([`AutoConfig::splice_rate`] is set).
+    pub fn adaptive(&self) -> bool {
+        self.splice_rate > 0
+    }
+}
 
 impl Default for AutoConfig {
     fn default() -> Self {
@@ -825,7 +834,8 @@ fn parse(text: &str) -> Result<RawConfig, Invalid> {
 
 // === validation ===
 
-/// `[proxy] auto_*`: a leave rate below the splice rate (no flapping), a window in
+/// `[proxy] auto_*`: with the adaptive path on, a leave rate below the splice rate (no
+/// flapping); a window in
 /// [`AUTO_WINDOWS`], at least one move.
 fn auto_config(raw: &RawProxy, defaults: AutoConfig) -> Result<AutoConfig, Invalid> {
     let auto = AutoConfig {
@@ -834,13 +844,7 @@ fn auto_config(raw: &RawProxy, defaults: AutoConfig) -> Result<AutoConfig, Inval
         window: raw.auto_window.map_or(defaults.window, Duration::from),
         max_moves: raw.auto_max_moves.unwrap_or(defaults.max_moves),
     };
-    if auto.splice_rate == 0 {
-        return Err(Invalid::new(
-            "proxy.auto_splice_rate",
-            "must be greater than 0",
-        ));
-    }
-    if auto.leave_rate >= auto.splice_rate {
+    if auto.adaptive() && auto.leave_rate >= auto.splice_rate {
         return Err(Invalid::new(
             "proxy.auto_leave_rate",
             format!(
@@ -1644,8 +1648,10 @@ mod tests {
             }
         );
         for (line, key) in [
-            ("auto_leave_rate = 67108864", "proxy.auto_leave_rate"),
-            ("auto_splice_rate = 0", "proxy.auto_splice_rate"),
+            (
+                "auto_splice_rate = 1000\nauto_leave_rate = 1000",
+                "proxy.auto_leave_rate",
+            ),
             ("auto_window = \"1ms\"", "proxy.auto_window"),
             ("auto_window = \"1m\"", "proxy.auto_window"),
             ("auto_max_moves = 0", "proxy.auto_max_moves"),

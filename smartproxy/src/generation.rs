@@ -83,7 +83,11 @@ impl Generation {
         let route = &self.config.routes[index];
         let mode = route.data_path.unwrap_or(self.config.proxy.data_path);
         let terminates = route.tls.is_some_and(|tls| tls.terminates());
-        select_data_path(mode, kernel_loaded, terminates)
+        // Without an `auto_splice_rate`, `auto` splices at once.
+        match select_data_path(mode, kernel_loaded, terminates) {
+            Placement::Adaptive if !self.config.proxy.auto.adaptive() => Placement::Kernel,
+            placement => placement,
+        }
     }
 }
 

@@ -16,7 +16,8 @@ use super::error::{SpliceError, SpliceStep};
 use super::events::{EventQueue, StateChange};
 use super::offload::{ControlRecord, SocketRecord, StepsDone};
 use super::sys::{
-    acked_and_outq, bytes_to_read, pin_buffers, readable_now, set_rcvlowat, socket_cookie,
+    acked_and_outq, bytes_to_read, next_unread_seq, pin_buffers, readable_now, set_rcvlowat,
+    socket_cookie,
 };
 use super::{lock, FlowCounters, Kernel};
 use crate::vocab::{Direction, Side};
@@ -46,6 +47,9 @@ pub(super) struct SpliceSocket {
     pub(super) acked_at_splice: u64,
     /// `SIOCINQ` at splice time: bytes received before the splice, not read yet.
     pub(super) queued_at_splice: u64,
+    /// The sequence number of the first byte userspace had not read, when it could be
+    /// learnt: the verdict trims anything before it (`Flow::next_seq`).
+    pub(super) next_unread_seq: Option<u32>,
 }
 
 impl SpliceSocket {
@@ -56,6 +60,12 @@ impl SpliceSocket {
             acked_and_outq(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
         let queued_at_splice =
             bytes_to_read(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
+        // Without it the verdict starts from the first skb it sees, which a retransmission
+        // of bytes already read would duplicate: such a splice is still as good as before
+        // the connection had moved bytes through userspace.
+        let next_unread_seq = next_unread_seq(fd)
+            .inspect_err(|e| tracing::debug!(%side, error = %e, "cannot read the next unread sequence number"))
+            .ok();
         Ok(Self {
             side,
             fd: fd.as_raw_fd(),
@@ -63,6 +73,7 @@ impl SpliceSocket {
             handed_at_splice: acked_at_splice + outq,
             acked_at_splice,
             queued_at_splice,
+            next_unread_seq,
         })
     }
 
@@ -271,6 +282,8 @@ impl Splice {
                 acked: socket.acked_at_splice,
                 acked_base: socket.handed_at_splice,
                 pass_first: socket.queued_at_splice,
+                next_seq: socket.next_unread_seq.unwrap_or(0),
+                seq_known: u32::from(socket.next_unread_seq.is_some()),
                 ..Flow::default()
             };
             let (side, cookie) = (socket.side, socket.cookie);
@@ -388,6 +401,8 @@ impl Splice {
                 handed_at_splice: record.handed_at_splice,
                 acked_at_splice: record.acked_at_splice,
                 queued_at_splice: record.queued_at_splice,
+                // The FLOWS entry, which holds it, is the predecessor's.
+                next_unread_seq: None,
             })
         });
         let (client, backend) = (client?, backend?);

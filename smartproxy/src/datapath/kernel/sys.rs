@@ -161,13 +161,62 @@ pub(super) fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result
     set_socket_option(fd, libc::SO_RCVLOWAT, bytes)
 }
 
+/// `linux/tcp.h`: `TCP_REPAIR` values and the receive queue of `TCP_REPAIR_QUEUE` (the
+/// libc crate exports only the option names).
+const TCP_REPAIR_ON: libc::c_int = 1;
+const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+const TCP_NO_QUEUE: libc::c_int = 0;
+const TCP_RECV_QUEUE: libc::c_int = 1;
+
+/// The TCP sequence number of the next byte userspace has not read (`copied_seq`), for the
+/// verdict to trim what was read already from a retransmitted skb
+/// (`docs/kernel-notes.md#retransmitted-skbs`). Only repair mode tells it
+/// (`TCP_QUEUE_SEQ` of the receive queue is `rcv_nxt`; less `SIOCINQ`), for a moment,
+/// during which the socket neither sends nor is sent to by the verdict (call it before
+/// the splice). CAP_NET_ADMIN, which the kernel path keeps. `rcv_nxt` moves with each
+/// arriving byte, so it is read between two equal `SIOCINQ`s.
+pub(super) fn next_unread_seq(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    set_tcp_option(fd, libc::TCP_REPAIR, TCP_REPAIR_ON)?;
+    let seq = (|| {
+        set_tcp_option(fd, libc::TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
+        for _ in 0..8 {
+            let before = bytes_to_read(fd)?;
+            let rcv_nxt = getsockopt::<u32>(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ)?;
+            if bytes_to_read(fd)? == before {
+                // SIOCINQ is `rcv_nxt - copied_seq` in 32-bit sequence space.
+                return Ok(rcv_nxt.wrapping_sub(before as u32));
+            }
+        }
+        Err(io::Error::other(
+            "bytes kept arriving while the sequence number was read",
+        ))
+    })();
+    let left = set_tcp_option(fd, libc::TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        .and_then(|()| set_tcp_option(fd, libc::TCP_REPAIR, TCP_REPAIR_OFF_NO_WP));
+    left.and(seq)
+}
+
+/// `setsockopt(IPPROTO_TCP, name)` of an int.
+fn set_tcp_option(fd: BorrowedFd<'_>, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    set_option(fd, libc::IPPROTO_TCP, name, value)
+}
+
 /// `setsockopt(SOL_SOCKET, name)` of an int.
 fn set_socket_option(fd: BorrowedFd<'_>, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    set_option(fd, libc::SOL_SOCKET, name, value)
+}
+
+fn set_option(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: passes a pointer to a c_int and its exact size.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             name,
             (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
