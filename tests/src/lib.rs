@@ -52,11 +52,10 @@ pub fn ebpf_loads(what: &str) -> bool {
     ebpf_or_skip(what, smartproxy::datapath::probe_ebpf).is_some()
 }
 
-/// Runs `body` once per data path: userspace, ebpf, and auto with the knobs that splice
-/// each connection at its first read ([`AUTO_SPLICE_AT_FIRST_READ`]), so the same body
-/// runs across a splice in the middle of its connection. The ebpf and auto runs are
-/// skipped, loudly, where the kernel path cannot load (auto would only be the userspace
-/// run again); with `SMARTPROXY_REQUIRE_EBPF=1` that is a failure instead.
+/// Runs `body` once per data path: userspace and ebpf. The ebpf run is skipped, loudly,
+/// where the kernel path cannot load; with `SMARTPROXY_REQUIRE_EBPF=1` that is a failure.
+/// The bodies' `DataPathMode::Auto` branches serve the adaptive run (knobs
+/// [`AUTO_SPLICE_AT_FIRST_READ`]), which is off while that path can duplicate bytes.
 pub async fn for_each_data_path<F, Fut>(body: F)
 where
     F: Fn(DataPathMode) -> Fut,
