@@ -141,9 +141,7 @@ fn skip_seen_bytes(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> u64 {
         return len;
     }
     let mut left = overlap as u32;
-    // The helper removes at most 4095 bytes a call; 64 calls cover any overlap TCP queues
-    // (one retransmitted segment, at most a 256 KiB GRO skb).
-    for _ in 0..64 {
+    for _ in 0..MAX_TRIM_CALLS {
         if left == 0 {
             break;
         }
@@ -160,6 +158,14 @@ fn skip_seen_bytes(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> u64 {
 
 /// The most `bpf_skb_adjust_room` removes from an sk_skb in one call.
 const MAX_ADJUST_ROOM: u32 = 0xfff;
+
+/// Calls of `bpf_skb_adjust_room` one trim may make: 4,193,280 bytes, more than one skb
+/// holds (TCP coalesces at most `MAX_SKB_FRAGS` page fragments of at most 32 KiB each
+/// into one: 1.4 MiB with 45 fragments, the kernel's largest setting). Overlaps of 197 KiB
+/// were seen in pass mode on loopback (`bpf_printk`); with 64 calls (262,080 bytes) one
+/// run delivered 64 bytes twice, an overlap of exactly 256 KiB
+/// (`docs/kernel-notes.md#retransmitted-skbs`).
+const MAX_TRIM_CALLS: u32 = 1024;
 
 /// Whether the bytes on their way to the peer (redirected or forwarded by userspace, not
 /// yet acknowledged by the peer's receiver) reached the cap. They include the peer
