@@ -94,14 +94,15 @@ impl Peer {
                 ready!(tcp.poll_read_ready(cx))?;
                 // The check runs inside `try_io`, which drops the readiness it saw before
                 // the check began: a wake-up that comes during the check is kept.
-                let read = tcp.try_io(tokio::io::Interest::READABLE, || {
+                let (worth_reading, buf) = (&mut worth_reading, &mut *buf);
+                let read = try_read_with(tcp, move || {
                     if !worth_reading() {
-                        return Err(io::ErrorKind::WouldBlock.into());
+                        return None;
                     }
                     if buf.len() < capacity {
                         buf.resize(capacity, 0);
                     }
-                    tcp.try_read(buf)
+                    Some(buf.as_mut_slice())
                 });
                 match read {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -184,6 +185,32 @@ impl Peer {
     }
 }
 
+/// One read of `tcp` into the buffer `buffer` gives (`None`: nothing is worth reading
+/// now), under the read readiness tokio last saw, which a `WouldBlock` drops. A read that
+/// fills less than the buffer emptied the socket, so it drops that readiness too, as
+/// tokio's own `AsyncRead` does: epoll is edge-triggered, and otherwise the next read
+/// finds out with an `EAGAIN`, a third of the relay's system calls under small messages.
+/// A FIN queued behind the bytes is still seen: tokio never drops read-closed readiness.
+fn try_read_with<'a>(
+    tcp: &TcpStream,
+    buffer: impl FnOnce() -> Option<&'a mut [u8]>,
+) -> io::Result<usize> {
+    let mut short_read = None;
+    let read = tcp.try_io(tokio::io::Interest::READABLE, || {
+        let buf = buffer().ok_or(io::ErrorKind::WouldBlock)?;
+        let read = tcp.try_read(buf)?;
+        if 0 < read && read < buf.len() {
+            short_read = Some(read);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(read)
+    });
+    match (read, short_read) {
+        (_, Some(read)) => Ok(read),
+        (read, None) => read,
+    }
+}
+
 fn poll_write_tcp(cx: &mut Context<'_>, tcp: &TcpStream, buf: &[u8]) -> Poll<io::Result<usize>> {
     loop {
         ready!(tcp.poll_write_ready(cx))?;
@@ -234,7 +261,8 @@ impl AsyncRead for TcpIo {
         }
         loop {
             ready!(this.tcp.poll_read_ready(cx))?;
-            match this.tcp.try_read(buf.initialize_unfilled()) {
+            let unfilled = buf.initialize_unfilled();
+            match try_read_with(&this.tcp, move || Some(unfilled)) {
                 Ok(read) => {
                     buf.advance(read);
                     return Poll::Ready(Ok(()));
