@@ -80,8 +80,8 @@ pub struct ProxyConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AutoConfig {
     /// Bytes per second, in one direction, at or above which a connection on the relay
-    /// goes into the kernel. 0 (the default): no adaptive path, `auto` splices every
-    /// connection at once as `ebpf` does.
+    /// goes into the kernel. 0: no adaptive path, `auto` splices every connection at once
+    /// as `ebpf` does.
     pub splice_rate: u64,
     /// Bytes per second, both directions together, below which a connection the kernel
     /// redirects goes back to the relay (pass mode). Lower than `splice_rate`: the gap is
@@ -93,12 +93,11 @@ pub struct AutoConfig {
     pub max_moves: u32,
 }
 
-/// Off: the adaptive path's splice in the middle of a connection was seen to deliver
-/// bytes twice (README, "Adaptive data path"). Where it is turned on, 64 MiB/s keeps
-/// request/response traffic on the relay: with 16 KiB messages over 32 connections (about
-/// 28 MiB/s each way per connection) the kernel path was no faster than the relay, and it
-/// won only bulk streams (about 1.2 GB/s each; bench/results/RESULTS.md).
-pub const DEFAULT_AUTO_SPLICE_RATE: u64 = 0;
+/// Measured with `cargo xtask bench` on the 2-core machine (bench/results/RESULTS.md):
+/// the kernel path won only bulk streams (about 1.2 GB/s each); request/response with
+/// 16 KiB messages over 32 connections (about 28 MiB/s each way per connection) was no
+/// faster there than on the relay. 64 MiB/s keeps such traffic on the relay.
+pub const DEFAULT_AUTO_SPLICE_RATE: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_AUTO_LEAVE_RATE: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_AUTO_WINDOW: Duration = Duration::from_millis(200);
 pub const DEFAULT_AUTO_MAX_MOVES: u32 = 8;

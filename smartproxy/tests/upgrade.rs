@@ -86,7 +86,6 @@ fn ebpf_upgrades_under_load_keep_every_connection() {
 }
 
 #[test]
-#[ignore = "the adaptive path's splice in the middle of a connection can deliver bytes twice (README, \"Adaptive data path\")"]
 fn auto_upgrades_under_load_keep_every_connection() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if data_paths().contains(&"auto") {

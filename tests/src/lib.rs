@@ -52,10 +52,10 @@ pub fn ebpf_loads(what: &str) -> bool {
     ebpf_or_skip(what, smartproxy::datapath::probe_ebpf).is_some()
 }
 
-/// Runs `body` once per data path: userspace and ebpf. The ebpf run is skipped, loudly,
-/// where the kernel path cannot load; with `SMARTPROXY_REQUIRE_EBPF=1` that is a failure.
-/// The bodies' `DataPathMode::Auto` branches serve the adaptive run (knobs
-/// [`AUTO_SPLICE_AT_FIRST_READ`]), which is off while that path can duplicate bytes.
+/// Runs `body` once per data path: userspace, ebpf and auto (knobs
+/// [`AUTO_SPLICE_AT_FIRST_READ`]: a splice in the middle of each connection). The kernel
+/// runs are skipped, loudly, where the kernel path cannot load; with
+/// `SMARTPROXY_REQUIRE_EBPF=1` that is a failure.
 pub async fn for_each_data_path<F, Fut>(body: F)
 where
     F: Fn(DataPathMode) -> Fut,
@@ -64,13 +64,13 @@ where
     init_tracing();
     eprintln!("--- data path: {}", DataPathMode::Userspace);
     body(DataPathMode::Userspace).await;
-    if !ebpf_loads("the ebpf data path of this test") {
+    if !ebpf_loads("the ebpf and auto data paths of this test") {
         return;
     }
-    // Not on the adaptive path: its splice in the middle of a connection can deliver
-    // bytes twice (README, "Adaptive data path"); `tests/tests/adaptive.rs` covers it.
-    eprintln!("--- data path: {}", DataPathMode::Ebpf);
-    body(DataPathMode::Ebpf).await;
+    for mode in [DataPathMode::Ebpf, DataPathMode::Auto] {
+        eprintln!("--- data path: {mode}");
+        body(mode).await;
+    }
 }
 
 /// The path a test proxy on `mode` books its plain connections on once they are

@@ -409,7 +409,6 @@ fn summary(phases: &[Phase]) -> String {
 /// The bytes that announce a connection's seed to the backend, ahead of its stream.
 const SEED_BYTES: usize = 8;
 
-#[ignore = "known: the splice in the middle of a connection can deliver bytes twice (README, \"Adaptive data path\"); run it with --ignored"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_that_changes_shape_moves_both_ways_and_keeps_every_byte() {
     const CONNECTIONS: u64 = 4;

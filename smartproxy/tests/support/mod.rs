@@ -61,9 +61,13 @@ pub fn proc_status(pid: libc::pid_t, key: &str) -> String {
 /// splice each connection at its first read and keep it in the kernel.
 pub fn data_paths() -> Vec<&'static str> {
     let mut paths = vec!["userspace"];
-    // Not the adaptive path: see `tests/src/lib.rs` `for_each_data_path`.
-    if ebpf_or_skip("the ebpf data path", smartproxy::datapath::probe_ebpf).is_some() {
-        paths.push("ebpf");
+    if ebpf_or_skip(
+        "the ebpf and auto data paths",
+        smartproxy::datapath::probe_ebpf,
+    )
+    .is_some()
+    {
+        paths.extend(["ebpf", "auto"]);
     }
     paths
 }
