@@ -76,34 +76,22 @@ impl Peer {
         matches!(self, Peer::Tls { .. })
     }
 
-    /// Reads into `buf` (its bytes are all written), growing it to `capacity` bytes once
-    /// there may be something to read. `Ok(0)`: EOF (a FIN; over TLS a close_notify, or a
-    /// FIN without one). A plain TCP socket that turned readable is read only if
-    /// `worth_reading` says so; if not, its readiness is dropped and the read waits for
-    /// the next one.
+    /// Reads into `buf`. `Ok(0)`: EOF (a FIN; over TLS a close_notify, or a FIN without
+    /// one). A plain TCP socket that turned readable is read only if `worth_reading` says
+    /// so; if not, its readiness is dropped and the read waits for the next one.
     pub fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
-        buf: &mut Vec<u8>,
-        capacity: usize,
+        buf: &mut [u8],
         mut worth_reading: impl FnMut() -> bool,
     ) -> Poll<io::Result<usize>> {
         match self {
             Peer::Tcp(tcp) => loop {
-                // Readiness first: an idle socket holds no buffer.
                 ready!(tcp.poll_read_ready(cx))?;
                 // The check runs inside `try_io`, which drops the readiness it saw before
                 // the check began: a wake-up that comes during the check is kept.
                 let (worth_reading, buf) = (&mut worth_reading, &mut *buf);
-                let read = try_read_with(tcp, move || {
-                    if !worth_reading() {
-                        return None;
-                    }
-                    if buf.len() < capacity {
-                        buf.resize(capacity, 0);
-                    }
-                    Some(buf.as_mut_slice())
-                });
+                let read = try_read_with(tcp, move || worth_reading().then_some(buf));
                 match read {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     result => return Poll::Ready(result),
@@ -123,9 +111,6 @@ impl Peer {
                 };
                 if plaintext.is_empty() {
                     return Poll::Ready(Ok(0));
-                }
-                if buf.len() < capacity {
-                    buf.resize(capacity, 0);
                 }
                 let read = plaintext.len().min(buf.len());
                 buf[..read].copy_from_slice(&plaintext[..read]);

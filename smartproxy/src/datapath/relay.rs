@@ -12,6 +12,7 @@
 //! [`Policy`] asks for: a splice in the middle of the connection, and switches between the
 //! verdict's redirect and pass modes.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -30,6 +31,19 @@ use crate::config::AutoConfig;
 use crate::lifecycle::Event;
 use crate::vocab::{Direction, Side};
 
+thread_local! {
+    /// Where a half without a buffer of its own reads: under small messages the
+    /// destination takes every read at once, and no connection needs a buffer (nor one
+    /// zeroed and freed for each message).
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; BUFFER_BYTES].into_boxed_slice());
+}
+
+/// Which step of a read failed: the read, or the write of what it read.
+enum ReadError {
+    Reading(io::Error),
+    Writing(io::Error),
+}
+
 /// One direction: reads from its source, writes to its destination.
 #[derive(Debug)]
 struct Half {
@@ -40,6 +54,8 @@ struct Half {
     end: usize,
     /// The source's FIN was seen (and reported).
     eof: bool,
+    /// The last read filled the buffer it was given.
+    read_filled: bool,
     /// Bytes were written that a TLS session may still hold.
     unflushed: bool,
     /// `Action::Finish` was asked for.
@@ -56,6 +72,7 @@ impl Half {
             start: 0,
             end: 0,
             eof: false,
+            read_filled: false,
             unflushed: false,
             finishing: false,
             finished: false,
@@ -122,23 +139,51 @@ impl Half {
             // passing a stream: take the whole receive queue from then on (see
             // `PASSED_READ_BYTES`). Not at once: most reads there are a FIN or a few
             // bytes, and a megabyte for each would slow every connection's start and end.
-            let stream_passed = self.end > 0 && self.end == self.buf.len();
             let capacity = match offload {
-                Some(_) if stream_passed => PASSED_READ_BYTES,
+                Some(_) if self.read_filled => PASSED_READ_BYTES,
                 _ => BUFFER_BYTES,
             };
+            let direction = self.direction;
             let worth_reading = || {
                 offload
                     .as_deref()
-                    .is_none_or(|offload| offload.may_have_bytes_to_read(self.direction))
+                    .is_none_or(|offload| offload.may_have_bytes_to_read(direction))
             };
-            let read = match source.poll_read(cx, &mut self.buf, capacity, worth_reading) {
+            let read = if self.buf.len() < capacity && capacity <= BUFFER_BYTES {
+                // No buffer of its own: read into the thread's, and keep only what the
+                // destination does not take at once.
+                let direct = offload.is_none();
+                SCRATCH.with_borrow_mut(|scratch| {
+                    let read =
+                        ready!(source.poll_read(cx, &mut scratch[..capacity], worth_reading))
+                            .map_err(ReadError::Reading)?;
+                    if read > 0 && !self.finishing {
+                        self.keep_unwritten(cx, destination, &scratch[..read], direct)
+                            .map_err(ReadError::Writing)?;
+                    }
+                    Poll::Ready(Ok(read))
+                })
+            } else {
+                if self.buf.len() < capacity {
+                    self.buf.resize(capacity, 0);
+                }
+                source
+                    .poll_read(cx, &mut self.buf[..capacity], worth_reading)
+                    .map(|read| {
+                        let read = read.map_err(ReadError::Reading)?;
+                        self.start = 0;
+                        self.end = if self.finishing { 0 } else { read };
+                        Ok(read)
+                    })
+            };
+            let read = match read {
                 Poll::Ready(read) => read,
                 Poll::Pending => {
                     // Idle, with nothing left to write: give the buffer back, so that
                     // idle connections (and kernel-path ones, which read almost
                     // nothing) hold none.
                     self.buf = Vec::new();
+                    self.read_filled = false;
                     return Poll::Pending;
                 }
             };
@@ -162,16 +207,42 @@ impl Half {
                     if let Some(offload) = offload.as_deref_mut() {
                         offload.read(self.direction, read);
                     }
-                    // After a forced finish the source's bytes are dropped: the
-                    // destination already has its FIN.
-                    if !self.finishing {
-                        self.start = 0;
-                        self.end = read;
-                    }
+                    // (After a forced finish the bytes were dropped: the destination
+                    // already has its FIN.)
+                    self.read_filled = read == capacity;
                 }
-                Err(e) => return self.failed(source_side, "reading", &e),
+                Err(ReadError::Writing(e)) => return self.failed(destination_side, "writing", &e),
+                Err(ReadError::Reading(e)) => return self.failed(source_side, "reading", &e),
             }
         }
+    }
+
+    /// After a read into the thread's buffer: writes what the destination takes at once (if
+    /// `direct`; a kernel-path destination is first checked by the caller's loop), and
+    /// moves the rest into the half's own buffer, which then serves the reads until the
+    /// source has nothing more.
+    fn keep_unwritten(
+        &mut self,
+        cx: &mut Context<'_>,
+        destination: &mut Peer,
+        bytes: &[u8],
+        direct: bool,
+    ) -> io::Result<()> {
+        let written = match direct.then(|| destination.poll_write(cx, bytes)) {
+            Some(Poll::Ready(written)) => {
+                self.unflushed = true;
+                written?
+            }
+            Some(Poll::Pending) | None => 0,
+        };
+        let rest = &bytes[written..];
+        if !rest.is_empty() && self.buf.len() < BUFFER_BYTES {
+            self.buf.resize(BUFFER_BYTES, 0);
+        }
+        self.buf[..rest.len()].copy_from_slice(rest);
+        self.start = 0;
+        self.end = rest.len();
+        Ok(())
     }
 
     /// A socket error: that side reset (or is otherwise gone).
