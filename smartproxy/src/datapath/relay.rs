@@ -144,7 +144,7 @@ impl Half {
                 _ => BUFFER_BYTES,
             };
             let direction = self.direction;
-            let worth_reading = || {
+            let worth_reading = |offload: &Option<&mut Offload>| {
                 offload
                     .as_deref()
                     .is_none_or(|offload| offload.may_have_bytes_to_read(direction))
@@ -152,12 +152,13 @@ impl Half {
             let read = if self.buf.len() < capacity && capacity <= BUFFER_BYTES {
                 // No buffer of its own: read into the thread's, and keep only what the
                 // destination does not take at once.
-                let direct = offload.is_none();
                 SCRATCH.with_borrow_mut(|scratch| {
-                    let read =
-                        ready!(source.poll_read(cx, &mut scratch[..capacity], worth_reading))
-                            .map_err(ReadError::Reading)?;
+                    let buf = &mut scratch[..capacity];
+                    let read = ready!(source.poll_read(cx, buf, || worth_reading(&offload)))
+                        .map_err(ReadError::Reading)?;
+                    self.book_read(read, capacity, meter, offload.as_deref_mut());
                     if read > 0 && !self.finishing {
+                        let direct = offload.is_none();
                         self.keep_unwritten(cx, destination, &scratch[..read], direct)
                             .map_err(ReadError::Writing)?;
                     }
@@ -167,10 +168,12 @@ impl Half {
                 if self.buf.len() < capacity {
                     self.buf.resize(capacity, 0);
                 }
+                let buf = &mut self.buf[..capacity];
                 source
-                    .poll_read(cx, &mut self.buf[..capacity], worth_reading)
+                    .poll_read(cx, buf, || worth_reading(&offload))
                     .map(|read| {
                         let read = read.map_err(ReadError::Reading)?;
+                        self.book_read(read, capacity, meter, offload.as_deref_mut());
                         self.start = 0;
                         self.end = if self.finishing { 0 } else { read };
                         Ok(read)
@@ -202,18 +205,31 @@ impl Half {
                     self.eof = true;
                     return Poll::Ready(Event::Eof(source_side));
                 }
-                Ok(read) => {
-                    meter.record(self.direction, read);
-                    if let Some(offload) = offload.as_deref_mut() {
-                        offload.read(self.direction, read);
-                    }
-                    // (After a forced finish the bytes were dropped: the destination
-                    // already has its FIN.)
-                    self.read_filled = read == capacity;
-                }
+                // Booked, and kept for the destination unless a forced finish already gave
+                // it its FIN (then they are dropped).
+                Ok(_) => {}
                 Err(ReadError::Writing(e)) => return self.failed(destination_side, "writing", &e),
                 Err(ReadError::Reading(e)) => return self.failed(source_side, "reading", &e),
             }
+        }
+    }
+
+    /// Books a read before anything else can fail: the bytes left the source, whatever
+    /// becomes of them.
+    fn book_read(
+        &mut self,
+        read: usize,
+        capacity: usize,
+        meter: &Meter,
+        offload: Option<&mut Offload>,
+    ) {
+        self.read_filled = read == capacity;
+        if read == 0 {
+            return;
+        }
+        meter.record(self.direction, read);
+        if let Some(offload) = offload {
+            offload.read(self.direction, read);
         }
     }
 
