@@ -109,7 +109,11 @@ pub(crate) fn resume(
                 .cloned()
         });
     let meter = Arc::new(Meter::from_record(&moved.meter));
-    let mut relay = Relay::from_moved(sockets, Arc::clone(&meter), shared.kernel.as_ref())?;
+    let runtime = shared.runtimes.next();
+    let mut relay = {
+        let _registers_with = runtime.enter();
+        Relay::from_moved(sockets, Arc::clone(&meter), shared.kernel.as_ref())?
+    };
     if let (Some(moves), Some(kernel)) = (moved.moves, &shared.kernel) {
         relay.adapt(kernel, generation.config.proxy.auto, moves);
     }
@@ -118,13 +122,14 @@ pub(crate) fn resume(
     let span = info_span!("conn", id = record.id, client = %record.client(), moved = true);
     let tasks = shared.tasks.clone();
     let shared = Arc::clone(shared);
-    tasks.spawn(
+    tasks.spawn_on(
         async move {
             if let Ended::Closed(reason) = drive(&shared, relay, lifecycle, &record).await {
                 close(&shared, &record, reason, None);
             }
         }
         .instrument(span),
+        runtime,
     );
     Ok(())
 }

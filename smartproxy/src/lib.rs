@@ -37,6 +37,7 @@ pub mod tls_files;
 pub mod upgrade;
 pub mod view;
 pub mod vocab;
+pub(crate) mod workers;
 
 pub use proxy::{Prepared, Proxy, StartError};
 pub use reload::{ReloadError, ReloadSummary};

@@ -9,8 +9,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Socket, Type};
-use tokio::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -66,7 +69,7 @@ pub(crate) fn open_listener(
     listener: std::net::TcpListener,
 ) -> io::Result<()> {
     let inherited = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned()?;
-    let listener = TcpListener::from_std(listener)?;
+    let listener = ProxyListener::new(listener)?;
     let bound = listener.local_addr()?;
     listeners.insert(addr, bound);
     shared
@@ -86,9 +89,67 @@ fn forget_inherited(shared: &Shared, addr: SocketAddr) {
     shared.lock_handoff_sockets().listeners.remove(&addr);
 }
 
+/// A listening socket of the proxy's, on the runtime its accept loop runs on. What it
+/// accepts is registered with the connection's own runtime ([`crate::workers`]), once:
+/// not first with this one's poller, then moved.
+pub(crate) struct ProxyListener(AsyncFd<std::net::TcpListener>);
+
+impl ProxyListener {
+    pub(crate) fn new(listener: std::net::TcpListener) -> io::Result<ProxyListener> {
+        // SAFETY: the std listener owns its descriptor and always returns that one; it
+        // moves into the AsyncFd and closes only with it.
+        unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }
+            .map(ProxyListener)
+            .map_err(|e| e.into_parts().1)
+    }
+
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+
+    /// The next connection, non-blocking, and registered with no runtime yet.
+    async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            if let Ok(accepted) = ready.try_io(|listener| accept_nonblocking(listener.get_ref())) {
+                return accepted;
+            }
+        }
+    }
+}
+
+/// accept4(2) with the flags a tokio socket needs, in the one system call.
+fn accept_nonblocking(
+    listener: &std::net::TcpListener,
+) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    // SAFETY: accept4 writes at most `len` bytes of address into `storage` and sets `len`
+    // to what it wrote, which is what `try_init` expects of its closure.
+    let (fd, peer) = unsafe {
+        SockAddr::try_init(|storage, len| {
+            let fd = libc::accept4(
+                listener.as_raw_fd(),
+                storage.cast(),
+                len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            );
+            if fd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(fd)
+            }
+        })?
+    };
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let peer = peer
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a connection with no IP address"))?;
+    Ok((stream, peer))
+}
+
 /// A listening socket with a backlog fit for bursts of connections, on the runtime.
-pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::from_std(bind_std(addr)?)
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<ProxyListener> {
+    ProxyListener::new(bind_std(addr)?)
 }
 
 /// [`bind`] without a runtime: at start, listeners are bound before privileges are
@@ -105,7 +166,7 @@ pub(crate) fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// Accepts on one listen address until shutdown, or until a reload leaves no route on
 /// it.
 pub(crate) async fn accept_loop(
-    listener: TcpListener,
+    listener: ProxyListener,
     addr: SocketAddr,
     bound: SocketAddr,
     shared: Arc<Shared>,
@@ -126,12 +187,23 @@ pub(crate) async fn accept_loop(
             || listener.accept(),
             until,
             |client, peer| {
+                let runtime = shared.runtimes.next();
+                let client = {
+                    let _registers_with = runtime.enter();
+                    TcpStream::from_std(client)
+                };
+                let client = match client {
+                    Ok(client) => client,
+                    // As when tokio's own accept fails to register: the socket closes.
+                    Err(e) => return warn!(listen = %bound, error = %e, "cannot register an accepted connection; closed it"),
+                };
                 let record = shared.table.insert(peer);
                 shared.stats.accepted();
                 let generation = shared.generation();
-                shared
-                    .tasks
-                    .spawn(serve(Arc::clone(&shared), generation, addr, client, record));
+                shared.tasks.spawn_on(
+                    serve(Arc::clone(&shared), generation, addr, client, record),
+                    runtime,
+                );
             },
         )
         .await;

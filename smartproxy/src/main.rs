@@ -379,7 +379,13 @@ fn run(
             );
         }
     }
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    // The control plane (accept loops, signals, the control socket, health checks, the
+    // kernel's events) runs on this thread; connections run on a runtime per core that
+    // `Proxy::start_prepared` starts (`smartproxy/src/workers.rs`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, watch};
 use tokio_util::task::TaskTracker;
+
+use crate::workers::Workers;
 use tracing::{debug, info, warn};
 
 use crate::backend::start_checks;
@@ -53,6 +55,8 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot start the connection runtimes: {0}")]
+    Workers(#[source] io::Error),
 }
 
 /// A running proxy.
@@ -64,6 +68,8 @@ pub struct Proxy {
     /// In a successor: the handoff socket and the predecessor's pid, until
     /// [`Proxy::take_over`].
     handoff: Mutex<Option<(std::os::unix::net::UnixStream, u32)>>,
+    /// Last: the connection runtimes stop once everything above is gone.
+    _workers: Workers,
 }
 
 /// A proxy set up but not running yet: its kernel data path loaded and every socket it
@@ -248,7 +254,10 @@ impl Proxy {
             [],
         );
         configure_limits(&limits, &generation);
+        let (workers, runtimes) =
+            Workers::start(crate::workers::per_core()).map_err(StartError::Workers)?;
         let shared = Arc::new(Shared {
+            runtimes,
             generation: watch::Sender::new(Arc::new(generation)),
             listeners: Mutex::default(),
             reloading: tokio::sync::Mutex::default(),
@@ -308,6 +317,7 @@ impl Proxy {
             metrics_addr,
             stop,
             handoff: Mutex::new(handoff),
+            _workers: workers,
         })
     }
 

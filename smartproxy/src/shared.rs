@@ -23,6 +23,7 @@ use crate::table::ConnTable;
 use crate::throttle::Throttle;
 use crate::upgrade::{HandoffSockets, Outgoing, Phase, SuccessorCommand};
 use crate::vocab::{DataPathKind, Reason};
+use crate::workers::Runtimes;
 
 /// At most one warning that the kernel maps are full per this interval.
 pub(crate) const MAP_FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
@@ -83,6 +84,8 @@ pub(crate) struct Shared {
     pub(crate) stop: watch::Receiver<Stop>,
     /// The accept loops and the connections.
     pub(crate) tasks: TaskTracker,
+    /// Where connections run.
+    pub(crate) runtimes: Runtimes,
     /// The control socket and the metrics endpoint: they outlive `tasks`.
     pub(crate) services: TaskTracker,
     /// Where an upgrade is.

@@ -324,11 +324,11 @@ async fn a_trusted_balancers_header_names_the_client() {
             let rows = proxy.proxy.connection_rows();
             assert_eq!(rows.len(), 1, "{rows:?}");
             assert_eq!(rows[0].client, client, "the row shows the carried client");
-            assert_eq!(
-                rows[0].data_path,
-                Some(proxy.stats().data_path),
-                "booked on the proxy's data path"
-            );
+            // On auto the splice follows the echo on the connection's own thread.
+            wait_for("the row booked on the proxy's data path", || {
+                proxy.proxy.connection_rows()[0].data_path == Some(proxy.stats().data_path)
+            })
+            .await;
             // Past the splice: the kernel variant moves these itself.
             let before = proxy.kernel_bytes();
             let payload = pattern(20_000, 7);
