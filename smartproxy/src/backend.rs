@@ -2,6 +2,7 @@
 //! down), the sockets' keepalive, and the targets' active health checks.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,11 +66,12 @@ pub(crate) async fn connect<'a>(
     for index in usable.chain(fallback) {
         let target = &targets[index];
         match connect_one(shared, config, generation.slot(route), target).await {
-            Ok(stream) => {
-                if let Ok(addr) = stream.peer_addr() {
-                    let _ = record.backend.set(addr);
-                }
+            Ok((stream, addr)) => {
+                let _ = record.backend.set(addr);
                 let _ = record.target.set(Arc::clone(target));
+                // Latency matters more than segment count for the protocols this proxy
+                // carries. The client's socket has it from its listener (`listener.rs`).
+                let _ = stream.set_nodelay(true);
                 keepalive(&stream, &config.lifecycle);
                 return Ok((stream, &config.targets[index]));
             }
@@ -100,17 +102,17 @@ async fn connect_one(
     config: &RouteConfig,
     slot: usize,
     health: &TargetHealth,
-) -> Result<TcpStream, ConnError> {
+) -> Result<(TcpStream, SocketAddr), ConnError> {
     let target = &health.target;
     let started = Instant::now();
     let deadline = started + config.lifecycle.connect_timeout;
     let (kind, error) = match timeout_at(deadline, connect_target(&*shared.resolver, target)).await
     {
-        Ok(Ok(stream)) => {
+        Ok(Ok(connected)) => {
             let elapsed = started.elapsed();
             shared.stats.backend_connected(slot, elapsed);
             log_change(health.connected(elapsed), &config.name, target);
-            return Ok(stream);
+            return Ok(connected);
         }
         // This host ran short, the target did not fail: its health stays as it is.
         // Its closure line names the cause; the accept loop warns of the shortage.
@@ -192,7 +194,11 @@ async fn check_target(
     }
 }
 
-async fn connect_target(resolver: &dyn Resolve, target: &Target) -> io::Result<TcpStream> {
+/// The socket and the address it reached.
+async fn connect_target(
+    resolver: &dyn Resolve,
+    target: &Target,
+) -> io::Result<(TcpStream, SocketAddr)> {
     let addrs = match target.socket_addr() {
         Some(addr) => vec![addr],
         None => resolver.lookup(&target.host, target.port).await?,
@@ -200,7 +206,7 @@ async fn connect_target(resolver: &dyn Resolve, target: &Target) -> io::Result<T
     let mut last_error = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
     for addr in addrs {
         match TcpStream::connect(addr).await {
-            Ok(stream) => return Ok(stream),
+            Ok(stream) => return Ok((stream, addr)),
             Err(e) => last_error = e,
         }
     }
@@ -209,8 +215,6 @@ async fn connect_target(resolver: &dyn Resolve, target: &Target) -> io::Result<T
 
 pub(crate) fn keepalive(stream: &TcpStream, config: &LifecycleConfig) {
     let socket = SockRef::from(stream);
-    // Latency matters more than segment count for the protocols this proxy carries.
-    let _ = socket.set_nodelay(true);
     if let Some(idle) = config.tcp_keepalive {
         let keepalive = TcpKeepalive::new()
             .with_time(idle)

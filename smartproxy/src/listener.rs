@@ -96,6 +96,10 @@ pub(crate) struct ProxyListener(AsyncFd<std::net::TcpListener>);
 
 impl ProxyListener {
     pub(crate) fn new(listener: std::net::TcpListener) -> io::Result<ProxyListener> {
+        // Accepted sockets inherit it (one system call here instead of one per
+        // connection); set here, not at bind, so that a listener inherited from a
+        // predecessor has it too.
+        socket2::SockRef::from(&listener).set_nodelay(true)?;
         // SAFETY: the std listener owns its descriptor and always returns that one; it
         // moves into the AsyncFd and closes only with it.
         unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }
