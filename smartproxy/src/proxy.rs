@@ -9,8 +9,6 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, watch};
 use tokio_util::task::TaskTracker;
-
-use crate::workers::Workers;
 use tracing::{debug, info, warn};
 
 use crate::backend::start_checks;
@@ -33,6 +31,7 @@ use crate::tls::TlsRoutes;
 use crate::tls_files::TlsError;
 use crate::upgrade::message::KernelMaps;
 use crate::upgrade::{Inherited, Phase, SuccessorCommand, TakenOver, UpgradeError, Upgraded};
+use crate::workers::{per_core, Workers};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -254,8 +253,7 @@ impl Proxy {
             [],
         );
         configure_limits(&limits, &generation);
-        let (workers, runtimes) =
-            Workers::start(crate::workers::per_core()).map_err(StartError::Workers)?;
+        let (workers, runtimes) = Workers::start(per_core()).map_err(StartError::Workers)?;
         let shared = Arc::new(Shared {
             runtimes,
             generation: watch::Sender::new(Arc::new(generation)),
