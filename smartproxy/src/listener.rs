@@ -99,6 +99,9 @@ impl ProxyListener {
         // connection); set here, not at bind, so that a listener inherited from a
         // predecessor has it too.
         socket2::SockRef::from(&listener).set_nodelay(true)?;
+        // An inherited descriptor says what its predecessor set: a blocking accept
+        // would hold up the control plane's one thread.
+        listener.set_nonblocking(true)?;
         // SAFETY: the std listener owns its descriptor and always returns that one; it
         // moves into the AsyncFd and closes only with it.
         unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }

@@ -67,7 +67,7 @@ pub struct Proxy {
     /// In a successor: the handoff socket and the predecessor's pid, until
     /// [`Proxy::take_over`].
     handoff: Mutex<Option<(std::os::unix::net::UnixStream, u32)>>,
-    /// Last: the connection runtimes stop once everything above is gone.
+    /// The connection runtimes: they stop once the connections ended.
     _workers: Workers,
 }
 
@@ -253,7 +253,9 @@ impl Proxy {
             [],
         );
         configure_limits(&limits, &generation);
-        let (workers, runtimes) = Workers::start(per_core()).map_err(StartError::Workers)?;
+        let tasks = TaskTracker::new();
+        let (workers, runtimes) =
+            Workers::start(per_core(), &tasks).map_err(StartError::Workers)?;
         let shared = Arc::new(Shared {
             runtimes,
             generation: watch::Sender::new(Arc::new(generation)),
@@ -271,7 +273,7 @@ impl Proxy {
             map_full_warnings: Throttle::new(MAP_FULL_WARNING_EVERY),
             closed,
             stop: stop_rx,
-            tasks: TaskTracker::new(),
+            tasks,
             services: TaskTracker::new(),
             upgrade: watch::Sender::new(Phase::Idle),
             handoff: Mutex::default(),

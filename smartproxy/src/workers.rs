@@ -5,19 +5,21 @@
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
 
-/// The threads of the connection runtimes: dropping this stops them, and every task
-/// still on them is dropped with its runtime. Owned by the [`crate::proxy::Proxy`], not
-/// by what the tasks share: a task holding the last reference would otherwise join its
-/// own thread.
+/// The connection runtimes' lifetime: once this is dropped, each runtime runs until the
+/// connections' tracker is empty, then ends with its thread. A [`crate::proxy::Proxy`]
+/// dropped without a shutdown therefore drains its connections as a shutdown would,
+/// as they did when they ran on the caller's runtime. Owned by the proxy, not by what
+/// the tasks share, and never joined: a thread waiting for the connections must not be
+/// one they need.
 #[derive(Debug)]
 pub(crate) struct Workers {
     stops: Vec<oneshot::Sender<()>>,
-    threads: Vec<JoinHandle<()>>,
+    connections: TaskTracker,
 }
 
 /// Where connections are spawned: the runtimes' handles, taken in turn.
@@ -33,31 +35,50 @@ pub(crate) fn per_core() -> usize {
 }
 
 impl Workers {
-    /// Starts `count` runtimes (at least one).
-    pub(crate) fn start(count: usize) -> io::Result<(Workers, Runtimes)> {
+    /// Starts `count` runtimes (at least one) for the tasks of `connections`.
+    pub(crate) fn start(
+        count: usize,
+        connections: &TaskTracker,
+    ) -> io::Result<(Workers, Runtimes)> {
         let mut workers = Workers {
             stops: Vec::new(),
-            threads: Vec::new(),
+            connections: connections.clone(),
         };
         let mut runtimes = Runtimes {
             handles: Vec::new(),
             next: AtomicUsize::new(0),
         };
         for index in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
             let (stop, stopped) = oneshot::channel::<()>();
-            runtimes.handles.push(runtime.handle().clone());
+            let (started, handle) = std::sync::mpsc::channel::<io::Result<Handle>>();
+            let connections = connections.clone();
+            // Built on its own thread: a runtime may not be dropped where the caller
+            // runs, inside the control plane's runtime.
+            std::thread::Builder::new()
+                .name(format!("smartproxy-conn-{index}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            let _ = started.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = started.send(Ok(runtime.handle().clone()));
+                    runtime.block_on(async {
+                        // Told to stop, or its `Workers` is gone: either way.
+                        let _ = stopped.await;
+                        connections.wait().await;
+                    });
+                })?;
+            let handle = handle.recv().map_err(|_| {
+                io::Error::other("a connection runtime's thread ended before its runtime started")
+            })??;
+            runtimes.handles.push(handle);
             workers.stops.push(stop);
-            workers.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("smartproxy-conn-{index}"))
-                    .spawn(move || {
-                        // Either way the runtime stops: told to, or its `Workers` is gone.
-                        let _ = runtime.block_on(stopped);
-                    })?,
-            );
         }
         Ok((workers, runtimes))
     }
@@ -74,10 +95,9 @@ impl Runtimes {
 
 impl Drop for Workers {
     fn drop(&mut self) {
+        // No connection is spawned on a dropped proxy's behalf but those on their way.
+        self.connections.close();
         self.stops.clear();
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -97,8 +117,9 @@ mod tests {
     }
 
     #[test]
-    fn connections_are_dealt_to_each_runtime_in_turn_and_stop_with_the_workers() {
-        let (workers, runtimes) = Workers::start(2).expect("runtimes start");
+    fn connections_are_dealt_to_each_runtime_in_turn_and_outlive_the_workers() {
+        let connections = TaskTracker::new();
+        let (workers, runtimes) = Workers::start(2, &connections).expect("runtimes start");
         let (ran_on, threads) = std::sync::mpsc::channel();
         for _ in 0..4 {
             let ran_on = ran_on.clone();
@@ -126,7 +147,18 @@ mod tests {
             ]
         );
 
-        // A task that never ends is dropped with its runtime when the workers stop.
+        // Once the workers are dropped, a connection still open keeps its runtime, and
+        // another task on it, running until it ends; then the runtime stops, and a task
+        // that never ends is dropped with it.
+        let (end, ended) = oneshot::channel::<()>();
+        let (finished, connection_finished) = std::sync::mpsc::channel();
+        connections.spawn_on(
+            async move {
+                let _ = ended.await;
+                let _ = finished.send(());
+            },
+            runtimes.next(),
+        );
         let (dropped, was_dropped) = std::sync::mpsc::channel();
         let signal = DropSignal(Some(dropped));
         runtimes.next().spawn(async move {
@@ -134,8 +166,17 @@ mod tests {
             std::future::pending::<()>().await;
         });
         drop(workers);
+        let wait = std::time::Duration::from_millis(200);
+        assert!(
+            was_dropped.recv_timeout(wait).is_err(),
+            "the runtimes stopped while a connection was open"
+        );
+        let _ = end.send(());
+        connection_finished
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the open connection runs to its end after the workers are dropped");
         was_dropped
             .recv_timeout(std::time::Duration::from_secs(5))
-            .expect("the pending task is dropped once its runtime stops");
+            .expect("the pending task is dropped once the last connection ended");
     }
 }
