@@ -7,18 +7,17 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 
-/// The connection runtimes' lifetime: once this is dropped, each runtime runs until the
-/// connections' tracker is empty, then ends with its thread. A [`crate::proxy::Proxy`]
+/// The connection runtimes' lifetime: each runs until the connections' tracker is closed
+/// (by [`crate::proxy::Proxy::wait`], or when this is dropped) and empty, then ends with
+/// its thread. A [`crate::proxy::Proxy`]
 /// dropped without a shutdown therefore drains its connections as a shutdown would,
 /// as they did when they ran on the caller's runtime. Owned by the proxy, not by what
 /// the tasks share, and never joined: a thread waiting for the connections must not be
 /// one they need.
 #[derive(Debug)]
 pub(crate) struct Workers {
-    stops: Vec<oneshot::Sender<()>>,
     connections: TaskTracker,
 }
 
@@ -40,8 +39,8 @@ impl Workers {
         count: usize,
         connections: &TaskTracker,
     ) -> io::Result<(Workers, Runtimes)> {
-        let mut workers = Workers {
-            stops: Vec::new(),
+        // Dropped on an error below: the runtimes already started end.
+        let workers = Workers {
             connections: connections.clone(),
         };
         let mut runtimes = Runtimes {
@@ -49,7 +48,6 @@ impl Workers {
             next: AtomicUsize::new(0),
         };
         for index in 0..count.max(1) {
-            let (stop, stopped) = oneshot::channel::<()>();
             let (started, handle) = std::sync::mpsc::channel::<io::Result<Handle>>();
             let connections = connections.clone();
             // Built on its own thread: a runtime may not be dropped where the caller
@@ -68,17 +66,12 @@ impl Workers {
                         }
                     };
                     let _ = started.send(Ok(runtime.handle().clone()));
-                    runtime.block_on(async {
-                        // Told to stop, or its `Workers` is gone: either way.
-                        let _ = stopped.await;
-                        connections.wait().await;
-                    });
+                    runtime.block_on(connections.wait());
                 })?;
             let handle = handle.recv().map_err(|_| {
                 io::Error::other("a connection runtime's thread ended before its runtime started")
             })??;
             runtimes.handles.push(handle);
-            workers.stops.push(stop);
         }
         Ok((workers, runtimes))
     }
@@ -97,7 +90,6 @@ impl Drop for Workers {
     fn drop(&mut self) {
         // No connection is spawned on a dropped proxy's behalf but those on their way.
         self.connections.close();
-        self.stops.clear();
     }
 }
 
@@ -150,7 +142,7 @@ mod tests {
         // Once the workers are dropped, a connection still open keeps its runtime, and
         // another task on it, running until it ends; then the runtime stops, and a task
         // that never ends is dropped with it.
-        let (end, ended) = oneshot::channel::<()>();
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
         let (finished, connection_finished) = std::sync::mpsc::channel();
         connections.spawn_on(
             async move {
