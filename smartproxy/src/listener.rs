@@ -153,13 +153,9 @@ fn accept_nonblocking(
     Ok((stream, peer))
 }
 
-/// A listening socket with a backlog fit for bursts of connections, on the runtime.
-pub(crate) fn bind(addr: SocketAddr) -> io::Result<ProxyListener> {
-    ProxyListener::new(bind_std(addr)?)
-}
-
-/// [`bind`] without a runtime: at start, listeners are bound before privileges are
-/// dropped and before the runtime's threads exist.
+/// A listening socket with a backlog fit for bursts of connections. Made without a
+/// runtime: at start, listeners are bound before privileges are dropped and before the
+/// runtime's threads exist; [`open_listener`] puts it on the runtime.
 pub(crate) fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
@@ -171,7 +167,7 @@ pub(crate) fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 
 /// Accepts on one listen address until shutdown, or until a reload leaves no route on
 /// it.
-pub(crate) async fn accept_loop(
+async fn accept_loop(
     listener: ProxyListener,
     addr: SocketAddr,
     bound: SocketAddr,

@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::backend::start_checks;
 use crate::config::{Config, ConfigError};
 use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::limits::Limits;
-use crate::listener::{accept_loop, bind};
+use crate::listener::{bind_std, open_listener};
 use crate::shared::{Shared, Stop};
 use crate::tls::TlsRoutes;
 use crate::tls_files::TlsError;
@@ -120,7 +120,7 @@ impl Shared {
         for addr in added {
             bound.push((
                 addr,
-                bind(addr).map_err(|source| ReloadError::Bind { addr, source })?,
+                bind_std(addr).map_err(|source| ReloadError::Bind { addr, source })?,
             ));
         }
         // Only now, when nothing can fail any more: new route names get counters here.
@@ -130,14 +130,10 @@ impl Shared {
         // Accept loops whose address is gone stop when they see this generation.
         self.generation.send_replace(next);
         for (addr, listener) in bound {
-            match listener.local_addr() {
-                Ok(local) => {
-                    listeners.insert(addr, local);
-                    info!(listen = %local, "listening");
-                    self.tasks
-                        .spawn(accept_loop(listener, addr, local, Arc::clone(self)));
-                }
-                Err(e) => warn!(listen = %addr, error = %e, "new listener unusable"),
+            // Through the one place a listener opens, so that an upgrade hands it over
+            // too.
+            if let Err(e) = open_listener(self, &mut listeners, addr, listener) {
+                warn!(listen = %addr, error = %e, "new listener unusable");
             }
         }
         // It applies live: a new value the descriptor limit falls short of is said, as
