@@ -109,9 +109,9 @@ pub(crate) fn resume(
                 .cloned()
         });
     let meter = Arc::new(Meter::from_record(&moved.meter));
-    let runtime = shared.runtimes.next();
+    let placed = shared.runtimes.place(None);
     let mut relay = {
-        let _registers_with = runtime.enter();
+        let _registers_with = placed.handle.enter();
         Relay::from_moved(sockets, Arc::clone(&meter), shared.kernel.as_ref())?
     };
     if let (Some(moves), Some(kernel)) = (moved.moves, &shared.kernel) {
@@ -122,14 +122,16 @@ pub(crate) fn resume(
     let span = info_span!("conn", id = record.id, client = %record.client(), moved = true);
     let tasks = shared.tasks.clone();
     let shared = Arc::clone(shared);
+    let held = placed.held;
     tasks.spawn_on(
         async move {
+            let _counted = held;
             if let Ended::Closed(reason) = drive(&shared, relay, lifecycle, &record).await {
                 close(&shared, &record, reason, None);
             }
         }
         .instrument(span),
-        runtime,
+        placed.handle,
     );
     Ok(())
 }

@@ -14,7 +14,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
 use crate::error_chain;
-use crate::listener::accept_until;
+use crate::listener::{accept_until, accept_warnings};
 use crate::shared::Shared;
 
 /// The longest request line accepted: a word, and for `upgrade` a binary's path.
@@ -68,6 +68,7 @@ impl ControlServer {
         };
         accept_until(
             "control",
+            &accept_warnings(),
             || listener.accept(),
             // Until exit, not at shutdown: the drain is when an operator watches.
             shared.services_end(),

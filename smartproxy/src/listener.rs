@@ -13,11 +13,11 @@ use std::time::Duration;
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::connection::serve;
 use crate::shared::{reached, Shared, Stop};
+use crate::throttle::Throttle;
 use crate::upgrade::Phase;
 
 /// After a failed accept (EMFILE, ENFILE, ENOBUFS) the connection stays in the backlog:
@@ -26,12 +26,19 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// At most one warning of failed accepts per this interval.
 const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(1);
 
+/// The warnings of failed accepts on one listening socket, shared by every loop that
+/// accepts on it: at most one per [`ACCEPT_WARNING_EVERY`].
+pub(crate) fn accept_warnings() -> Throttle {
+    Throttle::new(ACCEPT_WARNING_EVERY)
+}
+
 /// Accepts with `accept` until `until` resolves, handing each connection to `accepted`;
 /// returns what `until` resolved to. Each caller picks its stop stage in `until`: the
 /// proxy's listeners stop at [`Stop::Drain`], the control socket and the metrics endpoint
-/// at [`Stop::Exit`].
+/// at [`Stop::Exit`]. Failed accepts are warned of through `warnings` ([`accept_warnings`]).
 pub(crate) async fn accept_until<S, P, A, T>(
     listener: &str,
+    warnings: &Throttle,
     mut accept: impl FnMut() -> A,
     until: impl Future<Output = T>,
     mut accepted: impl FnMut(S, P),
@@ -40,7 +47,6 @@ where
     A: Future<Output = io::Result<(S, P)>>,
 {
     tokio::pin!(until);
-    let mut last_warning: Option<Instant> = None;
     loop {
         let result = tokio::select! {
             ended = &mut until => return ended,
@@ -49,10 +55,8 @@ where
         match result {
             Ok((stream, peer)) => accepted(stream, peer),
             Err(e) => {
-                let now = Instant::now();
-                if last_warning.is_none_or(|at| now - at >= ACCEPT_WARNING_EVERY) {
-                    warn!(listener, error = %e, "accept failed; backing off");
-                    last_warning = Some(now);
+                if let Some(held_back) = warnings.admit(std::time::Instant::now()) {
+                    warn!(listener, error = %e, held_back, "accept failed; backing off");
                 }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
@@ -60,7 +64,8 @@ where
     }
 }
 
-/// Binds a listener and starts accepting on it. The caller holds the listeners lock.
+/// Starts accepting on a bound listener, on every connection runtime. The caller holds the
+/// listeners lock.
 pub(crate) fn open_listener(
     shared: &Arc<Shared>,
     listeners: &mut BTreeMap<SocketAddr, SocketAddr>,
@@ -68,17 +73,43 @@ pub(crate) fn open_listener(
     listener: std::net::TcpListener,
 ) -> io::Result<()> {
     let inherited = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned()?;
-    let listener = ProxyListener::new(listener)?;
+    // Accepted sockets inherit it (one system call here instead of one per connection);
+    // set here, not at bind, so that a listener inherited from a predecessor has it too.
+    socket2::SockRef::from(&listener).set_nodelay(true)?;
+    // An inherited descriptor says what its predecessor set: a blocking accept would hold
+    // up a runtime.
+    listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
+    let listener = Arc::new(listener);
+    let warnings = Arc::new(accept_warnings());
+    let accepting = shared
+        .runtimes
+        .all()
+        .iter()
+        .map(|runtime| {
+            let _registers_with = runtime.enter();
+            ProxyListener::new(Arc::clone(&listener)).map(|accepting| (accepting, runtime))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     listeners.insert(addr, bound);
     shared
         .lock_handoff_sockets()
         .listeners
         .insert(addr, inherited);
     info!(listen = %bound, "listening");
-    shared
-        .tasks
-        .spawn(accept_loop(listener, addr, bound, Arc::clone(shared)));
+    for (index, (accepting, runtime)) in accepting.into_iter().enumerate() {
+        shared.tasks.spawn_on(
+            accept_loop(
+                accepting,
+                index,
+                Arc::clone(&warnings),
+                addr,
+                bound,
+                Arc::clone(shared),
+            ),
+            runtime,
+        );
+    }
     Ok(())
 }
 
@@ -88,29 +119,24 @@ fn forget_inherited(shared: &Shared, addr: SocketAddr) {
     shared.lock_handoff_sockets().listeners.remove(&addr);
 }
 
-/// A listening socket of the proxy's, on the runtime its accept loop runs on. What it
-/// accepts is registered with the connection's own runtime ([`crate::workers`]), once:
-/// not first with this one's poller, then moved.
-pub(crate) struct ProxyListener(AsyncFd<std::net::TcpListener>);
+/// A listening socket of the proxy's, registered with one connection runtime: each
+/// runtime accepts on every listener, and serves what it accepted itself, so that no
+/// wake-up crosses threads between the accept and the connection's first byte. The socket
+/// closes with the last runtime's registration.
+pub(crate) struct ProxyListener(AsyncFd<Arc<std::net::TcpListener>>);
 
 impl ProxyListener {
-    pub(crate) fn new(listener: std::net::TcpListener) -> io::Result<ProxyListener> {
-        // Accepted sockets inherit it (one system call here instead of one per
-        // connection); set here, not at bind, so that a listener inherited from a
-        // predecessor has it too.
-        socket2::SockRef::from(&listener).set_nodelay(true)?;
-        // An inherited descriptor says what its predecessor set: a blocking accept
-        // would hold up the control plane's one thread.
-        listener.set_nonblocking(true)?;
+    fn new(listener: Arc<std::net::TcpListener>) -> io::Result<ProxyListener> {
         // SAFETY: the std listener owns its descriptor and always returns that one; it
-        // moves into the AsyncFd and closes only with it.
+        // stays open as long as any registration holds the Arc.
         unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }
             .map(ProxyListener)
             .map_err(|e| e.into_parts().1)
     }
 
-    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.get_ref().local_addr()
+    /// Takes the socket off this runtime's poller.
+    fn into_shared(self) -> Arc<std::net::TcpListener> {
+        self.0.into_inner()
     }
 
     /// The next connection, non-blocking, and registered with no runtime yet.
@@ -169,6 +195,8 @@ pub(crate) fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// it.
 async fn accept_loop(
     listener: ProxyListener,
+    runtime: usize,
+    warnings: Arc<Throttle>,
     addr: SocketAddr,
     bound: SocketAddr,
     shared: Arc<Shared>,
@@ -186,12 +214,13 @@ async fn accept_loop(
         };
         let stopped = accept_until(
             "proxy",
+            &warnings,
             || listener.accept(),
             until,
             |client, peer| {
-                let runtime = shared.runtimes.next();
+                let placed = shared.runtimes.place(Some(runtime));
                 let client = {
-                    let _registers_with = runtime.enter();
+                    let _registers_with = placed.handle.enter();
                     TcpStream::from_std(client)
                 };
                 let client = match client {
@@ -201,10 +230,14 @@ async fn accept_loop(
                 };
                 let record = shared.table.insert(peer);
                 shared.stats.accepted();
-                let generation = shared.generation();
+                let connection = serve(Arc::clone(&shared), shared.generation(), addr, client, record);
+                let held = placed.held;
                 shared.tasks.spawn_on(
-                    serve(Arc::clone(&shared), generation, addr, client, record),
-                    runtime,
+                    async move {
+                        let _counted = held;
+                        connection.await;
+                    },
+                    placed.handle,
                 );
             },
         )
@@ -237,11 +270,14 @@ async fn accept_loop(
             .listeners
             .contains_key(&addr)
         {
-            // Closed under the lock: a reload that adds the address back binds it anew.
-            drop(listener);
-            listeners.remove(&addr);
-            forget_inherited(&shared, addr);
-            info!(listen = %bound, "no route uses this address any more: listener closed");
+            // Each runtime's loop lets go of the socket here, under the lock, and the last
+            // one closes it and forgets the address: a reload that adds it back binds it
+            // anew, or, if it comes before the last let go, finds it still open.
+            if Arc::into_inner(listener.into_shared()).is_some() {
+                listeners.remove(&addr);
+                forget_inherited(&shared, addr);
+                info!(listen = %bound, "no route uses this address any more: listener closed");
+            }
             return;
         }
     }

@@ -379,9 +379,10 @@ fn run(
             );
         }
     }
-    // The control plane (accept loops, signals, the control socket, health checks, the
-    // kernel's events) runs on this thread; connections run on a runtime per core that
-    // `Proxy::start_prepared` starts (`smartproxy/src/workers.rs`).
+    // The control plane (signals, the control socket, the metrics endpoint, health
+    // checks, the kernel's events) runs on this thread; the listeners' accept loops and
+    // the connections run on a runtime per core that `Proxy::start_prepared` starts
+    // (`smartproxy/src/workers.rs`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -24,7 +24,7 @@ use tracing::debug;
 use crate::config::MAX_SCRAPERS;
 use crate::health::TargetSnapshot;
 use crate::histogram::HistogramSnapshot;
-use crate::listener::accept_until;
+use crate::listener::{accept_until, accept_warnings};
 use crate::shared::Shared;
 use crate::stats::Snapshot;
 
@@ -74,6 +74,7 @@ impl MetricsServer {
         let scrapers = Arc::new(Semaphore::new(MAX_SCRAPERS));
         accept_until(
             "metrics",
+            &accept_warnings(),
             || listener.accept(),
             // Until exit, not at shutdown: the drain is when an operator watches.
             shared.services_end(),

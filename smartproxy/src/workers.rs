@@ -1,10 +1,14 @@
 //! The connection runtimes: one single-threaded tokio runtime per core, each on a thread
-//! of its own, and the accept loops deal connections out to them in turn. A connection's
-//! socket readiness, its timers and its task stay on one thread, as in an event loop per
-//! core: no task migrates and no wake-up crosses threads for the bytes of one connection.
+//! of its own. Each runtime accepts on every listener and keeps what it accepted, unless
+//! it holds more connections than another by more than [`IMBALANCE`]: then the connection
+//! goes to the runtime with the fewest. A connection's socket readiness, its timers and
+//! its task stay on one thread, as in an event loop per core: no task migrates and no
+//! wake-up crosses threads for the bytes of one connection, most often not even for its
+//! accept.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
@@ -21,11 +25,37 @@ pub(crate) struct Workers {
     connections: TaskTracker,
 }
 
-/// Where connections are spawned: the runtimes' handles, taken in turn.
+/// How many more connections than the least loaded runtime the accepting one may hold
+/// and still keep a new one: a burst of connects that wakes one runtime first is shared
+/// out, and in churn most connections stay where they were accepted.
+const IMBALANCE: usize = 1;
+
+/// Where connections are spawned: the runtimes' handles, and how many connections each
+/// one holds.
 #[derive(Debug)]
 pub(crate) struct Runtimes {
     handles: Vec<Handle>,
-    next: AtomicUsize,
+    connections: Arc<[AtomicUsize]>,
+}
+
+/// A runtime a connection was placed on.
+pub(crate) struct Placed<'a> {
+    pub(crate) handle: &'a Handle,
+    /// Held by the connection's task: counts it on its runtime until it ends.
+    pub(crate) held: Held,
+}
+
+/// One connection counted on its runtime, until dropped.
+#[derive(Debug)]
+pub(crate) struct Held {
+    connections: Arc<[AtomicUsize]>,
+    index: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.connections[self.index].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One runtime per core the process may run on.
@@ -43,11 +73,12 @@ impl Workers {
         let workers = Workers {
             connections: connections.clone(),
         };
+        let count = count.max(1);
         let mut runtimes = Runtimes {
             handles: Vec::new(),
-            next: AtomicUsize::new(0),
+            connections: (0..count).map(|_| AtomicUsize::new(0)).collect(),
         };
-        for index in 0..count.max(1) {
+        for index in 0..count {
             let (started, handle) = std::sync::mpsc::channel::<io::Result<Handle>>();
             let connections = connections.clone();
             // Built on its own thread: a runtime may not be dropped where the caller
@@ -78,11 +109,32 @@ impl Workers {
 }
 
 impl Runtimes {
-    /// The runtime the next connection goes to: its sockets are registered with it
-    /// (under [`Handle::enter`]) and its task spawned on it.
-    pub(crate) fn next(&self) -> &Handle {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        &self.handles[index]
+    /// The runtime a new connection goes to: `accepted_on` (the index of the runtime that
+    /// accepted it, if one did) unless that one holds more than [`IMBALANCE`] connections
+    /// more than the least loaded, which it goes to then. Its sockets are registered with
+    /// it (under [`Handle::enter`]) and its task spawned on it, holding [`Placed::held`].
+    pub(crate) fn place(&self, accepted_on: Option<usize>) -> Placed<'_> {
+        let load = |index: usize| self.connections[index].load(Ordering::Relaxed);
+        let least = (0..self.handles.len())
+            .min_by_key(|&index| load(index))
+            .unwrap_or(0);
+        let index = match accepted_on {
+            Some(here) if load(here) <= load(least) + IMBALANCE => here,
+            _ => least,
+        };
+        self.connections[index].fetch_add(1, Ordering::Relaxed);
+        Placed {
+            handle: &self.handles[index],
+            held: Held {
+                connections: Arc::clone(&self.connections),
+                index,
+            },
+        }
+    }
+
+    /// Every runtime, by index: each one accepts on every listener.
+    pub(crate) fn all(&self) -> &[Handle] {
+        &self.handles
     }
 }
 
@@ -108,37 +160,51 @@ mod tests {
         }
     }
 
+    /// The name of the thread a task spawned on `handle` runs on.
+    fn thread_of(handle: &Handle) -> String {
+        let (ran_on, thread) = std::sync::mpsc::channel();
+        handle.spawn(async move {
+            let _ = ran_on.send(std::thread::current().name().map(str::to_owned));
+        });
+        thread
+            .recv()
+            .expect("the task runs")
+            .expect("a named thread")
+    }
+
     #[test]
-    fn connections_are_dealt_to_each_runtime_in_turn_and_outlive_the_workers() {
+    fn a_runtime_keeps_what_it_accepted_until_it_holds_more_than_one_over_the_least() {
         let connections = TaskTracker::new();
-        let (workers, runtimes) = Workers::start(2, &connections).expect("runtimes start");
-        let (ran_on, threads) = std::sync::mpsc::channel();
-        for _ in 0..4 {
-            let ran_on = ran_on.clone();
-            runtimes.next().spawn(async move {
-                let name = std::thread::current().name().map(str::to_owned);
-                let _ = ran_on.send(name);
-            });
+        let (_workers, runtimes) = Workers::start(2, &connections).expect("runtimes start");
+        let mut held = Vec::new();
+        let mut placed_on = Vec::new();
+        for _ in 0..5 {
+            let placed = runtimes.place(Some(0));
+            placed_on.push(thread_of(placed.handle));
+            held.push(placed.held);
         }
-        let mut names: Vec<_> = (0..4)
-            .map(|_| {
-                threads
-                    .recv()
-                    .expect("each task runs")
-                    .expect("named thread")
-            })
-            .collect();
-        names.sort();
+        // Counts after each: (1, 0), (2, 0), (2, 1), (3, 1), (3, 2).
         assert_eq!(
-            names,
+            placed_on,
             [
                 "smartproxy-conn-0",
                 "smartproxy-conn-0",
                 "smartproxy-conn-1",
+                "smartproxy-conn-0",
                 "smartproxy-conn-1"
             ]
         );
+        // Connections that ended no longer count: with runtime 1's two gone, it is the
+        // least loaded, and a resumed connection (accepted by none) goes there.
+        held.remove(4);
+        held.remove(2);
+        assert_eq!(thread_of(runtimes.place(None).handle), "smartproxy-conn-1");
+    }
 
+    #[test]
+    fn connections_outlive_the_workers() {
+        let connections = TaskTracker::new();
+        let (workers, runtimes) = Workers::start(2, &connections).expect("runtimes start");
         // Once the workers are dropped, a connection still open keeps its runtime, and
         // another task on it, running until it ends; then the runtime stops, and a task
         // that never ends is dropped with it.
@@ -149,11 +215,11 @@ mod tests {
                 let _ = ended.await;
                 let _ = finished.send(());
             },
-            runtimes.next(),
+            runtimes.place(None).handle,
         );
         let (dropped, was_dropped) = std::sync::mpsc::channel();
         let signal = DropSignal(Some(dropped));
-        runtimes.next().spawn(async move {
+        runtimes.place(None).handle.spawn(async move {
             let _held = signal;
             std::future::pending::<()>().await;
         });

@@ -477,6 +477,33 @@ pub async fn write_chunked(
     Ok(())
 }
 
+/// Connects to `addr` from the loopback address `source` (any port).
+pub async fn try_connect_from(source: &str, addr: SocketAddr) -> io::Result<TcpStream> {
+    let ip: std::net::IpAddr = source.parse().expect("a source address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("a client socket");
+    socket
+        .bind(SocketAddr::new(ip, 0))
+        .expect("bind the client's source address");
+    within("connect to the proxy", socket.connect(addr)).await
+}
+
+pub async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    try_connect_from(source, addr)
+        .await
+        .expect("connect to the proxy")
+}
+
+/// Connects from `source` and expects an RST at once: either on the first read, or
+/// already as the connect's result when the proxy reset the connection before the connect
+/// returned.
+pub async fn expect_refused(source: &str, addr: SocketAddr) {
+    match try_connect_from(source, addr).await {
+        Ok(mut stream) => expect_reset(&mut stream).await,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected a reset, got error {e}"),
+    }
+}
+
 /// Asserts that `stream` was reset (ECONNRESET), not closed with a FIN.
 pub async fn expect_reset(stream: &mut (impl AsyncReadExt + Unpin)) {
     let mut buf = [0u8; 1024];

@@ -7,40 +7,12 @@
 //! - `connection_rate_per_ip`;
 //! - route `allow` / `deny` lists (reason `denied`).
 
-use std::net::{IpAddr, SocketAddr};
-
 use smartproxy::config::DataPathMode;
 use smartproxy::limits::Refusal;
 use smartproxy::vocab::Reason;
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-
-/// Connects to `addr` from the loopback address `source` (any port).
-async fn try_connect_from(source: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let ip: IpAddr = source.parse().expect("a source address");
-    let socket = TcpSocket::new_v4().expect("a client socket");
-    socket
-        .bind(SocketAddr::new(ip, 0))
-        .expect("bind the client's source address");
-    within("connect to the proxy", socket.connect(addr)).await
-}
-
-async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
-    try_connect_from(source, addr)
-        .await
-        .expect("connect to the proxy")
-}
-
-/// Connects from `source` and expects an RST at once: either on the first read, or
-/// already as the connect's result when the proxy refused before the connect returned.
-async fn expect_refused(source: &str, addr: SocketAddr) {
-    match try_connect_from(source, addr).await {
-        Ok(mut stream) => expect_reset(&mut stream).await,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("expected a reset, got error {e}"),
-    }
-}
+use tokio::net::TcpStream;
 
 /// Sends a message through the echo backend and reads it back.
 async fn round_trip(stream: &mut TcpStream, index: usize) {

@@ -228,6 +228,10 @@ async fn wait_refused(addr: std::net::SocketAddr) {
         loop {
             match TcpStream::connect(addr).await {
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+                // Its handshake done, the connection was reset as the listener closed (or
+                // by a loop that accepted it under the new configuration), before the
+                // connect returned: not refused yet.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
                 Err(e) => panic!("connect to {addr} failed, but not refused: {e}"),
                 Ok(stream) => drop(stream),
             }
