@@ -33,6 +33,7 @@ use crate::table::ConnRecord;
 use crate::upgrade::message::ConnectionRecord;
 use crate::upgrade::{Outgoing, Phase};
 use crate::vocab::{DataPathKind, Direction, Reason, Side};
+use crate::workers::Held;
 
 /// One connection, from accept to close. Not an `async fn`: that would hold the
 /// connection's future twice, once as the block below and once inside `Instrumented`
@@ -43,6 +44,7 @@ pub(crate) fn serve(
     listen: SocketAddr,
     client: TcpStream,
     record: Arc<ConnRecord>,
+    held: Held,
 ) -> impl Future<Output = ()> {
     let span = info_span!("conn", id = record.id, client = Empty, via = Empty);
     // Behind a load balancer the client is known once its PROXY header is read.
@@ -52,6 +54,9 @@ pub(crate) fn serve(
         span.record("client", display(record.peer));
     }
     async move {
+        // Counted on its runtime until the connection ends. Taken in here, not by a
+        // wrapping future: one that awaited this one would hold it twice over.
+        let _counted = held;
         let mut admissions = Admissions::default();
         // Boxed: the handshake's state (a TLS one above all) is larger than the relay's,
         // and inline it would size this task for the connection's whole life.
@@ -311,15 +316,17 @@ async fn write_all(backend: &TcpStream, mut bytes: &[u8]) -> Result<(), ConnErro
     Ok(())
 }
 
-/// Moves the bytes and feeds the lifecycle until it closes the connection.
-async fn relay(
-    shared: &Arc<Shared>,
+/// Moves the bytes and feeds the lifecycle until it closes the connection. Not `async`
+/// itself: as an async fn it kept room for the relay and the lifecycle beside the `drive`
+/// future they move into, 704 bytes more in each connection's task for its whole life.
+fn relay<'a>(
+    shared: &'a Arc<Shared>,
     generation: &Generation,
     route: usize,
     client: Peer,
     backend: Peer,
-    record: &ConnRecord,
-) -> Ended {
+    record: &'a ConnRecord,
+) -> impl Future<Output = Ended> + 'a {
     let config = generation.config.routes[route].lifecycle;
     let mut relay = Relay::new(client, backend, Arc::clone(&record.meter));
     let placement = generation.data_path(route, shared.kernel.is_some());
@@ -338,7 +345,7 @@ async fn relay(
         _ => {}
     }
     let lifecycle = Lifecycle::new(config, Instant::now().into_std());
-    drive(shared, relay, lifecycle, record).await
+    drive(shared, relay, lifecycle, record)
 }
 
 /// Books a splice (`result`): on the kernel path if it completed, on the userspace path
@@ -382,72 +389,77 @@ fn book_move(shared: &Shared, record: &ConnRecord, place: Place) {
 }
 
 /// Feeds the lifecycle what the relay reports and carries out its actions, until it
-/// closes the connection or an upgrade moves it to the successor.
-async fn drive(
-    shared: &Arc<Shared>,
+/// closes the connection or an upgrade moves it to the successor. Not `async` itself: an
+/// async fn keeps its arguments apart from the locals they become, so the relay and the
+/// lifecycle would take their room twice in every connection's task.
+#[allow(clippy::manual_async_fn)]
+fn drive<'a>(
+    shared: &'a Arc<Shared>,
     mut relay: Relay,
     mut lifecycle: Lifecycle,
-    record: &ConnRecord,
-) -> Ended {
-    let mut stop = shared.stop.clone();
-    let mut stop_seen = Stop::Running;
-    let mut upgrade = shared.upgrade.subscribe();
-    let mut movable = relay.movable();
-    record.stays.store(!movable, Ordering::Relaxed);
-    loop {
-        let deadline = lifecycle.deadline().map(Instant::from_std);
-        let event = tokio::select! {
-            report = relay.next_event() => match report {
-                Report::Event(event) => event,
-                Report::Spliced(result) => {
-                    book_splice(shared, &relay, record, result);
-                    if record.data_path() == Some(DataPathKind::Ebpf) {
-                        shared.stats.moved_to(DataPathKind::Ebpf);
-                    }
-                    continue;
-                }
-                Report::Moved(place) => {
-                    book_move(shared, record, place);
-                    continue;
-                }
-            },
-            _ = sleep_until_some(deadline) => Event::Timer {
-                last_activity: instant_of(relay.meter().last_activity_ns()),
-            },
-            stage = next_stage(&mut stop, stop_seen), if stop_seen < Stop::Cut => {
-                stop_seen = stage;
-                if stage == Stop::Drain { Event::Shutdown } else { Event::Cut }
-            }
-            handoff = handoff_requested(shared, &mut upgrade), if movable => {
-                match hand_off(shared, relay, &lifecycle, record, handoff) {
-                    Ok(()) => return Ended::Moved,
-                    Err(kept) => {
-                        // It stays here, and the upgrade need not wait for it.
-                        relay = *kept;
-                        movable = false;
-                        record.stays.store(true, Ordering::Relaxed);
+    record: &'a ConnRecord,
+) -> impl Future<Output = Ended> + 'a {
+    async move {
+        let mut stop = shared.stop.clone();
+        let mut stop_seen = Stop::Running;
+        let mut upgrade = shared.upgrade.subscribe();
+        let mut movable = relay.movable();
+        record.stays.store(!movable, Ordering::Relaxed);
+        loop {
+            let deadline = lifecycle.deadline().map(Instant::from_std);
+            let event = tokio::select! {
+                report = relay.next_event() => match report {
+                    Report::Event(event) => event,
+                    Report::Spliced(result) => {
+                        book_splice(shared, &relay, record, result);
+                        if record.data_path() == Some(DataPathKind::Ebpf) {
+                            shared.stats.moved_to(DataPathKind::Ebpf);
+                        }
                         continue;
                     }
+                    Report::Moved(place) => {
+                        book_move(shared, record, place);
+                        continue;
+                    }
+                },
+                _ = sleep_until_some(deadline) => Event::Timer {
+                    last_activity: instant_of(relay.meter().last_activity_ns()),
+                },
+                stage = next_stage(&mut stop, stop_seen), if stop_seen < Stop::Cut => {
+                    stop_seen = stage;
+                    if stage == Stop::Drain { Event::Shutdown } else { Event::Cut }
+                }
+                handoff = handoff_requested(shared, &mut upgrade), if movable => {
+                    match hand_off(shared, relay, &lifecycle, record, handoff) {
+                        Ok(()) => return Ended::Moved,
+                        Err(kept) => {
+                            // It stays here, and the upgrade need not wait for it.
+                            relay = *kept;
+                            movable = false;
+                            record.stays.store(true, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                }
+            };
+            debug!(?event, "lifecycle event");
+            for action in lifecycle.on_event(event, Instant::now().into_std()) {
+                match action {
+                    Action::Finish(direction) => relay.finish(direction),
+                    Action::Abort(side) => relay.abort(side),
+                    Action::AbortWhenDelivered { side, deadline } => {
+                        relay
+                            .abort_when_delivered(side, Instant::from_std(deadline))
+                            .await
+                    }
+                    Action::InactivityReset => shared.stats.inactivity_reset(),
+                    Action::Close(reason) => return Ended::Closed(reason),
                 }
             }
-        };
-        debug!(?event, "lifecycle event");
-        for action in lifecycle.on_event(event, Instant::now().into_std()) {
-            match action {
-                Action::Finish(direction) => relay.finish(direction),
-                Action::Abort(side) => relay.abort(side),
-                Action::AbortWhenDelivered { side, deadline } => {
-                    relay
-                        .abort_when_delivered(side, Instant::from_std(deadline))
-                        .await
-                }
-                Action::InactivityReset => shared.stats.inactivity_reset(),
-                Action::Close(reason) => return Ended::Closed(reason),
-            }
+            record
+                .half_open
+                .store(lifecycle.is_half_open(), Ordering::Relaxed);
         }
-        record
-            .half_open
-            .store(lifecycle.is_half_open(), Ordering::Relaxed);
     }
 }
 

@@ -7,12 +7,14 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::connection::serve;
@@ -32,6 +34,47 @@ pub(crate) fn accept_warnings() -> Throttle {
     Throttle::new(ACCEPT_WARNING_EVERY)
 }
 
+/// How many of the proxy's accept loops are accepting. An upgrade waits until none is
+/// ([`Accepting::none`]) before it counts the connections to hand over: a loop on another
+/// thread may have accepted one just as the handoff began, and it must be in the table by
+/// then, or it would be left behind.
+#[derive(Debug, Default)]
+pub(crate) struct Accepting {
+    loops: AtomicUsize,
+    stopped: Notify,
+}
+
+/// One loop counted in [`Accepting`] while it accepts.
+struct AcceptingLoop<'a>(&'a Accepting);
+
+impl Accepting {
+    fn enter(&self) -> AcceptingLoop<'_> {
+        self.loops.fetch_add(1, Ordering::SeqCst);
+        AcceptingLoop(self)
+    }
+
+    /// Resolves once no loop accepts.
+    pub(crate) async fn none(&self) {
+        loop {
+            let stopped = self.stopped.notified();
+            tokio::pin!(stopped);
+            stopped.as_mut().enable();
+            if self.loops.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            stopped.await;
+        }
+    }
+}
+
+impl Drop for AcceptingLoop<'_> {
+    fn drop(&mut self) {
+        if self.0.loops.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.stopped.notify_waiters();
+        }
+    }
+}
+
 /// Accepts with `accept` until `until` resolves, handing each connection to `accepted`;
 /// returns what `until` resolved to. Each caller picks its stop stage in `until`: the
 /// proxy's listeners stop at [`Stop::Drain`], the control socket and the metrics endpoint
@@ -49,6 +92,8 @@ where
     tokio::pin!(until);
     loop {
         let result = tokio::select! {
+            // Once it may stop, it accepts nothing more.
+            biased;
             ended = &mut until => return ended,
             result = accept() => result,
         };
@@ -212,6 +257,7 @@ async fn accept_loop(
                 _ = upgrade.wait_for(|phase| *phase >= Phase::HandingOff) => None,
             }
         };
+        let accepting = shared.accepting.enter();
         let stopped = accept_until(
             "proxy",
             &warnings,
@@ -230,18 +276,19 @@ async fn accept_loop(
                 };
                 let record = shared.table.insert(peer);
                 shared.stats.accepted();
-                let connection = serve(Arc::clone(&shared), shared.generation(), addr, client, record);
-                let held = placed.held;
-                shared.tasks.spawn_on(
-                    async move {
-                        let _counted = held;
-                        connection.await;
-                    },
-                    placed.handle,
+                let connection = serve(
+                    Arc::clone(&shared),
+                    shared.generation(),
+                    addr,
+                    client,
+                    record,
+                    placed.held,
                 );
+                shared.tasks.spawn_on(connection, placed.handle);
             },
         )
         .await;
+        drop(accepting);
         let stopped = match stopped {
             Some(stopped) => stopped,
             // The successor accepts on this socket: wait for the upgrade's outcome. One
@@ -280,5 +327,34 @@ async fn accept_loop(
             }
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    use super::*;
+
+    #[test]
+    fn an_upgrade_waits_until_every_loop_stopped_accepting() {
+        let accepting = Accepting::default();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(
+            std::pin::pin!(accepting.none()).poll(&mut cx).is_ready(),
+            "no loop accepts yet"
+        );
+        let first = accepting.enter();
+        let second = accepting.enter();
+        let mut none = std::pin::pin!(accepting.none());
+        assert!(none.as_mut().poll(&mut cx).is_pending());
+        drop(first);
+        assert!(
+            none.as_mut().poll(&mut cx).is_pending(),
+            "one loop still accepts"
+        );
+        drop(second);
+        assert!(none.as_mut().poll(&mut cx).is_ready());
     }
 }

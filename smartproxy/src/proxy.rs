@@ -19,7 +19,7 @@ use crate::error_chain;
 use crate::generation::{select_data_path, Generation};
 use crate::health::Registry;
 use crate::limits::Limits;
-use crate::listener::{bind_std, open_listener};
+use crate::listener::{bind_std, open_listener, Accepting};
 use crate::metrics::MetricsServer;
 use crate::reload::{configure_limits, ReloadError, ReloadSummary};
 use crate::resolve::{Resolve, SystemResolver};
@@ -260,6 +260,7 @@ impl Proxy {
             runtimes,
             generation: watch::Sender::new(Arc::new(generation)),
             listeners: Mutex::default(),
+            accepting: Accepting::default(),
             reloading: tokio::sync::Mutex::default(),
             control_socket,
             table: ConnTable::default(),

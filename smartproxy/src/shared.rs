@@ -17,6 +17,7 @@ use crate::error_chain;
 use crate::generation::Generation;
 use crate::health::{Registry, TargetHealth, TargetSnapshot};
 use crate::limits::Limits;
+use crate::listener::Accepting;
 use crate::resolve::Resolve;
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
 use crate::table::ConnTable;
@@ -64,6 +65,8 @@ pub(crate) struct Shared {
     /// 0). Changed only under this lock, by a reload or by an accept loop that stops, so
     /// that a reload never binds an address a listener still holds.
     pub(crate) listeners: Mutex<BTreeMap<SocketAddr, SocketAddr>>,
+    /// The proxy's accept loops that are accepting (an upgrade waits for none).
+    pub(crate) accepting: Accepting,
     /// One reload at a time.
     pub(crate) reloading: tokio::sync::Mutex<()>,
     pub(crate) control_socket: PathBuf,

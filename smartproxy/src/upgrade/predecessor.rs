@@ -24,6 +24,8 @@ use crate::shared::{Shared, Stop};
 
 /// How often the handoff checks whether every connection that can move has moved.
 const SETTLED_CHECK: Duration = Duration::from_millis(20);
+/// How long the handoff waits for the accept loops, each on its own runtime, to stop.
+const ACCEPTS_STOP_WITHIN: Duration = Duration::from_secs(1);
 
 /// A finished upgrade.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -355,6 +357,14 @@ async fn move_connections(
     let (sender, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
     *shared.lock_handoff() = Some(sender);
     shared.upgrade.send_replace(Phase::HandingOff);
+    // Every connection accepted here is in the table before it is counted. Bounded: a
+    // loop that does not answer leaves what it accepts here, to drain.
+    if tokio::time::timeout(ACCEPTS_STOP_WITHIN, shared.accepting.none())
+        .await
+        .is_err()
+    {
+        warn!("upgrade: an accept loop did not stop in time; what it accepts stays here");
+    }
     let mut pending: HashMap<u64, Outgoing> = HashMap::new();
     let result = exchange(shared, socket, incoming, child, &mut outgoing, &mut pending).await;
     // No connection is handed to the handoff from now on; those on their way stay here.
