@@ -128,16 +128,21 @@ pub(crate) fn resume(
     let tasks = shared.tasks.clone();
     let shared = Arc::clone(shared);
     let held = placed.held;
-    tasks.spawn_on(
-        async move {
-            let _counted = held;
-            if let Ended::Closed(reason) = drive(&shared, relay, lifecycle, &record).await {
-                close(&shared, &record, reason, None);
-            }
+    // Boxed and unpacked in a block of its own: the relay and the lifecycle then take room
+    // only in `drive`'s future, not also as what this one captured.
+    let parts = Box::new((relay, lifecycle));
+    let task = async move {
+        let _counted = held;
+        let ended = {
+            let (relay, lifecycle) = *parts;
+            drive(&shared, relay, lifecycle, &record)
         }
-        .instrument(span),
-        placed.handle,
-    );
+        .await;
+        if let Ended::Closed(reason) = ended {
+            close(&shared, &record, reason, None);
+        }
+    };
+    tasks.spawn_on(task.instrument(span), placed.handle);
     Ok(())
 }
 
