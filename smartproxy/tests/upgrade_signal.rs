@@ -17,14 +17,9 @@ fn successor_pid(log: &str) -> Option<libc::pid_t> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
-#[test]
-fn sigusr2_hands_every_connection_to_a_successor() {
-    let mut successors = Successors::new();
-    let backend = echo_backend();
-    let mut proxy = ProxyProcess::start("echo", backend, "");
-    let mut client = TcpStream::connect(proxy.listen).expect("connect through the proxy");
-    echo_once(&mut client, b"before");
-
+/// Sends SIGUSR2 and waits for the old process to exit 0; returns its successor's pid,
+/// tracked by `successors`.
+fn upgrade_by_signal(proxy: &mut ProxyProcess, successors: &mut Successors) -> libc::pid_t {
     proxy.signal(libc::SIGUSR2);
     let status = proxy.wait_exit(WAIT);
     assert!(
@@ -35,6 +30,18 @@ fn sigusr2_hands_every_connection_to_a_successor() {
     let successor = successor_pid(&proxy.log())
         .unwrap_or_else(|| panic!("no successor in the log:\n{}", proxy.log()));
     successors.track(successor);
+    successor
+}
+
+#[test]
+fn sigusr2_hands_every_connection_to_a_successor() {
+    let mut successors = Successors::new();
+    let backend = echo_backend();
+    let mut proxy = ProxyProcess::start("echo", backend, "");
+    let mut client = TcpStream::connect(proxy.listen).expect("connect through the proxy");
+    echo_once(&mut client, b"before");
+
+    let successor = upgrade_by_signal(&mut proxy, &mut successors);
 
     echo_once(&mut client, b"after");
     let stats = proxy.stats();
@@ -75,16 +82,7 @@ fn a_listen_address_a_reload_added_is_handed_over() {
     let mut client = TcpStream::connect(added).expect("connect to the added address");
     echo_once(&mut client, b"before");
 
-    proxy.signal(libc::SIGUSR2);
-    let status = proxy.wait_exit(WAIT);
-    assert!(
-        status.success(),
-        "the old process exits 0: {status}\n{}",
-        proxy.log()
-    );
-    let successor = successor_pid(&proxy.log())
-        .unwrap_or_else(|| panic!("no successor in the log:\n{}", proxy.log()));
-    successors.track(successor);
+    let successor = upgrade_by_signal(&mut proxy, &mut successors);
 
     echo_once(&mut client, b"after");
     let mut fresh = TcpStream::connect(added).expect("the successor accepts there");
