@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
+use socket2::{SockRef, Socket, TcpKeepalive};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn};
 
-use crate::config::{LifecycleConfig, RouteConfig, Target};
+use crate::config::{Config, RouteConfig, Target};
 use crate::conn_error::{ConnError, Step};
 use crate::generation::Generation;
 use crate::health::{self, Change, FailureKind, TargetHealth};
@@ -72,7 +72,11 @@ pub(crate) async fn connect<'a>(
                 // Latency matters more than segment count for the protocols this proxy
                 // carries. The client's socket has it from its listener (`listener.rs`).
                 let _ = stream.set_nodelay(true);
-                keepalive(&stream, &config.lifecycle);
+                keepalive(
+                    SockRef::from(&stream),
+                    config.lifecycle.tcp_keepalive,
+                    FRESH_SOCKET,
+                );
                 return Ok((stream, &config.targets[index]));
             }
             Err(e) => {
@@ -213,15 +217,111 @@ async fn connect_target(
     Err(last_error)
 }
 
-pub(crate) fn keepalive(stream: &TcpStream, config: &LifecycleConfig) {
-    let socket = SockRef::from(stream);
-    if let Some(idle) = config.tcp_keepalive {
-        let keepalive = TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(idle / 4 + Duration::from_secs(1))
-            .with_retries(4);
-        if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
-            debug!(error = %e, "cannot set TCP keepalive");
-        }
+/// What keepalive a socket is known to have: `Some(setting)` when it has exactly what
+/// [`keepalive`] gives a `tcp_keepalive` of `setting` (`Some(None)`: off), `None` when
+/// unknown.
+pub(crate) type KnownKeepalive = Option<Option<Duration>>;
+
+/// A socket the proxy made itself has no keepalive.
+pub(crate) const FRESH_SOCKET: KnownKeepalive = Some(None);
+
+/// The route's `tcp_keepalive` on `socket` (`None`: off), unless it is known to have it
+/// already (`has`): an accepted socket inherits its listener's ([`listener_keepalive`]).
+pub(crate) fn keepalive(socket: SockRef<'_>, wanted: Option<Duration>, has: KnownKeepalive) {
+    if has == Some(wanted) {
+        return;
+    }
+    let set = match wanted {
+        Some(idle) => socket.set_tcp_keepalive(&keepalive_of(idle)),
+        None => socket.set_keepalive(false),
+    };
+    if let Err(e) = set {
+        debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
+/// Keepalive after `idle` without traffic: a probe every `idle / 4 + 1 s`, 4 of them.
+fn keepalive_of(idle: Duration) -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(probe_interval(idle))
+        .with_retries(KEEPALIVE_PROBES)
+}
+
+const KEEPALIVE_PROBES: u32 = 4;
+
+fn probe_interval(idle: Duration) -> Duration {
+    idle / 4 + Duration::from_secs(1)
+}
+
+/// The keepalive a listener on `addr` is bound with, so that what it accepts has it
+/// already: the routes' `tcp_keepalive` when every route on the address agrees on one.
+/// Otherwise none, and each connection sets its route's.
+pub(crate) fn listener_keepalive(config: &Config, addr: SocketAddr) -> Option<Duration> {
+    let mut settings = config
+        .routes
+        .iter()
+        .filter(|route| route.listen == addr)
+        .map(|route| route.lifecycle.tcp_keepalive);
+    let first = settings.next().flatten()?;
+    settings
+        .all(|setting| setting == Some(first))
+        .then_some(first)
+}
+
+/// Sets `idle` ([`listener_keepalive`]) on a listener before it listens.
+pub(crate) fn set_listener_keepalive(listener: &Socket, idle: Option<Duration>) -> io::Result<()> {
+    match idle {
+        Some(idle) => listener.set_tcp_keepalive(&keepalive_of(idle)),
+        None => Ok(()),
+    }
+}
+
+/// What the sockets `listener` accepts inherit, read back from it: a listener handed over
+/// by a predecessor has what that process set.
+pub(crate) fn inherited_keepalive(listener: SockRef<'_>) -> KnownKeepalive {
+    if !listener.keepalive().ok()? {
+        return Some(None);
+    }
+    // The kernel keeps whole seconds.
+    let idle = listener.keepalive_time().ok()?;
+    let ours = listener.keepalive_interval().ok()?.as_secs() == probe_interval(idle).as_secs()
+        && listener.keepalive_retries().ok()? == KEEPALIVE_PROBES;
+    ours.then_some(Some(idle))
+}
+
+#[cfg(test)]
+mod tests {
+    use socket2::{Domain, Type};
+
+    use super::*;
+
+    fn listener() -> Socket {
+        Socket::new(Domain::IPV4, Type::STREAM, None).expect("a socket")
+    }
+
+    #[test]
+    fn a_listener_tells_what_its_sockets_inherit_when_it_is_ours() {
+        let off = listener();
+        assert_eq!(inherited_keepalive(SockRef::from(&off)), Some(None));
+
+        let ours = listener();
+        set_listener_keepalive(&ours, Some(Duration::from_secs(30))).expect("set keepalive");
+        assert_eq!(
+            inherited_keepalive(SockRef::from(&ours)),
+            Some(Some(Duration::from_secs(30)))
+        );
+
+        // Set by someone else (another interval): unknown, so each connection sets its
+        // route's.
+        let theirs = listener();
+        theirs
+            .set_tcp_keepalive(
+                &TcpKeepalive::new()
+                    .with_time(Duration::from_secs(30))
+                    .with_interval(Duration::from_secs(2)),
+            )
+            .expect("set keepalive");
+        assert_eq!(inherited_keepalive(SockRef::from(&theirs)), None);
     }
 }

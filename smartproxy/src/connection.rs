@@ -16,7 +16,7 @@ use tokio::time::{sleep_until, Instant};
 use tracing::field::{display, Empty};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::backend::{connect, keepalive};
+use crate::backend::{connect, keepalive, KnownKeepalive};
 use crate::conn_error::{ConnError, Step};
 use crate::datapath::adaptive::Place;
 use crate::datapath::clock::{instant_of, ns_of};
@@ -43,6 +43,7 @@ pub(crate) fn serve(
     generation: Arc<Generation>,
     listen: SocketAddr,
     client: TcpStream,
+    client_keepalive: KnownKeepalive,
     record: Arc<ConnRecord>,
     held: Held,
 ) -> impl Future<Output = ()> {
@@ -65,6 +66,7 @@ pub(crate) fn serve(
             &generation,
             listen,
             client,
+            client_keepalive,
             &record,
             &mut admissions,
         ))
@@ -185,6 +187,7 @@ async fn establish(
     generation: &Generation,
     listen: SocketAddr,
     client: TcpStream,
+    client_keepalive: KnownKeepalive,
     record: &ConnRecord,
     admissions: &mut Admissions,
 ) -> Result<(usize, Peer, Peer), ConnError> {
@@ -201,7 +204,11 @@ async fn establish(
         }
     };
     let config = &generation.config.routes[route];
-    keepalive(&client, &config.lifecycle);
+    keepalive(
+        SockRef::from(&client),
+        config.lifecycle.tcp_keepalive,
+        client_keepalive,
+    );
     let header = match config.proxy_protocol {
         Some(version) => {
             let (client, local) = match record.carried.get() {

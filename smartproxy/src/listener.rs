@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use crate::backend::{inherited_keepalive, set_listener_keepalive, KnownKeepalive};
 use crate::connection::serve;
 use crate::shared::{reached, Shared, Stop};
 use crate::throttle::Throttle;
@@ -125,6 +126,7 @@ pub(crate) fn open_listener(
     // up a runtime.
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
+    let keepalive = inherited_keepalive(socket2::SockRef::from(&listener));
     let listener = Arc::new(listener);
     let warnings = Arc::new(accept_warnings());
     let accepting = shared
@@ -148,6 +150,7 @@ pub(crate) fn open_listener(
                 accepting,
                 index,
                 Arc::clone(&warnings),
+                keepalive,
                 addr,
                 bound,
                 Arc::clone(shared),
@@ -224,13 +227,19 @@ fn accept_nonblocking(
     Ok((stream, peer))
 }
 
-/// A listening socket with a backlog fit for bursts of connections. Made without a
-/// runtime: at start, listeners are bound before privileges are dropped and before the
-/// runtime's threads exist; [`open_listener`] puts it on the runtime.
-pub(crate) fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// A listening socket with a backlog fit for bursts of connections, and `keepalive`
+/// ([`crate::backend::listener_keepalive`]) for what it accepts to inherit: set before it listens and
+/// never changed after, so that every socket it accepts has it. Made without a runtime:
+/// at start, listeners are bound before privileges are dropped and before the runtime's
+/// threads exist; [`open_listener`] puts it on the runtime.
+pub(crate) fn bind_std(
+    addr: SocketAddr,
+    keepalive: Option<Duration>,
+) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    set_listener_keepalive(&socket, keepalive)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
@@ -242,6 +251,7 @@ async fn accept_loop(
     listener: ProxyListener,
     runtime: usize,
     warnings: Arc<Throttle>,
+    keepalive: KnownKeepalive,
     addr: SocketAddr,
     bound: SocketAddr,
     shared: Arc<Shared>,
@@ -281,6 +291,7 @@ async fn accept_loop(
                     shared.generation(),
                     addr,
                     client,
+                    keepalive,
                     record,
                     placed.held,
                 );

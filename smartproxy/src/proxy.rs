@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::backend::start_checks;
+use crate::backend::{listener_keepalive, start_checks};
 use crate::config::{Config, DataPathMode};
 use crate::control::ControlServer;
 use crate::datapath::kernel::{ensure_bpffs, pin_dir, EbpfError, Kernel, MapEntries, Pins};
@@ -184,7 +184,8 @@ impl Proxy {
             }
             let listener = match inherited_listeners.iter().position(|(a, _)| *a == addr) {
                 Some(index) => inherited_listeners.swap_remove(index).1,
-                None => bind_std(addr).map_err(|source| StartError::Bind { addr, source })?,
+                None => bind_std(addr, listener_keepalive(&config, addr))
+                    .map_err(|source| StartError::Bind { addr, source })?,
             };
             listeners.push((addr, listener));
         }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use crate::backend::start_checks;
+use crate::backend::{listener_keepalive, start_checks};
 use crate::config::{Config, ConfigError};
 use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::limits::Limits;
@@ -120,7 +120,8 @@ impl Shared {
         for addr in added {
             bound.push((
                 addr,
-                bind_std(addr).map_err(|source| ReloadError::Bind { addr, source })?,
+                bind_std(addr, listener_keepalive(&next, addr))
+                    .map_err(|source| ReloadError::Bind { addr, source })?,
             ));
         }
         // Only now, when nothing can fail any more: new route names get counters here.
