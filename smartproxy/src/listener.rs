@@ -228,10 +228,10 @@ fn accept_nonblocking(
 }
 
 /// A listening socket with a backlog fit for bursts of connections, and `keepalive`
-/// ([`crate::backend::listener_keepalive`]) for what it accepts to inherit: set before it listens and
-/// never changed after, so that every socket it accepts has it. Made without a runtime:
-/// at start, listeners are bound before privileges are dropped and before the runtime's
-/// threads exist; [`open_listener`] puts it on the runtime.
+/// ([`crate::backend::listener_keepalive`]) for what it accepts to inherit: set before it
+/// listens and never changed after, so that every socket it accepts has it. Made without
+/// a runtime: at start, listeners are bound before privileges are dropped and before the
+/// runtime's threads exist; [`open_listener`] puts it on the runtime.
 pub(crate) fn bind_std(
     addr: SocketAddr,
     keepalive: Option<Duration>,
