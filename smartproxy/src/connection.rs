@@ -33,7 +33,6 @@ use crate::table::ConnRecord;
 use crate::upgrade::message::ConnectionRecord;
 use crate::upgrade::{Outgoing, Phase};
 use crate::vocab::{DataPathKind, Direction, Reason, Side};
-use crate::workers::Held;
 
 /// One connection, from accept to close. Not an `async fn`: that would hold the
 /// connection's future twice, once as the block below and once inside `Instrumented`
@@ -45,7 +44,6 @@ pub(crate) fn serve(
     client: TcpStream,
     client_keepalive: KnownKeepalive,
     record: Arc<ConnRecord>,
-    held: Held,
 ) -> impl Future<Output = ()> {
     let span = info_span!("conn", id = record.id, client = Empty, via = Empty);
     // Behind a load balancer the client is known once its PROXY header is read.
@@ -55,9 +53,6 @@ pub(crate) fn serve(
         span.record("client", display(record.peer));
     }
     async move {
-        // Counted on its runtime until the connection ends. Taken in here, not by a
-        // wrapping future: one that awaited this one would hold it twice over.
-        let _counted = held;
         let mut admissions = Admissions::default();
         // Boxed: the handshake's state (a TLS one above all) is larger than the relay's,
         // and inline it would size this task for the connection's whole life.
@@ -116,9 +111,9 @@ pub(crate) fn resume(
                 .cloned()
         });
     let meter = Arc::new(Meter::from_record(&moved.meter));
-    let placed = shared.runtimes.place(None);
+    let runtime = shared.runtimes.place(None);
     let mut relay = {
-        let _registers_with = placed.handle.enter();
+        let _registers_with = runtime.enter();
         Relay::from_moved(sockets, Arc::clone(&meter), shared.kernel.as_ref())?
     };
     if let (Some(moves), Some(kernel)) = (moved.moves, &shared.kernel) {
@@ -129,12 +124,10 @@ pub(crate) fn resume(
     let span = info_span!("conn", id = record.id, client = %record.client(), moved = true);
     let tasks = shared.tasks.clone();
     let shared = Arc::clone(shared);
-    let held = placed.held;
     // Boxed and unpacked in a block of its own: the relay and the lifecycle then take room
     // only in `drive`'s future, not also as what this one captured.
     let parts = Box::new((relay, lifecycle));
     let task = async move {
-        let _counted = held;
         let ended = {
             let (relay, lifecycle) = *parts;
             drive(&shared, relay, lifecycle, &record)
@@ -144,7 +137,7 @@ pub(crate) fn resume(
             close(&shared, &record, reason, None);
         }
     };
-    tasks.spawn_on(task.instrument(span), placed.handle);
+    tasks.spawn_on(task.instrument(span), runtime);
     Ok(())
 }
 

@@ -1,14 +1,12 @@
 //! The connection runtimes: one single-threaded tokio runtime per core, each on a thread
 //! of its own. Each runtime accepts on every listener and keeps what it accepted, unless
-//! it holds more connections than another by more than [`IMBALANCE`]: then the connection
+//! it holds more tasks than another by more than [`IMBALANCE`]: then the connection
 //! goes to the runtime with the fewest. A connection's socket readiness, its timers and
 //! its task stay on one thread, as in an event loop per core: no task migrates and no
 //! wake-up crosses threads for the bytes of one connection, most often not even for its
 //! accept.
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
@@ -25,37 +23,15 @@ pub(crate) struct Workers {
     connections: TaskTracker,
 }
 
-/// How many more connections than the least loaded runtime the accepting one may hold
-/// and still keep a new one: a burst of connects that wakes one runtime first is shared
+/// How many more tasks (connections, and the same accept loops on each) than the least
+/// loaded runtime the accepting one may hold and still keep a new connection: a burst of connects that wakes one runtime first is shared
 /// out, and in churn most connections stay where they were accepted.
 const IMBALANCE: usize = 1;
 
-/// Where connections are spawned: the runtimes' handles, and how many connections each
-/// one holds.
+/// Where connections are spawned: the runtimes' handles.
 #[derive(Debug)]
 pub(crate) struct Runtimes {
     handles: Vec<Handle>,
-    connections: Arc<[AtomicUsize]>,
-}
-
-/// A runtime a connection was placed on.
-pub(crate) struct Placed<'a> {
-    pub(crate) handle: &'a Handle,
-    /// Held by the connection's task: counts it on its runtime until it ends.
-    pub(crate) held: Held,
-}
-
-/// One connection counted on its runtime, until dropped.
-#[derive(Debug)]
-pub(crate) struct Held {
-    connections: Arc<[AtomicUsize]>,
-    index: usize,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.connections[self.index].fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// One runtime per core the process may run on.
@@ -76,7 +52,6 @@ impl Workers {
         let count = count.max(1);
         let mut runtimes = Runtimes {
             handles: Vec::new(),
-            connections: (0..count).map(|_| AtomicUsize::new(0)).collect(),
         };
         for index in 0..count {
             let (started, handle) = std::sync::mpsc::channel::<io::Result<Handle>>();
@@ -110,11 +85,12 @@ impl Workers {
 
 impl Runtimes {
     /// The runtime a new connection goes to: `accepted_on` (the index of the runtime that
-    /// accepted it, if one did) unless that one holds more than [`IMBALANCE`] connections
-    /// more than the least loaded, which it goes to then. Its sockets are registered with
-    /// it (under [`Handle::enter`]) and its task spawned on it, holding [`Placed::held`].
-    pub(crate) fn place(&self, accepted_on: Option<usize>) -> Placed<'_> {
-        let load = |index: usize| self.connections[index].load(Ordering::Relaxed);
+    /// accepted it, if one did) unless that one holds more than [`IMBALANCE`] tasks more
+    /// than the least loaded, which it goes to then. Its sockets are registered with it
+    /// (under [`Handle::enter`]) and its task spawned on it. Load is tokio's count of each
+    /// runtime's live tasks: a connection's task, and the same accept loops on each.
+    pub(crate) fn place(&self, accepted_on: Option<usize>) -> &Handle {
+        let load = |index: usize| self.handles[index].metrics().num_alive_tasks();
         let least = (0..self.handles.len())
             .min_by_key(|&index| load(index))
             .unwrap_or(0);
@@ -122,14 +98,7 @@ impl Runtimes {
             Some(here) if load(here) <= load(least) + IMBALANCE => here,
             _ => least,
         };
-        self.connections[index].fetch_add(1, Ordering::Relaxed);
-        Placed {
-            handle: &self.handles[index],
-            held: Held {
-                connections: Arc::clone(&self.connections),
-                index,
-            },
-        }
+        &self.handles[index]
     }
 
     /// Every runtime, by index: each one accepts on every listener.
@@ -160,45 +129,50 @@ mod tests {
         }
     }
 
-    /// The name of the thread a task spawned on `handle` runs on.
-    fn thread_of(handle: &Handle) -> String {
-        let (ran_on, thread) = std::sync::mpsc::channel();
-        handle.spawn(async move {
-            let _ = ran_on.send(std::thread::current().name().map(str::to_owned));
-        });
-        thread
-            .recv()
-            .expect("the task runs")
-            .expect("a named thread")
+    /// Which of `runtimes` `handle` is.
+    fn index_of(runtimes: &Runtimes, handle: &Handle) -> usize {
+        runtimes
+            .all()
+            .iter()
+            .position(|runtime| std::ptr::eq(runtime, handle))
+            .expect("one of the runtimes")
     }
 
     #[test]
     fn a_runtime_keeps_what_it_accepted_until_it_holds_more_than_one_over_the_least() {
         let connections = TaskTracker::new();
         let (_workers, runtimes) = Workers::start(2, &connections).expect("runtimes start");
-        let mut held = Vec::new();
+        // Connections that stay open until told to end.
+        let mut ends = Vec::new();
         let mut placed_on = Vec::new();
         for _ in 0..5 {
-            let placed = runtimes.place(Some(0));
-            placed_on.push(thread_of(placed.handle));
-            held.push(placed.held);
+            let handle = runtimes.place(Some(0));
+            placed_on.push(index_of(&runtimes, handle));
+            let (end, ended) = tokio::sync::oneshot::channel::<()>();
+            connections.spawn_on(
+                async move {
+                    let _ = ended.await;
+                },
+                handle,
+            );
+            ends.push(end);
         }
         // Counts after each: (1, 0), (2, 0), (2, 1), (3, 1), (3, 2).
-        assert_eq!(
-            placed_on,
-            [
-                "smartproxy-conn-0",
-                "smartproxy-conn-0",
-                "smartproxy-conn-1",
-                "smartproxy-conn-0",
-                "smartproxy-conn-1"
-            ]
-        );
+        assert_eq!(placed_on, [0, 0, 1, 0, 1]);
         // Connections that ended no longer count: with runtime 1's two gone, it is the
         // least loaded, and a resumed connection (accepted by none) goes there.
-        held.remove(4);
-        held.remove(2);
-        assert_eq!(thread_of(runtimes.place(None).handle), "smartproxy-conn-1");
+        for end in [ends.remove(4), ends.remove(2)] {
+            let _ = end.send(());
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while runtimes.all()[1].metrics().num_alive_tasks() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "runtime 1's connections end"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(index_of(&runtimes, runtimes.place(None)), 1);
     }
 
     #[test]
@@ -215,11 +189,11 @@ mod tests {
                 let _ = ended.await;
                 let _ = finished.send(());
             },
-            runtimes.place(None).handle,
+            runtimes.place(None),
         );
         let (dropped, was_dropped) = std::sync::mpsc::channel();
         let signal = DropSignal(Some(dropped));
-        runtimes.place(None).handle.spawn(async move {
+        runtimes.place(None).spawn(async move {
             let _held = signal;
             std::future::pending::<()>().await;
         });
