@@ -557,9 +557,7 @@ fn sigkill_of_the_old_process_during_the_handoff_loses_no_taken_connection() {
             .spawn()
             .expect("start smartproxy run");
         pids.track(fresh_proxy.id() as libc::pid_t);
-        wait_until("the fresh proxy answers", || {
-            std::os::unix::net::UnixStream::connect(&proxy.control).is_ok()
-        });
+        wait_until("the fresh proxy answers", || answers(&proxy.control));
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(!text.contains("ERROR") && !text.contains("WARN"), "{text}");
         let mut one = open_echo(proxy.listen, 1);

@@ -6,7 +6,6 @@
 )]
 
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -35,6 +34,11 @@ pub fn cpu_ticks(pid: libc::pid_t) -> u64 {
         .collect();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// Whether a proxy answers a `stats` request on `control`.
+pub fn answers(control: &std::path::Path) -> bool {
+    smartproxy::control::query(control, "stats").is_ok_and(|reply| !reply.is_empty())
 }
 
 /// The open descriptors of process `pid`.
@@ -215,11 +219,13 @@ impl ProxyProcess {
         self._dir.path().join("smartproxy.toml")
     }
 
-    /// Polls until the control socket accepts a connection.
+    /// Polls until the control socket answers: the proxy started everything then (its
+    /// listeners and its connection runtimes). A connect alone succeeds as soon as the
+    /// socket is bound, before that.
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + WAIT;
         loop {
-            if UnixStream::connect(&self.control).is_ok() {
+            if answers(&self.control) {
                 return;
             }
             if let Some(status) = self.child.try_wait().expect("try_wait on the proxy") {
