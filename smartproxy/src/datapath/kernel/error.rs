@@ -139,10 +139,10 @@ impl SpliceError {
             SpliceStep::Flows | SpliceStep::Targets | SpliceStep::Sockets
         );
         inserted
-            && matches!(
-                self.source.downcast_ref::<MapError>(),
-                Some(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG)
-            )
+            && self
+                .source
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.raw_os_error() == Some(libc::E2BIG))
     }
 }
 

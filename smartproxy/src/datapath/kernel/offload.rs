@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior, Sleep};
 
-use super::{sys, FlowCounters, Kernel, Splice, SpliceError, SpliceStep, Wait};
+use super::{FlowCounters, Kernel, Splice, SpliceError, SpliceStep, Wait};
 use crate::vocab::{Direction, Side};
 
 /// The first re-check of the kernel backlog, or of what a destination acknowledged;
@@ -51,29 +51,21 @@ pub struct Offload {
 }
 
 impl Offload {
-    /// Splices the pair and makes `meter` count the kernel's bytes too: from before the
-    /// splice, since the kernel may move bytes before this task runs again.
+    /// Splices the pair and makes `meter` count the kernel's bytes too. The meter reads
+    /// the verdict's counters, which count from the splice on, whenever it is asked: what
+    /// the kernel moves before it is attached, a moment later, is counted all the same.
     pub fn new(
         kernel: &Kernel,
         client: std::os::fd::BorrowedFd<'_>,
         backend: std::os::fd::BorrowedFd<'_>,
         meter: Arc<dyn CountsKernelFlows>,
     ) -> Result<Offload, SpliceError> {
-        let cookie = |side, fd| {
-            sys::socket_cookie(fd).map_err(|e| SpliceError::new(side, SpliceStep::Cookie, e))
-        };
+        let splice = kernel.splice(client, backend)?;
         meter.attach_kernel(KernelFlows {
             kernel: kernel.clone(),
-            cookies: [
-                cookie(Side::Client, client)?,
-                cookie(Side::Backend, backend)?,
-            ],
+            cookies: [splice.cookie(Side::Client), splice.cookie(Side::Backend)],
             base: [0; 2],
         });
-        let splice = kernel.splice(client, backend).inspect_err(|_| {
-            // Nothing of the kernel's to count: its entries are gone again.
-            meter.detach_kernel();
-        })?;
         Ok(Offload::with_splice(
             splice, meter, [0; 2], [0; 2], [0; 2], false,
         ))

@@ -9,17 +9,16 @@ use std::{
     task::{Context, Poll},
 };
 
-use aya::maps::MapError;
 use smartproxy_common::{Control, Flow, MAP_CONTROL, MAP_FLOWS, MAP_SOCKETS, MAP_TARGETS};
 
 use super::error::{SpliceError, SpliceStep};
 use super::events::{EventQueue, StateChange};
 use super::offload::{ControlRecord, SocketRecord, StepsDone};
 use super::sys::{
-    acked_and_outq, bytes_to_read, next_unread_seq, pin_buffers, readable_now, set_rcvlowat,
-    socket_cookie,
+    acked_and_outq, baseline, bytes_to_read, map_delete, map_update, next_unread_seq, pin_buffers,
+    readable_now, set_rcvlowat, socket_cookie,
 };
-use super::{lock, FlowCounters, Kernel};
+use super::{map_fd, FlowCounters, Kernel};
 use crate::vocab::{Direction, Side};
 
 /// Flag for map updates: fail with EEXIST instead of replacing an entry.
@@ -56,23 +55,26 @@ impl SpliceSocket {
     pub(super) fn read(side: Side, fd: BorrowedFd<'_>) -> Result<Self, SpliceError> {
         let cookie =
             socket_cookie(fd).map_err(|e| SpliceError::new(side, SpliceStep::Cookie, e))?;
-        let (acked_at_splice, outq) =
-            acked_and_outq(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
-        let queued_at_splice =
-            bytes_to_read(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
+        let baseline = baseline(fd).map_err(|e| SpliceError::new(side, SpliceStep::Baseline, e))?;
         // Without it the verdict starts from the first skb it sees, which a retransmission
         // of bytes already read would duplicate: such a splice is still as good as before
-        // the connection had moved bytes through userspace.
-        let next_unread_seq = next_unread_seq(fd)
-            .inspect_err(|e| tracing::debug!(%side, error = %e, "cannot read the next unread sequence number"))
-            .ok();
+        // the connection had moved bytes through userspace. Where nothing was read, the
+        // first skb the verdict sees starts at the first byte, and repair mode (seven
+        // system calls) is not needed.
+        let next_unread_seq = if baseline.nothing_read() {
+            None
+        } else {
+            next_unread_seq(fd)
+                .inspect_err(|e| tracing::debug!(%side, error = %e, "cannot read the next unread sequence number"))
+                .ok()
+        };
         Ok(Self {
             side,
             fd: fd.as_raw_fd(),
             cookie,
-            handed_at_splice: acked_at_splice + outq,
-            acked_at_splice,
-            queued_at_splice,
+            handed_at_splice: baseline.acked + baseline.outq,
+            acked_at_splice: baseline.acked,
+            queued_at_splice: baseline.queued,
             next_unread_seq,
         })
     }
@@ -245,11 +247,10 @@ impl Splice {
 
     fn write_control(&self, source: Side) -> io::Result<()> {
         let cookie = self.socket(source).cookie;
-        lock(&self.kernel.inner.control)
-            .insert(cookie, self.control[index(source)], 0)
-            .map_err(|e| {
-                io::Error::other(format!("{MAP_CONTROL} update for the {source} socket: {e}"))
-            })
+        let control = map_fd(&self.kernel.inner.control);
+        map_update(control, &cookie, &self.control[index(source)], 0).map_err(|e| {
+            io::Error::other(format!("{MAP_CONTROL} update for the {source} socket: {e}"))
+        })
     }
 
     /// Socket cookie of one side (the key of its map entries).
@@ -269,9 +270,13 @@ impl Splice {
         let inner = Arc::clone(&self.kernel.inner);
         let pair = [&self.client, &self.backend].map(|s| (s.side, s.fd, s.cookie));
         for (i, (side, _, cookie)) in pair.into_iter().enumerate() {
-            lock(&inner.control)
-                .insert(cookie, self.control[i], BPF_NOEXIST)
-                .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
+            map_update(
+                map_fd(&inner.control),
+                &cookie,
+                &self.control[i],
+                BPF_NOEXIST,
+            )
+            .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
             self.done.control[i] = true;
         }
         for (i, socket) in [&self.client, &self.backend].into_iter().enumerate() {
@@ -287,16 +292,14 @@ impl Splice {
                 ..Flow::default()
             };
             let (side, cookie) = (socket.side, socket.cookie);
-            lock(&inner.flows)
-                .insert(cookie, flow, BPF_NOEXIST)
+            map_update(map_fd(&inner.flows), &cookie, &flow, BPF_NOEXIST)
                 .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
             self.done.flows[i] = true;
         }
         // Both must be targets before either gets the verdict: a redirect to a missing target
         // would drop ACKed bytes (`docs/kernel-notes.md#targets-before-sockets`).
         for (i, (side, fd, cookie)) in pair.into_iter().enumerate() {
-            lock(&inner.targets)
-                .insert(cookie, fd, BPF_NOEXIST)
+            map_update(map_fd(&inner.targets), &cookie, &fd, BPF_NOEXIST)
                 .map_err(|e| SpliceError::new(side, SpliceStep::Targets, e))?;
             self.done.targets[i] = true;
         }
@@ -305,8 +308,7 @@ impl Splice {
             if i == 1 {
                 test_hooks::pause_between_sockets_inserts();
             }
-            lock(&inner.sockets)
-                .insert(cookie, fd, BPF_NOEXIST)
+            map_update(map_fd(&inner.sockets), &cookie, &fd, BPF_NOEXIST)
                 .map_err(|e| SpliceError::new(side, SpliceStep::Sockets, e))?;
             self.done.sockets[i] = true;
             inner
@@ -477,20 +479,20 @@ impl Splice {
                     .registry
                     .sockhash_entries
                     .fetch_sub(1, Ordering::Relaxed);
-                remove_logged(MAP_SOCKETS, lock(&inner.sockets).remove(cookie));
+                remove_logged(MAP_SOCKETS, map_delete(map_fd(&inner.sockets), cookie));
             }
         }
         for (i, cookie) in cookies.iter().enumerate() {
             if std::mem::take(&mut self.done.targets[i]) {
-                remove_logged(MAP_TARGETS, lock(&inner.targets).remove(cookie));
+                remove_logged(MAP_TARGETS, map_delete(map_fd(&inner.targets), cookie));
             }
         }
         for (i, cookie) in cookies.iter().enumerate() {
             if std::mem::take(&mut self.done.flows[i]) {
-                remove_logged(MAP_FLOWS, lock(&inner.flows).remove(cookie));
+                remove_logged(MAP_FLOWS, map_delete(map_fd(&inner.flows), cookie));
             }
             if std::mem::take(&mut self.done.control[i]) {
-                remove_logged(MAP_CONTROL, lock(&inner.control).remove(cookie));
+                remove_logged(MAP_CONTROL, map_delete(map_fd(&inner.control), cookie));
             }
         }
         inner.registry.unregister(&cookies);
@@ -505,11 +507,10 @@ impl Drop for Splice {
 
 /// Logs a failed removal, except "not found": the kernel removes a socket from sockhashes
 /// itself when it is closed.
-fn remove_logged(map: &'static str, result: Result<(), MapError>) {
+fn remove_logged(map: &'static str, result: io::Result<()>) {
     match result {
         Ok(()) => {}
-        Err(MapError::ElementNotFound) => {}
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
         Err(err) => tracing::warn!(map, error = %err, "removing a splice entry failed"),
     }
 }

@@ -75,19 +75,56 @@ pub fn all_acknowledged(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// send queue (plus the SYN, on connected sockets).
 pub(super) fn acked_and_outq(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     let acked = tcp_info(fd)?.bytes_acked;
+    Ok((acked, send_queue(fd)?))
+}
+
+/// `SIOCOUTQ`: bytes in the send queue, sent or not, that the peer has not acknowledged.
+fn send_queue(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one c_int through the pointer, which points at `outq`.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    let outq =
-        u64::try_from(outq).map_err(|_| io::Error::other(format!("SIOCOUTQ returned {outq}")))?;
-    Ok((acked, outq))
+    u64::try_from(outq).map_err(|_| io::Error::other(format!("SIOCOUTQ returned {outq}")))
+}
+
+/// A socket's counters when it is spliced: one `TCP_INFO`, `SIOCOUTQ` and `SIOCINQ`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Baseline {
+    /// `tcpi_bytes_acked`.
+    pub(super) acked: u64,
+    /// `SIOCOUTQ`.
+    pub(super) outq: u64,
+    /// `SIOCINQ`: bytes received and not read yet.
+    pub(super) queued: u64,
+    /// `tcpi_bytes_received`: every byte received in order (and a FIN).
+    received: u64,
+}
+
+impl Baseline {
+    /// Whether nobody ever read from the socket: every byte it received is still queued.
+    /// `queued` is read first, so `received` can only have grown since (bytes that
+    /// arrived in between), and a FIN counts in `received` only: an equality is never
+    /// wrong, only sometimes missed.
+    pub(super) fn nothing_read(&self) -> bool {
+        self.received == self.queued
+    }
+}
+
+pub(super) fn baseline(fd: BorrowedFd<'_>) -> io::Result<Baseline> {
+    let queued = bytes_to_read(fd)?;
+    let info = tcp_info(fd)?;
+    Ok(Baseline {
+        acked: info.bytes_acked,
+        outq: send_queue(fd)?,
+        queued,
+        received: info.bytes_received,
+    })
 }
 
 /// The head of the kernel's `struct tcp_info` (`include/uapi/linux/tcp.h`) up to
-/// `tcpi_bytes_acked`; the libc crate's glibc version of the struct stops before it.
+/// `tcpi_bytes_received`; the libc crate's glibc version of the struct stops before them.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct TcpInfoHead {
@@ -99,9 +136,10 @@ struct TcpInfoHead {
     _pacing_rate: u64,
     _max_pacing_rate: u64,
     bytes_acked: u64,
+    bytes_received: u64,
 }
 
-const _: () = assert!(size_of::<TcpInfoHead>() == 128);
+const _: () = assert!(size_of::<TcpInfoHead>() == 136);
 
 fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfoHead> {
     getsockopt::<TcpInfoHead>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
@@ -228,6 +266,94 @@ fn set_option(
     Ok(())
 }
 
+/// `bpf(2)` commands on one map element (`include/uapi/linux/bpf.h`).
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+/// The head of `union bpf_attr` that those commands read; the kernel takes a shorter
+/// attribute than its own and zeroes the rest.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn map_elem(
+    command: libc::c_long,
+    map: BorrowedFd<'_>,
+    key: *const u8,
+    value: *mut u8,
+    flags: u64,
+) -> io::Result<()> {
+    let attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as u64,
+        value: value as u64,
+        flags,
+    };
+    // SAFETY: the kernel reads `size_of::<MapElemAttr>()` bytes of `attr`, and through it
+    // the key and value, which the callers size as the map's key and value; it writes
+    // only the value, and only on a lookup, whose callers pass a writable one.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            &attr as *const MapElemAttr,
+            size_of::<MapElemAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Inserts or replaces `key` in the map (`flags`: 0, or `BPF_NOEXIST`). `K` and `V` must be
+/// the map's key and value types.
+pub(super) fn map_update<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &V,
+    flags: u64,
+) -> io::Result<()> {
+    let value = bytemuck::bytes_of(value).as_ptr().cast_mut();
+    map_elem(
+        BPF_MAP_UPDATE_ELEM,
+        map,
+        bytemuck::bytes_of(key).as_ptr(),
+        value,
+        flags,
+    )
+}
+
+/// The value of `key` in the map; ENOENT if it has none.
+pub(super) fn map_lookup<K: bytemuck::Pod, V: bytemuck::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<V> {
+    let mut value = V::zeroed();
+    let out = bytemuck::bytes_of_mut(&mut value).as_mut_ptr();
+    map_elem(
+        BPF_MAP_LOOKUP_ELEM,
+        map,
+        bytemuck::bytes_of(key).as_ptr(),
+        out,
+        0,
+    )?;
+    Ok(value)
+}
+
+/// Removes `key` from the map; ENOENT if it has none.
+pub(super) fn map_delete<K: bytemuck::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    let key = bytemuck::bytes_of(key).as_ptr();
+    map_elem(BPF_MAP_DELETE_ELEM, map, key, std::ptr::null_mut(), 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +374,50 @@ mod tests {
         // Nothing written yet: the baseline is the SYN at most.
         let (acked, outq) = acked_and_outq(client.as_fd()).unwrap();
         assert!(acked + outq <= 1);
+    }
+
+    /// `Baseline::nothing_read` holds until the first read, and a FIN makes it miss (a
+    /// repair-mode read then, which is only slower).
+    #[test]
+    fn nothing_read_until_the_first_read() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let settled = |server: &std::net::TcpStream, queued: u64| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                let now = baseline(server.as_fd()).unwrap();
+                if now.queued == queued || std::time::Instant::now() > deadline {
+                    return now;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        assert!(settled(&server, 0).nothing_read(), "nothing received");
+        client.write_all(&[7; 10]).unwrap();
+        assert!(settled(&server, 10).nothing_read(), "10 bytes queued");
+        let mut four = [0; 4];
+        server.read_exact(&mut four).unwrap();
+        let after_read = settled(&server, 6);
+        assert_eq!(after_read.received, 10);
+        assert!(!after_read.nothing_read(), "4 bytes were read");
+
+        let mut other = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (other_server, _) = listener.accept().unwrap();
+        other.write_all(&[7; 3]).unwrap();
+        other.shutdown(std::net::Shutdown::Write).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while tcp_state(other_server.as_fd()).unwrap() != TcpState::CloseWait {
+            assert!(std::time::Instant::now() < deadline, "no FIN");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let with_fin = baseline(other_server.as_fd()).unwrap();
+        assert_eq!(with_fin.queued, 3);
+        assert!(
+            !with_fin.nothing_read(),
+            "the FIN counts in tcpi_bytes_received"
+        );
     }
 }
