@@ -697,18 +697,14 @@ mod tests {
     /// back, while `CONTROL` and `FLOWS` still have room.
     #[tokio::test]
     async fn a_full_sockhash_fails_the_splice_as_map_full() {
-        let kernel = match Kernel::load(LoadOptions {
-            max_connections: 1,
-            ..LoadOptions::default()
-        }) {
-            Ok(kernel) => kernel,
-            Err(e) if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") => {
-                panic!("SMARTPROXY_REQUIRE_EBPF=1 but eBPF is unavailable: {e}")
-            }
-            Err(e) => {
-                eprintln!("SKIPPING: eBPF unavailable: {}", crate::error_chain(&e));
-                return;
-            }
+        let Some(kernel) = load_or_skip(
+            LoadOptions {
+                max_connections: 1,
+                ..LoadOptions::default()
+            },
+            None,
+        ) else {
+            return;
         };
         use std::os::fd::AsFd;
         let pair = || {
@@ -789,8 +785,10 @@ mod tests {
         }
     }
 
-    fn load_or_skip(opts: LoadOptions, pins: Pins) -> Option<Kernel> {
-        match Kernel::load_pinned(opts, pins) {
+    /// The kernel data path, or `None` (the test is skipped, and says so) where it cannot
+    /// load; `SMARTPROXY_REQUIRE_EBPF=1` makes that a failure.
+    fn load_or_skip(opts: LoadOptions, pins: Option<Pins>) -> Option<Kernel> {
+        match Kernel::load_with(opts, pins) {
             Ok(kernel) => Some(kernel),
             Err(e @ (EbpfError::NotBuilt | EbpfError::Load(_) | EbpfError::Program { .. }))
                 if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() != Ok("1") =>
@@ -823,7 +821,7 @@ mod tests {
             "{}",
             crate::error_chain(&err)
         );
-        let Some(stale) = load_or_skip(small(), Pins::Fresh(dir.clone())) else {
+        let Some(stale) = load_or_skip(small(), Some(Pins::Fresh(dir.clone()))) else {
             return;
         };
         let layout = pins::layout_dir(&dir);
@@ -919,7 +917,7 @@ mod tests {
         let Some((_mounted, dir)) = TestBpffs::with_pins("/run/test-b/control.sock") else {
             return;
         };
-        let Some(a) = load_or_skip(small(), Pins::Fresh(dir.clone())) else {
+        let Some(a) = load_or_skip(small(), Some(Pins::Fresh(dir.clone()))) else {
             return;
         };
         a.start_events().unwrap();
@@ -1074,15 +1072,8 @@ mod tests {
         use std::net::{TcpListener, TcpStream};
         use std::os::fd::AsFd;
 
-        let kernel = match Kernel::load(small()) {
-            Ok(kernel) => kernel,
-            Err(e) if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") => {
-                panic!("SMARTPROXY_REQUIRE_EBPF=1 but eBPF is unavailable: {e}")
-            }
-            Err(e) => {
-                eprintln!("SKIPPING: eBPF unavailable: {}", crate::error_chain(&e));
-                return;
-            }
+        let Some(kernel) = load_or_skip(small(), None) else {
+            return;
         };
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let back = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1115,15 +1106,8 @@ mod tests {
         use std::os::fd::AsFd;
         use std::time::Duration;
 
-        let kernel = match Kernel::load(small()) {
-            Ok(kernel) => kernel,
-            Err(e) if std::env::var("SMARTPROXY_REQUIRE_EBPF").as_deref() == Ok("1") => {
-                panic!("SMARTPROXY_REQUIRE_EBPF=1 but eBPF is unavailable: {e}")
-            }
-            Err(e) => {
-                eprintln!("SKIPPING: eBPF unavailable: {}", crate::error_chain(&e));
-                return;
-            }
+        let Some(kernel) = load_or_skip(small(), None) else {
+            return;
         };
         kernel.start_events().unwrap();
         kernel.pause_events().await.unwrap();
