@@ -322,6 +322,10 @@ impl Splice {
             set_rcvlowat(socket.borrow(), 1)
                 .map_err(|e| SpliceError::new(socket.side, SpliceStep::RcvLowat, e))?;
         }
+        #[cfg(feature = "test-hooks")]
+        if test_hooks::pass_only() {
+            return Ok(());
+        }
         // Both sockets are in: the verdict may redirect. Either both directions do, or
         // neither (a direction left redirecting alone would still be correct, but booking
         // the connection on one path must be true of both).
@@ -520,11 +524,25 @@ fn index(side: Side) -> usize {
     Direction::from_source(side).index()
 }
 
-/// Test builds only (`--features test-hooks`): makes rare kernel races happen every time.
+/// Test builds only (`--features test-hooks`): makes rare kernel races happen every time,
+/// and keeps splices in pass mode for measuring it.
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks {
     use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
     use std::time::Duration;
+
+    /// Set (to anything) in a proxy's environment: its splices never turn redirect on, so
+    /// every byte goes through the verdict's pass mode and the sockmap's receive path,
+    /// where `data_path = "auto"` leaves a connection it moved out of the kernel. Pass mode
+    /// measured as a path of its own (docs/performance.md), with `cargo xtask bench
+    /// --targets ebpf --proxy-bin` a binary built with this feature.
+    pub const PASS_ONLY_VARIABLE: &str = "SMARTPROXY_TEST_PASS_ONLY";
+
+    pub(super) fn pass_only() -> bool {
+        static PASS_ONLY: OnceLock<bool> = OnceLock::new();
+        *PASS_ONLY.get_or_init(|| std::env::var_os(PASS_ONLY_VARIABLE).is_some())
+    }
 
     static PAUSE_BETWEEN_SOCKETS_INSERTS_MS: AtomicU64 = AtomicU64::new(0);
 
