@@ -22,6 +22,13 @@ use tokio::net::TcpStream;
 /// Per direction buffer, held only while bytes move.
 pub const BUFFER_BYTES: usize = 64 * 1024;
 
+/// What the relay reads at once from a plain socket once a read filled [`BUFFER_BYTES`]:
+/// a stream, which then costs a quarter of the reads, wake-ups and context switches per
+/// byte. `cargo xtask bench` on the relay, one stream: 11.2 Gbit/s with 64 KiB reads,
+/// 15.1 with 256 KiB, 16.9 with 1 MiB (docs/performance.md). The buffer is given back
+/// when the stream pauses, as the 64 KiB one is.
+pub const STREAM_READ_BYTES: usize = 1024 * 1024;
+
 /// A TLS session over a TCP socket, server side (the client's) or client side (the
 /// backend's).
 pub type TlsSession = tokio_rustls::TlsStream<TcpIo>;

@@ -26,7 +26,7 @@ use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
 use super::adaptive::{Place, Policy};
 use super::kernel::offload::{BACKLOG_POLL_MAX, BACKLOG_POLL_MIN};
 use super::kernel::{Kernel, Offload, OffloadRecord, SpliceError, Wait, PASSED_READ_BYTES};
-use super::peer::{Peer, BUFFER_BYTES};
+use super::peer::{Peer, BUFFER_BYTES, STREAM_READ_BYTES};
 use super::Meter;
 use crate::config::AutoConfig;
 use crate::lifecycle::Event;
@@ -136,12 +136,14 @@ impl Half {
             if self.eof {
                 return Poll::Pending;
             }
-            // On a spliced connection a read that filled the buffer means the verdict is
-            // passing a stream: take the whole receive queue from then on (see
-            // `PASSED_READ_BYTES`). Not at once: most reads there are a FIN or a few
-            // bytes, and a megabyte for each would slow every connection's start and end.
+            // A read that filled the buffer means a stream: from then on, take up to a
+            // megabyte at once (`STREAM_READ_BYTES`; on a spliced connection the whole
+            // receive queue the verdict passes, `PASSED_READ_BYTES`). Not at once: most
+            // reads are a message, a FIN or a few bytes, and a megabyte for each would
+            // slow every connection's start and end.
             let capacity = match offload {
                 Some(_) if self.read_filled => PASSED_READ_BYTES,
+                None if self.read_filled => STREAM_READ_BYTES,
                 _ => BUFFER_BYTES,
             };
             let direction = self.direction;
