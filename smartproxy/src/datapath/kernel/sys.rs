@@ -89,7 +89,8 @@ fn send_queue(fd: BorrowedFd<'_>) -> io::Result<u64> {
     u64::try_from(outq).map_err(|_| io::Error::other(format!("SIOCOUTQ returned {outq}")))
 }
 
-/// A socket's counters when it is spliced: one `TCP_INFO`, `SIOCOUTQ` and `SIOCINQ`.
+/// A socket's counters when it is spliced: `SIOCINQ`, then `TCP_INFO`, `SIOCOUTQ` and
+/// `TCP_INFO` again.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Baseline {
     /// `tcpi_bytes_acked`.
@@ -112,15 +113,32 @@ impl Baseline {
     }
 }
 
+/// How often [`baseline`] reads again while acknowledgements keep arriving.
+const BASELINE_READS: usize = 8;
+
 pub(super) fn baseline(fd: BorrowedFd<'_>) -> io::Result<Baseline> {
     let queued = bytes_to_read(fd)?;
-    let info = tcp_info(fd)?;
-    Ok(Baseline {
-        acked: info.bytes_acked,
-        outq: send_queue(fd)?,
-        queued,
-        received: info.bytes_received,
-    })
+    let mut info = tcp_info(fd)?;
+    // An ACK between `TCP_INFO` and `SIOCOUTQ` moves bytes from the send queue to
+    // `bytes_acked`, and their sum would fall short of what the socket was handed: the
+    // drain check (`Splice::may_write`) would then let a FIN overtake the kernel's
+    // backlog by that many bytes. So `bytes_acked` must hold still across `SIOCOUTQ`.
+    for _ in 0..BASELINE_READS {
+        let outq = send_queue(fd)?;
+        let after = tcp_info(fd)?;
+        if after.bytes_acked == info.bytes_acked {
+            return Ok(Baseline {
+                acked: info.bytes_acked,
+                outq,
+                queued,
+                received: info.bytes_received,
+            });
+        }
+        info = after;
+    }
+    Err(io::Error::other(
+        "acknowledgements kept arriving while the send queue was read",
+    ))
 }
 
 /// The head of the kernel's `struct tcp_info` (`include/uapi/linux/tcp.h`) up to
