@@ -559,11 +559,10 @@ impl Kernel {
         self.inner.max_connections
     }
 
-    /// Counts the entries of each map in the kernel. It walks the keys, a syscall each, with
-    /// the map's lock held (no splice starts or ends meanwhile): for one-shot requests, not
-    /// for every scrape. `FLOWS` and `CONTROL` are exact. The kernel may remove a closed
-    /// socket from a sockhash during the walk, which then starts over and may count some
-    /// keys twice, up to the map's capacity; once nothing closes, the counts are exact.
+    /// Counts the entries of each map in the kernel. It walks the keys, a syscall each: for
+    /// one-shot requests, not for every scrape. Splices start and end during the walk; a
+    /// removed key makes the walk start over, which may count some keys twice, up to the
+    /// map's capacity. Once no connection opens or closes, the counts are exact.
     pub fn map_entries(&self) -> Result<MapEntries, EbpfError> {
         let inner = &self.inner;
         let capacity = u64::from(inner.max_connections) * 2;
@@ -1061,8 +1060,6 @@ mod tests {
         );
     }
 
-    /// An upgrade that fails after the pause: the old process resumes reading, and gets
-    /// the state change that arrived while it did not read, once.
     /// The sequence number of the next unread byte is read in repair mode only from a
     /// socket userspace has read from; before any read, the verdict's first skb starts at
     /// the first byte.
@@ -1100,6 +1097,8 @@ mod tests {
         }
     }
 
+    /// An upgrade that fails after the pause: the old process resumes reading, and gets
+    /// the state change that arrived while it did not read, once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn paused_events_resume_where_they_stopped() {
         use std::net::{Shutdown, TcpListener, TcpStream};

@@ -532,9 +532,10 @@ pub mod test_hooks {
     use std::sync::OnceLock;
     use std::time::Duration;
 
-    /// Set (to anything) in a proxy's environment: its splices never turn redirect on, so
-    /// every byte goes through the verdict's pass mode and the sockmap's receive path,
-    /// where `data_path = "auto"` leaves a connection it moved out of the kernel. Pass mode
+    /// Set (to anything) in a proxy's environment: its splices never turn redirect on by
+    /// themselves (on `data_path = "ebpf"`, nothing else does), so every byte goes through
+    /// the verdict's pass mode and the sockmap's receive path, where `data_path = "auto"`
+    /// leaves a connection it moved out of the kernel. Pass mode
     /// measured as a path of its own (docs/performance.md), with `cargo xtask bench
     /// --targets ebpf --proxy-bin` a binary built with this feature.
     pub const PASS_ONLY_VARIABLE: &str = "SMARTPROXY_TEST_PASS_ONLY";
