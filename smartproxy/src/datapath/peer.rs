@@ -22,11 +22,13 @@ use tokio::net::TcpStream;
 /// Per direction buffer, held only while bytes move.
 pub const BUFFER_BYTES: usize = 64 * 1024;
 
-/// What the relay reads at once from a plain socket once a read filled [`BUFFER_BYTES`]:
-/// a stream, which then costs a quarter of the reads, wake-ups and context switches per
-/// byte. `cargo xtask bench` on the relay, one stream: 11.2 Gbit/s with 64 KiB reads,
-/// 15.1 with 256 KiB, 16.9 with 1 MiB (docs/performance.md). The buffer is given back
-/// when the stream pauses, as the 64 KiB one is.
+/// The most the relay reads at once from a plain socket. After a read that filled
+/// [`BUFFER_BYTES`], each read that fills its buffer doubles the next, up to this, while
+/// the destination takes what is read without a wait: a stream then costs a quarter of
+/// the reads, wake-ups and context switches per byte. `cargo xtask bench` on the relay,
+/// one stream: about 12 Gbit/s with 64 KiB reads, 17-18 with reads growing to 1 MiB
+/// (docs/performance.md). The buffer is given back when the source pauses, and after the
+/// destination made the half wait.
 pub const STREAM_READ_BYTES: usize = 1024 * 1024;
 
 /// A TLS session over a TCP socket, server side (the client's) or client side (the

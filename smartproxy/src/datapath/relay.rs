@@ -57,6 +57,11 @@ struct Half {
     eof: bool,
     /// The last read filled the buffer it was given.
     read_filled: bool,
+    /// Writing what the last read took made the half wait for the destination.
+    waited_to_write: bool,
+    /// On the relay, what the next read takes when the last one filled its buffer: it
+    /// doubles with each such read, up to `STREAM_READ_BYTES`.
+    stream_read: usize,
     /// Bytes were written that a TLS session may still hold.
     unflushed: bool,
     /// `Action::Finish` was asked for.
@@ -74,6 +79,8 @@ impl Half {
             end: 0,
             eof: false,
             read_filled: false,
+            waited_to_write: false,
+            stream_read: BUFFER_BYTES,
             unflushed: false,
             finishing: false,
             finished: false,
@@ -106,7 +113,13 @@ impl Half {
                 }
             }
             if must_write {
-                match ready!(destination.poll_write(cx, &self.buf[self.start..self.end])) {
+                let Poll::Ready(written) =
+                    destination.poll_write(cx, &self.buf[self.start..self.end])
+                else {
+                    self.waited_to_write = true;
+                    return Poll::Pending;
+                };
+                match written {
                     Ok(written) => {
                         self.start += written;
                         self.unflushed = true;
@@ -136,14 +149,24 @@ impl Half {
             if self.eof {
                 return Poll::Pending;
             }
-            // A read that filled the buffer means a stream: from then on, take up to a
-            // megabyte at once (`STREAM_READ_BYTES`; on a spliced connection the whole
-            // receive queue the verdict passes, `PASSED_READ_BYTES`). Not at once: most
-            // reads are a message, a FIN or a few bytes, and a megabyte for each would
-            // slow every connection's start and end.
+            // A read that filled the buffer means a stream. On a spliced connection, take
+            // the whole receive queue the verdict passes from then on
+            // (`PASSED_READ_BYTES`). On the relay, each read that fills its buffer doubles
+            // the next one, up to `STREAM_READ_BYTES`, while the destination takes what is
+            // read without making the half wait. Not at once: most reads are a message, a
+            // FIN or a few bytes, and a megabyte buffer for each message (zeroed, and
+            // faulted in page by page) made 256 KiB request/response slower. A half that
+            // waited goes back to 64 KiB reads and gives a larger buffer back once it is
+            // written. A slow reader still lets reads grow each time its socket drained
+            // enough: the relay holds up to `STREAM_READ_BYTES` per direction. Waiting
+            // for the source to run dry before growing again kept that at 64 KiB, and
+            // cost bulk streams the whole gain, since they wait now and then too.
+            if self.waited_to_write && self.buf.len() > BUFFER_BYTES {
+                self.buf = Vec::new();
+            }
             let capacity = match offload {
                 Some(_) if self.read_filled => PASSED_READ_BYTES,
-                None if self.read_filled => STREAM_READ_BYTES,
+                None if self.read_filled && !self.waited_to_write => self.stream_read,
                 _ => BUFFER_BYTES,
             };
             let direction = self.direction;
@@ -227,9 +250,15 @@ impl Half {
         offload: Option<&mut Offload>,
     ) {
         self.read_filled = read == capacity;
+        self.stream_read = if self.read_filled {
+            (2 * capacity).min(STREAM_READ_BYTES)
+        } else {
+            BUFFER_BYTES
+        };
         if read == 0 {
             return;
         }
+        self.waited_to_write = false;
         meter.record(self.direction, read);
         if let Some(offload) = offload {
             offload.read(self.direction, read);
@@ -252,7 +281,11 @@ impl Half {
                 self.unflushed = true;
                 written?
             }
-            Some(Poll::Pending) | None => 0,
+            Some(Poll::Pending) => {
+                self.waited_to_write = true;
+                0
+            }
+            None => 0,
         };
         let rest = &bytes[written..];
         if !rest.is_empty() && self.buf.len() < BUFFER_BYTES {

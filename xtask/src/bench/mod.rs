@@ -88,7 +88,7 @@ pub struct Options {
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     bulk_bytes: u64,
     /// Request and response size of churn, idle and upgrade exchanges (request/response
-    /// scenarios carry their own: 64 B and 16 KiB).
+    /// scenarios carry their own: 64 B, 16 KiB and 256 KiB).
     #[arg(long, default_value = "64", value_parser = parse_bytes)]
     message_size: u64,
     /// Seconds of each request/response run.
@@ -553,6 +553,15 @@ mod tests {
         assert_eq!(targets, Target::DEFAULT);
         let (_, targets, _) = plan(&["--targets", "auto,direct,auto"]);
         assert_eq!(targets, [Target::Auto, Target::Direct]);
+    }
+
+    #[test]
+    fn every_request_response_message_fits_the_backend() {
+        for scenario in Scenario::ALL {
+            if let Scenario::Rr { size, .. } = scenario {
+                assert!((1..=wire::MAX_ECHO).contains(&size), "{scenario}");
+            }
+        }
     }
 
     #[test]

@@ -19,8 +19,8 @@ use std::{
 pub const HEADER_LEN: usize = 16;
 /// Read and write size of the bulk loops.
 pub const CHUNK: usize = 256 * 1024;
-/// The largest echo message the backend accepts.
-pub const MAX_ECHO: u64 = 64 * 1024;
+/// The largest echo message the backend accepts: the largest request/response scenario's.
+pub const MAX_ECHO: u64 = 256 * 1024;
 /// Read timeout set on blocking sockets so a wait notices its deadline at least this often.
 pub const READ_POLL: Duration = Duration::from_millis(250);
 
