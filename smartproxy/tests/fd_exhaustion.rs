@@ -42,7 +42,8 @@ fn emfile_backs_off_without_spinning_and_recovers() {
 
     let mut served = Vec::new();
     let mut stalled = Vec::new();
-    for index in 0..40u8 {
+    const CONNECTS: u8 = 40;
+    for index in 0..CONNECTS {
         let mut stream = TcpStream::connect(proxy.listen).expect("the kernel accepts");
         stream
             .set_read_timeout(Some(Duration::from_millis(300)))
@@ -82,8 +83,12 @@ fn emfile_backs_off_without_spinning_and_recovers() {
 
     drop(stalled);
     drop(served);
-    wait_until("every connection closed", || {
-        proxy.stats()["connections"]["active"] == 0
+    // Every connect reached the backlog, and the proxy takes each one in turn as
+    // descriptors free up: only once it took the last are descriptors free for a new one
+    // (no connection is active for a moment between two of them as well).
+    wait_until("every connection taken and closed", || {
+        let stats = proxy.stats();
+        stats["connections"]["total"] == u64::from(CONNECTS) && stats["connections"]["active"] == 0
     });
     // A backend connect that failed for want of a descriptor is this host's shortage,
     // not the backend's: the backend stays up and serves the next connection.
