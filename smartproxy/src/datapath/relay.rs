@@ -161,7 +161,7 @@ impl Half {
             // enough: the relay holds up to `STREAM_READ_BYTES` per direction. Waiting
             // for the source to run dry before growing again kept that at 64 KiB, and
             // cost bulk streams the whole gain, since they wait now and then too.
-            if self.waited_to_write && self.buf.len() > BUFFER_BYTES {
+            if offload.is_none() && self.waited_to_write && self.buf.len() > BUFFER_BYTES {
                 self.buf = Vec::new();
             }
             let capacity = match offload {
