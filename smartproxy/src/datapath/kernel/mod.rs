@@ -39,7 +39,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, IterableMap, Map, MapData, MapError, MapKeys, PerCpuArray, RingBuf, SockHash},
+    maps::{HashMap, Map, MapData, MapError, MapKeys, PerCpuArray, RingBuf, SockHash},
     programs::{sk_skb::SkSkbLinkId, CgroupAttachMode, ProgramError, SkSkb, SockOps},
     Ebpf, EbpfLoader,
 };
@@ -106,7 +106,7 @@ pub struct Kernel {
 }
 
 struct Inner {
-    // No lock: the element operations go through `map_fd`.
+    // No lock: the element operations go through `sys::map_update` and its kin.
     targets: SockHash<MapData, u64>,
     sockets: SockHash<MapData, u64>,
     flows: HashMap<MapData, u64, Flow>,
@@ -593,7 +593,7 @@ impl Kernel {
     /// The verdict's counters for the direction whose source socket has `cookie` (see
     /// [`Splice::cookie`]); fails once that splice is gone.
     pub fn flow_counters(&self, cookie: u64) -> io::Result<FlowCounters> {
-        let flow: Flow = sys::map_lookup(map_fd(&self.inner.flows), &cookie).map_err(|e| {
+        let flow: Flow = sys::map_lookup(&self.inner.flows, &cookie).map_err(|e| {
             io::Error::other(format!("{MAP_FLOWS} lookup of socket cookie {cookie}: {e}"))
         })?;
         Ok(FlowCounters {
@@ -652,14 +652,6 @@ fn program_error(
     }
 }
 
-/// A map's fd, for the element operations of [`sys`]: each is one `bpf(2)` call, safe
-/// against the others on the same map, so every connection runtime makes them at once.
-/// (aya's typed maps insert and remove through `&mut self`; a lock around each map made
-/// six futex calls per connection in `ebpf` churn, both runtimes splicing at once.)
-fn map_fd<K: aya::Pod, V>(map: &impl IterableMap<K, V>) -> BorrowedFd<'_> {
-    map.map().fd().as_fd()
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks (the reader's state, the registry of
     // splices, an event queue) cannot leave what it guards half-updated: each guarded
@@ -715,7 +707,7 @@ mod tests {
         for socket in [&filler, &filler_peer] {
             let cookie = socket_cookie(socket.as_fd()).unwrap();
             sys::map_update(
-                map_fd(&kernel.inner.targets),
+                &kernel.inner.targets,
                 &cookie,
                 &socket.as_raw_fd(),
                 BPF_NOEXIST,

@@ -18,7 +18,7 @@ use super::sys::{
     acked_and_outq, baseline, bytes_to_read, map_delete, map_update, next_unread_seq, pin_buffers,
     readable_now, set_rcvlowat, socket_cookie,
 };
-use super::{map_fd, FlowCounters, Kernel};
+use super::{FlowCounters, Kernel};
 use crate::vocab::{Direction, Side};
 
 /// Flag for map updates: fail with EEXIST instead of replacing an entry.
@@ -247,7 +247,7 @@ impl Splice {
 
     fn write_control(&self, source: Side) -> io::Result<()> {
         let cookie = self.socket(source).cookie;
-        let control = map_fd(&self.kernel.inner.control);
+        let control = &self.kernel.inner.control;
         map_update(control, &cookie, &self.control[index(source)], 0).map_err(|e| {
             io::Error::other(format!("{MAP_CONTROL} update for the {source} socket: {e}"))
         })
@@ -270,13 +270,8 @@ impl Splice {
         let inner = Arc::clone(&self.kernel.inner);
         let pair = [&self.client, &self.backend].map(|s| (s.side, s.fd, s.cookie));
         for (i, (side, _, cookie)) in pair.into_iter().enumerate() {
-            map_update(
-                map_fd(&inner.control),
-                &cookie,
-                &self.control[i],
-                BPF_NOEXIST,
-            )
-            .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
+            map_update(&inner.control, &cookie, &self.control[i], BPF_NOEXIST)
+                .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
             self.done.control[i] = true;
         }
         for (i, socket) in [&self.client, &self.backend].into_iter().enumerate() {
@@ -292,14 +287,14 @@ impl Splice {
                 ..Flow::default()
             };
             let (side, cookie) = (socket.side, socket.cookie);
-            map_update(map_fd(&inner.flows), &cookie, &flow, BPF_NOEXIST)
+            map_update(&inner.flows, &cookie, &flow, BPF_NOEXIST)
                 .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;
             self.done.flows[i] = true;
         }
         // Both must be targets before either gets the verdict: a redirect to a missing target
         // would drop ACKed bytes (`docs/kernel-notes.md#targets-before-sockets`).
         for (i, (side, fd, cookie)) in pair.into_iter().enumerate() {
-            map_update(map_fd(&inner.targets), &cookie, &fd, BPF_NOEXIST)
+            map_update(&inner.targets, &cookie, &fd, BPF_NOEXIST)
                 .map_err(|e| SpliceError::new(side, SpliceStep::Targets, e))?;
             self.done.targets[i] = true;
         }
@@ -308,7 +303,7 @@ impl Splice {
             if i == 1 {
                 test_hooks::pause_between_sockets_inserts();
             }
-            map_update(map_fd(&inner.sockets), &cookie, &fd, BPF_NOEXIST)
+            map_update(&inner.sockets, &cookie, &fd, BPF_NOEXIST)
                 .map_err(|e| SpliceError::new(side, SpliceStep::Sockets, e))?;
             self.done.sockets[i] = true;
             inner
@@ -483,20 +478,20 @@ impl Splice {
                     .registry
                     .sockhash_entries
                     .fetch_sub(1, Ordering::Relaxed);
-                remove_logged(MAP_SOCKETS, map_delete(map_fd(&inner.sockets), cookie));
+                remove_logged(MAP_SOCKETS, map_delete(&inner.sockets, cookie));
             }
         }
         for (i, cookie) in cookies.iter().enumerate() {
             if std::mem::take(&mut self.done.targets[i]) {
-                remove_logged(MAP_TARGETS, map_delete(map_fd(&inner.targets), cookie));
+                remove_logged(MAP_TARGETS, map_delete(&inner.targets, cookie));
             }
         }
         for (i, cookie) in cookies.iter().enumerate() {
             if std::mem::take(&mut self.done.flows[i]) {
-                remove_logged(MAP_FLOWS, map_delete(map_fd(&inner.flows), cookie));
+                remove_logged(MAP_FLOWS, map_delete(&inner.flows, cookie));
             }
             if std::mem::take(&mut self.done.control[i]) {
-                remove_logged(MAP_CONTROL, map_delete(map_fd(&inner.control), cookie));
+                remove_logged(MAP_CONTROL, map_delete(&inner.control, cookie));
             }
         }
         inner.registry.unregister(&cookies);

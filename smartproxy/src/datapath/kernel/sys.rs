@@ -5,8 +5,10 @@
 use std::{
     io,
     mem::{size_of, MaybeUninit},
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
+
+use aya::maps::IterableMap;
 
 use super::events::TcpState;
 
@@ -331,10 +333,22 @@ fn map_elem(
     Ok(())
 }
 
-/// Inserts or replaces `key` in the map (`flags`: 0, or `BPF_NOEXIST`). `K` and `V` must be
-/// the map's key and value types.
-pub(super) fn map_update<K: bytemuck::Pod, V: bytemuck::Pod>(
-    map: BorrowedFd<'_>,
+/// Plain data a map holds as key or value: aya's bound (the map checked its sizes against
+/// the kernel's when it was opened) and bytemuck's (for the bytes).
+pub(super) trait Element: aya::Pod + bytemuck::Pod {}
+impl<T: aya::Pod + bytemuck::Pod> Element for T {}
+
+fn fd_of<K: Element, V: Element>(map: &impl IterableMap<K, V>) -> BorrowedFd<'_> {
+    map.map().fd().as_fd()
+}
+
+/// Inserts or replaces `key` in `map` (`flags`: 0, or `BPF_NOEXIST`). Takes `&self`, unlike
+/// aya's insert: one `bpf(2)` call, which the kernel orders against the others on the same
+/// map, so every connection runtime makes them at once without a lock. (A lock around
+/// each map made six futex calls per connection in `ebpf` churn.) The key and value types
+/// are the map's own, whose sizes aya checked when it opened the map.
+pub(super) fn map_update<K: Element, V: Element>(
+    map: &impl IterableMap<K, V>,
     key: &K,
     value: &V,
     flags: u64,
@@ -342,23 +356,23 @@ pub(super) fn map_update<K: bytemuck::Pod, V: bytemuck::Pod>(
     let value = bytemuck::bytes_of(value).as_ptr().cast_mut();
     map_elem(
         BPF_MAP_UPDATE_ELEM,
-        map,
+        fd_of(map),
         bytemuck::bytes_of(key).as_ptr(),
         value,
         flags,
     )
 }
 
-/// The value of `key` in the map; ENOENT if it has none.
-pub(super) fn map_lookup<K: bytemuck::Pod, V: bytemuck::Pod>(
-    map: BorrowedFd<'_>,
+/// The value of `key` in `map`; ENOENT if it has none.
+pub(super) fn map_lookup<K: Element, V: Element>(
+    map: &impl IterableMap<K, V>,
     key: &K,
 ) -> io::Result<V> {
     let mut value = V::zeroed();
     let out = bytemuck::bytes_of_mut(&mut value).as_mut_ptr();
     map_elem(
         BPF_MAP_LOOKUP_ELEM,
-        map,
+        fd_of(map),
         bytemuck::bytes_of(key).as_ptr(),
         out,
         0,
@@ -366,10 +380,19 @@ pub(super) fn map_lookup<K: bytemuck::Pod, V: bytemuck::Pod>(
     Ok(value)
 }
 
-/// Removes `key` from the map; ENOENT if it has none.
-pub(super) fn map_delete<K: bytemuck::Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+/// Removes `key` from `map`; ENOENT if it has none.
+pub(super) fn map_delete<K: Element, V: Element>(
+    map: &impl IterableMap<K, V>,
+    key: &K,
+) -> io::Result<()> {
     let key = bytemuck::bytes_of(key).as_ptr();
-    map_elem(BPF_MAP_DELETE_ELEM, map, key, std::ptr::null_mut(), 0)
+    map_elem(
+        BPF_MAP_DELETE_ELEM,
+        fd_of(map),
+        key,
+        std::ptr::null_mut(),
+        0,
+    )
 }
 
 #[cfg(test)]
