@@ -217,18 +217,22 @@ async fn connect_target(
     Err(last_error)
 }
 
-/// What keepalive a socket is known to have: `Some(setting)` when it has exactly what
-/// [`keepalive`] gives a `tcp_keepalive` of `setting` (`Some(None)`: off), `None` when
-/// unknown.
-pub(crate) type KnownKeepalive = Option<Option<Duration>>;
+/// What keepalive a socket is known to have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KnownKeepalive {
+    /// Exactly what [`keepalive`] gives this `tcp_keepalive` (`None`: off).
+    Has(Option<Duration>),
+    /// Set by someone else, or unreadable.
+    Unknown,
+}
 
 /// A socket the proxy made itself has no keepalive.
-pub(crate) const FRESH_SOCKET: KnownKeepalive = Some(None);
+pub(crate) const FRESH_SOCKET: KnownKeepalive = KnownKeepalive::Has(None);
 
 /// The route's `tcp_keepalive` on `socket` (`None`: off), unless it is known to have it
 /// already (`has`): an accepted socket inherits its listener's ([`listener_keepalive`]).
 pub(crate) fn keepalive(socket: SockRef<'_>, wanted: Option<Duration>, has: KnownKeepalive) {
-    if has == Some(wanted) {
+    if has == KnownKeepalive::Has(wanted) {
         return;
     }
     let set = match wanted {
@@ -280,14 +284,17 @@ pub(crate) fn set_listener_keepalive(listener: &Socket, idle: Option<Duration>) 
 /// What the sockets `listener` accepts inherit, read back from it: a listener handed over
 /// by a predecessor has what that process set.
 pub(crate) fn inherited_keepalive(listener: SockRef<'_>) -> KnownKeepalive {
-    if !listener.keepalive().ok()? {
-        return Some(None);
-    }
-    // The kernel keeps whole seconds.
-    let idle = listener.keepalive_time().ok()?;
-    let ours = listener.keepalive_interval().ok()?.as_secs() == probe_interval(idle).as_secs()
-        && listener.keepalive_retries().ok()? == KEEPALIVE_PROBES;
-    ours.then_some(Some(idle))
+    let read = || {
+        if !listener.keepalive().ok()? {
+            return Some(None);
+        }
+        // The kernel keeps whole seconds.
+        let idle = listener.keepalive_time().ok()?;
+        let ours = listener.keepalive_interval().ok()?.as_secs() == probe_interval(idle).as_secs()
+            && listener.keepalive_retries().ok()? == KEEPALIVE_PROBES;
+        ours.then_some(Some(idle))
+    };
+    read().map_or(KnownKeepalive::Unknown, KnownKeepalive::Has)
 }
 
 #[cfg(test)]
@@ -303,13 +310,13 @@ mod tests {
     #[test]
     fn a_listener_tells_what_its_sockets_inherit_when_it_is_ours() {
         let off = listener();
-        assert_eq!(inherited_keepalive(SockRef::from(&off)), Some(None));
+        assert_eq!(inherited_keepalive(SockRef::from(&off)), FRESH_SOCKET);
 
         let ours = listener();
         set_listener_keepalive(&ours, Some(Duration::from_secs(30))).expect("set keepalive");
         assert_eq!(
             inherited_keepalive(SockRef::from(&ours)),
-            Some(Some(Duration::from_secs(30)))
+            KnownKeepalive::Has(Some(Duration::from_secs(30)))
         );
 
         // Set by someone else (another interval): unknown, so each connection sets its
@@ -322,6 +329,9 @@ mod tests {
                     .with_interval(Duration::from_secs(2)),
             )
             .expect("set keepalive");
-        assert_eq!(inherited_keepalive(SockRef::from(&theirs)), None);
+        assert_eq!(
+            inherited_keepalive(SockRef::from(&theirs)),
+            KnownKeepalive::Unknown
+        );
     }
 }

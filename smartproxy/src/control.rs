@@ -217,11 +217,21 @@ pub struct ControlError {
 /// Sends one request (`stats`, `stats-watch`, `connections` or `reload`) and returns the
 /// JSON reply.
 pub fn query(path: &Path, request: &str) -> Result<Vec<u8>, ControlError> {
+    query_within(path, request, None)
+}
+
+/// [`query`], failing if a read waits longer than `within` (`None`: no limit).
+pub fn query_within(
+    path: &Path,
+    request: &str,
+    within: Option<std::time::Duration>,
+) -> Result<Vec<u8>, ControlError> {
     let fail = |source| ControlError {
         path: path.to_owned(),
         source,
     };
     let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(fail)?;
+    stream.set_read_timeout(within).map_err(fail)?;
     stream
         .write_all(format!("{request}\n").as_bytes())
         .map_err(fail)?;

@@ -274,9 +274,9 @@ async fn accept_loop(
             || listener.accept(),
             until,
             |client, peer| {
-                let placed = shared.runtimes.place(Some(runtime));
+                let placed_on = shared.runtimes.place(Some(runtime));
                 let client = {
-                    let _registers_with = placed.enter();
+                    let _registers_with = placed_on.enter();
                     TcpStream::from_std(client)
                 };
                 let client = match client {
@@ -294,7 +294,7 @@ async fn accept_loop(
                     keepalive,
                     record,
                 );
-                shared.tasks.spawn_on(connection, placed);
+                shared.tasks.spawn_on(connection, placed_on);
             },
         )
         .await;

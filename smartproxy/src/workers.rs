@@ -24,8 +24,9 @@ pub(crate) struct Workers {
 }
 
 /// How many more tasks (connections, and the same accept loops on each) than the least
-/// loaded runtime the accepting one may hold and still keep a new connection: a burst of connects that wakes one runtime first is shared
-/// out, and in churn most connections stay where they were accepted.
+/// loaded runtime the accepting one may hold and still keep a new connection: a burst of
+/// connects that wakes one runtime first is shared out, and in churn most connections stay
+/// where they were accepted.
 const IMBALANCE: usize = 1;
 
 /// Where connections are spawned: the runtimes' handles.

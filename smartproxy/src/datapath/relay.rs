@@ -59,8 +59,8 @@ struct Half {
     read_filled: bool,
     /// Writing what the last read took made the half wait for the destination.
     waited_to_write: bool,
-    /// On the relay, what the next read takes when the last one filled its buffer: it
-    /// doubles with each such read, up to `STREAM_READ_BYTES`.
+    /// On the relay, what the next read takes: 64 KiB after a read that did not fill its
+    /// buffer, and doubling with each one that did, up to `STREAM_READ_BYTES`.
     stream_read: usize,
     /// Bytes were written that a TLS session may still hold.
     unflushed: bool,
@@ -149,26 +149,7 @@ impl Half {
             if self.eof {
                 return Poll::Pending;
             }
-            // A read that filled the buffer means a stream. On a spliced connection, take
-            // the whole receive queue the verdict passes from then on
-            // (`PASSED_READ_BYTES`). On the relay, each read that fills its buffer doubles
-            // the next one, up to `STREAM_READ_BYTES`, while the destination takes what is
-            // read without making the half wait. Not at once: most reads are a message, a
-            // FIN or a few bytes, and a megabyte buffer for each message (zeroed, and
-            // faulted in page by page) made 256 KiB request/response slower. A half that
-            // waited goes back to 64 KiB reads and gives a larger buffer back once it is
-            // written. A slow reader still lets reads grow each time its socket drained
-            // enough: the relay holds up to `STREAM_READ_BYTES` per direction. Waiting
-            // for the source to run dry before growing again kept that at 64 KiB, and
-            // cost bulk streams the whole gain, since they wait now and then too.
-            if offload.is_none() && self.waited_to_write && self.buf.len() > BUFFER_BYTES {
-                self.buf = Vec::new();
-            }
-            let capacity = match offload {
-                Some(_) if self.read_filled => PASSED_READ_BYTES,
-                None if self.read_filled && !self.waited_to_write => self.stream_read,
-                _ => BUFFER_BYTES,
-            };
+            let capacity = self.read_capacity(offload.is_some());
             let direction = self.direction;
             let worth_reading = |offload: &Option<&mut Offload>| {
                 offload
@@ -238,6 +219,35 @@ impl Half {
                 Err(ReadError::Reading(e)) => return self.failed(source_side, "reading", &e),
             }
         }
+    }
+
+    /// How much the next read takes. A read that filled its buffer means a stream. On a
+    /// spliced connection, the whole receive queue the verdict passes is taken from then
+    /// on (`PASSED_READ_BYTES`). On the relay, each read that fills its buffer doubles the
+    /// next one, up to `STREAM_READ_BYTES`, while the destination takes what is read
+    /// without making the half wait. Not at once: most reads are a message, a FIN or a few
+    /// bytes, and a megabyte buffer for each message (zeroed, and faulted in page by page)
+    /// made 256 KiB request/response slower. A half that waited goes back to 64 KiB reads
+    /// and gives a larger buffer back (it is called only once the buffer is written). A
+    /// slow reader still lets reads grow each time its socket drained enough: the relay
+    /// holds up to `STREAM_READ_BYTES` per direction. Waiting for the source to run dry
+    /// before growing again kept that at 64 KiB, and cost bulk streams the whole gain,
+    /// since they wait now and then too.
+    fn read_capacity(&mut self, spliced: bool) -> usize {
+        if spliced {
+            return if self.read_filled {
+                PASSED_READ_BYTES
+            } else {
+                BUFFER_BYTES
+            };
+        }
+        if self.waited_to_write {
+            if self.buf.len() > BUFFER_BYTES {
+                self.buf = Vec::new();
+            }
+            return BUFFER_BYTES;
+        }
+        self.stream_read
     }
 
     /// Books a read before anything else can fail: the bytes left the source, whatever
@@ -827,5 +837,44 @@ impl Relay {
                 super::kernel::all_acknowledged(std::os::fd::AsFd::as_fd(&**destination.tcp()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads on the relay double while they fill their buffer, up to a megabyte, fall back
+    /// to 64 KiB after a short read, and after a wait for the destination, which also
+    /// gives a larger buffer back; a spliced half takes the whole queue after one filled
+    /// read.
+    #[test]
+    fn stream_reads_grow_while_the_destination_keeps_up() {
+        let meter = Meter::default();
+        let mut half = Half::new(Direction::ClientToBackend);
+        let mut sizes = Vec::new();
+        for _ in 0..6 {
+            let capacity = half.read_capacity(false);
+            sizes.push(capacity / 1024);
+            half.book_read(capacity, capacity, &meter, None);
+        }
+        assert_eq!(sizes, [64, 128, 256, 512, 1024, 1024]);
+        half.book_read(10, STREAM_READ_BYTES, &meter, None);
+        assert_eq!(
+            half.read_capacity(false),
+            BUFFER_BYTES,
+            "after a short read"
+        );
+
+        half.book_read(BUFFER_BYTES, BUFFER_BYTES, &meter, None);
+        half.buf = vec![0; 2 * BUFFER_BYTES];
+        half.waited_to_write = true;
+        assert_eq!(half.read_capacity(false), BUFFER_BYTES, "after a wait");
+        assert!(half.buf.is_empty(), "the larger buffer is given back");
+
+        half.book_read(BUFFER_BYTES, BUFFER_BYTES, &meter, None);
+        assert_eq!(half.read_capacity(true), PASSED_READ_BYTES);
+        half.book_read(10, PASSED_READ_BYTES, &meter, None);
+        assert_eq!(half.read_capacity(true), BUFFER_BYTES);
     }
 }

@@ -39,16 +39,8 @@ pub fn cpu_ticks(pid: libc::pid_t) -> u64 {
 /// Whether a proxy answers a `stats` request on `control` within a second (one that
 /// accepts and never answers must not hang the caller's wait).
 pub fn answers(control: &std::path::Path) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(control) else {
-        return false;
-    };
-    let mut reply = Vec::new();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(1)))
-        .and_then(|()| stream.write_all(b"stats\n"))
-        .and_then(|()| stream.read_to_end(&mut reply))
-        .is_ok_and(|_| !reply.is_empty())
+    smartproxy::control::query_within(control, "stats", Some(Duration::from_secs(1)))
+        .is_ok_and(|reply| !reply.is_empty())
 }
 
 /// The open descriptors of process `pid`.
