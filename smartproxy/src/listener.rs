@@ -8,7 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -110,11 +110,26 @@ where
     }
 }
 
+/// A listen address in use: where it is bound, and which runtimes accept on it.
+#[derive(Debug)]
+pub(crate) struct Listening {
+    pub(crate) bound: SocketAddr,
+    /// Open as long as an accept loop holds it.
+    socket: Weak<std::net::TcpListener>,
+    /// By runtime index: whether an accept loop of that runtime holds the socket.
+    accepting_on: Vec<bool>,
+    warnings: Arc<Throttle>,
+    keepalive: KnownKeepalive,
+}
+
+/// The proxy's listen addresses, by the address configured.
+pub(crate) type Listeners = BTreeMap<SocketAddr, Listening>;
+
 /// Starts accepting on a bound listener, on every connection runtime. The caller holds the
 /// listeners lock.
 pub(crate) fn open_listener(
     shared: &Arc<Shared>,
-    listeners: &mut BTreeMap<SocketAddr, SocketAddr>,
+    listeners: &mut Listeners,
     addr: SocketAddr,
     listener: std::net::TcpListener,
 ) -> io::Result<()> {
@@ -128,37 +143,102 @@ pub(crate) fn open_listener(
     let bound = listener.local_addr()?;
     let keepalive = inherited_keepalive(socket2::SockRef::from(&listener));
     let listener = Arc::new(listener);
-    let warnings = Arc::new(accept_warnings());
-    let accepting = shared
-        .runtimes
-        .all()
-        .iter()
-        .map(|runtime| {
-            let _registers_with = runtime.enter();
-            ProxyListener::new(Arc::clone(&listener)).map(|accepting| (accepting, runtime))
-        })
-        .collect::<io::Result<Vec<_>>>()?;
-    listeners.insert(addr, bound);
+    let mut listening = Listening {
+        bound,
+        socket: Arc::downgrade(&listener),
+        accepting_on: vec![false; shared.runtimes.all().len()],
+        warnings: Arc::new(accept_warnings()),
+        keepalive,
+    };
+    let registered = register_where_missing(shared, &listening, &listener)?;
     shared
         .lock_handoff_sockets()
         .listeners
         .insert(addr, inherited);
     info!(listen = %bound, "listening");
-    for (index, (accepting, runtime)) in accepting.into_iter().enumerate() {
+    spawn_accept_loops(shared, addr, &mut listening, registered);
+    listeners.insert(addr, listening);
+    Ok(())
+}
+
+/// Accepts on `addr` again on every runtime whose loop let go of it: a reload removed the
+/// address, and the one that adds it back came before each runtime had seen the first.
+/// The caller holds the listeners lock.
+pub(crate) fn accept_again(
+    shared: &Arc<Shared>,
+    listeners: &mut Listeners,
+    addr: SocketAddr,
+) -> io::Result<()> {
+    let Some(listening) = listeners.get_mut(&addr) else {
+        return Ok(());
+    };
+    // The address leaves the map with the last loop's socket: an entry's socket is open.
+    let Some(socket) = listening.socket.upgrade() else {
+        return Ok(());
+    };
+    let registered = register_where_missing(shared, listening, &socket)?;
+    if !registered.is_empty() {
+        info!(listen = %listening.bound, runtimes = registered.len(), "accepting again");
+    }
+    spawn_accept_loops(shared, addr, listening, registered);
+    Ok(())
+}
+
+/// The socket registered with each runtime that has no accept loop on it, by index: all
+/// of them, or none.
+fn register_where_missing<'a>(
+    shared: &'a Shared,
+    listening: &Listening,
+    socket: &Arc<std::net::TcpListener>,
+) -> io::Result<Vec<(usize, ProxyListener, &'a tokio::runtime::Handle)>> {
+    shared
+        .runtimes
+        .all()
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| !listening.accepting_on[*index])
+        .map(|(index, runtime)| {
+            let _registers_with = runtime.enter();
+            ProxyListener::new(Arc::clone(socket)).map(|accepting| (index, accepting, runtime))
+        })
+        .collect()
+}
+
+fn spawn_accept_loops(
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+    listening: &mut Listening,
+    registered: Vec<(usize, ProxyListener, &tokio::runtime::Handle)>,
+) {
+    for (index, accepting, runtime) in registered {
+        listening.accepting_on[index] = true;
         shared.tasks.spawn_on(
             accept_loop(
                 accepting,
                 index,
-                Arc::clone(&warnings),
-                keepalive,
+                Arc::clone(&listening.warnings),
+                listening.keepalive,
                 addr,
-                bound,
+                listening.bound,
                 Arc::clone(shared),
             ),
             runtime,
         );
     }
-    Ok(())
+}
+
+/// Takes runtime `runtime`'s accept loop off `addr`'s socket. Returns whether that closed
+/// the socket (no other loop held it). The caller holds the listeners lock.
+fn let_go(
+    listeners: &mut Listeners,
+    addr: SocketAddr,
+    runtime: usize,
+    listener: ProxyListener,
+) -> bool {
+    if let Some(listening) = listeners.get_mut(&addr) {
+        listening.accepting_on[runtime] = false;
+    }
+    Arc::into_inner(listener.into_shared()).is_some()
 }
 
 /// Closes the descriptor of `addr`'s listener kept for an upgrade's successor: as long as
@@ -309,6 +389,7 @@ async fn accept_loop(
                     .await
                     .map_or(Phase::HandedOff, |phase| *phase);
                 if phase == Phase::HandedOff {
+                    let_go(&mut shared.lock_listeners(), addr, runtime, listener);
                     forget_inherited(&shared, addr);
                     return;
                 }
@@ -317,6 +398,7 @@ async fn accept_loop(
         };
         if stopped {
             // Its last descriptor closes with the listener: connects are refused from now.
+            let_go(&mut shared.lock_listeners(), addr, runtime, listener);
             forget_inherited(&shared, addr);
             return;
         }
@@ -329,8 +411,9 @@ async fn accept_loop(
         {
             // Each runtime's loop lets go of the socket here, under the lock, and the last
             // one closes it and forgets the address: a reload that adds it back binds it
-            // anew, or, if it comes before the last let go, finds it still open.
-            if Arc::into_inner(listener.into_shared()).is_some() {
+            // anew, or, if it comes before the last let go, finds it still open and
+            // accepts on it again where loops let go ([`accept_again`]).
+            if let_go(&mut listeners, addr, runtime, listener) {
                 listeners.remove(&addr);
                 forget_inherited(&shared, addr);
                 info!(listen = %bound, "no route uses this address any more: listener closed");
@@ -364,6 +447,83 @@ mod tests {
             .await;
             assert_eq!(accepted, 0, "accepted a connection once its stop was due");
         }
+    }
+
+    /// How many runtimes accept on the configured address `addr` (0 once it is closed).
+    fn runtimes_accepting(proxy: &crate::Proxy, addr: SocketAddr) -> usize {
+        proxy
+            .shared
+            .lock_listeners()
+            .get(&addr)
+            .map_or(0, |listening| listening.socket.strong_count())
+    }
+
+    /// A reload that removes an address, and one that adds it back before every runtime
+    /// saw the first: the socket stayed open, and each runtime accepts on it again. One
+    /// runtime is held up so that its loop sees neither reload until both are done, while
+    /// the other's loop lets go in between.
+    #[tokio::test]
+    async fn an_address_added_back_before_every_runtime_let_go_is_accepted_on_each() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let file = dir.path().join("smartproxy.toml");
+        let extra: SocketAddr = "127.0.0.2:0".parse().expect("an address");
+        let write = |with_extra: bool| {
+            let mut text = format!(
+                "[proxy]\ndata_path = \"userspace\"\ncontrol_socket = {:?}\n\n\
+                 [[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\ntargets = [\"127.0.0.1:9\"]\n",
+                dir.path().join("control.sock").display().to_string()
+            );
+            if with_extra {
+                text += &format!(
+                    "[[route]]\nname = \"extra\"\nlisten = \"{extra}\"\ntargets = [\"127.0.0.1:9\"]\n"
+                );
+            }
+            std::fs::write(&file, text).expect("write the config");
+        };
+        write(true);
+        let mut prepared = crate::Proxy::prepare(
+            crate::config::Config::from_file(&file).expect("the config loads"),
+        )
+        .expect("the proxy prepares");
+        prepared.runtimes = 2;
+        let proxy =
+            crate::Proxy::start_prepared(prepared, Arc::new(crate::resolve::SystemResolver))
+                .await
+                .expect("the proxy starts");
+        assert_eq!(runtimes_accepting(&proxy, extra), 2);
+
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held, holding) = tokio::sync::oneshot::channel();
+        proxy.shared.runtimes.all()[1].spawn(async move {
+            let _ = held.send(());
+            // Blocks the runtime's one thread, and with it the accept loops on it.
+            let _ = released.recv();
+        });
+        holding.await.expect("runtime 1 is held up");
+        write(false);
+        proxy.reload().await.expect("removing the address");
+        smartproxy_test_support::wait_for("runtime 0 lets go of the address", || {
+            runtimes_accepting(&proxy, extra) == 1
+        })
+        .await;
+        write(true);
+        proxy.reload().await.expect("adding it back");
+        release.send(()).expect("runtime 1 is released");
+        smartproxy_test_support::wait_for("both runtimes accept on it again", || {
+            runtimes_accepting(&proxy, extra) == 2
+        })
+        .await;
+        // Runtime 1's loop saw the address back, and runtime 0's new one stays: still two
+        // once runtime 1 went through both reloads.
+        let (through, gone_through) = tokio::sync::oneshot::channel();
+        proxy.shared.runtimes.all()[1].spawn(async move {
+            let _ = through.send(());
+        });
+        gone_through.await.expect("runtime 1 runs again");
+        tokio::task::yield_now().await;
+        assert_eq!(runtimes_accepting(&proxy, extra), 2);
+        proxy.shutdown();
+        proxy.wait().await;
     }
 
     #[test]

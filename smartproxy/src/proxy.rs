@@ -61,7 +61,7 @@ pub enum StartError {
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<Stop>,
     /// In a successor: the handoff socket and the predecessor's pid, until
@@ -86,6 +86,8 @@ pub struct Prepared {
     handoff: Option<(std::os::unix::net::UnixStream, u32)>,
     /// A successor's first connection id (0 otherwise).
     first_id: u64,
+    /// How many connection runtimes to start: one per core.
+    pub(crate) runtimes: usize,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -215,6 +217,7 @@ impl Proxy {
             successor,
             handoff,
             first_id,
+            runtimes: per_core(),
         })
     }
 
@@ -234,6 +237,7 @@ impl Proxy {
             successor,
             handoff,
             first_id,
+            runtimes,
         } = prepared;
         // A successor reads the kernel's events once it adopted every connection
         // ([`Proxy::take_over`]): the predecessor read them until then.
@@ -255,8 +259,7 @@ impl Proxy {
         );
         configure_limits(&limits, &generation);
         let tasks = TaskTracker::new();
-        let (workers, runtimes) =
-            Workers::start(per_core(), &tasks).map_err(StartError::Workers)?;
+        let (workers, runtimes) = Workers::start(runtimes, &tasks).map_err(StartError::Workers)?;
         let shared = Arc::new(Shared {
             runtimes,
             generation: watch::Sender::new(Arc::new(generation)),
@@ -362,7 +365,7 @@ impl Proxy {
         self.shared
             .lock_listeners()
             .iter()
-            .map(|(configured, bound)| (*configured, *bound))
+            .map(|(configured, listening)| (*configured, listening.bound))
             .collect()
     }
 
@@ -381,7 +384,10 @@ impl Proxy {
             .iter()
             .find(|r| r.name == route)?
             .listen;
-        self.shared.lock_listeners().get(&configured).copied()
+        self.shared
+            .lock_listeners()
+            .get(&configured)
+            .map(|listening| listening.bound)
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -14,7 +14,7 @@ use crate::backend::{listener_keepalive, start_checks};
 use crate::config::{Config, ConfigError};
 use crate::generation::{check_reloadable, Generation, NotReloadable};
 use crate::limits::Limits;
-use crate::listener::{bind_std, open_listener};
+use crate::listener::{accept_again, bind_std, open_listener};
 use crate::shared::{Shared, Stop};
 use crate::tls::TlsRoutes;
 use crate::tls_files::TlsError;
@@ -108,12 +108,11 @@ impl Shared {
             source,
         })?;
         let mut listeners = self.lock_listeners();
-        let added: BTreeSet<SocketAddr> = next
+        let (kept, added): (BTreeSet<SocketAddr>, BTreeSet<SocketAddr>) = next
             .routes
             .iter()
             .map(|route| route.listen)
-            .filter(|addr| !listeners.contains_key(addr))
-            .collect();
+            .partition(|addr| listeners.contains_key(addr));
         // Bind every new address before anything changes: one that fails refuses the
         // whole reload.
         let mut bound = Vec::with_capacity(added.len());
@@ -135,6 +134,11 @@ impl Shared {
             // too.
             if let Err(e) = open_listener(self, &mut listeners, addr, listener) {
                 warn!(listen = %addr, error = %e, "new listener unusable");
+            }
+        }
+        for addr in kept {
+            if let Err(e) = accept_again(self, &mut listeners, addr) {
+                warn!(listen = %addr, error = %e, "cannot accept again on every runtime");
             }
         }
         // It applies live: a new value the descriptor limit falls short of is said, as

@@ -2,8 +2,6 @@
 //! listeners, the connection table and counters, the kernel data path, and how far the
 //! proxy is in stopping.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -17,7 +15,7 @@ use crate::error_chain;
 use crate::generation::Generation;
 use crate::health::{Registry, TargetHealth, TargetSnapshot};
 use crate::limits::Limits;
-use crate::listener::Accepting;
+use crate::listener::{Accepting, Listeners};
 use crate::resolve::Resolve;
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
 use crate::table::ConnTable;
@@ -64,7 +62,7 @@ pub(crate) struct Shared {
     /// Every open listener: configured address -> bound address (they differ for port
     /// 0). Changed only under this lock, by a reload or by an accept loop that stops, so
     /// that a reload never binds an address a listener still holds.
-    pub(crate) listeners: Mutex<BTreeMap<SocketAddr, SocketAddr>>,
+    pub(crate) listeners: Mutex<Listeners>,
     /// The proxy's accept loops that are accepting (an upgrade waits for none).
     pub(crate) accepting: Accepting,
     /// One reload at a time.
@@ -220,9 +218,7 @@ impl Shared {
         }
     }
 
-    pub(crate) fn lock_listeners(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<SocketAddr, SocketAddr>> {
+    pub(crate) fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Listeners> {
         // Every change is a single insert or remove: a poisoned lock is still sound.
         self.listeners
             .lock()
