@@ -6,7 +6,9 @@
 //! wake-up crosses threads for the bytes of one connection, most often not even for its
 //! accept.
 
+use std::convert::Infallible;
 use std::io;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
@@ -28,6 +30,24 @@ pub(crate) struct Workers {
 /// connects that wakes one runtime first is shared out, and in churn most connections stay
 /// where they were accepted.
 const IMBALANCE: usize = 1;
+
+/// How often a runtime's anchor timer ([`anchor_timers`]) fires: shorter than the
+/// connection timers it keeps from waking the driver (a backend connect's, 5 s by default,
+/// is the shortest), long enough that an idle runtime all but sleeps.
+const ANCHOR_PERIOD: Duration = Duration::from_secs(1);
+
+/// Keeps a timer due within [`ANCHOR_PERIOD`] on this runtime, always. tokio wakes its own
+/// I/O driver (an eventfd write, then an extra `epoll_wait`) whenever a timer is set that
+/// is due before every timer the driver last parked with, even from the driver's own
+/// thread while it runs tasks (tokio-rs/tokio#5207). Without an anchor, a connection's
+/// connect timeout and its lifecycle deadlines were such a timer about once per
+/// connection; with it, they are later than the anchor, and the driver is woken for it
+/// once per period.
+async fn anchor_timers() -> Infallible {
+    loop {
+        tokio::time::sleep(ANCHOR_PERIOD).await;
+    }
+}
 
 /// Where connections are spawned: the runtimes' handles.
 #[derive(Debug)]
@@ -73,7 +93,12 @@ impl Workers {
                         }
                     };
                     let _ = started.send(Ok(runtime.handle().clone()));
-                    runtime.block_on(connections.wait());
+                    runtime.block_on(async {
+                        tokio::select! {
+                            () = connections.wait() => {}
+                            never = anchor_timers() => match never {},
+                        }
+                    });
                 })?;
             let handle = handle.recv().map_err(|_| {
                 io::Error::other("a connection runtime's thread ended before its runtime started")
@@ -174,6 +199,42 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert_eq!(index_of(&runtimes, runtimes.place(None)), 1);
+    }
+
+    /// Write system calls this thread made so far (`syscw` of `/proc/thread-self/io`).
+    fn writes_of_this_thread() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").expect("per-thread I/O counts");
+        io.lines()
+            .find_map(|line| line.strip_prefix("syscw: "))
+            .and_then(|count| count.trim().parse().ok())
+            .expect("a syscw line")
+    }
+
+    /// A timer set on a runtime's own thread, later than its anchor, does not make the
+    /// runtime wake its driver (an eventfd write): what every connection's connect timeout
+    /// did before the anchor.
+    #[test]
+    fn a_timer_later_than_the_anchor_does_not_wake_the_runtime() {
+        let connections = TaskTracker::new();
+        let (_workers, runtimes) = Workers::start(1, &connections).expect("runtimes start");
+        let (writes, counted) = std::sync::mpsc::channel();
+        runtimes.all()[0].spawn(async move {
+            // The driver has parked since the anchor was set.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let before = writes_of_this_thread();
+            for _ in 0..100 {
+                let mut timer = std::pin::pin!(tokio::time::sleep(ANCHOR_PERIOD * 5));
+                // Registered on its first poll.
+                std::future::poll_fn(|cx| {
+                    let _ = std::future::Future::poll(timer.as_mut(), cx);
+                    std::task::Poll::Ready(())
+                })
+                .await;
+            }
+            let _ = writes.send(writes_of_this_thread() - before);
+        });
+        let writes = counted.recv().expect("the runtime counts");
+        assert!(writes < 5, "{writes} writes for 100 timers");
     }
 
     #[test]
