@@ -10,6 +10,7 @@
 
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -30,6 +31,18 @@ pub const BUFFER_BYTES: usize = 64 * 1024;
 /// (docs/performance.md). The buffer is given back when the source pauses, and after the
 /// destination made the half wait.
 pub const STREAM_READ_BYTES: usize = 1024 * 1024;
+
+/// A read larger than this takes no more than the destination's send buffer has room for
+/// ([`Peer::send_room`]), so that the relay holds at most this much that a slow reader
+/// has not taken yet, not [`STREAM_READ_BYTES`]. Smaller reads skip the check: asking
+/// for the room on every read from 128 KiB on made 32 connections of 256 KiB messages
+/// about 4 % slower.
+pub const ROOM_CHECKED_READ_BYTES: usize = 256 * 1024;
+
+/// `SO_MEMINFO` from `asm-generic/socket.h`, and the count of its values up to
+/// `SK_MEMINFO_DROPS` (the libc crate exports the indices only).
+const SO_MEMINFO: libc::c_int = 55;
+const SK_MEMINFO_VARS: usize = 9;
 
 /// A TLS session over a TCP socket, server side (the client's) or client side (the
 /// backend's).
@@ -127,6 +140,31 @@ impl Peer {
                 Poll::Ready(Ok(read))
             }
         }
+    }
+
+    /// Room left in the socket's send buffer, in the kernel's own accounting: the buffer's
+    /// size less what is queued, skb overhead included (`SO_MEMINFO`). A write takes
+    /// about that much payload at once. `None` if the kernel does not say.
+    pub fn send_room(&self) -> Option<usize> {
+        let mut meminfo = [0u32; SK_MEMINFO_VARS];
+        let mut len = libc::socklen_t::try_from(size_of_val(&meminfo)).ok()?;
+        // SAFETY: SO_MEMINFO writes at most `len` bytes into `meminfo`, which is that long,
+        // and sets `len` to what it wrote.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.tcp().as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_MEMINFO,
+                meminfo.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 || usize::try_from(len).ok()? < size_of_val(&meminfo) {
+            return None;
+        }
+        let size = meminfo[libc::SK_MEMINFO_SNDBUF as usize];
+        let queued = meminfo[libc::SK_MEMINFO_WMEM_QUEUED as usize];
+        usize::try_from(size.saturating_sub(queued)).ok()
     }
 
     /// Writes some of `buf`. Over TLS the bytes may stay in the session until

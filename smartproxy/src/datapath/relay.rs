@@ -26,7 +26,7 @@ use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior};
 use super::adaptive::{Place, Policy};
 use super::kernel::offload::{BACKLOG_POLL_MAX, BACKLOG_POLL_MIN};
 use super::kernel::{Kernel, Offload, OffloadRecord, SpliceError, Wait, PASSED_READ_BYTES};
-use super::peer::{Peer, BUFFER_BYTES, STREAM_READ_BYTES};
+use super::peer::{Peer, BUFFER_BYTES, ROOM_CHECKED_READ_BYTES, STREAM_READ_BYTES};
 use super::Meter;
 use crate::config::AutoConfig;
 use crate::lifecycle::Event;
@@ -149,7 +149,7 @@ impl Half {
             if self.eof {
                 return Poll::Pending;
             }
-            let capacity = self.read_capacity(offload.is_some());
+            let capacity = self.read_capacity(offload.is_some(), || destination.send_room());
             let direction = self.direction;
             let worth_reading = |offload: &Option<&mut Offload>| {
                 offload
@@ -229,11 +229,17 @@ impl Half {
     /// bytes, and a megabyte buffer for each message (zeroed, and faulted in page by page)
     /// made 256 KiB request/response slower. A half that waited goes back to 64 KiB reads
     /// and gives a larger buffer back (it is called only once the buffer is written). A
-    /// slow reader still lets reads grow each time its socket drained enough: the relay
-    /// holds up to `STREAM_READ_BYTES` per direction. Waiting for the source to run dry
-    /// before growing again kept that at 64 KiB, and cost bulk streams the whole gain,
-    /// since they wait now and then too.
-    fn read_capacity(&mut self, spliced: bool) -> usize {
+    /// read above `ROOM_CHECKED_READ_BYTES` takes no more than `destination_room` says the
+    /// destination's send buffer takes at once (and at least 64 KiB): toward a slow reader,
+    /// whose socket drains in steps, reads grew to 1 MiB between its waits and the rest
+    /// stayed in the relay. Waiting for
+    /// the source to run dry before growing again also kept that at 64 KiB, but cost bulk
+    /// streams the whole gain, since they wait now and then too.
+    fn read_capacity(
+        &mut self,
+        spliced: bool,
+        destination_room: impl FnOnce() -> Option<usize>,
+    ) -> usize {
         if spliced {
             return if self.read_filled {
                 PASSED_READ_BYTES
@@ -247,7 +253,12 @@ impl Half {
             }
             return BUFFER_BYTES;
         }
-        self.stream_read
+        if self.stream_read <= ROOM_CHECKED_READ_BYTES {
+            return self.stream_read;
+        }
+        destination_room().map_or(self.stream_read, |room| {
+            room.clamp(BUFFER_BYTES, self.stream_read)
+        })
     }
 
     /// Books a read before anything else can fail: the bytes left the source, whatever
@@ -846,35 +857,66 @@ mod tests {
 
     /// Reads on the relay double while they fill their buffer, up to a megabyte, fall back
     /// to 64 KiB after a short read, and after a wait for the destination, which also
-    /// gives a larger buffer back; a spliced half takes the whole queue after one filled
-    /// read.
+    /// gives a larger buffer back; a read above 256 KiB takes no more than the
+    /// destination's send buffer has room for (never less than 64 KiB); a spliced half
+    /// takes the whole queue after one filled read.
     #[test]
     fn stream_reads_grow_while_the_destination_keeps_up() {
         let meter = Meter::default();
         let mut half = Half::new(Direction::ClientToBackend);
         let mut sizes = Vec::new();
         for _ in 0..6 {
-            let capacity = half.read_capacity(false);
+            let capacity = half.read_capacity(false, || Some(4 * STREAM_READ_BYTES));
             sizes.push(capacity / 1024);
             half.book_read(capacity, capacity, &meter, None);
         }
         assert_eq!(sizes, [64, 128, 256, 512, 1024, 1024]);
         half.book_read(10, STREAM_READ_BYTES, &meter, None);
         assert_eq!(
-            half.read_capacity(false),
+            half.read_capacity(false, || unreachable!("a 64 KiB read asks for no room")),
             BUFFER_BYTES,
             "after a short read"
+        );
+
+        // Up to ROOM_CHECKED_READ_BYTES no room is asked for; above, the read takes what
+        // the destination has room for, never less than 64 KiB.
+        let mut capacity = BUFFER_BYTES;
+        while capacity < ROOM_CHECKED_READ_BYTES {
+            half.book_read(capacity, capacity, &meter, None);
+            capacity = half.read_capacity(false, || unreachable!("no room asked for"));
+        }
+        assert_eq!(capacity, ROOM_CHECKED_READ_BYTES);
+        half.book_read(capacity, capacity, &meter, None);
+        assert_eq!(
+            half.read_capacity(false, || Some(300 * 1024)),
+            300 * 1024,
+            "as much as the destination has room for"
+        );
+        assert_eq!(
+            half.read_capacity(false, || Some(1024)),
+            BUFFER_BYTES,
+            "64 KiB even toward a full send buffer"
+        );
+        assert_eq!(
+            half.read_capacity(false, || None),
+            2 * ROOM_CHECKED_READ_BYTES,
+            "the doubling alone when the room is unknown"
         );
 
         half.book_read(BUFFER_BYTES, BUFFER_BYTES, &meter, None);
         half.buf = vec![0; 2 * BUFFER_BYTES];
         half.waited_to_write = true;
-        assert_eq!(half.read_capacity(false), BUFFER_BYTES, "after a wait");
+        assert_eq!(
+            half.read_capacity(false, || Some(STREAM_READ_BYTES)),
+            BUFFER_BYTES,
+            "after a wait"
+        );
         assert!(half.buf.is_empty(), "the larger buffer is given back");
 
         half.book_read(BUFFER_BYTES, BUFFER_BYTES, &meter, None);
-        assert_eq!(half.read_capacity(true), PASSED_READ_BYTES);
+        let room = || Some(BUFFER_BYTES);
+        assert_eq!(half.read_capacity(true, room), PASSED_READ_BYTES);
         half.book_read(10, PASSED_READ_BYTES, &meter, None);
-        assert_eq!(half.read_capacity(true), BUFFER_BYTES);
+        assert_eq!(half.read_capacity(true, room), BUFFER_BYTES);
     }
 }
