@@ -804,7 +804,14 @@ async fn a_connection_whose_tls_the_proxy_terminates_stays_on_the_relay() {
     {
         let (mut read, mut write) = tokio::io::split(&mut client);
         let (written, echo) = within("the echo", async {
-            tokio::join!(write.write_all(&payload), read.read_exact(&mut echoed))
+            tokio::join!(
+                // A TLS stream keeps what the socket did not take until it is flushed.
+                async {
+                    write.write_all(&payload).await?;
+                    write.flush().await
+                },
+                read.read_exact(&mut echoed)
+            )
         })
         .await;
         written.expect("client writes");
