@@ -28,7 +28,7 @@ use crate::generation::{Generation, Placement};
 use crate::lifecycle::{Action, Event, Lifecycle};
 use crate::limits::Admissions;
 use crate::routing::{receive_proxy_header, route};
-use crate::shared::{reached, Closed, Shared, Stop};
+use crate::shared::{Closed, Shared, Stop};
 use crate::table::ConnRecord;
 use crate::upgrade::message::ConnectionRecord;
 use crate::upgrade::{Outgoing, Phase};
@@ -217,10 +217,9 @@ async fn establish(
         }
         None => Vec::new(),
     };
-    let mut stop = shared.stop.clone();
     let Some(tls) = generation.tls.route(route) else {
         let backend = tokio::select! {
-            _ = reached(&mut stop, Stop::Drain) => return Err(ConnError::Shutdown),
+            () = draining(shared, record) => return Err(ConnError::Shutdown),
             connected = connect(shared, generation, route, record) => connected?.0,
         };
         write_all(&backend, &[header, peeked].concat()).await?;
@@ -229,7 +228,7 @@ async fn establish(
     // The whole TLS handshake, ClientHello included, within handshake_timeout.
     let deadline = accepted_at + config.lifecycle.handshake_timeout;
     let (client, negotiated) = tokio::select! {
-        _ = reached(&mut stop, Stop::Drain) => return Err(ConnError::Shutdown),
+        () = draining(shared, record) => return Err(ConnError::Shutdown),
         accepted = tls.accept(client, peeked, deadline) => accepted?,
     };
     let backend = async {
@@ -239,7 +238,7 @@ async fn establish(
         tls.connect(backend, &negotiated, target, deadline).await
     };
     let backend = tokio::select! {
-        _ = reached(&mut stop, Stop::Drain) => Err(ConnError::Shutdown),
+        () = draining(shared, record) => Err(ConnError::Shutdown),
         connected = backend => connected,
     };
     match backend {
@@ -264,10 +263,9 @@ async fn admit(
     // The PROXY header and the ClientHello both come before the route is known: the
     // [lifecycle] handshake_timeout bounds them together.
     let deadline = Instant::now() + generation.config.lifecycle.handshake_timeout;
-    let mut stop = shared.stop.clone();
     let read = match generation.routes.inbound.get(&listen) {
         Some(inbound) => tokio::select! {
-            _ = reached(&mut stop, Stop::Drain) => return Err(ConnError::Shutdown),
+            () = draining(shared, record) => return Err(ConnError::Shutdown),
             received = receive_proxy_header(client, inbound, record, deadline) => received?,
         },
         None => Vec::new(),
@@ -293,7 +291,7 @@ async fn admit(
         .get(&listen)
         .ok_or(ConnError::NoRoute)?;
     let (route, peeked) = tokio::select! {
-        _ = reached(&mut stop, Stop::Drain) => return Err(ConnError::Shutdown),
+        () = draining(shared, record) => return Err(ConnError::Shutdown),
         routed = route(routes, client, read, deadline) => routed?,
     };
     let slot = generation.slot(route);
@@ -407,9 +405,11 @@ fn drive<'a>(
     async move {
         let mut stop = shared.stop.clone();
         let mut stop_seen = Stop::Running;
-        let mut upgrade = shared.upgrade.subscribe();
         let mut movable = relay.movable();
         record.stays.store(!movable, Ordering::Relaxed);
+        // A stop or an upgrade that came before the connection's record did is seen on the
+        // first turn.
+        record.nudge.raise();
         loop {
             let deadline = lifecycle.deadline().map(Instant::from_std);
             let event = tokio::select! {
@@ -430,20 +430,33 @@ fn drive<'a>(
                 _ = sleep_until_some(deadline) => Event::Timer {
                     last_activity: instant_of(relay.meter().last_activity_ns()),
                 },
-                stage = next_stage(&mut stop, stop_seen), if stop_seen < Stop::Cut => {
-                    stop_seen = stage;
-                    if stage == Stop::Drain { Event::Shutdown } else { Event::Cut }
-                }
-                handoff = handoff_requested(shared, &mut upgrade), if movable => {
-                    match hand_off(shared, relay, &lifecycle, record, handoff) {
-                        Ok(()) => return Ended::Moved,
-                        Err(kept) => {
-                            // It stays here, and the upgrade need not wait for it.
-                            relay = *kept;
-                            movable = false;
-                            record.stays.store(true, Ordering::Relaxed);
-                            continue;
+                () = record.nudge.nudged() => {
+                    let stage = if stop_seen < Stop::Cut {
+                        next_stage(&mut stop, stop_seen)
+                    } else {
+                        None
+                    };
+                    let handoff = if movable { handoff_requested(shared) } else { None };
+                    if let Some(stage) = stage {
+                        if handoff.is_some() {
+                            // The handoff on the next turn.
+                            record.nudge.raise();
                         }
+                        stop_seen = stage;
+                        if stage == Stop::Drain { Event::Shutdown } else { Event::Cut }
+                    } else if let Some(handoff) = handoff {
+                        match hand_off(shared, relay, &lifecycle, record, handoff) {
+                            Ok(()) => return Ended::Moved,
+                            Err(kept) => {
+                                // It stays here, and the upgrade need not wait for it.
+                                relay = *kept;
+                                movable = false;
+                                record.stays.store(true, Ordering::Relaxed);
+                                continue;
+                            }
+                        }
+                    } else {
+                        continue;
                     }
                 }
             };
@@ -468,31 +481,13 @@ fn drive<'a>(
     }
 }
 
-/// Resolves once an upgrade takes connections over, with where to hand this one.
-async fn handoff_requested(
-    shared: &Shared,
-    upgrade: &mut watch::Receiver<Phase>,
-) -> mpsc::UnboundedSender<Outgoing> {
-    loop {
-        if upgrade
-            .wait_for(|phase| *phase == Phase::HandingOff)
-            .await
-            .is_err()
-        {
-            return std::future::pending().await;
-        }
-        if let Some(sender) = shared.lock_handoff().clone() {
-            return sender;
-        }
-        // The handoff ended for this one: wait for the next upgrade.
-        if upgrade
-            .wait_for(|phase| *phase != Phase::HandingOff)
-            .await
-            .is_err()
-        {
-            return std::future::pending().await;
-        }
+/// Where to hand the connection, if an upgrade is taking connections over now.
+fn handoff_requested(shared: &Shared) -> Option<mpsc::UnboundedSender<Outgoing>> {
+    if *shared.upgrade.borrow() != Phase::HandingOff {
+        return None;
     }
+    // None: that handoff already ended.
+    shared.lock_handoff().clone()
 }
 
 /// Takes the relay apart and hands it, with its record, to the upgrade; gives it back if
@@ -563,14 +558,22 @@ fn hand_off(
     Ok(())
 }
 
-/// The stop stage after `seen`, once the proxy reaches it.
-async fn next_stage(stop: &mut watch::Receiver<Stop>, seen: Stop) -> Stop {
-    let next = stop.wait_for(|now| *now > seen).await.map(|now| *now);
-    match next {
-        Ok(now) => now,
-        // The proxy was dropped without a shutdown: as one, then nothing more.
-        Err(_) if seen < Stop::Drain => Stop::Drain,
-        Err(_) => std::future::pending().await,
+/// The stop stage after `seen`, if the proxy reached one, and only the first time: those
+/// not yet handled lie between `seen` and now.
+fn next_stage(stop: &mut watch::Receiver<Stop>, seen: Stop) -> Option<Stop> {
+    if stop.has_changed().is_err() {
+        // The proxy is gone: as a shutdown, then nothing more.
+        return (seen < Stop::Drain).then_some(Stop::Drain);
+    }
+    let now = *stop.borrow_and_update();
+    (now > seen).then_some(now)
+}
+
+/// Resolves once the proxy's stop stage is `Drain` or later.
+async fn draining(shared: &Shared, record: &ConnRecord) {
+    let mut stop = shared.stop.clone();
+    while next_stage(&mut stop, Stop::Running).is_none() {
+        record.nudge.nudged().await;
     }
 }
 

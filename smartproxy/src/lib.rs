@@ -19,6 +19,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod notify;
+pub mod nudge;
 pub mod privileges;
 pub mod process;
 pub mod proxy;

@@ -433,15 +433,18 @@ impl Proxy {
         self.advance(Stop::Cut);
     }
 
-    /// Moves the stop stage forward to `stage`, never back.
+    /// Moves the stop stage forward to `stage`, never back, and tells every connection.
     fn advance(&self, stage: Stop) {
-        self.stop.send_if_modified(|now| {
+        let advanced = self.stop.send_if_modified(|now| {
             let later = *now < stage;
             if later {
                 *now = stage;
             }
             later
         });
+        if advanced {
+            self.shared.table.nudge_all();
+        }
     }
 
     /// Waits until the proxy stopped: after `shutdown`, when the last connection closed.
@@ -459,6 +462,14 @@ impl Proxy {
         if let Err(e) = std::fs::remove_file(path) {
             debug!(path = %path.display(), error = %e, "control socket already gone");
         }
+    }
+}
+
+impl Drop for Proxy {
+    /// A proxy dropped without a shutdown drains its connections as one would (the
+    /// connection runtimes end once they did).
+    fn drop(&mut self) {
+        self.advance(Stop::Drain);
     }
 }
 

@@ -13,6 +13,7 @@ use crate::datapath::Meter;
 use crate::upgrade::message::ConnectionRecord;
 
 use crate::health::TargetHealth;
+use crate::nudge::Nudge;
 use crate::vocab::DataPathKind;
 
 /// What the proxy knows of one live connection.
@@ -39,6 +40,8 @@ pub struct ConnRecord {
     pub half_open: AtomicBool,
     /// Relayed over TLS this proxy holds the keys of: an upgrade cannot move it.
     pub stays: AtomicBool,
+    /// Raised for the connection to look at the stop stage and the upgrade again.
+    pub nudge: Nudge,
 }
 
 /// The addresses a load balancer's PROXY header carries.
@@ -99,6 +102,7 @@ impl ConnTable {
             meter: Arc::default(),
             half_open: AtomicBool::new(false),
             stays: AtomicBool::new(false),
+            nudge: Nudge::default(),
         });
         self.lock().insert(id, Arc::clone(&record));
         record
@@ -132,6 +136,7 @@ impl ConnTable {
             meter,
             half_open: AtomicBool::new(moved.lifecycle_half_open()),
             stays: AtomicBool::new(false),
+            nudge: Nudge::default(),
         });
         record.set_data_path(moved.data_path);
         self.continue_ids(moved.id);
@@ -170,6 +175,14 @@ impl ConnTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Nudges every live connection: the stop stage or the upgrade changed. A connection
+    /// recorded after this looks at them when it starts to wait.
+    pub fn nudge_all(&self) {
+        for record in self.lock().values() {
+            record.nudge.raise();
+        }
     }
 
     /// A copy of the live records, taken without holding the lock while the caller reads.

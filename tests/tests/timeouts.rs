@@ -290,6 +290,32 @@ async fn target_that_never_answers_closes_with_connect_timeout() {
     .await;
 }
 
+/// A shutdown reaches a connection still waiting for its backend (the stop stage's nudge,
+/// `smartproxy/src/nudge.rs`): it ends at once, not at its connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_ends_a_connection_still_connecting_at_once() {
+    for_each_data_path(|mode| async move {
+        let silent = tokio::task::spawn_blocking(SilentTarget::bind)
+            .await
+            .expect("a silent target");
+        let route = plain_route("silent", silent.addr, "connect_timeout = \"60s\"");
+        let mut proxy = TestProxy::start(mode, &route).await;
+        let mut client = connect(proxy.addr("silent")).await;
+        wait_for("the connection is in setup", || {
+            proxy.proxy.connection_rows().len() == 1
+        })
+        .await;
+        let started = Instant::now();
+        proxy.proxy.shutdown();
+        expect_hangup(&mut client).await;
+        let waited = started.elapsed();
+        assert!(waited < PROMPTLY, "the shutdown took {waited:?}");
+        proxy.expect_closed(Reason::Shutdown).await;
+        proxy.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_target_is_skipped_for_the_next_one() {
     for_each_data_path(|mode| async move {

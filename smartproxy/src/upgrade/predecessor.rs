@@ -357,6 +357,7 @@ async fn move_connections(
     let (sender, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
     *shared.lock_handoff() = Some(sender);
     shared.upgrade.send_replace(Phase::HandingOff);
+    shared.table.nudge_all();
     // Every connection accepted here is in the table before it is counted. Bounded: a
     // loop that does not answer leaves what it accepts here, to drain.
     if tokio::time::timeout(ACCEPTS_STOP_WITHIN, shared.accepting.none())
