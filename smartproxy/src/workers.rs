@@ -82,8 +82,12 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("smartproxy-conn-{index}"))
                 .spawn(move || {
+                    // Sockets and timers only: a runtime with the signal and process
+                    // drivers looks for orphaned child processes, under a lock every such
+                    // runtime shares, each time it parks.
                     let runtime = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
+                        .enable_io()
+                        .enable_time()
                         .build()
                     {
                         Ok(runtime) => runtime,
