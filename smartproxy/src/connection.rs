@@ -558,13 +558,10 @@ fn hand_off(
     Ok(())
 }
 
-/// The stop stage after `seen`, if the proxy reached one, and only the first time: those
-/// not yet handled lie between `seen` and now.
+/// The stop stage the proxy reached, if it is past `seen`. A proxy dropped without a
+/// shutdown moves to `Drain` first (`Proxy`'s `Drop`), so the stage the channel holds
+/// once closed is the last one.
 fn next_stage(stop: &mut watch::Receiver<Stop>, seen: Stop) -> Option<Stop> {
-    if stop.has_changed().is_err() {
-        // The proxy is gone: as a shutdown, then nothing more.
-        return (seen < Stop::Drain).then_some(Stop::Drain);
-    }
     let now = *stop.borrow_and_update();
     (now > seen).then_some(now)
 }

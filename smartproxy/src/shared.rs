@@ -59,9 +59,10 @@ pub(crate) async fn reached(stop: &mut watch::Receiver<Stop>, stage: Stop) {
 pub(crate) struct Shared {
     /// The configuration new connections are accepted under; swapped by a reload.
     pub(crate) generation: watch::Sender<Arc<Generation>>,
-    /// Every open listener: configured address -> bound address (they differ for port
-    /// 0). Changed only under this lock, by a reload or by an accept loop that stops, so
-    /// that a reload never binds an address a listener still holds.
+    /// Every open listener, by configured address: its bound address (they differ for
+    /// port 0) and the runtimes accepting on it. Changed only under this lock, by a reload
+    /// or by an accept loop that stops, so that a reload never binds an address a listener
+    /// still holds, and accepts again where a loop let go of one it keeps.
     pub(crate) listeners: Mutex<Listeners>,
     /// The proxy's accept loops that are accepting (an upgrade waits for none).
     pub(crate) accepting: Accepting,

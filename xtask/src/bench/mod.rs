@@ -230,8 +230,16 @@ pub fn run(opts: Options) -> Result<ExitCode> {
 
     let mut results = Results::default();
     for &scenario in &scenarios {
-        for round in 1..=opts.runs {
-            for &target in targets.iter().filter(|t| scenario.applies_to(**t)) {
+        let applicable: Vec<Target> = targets
+            .iter()
+            .copied()
+            .filter(|t| scenario.applies_to(*t))
+            .collect();
+        for (index, round) in (1..=opts.runs).enumerate() {
+            // Each round starts one target further: what a run leaves behind (TIME_WAIT
+            // sockets above all) weighs on the next, and no target always follows the same.
+            let start = index % applicable.len().max(1);
+            for &target in applicable[start..].iter().chain(&applicable[..start]) {
                 let tag = format!("[{scenario} {round}/{}] {target}", opts.runs);
                 let started = Instant::now();
                 match run_one(scenario, target, &launch, &backend_sent, &params) {

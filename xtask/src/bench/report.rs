@@ -567,7 +567,8 @@ fn show_gib(bytes: u64) -> String {
 const METHOD: &str = "\
 Everything runs on 127.0.0.1. The load generator and the backend are threads of the xtask \
 process (built in release); the proxies are child processes with generated configs. Rounds \
-are interleaved: every round runs each target once, in the column order.
+are interleaved: every round runs each target once, in the column order, each round starting \
+one column further (a run's TIME_WAIT sockets weigh on the next one).
 
 - **throughput**: bytes × 8 / wall time, from before connect until the last byte is read \
 (upload: until the backend's reply that it has read up to EOF).
