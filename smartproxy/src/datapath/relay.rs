@@ -232,9 +232,9 @@ impl Half {
     /// read above `ROOM_CHECKED_READ_BYTES` takes no more than `destination_room` says the
     /// destination's send buffer takes at once (and at least 64 KiB): toward a slow reader,
     /// whose socket drains in steps, reads grew to 1 MiB between its waits and the rest
-    /// stayed in the relay. Waiting for
-    /// the source to run dry before growing again also kept that at 64 KiB, but cost bulk
-    /// streams the whole gain, since they wait now and then too.
+    /// stayed in the relay. Waiting for the source to run dry before growing again also
+    /// kept that at 64 KiB, but cost bulk streams the whole gain, since they wait now and
+    /// then too.
     fn read_capacity(
         &mut self,
         spliced: bool,
