@@ -170,8 +170,8 @@ impl Peer {
     }
 
     /// Whether the runtime wakes the relay when the socket turns readable. Not for a
-    /// spliced socket whose bytes the kernel redirects ([`SplicedTcp`]): its reads do not
-    /// wait for readiness and return `WouldBlock` when there is nothing.
+    /// spliced socket whose bytes the kernel redirects ([`SplicedTcp`]) while nothing is
+    /// passed up to it.
     pub fn reads_watched(&self) -> bool {
         match self {
             Peer::Spliced(spliced) => spliced.reads_watched,
@@ -222,8 +222,8 @@ impl Peer {
     /// Reads into `buf`. `Ok(0)`: EOF (a FIN; over TLS a close_notify, or a FIN without
     /// one). A plain TCP socket that turned readable is read only if `worth_reading` says
     /// so; if not, its readiness is dropped and the read waits for the next one. A socket
-    /// whose reads are not watched ([`Peer::reads_watched`]) is read at once, and gives
-    /// `WouldBlock` when it holds nothing.
+    /// whose reads are not watched ([`Peer::reads_watched`]) is never ready: it waits
+    /// until the relay watches it again.
     pub fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
@@ -242,9 +242,6 @@ impl Peer {
                     result => return Poll::Ready(result),
                 }
             },
-            Peer::Spliced(spliced) if !spliced.reads_watched => {
-                Poll::Ready((&spliced.socket).read(buf))
-            }
             Peer::Spliced(spliced) => loop {
                 let mut guard = ready!(spliced.readiness()?.poll_read_ready(cx))?;
                 let mut short_read = None;

@@ -100,8 +100,6 @@ impl Half {
     ) -> Poll<Event> {
         let source_side = self.direction.source();
         let destination_side = self.direction.destination();
-        // The last read of a source whose reads are not watched found nothing.
-        let mut found_nothing = false;
         loop {
             let must_write = self.start < self.end;
             if must_write || (self.finishing && !self.finished) {
@@ -160,15 +158,7 @@ impl Half {
                     .as_deref()
                     .is_none_or(|offload| offload.may_have_bytes_to_read(direction))
             };
-            let unwatched_read = match offload.as_deref_mut() {
-                Some(offload) if !source.reads_watched() => {
-                    offload.poll_unwatched_read(cx, direction, found_nothing)
-                }
-                _ => Poll::Ready(()),
-            };
-            let read = if unwatched_read.is_pending() {
-                Poll::Pending
-            } else if self.buf.len() < capacity && capacity <= BUFFER_BYTES {
+            let read = if self.buf.len() < capacity && capacity <= BUFFER_BYTES {
                 // No buffer of its own: read into the thread's, and keep only what the
                 // destination does not take at once.
                 SCRATCH.with_borrow_mut(|scratch| {
@@ -206,6 +196,9 @@ impl Half {
                     // nothing) hold none.
                     self.buf = Vec::new();
                     self.read_filled = false;
+                    if let Some(offload) = offload {
+                        offload.read_nothing(self.direction);
+                    }
                     return Poll::Pending;
                 }
             };
@@ -226,10 +219,7 @@ impl Half {
                 }
                 // Booked, and kept for the destination unless a forced finish already gave
                 // it its FIN (then they are dropped).
-                Ok(_) => found_nothing = false,
-                Err(ReadError::Reading(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    found_nothing = true;
-                }
+                Ok(_) => {}
                 Err(ReadError::Writing(e)) => return self.failed(destination_side, "writing", &e),
                 Err(ReadError::Reading(e)) => return self.failed(source_side, "reading", &e),
             }
@@ -687,8 +677,13 @@ impl Relay {
                 return Poll::Ready(Report::Event(event));
             }
         }
-        match self.poll_adaptive(cx) {
-            Some(report) => Poll::Ready(report),
+        if let Some(report) = self.poll_adaptive(cx) {
+            return Poll::Ready(report);
+        }
+        // A half that caught up with what the verdict passed stops watching its source
+        // now: an idle relay is not polled again for the wake-ups that would bring.
+        match self.watch_reads_as_needed() {
+            Some(side) => Poll::Ready(Report::Event(Event::Reset(side))),
             None => Poll::Pending,
         }
     }
@@ -911,8 +906,9 @@ mod tests {
     /// wake its relay's thread for them. The relay runs on a runtime of its own thread;
     /// 300 round trips of 64 bytes (an skb each, each of which used to wake that thread
     /// through the socket's data-ready callback) leave it asleep but for a few wake-ups
-    /// (its voluntary context switches). The client's FIN still reaches the relay
-    /// (through the sock_ops event), and is reported as an EOF.
+    /// (its voluntary context switches), and it moves none of the bytes itself. The
+    /// client's FIN still reaches the relay (through the sock_ops event), and is reported
+    /// as an EOF.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_redirecting_relay_is_not_woken_by_redirected_bytes() {
         use std::io::{Read, Write};
@@ -938,6 +934,7 @@ mod tests {
         let mut app_backend = back.accept().expect("accept").0;
 
         let (started, thread_id) = std::sync::mpsc::channel();
+        let (spliced_tx, spliced) = std::sync::mpsc::channel();
         let relay_thread = std::thread::spawn(move || {
             // SAFETY: gettid has no preconditions.
             let _ = started.send(unsafe { libc::gettid() });
@@ -957,9 +954,11 @@ mod tests {
                 );
                 relay.offload(&kernel).expect("splice");
                 assert!(relay.splice_fallback().is_none(), "the splice completed");
+                let _ = spliced_tx.send(());
                 let report = relay.next_event().await;
-                let watched = [&relay.client, &relay.backend].map(Peer::reads_watched);
-                (report, watched)
+                let relayed =
+                    Direction::BOTH.map(|direction| relay.meter.userspace_bytes(direction));
+                (report, relayed)
             })
         });
         let thread_id = thread_id.recv().expect("relay thread id");
@@ -973,8 +972,10 @@ mod tests {
                 .expect("voluntary_ctxt_switches")
         };
 
+        // Bytes sent before the splice would be passed up, and read by the relay.
+        spliced.recv().expect("the relay spliced");
         let (mut request, mut response) = ([0u8; 64], [0u8; 64]);
-        // The first round trip also waits for the splice.
+        // From the end of the first round trip: the relay's first poll comes with it.
         let mut before = None;
         for round in 0..ROUND_TRIPS {
             request.fill(round as u8);
@@ -990,7 +991,7 @@ mod tests {
         }
         let woken = wake_ups() - before.unwrap_or(0);
         app_client.shutdown(Shutdown::Write).expect("client FIN");
-        let (report, watched) = relay_thread.join().expect("relay thread");
+        let (report, relayed) = relay_thread.join().expect("relay thread");
         assert!(
             woken <= MOST_WAKE_UPS,
             "the relay's thread was woken {woken} times for {ROUND_TRIPS} round trips"
@@ -999,11 +1000,7 @@ mod tests {
             matches!(report, Report::Event(Event::Eof(Side::Client))),
             "{report:?}"
         );
-        assert_eq!(
-            watched,
-            [false, false],
-            "redirecting sockets are not watched for reads"
-        );
+        assert_eq!(relayed, [0, 0], "bytes the relay moved itself");
     }
 
     /// Reads on the relay double while they fill their buffer, up to a megabyte, fall back

@@ -49,8 +49,8 @@ pub struct Offload {
     /// events the predecessor read before it stopped were never seen here.
     recheck: bool,
     /// Per direction: its source may hold bytes the verdict passed up, or a FIN or an
-    /// error, that userspace has not read ([`Offload::poll_unwatched_read`]).
-    may_have_passed: [bool; 2],
+    /// error, that userspace has not read ([`Offload::watches_reads`]).
+    passing: [bool; 2],
     /// The ring-buffer reader stopped: no event comes any more, so every socket is
     /// watched for reads.
     events_closed: bool,
@@ -99,7 +99,7 @@ impl Offload {
             },
             kernel_base,
             recheck,
-            may_have_passed: [true; 2],
+            passing: [true; 2],
             events_closed: false,
         }
     }
@@ -250,50 +250,31 @@ impl Offload {
         self.splice.may_have_bytes_to_read(direction.source())
     }
 
-    /// Whether the runtime must wake the relay when `direction`'s source turns readable:
-    /// unless the verdict redirects its bytes and reports each pass up (and the event
-    /// reader runs). A redirecting socket turns readable after every skb, redirected or
-    /// not (`datapath::peer::SplicedTcp`).
+    /// Whether the runtime must wake the relay when `direction`'s source turns readable. A
+    /// redirecting socket turns readable after every skb, redirected or not
+    /// (`docs/kernel-notes.md#read-wake-ups`), so it is watched only while the verdict
+    /// passes it up bytes userspace has not read yet, or may have (an event said so: bytes
+    /// passed, a state change, lost events), and otherwise not, as long as the verdict
+    /// redirects and the event reader runs.
     pub fn watches_reads(&self, direction: Direction) -> bool {
-        self.events_closed || !self.splice.redirects(direction.source())
+        self.events_closed
+            || !self.splice.redirects(direction.source())
+            || self.passing[direction.index()]
     }
 
-    /// For a source whose reads are not watched ([`Offload::watches_reads`]): ready once a
-    /// read of it may find something. That is after an event said so (bytes passed up, a
-    /// state change, lost events) and until userspace has read every byte the verdict
-    /// passed: the verdict counts a pass before it lands in the socket, so while the
-    /// count is ahead and the socket holds nothing this re-checks, backing off. Pending
-    /// without a timer once userspace has read them all: the next pass, FIN or RST comes
-    /// with an event. `found_nothing`: the last read, made after this was ready, found
-    /// nothing.
-    pub fn poll_unwatched_read(
-        &mut self,
-        cx: &mut Context<'_>,
-        direction: Direction,
-        mut found_nothing: bool,
-    ) -> Poll<()> {
+    /// Called when a read of `direction`'s source is pending: once the socket holds nothing
+    /// to read (no byte, no FIN, no error; a new registration may not have reported it
+    /// yet) and userspace has read every byte the verdict passed, the source need not be
+    /// watched for reads ([`Offload::watches_reads`]) until the next event. A failed
+    /// lookup keeps it watched.
+    pub fn read_nothing(&mut self, direction: Direction) {
         let index = direction.index();
         let source = direction.source();
-        loop {
-            if !self.may_have_passed[index] {
-                return Poll::Pending;
-            }
-            if !found_nothing && self.splice.may_have_bytes_to_read(source) {
-                return Poll::Ready(());
-            }
-            match self.splice.flow(source) {
-                Ok(flow) if flow.passed > self.taken[index] => {}
-                Ok(_) => {
-                    self.may_have_passed[index] = false;
-                    self.retry[index] = None;
-                    self.backoff[index] = BACKLOG_POLL_MIN;
-                    return Poll::Pending;
-                }
-                // The read finds out.
-                Err(_) => return Poll::Ready(()),
-            }
-            ready!(self.poll_retry(cx, index));
-            found_nothing = false;
+        if !self.passing[index] || self.splice.may_have_bytes_to_read(source) {
+            return;
+        }
+        if let Ok(flow) = self.splice.flow(source) {
+            self.passing[index] = flow.passed > self.taken[index];
         }
     }
 
@@ -332,7 +313,7 @@ impl Offload {
     pub fn set_redirect(&mut self, redirect: bool) -> io::Result<()> {
         self.splice.set_redirect(redirect)?;
         // Passed bytes userspace has not read may wait in the sockets.
-        self.may_have_passed = [true; 2];
+        self.passing = [true; 2];
         Ok(())
     }
 
@@ -357,12 +338,12 @@ impl Offload {
         loop {
             match self.splice.poll_event(cx) {
                 Poll::Ready(Some(SpliceEvent::Passed(side))) => {
-                    self.may_have_passed[Direction::from_source(side).index()] = true;
+                    self.passing[Direction::from_source(side).index()] = true;
                 }
                 Poll::Ready(Some(event)) => {
                     tracing::debug!(?event, "spliced socket event");
                     // A FIN or an RST is read from the socket.
-                    self.may_have_passed = [true; 2];
+                    self.passing = [true; 2];
                     due = true;
                 }
                 Poll::Ready(None) => {
