@@ -194,14 +194,15 @@ impl Peer {
     }
 
     /// For a [`SplicedTcp`]: registers it again, watched for reads or not, under the same
-    /// descriptor. On error it is registered as before if that still works, and not at
-    /// all otherwise. Other sockets are always watched; nothing changes for them.
-    pub fn watch_reads(&mut self, watch: bool) -> io::Result<()> {
+    /// descriptor, and says whether it did. A new registration starts without the wakers
+    /// of the old one. On error it is registered as before if that still works, and not
+    /// at all otherwise. Other sockets are always watched; nothing changes for them.
+    pub fn watch_reads(&mut self, watch: bool) -> io::Result<bool> {
         let Peer::Spliced(spliced) = self else {
-            return Ok(());
+            return Ok(false);
         };
         if spliced.reads_watched == watch && spliced.readiness.is_some() {
-            return Ok(());
+            return Ok(false);
         }
         // Deregistered first: a descriptor is registered once at a time.
         spliced.readiness = None;
@@ -209,7 +210,7 @@ impl Peer {
             Ok(readiness) => {
                 spliced.readiness = Some(readiness);
                 spliced.reads_watched = watch;
-                Ok(())
+                Ok(true)
             }
             Err(e) => {
                 spliced.readiness =

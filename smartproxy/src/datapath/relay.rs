@@ -660,7 +660,7 @@ impl Relay {
         if let Some(side) = self.poll_state_changes(cx) {
             return Poll::Ready(Report::Event(Event::Reset(side)));
         }
-        if let Some(side) = self.watch_reads_as_needed() {
+        if let Some(side) = self.watch_reads_as_needed(cx) {
             return Poll::Ready(Report::Event(Event::Reset(side)));
         }
         self.first ^= 1;
@@ -682,7 +682,7 @@ impl Relay {
         }
         // A half that caught up with what the verdict passed stops watching its source
         // now: an idle relay is not polled again for the wake-ups that would bring.
-        match self.watch_reads_as_needed() {
+        match self.watch_reads_as_needed(cx) {
             Some(side) => Poll::Ready(Report::Event(Event::Reset(side))),
             None => Poll::Pending,
         }
@@ -784,10 +784,11 @@ impl Relay {
 
     /// On a spliced connection, registers each socket with the runtime for reads or not, as
     /// [`Offload::watches_reads`] says for the direction it is the source of: a splice, a
-    /// move and a finishing direction change it. Returns the side whose socket could not
-    /// be registered for reads: it would wait for its bytes forever, and is taken as
-    /// failed.
-    fn watch_reads_as_needed(&mut self) -> Option<Side> {
+    /// move and a finishing direction change it. A new registration has none of the
+    /// wakers the halves left with the old one (a write waiting for room, say), so the
+    /// relay is polled again after a change. Returns the side whose socket could not be
+    /// registered for reads: it would wait for its bytes forever, and is taken as failed.
+    fn watch_reads_as_needed(&mut self, cx: &mut Context<'_>) -> Option<Side> {
         let offload = self.offload.as_deref()?;
         for side in [Side::Client, Side::Backend] {
             let watch = offload.watches_reads(Direction::from_source(side));
@@ -798,10 +799,15 @@ impl Relay {
             if peer.reads_watched() == watch {
                 continue;
             }
-            if let Err(e) = peer.watch_reads(watch) {
-                tracing::debug!(%side, watch, error = %e, "cannot register the spliced socket again");
-                if watch {
-                    return Some(side);
+            match peer.watch_reads(watch) {
+                Ok(false) => {}
+                Ok(true) => cx.waker().wake_by_ref(),
+                Err(e) => {
+                    tracing::debug!(%side, watch, error = %e, "cannot register the spliced socket again");
+                    if watch {
+                        return Some(side);
+                    }
+                    cx.waker().wake_by_ref();
                 }
             }
         }
