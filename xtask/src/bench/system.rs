@@ -315,27 +315,28 @@ pub fn enter_own_netns() -> Result<()> {
 }
 
 /// Lets connect() take over a loopback TIME_WAIT port after 1 ms instead of the kernel's
-/// default 1 s (`net.ipv4.tcp_tw_reuse_delay`, per network namespace, Linux 6.13 and
-/// later). connect() tries the even half of the ephemeral range first and reuses a
-/// TIME_WAIT port of it once the delay has passed, so with the default every target,
-/// direct included, stopped at the range's 14,116 even ports once a second (14.1k conn/s)
-/// in churn where the client closes first: the figure measured the port range, not the
-/// proxy. Returns a note for the report; call it only in the bench's own namespace, never
-/// on the machine's.
+/// default 1 s (`net.ipv4.tcp_tw_reuse_delay`, per network namespace, Linux 6.14 and
+/// later: commit ca6a6f93867a, "tcp: Add sysctl to configure TIME-WAIT reuse delay").
+/// connect() tries the even half of the ephemeral range first and reuses a TIME_WAIT port
+/// of it once the delay has passed, so with the default every target, direct included,
+/// stopped at the range's 14,116 even ports once a second (14.1k conn/s) in churn where
+/// the client closes first: the figure measured the port range, not the proxy. Returns a
+/// note for the report; call it only in the bench's own namespace, never on the
+/// machine's.
 pub fn shorten_time_wait_reuse() -> Result<String> {
     const KNOB: &str = "/proc/sys/net/ipv4/tcp_tw_reuse_delay";
     if !std::path::Path::new(KNOB).exists() {
         return Ok(
             "this kernel has no net.ipv4.tcp_tw_reuse_delay: a loopback TIME_WAIT \
-                   port is reused after 1 s, which caps client-first churn near half the \
-                   ephemeral port range per second"
+             port is reused after 1 s, which caps client-first churn near half the \
+             ephemeral port range per second"
                 .to_owned(),
         );
     }
     fs::write(KNOB, "1").with_context(|| format!("writing 1 to {KNOB}"))?;
     Ok(
         "net.ipv4.tcp_tw_reuse_delay = 1 ms in the bench's namespace (default 1 s: it \
-        capped client-first churn at 14.1k conn/s for every target, direct included)"
+         capped client-first churn at 14.1k conn/s for every target, direct included)"
             .to_owned(),
     )
 }
