@@ -30,7 +30,7 @@ pub const PROG_STATE_EVENTS: &str = "state_events";
 /// mean. Bump it with every change to any of them. A successor process reuses its
 /// predecessor's pinned maps only at the same version (the pin directory carries it, see
 /// `smartproxy/src/datapath/kernel/pins.rs`), and the upgrade handoff stamp carries it too.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Default size of `EVENTS`, in bytes (a power of two, as the kernel requires).
 pub const DEFAULT_RING_BUFFER_BYTES: u32 = 256 * 1024;
@@ -109,9 +109,10 @@ pub struct Control {
 
 const _: () = assert!(core::mem::size_of::<Control>() == 24);
 
-/// A TCP state change of a spliced socket, sent by the sock_ops program through `EVENTS`.
-/// States are the kernel's `TCP_*` numbers (`TCP_ESTABLISHED` = 1, `TCP_CLOSE` = 7,
-/// `TCP_CLOSE_WAIT` = 8, ...).
+/// What happened to a spliced socket, sent through `EVENTS`: a TCP state change, from the
+/// sock_ops program, or bytes the verdict passed up while redirecting
+/// ([`SocketEvent::BYTES_PASSED`] in both states). States are the kernel's `TCP_*`
+/// numbers (`TCP_ESTABLISHED` = 1, `TCP_CLOSE` = 7, `TCP_CLOSE_WAIT` = 8, ...).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -124,6 +125,13 @@ pub struct SocketEvent {
     pub old_state: u32,
     /// State after the change.
     pub new_state: u32,
+}
+
+impl SocketEvent {
+    /// `old_state` and `new_state` of an event from the verdict: while the socket's
+    /// direction redirects, it passed bytes up to userspace, which does not watch a
+    /// redirecting socket for reads (no TCP state is 0).
+    pub const BYTES_PASSED: u32 = 0;
 }
 
 const _: () = assert!(core::mem::size_of::<SocketEvent>() == 24);

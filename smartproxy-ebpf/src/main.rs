@@ -1,6 +1,7 @@
 //! smartproxy's kernel data path: an sk_skb stream verdict that redirects each spliced
 //! socket's bytes to its peer, and a sock_ops program that reports TCP state changes of
-//! spliced sockets through a ring buffer. See `docs/kernel-notes.md` for the
+//! spliced sockets through a ring buffer, where the verdict also reports bytes it passes up
+//! while redirecting. See `docs/kernel-notes.md` for the
 //! kernel behaviour behind each rule.
 #![no_std]
 #![no_main]
@@ -39,7 +40,8 @@ static FLOWS: HashMap<u64, Flow> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS
 #[map]
 static CONTROL: HashMap<u64, Control> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
 
-/// TCP state changes of sockets that have a `FLOWS` entry.
+/// TCP state changes of sockets that have a `FLOWS` entry, and bytes the verdict passed up
+/// while redirecting.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BUFFER_BYTES, 0);
 
@@ -89,18 +91,26 @@ fn try_redirect(ctx: &SkBuffContext) -> u32 {
     // before the splice (see `Flow::pass_first`), while userspace holds passed bytes it
     // has not written yet (a redirected byte would overtake them), and while the peer has
     // `cap` bytes on their way.
-    if control.redirect == 0
-        || flow.passed < flow.pass_first
-        || flow.passed != control.flushed
-        || over_cap(flow, &control)
-    {
+    if control.redirect == 0 {
         flow.passed += len;
         return SK_PASS;
     }
-    // If the peer is not (or no longer) a target this fails with SK_DROP; pass instead so
-    // userspace receives the bytes rather than losing them.
-    if TARGETS.redirect_skb(ctx, flow.peer_cookie, 0) != i64::from(SK_PASS) {
+    // While redirecting, userspace does not watch the socket for reads: each pass is
+    // reported. If the peer is not (or no longer) a target the redirect fails with
+    // SK_DROP; pass instead so userspace receives the bytes rather than losing them.
+    if flow.passed < flow.pass_first
+        || flow.passed != control.flushed
+        || over_cap(flow, &control)
+        || TARGETS.redirect_skb(ctx, flow.peer_cookie, 0) != i64::from(SK_PASS)
+    {
         flow.passed += len;
+        report(SocketEvent {
+            cookie,
+            // SAFETY: reads the monotonic clock; no memory is touched.
+            timestamp_ns: unsafe { bpf_ktime_get_ns() },
+            old_state: SocketEvent::BYTES_PASSED,
+            new_state: SocketEvent::BYTES_PASSED,
+        });
         return SK_PASS;
     }
     flow.redirected += len;
@@ -228,22 +238,29 @@ fn try_state_events(ctx: &SockOpsContext) {
                 old_state: ctx.arg(0),
                 new_state: ctx.arg(1),
             };
-            match EVENTS.reserve::<SocketEvent>(0) {
-                Some(mut entry) => {
-                    entry.write(event);
-                    entry.submit(0);
-                }
-                None => {
-                    if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
-                        // SAFETY: slot 0 of this CPU's copy, valid for the program run. A run
-                        // preempted on the same CPU by another run could lose an increment;
-                        // that only under-reports a diagnostic counter.
-                        unsafe { *lost += 1 };
-                    }
-                }
-            }
+            report(event);
         }
         _ => {}
+    }
+}
+
+/// Writes `event` to `EVENTS`, or counts it lost when the ring is full (userspace then
+/// re-checks every spliced socket).
+#[inline(always)]
+fn report(event: SocketEvent) {
+    match EVENTS.reserve::<SocketEvent>(0) {
+        Some(mut entry) => {
+            entry.write(event);
+            entry.submit(0);
+        }
+        None => {
+            if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
+                // SAFETY: slot 0 of this CPU's copy, valid for the program run. A run
+                // preempted on the same CPU by another run could lose an increment; the
+                // count only has to grow for userspace to re-check.
+                unsafe { *lost += 1 };
+            }
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use std::{
 
 use smartproxy::{
     config::LoadOptions,
-    datapath::kernel::{Kernel, MapEntries, Splice, StateChange, TcpState, Wait},
+    datapath::kernel::{Kernel, MapEntries, Splice, SpliceEvent, StateChange, TcpState, Wait},
     vocab::Side,
 };
 use smartproxy_test_support::{ebpf_or_skip, pattern, sha256};
@@ -107,16 +107,19 @@ async fn wait_delivered(splice: &Splice, source: Side) {
     .unwrap_or_else(|_| panic!("{source} bytes not delivered: {:?}", splice.flow(source)));
 }
 
-/// The first state change of `side`'s socket; earlier ones of the other side are skipped.
+/// The first state change of `side`'s socket; earlier ones of the other side, and other
+/// events, are skipped.
 async fn next_change(splice: &mut Splice, side: Side) -> StateChange {
     timeout(GENEROUS, async {
         loop {
-            let change = splice
+            let event = splice
                 .next_event()
                 .await
                 .expect("the event reader is running");
-            if change.side == side {
-                return change;
+            if let SpliceEvent::State(change) = event {
+                if change.side == side {
+                    return change;
+                }
             }
         }
     })

@@ -210,3 +210,58 @@ async fn a_client_that_reads_nothing_stops_the_backend() {
     })
     .await;
 }
+
+/// On the kernel path a socket whose bytes the verdict redirects is not watched for reads:
+/// passed bytes and FINs reach the relay as ring-buffer events, and a full ring loses
+/// some (`docs/kernel-notes.md#read-wake-ups`). With a ring of one page and the cap hit
+/// all the time by 16 uploads at once, events are lost, and every connection still
+/// delivers every byte and its FIN, and gets the backend's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_events_stall_no_connection() {
+    const STREAMS: usize = 16;
+    const UPLOAD: usize = 8 << 20;
+    if !ebpf_loads("this test (the event ring buffer is part of the eBPF data path)") {
+        return;
+    }
+    let backend = Backend::spawn(|mut stream| async move {
+        let (len, hash) = read_to_end_hashed(&mut stream)
+            .await
+            .expect("backend reads to the client's FIN");
+        let mut answer = (len as u64).to_be_bytes().to_vec();
+        answer.extend_from_slice(&hash[..16]);
+        stream.write_all(&answer).await.expect("backend answers");
+        stream.shutdown().await.expect("backend FIN");
+    })
+    .await;
+    let config = format!("ebpf_ring_buffer_bytes = 4096\n{}", config(backend.addr));
+    let proxy = TestProxy::start(DataPathMode::Ebpf, &config).await;
+    let uploads = (0..STREAMS).map(|stream| {
+        let addr = proxy.addr("flow");
+        tokio::spawn(async move {
+            let payload = pattern(UPLOAD, stream as u64);
+            let mut client = connect(addr).await;
+            client.write_all(&payload).await.expect("client writes");
+            client.shutdown().await.expect("client FIN");
+            let mut answer = Vec::new();
+            tokio::time::timeout(ROUND, client.read_to_end(&mut answer))
+                .await
+                .unwrap_or_else(|_| panic!("stream {stream}: no answer within {ROUND:?}"))
+                .expect("client reads the answer");
+            let mut expected = (UPLOAD as u64).to_be_bytes().to_vec();
+            expected.extend_from_slice(&sha256(&payload)[..16]);
+            assert_eq!(answer, expected, "stream {stream}: count and checksum");
+        })
+    });
+    for upload in uploads.collect::<Vec<_>>() {
+        upload.await.expect("upload task");
+    }
+    let stats = proxy.stats();
+    assert!(
+        stats.ebpf.events_lost > 0,
+        "the ring never overflowed, nothing was tested: {:?}",
+        stats.ebpf
+    );
+    proxy.wait_idle().await;
+    backend.join().await;
+    proxy.stop().await;
+}

@@ -1,6 +1,7 @@
-//! One side of a relayed connection as the relay drives it: a TCP socket, or a TLS session
-//! over one. Both offer the same five operations (read, write, flush, shut the write side,
-//! abort), so the relay has one copy loop for plain, terminated and re-encrypted
+//! One side of a relayed connection as the relay drives it: a TCP socket (registered with
+//! the runtime as tokio does, or, once spliced, as the kernel path needs), or a TLS session
+//! over one. All offer the same five operations (read, write, flush, shut the write side,
+//! abort), so the relay has one copy loop for plain, spliced, terminated and re-encrypted
 //! connections.
 //!
 //! Over TLS, shutting the write side sends close_notify and then a FIN; a close_notify
@@ -8,16 +9,17 @@
 //! does; logged at debug): for the proxy, the byte stream ended either way. An abort is an
 //! RST on the TCP socket, whatever runs over it.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Per direction buffer, held only while bytes move.
@@ -51,6 +53,7 @@ pub type TlsSession = tokio_rustls::TlsStream<TcpIo>;
 /// One side of a connection.
 pub enum Peer {
     Tcp(Arc<TcpStream>),
+    Spliced(SplicedTcp),
     Tls {
         /// The socket under the session, for the relay's error watch and for aborts.
         tcp: Arc<TcpStream>,
@@ -62,6 +65,7 @@ impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Peer::Tcp(tcp) => f.debug_tuple("Tcp").field(tcp).finish(),
+            Peer::Spliced(spliced) => f.debug_tuple("Spliced").field(spliced).finish(),
             Peer::Tls { tcp, session } => f
                 .debug_struct("Tls")
                 .field("tcp", tcp)
@@ -86,11 +90,78 @@ impl From<TlsSession> for Peer {
     }
 }
 
+/// A socket of a spliced connection. While the verdict redirects what it receives, the
+/// runtime does not watch it for reads: the verdict's data-ready callback wakes the
+/// socket's readers after every skb, also one it redirected, and epoll drops such a
+/// wake-up (its key is `EPOLLIN`) for a registration without `EPOLLIN`. What userspace
+/// must read then, bytes the verdict passed up, a FIN or an RST, is reported through the
+/// ring buffer instead (`docs/kernel-notes.md#read-wake-ups`). In pass mode it is watched
+/// for reads as any socket is. Its descriptor stays the same from the splice on: the
+/// splice uses it.
+#[derive(Debug)]
+pub struct SplicedTcp {
+    /// Declared first: deregistered before the socket closes. `None` only after
+    /// registering it again failed, which the relay takes as that side's failure.
+    readiness: Option<AsyncFd<SocketFd>>,
+    socket: std::net::TcpStream,
+    reads_watched: bool,
+}
+
+/// A descriptor [`SplicedTcp::socket`] owns, as the runtime's registration holds it.
+#[derive(Debug)]
+struct SocketFd(RawFd);
+
+impl AsRawFd for SocketFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl SplicedTcp {
+    fn register(socket: &std::net::TcpStream, watch_reads: bool) -> io::Result<AsyncFd<SocketFd>> {
+        let interest = if watch_reads {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::WRITABLE
+        };
+        // SAFETY: the descriptor stays open while it is registered: `SplicedTcp::socket`
+        // owns it and is dropped after `readiness`, which deregisters it.
+        unsafe { AsyncFd::register_with_interest(SocketFd(socket.as_raw_fd()), interest) }
+            .map_err(|e| e.into_parts().1)
+    }
+
+    fn readiness(&self) -> io::Result<&AsyncFd<SocketFd>> {
+        self.readiness.as_ref().ok_or_else(|| {
+            io::Error::other("the spliced socket is no longer registered with the runtime")
+        })
+    }
+}
+
 impl Peer {
+    /// A socket of a spliced connection ([`SplicedTcp`]), watched for reads until
+    /// [`Peer::watch_reads`] says otherwise.
+    pub fn spliced(socket: std::net::TcpStream) -> io::Result<Peer> {
+        socket.set_nonblocking(true)?;
+        Ok(Peer::Spliced(SplicedTcp {
+            readiness: Some(SplicedTcp::register(&socket, true)?),
+            socket,
+            reads_watched: true,
+        }))
+    }
+
     /// The TCP socket: the peer's own, or the one under its TLS session.
-    pub fn tcp(&self) -> &Arc<TcpStream> {
+    pub fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Peer::Tcp(tcp) | Peer::Tls { tcp, .. } => tcp,
+            Peer::Tcp(tcp) | Peer::Tls { tcp, .. } => tcp.as_fd(),
+            Peer::Spliced(spliced) => spliced.socket.as_fd(),
+        }
+    }
+
+    /// The tokio socket, for watches of its own; not once spliced.
+    pub fn shared_tcp(&self) -> Option<&Arc<TcpStream>> {
+        match self {
+            Peer::Tcp(tcp) | Peer::Tls { tcp, .. } => Some(tcp),
+            Peer::Spliced(_) => None,
         }
     }
 
@@ -98,9 +169,62 @@ impl Peer {
         matches!(self, Peer::Tls { .. })
     }
 
+    /// Whether the runtime wakes the relay when the socket turns readable. Not for a
+    /// spliced socket whose bytes the kernel redirects ([`SplicedTcp`]) while nothing is
+    /// passed up to it.
+    pub fn reads_watched(&self) -> bool {
+        match self {
+            Peer::Spliced(spliced) => spliced.reads_watched,
+            Peer::Tcp(_) | Peer::Tls { .. } => true,
+        }
+    }
+
+    /// Before a splice: a plain socket becomes a [`SplicedTcp`] under a new descriptor,
+    /// which the splice then uses for good (the old one closes with its registration).
+    /// One shared with a watch of its own stays as it is. On error nothing changed. Not
+    /// for TLS sessions, which are never spliced.
+    pub fn prepare_splice(&mut self) -> io::Result<()> {
+        if let Peer::Tcp(tcp) = self {
+            if Arc::strong_count(tcp) == 1 {
+                let socket = std::net::TcpStream::from(tcp.as_fd().try_clone_to_owned()?);
+                *self = Peer::spliced(socket)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// For a [`SplicedTcp`]: registers it again, watched for reads or not, under the same
+    /// descriptor, and says whether it did. A new registration starts without the wakers
+    /// of the old one. On error it is registered as before if that still works, and not
+    /// at all otherwise. Other sockets are always watched; nothing changes for them.
+    pub fn watch_reads(&mut self, watch: bool) -> io::Result<bool> {
+        let Peer::Spliced(spliced) = self else {
+            return Ok(false);
+        };
+        if spliced.reads_watched == watch && spliced.readiness.is_some() {
+            return Ok(false);
+        }
+        // Deregistered first: a descriptor is registered once at a time.
+        spliced.readiness = None;
+        match SplicedTcp::register(&spliced.socket, watch) {
+            Ok(readiness) => {
+                spliced.readiness = Some(readiness);
+                spliced.reads_watched = watch;
+                Ok(true)
+            }
+            Err(e) => {
+                spliced.readiness =
+                    SplicedTcp::register(&spliced.socket, spliced.reads_watched).ok();
+                Err(e)
+            }
+        }
+    }
+
     /// Reads into `buf`. `Ok(0)`: EOF (a FIN; over TLS a close_notify, or a FIN without
     /// one). A plain TCP socket that turned readable is read only if `worth_reading` says
-    /// so; if not, its readiness is dropped and the read waits for the next one.
+    /// so; if not, its readiness is dropped and the read waits for the next one. A socket
+    /// whose reads are not watched ([`Peer::reads_watched`]) is never ready: it waits
+    /// until the relay watches it again.
     pub fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
@@ -117,6 +241,24 @@ impl Peer {
                 match read {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     result => return Poll::Ready(result),
+                }
+            },
+            Peer::Spliced(spliced) => loop {
+                let mut guard = ready!(spliced.readiness()?.poll_read_ready(cx))?;
+                let mut short_read = None;
+                let (worth_reading, buf) = (&mut worth_reading, &mut *buf);
+                let socket = &spliced.socket;
+                let read = guard.try_io(|_| {
+                    read_short_as_blocked(
+                        &mut short_read,
+                        || worth_reading().then_some(buf),
+                        |buf| (&*socket).read(buf),
+                    )
+                });
+                match (read, short_read) {
+                    (_, Some(read)) => return Poll::Ready(Ok(read)),
+                    (Ok(result), None) => return Poll::Ready(result),
+                    (Err(_would_block), None) => continue,
                 }
             },
             Peer::Tls { session, .. } => {
@@ -152,7 +294,7 @@ impl Peer {
         // and sets `len` to what it wrote.
         let rc = unsafe {
             libc::getsockopt(
-                self.tcp().as_raw_fd(),
+                self.fd().as_raw_fd(),
                 libc::SOL_SOCKET,
                 SO_MEMINFO,
                 meminfo.as_mut_ptr().cast(),
@@ -172,6 +314,12 @@ impl Peer {
     pub fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let written = match self {
             Peer::Tcp(tcp) => ready!(poll_write_tcp(cx, tcp, buf)),
+            Peer::Spliced(spliced) => loop {
+                let mut guard = ready!(spliced.readiness()?.poll_write_ready(cx))?;
+                if let Ok(result) = guard.try_io(|_| (&spliced.socket).write(buf)) {
+                    break result;
+                }
+            },
             Peer::Tls { session, .. } => ready!(Pin::new(&mut **session).poll_write(cx, buf)),
         };
         Poll::Ready(match written {
@@ -183,7 +331,7 @@ impl Peer {
     /// Ready once every byte written is in the socket's send queue.
     pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Peer::Tcp(_) => Poll::Ready(Ok(())),
+            Peer::Tcp(_) | Peer::Spliced(_) => Poll::Ready(Ok(())),
             Peer::Tls { session, .. } => Pin::new(&mut **session).poll_flush(cx),
         }
     }
@@ -192,7 +340,9 @@ impl Peer {
     /// close_notify first.
     pub fn poll_shutdown_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Peer::Tcp(tcp) => Poll::Ready(SockRef::from(&**tcp).shutdown(Shutdown::Write)),
+            Peer::Tcp(_) | Peer::Spliced(_) => {
+                Poll::Ready(SockRef::from(&self.fd()).shutdown(Shutdown::Write))
+            }
             Peer::Tls { session, .. } => Pin::new(&mut **session).poll_shutdown(cx),
         }
     }
@@ -200,7 +350,7 @@ impl Peer {
     /// Closing the socket will send RST, not FIN.
     pub fn abort(&self) {
         // Best effort: a socket that already failed needs no RST from us.
-        let _ = SockRef::from(&**self.tcp()).set_linger(Some(Duration::ZERO));
+        let _ = SockRef::from(&self.fd()).set_linger(Some(Duration::ZERO));
     }
 
     /// Closes gracefully: FIN (after close_notify over TLS), waiting at most `within` for
@@ -228,19 +378,30 @@ fn try_read_with<'a>(
     buffer: impl FnOnce() -> Option<&'a mut [u8]>,
 ) -> io::Result<usize> {
     let mut short_read = None;
-    let read = tcp.try_io(tokio::io::Interest::READABLE, || {
-        let buf = buffer().ok_or(io::ErrorKind::WouldBlock)?;
-        let read = tcp.try_read(buf)?;
-        if 0 < read && read < buf.len() {
-            short_read = Some(read);
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(read)
+    let read = tcp.try_io(Interest::READABLE, || {
+        read_short_as_blocked(&mut short_read, buffer, |buf| tcp.try_read(buf))
     });
     match (read, short_read) {
         (_, Some(read)) => Ok(read),
         (read, None) => read,
     }
+}
+
+/// The body of one read under readiness ([`try_read_with`]): `WouldBlock`, which drops
+/// the readiness, when nothing is worth reading (`buffer` gives none) and after a short
+/// read, whose count goes to `short_read`.
+fn read_short_as_blocked<'a>(
+    short_read: &mut Option<usize>,
+    buffer: impl FnOnce() -> Option<&'a mut [u8]>,
+    read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let buf = buffer().ok_or(io::ErrorKind::WouldBlock)?;
+    let count = read(buf)?;
+    if 0 < count && count < buf.len() {
+        *short_read = Some(count);
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    Ok(count)
 }
 
 fn poll_write_tcp(cx: &mut Context<'_>, tcp: &TcpStream, buf: &[u8]) -> Poll<io::Result<usize>> {

@@ -170,6 +170,9 @@ pub enum SpliceStep {
     Adopt,
     /// The `CONTROL` update that switches a direction from pass to redirect.
     Redirect,
+    /// Registering the sockets with the runtime as a spliced connection's
+    /// (`datapath::peer::Peer::prepare_splice`).
+    Reregister,
 }
 
 impl fmt::Display for SpliceStep {
@@ -185,13 +188,14 @@ impl fmt::Display for SpliceStep {
             SpliceStep::Buffers => "setsockopt(SO_RCVBUFFORCE/SO_SNDBUFFORCE)",
             SpliceStep::Redirect => "CONTROL update to redirect",
             SpliceStep::Adopt => "adopting the predecessor's splice",
+            SpliceStep::Reregister => "registering the socket with the runtime again",
         })
     }
 }
 
 impl SpliceStep {
     /// Every step, for the number a handoff record carries ([`SpliceStep::code`]).
-    pub const ALL: [SpliceStep; 10] = [
+    pub const ALL: [SpliceStep; 11] = [
         SpliceStep::Cookie,
         SpliceStep::Baseline,
         SpliceStep::Register,
@@ -202,6 +206,7 @@ impl SpliceStep {
         SpliceStep::RcvLowat,
         SpliceStep::Redirect,
         SpliceStep::Adopt,
+        SpliceStep::Reregister,
     ];
 
     /// The step's index in [`SpliceStep::ALL`].

@@ -1,6 +1,8 @@
-//! TCP state changes of spliced sockets: the sock_ops program writes them to the `EVENTS`
-//! ring buffer, one tokio task reads it and hands each change to the splice its socket
-//! cookie is registered for.
+//! What happens to spliced sockets: the sock_ops program writes their TCP state changes
+//! to the `EVENTS` ring buffer, and the verdict the bytes it passes up while redirecting;
+//! one tokio task reads it and hands each event to the splice its socket cookie is
+//! registered for. When the ring was full and events were lost, every splice is told to
+//! re-check its sockets.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -11,6 +13,7 @@ use std::{
         Arc, Mutex,
     },
     task::{Context, Poll, Waker},
+    time::Duration,
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -36,22 +39,26 @@ struct Registration {
     events: Arc<EventQueue>,
 }
 
-/// One splice's state changes, from the ring-buffer reader to its relay. It allocates
-/// nothing until a change arrives: an unbounded channel would allocate a block of slots
-/// for every idle connection.
+/// How often the reader compares the lost-event counter with what it last saw, after it
+/// read events: a splice learns of a lost event at most this late.
+const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One splice's events, from the ring-buffer reader to its relay. It allocates nothing
+/// until an event arrives: an unbounded channel would allocate a block of slots for every
+/// idle connection.
 #[derive(Debug, Default)]
 pub(super) struct EventQueue(Mutex<EventQueueState>);
 
 #[derive(Debug, Default)]
 struct EventQueueState {
-    changes: VecDeque<StateChange>,
+    changes: VecDeque<SpliceEvent>,
     waker: Option<Waker>,
     /// The reader stopped: no change will come any more.
     closed: bool,
 }
 
 impl EventQueue {
-    fn push(&self, change: StateChange) {
+    fn push(&self, change: SpliceEvent) {
         let waker = {
             let mut state = lock(&self.0);
             state.changes.push_back(change);
@@ -73,7 +80,7 @@ impl EventQueue {
         }
     }
 
-    pub(super) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<StateChange>> {
+    pub(super) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<SpliceEvent>> {
         let mut state = lock(&self.0);
         if let Some(change) = state.changes.pop_front() {
             return Poll::Ready(Some(change));
@@ -141,12 +148,23 @@ impl SpliceRegistry {
         let registry = lock(&self.by_cookie);
         // A socket whose splice was just dropped may still report a change: nobody listens.
         if let Some(Registration { side, events }) = registry.get(&event.cookie) {
-            events.push(StateChange {
-                side: *side,
-                old: TcpState::from(event.old_state),
-                new: TcpState::from(event.new_state),
-                at_ns: event.timestamp_ns,
+            events.push(if event.new_state == SocketEvent::BYTES_PASSED {
+                SpliceEvent::Passed(*side)
+            } else {
+                SpliceEvent::State(StateChange {
+                    side: *side,
+                    old: TcpState::from(event.old_state),
+                    new: TcpState::from(event.new_state),
+                    at_ns: event.timestamp_ns,
+                })
             });
+        }
+    }
+
+    /// Tells every splice that events were lost.
+    fn recheck_all(&self) {
+        for registration in lock(&self.by_cookie).values() {
+            registration.events.push(SpliceEvent::Recheck);
         }
     }
 }
@@ -157,16 +175,37 @@ impl SpliceRegistry {
 /// fails it drops every registration, so that [`Splice::next_event`] returns `None`
 /// instead of waiting forever.
 ///
+/// `lost` reads the count of events the ring had no room for. A loss happens only while
+/// the ring is full, so records follow it: it is read once per [`LOSS_CHECK_INTERVAL`] in
+/// which records were read, and when it grew every splice is sent
+/// [`SpliceEvent::Recheck`].
+///
 /// [`Splice::next_event`]: super::Splice::next_event
 pub(super) async fn read_events(
     mut ring: AsyncFd<RingBuf<MapData>>,
     registry: Arc<SpliceRegistry>,
     mut pause: tokio::sync::oneshot::Receiver<()>,
+    lost: impl Fn() -> Option<u64>,
 ) {
+    let mut lost_seen = lost().unwrap_or(0);
+    let mut read_since_check = false;
+    let mut loss_check = tokio::time::interval(LOSS_CHECK_INTERVAL);
+    loss_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let paused = tokio::select! {
             biased;
             _ = &mut pause => true,
+            _ = loss_check.tick(), if read_since_check => {
+                read_since_check = false;
+                if let Some(now) = lost() {
+                    if now > lost_seen {
+                        tracing::debug!(lost = now - lost_seen, "eBPF events lost; every splice re-checks its sockets");
+                        lost_seen = now;
+                        registry.recheck_all();
+                    }
+                }
+                false
+            }
             guard = ring.readable_mut() => {
                 let mut guard = match guard {
                     Ok(guard) => guard,
@@ -178,6 +217,7 @@ pub(super) async fn read_events(
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     registry.dispatch(&item);
+                    read_since_check = true;
                 }
                 guard.clear_ready();
                 false
@@ -191,6 +231,17 @@ pub(super) async fn read_events(
     for (_, registration) in lock(&registry.by_cookie).drain() {
         registration.events.close();
     }
+}
+
+/// What a splice's relay learns from the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpliceEvent {
+    /// One of its sockets changed TCP state.
+    State(StateChange),
+    /// The verdict passed bytes of this side's socket up while redirecting.
+    Passed(Side),
+    /// Events were lost: any socket may have changed state or received passed bytes.
+    Recheck,
 }
 
 /// A TCP state change of one socket of a splice.

@@ -8,7 +8,7 @@
 //!   `SOCKETS` sockhash and the sock_ops program to the proxy's own cgroup v2 ([`cgroup`]), and
 //!   spawns a tokio task that reads `EVENTS` ([`events`]).
 //! - [`Kernel::splice`] hands a routed client/backend pair to the kernel. The returned
-//!   [`Splice`] ([`splice`]) yields that pair's [`StateChange`]s, reads its per-direction
+//!   [`Splice`] ([`splice`]) yields that pair's [`SpliceEvent`]s, reads its per-direction
 //!   counters, tells when a direction's redirected bytes have all reached the peer socket
 //!   ([`Splice::may_write`]), and undoes everything when dropped.
 //! - [`Offload`] ([`offload`]) is a spliced connection's kernel side as the relay drives it.
@@ -57,7 +57,7 @@ use tokio::{
 
 pub use cgroup::proxy_cgroup;
 pub use error::{EbpfError, SpliceError, SpliceStep};
-pub use events::{StateChange, TcpState};
+pub use events::{SpliceEvent, StateChange, TcpState};
 pub use offload::{KernelFlows, Offload, OffloadRecord};
 pub use pins::{ensure_bpffs, pin_dir, Pins, DEFAULT_PIN_ROOT};
 #[cfg(feature = "test-hooks")]
@@ -113,7 +113,7 @@ struct Inner {
     control: HashMap<MapData, u64, Control>,
     max_connections: u32,
     max_queued_bytes: u64,
-    events_lost: PerCpuArray<MapData, u64>,
+    events_lost: Arc<PerCpuArray<MapData, u64>>,
     /// The `EVENTS` map, from which [`Kernel::start_events`] makes each reader's ring
     /// buffer: a new one reads the consumer position from the map, where the last reader
     /// (this process's before a pause, or a predecessor's) left it.
@@ -142,6 +142,17 @@ enum Reader {
     },
     /// [`Kernel::pause_events`] waits for the task to stop.
     Pausing,
+}
+
+/// `EVENTS_LOST` summed over the CPUs; `None` (logged) if it cannot be read.
+fn lost_events(events_lost: &PerCpuArray<MapData, u64>) -> Option<u64> {
+    match events_lost.get(&0, 0) {
+        Ok(per_cpu) => Some(per_cpu.iter().sum()),
+        Err(err) => {
+            tracing::warn!(error = %err, map = MAP_EVENTS_LOST, "reading the lost-event counter failed");
+            None
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -366,7 +377,7 @@ impl Kernel {
                 control,
                 max_connections,
                 max_queued_bytes,
-                events_lost,
+                events_lost: Arc::new(events_lost),
                 events,
                 registry,
                 reader: Mutex::new(Reader::Idle),
@@ -421,11 +432,13 @@ impl Kernel {
                 .map_err(|e| EbpfError::RingBufPoll(e.into_parts().1))?
         };
         let (pause, paused) = tokio::sync::oneshot::channel();
+        let events_lost = Arc::clone(&self.inner.events_lost);
         *reader = Reader::Running {
             task: runtime.spawn(read_events(
                 events,
                 Arc::clone(&self.inner.registry),
                 paused,
+                move || lost_events(&events_lost),
             )),
             pause,
         };
@@ -540,17 +553,10 @@ impl Kernel {
     /// Totals for the stats output.
     pub fn stats(&self) -> KernelStats {
         let registry = &self.inner.registry;
-        let events_lost = match self.inner.events_lost.get(&0, 0) {
-            Ok(per_cpu) => per_cpu.iter().sum(),
-            Err(err) => {
-                tracing::warn!(error = %err, map = MAP_EVENTS_LOST, "reading the lost-event counter failed");
-                0
-            }
-        };
         KernelStats {
             sockhash_entries: registry.sockhash_entries.load(Ordering::Relaxed),
             events: registry.events.load(Ordering::Relaxed),
-            events_lost,
+            events_lost: lost_events(&self.inner.events_lost).unwrap_or(0),
         }
     }
 
@@ -660,7 +666,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::fd::AsRawFd;
     use std::task::Poll;
 
@@ -778,7 +784,7 @@ mod tests {
 
     /// The kernel data path, or `None` (the test is skipped, and says so) where it cannot
     /// load; `SMARTPROXY_REQUIRE_EBPF=1` makes that a failure.
-    fn load_or_skip(opts: LoadOptions, pins: Option<Pins>) -> Option<Kernel> {
+    pub(crate) fn load_or_skip(opts: LoadOptions, pins: Option<Pins>) -> Option<Kernel> {
         match Kernel::load_with(opts, pins) {
             Ok(kernel) => Some(kernel),
             Err(e @ (EbpfError::NotBuilt | EbpfError::Load(_) | EbpfError::Program { .. }))
@@ -791,7 +797,7 @@ mod tests {
         }
     }
 
-    fn small() -> LoadOptions {
+    pub(crate) fn small() -> LoadOptions {
         LoadOptions {
             max_connections: 8,
             ..LoadOptions::default()
@@ -1116,10 +1122,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(kernel.stats().events, 0, "paused: nothing read");
         kernel.start_events().unwrap();
-        let change = tokio::time::timeout(Duration::from_secs(5), splice.next_event())
+        let event = tokio::time::timeout(Duration::from_secs(5), splice.next_event())
             .await
             .expect("the event written during the pause")
             .expect("reader running");
+        let SpliceEvent::State(change) = event else {
+            panic!("a state change, not {event:?}");
+        };
         assert_eq!(change.new, TcpState::CloseWait);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(kernel.stats().events, 1);

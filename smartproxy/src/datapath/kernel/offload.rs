@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior, Sleep};
 
-use super::{FlowCounters, Kernel, Splice, SpliceError, SpliceStep, Wait};
+use super::{FlowCounters, Kernel, Splice, SpliceError, SpliceEvent, SpliceStep, Wait};
 use crate::vocab::{Direction, Side};
 
 /// The first re-check of the kernel backlog, or of what a destination acknowledged;
@@ -48,6 +48,12 @@ pub struct Offload {
     /// The next [`Offload::poll_state_check`] reports a check as due: after an adoption,
     /// events the predecessor read before it stopped were never seen here.
     recheck: bool,
+    /// Per direction: its source may hold bytes the verdict passed up, or a FIN or an
+    /// error, that userspace has not read ([`Offload::watches_reads`]).
+    passing: [bool; 2],
+    /// The ring-buffer reader stopped: no event comes any more, so every socket is
+    /// watched for reads.
+    events_closed: bool,
 }
 
 impl Offload {
@@ -93,6 +99,8 @@ impl Offload {
             },
             kernel_base,
             recheck,
+            passing: [true; 2],
+            events_closed: false,
         }
     }
 
@@ -242,6 +250,34 @@ impl Offload {
         self.splice.may_have_bytes_to_read(direction.source())
     }
 
+    /// Whether the runtime must wake the relay when `direction`'s source turns readable. A
+    /// redirecting socket turns readable after every skb, redirected or not
+    /// (`docs/kernel-notes.md#read-wake-ups`), so it is watched only while the verdict
+    /// passes it up bytes userspace has not read yet, or may have (an event said so: bytes
+    /// passed, a state change, lost events), and otherwise not, as long as the verdict
+    /// redirects and the event reader runs.
+    pub fn watches_reads(&self, direction: Direction) -> bool {
+        self.events_closed
+            || !self.splice.redirects(direction.source())
+            || self.passing[direction.index()]
+    }
+
+    /// Called when a read of `direction`'s source is pending: once the socket holds nothing
+    /// to read (no byte, no FIN, no error; a new registration may not have reported it
+    /// yet) and userspace has read every byte the verdict passed, the source need not be
+    /// watched for reads ([`Offload::watches_reads`]) until the next event. A failed
+    /// lookup keeps it watched.
+    pub fn read_nothing(&mut self, direction: Direction) {
+        let index = direction.index();
+        let source = direction.source();
+        if !self.passing[index] || self.splice.may_have_bytes_to_read(source) {
+            return;
+        }
+        if let Ok(flow) = self.splice.flow(source) {
+            self.passing[index] = flow.passed > self.taken[index];
+        }
+    }
+
     /// Userspace read `bytes` from `direction`'s source.
     pub fn read(&mut self, direction: Direction, bytes: usize) {
         self.taken[direction.index()] += bytes as u64;
@@ -275,7 +311,10 @@ impl Offload {
     /// Moves both directions to pass mode (`redirect = false`) or back to redirect: see
     /// [`Splice::set_redirect`].
     pub fn set_redirect(&mut self, redirect: bool) -> io::Result<()> {
-        self.splice.set_redirect(redirect)
+        self.splice.set_redirect(redirect)?;
+        // Passed bytes userspace has not read may wait in the sockets.
+        self.passing = [true; 2];
+        Ok(())
     }
 
     /// Whether `direction`'s destination acknowledged every byte sent to it since the
@@ -290,14 +329,29 @@ impl Offload {
         self.splice.fallback()
     }
 
-    /// Whether a socket's TCP state may have changed: the sock_ops program reported a
-    /// change, or, while `watching` (a side sent FIN), the periodic sweep is due. The sweep
-    /// finds what a ring-buffer event that was lost would have reported.
+    /// Takes in the splice's events, and says whether a socket's TCP state may have
+    /// changed: the sock_ops program reported a change, events were lost, or, while
+    /// `watching` (a side sent FIN), the periodic sweep is due. The sweep finds what a
+    /// ring-buffer event that was lost would have reported.
     pub fn poll_state_check(&mut self, cx: &mut Context<'_>, watching: bool) -> bool {
         let mut due = std::mem::take(&mut self.recheck);
-        while let Poll::Ready(Some(change)) = self.splice.poll_event(cx) {
-            tracing::debug!(?change, "tcp state change");
-            due = true;
+        loop {
+            match self.splice.poll_event(cx) {
+                Poll::Ready(Some(SpliceEvent::Passed(side))) => {
+                    self.passing[Direction::from_source(side).index()] = true;
+                }
+                Poll::Ready(Some(event)) => {
+                    tracing::debug!(?event, "spliced socket event");
+                    // A FIN or an RST is read from the socket.
+                    self.passing = [true; 2];
+                    due = true;
+                }
+                Poll::Ready(None) => {
+                    self.events_closed = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
         }
         if watching {
             while self.sweep.poll_tick(cx).is_ready() {

@@ -12,7 +12,7 @@ use std::{
 use smartproxy_common::{Control, Flow, MAP_CONTROL, MAP_FLOWS, MAP_SOCKETS, MAP_TARGETS};
 
 use super::error::{SpliceError, SpliceStep};
-use super::events::{EventQueue, StateChange};
+use super::events::{EventQueue, SpliceEvent};
 use super::offload::{ControlRecord, SocketRecord, StepsDone};
 use super::sys::{
     acked_and_outq, baseline, bytes_to_read, map_delete, map_update, next_unread_seq, pin_buffers,
@@ -123,16 +123,16 @@ impl fmt::Debug for Splice {
 }
 
 impl Splice {
-    /// The next state change of either socket. Only changes after the splice are reported (a
+    /// The next event of either socket. Only state changes after the splice are reported (a
     /// FIN that arrived before it is not), so callers check [`tcp_state`](super::tcp_state) once after
     /// splicing. `None` means the event reader stopped (it logs why); fall back to polling
     /// [`tcp_state`](super::tcp_state) then.
-    pub async fn next_event(&mut self) -> Option<StateChange> {
+    pub async fn next_event(&mut self) -> Option<SpliceEvent> {
         std::future::poll_fn(|cx| self.events.poll_next(cx)).await
     }
 
     /// Like [`Splice::next_event`], for hand-written futures.
-    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<StateChange>> {
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<SpliceEvent>> {
         self.events.poll_next(cx)
     }
 
@@ -217,7 +217,13 @@ impl Splice {
     /// Whether the verdict may redirect the client's bytes (after a completed splice,
     /// both directions' switch is the same until one of them stops).
     pub fn redirecting(&self) -> bool {
-        self.control[index(Side::Client)].redirect != 0
+        self.redirects(Side::Client)
+    }
+
+    /// Whether the verdict may redirect `source`'s bytes: then it reports each pass up
+    /// ([`SpliceEvent::Passed`]); otherwise it passes every byte without a word.
+    pub fn redirects(&self, source: Side) -> bool {
+        self.fallback.is_none() && self.control[index(source)].redirect != 0
     }
 
     /// Switches both directions between redirect and pass together (`data_path = "auto"`
