@@ -1009,6 +1009,69 @@ mod tests {
         assert_eq!(relayed, [0, 0], "bytes the relay moved itself");
     }
 
+    /// A successor accepts and splices before it reads the kernel's events: it starts once
+    /// it adopted every connection, while the predecessor hands them over. Until then no
+    /// event reports a FIN, so a spliced socket stays watched for reads and the relay
+    /// learns of the FIN from the socket itself. (An upgrade with a loop of short
+    /// connections left them all open, until the successor ran out of descriptors.)
+    #[tokio::test]
+    async fn a_relay_spliced_before_events_are_read_sees_the_fin() {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener};
+        use std::time::Duration;
+
+        use crate::datapath::kernel::tests::{load_or_skip, small};
+
+        let Some(kernel) = load_or_skip(small(), None) else {
+            return;
+        };
+        assert!(!kernel.reads_events(), "no reader before start_events");
+        let front = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let back = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut app_client =
+            std::net::TcpStream::connect(front.local_addr().expect("addr")).expect("connect");
+        let proxy_client = front.accept().expect("accept").0;
+        let proxy_backend =
+            std::net::TcpStream::connect(back.local_addr().expect("addr")).expect("connect");
+        let mut app_backend = back.accept().expect("accept").0;
+        let peer = |socket: std::net::TcpStream| -> Peer {
+            socket.set_nonblocking(true).expect("non-blocking");
+            TcpStream::from_std(socket).expect("register").into()
+        };
+        let mut relay = Relay::new(
+            peer(proxy_client),
+            peer(proxy_backend),
+            Arc::new(Meter::default()),
+        );
+        relay.offload(&kernel).expect("splice");
+        assert!(relay.splice_fallback().is_none(), "the splice completed");
+        // The relay finds both sockets empty: with events read, it would stop watching.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), relay.next_event())
+                .await
+                .is_err(),
+            "nothing to report yet"
+        );
+
+        app_client.write_all(b"hello").expect("client writes");
+        app_client.shutdown(Shutdown::Write).expect("client FIN");
+        let report = tokio::time::timeout(Duration::from_secs(5), relay.next_event())
+            .await
+            .expect("the client's FIN reached the relay");
+        assert!(
+            matches!(report, Report::Event(Event::Eof(Side::Client))),
+            "{report:?}"
+        );
+        app_backend
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        let mut received = [0u8; 5];
+        app_backend
+            .read_exact(&mut received)
+            .expect("the backend gets the bytes");
+        assert_eq!(&received, b"hello");
+    }
+
     /// Reads on the relay double while they fill their buffer, up to a megabyte, fall back
     /// to 64 KiB after a short read, and after a wait for the destination, which also
     /// gives a larger buffer back; a read above 256 KiB takes no more than the

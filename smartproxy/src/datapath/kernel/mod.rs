@@ -120,6 +120,8 @@ struct Inner {
     events: Map,
     registry: Arc<SpliceRegistry>,
     reader: Mutex<Reader>,
+    /// Set while this process reads `EVENTS` ([`Kernel::reads_events`]).
+    reading: AtomicBool,
     /// The instance's pin directory ([`Pins`]), if the maps are pinned.
     pins: Option<PathBuf>,
     /// Leave the pins in place when dropped ([`Kernel::keep_pins`]).
@@ -381,6 +383,7 @@ impl Kernel {
                 events,
                 registry,
                 reader: Mutex::new(Reader::Idle),
+                reading: AtomicBool::new(false),
                 keep_pins: AtomicBool::new(matches!(pins, Some(Pins::Reuse(_)))),
                 pins: pins.map(|p| p.dir().to_path_buf()),
                 verdict_link: Some(verdict_link),
@@ -442,7 +445,16 @@ impl Kernel {
             )),
             pause,
         };
+        self.inner.reading.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether this process reads the kernel's events: not before [`Kernel::start_events`]
+    /// (a successor reads them only once it adopted every connection, and accepts before),
+    /// nor during a pause. Until it does, nothing tells a spliced connection of a FIN or of
+    /// bytes passed up, so its sockets stay watched for reads ([`Offload::watches_reads`]).
+    pub fn reads_events(&self) -> bool {
+        self.inner.reading.load(Ordering::Acquire)
     }
 
     /// Stops this process's reading of `EVENTS` and returns once its reader no longer
@@ -462,6 +474,7 @@ impl Kernel {
                 }
             }
         };
+        self.inner.reading.store(false, Ordering::Release);
         // The task may have stopped already (its fd failed): then the send finds no one.
         let _ = pause.send(());
         let result = task.await;

@@ -255,9 +255,10 @@ impl Offload {
     /// (`docs/kernel-notes.md#read-wake-ups`), so it is watched only while the verdict
     /// passes it up bytes userspace has not read yet, or may have (an event said so: bytes
     /// passed, a state change, lost events), and otherwise not, as long as the verdict
-    /// redirects and the event reader runs.
+    /// redirects and this process reads the events ([`Kernel::reads_events`]).
     pub fn watches_reads(&self, direction: Direction) -> bool {
         self.events_closed
+            || !self.splice.kernel.reads_events()
             || !self.splice.redirects(direction.source())
             || self.passing[direction.index()]
     }
