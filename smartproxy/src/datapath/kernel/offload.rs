@@ -29,6 +29,12 @@ pub(crate) const BACKLOG_POLL_MAX: Duration = Duration::from_millis(50);
 /// the ring buffer lost the event of an RST.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
+/// More bytes than this passed up since a socket was last found quiet make a pass phase
+/// (the destination's cap reached, or a move into the kernel that waits for userspace's
+/// backlog), after which it stays watched for reads one empty read longer
+/// ([`Offload::read_nothing`]); fewer, such as the bytes queued before a splice, do not.
+const PASS_PHASE_BYTES: u64 = 64 * 1024;
+
 /// A spliced connection's kernel side, owned by its relay.
 #[derive(Debug)]
 pub struct Offload {
@@ -51,6 +57,9 @@ pub struct Offload {
     /// Per direction: its source may hold bytes the verdict passed up, or a FIN or an
     /// error, that userspace has not read ([`Offload::watches_reads`]).
     passing: [bool; 2],
+    /// Per direction: `FLOWS.passed` at the last read that found the source empty with
+    /// every passed byte read ([`Offload::read_nothing`]); zero before any.
+    quiet_at: [Option<u64>; 2],
     /// The ring-buffer reader stopped: no event comes any more, so every socket is
     /// watched for reads.
     events_closed: bool,
@@ -100,6 +109,7 @@ impl Offload {
             kernel_base,
             recheck,
             passing: [true; 2],
+            quiet_at: [Some(0); 2],
             events_closed: false,
         }
     }
@@ -275,7 +285,14 @@ impl Offload {
             return;
         }
         if let Ok(flow) = self.splice.flow(source) {
-            self.passing[index] = flow.passed > self.taken[index];
+            // Not on the first such read after a pass phase: while the verdict passes skb
+            // after skb, each one would come through an event and a new registration,
+            // reads fall behind, and that keeps the verdict passing.
+            let all_read = flow.passed <= self.taken[index];
+            let phase_ended = self.quiet_at[index]
+                .is_none_or(|quiet| flow.passed.saturating_sub(quiet) > PASS_PHASE_BYTES);
+            self.passing[index] = !all_read || phase_ended;
+            self.quiet_at[index] = all_read.then_some(flow.passed);
         }
     }
 
