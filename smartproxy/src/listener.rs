@@ -340,6 +340,28 @@ async fn accept_loop(
     let mut generations = shared.generation.subscribe();
     let mut upgrade = shared.upgrade.subscribe();
     loop {
+        // Before every accept, the first one too: a receiver subscribed after a reload
+        // (this task may first run after one that removed the address) sees no change.
+        {
+            let mut listeners = shared.lock_listeners();
+            if !generations
+                .borrow_and_update()
+                .routes
+                .listeners
+                .contains_key(&addr)
+            {
+                // Each runtime's loop lets go of the socket here, under the lock, and the
+                // last one closes it and forgets the address: a reload that adds it back
+                // binds it anew, or, if it comes before the last let go, finds it still
+                // open and accepts on it again where loops let go ([`accept_again`]).
+                if let_go(&mut listeners, addr, runtime, listener) {
+                    listeners.remove(&addr);
+                    forget_inherited(&shared, addr);
+                    info!(listen = %bound, "no route uses this address any more: listener closed");
+                }
+                return;
+            }
+        }
         let until = async {
             tokio::select! {
                 _ = reached(&mut stop, Stop::Drain) => Some(true),
@@ -402,24 +424,7 @@ async fn accept_loop(
             forget_inherited(&shared, addr);
             return;
         }
-        let mut listeners = shared.lock_listeners();
-        if !generations
-            .borrow_and_update()
-            .routes
-            .listeners
-            .contains_key(&addr)
-        {
-            // Each runtime's loop lets go of the socket here, under the lock, and the last
-            // one closes it and forgets the address: a reload that adds it back binds it
-            // anew, or, if it comes before the last let go, finds it still open and
-            // accepts on it again where loops let go ([`accept_again`]).
-            if let_go(&mut listeners, addr, runtime, listener) {
-                listeners.remove(&addr);
-                forget_inherited(&shared, addr);
-                info!(listen = %bound, "no route uses this address any more: listener closed");
-            }
-            return;
-        }
+        // A new generation: checked at the top of the loop.
     }
 }
 
