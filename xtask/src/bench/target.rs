@@ -19,7 +19,7 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::ValueEnum;
 
-use super::config;
+use super::{config, system};
 
 /// How long a proxy may take from spawn to answering its control (or stats) socket.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -387,29 +387,69 @@ impl Process {
                 log_tail(&self.log)
             );
         }
+        // Listed before it stops, while they are still its children: nginx's workers, and
+        // the successor of an upgrade that did not complete, which would outlive it.
+        let descendants = system::process_tree(self.child.id())?;
         let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
         // SAFETY: kill has no memory-safety preconditions; pid is our own unreaped child.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if self
+        let mut exited = false;
+        while !exited && Instant::now() < deadline {
+            exited = self
                 .child
                 .try_wait()
                 .context("failed to poll the proxy")?
-                .is_some()
-            {
-                return Ok(());
+                .is_some();
+            if !exited {
+                thread::sleep(Duration::from_millis(20));
             }
-            thread::sleep(Duration::from_millis(20));
         }
-        self.child.kill().context("failed to kill the proxy")?;
-        self.child.wait().context("failed to reap the proxy")?;
-        eprintln!(
-            "bench: {target} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed it; log:\n{}",
-            log_tail(&self.log)
-        );
+        if !exited {
+            self.child.kill().context("failed to kill the proxy")?;
+            self.child.wait().context("failed to reap the proxy")?;
+            eprintln!(
+                "bench: {target} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed it; log:\n{}",
+                log_tail(&self.log)
+            );
+        }
+        for outlived in descendants.into_iter().filter(|&p| p != self.child.id()) {
+            let pid = libc::pid_t::try_from(outlived).context("pid out of range")?;
+            if terminate(pid) {
+                eprintln!(
+                    "bench: a process {target} started (pid {outlived}) outlived it; stopped it"
+                );
+            }
+        }
         Ok(())
     }
+}
+
+/// SIGTERM to `pid`, and SIGKILL if it still runs after [`STOP_TIMEOUT`]. Returns whether it
+/// was running. Not for a child of ours, which must be reaped instead.
+fn terminate(pid: libc::pid_t) -> bool {
+    // Not a zombie: one whose parent died is init's to reap.
+    let alive = || {
+        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next())
+                .is_some_and(|state| state != "Z")
+        })
+    };
+    if !alive() {
+        return false;
+    }
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while alive() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    if alive() {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    true
 }
 
 impl Process {
