@@ -289,9 +289,9 @@ impl Offload {
             // after skb, each one would come through an event and a new registration,
             // reads fall behind, and that keeps the verdict passing.
             let all_read = flow.passed <= self.taken[index];
-            let phase_ended = self.quiet_at[index]
+            let after_streak = self.quiet_at[index]
                 .is_none_or(|quiet| flow.passed.saturating_sub(quiet) > PASS_PHASE_BYTES);
-            self.passing[index] = !all_read || phase_ended;
+            self.passing[index] = !all_read || after_streak;
             self.quiet_at[index] = all_read.then_some(flow.passed);
         }
     }
