@@ -93,11 +93,13 @@ pub struct AutoConfig {
     pub max_moves: u32,
 }
 
-/// Measured with `cargo xtask bench` on the 2-core machine (bench/results/RESULTS.md):
-/// the kernel path won only bulk streams (about 1.2 GB/s each); request/response with
-/// 16 KiB messages over 32 connections (about 28 MiB/s each way per connection) was no
-/// faster there than on the relay. 64 MiB/s keeps such traffic on the relay.
-pub const DEFAULT_AUTO_SPLICE_RATE: u64 = 64 * 1024 * 1024;
+/// Measured with `cargo xtask bench` on the 2-core machine (docs/performance.md): since
+/// spliced sockets stopped waking the proxy, request/response with 16 KiB messages over
+/// 32 connections (about 32 MiB/s each way per connection) is about a fifth faster in the
+/// kernel than on the relay, and 64 B messages (under 1 MiB/s) and churn are not. 16
+/// MiB/s splices the former and keeps the latter, and a slow reader at 10 MiB/s, on the
+/// relay.
+pub const DEFAULT_AUTO_SPLICE_RATE: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_AUTO_LEAVE_RATE: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_AUTO_WINDOW: Duration = Duration::from_millis(200);
 pub const DEFAULT_AUTO_MAX_MOVES: u32 = 8;
