@@ -908,6 +908,39 @@ impl Relay {
 mod tests {
     use super::*;
 
+    /// A client and a backend connected through two sockets of the proxy's, on loopback:
+    /// `[client, proxy's client side, proxy's backend side, backend]`.
+    fn proxied_pair() -> [std::net::TcpStream; 4] {
+        use std::net::TcpListener;
+
+        let front = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let back = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let app_client =
+            std::net::TcpStream::connect(front.local_addr().expect("addr")).expect("connect");
+        let proxy_client = front.accept().expect("accept").0;
+        let proxy_backend =
+            std::net::TcpStream::connect(back.local_addr().expect("addr")).expect("connect");
+        let app_backend = back.accept().expect("accept").0;
+        [app_client, proxy_client, proxy_backend, app_backend]
+    }
+
+    /// A relay between the proxy's two sockets, spliced by `kernel`, on the current
+    /// runtime.
+    fn spliced_relay(
+        kernel: &Kernel,
+        client: std::net::TcpStream,
+        backend: std::net::TcpStream,
+    ) -> Relay {
+        let peer = |socket: std::net::TcpStream| -> Peer {
+            socket.set_nonblocking(true).expect("non-blocking");
+            TcpStream::from_std(socket).expect("register").into()
+        };
+        let mut relay = Relay::new(peer(client), peer(backend), Arc::new(Meter::default()));
+        relay.offload(kernel).expect("splice");
+        assert!(relay.splice_fallback().is_none(), "the splice completed");
+        relay
+    }
+
     /// Item 3 of issue 14: a spliced connection whose bytes the kernel redirects does not
     /// wake its relay's thread for them. The relay runs on a runtime of its own thread;
     /// 300 round trips of 64 bytes (an skb each, each of which used to wake that thread
@@ -918,7 +951,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_redirecting_relay_is_not_woken_by_redirected_bytes() {
         use std::io::{Read, Write};
-        use std::net::{Shutdown, TcpListener};
+        use std::net::Shutdown;
 
         use crate::datapath::kernel::tests::{load_or_skip, small};
 
@@ -930,14 +963,7 @@ mod tests {
             return;
         };
         kernel.start_events().expect("event reader");
-        let front = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let back = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let mut app_client =
-            std::net::TcpStream::connect(front.local_addr().expect("addr")).expect("connect");
-        let proxy_client = front.accept().expect("accept").0;
-        let proxy_backend =
-            std::net::TcpStream::connect(back.local_addr().expect("addr")).expect("connect");
-        let mut app_backend = back.accept().expect("accept").0;
+        let [mut app_client, proxy_client, proxy_backend, mut app_backend] = proxied_pair();
 
         let (started, thread_id) = std::sync::mpsc::channel();
         let (spliced_tx, spliced) = std::sync::mpsc::channel();
@@ -949,17 +975,7 @@ mod tests {
                 .build()
                 .expect("runtime");
             runtime.block_on(async move {
-                let peer = |socket: std::net::TcpStream| -> Peer {
-                    socket.set_nonblocking(true).expect("non-blocking");
-                    TcpStream::from_std(socket).expect("register").into()
-                };
-                let mut relay = Relay::new(
-                    peer(proxy_client),
-                    peer(proxy_backend),
-                    Arc::new(Meter::default()),
-                );
-                relay.offload(&kernel).expect("splice");
-                assert!(relay.splice_fallback().is_none(), "the splice completed");
+                let mut relay = spliced_relay(&kernel, proxy_client, proxy_backend);
                 let _ = spliced_tx.send(());
                 let report = relay.next_event().await;
                 let relayed =
@@ -1017,7 +1033,7 @@ mod tests {
     #[tokio::test]
     async fn a_relay_spliced_before_events_are_read_sees_the_fin() {
         use std::io::{Read, Write};
-        use std::net::{Shutdown, TcpListener};
+        use std::net::Shutdown;
         use std::time::Duration;
 
         use crate::datapath::kernel::tests::{load_or_skip, small};
@@ -1026,25 +1042,8 @@ mod tests {
             return;
         };
         assert!(!kernel.reads_events(), "no reader before start_events");
-        let front = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let back = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let mut app_client =
-            std::net::TcpStream::connect(front.local_addr().expect("addr")).expect("connect");
-        let proxy_client = front.accept().expect("accept").0;
-        let proxy_backend =
-            std::net::TcpStream::connect(back.local_addr().expect("addr")).expect("connect");
-        let mut app_backend = back.accept().expect("accept").0;
-        let peer = |socket: std::net::TcpStream| -> Peer {
-            socket.set_nonblocking(true).expect("non-blocking");
-            TcpStream::from_std(socket).expect("register").into()
-        };
-        let mut relay = Relay::new(
-            peer(proxy_client),
-            peer(proxy_backend),
-            Arc::new(Meter::default()),
-        );
-        relay.offload(&kernel).expect("splice");
-        assert!(relay.splice_fallback().is_none(), "the splice completed");
+        let [mut app_client, proxy_client, proxy_backend, mut app_backend] = proxied_pair();
+        let mut relay = spliced_relay(&kernel, proxy_client, proxy_backend);
         // The relay finds both sockets empty: with events read, it would stop watching.
         assert!(
             tokio::time::timeout(Duration::from_millis(100), relay.next_event())

@@ -415,7 +415,7 @@ impl Process {
         }
         for outlived in descendants.into_iter().filter(|&p| p != self.child.id()) {
             let pid = libc::pid_t::try_from(outlived).context("pid out of range")?;
-            if terminate(pid) {
+            if terminate(pid) != Termination::NotRunning {
                 eprintln!(
                     "bench: a process {target} started (pid {outlived}) outlived it; stopped it"
                 );
@@ -425,9 +425,17 @@ impl Process {
     }
 }
 
-/// SIGTERM to `pid`, and SIGKILL if it still runs after [`STOP_TIMEOUT`]. Returns whether it
-/// was running. Not for a child of ours, which must be reaped instead.
-fn terminate(pid: libc::pid_t) -> bool {
+/// What [`terminate`] found and did.
+#[derive(Debug, PartialEq, Eq)]
+enum Termination {
+    NotRunning,
+    Exited,
+    Killed,
+}
+
+/// SIGTERM to `pid`, and SIGKILL if it still runs after [`STOP_TIMEOUT`]. Not for a child
+/// of ours, which must be reaped instead.
+fn terminate(pid: libc::pid_t) -> Termination {
     // Not a zombie: one whose parent died is init's to reap.
     let alive = || {
         fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -437,7 +445,7 @@ fn terminate(pid: libc::pid_t) -> bool {
         })
     };
     if !alive() {
-        return false;
+        return Termination::NotRunning;
     }
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -445,11 +453,12 @@ fn terminate(pid: libc::pid_t) -> bool {
     while alive() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
-    if alive() {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+    if !alive() {
+        return Termination::Exited;
     }
-    true
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    Termination::Killed
 }
 
 impl Process {
@@ -457,20 +466,8 @@ impl Process {
     /// which should have exited once it handed everything over (else it is stopped too).
     fn stop_successor(mut self, target: Target, pid: u32) -> Result<()> {
         let pid_t = libc::pid_t::try_from(pid).context("pid out of range")?;
-        let alive = || {
-            // SAFETY: kill with signal 0 only checks that the process exists.
-            unsafe { libc::kill(pid_t, 0) == 0 }
-        };
-        // SAFETY: kill has no memory-safety preconditions; pid is the successor the upgrade
-        // command reported for the proxy this bench started.
-        unsafe { libc::kill(pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while alive() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        if alive() {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid_t, libc::SIGKILL) };
+        // The successor the upgrade command reported for the proxy this bench started.
+        if terminate(pid_t) == Termination::Killed {
             eprintln!(
                 "bench: {target}'s successor (pid {pid}) did not exit within {STOP_TIMEOUT:?} \
                  of SIGTERM; killed it"
