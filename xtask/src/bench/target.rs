@@ -389,7 +389,10 @@ impl Process {
         }
         // Listed before it stops, while they are still its children: nginx's workers, and
         // the successor of an upgrade that did not complete, which would outlive it.
-        let descendants = system::process_tree(self.child.id())?;
+        let descendants = system::process_tree(self.child.id()).unwrap_or_else(|e| {
+            eprintln!("bench: cannot list the processes {target} started: {e:#}");
+            Vec::new()
+        });
         let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
         // SAFETY: kill has no memory-safety preconditions; pid is our own unreaped child.
         unsafe { libc::kill(pid, libc::SIGTERM) };
