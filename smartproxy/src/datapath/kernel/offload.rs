@@ -35,6 +35,16 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// ([`Offload::read_nothing`]); fewer, such as the bytes queued before a splice, do not.
 const PASS_PHASE_BYTES: u64 = 64 * 1024;
 
+/// Whether a source that a read found empty stays watched for reads: while userspace has
+/// not read every byte the verdict passed (`passed` against `taken`; the verdict counts a
+/// pass before the skb lands), and for one more empty read after a pass streak of more than
+/// [`PASS_PHASE_BYTES`] since the source was last found quiet (at `quiet_at`). While the
+/// verdict passes skb after skb, a source dropped at each pause would take every next skb
+/// through an event and a new registration; reads fall behind, which keeps it passing.
+fn stays_watched(passed: u64, taken: u64, quiet_at: u64) -> bool {
+    passed > taken || passed.saturating_sub(quiet_at) > PASS_PHASE_BYTES
+}
+
 /// A spliced connection's kernel side, owned by its relay.
 #[derive(Debug)]
 pub struct Offload {
@@ -59,7 +69,7 @@ pub struct Offload {
     passing: [bool; 2],
     /// Per direction: `FLOWS.passed` at the last read that found the source empty with
     /// every passed byte read ([`Offload::read_nothing`]); zero before any.
-    quiet_at: [Option<u64>; 2],
+    quiet_at: [u64; 2],
     /// The ring-buffer reader stopped: no event comes any more, so every socket is
     /// watched for reads.
     events_closed: bool,
@@ -109,7 +119,7 @@ impl Offload {
             kernel_base,
             recheck,
             passing: [true; 2],
-            quiet_at: [Some(0); 2],
+            quiet_at: [0; 2],
             events_closed: false,
         }
     }
@@ -285,14 +295,11 @@ impl Offload {
             return;
         }
         if let Ok(flow) = self.splice.flow(source) {
-            // Not on the first such read after a pass phase: while the verdict passes skb
-            // after skb, each one would come through an event and a new registration,
-            // reads fall behind, and that keeps the verdict passing.
-            let all_read = flow.passed <= self.taken[index];
-            let after_streak = self.quiet_at[index]
-                .is_none_or(|quiet| flow.passed.saturating_sub(quiet) > PASS_PHASE_BYTES);
-            self.passing[index] = !all_read || after_streak;
-            self.quiet_at[index] = all_read.then_some(flow.passed);
+            let taken = self.taken[index];
+            self.passing[index] = stays_watched(flow.passed, taken, self.quiet_at[index]);
+            if flow.passed <= taken {
+                self.quiet_at[index] = flow.passed;
+            }
         }
     }
 
@@ -489,4 +496,31 @@ pub struct FallbackRecord {
     pub step: u8,
     /// The error and its causes, as text.
     pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes queued before a splice (a request) do not hold a source; a pass streak
+    /// holds it for one more empty read, and nothing passed since lets it go; a count ahead
+    /// of what userspace read always holds it.
+    #[test]
+    fn a_source_stays_watched_one_empty_read_after_a_pass_streak() {
+        assert!(!stays_watched(64, 64, 0), "the first request passed up");
+        let streak = 4 * PASS_PHASE_BYTES;
+        assert!(
+            stays_watched(streak, streak, 0),
+            "the first empty read after a streak"
+        );
+        assert!(!stays_watched(streak, streak, streak), "the second one");
+        assert!(
+            stays_watched(streak + 1, streak, streak),
+            "a pass not read yet"
+        );
+        assert!(
+            !stays_watched(streak + PASS_PHASE_BYTES, streak + PASS_PHASE_BYTES, streak),
+            "exactly PASS_PHASE_BYTES is no streak"
+        );
+    }
 }
