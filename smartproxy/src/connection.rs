@@ -11,15 +11,16 @@ use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tracing::field::{display, Empty};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use crate::backend::{connect, keepalive, KnownKeepalive};
 use crate::conn_error::{ConnError, Step};
 use crate::datapath::adaptive::Place;
-use crate::datapath::clock::{instant_of, ns_of};
+use crate::datapath::clock::{instant_of, monotonic_ns, ns_of};
 use crate::datapath::kernel::SpliceError;
 use crate::datapath::relay::Moved;
 use crate::datapath::{Meter, Peer, Relay, Report};
@@ -27,9 +28,10 @@ use crate::error_chain;
 use crate::generation::{Generation, Placement};
 use crate::lifecycle::{Action, Event, Lifecycle};
 use crate::limits::Admissions;
+use crate::park::Parked;
 use crate::routing::{receive_proxy_header, route};
 use crate::shared::{Closed, Shared, Stop};
-use crate::table::ConnRecord;
+use crate::table::{ConnRecord, ParkState};
 use crate::upgrade::message::ConnectionRecord;
 use crate::upgrade::{Outgoing, Phase};
 use crate::vocab::{DataPathKind, Direction, Reason, Side};
@@ -68,9 +70,18 @@ pub(crate) fn serve(
         .await;
         let (reason, cause) = match established {
             Ok((route, client, backend)) => {
-                match relay(&shared, &generation, route, client, backend, &record).await {
+                let relayed = relay(
+                    &shared,
+                    &generation,
+                    route,
+                    client,
+                    backend,
+                    &record,
+                    &mut admissions,
+                );
+                match relayed.await {
                     Ended::Closed(reason) => (reason, None),
-                    Ended::Moved => return,
+                    Ended::Moved | Ended::Parked => return,
                 }
             }
             Err(error) => (error.reason(), Some(error_chain(&error))),
@@ -87,6 +98,8 @@ enum Ended {
     Closed(Reason),
     /// Handed to a successor process (`upgrade`), which closes it in the end.
     Moved,
+    /// Parked without a task (`park`): a new task takes it up.
+    Parked,
 }
 
 /// Drives a connection a predecessor process handed over (or an upgrade that failed gave
@@ -122,23 +135,89 @@ pub(crate) fn resume(
     let record = shared.table.insert_moved(&moved, slot, target, meter);
     let lifecycle = Lifecycle::from_record(&moved.lifecycle, instant_of);
     let span = info_span!("conn", id = record.id, client = %record.client(), moved = true);
+    let admissions = Admissions::default();
+    spawn_drive(
+        shared,
+        runtime,
+        record,
+        (relay, lifecycle),
+        admissions,
+        span,
+    );
+    Ok(())
+}
+
+/// Takes a parked connection up again in a task of its own, from where it stopped.
+pub(crate) fn take_up(shared: &Arc<Shared>, parked: Box<Parked>) {
+    let Parked {
+        record,
+        client,
+        backend,
+        lifecycle,
+        moves,
+        admissions,
+    } = *parked;
+    let runtime = shared.runtimes.place(None);
+    let relay = {
+        let _registers_with = runtime.enter();
+        Relay::from_moved(
+            Moved::quiet(client, backend, moves),
+            Arc::clone(&record.meter),
+            shared.kernel.as_ref(),
+        )
+    };
+    let mut relay = match relay {
+        Ok(relay) => relay,
+        Err(e) => {
+            let cause = e.to_string();
+            warn!(id = record.id, error = %cause, "a parked connection could not be taken up");
+            drop(admissions);
+            close(shared, &record, Reason::ProxyError, Some(&cause));
+            return;
+        }
+    };
+    if let (Some(moves), Some(kernel)) = (moves, &shared.kernel) {
+        relay.adapt(kernel, shared.generation().config.proxy.auto, moves);
+    }
+    let span = info_span!("conn", id = record.id, client = %record.client());
+    debug!(parent: &span, "taken up");
+    spawn_drive(
+        shared,
+        runtime,
+        record,
+        (relay, lifecycle),
+        admissions,
+        span,
+    );
+}
+
+/// Drives `parts` in a task of its own on `runtime`, and closes the connection when the
+/// lifecycle does.
+fn spawn_drive(
+    shared: &Arc<Shared>,
+    runtime: &Handle,
+    record: Arc<ConnRecord>,
+    parts: (Relay, Lifecycle),
+    mut admissions: Admissions,
+    span: Span,
+) {
     let tasks = shared.tasks.clone();
     let shared = Arc::clone(shared);
     // Boxed and unpacked in a block of its own: the relay and the lifecycle then take room
     // only in `drive`'s future, not also as what this one captured.
-    let parts = Box::new((relay, lifecycle));
+    let parts = Box::new(parts);
     let task = async move {
         let ended = {
             let (relay, lifecycle) = *parts;
-            drive(&shared, relay, lifecycle, &record)
+            drive(&shared, relay, lifecycle, &record, &mut admissions)
         }
         .await;
         if let Ended::Closed(reason) = ended {
+            drop(admissions);
             close(&shared, &record, reason, None);
         }
     };
     tasks.spawn_on(task.instrument(span), runtime);
-    Ok(())
 }
 
 /// `cause`: why the setup failed, the error chain; `None` once the bytes moved.
@@ -328,7 +407,8 @@ fn relay<'a>(
     route: usize,
     client: Peer,
     backend: Peer,
-    record: &'a ConnRecord,
+    record: &'a Arc<ConnRecord>,
+    admissions: &'a mut Admissions,
 ) -> impl Future<Output = Ended> + 'a {
     let config = generation.config.routes[route].lifecycle;
     let mut relay = Relay::new(client, backend, Arc::clone(&record.meter));
@@ -348,7 +428,7 @@ fn relay<'a>(
         _ => {}
     }
     let lifecycle = Lifecycle::new(config, Instant::now().into_std());
-    drive(shared, relay, lifecycle, record)
+    drive(shared, relay, lifecycle, record, admissions)
 }
 
 /// Books a splice (`result`): on the kernel path if it completed, on the userspace path
@@ -392,21 +472,24 @@ fn book_move(shared: &Shared, record: &ConnRecord, place: Place) {
 }
 
 /// Feeds the lifecycle what the relay reports and carries out its actions, until it
-/// closes the connection or an upgrade moves it to the successor. Not `async` itself: an
-/// async fn keeps its arguments apart from the locals they become, so the relay and the
-/// lifecycle would take their room twice in every connection's task.
+/// closes the connection, an upgrade moves it to the successor, or it parks (then its
+/// admissions go with it). Not `async` itself: an async fn keeps its arguments apart from
+/// the locals they become, so the relay and the lifecycle would take their room twice in
+/// every connection's task.
 #[allow(clippy::manual_async_fn)]
 fn drive<'a>(
     shared: &'a Arc<Shared>,
     mut relay: Relay,
     mut lifecycle: Lifecycle,
-    record: &'a ConnRecord,
+    record: &'a Arc<ConnRecord>,
+    admissions: &'a mut Admissions,
 ) -> impl Future<Output = Ended> + 'a {
     async move {
         let mut stop = shared.stop.clone();
         let mut stop_seen = Stop::Running;
         let mut movable = relay.movable();
         record.stays.store(!movable, Ordering::Relaxed);
+        rule_out_parking(&relay, record);
         // A stop or an upgrade that came before the connection's record did is seen on the
         // first turn.
         record.nudge.raise();
@@ -420,10 +503,12 @@ fn drive<'a>(
                         if record.data_path() == Some(DataPathKind::Ebpf) {
                             shared.stats.moved_to(DataPathKind::Ebpf);
                         }
+                        rule_out_parking(&relay, record);
                         continue;
                     }
                     Report::Moved(place) => {
                         book_move(shared, record, place);
+                        rule_out_parking(&relay, record);
                         continue;
                     }
                 },
@@ -448,10 +533,23 @@ fn drive<'a>(
                         match hand_off(shared, relay, &lifecycle, record, handoff) {
                             Ok(()) => return Ended::Moved,
                             Err(kept) => {
-                                // It stays here, and the upgrade need not wait for it.
+                                // It stays here, and the upgrade need not wait for it; a
+                                // parked one would come back movable.
                                 relay = *kept;
                                 movable = false;
                                 record.stays.store(true, Ordering::Relaxed);
+                                record.set_park_state(ParkState::Never);
+                                continue;
+                            }
+                        }
+                    } else if record.switch_park_state(ParkState::Asked, ParkState::Awake)
+                        && stop_seen == Stop::Running
+                        && may_park(&relay, &lifecycle, record)
+                    {
+                        match park(shared, relay, lifecycle, record, admissions) {
+                            Ok(()) => return Ended::Parked,
+                            Err(kept) => {
+                                (relay, lifecycle) = *kept;
                                 continue;
                             }
                         }
@@ -558,6 +656,64 @@ fn hand_off(
     Ok(())
 }
 
+/// Once a connection can never park (TLS this proxy holds, or spliced: the offload stays
+/// until the close), the sweep leaves it alone.
+fn rule_out_parking(relay: &Relay, record: &ConnRecord) {
+    if !relay.may_ever_park() {
+        record.set_park_state(ParkState::Never);
+    }
+}
+
+/// Whether the connection parks now: quiet for `PARK_AFTER`, both directions open,
+/// nothing held, and no lifecycle deadline due (one that woke it is seen to first).
+fn may_park(relay: &Relay, lifecycle: &Lifecycle, record: &ConnRecord) -> bool {
+    let now = std::time::Instant::now();
+    relay.may_ever_park()
+        && relay.is_quiet()
+        && lifecycle.is_open_both_ways()
+        && lifecycle.deadline().is_none_or(|deadline| deadline > now)
+        && crate::park::quiet_for_long(record, monotonic_ns())
+}
+
+/// Parks the connection: its task ends, and the parking lot takes it up again. Gives the
+/// relay and the lifecycle back if the sockets cannot be handed over (then it never
+/// parks). Should the lot refuse (the proxy started to stop meanwhile, or the sockets
+/// cannot be watched), a new task takes the connection up at once.
+fn park(
+    shared: &Arc<Shared>,
+    relay: Relay,
+    lifecycle: Lifecycle,
+    record: &Arc<ConnRecord>,
+    admissions: &mut Admissions,
+) -> Result<(), Box<(Relay, Lifecycle)>> {
+    let Some(parking) = &shared.parking else {
+        return Err(Box::new((relay, lifecycle)));
+    };
+    let moves = relay.moves();
+    let moved = match relay.into_moved() {
+        Ok(moved) => moved,
+        Err(failed) => {
+            let (relay, e) = *failed;
+            debug!(error = %e, "cannot park; it keeps its task");
+            record.set_park_state(ParkState::Never);
+            return Err(Box::new((relay, lifecycle)));
+        }
+    };
+    let parked = Box::new(Parked {
+        record: Arc::clone(record),
+        client: moved.client,
+        backend: moved.backend,
+        lifecycle,
+        moves,
+        admissions: std::mem::take(admissions),
+    });
+    match parking.park(parked) {
+        Ok(()) => debug!("parked"),
+        Err(refused) => take_up(shared, refused),
+    }
+    Ok(())
+}
+
 /// The stop stage the proxy reached, if it is past `seen`. A proxy dropped without a
 /// shutdown moves to `Drain` first (`Proxy`'s `Drop`), so the stage the channel holds
 /// once closed is the last one.
@@ -574,7 +730,7 @@ async fn draining(shared: &Shared, record: &ConnRecord) {
     }
 }
 
-async fn sleep_until_some(deadline: Option<Instant>) {
+pub(crate) async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => sleep_until(deadline).await,
         None => std::future::pending().await,

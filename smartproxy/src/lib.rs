@@ -20,6 +20,7 @@ pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod nudge;
+pub(crate) mod park;
 pub mod privileges;
 pub mod process;
 pub mod proxy;

@@ -207,6 +207,11 @@ impl Lifecycle {
             && ((a == Flow::Open) != (b == Flow::Open))
     }
 
+    /// Relaying, with neither direction stopped nor stopping.
+    pub fn is_open_both_ways(&self) -> bool {
+        self.phase == Phase::Relaying && self.flows == [Flow::Open; 2]
+    }
+
     /// When the data path must send `Event::Timer`, if ever.
     pub fn deadline(&self) -> Option<Instant> {
         let phase_deadline = match self.phase {
@@ -450,6 +455,17 @@ mod tests {
         assert_eq!(s.on(Finished(ClientToBackend)), vec![]);
         assert!(s.lifecycle.is_half_open());
         assert_eq!(s.lifecycle.closed(), None);
+    }
+
+    #[test]
+    fn open_both_ways_until_a_fin_or_a_shutdown() {
+        let s = Script::new(config());
+        assert!(s.lifecycle.is_open_both_ways());
+        for event in [Eof(Client), Eof(Backend), Shutdown] {
+            let mut s = Script::new(config());
+            s.on(event);
+            assert!(!s.lifecycle.is_open_both_ways(), "after {event:?}");
+        }
     }
 
     #[test]

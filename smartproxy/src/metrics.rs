@@ -224,6 +224,13 @@ pub fn render(s: &Snapshot) -> String {
     }
 
     out.family(
+        "smartproxy_connections_parked",
+        "gauge",
+        "Idle connections parked without a task of their own.",
+    );
+    out.sample("smartproxy_connections_parked", &[], s.connections.parked);
+
+    out.family(
         "smartproxy_connections_accepted_total",
         "counter",
         "Connections accepted, routed or not.",

@@ -31,7 +31,14 @@ impl Nudge {
         std::future::poll_fn(|cx| self.poll_nudged(cx)).await;
     }
 
-    fn poll_nudged(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Forgets the waker the last poll left: a raise from now on wakes nobody until the
+    /// next poll (it is not lost: that poll sees it).
+    pub fn forget_waker(&self) {
+        drop(self.waker.take());
+    }
+
+    /// [`Nudge::nudged`], polled with `cx`'s waker: the one a raise wakes from now on.
+    pub fn poll_nudged(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.raised.swap(false, Ordering::Acquire) {
             return Poll::Ready(());
         }

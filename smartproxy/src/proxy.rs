@@ -21,6 +21,7 @@ use crate::health::Registry;
 use crate::limits::Limits;
 use crate::listener::{bind_std, open_listener, Accepting};
 use crate::metrics::MetricsServer;
+use crate::park::Parking;
 use crate::reload::{configure_limits, ReloadError, ReloadSummary};
 use crate::resolve::{Resolve, SystemResolver};
 use crate::shared::{Closed, Shared, Stop, MAP_FULL_WARNING_EVERY};
@@ -260,8 +261,12 @@ impl Proxy {
         configure_limits(&limits, &generation);
         let tasks = TaskTracker::new();
         let (workers, runtimes) = Workers::start(runtimes, &tasks).map_err(StartError::Workers)?;
+        let parking = Parking::new()
+            .inspect_err(|e| warn!(error = %e, "idle connections keep their tasks: no epoll instance to park them"))
+            .ok();
         let shared = Arc::new(Shared {
             runtimes,
+            parking,
             generation: watch::Sender::new(Arc::new(generation)),
             listeners: Mutex::default(),
             accepting: Accepting::default(),
@@ -286,6 +291,7 @@ impl Proxy {
             successor,
         });
         shared.table.continue_ids(first_id);
+        shared.tasks.spawn(crate::park::run(Arc::clone(&shared)));
         start_checks(&shared, &shared.generation());
         {
             let mut listeners = shared.lock_listeners();

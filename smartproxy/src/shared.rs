@@ -16,6 +16,7 @@ use crate::generation::Generation;
 use crate::health::{Registry, TargetHealth, TargetSnapshot};
 use crate::limits::Limits;
 use crate::listener::{Accepting, Listeners};
+use crate::park::Parking;
 use crate::resolve::Resolve;
 use crate::stats::{ConnectionRow, EbpfSnapshot, Snapshot, Stats};
 use crate::table::ConnTable;
@@ -88,6 +89,8 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// Where connections run.
     pub(crate) runtimes: Runtimes,
+    /// Idle connections without a task; `None` if its epoll instance could not be made.
+    pub(crate) parking: Option<Parking>,
     /// The control socket and the metrics endpoint: they outlive `tasks`.
     pub(crate) services: TaskTracker,
     /// Where an upgrade is.

@@ -12,7 +12,7 @@ use crate::datapath::kernel::MapEntries;
 use crate::health::TargetSnapshot;
 use crate::histogram::{Histogram, HistogramSnapshot, CONNECT_BUCKETS, DURATION_BUCKETS};
 use crate::limits::Refusal;
-use crate::table::{ConnRecord, ConnTable};
+use crate::table::{ConnRecord, ConnTable, ParkState};
 use crate::vocab::DataPathKind;
 use crate::vocab::{Direction, Reason};
 
@@ -88,6 +88,9 @@ pub struct ConnectionsSnapshot {
     /// `half_open`, by data path.
     pub half_open_ebpf: u64,
     pub half_open_userspace: u64,
+    /// Idle connections parked without a task of their own (`park`).
+    #[serde(default)]
+    pub parked: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +227,7 @@ struct LiveCounts {
     half_open: u64,
     half_open_ebpf: u64,
     half_open_userspace: u64,
+    parked: u64,
     bytes: [u64; 2],
     /// The part of `bytes` the kernel moved.
     kernel_bytes: [u64; 2],
@@ -235,6 +239,7 @@ impl LiveCounts {
         let half_open = u64::from(record.half_open.load(Ordering::Relaxed));
         self.active += 1;
         self.half_open += half_open;
+        self.parked += u64::from(record.park_state() == ParkState::Parked);
         match record.data_path() {
             Some(DataPathKind::Ebpf) => {
                 self.ebpf += 1;
@@ -541,6 +546,7 @@ impl Stats {
                 userspace: all.userspace,
                 half_open_ebpf: all.half_open_ebpf,
                 half_open_userspace: all.half_open_userspace,
+                parked: all.parked,
             },
             bytes: BytesSnapshot {
                 client_to_backend: load(&self.closed_bytes[0]) + all.bytes[0],

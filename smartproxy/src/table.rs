@@ -42,6 +42,21 @@ pub struct ConnRecord {
     pub stays: AtomicBool,
     /// Raised for the connection to look at the stop stage and the upgrade again.
     pub nudge: Nudge,
+    /// A [`ParkState`]: whether the connection is parked without a task (`park`).
+    park_state: AtomicU8,
+}
+
+/// Whether a connection is parked without a task (`park`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParkState {
+    /// In a task of its own.
+    Awake,
+    /// In a task of its own, asked to park by the sweep (which then nudges it): only
+    /// such a nudge parks a connection, so that one just taken up reads what woke it first.
+    Asked,
+    Parked,
+    /// In a task of its own until it closes (TLS this proxy holds, or spliced).
+    Never,
 }
 
 /// The addresses a load balancer's PROXY header carries.
@@ -67,6 +82,26 @@ impl ConnRecord {
             DataPathKind::Ebpf => 2,
         };
         self.data_path.store(code, Ordering::Relaxed);
+    }
+
+    pub fn set_park_state(&self, state: ParkState) {
+        self.park_state.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn park_state(&self) -> ParkState {
+        match self.park_state.load(Ordering::Relaxed) {
+            1 => ParkState::Asked,
+            2 => ParkState::Parked,
+            3 => ParkState::Never,
+            _ => ParkState::Awake,
+        }
+    }
+
+    /// Moves the park state from `from` to `to`; false if it was not `from`.
+    pub fn switch_park_state(&self, from: ParkState, to: ParkState) -> bool {
+        self.park_state
+            .compare_exchange(from as u8, to as u8, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 
     pub fn data_path(&self) -> Option<DataPathKind> {
@@ -103,6 +138,7 @@ impl ConnTable {
             half_open: AtomicBool::new(false),
             stays: AtomicBool::new(false),
             nudge: Nudge::default(),
+            park_state: AtomicU8::new(ParkState::Awake as u8),
         });
         self.lock().insert(id, Arc::clone(&record));
         record
@@ -137,6 +173,7 @@ impl ConnTable {
             half_open: AtomicBool::new(moved.lifecycle_half_open()),
             stays: AtomicBool::new(false),
             nudge: Nudge::default(),
+            park_state: AtomicU8::new(ParkState::Awake as u8),
         });
         record.set_data_path(moved.data_path);
         self.continue_ids(moved.id);
@@ -181,6 +218,14 @@ impl ConnTable {
     /// recorded after this looks at them when it starts to wait.
     pub fn nudge_all(&self) {
         for record in self.lock().values() {
+            record.nudge.raise();
+        }
+    }
+
+    /// Nudges the live connections `select` picks, under the table's lock: `select` must
+    /// be quick.
+    pub fn nudge_where(&self, select: impl Fn(&ConnRecord) -> bool) {
+        for record in self.lock().values().filter(|record| select(record)) {
             record.nudge.raise();
         }
     }

@@ -23,8 +23,8 @@ pub fn render_stats(s: &Snapshot, previous: Option<(&Snapshot, Duration)>) -> St
     );
     let _ = writeln!(
         out,
-        "connections active {}  half-open {}  total {}",
-        c.active, c.half_open, c.total
+        "connections active {}  half-open {}  parked {}  total {}",
+        c.active, c.half_open, c.parked, c.total
     );
     let _ = writeln!(
         out,

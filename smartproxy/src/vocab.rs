@@ -105,10 +105,11 @@ pub enum Reason {
     Denied,
     MaxConnections,
     Shutdown,
+    ProxyError,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::Normal,
         Reason::ClientReset,
         Reason::BackendReset,
@@ -122,6 +123,7 @@ impl Reason {
         Reason::Denied,
         Reason::MaxConnections,
         Reason::Shutdown,
+        Reason::ProxyError,
     ];
 
     /// The stats key of this reason.
@@ -140,6 +142,7 @@ impl Reason {
             Reason::Denied => "denied",
             Reason::MaxConnections => "max_connections",
             Reason::Shutdown => "shutdown",
+            Reason::ProxyError => "proxy_error",
         }
     }
 

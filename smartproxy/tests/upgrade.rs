@@ -13,7 +13,8 @@
 //! original deadline although upgrades happened in the middle of it, stats totals and
 //! closure counts carried over exactly, and on the kernel path the connections stayed
 //! spliced and the kernel maps hold exactly two entries per live connection once every
-//! old process is gone.
+//! old process is gone. On userspace the idle connections are parked (without a task)
+//! when the first upgrade starts.
 //!
 //! The successor of an upgrade is started by the proxy, not by this test: the test makes
 //! itself a child subreaper so that every old process, once orphaned, is its child (exit
@@ -581,6 +582,15 @@ fn under_load_keeps_every_connection(path: &str) {
         total_before, long_lived,
         "no other connection yet: {before}"
     );
+
+    // On the relay the idle connections park before the first upgrade, which must take
+    // them up to hand them over (`smartproxy/src/park/mod.rs`).
+    if path == "userspace" {
+        let parkable = idle.len() as u64;
+        wait_until("the idle connections park", || {
+            stats_of(&proxy)["connections"]["parked"] == parkable
+        });
+    }
 
     // The echo clients, during all the upgrades.
     let stop_probe = Arc::new(AtomicBool::new(false));

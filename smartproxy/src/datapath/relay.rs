@@ -403,7 +403,7 @@ struct Adaptive {
 
 /// One direction's state as a successor takes it over (`upgrade`); the bytes read and
 /// not yet written travel beside it ([`Moved::pending`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HalfRecord {
     eof: bool,
     finishing: bool,
@@ -430,6 +430,20 @@ pub struct Moved {
     pub offload: Option<OffloadRecord>,
     /// On the adaptive path: the moves made so far.
     pub moves: Option<u32>,
+}
+
+impl Moved {
+    /// A connection with both directions open and nothing held (a parked one, `park`).
+    pub fn quiet(client: OwnedFd, backend: OwnedFd, moves: Option<u32>) -> Moved {
+        Moved {
+            halves: Default::default(),
+            pending: Default::default(),
+            client,
+            backend,
+            offload: None,
+            moves,
+        }
+    }
 }
 
 /// Both directions of one connection.
@@ -474,6 +488,19 @@ impl Relay {
     /// state stays in this process.
     pub fn movable(&self) -> bool {
         !self.client.is_tls() && !self.backend.is_tls()
+    }
+
+    /// Whether the connection may ever be parked (`park`): plain TCP on both sides, and
+    /// not spliced (an offload stays until the close).
+    pub fn may_ever_park(&self) -> bool {
+        self.movable() && self.offload.is_none()
+    }
+
+    /// Both directions open, and no byte read that is not written yet.
+    pub fn is_quiet(&self) -> bool {
+        self.halves
+            .iter()
+            .all(|half| !half.eof && !half.finishing && !half.finished && half.start >= half.end)
     }
 
     /// Takes the relay apart for a successor process. Call it between two `next_event`s

@@ -1,0 +1,345 @@
+//! Idle connections without a task. A connection on the userspace relay that moved no
+//! byte for [`PARK_AFTER`], with both directions open and nothing held, gives its task
+//! up: its two sockets go to one epoll instance, its lifecycle deadline to one ordered
+//! set, and its nudge (a stop, an upgrade) to one queue, all driven by one task
+//! ([`run`]). Whichever comes first, a socket to read, the deadline or a nudge, takes the
+//! connection up again on a runtime, where it goes on from where it stopped
+//! (`connection::take_up`). A parked connection keeps its record, its descriptors, its
+//! lifecycle and its admissions: a few hundred bytes instead of a task, its future and
+//! two reactor registrations (docs/performance.md#idle-connections).
+
+mod epoll;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use crate::datapath::clock::monotonic_ns;
+use crate::error_chain;
+use crate::lifecycle::Lifecycle;
+use crate::limits::Admissions;
+use crate::shared::{Shared, Stop};
+use crate::table::{ConnRecord, ParkState};
+use crate::vocab::DataPathKind;
+
+use epoll::Epoll;
+
+/// How long a connection moves no byte before it is parked. Parking and taking up cost
+/// about a dozen system calls; a connection quiet for a second pays them at most once a
+/// second.
+pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// How often the connections are looked over for ones to park: a connection is parked
+/// between [`PARK_AFTER`] and `PARK_AFTER + SWEEP_EVERY` after its last byte.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// Ready sockets read from the epoll instance at once.
+const READY_BATCH: usize = 256;
+
+/// What a parked connection keeps.
+#[derive(Debug)]
+pub(crate) struct Parked {
+    pub(crate) record: Arc<ConnRecord>,
+    pub(crate) client: OwnedFd,
+    pub(crate) backend: OwnedFd,
+    pub(crate) lifecycle: Lifecycle,
+    /// On the adaptive path: the moves made so far.
+    pub(crate) moves: Option<u32>,
+    pub(crate) admissions: Admissions,
+}
+
+/// The parked connections, and when each must wake for its lifecycle.
+#[derive(Debug)]
+struct Lot {
+    /// Boxed: a map's slots are a power of two above its length, each as large as its
+    /// value, and a parked connection is about 300 bytes.
+    parked: HashMap<u64, Box<Parked>>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    /// Until the proxy stops: then nothing parks, and the driver ends once the lot is empty.
+    open: bool,
+}
+
+/// Connections whose nudge was raised while they were parked.
+#[derive(Debug, Default)]
+struct Woken {
+    ids: Mutex<Vec<u64>>,
+    driver: Notify,
+}
+
+impl Woken {
+    fn push(&self, id: u64) {
+        self.ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(id);
+        self.driver.notify_one();
+    }
+
+    fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.ids.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// A parked connection's nudge wakes this instead of a task.
+struct ParkedWake {
+    id: u64,
+    woken: Arc<Woken>,
+}
+
+impl Wake for ParkedWake {
+    fn wake(self: Arc<Self>) {
+        self.woken.push(self.id);
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Parking {
+    epoll: Arc<Epoll>,
+    lot: Mutex<Lot>,
+    woken: Arc<Woken>,
+}
+
+impl Parking {
+    /// Closed until [`run`] drives it.
+    pub(crate) fn new() -> io::Result<Parking> {
+        Ok(Parking {
+            epoll: Arc::new(Epoll::new()?),
+            lot: Mutex::new(Lot {
+                parked: HashMap::new(),
+                deadlines: BTreeSet::new(),
+                open: false,
+            }),
+            woken: Arc::default(),
+        })
+    }
+
+    /// Parks `parked`, or gives it back: the proxy is stopping, or its sockets cannot be
+    /// watched (then the connection is never asked again).
+    pub(crate) fn park(&self, parked: Box<Parked>) -> Result<(), Box<Parked>> {
+        let id = parked.record.id;
+        let record = Arc::clone(&parked.record);
+        let deadline = parked.lifecycle.deadline();
+        // Under the lock to the end: the driver cannot take the connection up (and its
+        // new task register its own waker) before the nudge's waker is this one.
+        let mut lot = self.lock();
+        if !lot.open {
+            return Err(parked);
+        }
+        if let Err(e) = self.watch(&parked, id) {
+            debug!(error = %e, "cannot park: its sockets cannot be watched");
+            record.set_park_state(ParkState::Never);
+            return Err(parked);
+        }
+        let earliest = lot.deadlines.first().map(|(at, _)| *at);
+        if let Some(at) = deadline {
+            lot.deadlines.insert((at, id));
+            if earliest.is_none_or(|earliest| at < earliest) {
+                // The driver sleeps until a later deadline.
+                self.woken.driver.notify_one();
+            }
+        }
+        lot.parked.insert(id, parked);
+        record.set_park_state(ParkState::Parked);
+        // A nudge from now on takes the connection up; one raised before it parked (a stop
+        // or an upgrade that came meanwhile) does so at once.
+        let waker = Waker::from(Arc::new(ParkedWake {
+            id,
+            woken: Arc::clone(&self.woken),
+        }));
+        if record
+            .nudge
+            .poll_nudged(&mut Context::from_waker(&waker))
+            .is_ready()
+        {
+            self.woken.push(id);
+        }
+        Ok(())
+    }
+
+    fn watch(&self, parked: &Parked, id: u64) -> io::Result<()> {
+        self.epoll.add(parked.client.as_fd(), id)?;
+        self.epoll.add(parked.backend.as_fd(), id).inspect_err(|_| {
+            let _ = self.epoll.remove(parked.client.as_fd());
+        })
+    }
+
+    /// Takes the connection `id` out, if it is still parked.
+    fn take(&self, id: u64) -> Option<Box<Parked>> {
+        let parked = {
+            let mut lot = self.lock();
+            let parked = lot.parked.remove(&id)?;
+            if let Some(at) = parked.lifecycle.deadline() {
+                lot.deadlines.remove(&(at, id));
+            }
+            parked
+        };
+        for socket in [&parked.client, &parked.backend] {
+            // Cannot fail for a socket this instance watches: logged should it anyway.
+            if let Err(e) = self.epoll.remove(socket.as_fd()) {
+                warn!(id, error = %e, "a parked socket could not be unwatched");
+            }
+        }
+        // The task that takes it up registers its own.
+        parked.record.nudge.forget_waker();
+        parked.record.set_park_state(ParkState::Awake);
+        Some(parked)
+    }
+
+    /// Parked connections whose lifecycle deadline is `now` or earlier.
+    fn due(&self, now: Instant) -> Vec<u64> {
+        let lot = self.lock();
+        lot.deadlines
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, id)| *id)
+            .collect()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.lock().deadlines.first().map(|(at, _)| *at)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lot> {
+        // Every change is a single insert or remove: a poisoned lock is still sound.
+        self.lot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Opens the lot while running; once stopping, closes it and says whether it is
+    /// empty, so that the driver may end.
+    fn follow(&self, stopping: bool) -> bool {
+        let mut lot = self.lock();
+        lot.open = !stopping;
+        stopping && lot.parked.is_empty()
+    }
+}
+
+/// Whether the sweep should ask `record` to park: quiet for [`PARK_AFTER`], on the relay,
+/// awake, both directions open, and movable (TLS sessions this proxy holds stay in their
+/// task). The connection itself decides (`connection::drive`): this rule only spares the
+/// others a wake-up.
+fn worth_parking(record: &ConnRecord, now_ns: u64) -> bool {
+    record.park_state() == ParkState::Awake
+        && record.data_path() == Some(DataPathKind::Userspace)
+        && !record.half_open.load(std::sync::atomic::Ordering::Relaxed)
+        && !record.stays.load(std::sync::atomic::Ordering::Relaxed)
+        && quiet_for_long(record, now_ns)
+}
+
+/// Whether `record`'s connection moved no byte for [`PARK_AFTER`] up to `now_ns`.
+pub(crate) fn quiet_for_long(record: &ConnRecord, now_ns: u64) -> bool {
+    let park_after = PARK_AFTER.as_nanos() as u64;
+    now_ns.saturating_sub(record.meter.last_activity_ns()) >= park_after
+}
+
+/// Drives the parked connections until the proxy stops and none is left: takes up those
+/// whose socket is ready, whose deadline came or that were nudged, and nudges quiet
+/// connections to park. Without it nothing parks.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let Some(parking) = &shared.parking else {
+        return;
+    };
+    let ready = match parking.epoll.register() {
+        Ok(ready) => ready,
+        Err(e) => {
+            warn!(error = %error_chain(&e), "idle connections keep their tasks: the parking epoll cannot be watched");
+            return;
+        }
+    };
+    let mut stop = shared.stop.clone();
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; READY_BATCH];
+    loop {
+        let stopping = *stop.borrow_and_update() >= Stop::Drain;
+        if parking.follow(stopping) {
+            break;
+        }
+        let deadline = parking.next_deadline().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            guard = ready.readable() => {
+                // Err: the runtime is shutting down.
+                let Ok(mut guard) = guard else {
+                    break;
+                };
+                match parking.epoll.ready(&mut events) {
+                    Ok(ids) if ids.is_empty() => guard.clear_ready(),
+                    Ok(ids) => ids.into_iter().for_each(|id| take_up(&shared, parking, id)),
+                    Err(e) => {
+                        warn!(error = %e, "reading the parking epoll failed");
+                        guard.clear_ready();
+                    }
+                }
+            }
+            () = parking.woken.driver.notified() => {
+                for id in parking.woken.take() {
+                    take_up(&shared, parking, id);
+                }
+            }
+            () = crate::connection::sleep_until_some(deadline) => {
+                for id in parking.due(Instant::now()) {
+                    take_up(&shared, parking, id);
+                }
+            }
+            _ = sweep.tick(), if !stopping => {
+                let now_ns = monotonic_ns();
+                shared.table.nudge_where(|record| {
+                    worth_parking(record, now_ns)
+                        && record.switch_park_state(ParkState::Awake, ParkState::Asked)
+                });
+            }
+            // Err: the proxy is gone, and the stage it left is the last one.
+            _ = stop.changed(), if !stopping => {}
+        }
+    }
+}
+
+fn take_up(shared: &Arc<Shared>, parking: &Parking, id: u64) {
+    // None: taken up already (a nudge and a readable socket both asked).
+    if let Some(parked) = parking.take(id) {
+        crate::connection::take_up(shared, parked);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::table::ConnTable;
+
+    #[test]
+    fn the_sweep_asks_only_quiet_awake_connections_on_the_relay() {
+        let table = ConnTable::default();
+        let record = table.insert("127.0.0.1:1".parse().expect("an address"));
+        let start = record.meter.last_activity_ns();
+        let quiet = start + PARK_AFTER.as_nanos() as u64;
+        // Not routed yet: no data path.
+        assert!(!worth_parking(&record, quiet));
+        record.set_data_path(DataPathKind::Userspace);
+        assert!(!worth_parking(&record, quiet - 1), "not quiet for long");
+        assert!(worth_parking(&record, quiet));
+        for (state, asked) in [
+            (ParkState::Asked, false),
+            (ParkState::Parked, false),
+            (ParkState::Never, false),
+            (ParkState::Awake, true),
+        ] {
+            record.set_park_state(state);
+            assert_eq!(worth_parking(&record, quiet), asked, "{state:?}");
+        }
+        record.half_open.store(true, Ordering::Relaxed);
+        assert!(!worth_parking(&record, quiet), "half open");
+        record.half_open.store(false, Ordering::Relaxed);
+        record.stays.store(true, Ordering::Relaxed);
+        assert!(!worth_parking(&record, quiet), "staying (TLS held here)");
+        record.stays.store(false, Ordering::Relaxed);
+        record.set_data_path(DataPathKind::Ebpf);
+        assert!(!worth_parking(&record, quiet), "spliced");
+    }
+}

@@ -1,0 +1,204 @@
+//! Idle connections parked without a task (`smartproxy/src/park/mod.rs`): a connection on
+//! the relay that moves nothing for a second gives its task up, and whatever comes next
+//! takes it up again where it stopped:
+//! - on every frontend, one connection through its whole life: it parks (on the relay) or
+//!   never does (spliced, or TLS the proxy terminates); the client's bytes wake it, then
+//!   the backend's (sent while it was parked again), then the client's FIN, and it closes
+//!   `normal` with every byte delivered (the kernel variant moved bytes each way);
+//! - on `auto`, a parked connection still moves into the kernel when a flood comes;
+//! - a parked connection's inactivity timeout still closes it on time;
+//! - a shutdown takes parked connections up: each drains and closes `shutdown`.
+
+use std::time::{Duration, Instant};
+
+use smartproxy::config::DataPathMode;
+use smartproxy::vocab::{Direction, Reason};
+use smartproxy_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Longer than the proxy's park delay (1 s) plus its sweep (0.5 s): a connection quiet
+/// for this long is parked, if it ever parks.
+const PARKED_BY: Duration = Duration::from_millis(2500);
+
+/// Whether connections on `front` park: plain TCP on the relay only.
+fn parks(front: &Frontend) -> bool {
+    matches!(front, Frontend::Plain(DataPathMode::Userspace))
+}
+
+/// Waits until the proxy's one connection is parked, or, where connections never park,
+/// checks after [`PARKED_BY`] that it did not.
+async fn settle(proxy: &TestProxy, parks: bool) {
+    if parks {
+        wait_for("the idle connection to park", || {
+            proxy.stats().connections.parked == 1
+        })
+        .await;
+    } else {
+        tokio::time::sleep(PARKED_BY).await;
+        assert_eq!(
+            proxy.stats().connections.parked,
+            0,
+            "a connection that must keep its task parked"
+        );
+    }
+}
+
+/// Echoes 4-byte words; after `push` it waits [`PARKED_BY`] and sends `late` unasked.
+/// Answers the client's FIN with its own.
+async fn pushing_echo(mut stream: TcpStream) {
+    let mut word = [0u8; 4];
+    while stream.read_exact(&mut word).await.is_ok() {
+        if &word == b"push" {
+            tokio::time::sleep(PARKED_BY).await;
+            stream.write_all(b"late").await.expect("backend sends late");
+        } else {
+            stream.write_all(&word).await.expect("backend echoes");
+        }
+    }
+    stream.shutdown().await.expect("backend FIN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_parks_and_either_side_takes_it_up() {
+    for_each_frontend(|front| async move {
+        let parks = parks(&front);
+        let backend = Backend::greeted(pushing_echo).await;
+        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
+        settle(&proxy, parks).await;
+
+        // The client's bytes wake it.
+        round_trip(&mut client, b"ping").await;
+        settle(&proxy, parks).await;
+
+        // The backend's, sent once it parked again.
+        client.write_all(b"push").await.expect("client sends push");
+        let mut late = [0u8; 4];
+        within("the backend's unasked bytes", client.read_exact(&mut late))
+            .await
+            .expect("client reads late");
+        assert_eq!(&late, b"late", "what the backend sent while parked");
+        settle(&proxy, parks).await;
+
+        // The client's FIN.
+        client.shutdown().await.expect("client FIN");
+        expect_eof(&mut client, "the client reads to EOF").await;
+        proxy
+            .finish_closed(
+                Reason::Normal,
+                &[Direction::ClientToBackend, Direction::BackendToClient],
+            )
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_on_auto_still_moves_into_the_kernel() {
+    if !ebpf_loads("a move into the kernel after parking") {
+        return;
+    }
+    init_tracing();
+    let backend = Backend::spawn(echo).await;
+    // A splice at 1 MiB/s within 50 ms: far below what a flood reaches, whatever the build.
+    let knobs = "auto_splice_rate = 1048576\nauto_leave_rate = 262144\nauto_window = \"50ms\"";
+    let mut proxy = TestProxy::start_auto(knobs, &plain_route("parked", backend.addr, "")).await;
+    let mut client = connect(proxy.addr("parked")).await;
+    round_trip(&mut client, b"ping").await;
+    wait_for("the idle connection to park", || {
+        proxy.stats().connections.parked == 1
+    })
+    .await;
+    let flood = pattern(16 << 20, 7);
+    let (mut read, mut write) = client.into_split();
+    let sent = {
+        let flood = flood.clone();
+        tokio::spawn(async move {
+            write_chunked(&mut write, &flood)
+                .await
+                .expect("client floods");
+            write.shutdown().await.expect("client FIN");
+        })
+    };
+    let (len, hash) = within("the flood echoed", read_to_end_hashed(&mut read))
+        .await
+        .expect("client reads the echo");
+    sent.await.expect("the flood's writer");
+    assert_eq!((len, hash), (flood.len(), sha256(&flood)), "the echo");
+    assert!(
+        proxy.stats().ebpf.moves_to_kernel >= 1,
+        "a taken-up connection never moved into the kernel"
+    );
+    proxy.expect_closed(Reason::Normal).await;
+    backend.join().await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_times_out_on_time() {
+    init_tracing();
+    let backend = Backend::spawn(echo).await;
+    let config = format!(
+        "[lifecycle]\ninactivity_timeout = \"3s\"\ntimeout_behavior = \"close\"\n\n{}",
+        plain_route("parked", backend.addr, "")
+    );
+    let mut proxy = TestProxy::start(DataPathMode::Userspace, &config).await;
+    let mut client = connect(proxy.addr("parked")).await;
+    // The proxy's last activity falls between these two.
+    let before_ping = Instant::now();
+    round_trip(&mut client, b"ping").await;
+    let after_ping = Instant::now();
+    wait_for("the idle connection to park", || {
+        proxy.stats().connections.parked == 1
+    })
+    .await;
+    expect_eof(&mut client, "the client reads to EOF").await;
+    let (most, least) = (before_ping.elapsed(), after_ping.elapsed());
+    assert!(
+        most >= Duration::from_secs(3) && least < Duration::from_secs(5),
+        "EOF {least:?} to {most:?} after the last byte, for an inactivity_timeout of 3 s"
+    );
+    drop(client);
+    proxy.expect_closed(Reason::InactivityTimeout).await;
+    backend.join().await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_takes_parked_connections_up_and_drains_them() {
+    init_tracing();
+    // The drain ends with a reset of connections that did not close.
+    let backend = Backend::spawn(|stream| async move {
+        let _ = try_echo(stream).await;
+    })
+    .await;
+    let config = format!(
+        "[lifecycle]\ngrace_period = \"1s\"\n\n{}",
+        plain_route("parked", backend.addr, "")
+    );
+    let mut proxy = TestProxy::start(DataPathMode::Userspace, &config).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut client = connect(proxy.addr("parked")).await;
+        round_trip(&mut client, b"ping").await;
+        clients.push(client);
+    }
+    wait_for("the idle connections to park", || {
+        proxy.stats().connections.parked == 3
+    })
+    .await;
+    proxy.proxy.shutdown();
+    for _ in 0..3 {
+        proxy.expect_closed(Reason::Shutdown).await;
+    }
+    assert_eq!(
+        proxy.stats().connections.parked,
+        0,
+        "parked after the drain"
+    );
+    tokio::time::timeout(WAIT, proxy.proxy.wait())
+        .await
+        .expect("the proxy stops once its parked connections closed");
+    drop(clients);
+    backend.join().await;
+}
