@@ -58,7 +58,12 @@ fn scenario_secs(scenario: Scenario, p: &Params) -> f64 {
         Scenario::Rr { conns, .. } => 0.3 + conns as f64 / OPENS_PER_SEC + p.rr_secs as f64,
         Scenario::Churn { .. } => p.churn_secs as f64 + 0.1,
         // Two settling pauses of 1 s, the opens, the closes.
-        Scenario::Idle => 2.2 + p.idle_conns as f64 / OPENS_PER_SEC,
+        Scenario::Idle { paced: false } => 2.2 + p.idle_conns as f64 / OPENS_PER_SEC,
+        Scenario::Idle { paced: true } => {
+            2.2 + p.idle_conns as f64 / OPENS_PER_SEC
+                + super::scenario::idle::BATCHES as f64
+                    * super::scenario::idle::BATCH_PAUSE.as_secs_f64()
+        }
         Scenario::SlowReader => p.slow_secs as f64 + 0.5,
         // Opens, 1 s warm-up, the command (guessed at 1 s), 2 s after, an echo on each.
         Scenario::Upgrade => 4.0 + 2.0 * p.upgrade_conns as f64 / OPENS_PER_SEC,

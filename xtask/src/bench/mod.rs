@@ -376,11 +376,22 @@ fn raise_fd_limit(
     let fd_limit = system::raise_nofile(want)?;
     println!("xtask: bench: RLIMIT_NOFILE {fd_limit} (inherited by the proxies)");
     let fit = usize::try_from(fd_limit.saturating_sub(FD_RESERVE) / 2).unwrap_or(usize::MAX);
-    for (scenario, what, count) in [
-        (Scenario::Idle, "idle", &mut params.idle_conns),
-        (Scenario::Upgrade, "upgrade", &mut params.upgrade_conns),
+    for (held_by, what, count) in [
+        (
+            &[
+                Scenario::Idle { paced: false },
+                Scenario::Idle { paced: true },
+            ][..],
+            "idle",
+            &mut params.idle_conns,
+        ),
+        (
+            &[Scenario::Upgrade][..],
+            "upgrade",
+            &mut params.upgrade_conns,
+        ),
     ] {
-        if scenarios.contains(&scenario) && fit < *count {
+        if held_by.iter().any(|s| scenarios.contains(s)) && fit < *count {
             let note = format!(
                 "{what} connections lowered from {count} to {fit}: RLIMIT_NOFILE is {fd_limit} \
                  and this process may not raise its hard limit (no CAP_SYS_RESOURCE)"

@@ -482,16 +482,25 @@ fn targets(out: &mut String, cx: &Context<'_>, results: &Results) {
 
     // Idle RSS.
     for t in paths {
-        let what = format!("{t}: ≤ 1 KiB proxy RSS per idle connection");
-        if has(Scenario::Idle, t) {
-            let x = v(Scenario::Idle, t, Metric::ProxyRssPerConn);
-            lines.push((
-                what,
-                Verdict::from(x.map(|x| x <= 1.0)),
-                format!("{} KiB", fmt(x)),
-            ));
-        } else {
-            lines.push((what, Verdict::NotMeasured, "needs the idle scenario".into()));
+        for scenario in [
+            Scenario::Idle { paced: false },
+            Scenario::Idle { paced: true },
+        ] {
+            let what = format!(
+                "{t}: ≤ 1 KiB proxy RSS per idle connection, {}",
+                scenario.title()
+            );
+            if has(scenario, t) {
+                let x = v(scenario, t, Metric::ProxyRssPerConn);
+                lines.push((
+                    what,
+                    Verdict::from(x.map(|x| x <= 1.0)),
+                    format!("{} KiB", fmt(x)),
+                ));
+            } else {
+                let needs = format!("needs the {} scenario", scenario.slug());
+                lines.push((what, Verdict::NotMeasured, needs));
+            }
         }
     }
 

@@ -4,6 +4,13 @@
 //! inodes, files, epoll items, psocks, map elements) and socket buffers (/proc/net/sockstat
 //! TCP mem). Kernel figures are machine-wide, so they include the client's and backend's
 //! sockets: direct shows that share.
+//!
+//! Opened at once, every connection is new and busy together, and what a proxy allocated
+//! for that moment stays in its RSS (an allocator keeps freed memory that shares pages
+//! with live objects). Paced, the connections come in [`BATCHES`] batches
+//! [`BATCH_PAUSE`] apart, the way long-lived connections pile up over time: a proxy that
+//! sheds what an idle connection does not need (smartproxy parks one quiet for 1 s,
+//! `smartproxy/src/park/mod.rs`) reuses that memory for the next batch.
 
 use std::{
     thread,
@@ -24,8 +31,13 @@ use crate::bench::{
 const LIMIT: Duration = Duration::from_secs(300);
 /// Time for lazily freed memory (RCU callbacks, deferred work) to settle before reading.
 const SETTLE: Duration = Duration::from_secs(1);
+/// Paced: the batches the connections are opened in.
+pub const BATCHES: usize = 10;
+/// Paced: the pause after each batch, longer than smartproxy's park delay (1 s) and sweep
+/// (0.5 s) together.
+pub const BATCH_PAUSE: Duration = Duration::from_secs(2);
 
-pub fn run(env: &Env<'_>) -> Result<Measurement> {
+pub fn run(env: &Env<'_>, paced: bool) -> Result<Measurement> {
     let n = env.params.idle_conns;
     thread::sleep(SETTLE);
     let rss_before = env.proxy_pid.map(system::tree_rss_bytes).transpose()?;
@@ -41,6 +53,9 @@ pub fn run(env: &Env<'_>) -> Result<Measurement> {
         let stream = echo_connection(env.addr, env.params.message, &mut waits)
             .with_context(|| format!("idle: opening connection {} of {n} failed", i + 1))?;
         conns.push(stream);
+        if paced && (i + 1) % n.div_ceil(BATCHES) == 0 {
+            thread::sleep(BATCH_PAUSE);
+        }
     }
     thread::sleep(SETTLE);
     let rss_after = env.proxy_pid.map(system::tree_rss_bytes).transpose()?;
