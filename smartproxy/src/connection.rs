@@ -125,13 +125,7 @@ pub(crate) fn resume(
         });
     let meter = Arc::new(Meter::from_record(&moved.meter));
     let runtime = shared.runtimes.place(None);
-    let mut relay = {
-        let _registers_with = runtime.enter();
-        Relay::from_moved(sockets, Arc::clone(&meter), shared.kernel.as_ref())?
-    };
-    if let (Some(moves), Some(kernel)) = (moved.moves, &shared.kernel) {
-        relay.adapt(kernel, generation.config.proxy.auto, moves);
-    }
+    let relay = relay_on(shared, runtime, sockets, Arc::clone(&meter), moved.moves)?;
     let record = shared.table.insert_moved(&moved, slot, target, meter);
     let lifecycle = Lifecycle::from_record(&moved.lifecycle, instant_of);
     let span = info_span!("conn", id = record.id, client = %record.client(), moved = true);
@@ -158,15 +152,8 @@ pub(crate) fn take_up(shared: &Arc<Shared>, parked: Box<Parked>) {
         admissions,
     } = *parked;
     let runtime = shared.runtimes.place(None);
-    let relay = {
-        let _registers_with = runtime.enter();
-        Relay::from_moved(
-            Moved::quiet(client, backend, moves),
-            Arc::clone(&record.meter),
-            shared.kernel.as_ref(),
-        )
-    };
-    let mut relay = match relay {
+    let sockets = Moved::quiet(client, backend, moves);
+    let relay = match relay_on(shared, runtime, sockets, Arc::clone(&record.meter), moves) {
         Ok(relay) => relay,
         Err(e) => {
             let cause = e.to_string();
@@ -176,9 +163,6 @@ pub(crate) fn take_up(shared: &Arc<Shared>, parked: Box<Parked>) {
             return;
         }
     };
-    if let (Some(moves), Some(kernel)) = (moves, &shared.kernel) {
-        relay.adapt(kernel, shared.generation().config.proxy.auto, moves);
-    }
     let span = info_span!("conn", id = record.id, client = %record.client());
     debug!(parent: &span, "taken up");
     spawn_drive(
@@ -189,6 +173,25 @@ pub(crate) fn take_up(shared: &Arc<Shared>, parked: Box<Parked>) {
         admissions,
         span,
     );
+}
+
+/// The relay of a connection that comes back (from a predecessor, or parked), registered
+/// with `runtime`; on the adaptive path again if it was (`moves`: those it made).
+fn relay_on(
+    shared: &Shared,
+    runtime: &Handle,
+    sockets: Moved,
+    meter: Arc<Meter>,
+    moves: Option<u32>,
+) -> io::Result<Relay> {
+    let mut relay = {
+        let _registers_with = runtime.enter();
+        Relay::from_moved(sockets, meter, shared.kernel.as_ref())?
+    };
+    if let (Some(moves), Some(kernel)) = (moves, &shared.kernel) {
+        relay.adapt(kernel, shared.generation().config.proxy.auto, moves);
+    }
+    Ok(relay)
 }
 
 /// Drives `parts` in a task of its own on `runtime`, and closes the connection when the
