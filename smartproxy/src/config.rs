@@ -74,7 +74,16 @@ pub struct ProxyConfig {
     pub ebpf_pin_root: PathBuf,
     /// `data_path = "auto"`: when a connection moves between the relay and the kernel.
     pub auto: AutoConfig,
+    /// How long a connection on the relay moves no byte before it is parked without a
+    /// task (`park`); `None` (`"0s"` in the file): never. At least [`MIN_PARK_IDLE_AFTER`].
+    pub park_idle_after: Option<Duration>,
 }
+
+/// Parking and taking up cost about a dozen system calls: a connection quiet for a
+/// second pays them at most once a second (docs/performance.md#idle-connections).
+pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(1);
+/// Shorter, and a connection that pauses between messages would park between them.
+pub const MIN_PARK_IDLE_AFTER: Duration = Duration::from_millis(100);
 
 /// The knobs of the adaptive data path (`datapath::adaptive`), `[proxy] auto_*`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,6 +218,7 @@ impl Default for ProxyConfig {
             ebpf_max_connections: max_connections,
             ebpf_pin_root: PathBuf::from(crate::datapath::kernel::DEFAULT_PIN_ROOT),
             auto: AutoConfig::default(),
+            park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
         }
     }
 }
@@ -713,6 +723,7 @@ struct RawProxy {
     auto_leave_rate: Option<u64>,
     auto_window: Option<HumanDuration>,
     auto_max_moves: Option<u32>,
+    park_idle_after: Option<HumanDuration>,
 }
 
 /// A duration written as a humantime string (`"500ms"`, `"5s"`, `"30m"`, `"24h"`).
@@ -835,6 +846,27 @@ fn parse(text: &str) -> Result<RawConfig, Invalid> {
 
 // === validation ===
 
+/// `[proxy] park_idle_after`: `"0s"` turns parking off; otherwise at least
+/// [`MIN_PARK_IDLE_AFTER`].
+fn park_idle_after(
+    raw: Option<HumanDuration>,
+    default: Option<Duration>,
+) -> Result<Option<Duration>, Invalid> {
+    let Some(after) = raw.map(Duration::from) else {
+        return Ok(default);
+    };
+    if after.is_zero() {
+        return Ok(None);
+    }
+    if after < MIN_PARK_IDLE_AFTER {
+        return Err(Invalid::new(
+            "proxy.park_idle_after",
+            format!("must be \"0s\" (never park) or at least {MIN_PARK_IDLE_AFTER:?}"),
+        ));
+    }
+    Ok(Some(after))
+}
+
 /// `[proxy] auto_*`: with the adaptive path on, a leave rate below the splice rate (no
 /// flapping); a window in
 /// [`AUTO_WINDOWS`], at least one move.
@@ -922,6 +954,7 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
         )?,
         ebpf_pin_root: raw.proxy.ebpf_pin_root.unwrap_or(defaults.ebpf_pin_root),
         auto,
+        park_idle_after: park_idle_after(raw.proxy.park_idle_after, defaults.park_idle_after)?,
     };
     if !proxy.ebpf_pin_root.is_absolute() {
         return Err(Invalid::new(
@@ -1660,6 +1693,23 @@ mod tests {
             let error = load_err(&format!("[proxy]\n{line}\n{ROUTE}"));
             assert!(error.contains(key), "{line}: {error}");
         }
+    }
+
+    #[test]
+    fn park_idle_after_is_a_delay_or_off() {
+        let park = |line: &str| {
+            load_ok(&format!("[proxy]\n{line}\n{ROUTE}"))
+                .proxy
+                .park_idle_after
+        };
+        assert_eq!(park(""), Some(DEFAULT_PARK_IDLE_AFTER));
+        assert_eq!(park("park_idle_after = \"0s\""), None);
+        assert_eq!(
+            park("park_idle_after = \"30s\""),
+            Some(Duration::from_secs(30))
+        );
+        let error = load_err(&format!("[proxy]\npark_idle_after = \"10ms\"\n{ROUTE}"));
+        assert!(error.contains("proxy.park_idle_after"), "{error}");
     }
 
     #[test]

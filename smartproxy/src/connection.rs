@@ -547,7 +547,7 @@ fn drive<'a>(
                         }
                     } else if record.switch_park_state(ParkState::Asked, ParkState::Awake)
                         && stop_seen == Stop::Running
-                        && may_park(&relay, &lifecycle, record)
+                        && may_park(shared, &relay, &lifecycle, record)
                     {
                         match park(shared, relay, lifecycle, record, admissions) {
                             Ok(()) => return Ended::Parked,
@@ -667,15 +667,19 @@ fn rule_out_parking(relay: &Relay, record: &ConnRecord) {
     }
 }
 
-/// Whether the connection parks now: quiet for `PARK_AFTER`, both directions open,
-/// nothing held, and no lifecycle deadline due (one that woke it is seen to first).
-fn may_park(relay: &Relay, lifecycle: &Lifecycle, record: &ConnRecord) -> bool {
+/// Whether the connection parks now: parking on, quiet for `park_idle_after`, both
+/// directions open, nothing held, and no lifecycle deadline due (one that woke it is seen
+/// to first).
+fn may_park(shared: &Shared, relay: &Relay, lifecycle: &Lifecycle, record: &ConnRecord) -> bool {
+    let Some(after) = shared.generation().config.proxy.park_idle_after else {
+        return false;
+    };
     let now = std::time::Instant::now();
     relay.may_ever_park()
         && relay.is_quiet()
         && lifecycle.is_open_both_ways()
         && lifecycle.deadline().is_none_or(|deadline| deadline > now)
-        && crate::park::quiet_for_long(record, monotonic_ns())
+        && crate::park::quiet_for(record, monotonic_ns(), after)
 }
 
 /// Parks the connection: its task ends, and the parking lot takes it up again. Gives the

@@ -178,6 +178,8 @@ fn restart_only_change(running: &ProxyConfig, next: &ProxyConfig) -> Option<&'st
         ebpf_pin_root,
         // Taken by each new connection (`connection.rs` `relay`).
         auto: _,
+        // Read by each sweep for quiet connections (`park::run`).
+        park_idle_after: _,
     } = running;
     [
         ("data_path", *data_path == next.data_path),

@@ -7,7 +7,8 @@
 //!   `normal` with every byte delivered (the kernel variant moved bytes each way);
 //! - on `auto`, a parked connection still moves into the kernel when a flood comes;
 //! - a parked connection's inactivity timeout still closes it on time;
-//! - a shutdown takes parked connections up: each drains and closes `shutdown`.
+//! - a shutdown takes parked connections up: each drains and closes `shutdown`;
+//! - `park_idle_after = "0s"` parks nothing, and a reload that sets a delay parks.
 
 use std::time::{Duration, Instant};
 
@@ -17,8 +18,8 @@ use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Longer than the proxy's park delay (1 s) plus its sweep (0.5 s): a connection quiet
-/// for this long is parked, if it ever parks.
+/// Longer than the proxy's default park delay (`park_idle_after`, 1 s) plus its sweep
+/// (0.5 s): a connection quiet for this long is parked, if it ever parks.
 const PARKED_BY: Duration = Duration::from_millis(2500);
 
 /// Whether connections on `front` park: plain TCP on the relay only.
@@ -201,4 +202,35 @@ async fn a_shutdown_takes_parked_connections_up_and_drains_them() {
         .expect("the proxy stops once its parked connections closed");
     drop(clients);
     backend.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn park_idle_after_zero_keeps_every_task_until_a_reload_turns_it_on() {
+    init_tracing();
+    let backend = Backend::spawn(echo).await;
+    let off = "park_idle_after = \"0s\"";
+    let mut proxy = TestProxy::start_auto(off, &plain_route("kept", backend.addr, "")).await;
+    let mut client = connect(proxy.addr("kept")).await;
+    round_trip(&mut client, b"ping").await;
+    tokio::time::sleep(PARKED_BY).await;
+    assert_eq!(
+        proxy.stats().connections.parked,
+        0,
+        "parked with parking off"
+    );
+
+    let file = proxy.config_file();
+    let text = std::fs::read_to_string(&file).expect("read the test config");
+    proxy.write_raw_config(&text.replace(off, "park_idle_after = \"200ms\""));
+    proxy.proxy.reload().await.expect("the reload");
+    wait_for("the idle connection to park after the reload", || {
+        proxy.stats().connections.parked == 1
+    })
+    .await;
+    round_trip(&mut client, b"pong").await;
+    client.shutdown().await.expect("client FIN");
+    expect_eof(&mut client, "the client reads to EOF").await;
+    proxy.expect_closed(Reason::Normal).await;
+    backend.join().await;
+    proxy.stop().await;
 }

@@ -1,6 +1,6 @@
 //! Idle connections without a task. A connection on the userspace relay that moved no
-//! byte for [`PARK_AFTER`], with both directions open and nothing held, gives its task
-//! up: its two sockets go to one epoll instance, its lifecycle deadline to one ordered
+//! byte for `[proxy] park_idle_after` (1 s by default), with both directions open and
+//! nothing held, gives its task up: its two sockets go to one epoll instance, its lifecycle deadline to one ordered
 //! set, and its nudge (a stop, an upgrade) to one queue, all driven by one task
 //! ([`run`]). Whichever comes first, a socket to read, the deadline or a nudge, takes the
 //! connection up again on a runtime, where it goes on from where it stopped
@@ -30,14 +30,10 @@ use crate::vocab::DataPathKind;
 
 use epoll::Epoll;
 
-/// How long a connection moves no byte before it is parked. Parking and taking up cost
-/// about a dozen system calls; a connection quiet for a second pays them at most once a
-/// second.
-pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
-
-/// How often the connections are looked over for ones to park: a connection is parked
-/// between [`PARK_AFTER`] and `PARK_AFTER + SWEEP_EVERY` after its last byte.
-const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// The longest between two looks over the connections for ones to park: a connection is
+/// parked between `park_idle_after` and that plus the sweep's period after its last byte
+/// ([`sweep_period`]).
+const MAX_SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// Ready sockets read from the epoll instance at once.
 const READY_BATCH: usize = 256;
@@ -219,22 +215,28 @@ impl Parking {
     }
 }
 
-/// Whether the sweep should ask `record` to park: quiet for [`PARK_AFTER`], on the relay,
-/// awake, both directions open, and movable (TLS sessions this proxy holds stay in their
-/// task). The connection itself decides (`connection::drive`): this rule only spares the
-/// others a wake-up.
-fn worth_parking(record: &ConnRecord, now_ns: u64) -> bool {
+/// Whether the sweep should ask `record` to park: quiet for `after`, on the relay, awake,
+/// both directions open, and movable (TLS sessions this proxy holds stay in their task).
+/// The connection itself decides (`connection::drive`): this rule only spares the others
+/// a wake-up.
+fn worth_parking(record: &ConnRecord, now_ns: u64, after: Duration) -> bool {
     record.park_state() == ParkState::Awake
         && record.data_path() == Some(DataPathKind::Userspace)
         && !record.half_open.load(std::sync::atomic::Ordering::Relaxed)
         && !record.stays.load(std::sync::atomic::Ordering::Relaxed)
-        && quiet_for_long(record, now_ns)
+        && quiet_for(record, now_ns, after)
 }
 
-/// Whether `record`'s connection moved no byte for [`PARK_AFTER`] up to `now_ns`.
-pub(crate) fn quiet_for_long(record: &ConnRecord, now_ns: u64) -> bool {
-    let park_after = PARK_AFTER.as_nanos() as u64;
-    now_ns.saturating_sub(record.meter.last_activity_ns()) >= park_after
+/// Whether `record`'s connection moved no byte for `after` up to `now_ns`.
+pub(crate) fn quiet_for(record: &ConnRecord, now_ns: u64, after: Duration) -> bool {
+    let after = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
+    now_ns.saturating_sub(record.meter.last_activity_ns()) >= after
+}
+
+/// How often to look for connections quiet for `after`: twice within it, at most
+/// [`MAX_SWEEP_EVERY`] apart.
+fn sweep_period(after: Duration) -> Duration {
+    (after / 2).min(MAX_SWEEP_EVERY)
 }
 
 /// Drives the parked connections until the proxy stops and none is left: takes up those
@@ -252,8 +254,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         }
     };
     let mut stop = shared.stop.clone();
-    let mut sweep = tokio::time::interval(SWEEP_EVERY);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_sweep = tokio::time::Instant::now() + MAX_SWEEP_EVERY;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; READY_BATCH];
     loop {
         let stopping = *stop.borrow_and_update() >= Stop::Drain;
@@ -286,12 +287,18 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     take_up(&shared, parking, id);
                 }
             }
-            _ = sweep.tick(), if !stopping => {
-                let now_ns = monotonic_ns();
-                shared.table.nudge_where(|record| {
-                    worth_parking(record, now_ns)
-                        && record.switch_park_state(ParkState::Awake, ParkState::Asked)
-                });
+            () = tokio::time::sleep_until(next_sweep), if !stopping => {
+                // Read each time: a reload may change it.
+                let after = shared.generation().config.proxy.park_idle_after;
+                if let Some(after) = after {
+                    let now_ns = monotonic_ns();
+                    shared.table.nudge_where(|record| {
+                        worth_parking(record, now_ns, after)
+                            && record.switch_park_state(ParkState::Awake, ParkState::Asked)
+                    });
+                }
+                let period = after.map_or(MAX_SWEEP_EVERY, sweep_period);
+                next_sweep = tokio::time::Instant::now() + period;
             }
             // Err: the proxy is gone, and the stage it left is the last one.
             _ = stop.changed(), if !stopping => {}
@@ -317,13 +324,15 @@ mod tests {
     fn the_sweep_asks_only_quiet_awake_connections_on_the_relay() {
         let table = ConnTable::default();
         let record = table.insert("127.0.0.1:1".parse().expect("an address"));
+        let after = Duration::from_secs(1);
         let start = record.meter.last_activity_ns();
-        let quiet = start + PARK_AFTER.as_nanos() as u64;
+        let quiet = start + after.as_nanos() as u64;
+        let worth = |now_ns| worth_parking(&record, now_ns, after);
         // Not routed yet: no data path.
-        assert!(!worth_parking(&record, quiet));
+        assert!(!worth(quiet));
         record.set_data_path(DataPathKind::Userspace);
-        assert!(!worth_parking(&record, quiet - 1), "not quiet for long");
-        assert!(worth_parking(&record, quiet));
+        assert!(!worth(quiet - 1), "not quiet for long");
+        assert!(worth(quiet));
         for (state, asked) in [
             (ParkState::Asked, false),
             (ParkState::Parked, false),
@@ -331,15 +340,25 @@ mod tests {
             (ParkState::Awake, true),
         ] {
             record.set_park_state(state);
-            assert_eq!(worth_parking(&record, quiet), asked, "{state:?}");
+            assert_eq!(worth(quiet), asked, "{state:?}");
         }
         record.half_open.store(true, Ordering::Relaxed);
-        assert!(!worth_parking(&record, quiet), "half open");
+        assert!(!worth(quiet), "half open");
         record.half_open.store(false, Ordering::Relaxed);
         record.stays.store(true, Ordering::Relaxed);
-        assert!(!worth_parking(&record, quiet), "staying (TLS held here)");
+        assert!(!worth(quiet), "staying (TLS held here)");
         record.stays.store(false, Ordering::Relaxed);
         record.set_data_path(DataPathKind::Ebpf);
-        assert!(!worth_parking(&record, quiet), "spliced");
+        assert!(!worth(quiet), "spliced");
+    }
+
+    #[test]
+    fn the_sweep_looks_twice_within_the_delay_and_at_least_every_half_second() {
+        assert_eq!(
+            sweep_period(Duration::from_millis(100)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(sweep_period(Duration::from_secs(1)), MAX_SWEEP_EVERY);
+        assert_eq!(sweep_period(Duration::from_secs(3600)), MAX_SWEEP_EVERY);
     }
 }
