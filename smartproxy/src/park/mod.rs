@@ -1,8 +1,8 @@
 //! Idle connections without a task. A connection on the userspace relay that moved no
 //! byte for `[proxy] park_idle_after` (1 s by default), with both directions open and
-//! nothing held, gives its task up: its two sockets go to one epoll instance, its lifecycle deadline to one ordered
-//! set, and its nudge (a stop, an upgrade) to one queue, all driven by one task
-//! ([`run`]). Whichever comes first, a socket to read, the deadline or a nudge, takes the
+//! nothing held, gives its task up: its two sockets go to one epoll instance, its
+//! lifecycle deadline to one ordered set, and its nudge (a stop, an upgrade) to one
+//! queue, all driven by one task ([`run`]). Whichever comes first, a socket to read, the deadline or a nudge, takes the
 //! connection up again on a runtime, where it goes on from where it stopped
 //! (`connection::take_up`). A parked connection keeps its record, its descriptors, its
 //! lifecycle and its admissions: a few hundred bytes instead of a task, its future and
@@ -257,6 +257,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut next_sweep = tokio::time::Instant::now() + MAX_SWEEP_EVERY;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; READY_BATCH];
     loop {
+        // Whatever woke the driver, the nudged connections are taken up first.
+        for id in parking.woken.take() {
+            take_up(&shared, parking, id);
+        }
         let stopping = *stop.borrow_and_update() >= Stop::Drain;
         if parking.follow(stopping) {
             break;
@@ -277,11 +281,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     }
                 }
             }
-            () = parking.woken.driver.notified() => {
-                for id in parking.woken.take() {
-                    take_up(&shared, parking, id);
-                }
-            }
+            // Nudged connections (taken up at the top), or an earlier deadline.
+            () = parking.woken.driver.notified() => {}
             () = crate::connection::sleep_until_some(deadline) => {
                 for id in parking.due(Instant::now()) {
                     take_up(&shared, parking, id);
