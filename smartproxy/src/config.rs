@@ -79,8 +79,8 @@ pub struct ProxyConfig {
     pub park_idle_after: Option<Duration>,
 }
 
-/// Parking and taking up cost about a dozen system calls: a connection quiet for a
-/// second pays them at most once a second (docs/performance.md#idle-connections).
+/// Parking and taking up cost about 24 system calls: a connection quiet for a second
+/// pays them at most once a second (docs/performance.md#idle-connections).
 pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// Shorter, and a connection that pauses between messages would park between them.
 pub const MIN_PARK_IDLE_AFTER: Duration = Duration::from_millis(100);
