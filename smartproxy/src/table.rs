@@ -217,13 +217,11 @@ impl ConnTable {
     /// Nudges every live connection: the stop stage or the upgrade changed. A connection
     /// recorded after this looks at them when it starts to wait.
     pub fn nudge_all(&self) {
-        for record in self.lock().values() {
-            record.nudge.raise();
-        }
+        self.nudge_where(|_| true);
     }
 
     /// Nudges the live connections `select` picks, under the table's lock: `select` must
-    /// be quick.
+    /// be quick (it may also change the record, as the park sweep's does).
     pub fn nudge_where(&self, select: impl Fn(&ConnRecord) -> bool) {
         for record in self.lock().values().filter(|record| select(record)) {
             record.nudge.raise();

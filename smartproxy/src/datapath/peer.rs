@@ -179,18 +179,20 @@ impl Peer {
         }
     }
 
-    /// Before a splice: a plain socket becomes a [`SplicedTcp`] under a new descriptor,
-    /// which the splice then uses for good (the old one closes with its registration).
-    /// One shared with a watch of its own stays as it is. On error nothing changed. Not
-    /// for TLS sessions, which are never spliced.
-    pub fn prepare_splice(&mut self) -> io::Result<()> {
-        if let Peer::Tcp(tcp) = self {
-            if Arc::strong_count(tcp) == 1 {
+    /// Before a splice: what a plain socket becomes, a [`SplicedTcp`] under a new
+    /// descriptor, which the splice then uses for good (the old one closes with its
+    /// registration once this replaces it). `None`: it stays as it is (one shared with a
+    /// watch of its own, or already spliced). Changes nothing itself, so that a pair is
+    /// replaced only once both sides could be. Not for TLS sessions, which are never
+    /// spliced.
+    pub fn for_splice(&self) -> io::Result<Option<Peer>> {
+        match self {
+            Peer::Tcp(tcp) if Arc::strong_count(tcp) == 1 => {
                 let socket = std::net::TcpStream::from(tcp.as_fd().try_clone_to_owned()?);
-                *self = Peer::spliced(socket)?;
+                Peer::spliced(socket).map(Some)
             }
+            _ => Ok(None),
         }
-        Ok(())
     }
 
     /// For a [`SplicedTcp`]: registers it again, watched for reads or not, under the same

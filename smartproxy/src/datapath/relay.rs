@@ -73,6 +73,11 @@ struct Half {
 }
 
 impl Half {
+    /// Bytes read and not yet written, or written where a TLS session may still hold them.
+    fn holds_bytes(&self) -> bool {
+        self.start < self.end || self.unflushed
+    }
+
     fn new(direction: Direction) -> Half {
         Half {
             direction,
@@ -153,10 +158,15 @@ impl Half {
             }
             let capacity = self.read_capacity(offload.is_some(), || destination.send_room());
             let direction = self.direction;
+            // Set when the kernel said the source holds nothing: `read_nothing` need not
+            // ask again.
+            let found_empty = std::cell::Cell::new(false);
             let worth_reading = |offload: &Option<&mut Offload>| {
-                offload
+                let worth = offload
                     .as_deref()
-                    .is_none_or(|offload| offload.may_have_bytes_to_read(direction))
+                    .is_none_or(|offload| offload.may_have_bytes_to_read(direction));
+                found_empty.set(!worth);
+                worth
             };
             let read = if self.buf.len() < capacity && capacity <= BUFFER_BYTES {
                 // No buffer of its own: read into the thread's, and keep only what the
@@ -197,7 +207,7 @@ impl Half {
                     self.buf = Vec::new();
                     self.read_filled = false;
                     if let Some(offload) = offload {
-                        offload.read_nothing(self.direction);
+                        offload.read_nothing(self.direction, found_empty.get());
                     }
                     return Poll::Pending;
                 }
@@ -500,7 +510,7 @@ impl Relay {
     pub fn is_quiet(&self) -> bool {
         self.halves
             .iter()
-            .all(|half| !half.eof && !half.finishing && !half.finished && half.start >= half.end)
+            .all(|half| !half.eof && !half.finishing && !half.finished && !half.holds_bytes())
     }
 
     /// Takes the relay apart for a successor process. Call it between two `next_event`s
@@ -607,12 +617,16 @@ impl Relay {
             !self.client.is_tls() && !self.backend.is_tls(),
             "attempted to splice a TLS session"
         );
-        for (side, peer) in [
-            (Side::Client, &mut self.client),
-            (Side::Backend, &mut self.backend),
-        ] {
-            peer.prepare_splice()
-                .map_err(|e| SpliceError::new(side, SpliceStep::Reregister, e))?;
+        let for_splice = |side: Side, peer: &Peer| {
+            peer.for_splice()
+                .map_err(|e| SpliceError::new(side, SpliceStep::Reregister, e))
+        };
+        let client = for_splice(Side::Client, &self.client)?;
+        let backend = for_splice(Side::Backend, &self.backend)?;
+        for (peer, spliced) in [(&mut self.client, client), (&mut self.backend, backend)] {
+            if let Some(spliced) = spliced {
+                *peer = spliced;
+            }
         }
         self.offload = Some(Box::new(Offload::new(
             kernel,
@@ -785,11 +799,7 @@ impl Relay {
             adaptive.policy.moved(Place::Kernel, moved);
             return Decided::report(Report::Moved(Place::Kernel));
         }
-        let holds_bytes = self
-            .halves
-            .iter()
-            .any(|half| half.start < half.end || half.unflushed);
-        if holds_bytes {
+        if self.halves.iter().any(Half::holds_bytes) {
             return Decided::NOTHING;
         }
         let result = self.offload(&adaptive.kernel);
@@ -823,9 +833,6 @@ impl Relay {
                 Side::Client => &mut self.client,
                 Side::Backend => &mut self.backend,
             };
-            if peer.reads_watched() == watch {
-                continue;
-            }
             match peer.watch_reads(watch) {
                 Ok(false) => {}
                 Ok(true) => cx.waker().wake_by_ref(),
@@ -968,8 +975,8 @@ mod tests {
         relay
     }
 
-    /// Item 3 of issue 14: a spliced connection whose bytes the kernel redirects does not
-    /// wake its relay's thread for them. The relay runs on a runtime of its own thread;
+    /// A spliced connection whose bytes the kernel redirects does not wake its relay's
+    /// thread for them (`docs/kernel-notes.md#read-wake-ups`). The relay runs on a runtime of its own thread;
     /// 300 round trips of 64 bytes (an skb each, each of which used to wake that thread
     /// through the socket's data-ready callback) leave it asleep but for a few wake-ups
     /// (its voluntary context switches), and it moves none of the bytes itself. The

@@ -171,7 +171,7 @@ pub enum SpliceStep {
     /// The `CONTROL` update that switches a direction from pass to redirect.
     Redirect,
     /// Registering the sockets with the runtime as a spliced connection's
-    /// (`datapath::peer::Peer::prepare_splice`).
+    /// (`datapath::peer::Peer::for_splice`).
     Reregister,
 }
 

@@ -286,12 +286,13 @@ impl Offload {
     /// Called when a read of `direction`'s source is pending: once the socket holds nothing
     /// to read (no byte, no FIN, no error; a new registration may not have reported it
     /// yet) and userspace has read every byte the verdict passed, the source need not be
-    /// watched for reads ([`Offload::watches_reads`]) until the next event. A failed
+    /// watched for reads ([`Offload::watches_reads`]) until the next event. `found_empty`:
+    /// [`Offload::may_have_bytes_to_read`] just said no, so it is not asked again. A failed
     /// lookup keeps it watched.
-    pub fn read_nothing(&mut self, direction: Direction) {
+    pub fn read_nothing(&mut self, direction: Direction, found_empty: bool) {
         let index = direction.index();
         let source = direction.source();
-        if !self.passing[index] || self.splice.may_have_bytes_to_read(source) {
+        if !self.passing[index] || (!found_empty && self.splice.may_have_bytes_to_read(source)) {
             return;
         }
         if let Ok(flow) = self.splice.flow(source) {
