@@ -6,6 +6,9 @@
 //! - `max_connections_per_ip`, in `[proxy]` and on a route (several loopback sources);
 //! - `connection_rate_per_ip`;
 //! - route `allow` / `deny` lists (reason `denied`).
+//!
+//! On userspace the admitted connections are parked (`park_idle_after = "200ms"`) before
+//! the next one comes: a parked connection keeps its slots.
 
 use smartproxy::config::DataPathMode;
 use smartproxy::limits::Refusal;
@@ -48,7 +51,7 @@ struct Case<'a> {
 async fn refuses_the_next(mode: DataPathMode, case: Case<'_>) {
     let backend = Backend::spawn(echo).await;
     let config = format!(
-        "metrics = \"127.0.0.1:0\"\n{}\n{}",
+        "metrics = \"127.0.0.1:0\"\npark_idle_after = \"200ms\"\n{}\n{}",
         case.proxy,
         plain_route("limited", backend.addr, case.route)
     );
@@ -59,6 +62,12 @@ async fn refuses_the_next(mode: DataPathMode, case: Case<'_>) {
         let mut client = connect_from(source, addr).await;
         round_trip(&mut client, index).await;
         open.push(client);
+    }
+    if mode == DataPathMode::Userspace {
+        wait_for("the admitted connections to park", || {
+            proxy.stats().connections.parked == case.admitted.len() as u64
+        })
+        .await;
     }
 
     expect_refused(case.refused, addr).await;

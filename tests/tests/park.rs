@@ -1,15 +1,19 @@
 //! Idle connections parked without a task (`smartproxy/src/park/mod.rs`): a connection on
-//! the relay that moves nothing for a second gives its task up, and whatever comes next
-//! takes it up again where it stopped:
+//! the relay that moves nothing for `park_idle_after` gives its task up, and whatever
+//! comes next takes it up again where it stopped:
 //! - on every frontend, one connection through its whole life: it parks (on the relay) or
 //!   never does (spliced, or TLS the proxy terminates); the client's bytes wake it, then
-//!   the backend's (sent while it was parked again), then the client's FIN, and it closes
-//!   `normal` with every byte delivered (the kernel variant moved bytes each way);
+//!   the backend's (sent only once it is parked again), then the client's FIN, and it
+//!   closes `normal` with every byte delivered (the kernel variant moved bytes each way);
+//! - a backend's RST while parked reaches the client, reason `backend_reset`;
 //! - on `auto`, a parked connection still moves into the kernel when a flood comes;
 //! - a parked connection's inactivity timeout still closes it on time;
 //! - a shutdown takes parked connections up: each drains and closes `shutdown`;
 //! - `park_idle_after = "0s"` parks nothing, and a reload that sets a delay parks.
+//!
+//! `tests/tests/limits.rs` checks that parked connections keep their admission slots.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use smartproxy::config::DataPathMode;
@@ -17,10 +21,14 @@ use smartproxy::vocab::{Direction, Reason};
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 /// Longer than the proxy's default park delay (`park_idle_after`, 1 s) plus its sweep
 /// (0.5 s): a connection quiet for this long is parked, if it ever parks.
 const PARKED_BY: Duration = Duration::from_millis(2500);
+
+/// `[proxy]` lines that park a connection quiet for 200 ms.
+const PARK_SOON: &str = "park_idle_after = \"200ms\"\n\n";
 
 /// Whether connections on `front` park: plain TCP on the relay only.
 fn parks(front: &Frontend) -> bool {
@@ -45,17 +53,15 @@ async fn settle(proxy: &TestProxy, parks: bool) {
     }
 }
 
-/// Echoes 4-byte words; after `push` it waits [`PARKED_BY`] and sends `late` unasked.
-/// Answers the client's FIN with its own.
-async fn pushing_echo(mut stream: TcpStream) {
+/// Echoes 4-byte words, `push` only once `go` is notified. Answers the client's FIN with
+/// its own.
+async fn pushing_echo(mut stream: TcpStream, go: Arc<Notify>) {
     let mut word = [0u8; 4];
     while stream.read_exact(&mut word).await.is_ok() {
         if &word == b"push" {
-            tokio::time::sleep(PARKED_BY).await;
-            stream.write_all(b"late").await.expect("backend sends late");
-        } else {
-            stream.write_all(&word).await.expect("backend echoes");
+            go.notified().await;
         }
+        stream.write_all(&word).await.expect("backend echoes");
     }
     stream.shutdown().await.expect("backend FIN");
 }
@@ -64,7 +70,8 @@ async fn pushing_echo(mut stream: TcpStream) {
 async fn an_idle_connection_parks_and_either_side_takes_it_up() {
     for_each_frontend(|front| async move {
         let parks = parks(&front);
-        let backend = Backend::greeted(pushing_echo).await;
+        let go = Arc::new(Notify::new());
+        let backend = Backend::greeted_with(Arc::clone(&go), pushing_echo).await;
         let (proxy, mut client) = Spliced::start(&front, "", backend).await;
         settle(&proxy, parks).await;
 
@@ -72,13 +79,15 @@ async fn an_idle_connection_parks_and_either_side_takes_it_up() {
         round_trip(&mut client, b"ping").await;
         settle(&proxy, parks).await;
 
-        // The backend's, sent once it parked again.
+        // The backend's, sent only once it parked again.
         client.write_all(b"push").await.expect("client sends push");
-        let mut late = [0u8; 4];
-        within("the backend's unasked bytes", client.read_exact(&mut late))
+        settle(&proxy, parks).await;
+        go.notify_one();
+        let mut pushed = [0u8; 4];
+        within("the backend's bytes", client.read_exact(&mut pushed))
             .await
-            .expect("client reads late");
-        assert_eq!(&late, b"late", "what the backend sent while parked");
+            .expect("client reads push");
+        assert_eq!(&pushed, b"push", "what the backend sent while parked");
         settle(&proxy, parks).await;
 
         // The client's FIN.
@@ -92,6 +101,23 @@ async fn an_idle_connection_parks_and_either_side_takes_it_up() {
             .await;
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_reset_while_parked_reaches_the_client() {
+    init_tracing();
+    let go = Arc::new(Notify::new());
+    let backend = Backend::greeted_with(Arc::clone(&go), |stream, go: Arc<Notify>| async move {
+        go.notified().await;
+        reset(stream);
+    })
+    .await;
+    let front = Frontend::Plain(DataPathMode::Userspace);
+    let (proxy, mut client) = Spliced::start(&front, PARK_SOON, backend).await;
+    settle(&proxy, true).await;
+    go.notify_one();
+    expect_reset(&mut client).await;
+    proxy.finish_closed(Reason::BackendReset, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +166,7 @@ async fn a_parked_connection_times_out_on_time() {
     init_tracing();
     let backend = Backend::spawn(echo).await;
     let config = format!(
-        "[lifecycle]\ninactivity_timeout = \"3s\"\ntimeout_behavior = \"close\"\n\n{}",
+        "{PARK_SOON}[lifecycle]\ninactivity_timeout = \"3s\"\ntimeout_behavior = \"close\"\n\n{}",
         plain_route("parked", backend.addr, "")
     );
     let mut proxy = TestProxy::start(DataPathMode::Userspace, &config).await;
@@ -197,9 +223,8 @@ async fn a_shutdown_takes_parked_connections_up_and_drains_them() {
         0,
         "parked after the drain"
     );
-    tokio::time::timeout(WAIT, proxy.proxy.wait())
-        .await
-        .expect("the proxy stops once its parked connections closed");
+    // Stops in time once its parked connections closed.
+    proxy.stop().await;
     drop(clients);
     backend.join().await;
 }
@@ -208,8 +233,12 @@ async fn a_shutdown_takes_parked_connections_up_and_drains_them() {
 async fn park_idle_after_zero_keeps_every_task_until_a_reload_turns_it_on() {
     init_tracing();
     let backend = Backend::spawn(echo).await;
-    let off = "park_idle_after = \"0s\"";
-    let mut proxy = TestProxy::start_auto(off, &plain_route("kept", backend.addr, "")).await;
+    let route = plain_route("kept", backend.addr, "");
+    let mut proxy = TestProxy::start(
+        DataPathMode::Userspace,
+        &format!("park_idle_after = \"0s\"\n\n{route}"),
+    )
+    .await;
     let mut client = connect(proxy.addr("kept")).await;
     round_trip(&mut client, b"ping").await;
     tokio::time::sleep(PARKED_BY).await;
@@ -219,18 +248,14 @@ async fn park_idle_after_zero_keeps_every_task_until_a_reload_turns_it_on() {
         "parked with parking off"
     );
 
-    let file = proxy.config_file();
-    let text = std::fs::read_to_string(&file).expect("read the test config");
-    proxy.write_raw_config(&text.replace(off, "park_idle_after = \"200ms\""));
+    proxy.rewrite_config(&format!("{PARK_SOON}{route}"));
     proxy.proxy.reload().await.expect("the reload");
     wait_for("the idle connection to park after the reload", || {
         proxy.stats().connections.parked == 1
     })
     .await;
     round_trip(&mut client, b"pong").await;
-    client.shutdown().await.expect("client FIN");
-    expect_eof(&mut client, "the client reads to EOF").await;
-    proxy.expect_closed(Reason::Normal).await;
+    close_normally(&mut proxy, client).await;
     backend.join().await;
     proxy.stop().await;
 }
