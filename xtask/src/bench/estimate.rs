@@ -5,7 +5,7 @@
 //! and installing the peers come on top.
 
 use super::{
-    scenario::{Params, Scenario},
+    scenario::{idle, Params, Scenario},
     target::Target,
 };
 
@@ -58,11 +58,15 @@ fn scenario_secs(scenario: Scenario, p: &Params) -> f64 {
         Scenario::Rr { conns, .. } => 0.3 + conns as f64 / OPENS_PER_SEC + p.rr_secs as f64,
         Scenario::Churn { .. } => p.churn_secs as f64 + 0.1,
         // Two settling pauses of 1 s, the opens, the closes.
-        Scenario::Idle { paced: false } => 2.2 + p.idle_conns as f64 / OPENS_PER_SEC,
-        Scenario::Idle { paced: true } => {
+        // Paced: a pause after each batch.
+        Scenario::Idle { paced } => {
+            let pauses = if paced {
+                idle::BATCHES.min(p.idle_conns)
+            } else {
+                0
+            };
             2.2 + p.idle_conns as f64 / OPENS_PER_SEC
-                + super::scenario::idle::BATCHES as f64
-                    * super::scenario::idle::BATCH_PAUSE.as_secs_f64()
+                + pauses as f64 * idle::BATCH_PAUSE.as_secs_f64()
         }
         Scenario::SlowReader => p.slow_secs as f64 + 0.5,
         // Opens, 1 s warm-up, the command (guessed at 1 s), 2 s after, an echo on each.

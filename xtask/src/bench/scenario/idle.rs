@@ -46,6 +46,7 @@ pub fn run(env: &Env<'_>, paced: bool) -> Result<Measurement> {
     let deadline = Instant::now() + LIMIT;
     let mut waits = ReadWaits::default();
     let mut conns = Vec::with_capacity(n);
+    let batch = n.div_ceil(BATCHES);
     for i in 0..n {
         if Instant::now() >= deadline {
             bail!("idle: only {i} of {n} connections opened in {LIMIT:?}");
@@ -53,7 +54,8 @@ pub fn run(env: &Env<'_>, paced: bool) -> Result<Measurement> {
         let stream = echo_connection(env.addr, env.params.message, &mut waits)
             .with_context(|| format!("idle: opening connection {} of {n} failed", i + 1))?;
         conns.push(stream);
-        if paced && (i + 1) % n.div_ceil(BATCHES) == 0 {
+        // After the last batch too, however many it holds: it parks before the reading.
+        if paced && ((i + 1) % batch == 0 || i + 1 == n) {
             thread::sleep(BATCH_PAUSE);
         }
     }
