@@ -106,8 +106,8 @@ fn try_redirect(ctx: &SkBuffContext) -> u32 {
         flow.passed += len;
         report(SocketEvent {
             cookie,
-            // SAFETY: reads the monotonic clock; no memory is touched.
-            timestamp_ns: unsafe { bpf_ktime_get_ns() },
+            // This skb's arrival, read above.
+            timestamp_ns: flow.last_activity_ns,
             old_state: SocketEvent::BYTES_PASSED,
             new_state: SocketEvent::BYTES_PASSED,
         });
