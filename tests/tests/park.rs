@@ -35,14 +35,19 @@ fn parks(front: &Frontend) -> bool {
     matches!(front, Frontend::Plain(DataPathMode::Userspace))
 }
 
+/// Waits until `count` of the proxy's connections are parked.
+async fn parked(proxy: &TestProxy, count: u64) {
+    wait_for(&format!("{count} idle connection(s) to park"), || {
+        proxy.stats().connections.parked == count
+    })
+    .await;
+}
+
 /// Waits until the proxy's one connection is parked, or, where connections never park,
 /// checks after [`PARKED_BY`] that it did not.
 async fn settle(proxy: &TestProxy, parks: bool) {
     if parks {
-        wait_for("the idle connection to park", || {
-            proxy.stats().connections.parked == 1
-        })
-        .await;
+        parked(proxy, 1).await;
     } else {
         tokio::time::sleep(PARKED_BY).await;
         assert_eq!(
@@ -132,10 +137,7 @@ async fn a_parked_connection_on_auto_still_moves_into_the_kernel() {
     let mut proxy = TestProxy::start_auto(knobs, &plain_route("parked", backend.addr, "")).await;
     let mut client = connect(proxy.addr("parked")).await;
     round_trip(&mut client, b"ping").await;
-    wait_for("the idle connection to park", || {
-        proxy.stats().connections.parked == 1
-    })
-    .await;
+    parked(&proxy, 1).await;
     let flood = pattern(16 << 20, 7);
     let (mut read, mut write) = client.into_split();
     let sent = {
@@ -175,10 +177,7 @@ async fn a_parked_connection_times_out_on_time() {
     let before_ping = Instant::now();
     round_trip(&mut client, b"ping").await;
     let after_ping = Instant::now();
-    wait_for("the idle connection to park", || {
-        proxy.stats().connections.parked == 1
-    })
-    .await;
+    parked(&proxy, 1).await;
     expect_eof(&mut client, "the client reads to EOF").await;
     let (most, least) = (before_ping.elapsed(), after_ping.elapsed());
     assert!(
@@ -210,10 +209,7 @@ async fn a_shutdown_takes_parked_connections_up_and_drains_them() {
         round_trip(&mut client, b"ping").await;
         clients.push(client);
     }
-    wait_for("the idle connections to park", || {
-        proxy.stats().connections.parked == 3
-    })
-    .await;
+    parked(&proxy, 3).await;
     proxy.proxy.shutdown();
     for _ in 0..3 {
         proxy.expect_closed(Reason::Shutdown).await;
@@ -250,10 +246,7 @@ async fn park_idle_after_zero_keeps_every_task_until_a_reload_turns_it_on() {
 
     proxy.rewrite_config(&format!("{PARK_SOON}{route}"));
     proxy.proxy.reload().await.expect("the reload");
-    wait_for("the idle connection to park after the reload", || {
-        proxy.stats().connections.parked == 1
-    })
-    .await;
+    parked(&proxy, 1).await;
     round_trip(&mut client, b"pong").await;
     close_normally(&mut proxy, client).await;
     backend.join().await;
