@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -367,8 +368,9 @@ pub struct RouteConfig {
     /// `accept_proxy_protocol` with `proxy_protocol_trusted`: the header a load balancer
     /// sends first. The same on every route of one listen address.
     pub accept_proxy_protocol: Option<Inbound>,
-    /// `[lifecycle]` with this route's overrides applied.
-    pub lifecycle: LifecycleConfig,
+    /// `[lifecycle]` with this route's overrides applied; shared by the route's
+    /// connections (`Lifecycle`).
+    pub lifecycle: Arc<LifecycleConfig>,
     /// `max_connections`, the per-IP limits and `allow`/`deny` of this route.
     pub limits: RouteLimitsConfig,
     /// The `health` table: passive health and optional active checks of its targets.
@@ -1117,7 +1119,7 @@ fn validate_route(
         data_path: raw.data_path,
         proxy_protocol: raw.proxy_protocol,
         accept_proxy_protocol,
-        lifecycle: overrides.apply_to(lifecycle),
+        lifecycle: Arc::new(overrides.apply_to(lifecycle)),
         health: validate_health(raw.health, &format!("{at}.health"))?,
         limits: RouteLimitsConfig {
             max_connections: positive(raw.max_connections, &format!("{at}.max_connections"))?,
@@ -1734,7 +1736,7 @@ mod tests {
             Duration::from_secs(3600)
         );
         assert_eq!(config.lifecycle.timeout_behavior, TimeoutBehavior::Reset);
-        assert_eq!(config.routes[0].lifecycle, LifecycleConfig::default());
+        assert_eq!(*config.routes[0].lifecycle, LifecycleConfig::default());
     }
 
     #[test]
@@ -1771,7 +1773,7 @@ mod tests {
             panic!("two routes")
         };
         assert_eq!(
-            overriding.lifecycle,
+            *overriding.lifecycle,
             LifecycleConfig {
                 inactivity_timeout: Duration::from_secs(300),
                 timeout_behavior: TimeoutBehavior::Close,
@@ -1779,7 +1781,7 @@ mod tests {
                 ..LifecycleConfig::default()
             }
         );
-        assert_eq!(inheriting.lifecycle, config.lifecycle);
+        assert_eq!(*inheriting.lifecycle, config.lifecycle);
     }
 
     #[test]

@@ -111,23 +111,26 @@ pub(crate) fn resume(
 ) -> io::Result<()> {
     let generation = shared.generation();
     let slot = shared.stats.route_slot(&moved.route);
-    let target = generation
+    let route = generation
         .config
         .routes
         .iter()
-        .position(|route| route.name == moved.route)
-        .and_then(|index| {
-            generation
-                .health(index)
-                .iter()
-                .find(|target| moved.target.as_deref() == Some(&*target.target.to_string()))
-                .cloned()
-        });
+        .position(|route| route.name == moved.route);
+    let target = route.and_then(|index| {
+        generation
+            .health(index)
+            .iter()
+            .find(|target| moved.target.as_deref() == Some(&*target.target.to_string()))
+            .cloned()
+    });
     let meter = Arc::new(Meter::from_record(&moved.meter));
     let runtime = shared.runtimes.place(None);
     let relay = relay_on(shared, runtime, sockets, Arc::clone(&meter), moved.moves)?;
     let record = shared.table.insert_moved(&moved, slot, target, meter);
-    let lifecycle = Lifecycle::from_record(&moved.lifecycle, instant_of);
+    let mut lifecycle = Lifecycle::from_record(&moved.lifecycle, instant_of);
+    if let Some(index) = route {
+        lifecycle.share_config(&generation.config.routes[index].lifecycle);
+    }
     let span = info_span!("conn", id = record.id, client = %record.client(), moved = true);
     let admissions = Admissions::default();
     spawn_drive(
@@ -142,7 +145,7 @@ pub(crate) fn resume(
 }
 
 /// Takes a parked connection up again in a task of its own, from where it stopped.
-pub(crate) fn take_up(shared: &Arc<Shared>, parked: Box<Parked>) {
+pub(crate) fn take_up(shared: &Arc<Shared>, parked: Parked) {
     let Parked {
         record,
         client,
@@ -150,7 +153,7 @@ pub(crate) fn take_up(shared: &Arc<Shared>, parked: Box<Parked>) {
         lifecycle,
         moves,
         admissions,
-    } = *parked;
+    } = parked;
     let runtime = shared.runtimes.place(None);
     let sockets = Moved::quiet(client, backend, moves);
     let relay = match relay_on(shared, runtime, sockets, Arc::clone(&record.meter), moves) {
@@ -413,7 +416,7 @@ fn relay<'a>(
     record: &'a Arc<ConnRecord>,
     admissions: &'a mut Admissions,
 ) -> impl Future<Output = Ended> + 'a {
-    let config = generation.config.routes[route].lifecycle;
+    let config = Arc::clone(&generation.config.routes[route].lifecycle);
     let mut relay = Relay::new(client, backend, Arc::clone(&record.meter));
     let placement = generation.data_path(route, shared.kernel.is_some());
     record.set_data_path(DataPathKind::Userspace);
@@ -716,7 +719,7 @@ fn park(
     });
     match parking.park(parked) {
         Ok(()) => debug!("parked"),
-        Err(refused) => take_up(shared, refused),
+        Err(refused) => take_up(shared, *refused),
     }
     Ok(())
 }

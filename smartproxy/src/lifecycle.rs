@@ -26,6 +26,7 @@
 //! Invariants (checked by the tests): exactly one `Close` per connection, no action
 //! after it, no deadline left after it.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -143,7 +144,9 @@ pub struct LifecycleRecord {
 /// The lifecycle of one routed connection.
 #[derive(Debug)]
 pub struct Lifecycle {
-    config: LifecycleConfig,
+    /// Shared with the route: a parked connection keeps little more than its lifecycle
+    /// (src/park/mod.rs), and the settings are most of it.
+    config: Arc<LifecycleConfig>,
     flows: [Flow; 2],
     /// When each side sent FIN, indexed like `Direction` (by source).
     eof_at: [Option<Instant>; 2],
@@ -156,7 +159,7 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
-    pub fn new(config: LifecycleConfig, now: Instant) -> Self {
+    pub fn new(config: Arc<LifecycleConfig>, now: Instant) -> Self {
         Lifecycle {
             config,
             flows: [Flow::Open; 2],
@@ -171,7 +174,7 @@ impl Lifecycle {
     /// nanoseconds.
     pub fn record(&self, ns: impl Fn(Instant) -> u64) -> LifecycleRecord {
         LifecycleRecord {
-            config: self.config,
+            config: *self.config,
             flows: self.flows.map(|flow| flow.map(&ns)),
             eof_at: self.eof_at.map(|at| at.map(&ns)),
             phase: self.phase.map(&ns),
@@ -183,12 +186,20 @@ impl Lifecycle {
     /// The lifecycle a predecessor recorded; `instant` is the inverse of `record`'s `ns`.
     pub fn from_record(record: &LifecycleRecord, instant: impl Fn(u64) -> Instant) -> Self {
         Lifecycle {
-            config: record.config,
+            config: Arc::new(record.config),
             flows: record.flows.map(|flow| flow.map(&instant)),
             eof_at: record.eof_at.map(|at| at.map(&instant)),
             phase: record.phase.map(&instant),
             last_activity: instant(record.last_activity),
             idle_since: instant(record.idle_since),
+        }
+    }
+
+    /// Shares `config` if this lifecycle runs by equal settings: one taken over from a
+    /// predecessor ([`Lifecycle::from_record`]) brings its own copy.
+    pub fn share_config(&mut self, config: &Arc<LifecycleConfig>) {
+        if *self.config == **config {
+            self.config = Arc::clone(config);
         }
     }
 
@@ -420,7 +431,7 @@ mod tests {
         fn new(config: LifecycleConfig) -> Self {
             let start = Instant::now();
             Script {
-                lifecycle: Lifecycle::new(config, start),
+                lifecycle: Lifecycle::new(Arc::new(config), start),
                 start,
                 now: start,
             }
@@ -764,7 +775,7 @@ mod tests {
     #[test]
     fn a_recorded_lifecycle_resumes_with_its_state_and_deadlines() {
         let t0 = Instant::now();
-        let mut original = Lifecycle::new(config(), t0);
+        let mut original = Lifecycle::new(Arc::new(config()), t0);
         original.on_event(Event::Eof(Side::Client), t0 + SEC);
         original.on_event(Event::Finished(Direction::ClientToBackend), t0 + 2 * SEC);
         original.on_event(Event::Shutdown, t0 + 3 * SEC);
@@ -786,6 +797,24 @@ mod tests {
             moved.on_event(Event::Finished(Direction::BackendToClient), now),
             vec![Action::Close(Reason::Normal)]
         );
+    }
+
+    /// A lifecycle taken over from a predecessor shares the route's settings only if they
+    /// are the ones it runs by (a reload may have changed the route since).
+    #[test]
+    fn a_recorded_lifecycle_shares_only_equal_settings() {
+        let t0 = Instant::now();
+        let record = Lifecycle::new(Arc::new(config()), t0).record(|_| 0);
+        let mut moved = Lifecycle::from_record(&record, |_| t0);
+        let other = Arc::new(LifecycleConfig {
+            grace_period: Duration::ZERO,
+            ..config()
+        });
+        moved.share_config(&other);
+        assert!(!Arc::ptr_eq(&moved.config, &other));
+        let route = Arc::new(config());
+        moved.share_config(&route);
+        assert!(Arc::ptr_eq(&moved.config, &route));
     }
 
     #[test]
@@ -830,7 +859,7 @@ mod tests {
         let start = Instant::now();
         let mut now = start;
         let mut last_activity = start;
-        let mut lifecycle = Lifecycle::new(config, now);
+        let mut lifecycle = Lifecycle::new(Arc::new(config), now);
         let mut to_finish: Vec<Direction> = Vec::new();
         let mut eof_sent = [false; 2];
         let mut closes = 0;

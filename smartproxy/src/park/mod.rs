@@ -310,7 +310,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 fn take_up(shared: &Arc<Shared>, parking: &Parking, id: u64) {
     // None: taken up already (a nudge and a readable socket both asked).
     if let Some(parked) = parking.take(id) {
-        crate::connection::take_up(shared, parked);
+        crate::connection::take_up(shared, *parked);
     }
 }
 
