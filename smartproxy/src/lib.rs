@@ -17,6 +17,7 @@ pub mod histogram;
 pub mod lifecycle;
 pub mod limits;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod nudge;

@@ -18,6 +18,10 @@ use smartproxy::{notify, upgrade, Proxy};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+/// jemalloc, for what `smartproxy::memory` says; the library's tests keep the system's.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for a configuration that does not load.
 const EXIT_BAD_CONFIG: u8 = 2;
 /// The control socket when neither `--control` nor `--config` says otherwise.

@@ -318,6 +318,11 @@ impl Proxy {
             }
         }
         shared.services.spawn(control.serve(Arc::clone(&shared)));
+        // What setup allocated and freed (the eBPF objects, their verifier's logs) would
+        // otherwise stay in the process until the allocator is busy again.
+        if let Err(e) = crate::memory::release_freed() {
+            debug!(error = %e, "memory freed by setup could not be given back");
+        }
         let metrics_addr = metrics.map(|(server, bound)| {
             info!(listen = %bound, "metrics endpoint at /metrics");
             shared.services.spawn(server.serve(Arc::clone(&shared)));

@@ -59,6 +59,8 @@ struct Lot {
     deadlines: BTreeSet<(Instant, u64)>,
     /// Until the proxy stops: then nothing parks, and the driver ends once the lot is empty.
     open: bool,
+    /// Whether a connection parked since the last sweep: its task's memory is free.
+    parked_since_sweep: bool,
 }
 
 /// Connections whose nudge was raised while they were parked.
@@ -110,6 +112,7 @@ impl Parking {
                 parked: HashMap::new(),
                 deadlines: BTreeSet::new(),
                 open: false,
+                parked_since_sweep: false,
             }),
             woken: Arc::default(),
         })
@@ -141,6 +144,7 @@ impl Parking {
             }
         }
         lot.parked.insert(id, parked);
+        lot.parked_since_sweep = true;
         record.set_park_state(ParkState::Parked);
         // A nudge from now on takes the connection up; one raised before it parked (a stop
         // or an upgrade that came meanwhile) does so at once.
@@ -195,6 +199,11 @@ impl Parking {
             .take_while(|(at, _)| *at <= now)
             .map(|(_, id)| *id)
             .collect()
+    }
+
+    /// Whether a connection parked since the last call.
+    fn parked_since_last_look(&self) -> bool {
+        std::mem::take(&mut self.lock().parked_since_sweep)
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -297,6 +306,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                         worth_parking(record, now_ns, after)
                             && record.switch_park_state(ParkState::Awake, ParkState::Asked)
                     });
+                }
+                // The tasks of the connections parked since are gone (a burst's can
+                // be megabytes), and a quiet proxy allocates nothing that would purge them.
+                if parking.parked_since_last_look() {
+                    if let Err(e) = crate::memory::release_freed() {
+                        debug!(error = %e, "freed memory could not be given back");
+                    }
                 }
                 let period = after.map_or(MAX_SWEEP_EVERY, sweep_period);
                 next_sweep = tokio::time::Instant::now() + period;
