@@ -18,7 +18,8 @@ use smartproxy::{notify, upgrade, Proxy};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
-/// jemalloc, for what `smartproxy::memory` says; the library's tests keep the system's.
+/// jemalloc, for what `smartproxy::memory` says (`main` tells it so); the library's
+/// tests keep the system's.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -147,6 +148,7 @@ impl ControlTarget {
 }
 
 fn main() -> ExitCode {
+    smartproxy::memory::jemalloc_is_global();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config: path } => match load_config(&path) {

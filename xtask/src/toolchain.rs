@@ -22,11 +22,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// the fuzz targets (sanitizers need nightly).
 pub const NIGHTLY: &str = "nightly";
 
-/// Installs whatever is missing: a C compiler and make (ring and jemalloc build C code), the
-/// nightly `rust-src` component and a bpf-linker matching the nightly's LLVM. Prints one line
-/// per check.
+/// Installs whatever is missing: make (jemalloc's build runs it), the nightly `rust-src`
+/// component and a bpf-linker matching the nightly's LLVM. Prints one line per check.
 pub fn ensure() -> Result<()> {
-    crate::packages::ensure("toolchain", "cc", &["--version"], "gcc")?;
     crate::packages::ensure("toolchain", "make", &["--version"], "make")?;
     ensure_rust_src()?;
     let llvm = NightlyLlvm::detect()?;

@@ -35,6 +35,11 @@ use epoll::Epoll;
 /// ([`sweep_period`]).
 const MAX_SWEEP_EVERY: Duration = Duration::from_millis(500);
 
+/// The shortest between two purges of freed memory (`memory::release_freed`): each
+/// costs a `madvise` per freed extent, and the pages it gives back fault in again when
+/// used.
+const MIN_RELEASE_EVERY: Duration = Duration::from_secs(1);
+
 /// Ready sockets read from the epoll instance at once.
 const READY_BATCH: usize = 256;
 
@@ -54,13 +59,14 @@ pub(crate) struct Parked {
 #[derive(Debug)]
 struct Lot {
     /// Boxed: a map's slots are a power of two above its length, each as large as its
-    /// value, and a parked connection is about 300 bytes.
+    /// value, and a parked connection is about 180 bytes.
     parked: HashMap<u64, Box<Parked>>,
     deadlines: BTreeSet<(Instant, u64)>,
     /// Until the proxy stops: then nothing parks, and the driver ends once the lot is empty.
     open: bool,
-    /// Whether a connection parked since the last sweep: its task's memory is free.
-    parked_since_sweep: bool,
+    /// Whether a connection parked since memory was last given back: its task's memory
+    /// is free.
+    parked_since_release: bool,
 }
 
 /// Connections whose nudge was raised while they were parked.
@@ -112,7 +118,7 @@ impl Parking {
                 parked: HashMap::new(),
                 deadlines: BTreeSet::new(),
                 open: false,
-                parked_since_sweep: false,
+                parked_since_release: false,
             }),
             woken: Arc::default(),
         })
@@ -144,7 +150,7 @@ impl Parking {
             }
         }
         lot.parked.insert(id, parked);
-        lot.parked_since_sweep = true;
+        lot.parked_since_release = true;
         record.set_park_state(ParkState::Parked);
         // A nudge from now on takes the connection up; one raised before it parked (a stop
         // or an upgrade that came meanwhile) does so at once.
@@ -201,9 +207,19 @@ impl Parking {
             .collect()
     }
 
-    /// Whether a connection parked since the last call.
-    fn parked_since_last_look(&self) -> bool {
-        std::mem::take(&mut self.lock().parked_since_sweep)
+    /// Gives the memory of the tasks of connections parked since the last time back to
+    /// the system, unless that was less than [`MIN_RELEASE_EVERY`] ago (then a later
+    /// sweep does).
+    fn release_freed(&self, last: &mut Option<Instant>, now: Instant) {
+        if last.is_some_and(|at| now.duration_since(at) < MIN_RELEASE_EVERY)
+            || !std::mem::take(&mut self.lock().parked_since_release)
+        {
+            return;
+        }
+        *last = Some(now);
+        if let Err(e) = crate::memory::release_freed() {
+            debug!(error = %e, "freed memory could not be given back");
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -264,6 +280,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     };
     let mut stop = shared.stop.clone();
     let mut next_sweep = tokio::time::Instant::now() + MAX_SWEEP_EVERY;
+    let mut released_at = None;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; READY_BATCH];
     loop {
         // Whatever woke the driver, the nudged connections are taken up first.
@@ -309,11 +326,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 }
                 // The tasks of the connections parked since are gone (a burst's can
                 // be megabytes), and a quiet proxy allocates nothing that would purge them.
-                if parking.parked_since_last_look() {
-                    if let Err(e) = crate::memory::release_freed() {
-                        debug!(error = %e, "freed memory could not be given back");
-                    }
-                }
+                parking.release_freed(&mut released_at, Instant::now());
                 let period = after.map_or(MAX_SWEEP_EVERY, sweep_period);
                 next_sweep = tokio::time::Instant::now() + period;
             }
