@@ -156,7 +156,10 @@ pub(crate) fn take_up(shared: &Arc<Shared>, parked: Parked) {
     } = parked;
     let runtime = shared.runtimes.place(None);
     let sockets = Moved::quiet(client, backend, moves);
-    let relay = match relay_on(shared, runtime, sockets, Arc::clone(&record.meter), moves) {
+    let relay = relay_on(shared, runtime, sockets, Arc::clone(&record.meter), moves);
+    #[cfg(feature = "test-hooks")]
+    let relay = relay.and_then(test_hooks::take_up);
+    let relay = match relay {
         Ok(relay) => relay,
         Err(e) => {
             let cause = e.to_string();
@@ -744,5 +747,33 @@ pub(crate) async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Test builds only (`--features test-hooks`): failures nothing outside the process can
+/// cause.
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks {
+    use std::io;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::datapath::relay::Relay;
+
+    static FAIL_TAKE_UPS: AtomicBool = AtomicBool::new(false);
+
+    /// From now on, a parked connection's take-up fails as if its sockets could not be
+    /// registered with a runtime again (the kernel out of memory). Process-wide: for a
+    /// test binary of its own.
+    pub fn fail_take_ups() {
+        FAIL_TAKE_UPS.store(true, Ordering::Relaxed);
+    }
+
+    /// `relay`, or the failure [`fail_take_ups`] asked for (the relay, and its sockets,
+    /// dropped as a failed registration drops them).
+    pub(super) fn take_up(relay: Relay) -> io::Result<Relay> {
+        if FAIL_TAKE_UPS.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
+        Ok(relay)
     }
 }

@@ -11,7 +11,8 @@
 //! - a shutdown takes parked connections up: each drains and closes `shutdown`;
 //! - `park_idle_after = "0s"` parks nothing, and a reload that sets a delay parks.
 //!
-//! `tests/tests/limits.rs` checks that parked connections keep their admission slots.
+//! `tests/tests/limits.rs` checks that parked connections keep their admission slots, and
+//! `tests/tests/park_failure.rs` what a take-up that fails does.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
