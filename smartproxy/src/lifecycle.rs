@@ -145,7 +145,7 @@ pub struct LifecycleRecord {
 #[derive(Debug)]
 pub struct Lifecycle {
     /// Shared with the route: a parked connection keeps little more than its lifecycle
-    /// (src/park/mod.rs), and the settings are most of it.
+    /// (smartproxy/src/park/mod.rs), and the settings are most of it.
     config: Arc<LifecycleConfig>,
     flows: [Flow; 2],
     /// When each side sent FIN, indexed like `Direction` (by source).
