@@ -760,7 +760,7 @@ impl From<HumanDuration> for Duration {
     }
 }
 
-/// For `tcp_keepalive`: zero means off.
+/// For `tcp_keepalive` and `park_idle_after`: zero means off.
 impl From<HumanDuration> for Option<Duration> {
     fn from(HumanDuration(d): HumanDuration) -> Self {
         (!d.is_zero()).then_some(d)
@@ -850,16 +850,10 @@ fn parse(text: &str) -> Result<RawConfig, Invalid> {
 
 /// `[proxy] park_idle_after`: `"0s"` turns parking off; otherwise at least
 /// [`MIN_PARK_IDLE_AFTER`].
-fn park_idle_after(
-    raw: Option<HumanDuration>,
-    default: Option<Duration>,
-) -> Result<Option<Duration>, Invalid> {
-    let Some(after) = raw.map(Duration::from) else {
-        return Ok(default);
-    };
-    if after.is_zero() {
+fn park_idle_after(raw: HumanDuration) -> Result<Option<Duration>, Invalid> {
+    let Some(after) = Option::<Duration>::from(raw) else {
         return Ok(None);
-    }
+    };
     if after < MIN_PARK_IDLE_AFTER {
         return Err(Invalid::new(
             "proxy.park_idle_after",
@@ -956,7 +950,10 @@ fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Invalid> {
         )?,
         ebpf_pin_root: raw.proxy.ebpf_pin_root.unwrap_or(defaults.ebpf_pin_root),
         auto,
-        park_idle_after: park_idle_after(raw.proxy.park_idle_after, defaults.park_idle_after)?,
+        park_idle_after: raw
+            .proxy
+            .park_idle_after
+            .map_or(Ok(defaults.park_idle_after), park_idle_after)?,
     };
     if !proxy.ebpf_pin_root.is_absolute() {
         return Err(Invalid::new(

@@ -682,7 +682,7 @@ fn may_park(shared: &Shared, relay: &Relay, lifecycle: &Lifecycle, record: &Conn
     };
     let now = std::time::Instant::now();
     relay.may_ever_park()
-        && relay.is_quiet()
+        && !relay.holds_bytes()
         && lifecycle.is_open_both_ways()
         && lifecycle.deadline().is_none_or(|deadline| deadline > now)
         && crate::park::quiet_for(record, monotonic_ns(), after)

@@ -169,16 +169,6 @@ impl Peer {
         matches!(self, Peer::Tls { .. })
     }
 
-    /// Whether the runtime wakes the relay when the socket turns readable. Not for a
-    /// spliced socket whose bytes the kernel redirects ([`SplicedTcp`]) while nothing is
-    /// passed up to it.
-    pub fn reads_watched(&self) -> bool {
-        match self {
-            Peer::Spliced(spliced) => spliced.reads_watched,
-            Peer::Tcp(_) | Peer::Tls { .. } => true,
-        }
-    }
-
     /// Before a splice: what a plain socket becomes, a [`SplicedTcp`] under a new
     /// descriptor, which the splice then uses for good (the old one closes with its
     /// registration once this replaces it). `None`: it stays as it is (one shared with a
@@ -225,7 +215,7 @@ impl Peer {
     /// Reads into `buf`. `Ok(0)`: EOF (a FIN; over TLS a close_notify, or a FIN without
     /// one). A plain TCP socket that turned readable is read only if `worth_reading` says
     /// so; if not, its readiness is dropped and the read waits for the next one. A socket
-    /// whose reads are not watched ([`Peer::reads_watched`]) is never ready: it waits
+    /// whose reads are not watched ([`Peer::watch_reads`]) is never ready: it waits
     /// until the relay watches it again.
     pub fn poll_read(
         &mut self,

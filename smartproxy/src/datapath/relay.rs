@@ -506,11 +506,9 @@ impl Relay {
         self.movable() && self.offload.is_none()
     }
 
-    /// Both directions open, and no byte read that is not written yet.
-    pub fn is_quiet(&self) -> bool {
-        self.halves
-            .iter()
-            .all(|half| !half.eof && !half.finishing && !half.finished && !half.holds_bytes())
+    /// A byte read and not written yet, in either direction.
+    pub fn holds_bytes(&self) -> bool {
+        self.halves.iter().any(Half::holds_bytes)
     }
 
     /// Takes the relay apart for a successor process. Call it between two `next_event`s
@@ -799,7 +797,7 @@ impl Relay {
             adaptive.policy.moved(Place::Kernel, moved);
             return Decided::report(Report::Moved(Place::Kernel));
         }
-        if self.halves.iter().any(Half::holds_bytes) {
+        if self.holds_bytes() {
             return Decided::NOTHING;
         }
         let result = self.offload(&adaptive.kernel);

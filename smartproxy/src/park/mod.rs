@@ -240,15 +240,14 @@ impl Parking {
     }
 }
 
-/// Whether the sweep should ask `record` to park: quiet for `after`, on the relay, awake,
-/// both directions open, and movable (TLS sessions this proxy holds stay in their task).
-/// The connection itself decides (`connection::drive`): this rule only spares the others
-/// a wake-up.
+/// Whether the sweep should ask `record` to park: awake (not ruled out: TLS this proxy
+/// holds and spliced connections are `Never`), relaying on the relay, both directions
+/// open, and quiet for `after`. The connection itself decides (`connection::drive`): this
+/// rule only spares the others a wake-up.
 fn worth_parking(record: &ConnRecord, now_ns: u64, after: Duration) -> bool {
     record.park_state() == ParkState::Awake
         && record.data_path() == Some(DataPathKind::Userspace)
         && !record.half_open.load(std::sync::atomic::Ordering::Relaxed)
-        && !record.stays.load(std::sync::atomic::Ordering::Relaxed)
         && quiet_for(record, now_ns, after)
 }
 
@@ -366,6 +365,7 @@ mod tests {
         for (state, asked) in [
             (ParkState::Asked, false),
             (ParkState::Parked, false),
+            // TLS held here, spliced, or a handoff that failed.
             (ParkState::Never, false),
             (ParkState::Awake, true),
         ] {
@@ -375,9 +375,6 @@ mod tests {
         record.half_open.store(true, Ordering::Relaxed);
         assert!(!worth(quiet), "half open");
         record.half_open.store(false, Ordering::Relaxed);
-        record.stays.store(true, Ordering::Relaxed);
-        assert!(!worth(quiet), "staying (TLS held here)");
-        record.stays.store(false, Ordering::Relaxed);
         record.set_data_path(DataPathKind::Ebpf);
         assert!(!worth(quiet), "spliced");
     }
