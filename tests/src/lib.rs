@@ -180,6 +180,14 @@ impl TestProxy {
         self.proxy.snapshot()
     }
 
+    /// Waits until `count` of the proxy's connections are parked without a task.
+    pub async fn wait_parked(&self, count: u64) {
+        wait_for(&format!("{count} idle connection(s) to park"), || {
+            self.stats().connections.parked == count
+        })
+        .await;
+    }
+
     /// A connection to `route` that is past its splice and booked on the proxy's data
     /// path, through a [`Backend::greeted`] backend: [`GREETING`] makes the round trip
     /// first. The kernel refuses to splice a socket that already got its FIN, so a test

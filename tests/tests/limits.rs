@@ -64,10 +64,7 @@ async fn refuses_the_next(mode: DataPathMode, case: Case<'_>) {
         open.push(client);
     }
     if mode == DataPathMode::Userspace {
-        wait_for("the admitted connections to park", || {
-            proxy.stats().connections.parked == case.admitted.len() as u64
-        })
-        .await;
+        proxy.wait_parked(case.admitted.len() as u64).await;
     }
 
     expect_refused(case.refused, addr).await;

@@ -24,31 +24,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-/// Longer than the proxy's default park delay (`park_idle_after`, 1 s) plus its sweep
-/// (0.5 s): a connection quiet for this long is parked, if it ever parks.
-const PARKED_BY: Duration = Duration::from_millis(2500);
-
 /// `[proxy]` lines that park a connection quiet for 200 ms.
 const PARK_SOON: &str = "park_idle_after = \"200ms\"\n\n";
+
+/// Longer than [`PARK_SOON`]'s delay plus its sweep (100 ms): a connection quiet for this
+/// long is parked, if it ever parks.
+const PARKED_BY: Duration = Duration::from_millis(1000);
+
+/// Longer than the default park delay (1 s) plus its sweep (0.5 s).
+const PARKED_BY_DEFAULT: Duration = Duration::from_millis(2500);
 
 /// Whether connections on `front` park: plain TCP on the relay only.
 fn parks(front: &Frontend) -> bool {
     matches!(front, Frontend::Plain(DataPathMode::Userspace))
 }
 
-/// Waits until `count` of the proxy's connections are parked.
-async fn parked(proxy: &TestProxy, count: u64) {
-    wait_for(&format!("{count} idle connection(s) to park"), || {
-        proxy.stats().connections.parked == count
-    })
-    .await;
-}
-
 /// Waits until the proxy's one connection is parked, or, where connections never park,
 /// checks after [`PARKED_BY`] that it did not.
 async fn settle(proxy: &TestProxy, parks: bool) {
     if parks {
-        parked(proxy, 1).await;
+        proxy.wait_parked(1).await;
     } else {
         tokio::time::sleep(PARKED_BY).await;
         assert_eq!(
@@ -59,12 +54,13 @@ async fn settle(proxy: &TestProxy, parks: bool) {
     }
 }
 
-/// Echoes 4-byte words, `push` only once `go` is notified. Answers the client's FIN with
-/// its own.
-async fn pushing_echo(mut stream: TcpStream, go: Arc<Notify>) {
+/// Echoes 4-byte words; on `push`, notifies `got` and echoes only once `go` is notified.
+/// Answers the client's FIN with its own.
+async fn pushing_echo(mut stream: TcpStream, (got, go): (Arc<Notify>, Arc<Notify>)) {
     let mut word = [0u8; 4];
     while stream.read_exact(&mut word).await.is_ok() {
         if &word == b"push" {
+            got.notify_one();
             go.notified().await;
         }
         stream.write_all(&word).await.expect("backend echoes");
@@ -76,17 +72,20 @@ async fn pushing_echo(mut stream: TcpStream, go: Arc<Notify>) {
 async fn an_idle_connection_parks_and_either_side_takes_it_up() {
     for_each_frontend(|front| async move {
         let parks = parks(&front);
-        let go = Arc::new(Notify::new());
-        let backend = Backend::greeted_with(Arc::clone(&go), pushing_echo).await;
-        let (proxy, mut client) = Spliced::start(&front, "", backend).await;
+        let (got, go) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let backend =
+            Backend::greeted_with((Arc::clone(&got), Arc::clone(&go)), pushing_echo).await;
+        let (proxy, mut client) = Spliced::start(&front, PARK_SOON, backend).await;
         settle(&proxy, parks).await;
 
         // The client's bytes wake it.
         round_trip(&mut client, b"ping").await;
         settle(&proxy, parks).await;
 
-        // The backend's, sent only once it parked again.
+        // The backend's, sent only once it parked again: after the client's `push` took
+        // it up and reached the backend.
         client.write_all(b"push").await.expect("client sends push");
+        within("the backend reads push", got.notified()).await;
         settle(&proxy, parks).await;
         go.notify_one();
         let mut pushed = [0u8; 4];
@@ -138,7 +137,7 @@ async fn a_parked_connection_on_auto_still_moves_into_the_kernel() {
     let mut proxy = TestProxy::start_auto(knobs, &plain_route("parked", backend.addr, "")).await;
     let mut client = connect(proxy.addr("parked")).await;
     round_trip(&mut client, b"ping").await;
-    parked(&proxy, 1).await;
+    proxy.wait_parked(1).await;
     let flood = pattern(16 << 20, 7);
     let (mut read, mut write) = client.into_split();
     let sent = {
@@ -178,7 +177,7 @@ async fn a_parked_connection_times_out_on_time() {
     let before_ping = Instant::now();
     round_trip(&mut client, b"ping").await;
     let after_ping = Instant::now();
-    parked(&proxy, 1).await;
+    proxy.wait_parked(1).await;
     expect_eof(&mut client, "the client reads to EOF").await;
     let (most, least) = (before_ping.elapsed(), after_ping.elapsed());
     assert!(
@@ -210,16 +209,16 @@ async fn a_shutdown_takes_parked_connections_up_and_drains_them() {
         round_trip(&mut client, b"ping").await;
         clients.push(client);
     }
-    parked(&proxy, 3).await;
+    proxy.wait_parked(3).await;
+    let metrics = smartproxy::metrics::render(&proxy.stats());
+    assert!(
+        metrics.contains("\nsmartproxy_connections_parked 3\n"),
+        "the parked gauge:\n{metrics}"
+    );
     proxy.proxy.shutdown();
     for _ in 0..3 {
         proxy.expect_closed(Reason::Shutdown).await;
     }
-    assert_eq!(
-        proxy.stats().connections.parked,
-        0,
-        "parked after the drain"
-    );
     // Stops in time once its parked connections closed.
     proxy.stop().await;
     drop(clients);
@@ -238,7 +237,7 @@ async fn park_idle_after_zero_keeps_every_task_until_a_reload_turns_it_on() {
     .await;
     let mut client = connect(proxy.addr("kept")).await;
     round_trip(&mut client, b"ping").await;
-    tokio::time::sleep(PARKED_BY).await;
+    tokio::time::sleep(PARKED_BY_DEFAULT).await;
     assert_eq!(
         proxy.stats().connections.parked,
         0,
@@ -247,7 +246,7 @@ async fn park_idle_after_zero_keeps_every_task_until_a_reload_turns_it_on() {
 
     proxy.rewrite_config(&format!("{PARK_SOON}{route}"));
     proxy.proxy.reload().await.expect("the reload");
-    parked(&proxy, 1).await;
+    proxy.wait_parked(1).await;
     round_trip(&mut client, b"pong").await;
     close_normally(&mut proxy, client).await;
     backend.join().await;

@@ -1,6 +1,6 @@
 //! A parked connection that cannot be taken up again (its sockets cannot be registered
 //! with a runtime, which takes a kernel out of memory) closes `proxy_error`, counted, and
-//! gives back what it held: its place in the table, its admission slot, its descriptors.
+//! gives back what it held: its admission slot and its descriptors.
 //! A test binary of its own: the hook that makes take-ups fail
 //! (`smartproxy::connection::test_hooks`) is process-wide.
 
@@ -20,12 +20,10 @@ async fn a_parked_connection_that_cannot_be_taken_up_closes_proxy_error() {
         plain_route("parked", backend.addr, "max_connections = 1")
     );
     let mut proxy = TestProxy::start(DataPathMode::Userspace, &config).await;
+    let fds = open_fds();
     let mut client = connect(proxy.addr("parked")).await;
     round_trip(&mut client, b"ping").await;
-    wait_for("the connection to park", || {
-        proxy.stats().connections.parked == 1
-    })
-    .await;
+    proxy.wait_parked(1).await;
 
     test_hooks::fail_take_ups();
     client.write_all(b"wake").await.expect("client writes");
@@ -38,10 +36,13 @@ async fn a_parked_connection_that_cannot_be_taken_up_closes_proxy_error() {
     )
     .await;
     assert!(rest.is_empty(), "{} bytes after the failure", rest.len());
-    let stats = proxy.stats();
-    assert_eq!(stats.closed(Reason::ProxyError), 1);
-    assert_eq!(stats.connections.parked, 0, "still counted parked");
-    assert_eq!(stats.connections.active, 0, "still in the table");
+    assert_eq!(proxy.stats().closed(Reason::ProxyError), 1);
+    // The proxy's two descriptors, the client's and the backend's are all closed.
+    drop(client);
+    wait_for("every descriptor of the failed connection to close", || {
+        open_fds() == fds
+    })
+    .await;
 
     // The slot it held is free: the next connection is admitted and relayed (it must
     // not park, or its take-up would fail too).
