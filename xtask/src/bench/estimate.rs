@@ -60,11 +60,7 @@ fn scenario_secs(scenario: Scenario, p: &Params) -> f64 {
         // Two settling pauses of 1 s, the opens, the closes.
         // Paced: a pause after each batch.
         Scenario::Idle { paced } => {
-            let pauses = if paced {
-                idle::BATCHES.min(p.idle_conns)
-            } else {
-                0
-            };
+            let pauses = if paced { idle::pauses(p.idle_conns) } else { 0 };
             2.2 + p.idle_conns as f64 / OPENS_PER_SEC
                 + pauses as f64 * idle::BATCH_PAUSE.as_secs_f64()
         }

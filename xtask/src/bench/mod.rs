@@ -377,14 +377,7 @@ fn raise_fd_limit(
     println!("xtask: bench: RLIMIT_NOFILE {fd_limit} (inherited by the proxies)");
     let fit = usize::try_from(fd_limit.saturating_sub(FD_RESERVE) / 2).unwrap_or(usize::MAX);
     for (held_by, what, count) in [
-        (
-            &[
-                Scenario::Idle { paced: false },
-                Scenario::Idle { paced: true },
-            ][..],
-            "idle",
-            &mut params.idle_conns,
-        ),
+        (&Scenario::IDLE[..], "idle", &mut params.idle_conns),
         (
             &[Scenario::Upgrade][..],
             "upgrade",

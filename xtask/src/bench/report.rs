@@ -482,10 +482,7 @@ fn targets(out: &mut String, cx: &Context<'_>, results: &Results) {
 
     // Idle RSS.
     for t in paths {
-        for scenario in [
-            Scenario::Idle { paced: false },
-            Scenario::Idle { paced: true },
-        ] {
+        for scenario in Scenario::IDLE {
             let what = format!(
                 "{t}: ≤ 1 KiB proxy RSS per idle connection, {}",
                 scenario.title()

@@ -37,6 +37,16 @@ pub const BATCHES: usize = 10;
 /// (0.5 s) together.
 pub const BATCH_PAUSE: Duration = Duration::from_secs(2);
 
+/// Paced: how many connections each batch holds (the last may hold fewer).
+pub fn batch_len(conns: usize) -> usize {
+    conns.div_ceil(BATCHES).max(1)
+}
+
+/// Paced: how many pauses opening `conns` connections takes, one after each batch.
+pub fn pauses(conns: usize) -> usize {
+    conns.div_ceil(batch_len(conns))
+}
+
 pub fn run(env: &Env<'_>, paced: bool) -> Result<Measurement> {
     let n = env.params.idle_conns;
     thread::sleep(SETTLE);
@@ -46,7 +56,7 @@ pub fn run(env: &Env<'_>, paced: bool) -> Result<Measurement> {
     let deadline = Instant::now() + LIMIT;
     let mut waits = ReadWaits::default();
     let mut conns = Vec::with_capacity(n);
-    let batch = n.div_ceil(BATCHES);
+    let batch = batch_len(n);
     for i in 0..n {
         if Instant::now() >= deadline {
             bail!("idle: only {i} of {n} connections opened in {LIMIT:?}");
@@ -81,4 +91,20 @@ pub fn run(env: &Env<'_>, paced: bool) -> Result<Measurement> {
     );
     m.set(Metric::LongestReadWait, waits.longest.as_secs_f64() * 1e3);
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `run` pauses, and so what the estimate counts: once after each batch,
+    /// however many the connections make.
+    #[test]
+    fn pauses_follow_the_batches() {
+        assert_eq!(pauses(9_872), BATCHES);
+        assert_eq!(pauses(10), BATCHES);
+        // Batches of 2: 8 of them.
+        assert_eq!(pauses(15), 8);
+        assert_eq!(pauses(0), 0);
+    }
 }

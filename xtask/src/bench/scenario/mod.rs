@@ -171,6 +171,12 @@ impl Scenario {
         )
     }
 
+    /// Both idle scenarios: at once and paced.
+    pub const IDLE: [Scenario; 2] = [
+        Scenario::Idle { paced: false },
+        Scenario::Idle { paced: true },
+    ];
+
     pub fn family(self) -> Family {
         match self {
             Scenario::Bulk { .. } => Family::Bulk,
