@@ -155,15 +155,30 @@ pub(crate) fn take_up(shared: &Arc<Shared>, parked: Parked) {
         admissions,
     } = parked;
     let runtime = shared.runtimes.place(None);
+    // A failed registration closes the descriptors it was given (tokio's `from_std`);
+    // these keep both sockets until the relay holds them, so that a failure resets them:
+    // a FIN would tell the backend that a stream cut short had ended. Without them (no
+    // descriptor to spare) the take-up goes ahead all the same.
+    let kept = client
+        .try_clone()
+        .and_then(|c| Ok([c, backend.try_clone()?]));
     let sockets = Moved::quiet(client, backend, moves);
     let relay = relay_on(shared, runtime, sockets, Arc::clone(&record.meter), moves);
     #[cfg(feature = "test-hooks")]
     let relay = relay.and_then(test_hooks::take_up);
     let relay = match relay {
-        Ok(relay) => relay,
+        Ok(relay) => {
+            drop(kept);
+            relay
+        }
         Err(e) => {
             let cause = e.to_string();
             warn!(id = record.id, error = %cause, "a parked connection could not be taken up");
+            for socket in kept.iter().flatten() {
+                // Best effort: without it the last close sends a FIN.
+                let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
+            }
+            drop(kept);
             drop(admissions);
             close(shared, &record, Reason::ProxyError, Some(&cause));
             return;

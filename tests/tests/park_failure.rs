@@ -1,19 +1,40 @@
 //! A parked connection that cannot be taken up again (its sockets cannot be registered
-//! with a runtime, which takes a kernel out of memory) closes `proxy_error`, counted, and
-//! gives back what it held: its admission slot and its descriptors.
+//! with a runtime, which takes a kernel out of memory) closes `proxy_error`, counted,
+//! resets both sides (a FIN would tell the backend that the cut stream ended), and gives
+//! back what it held: its admission slot and its descriptors.
 //! A test binary of its own: the hook that makes take-ups fail
 //! (`smartproxy::connection::test_hooks`) is process-wide.
 
 use smartproxy::config::DataPathMode;
 use smartproxy::connection::test_hooks;
 use smartproxy::vocab::Reason;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use smartproxy_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_connection_that_cannot_be_taken_up_closes_proxy_error() {
     init_tracing();
-    let backend = Backend::spawn(echo).await;
+    // The first connection's backend echoes once and must then see a reset; the next
+    // ones echo.
+    let reset_seen = Arc::new(Notify::new());
+    let backend = Backend::spawn_with(
+        (Arc::new(AtomicUsize::new(0)), Arc::clone(&reset_seen)),
+        |mut stream, (accepted, reset_seen)| async move {
+            if accepted.fetch_add(1, Ordering::SeqCst) > 0 {
+                return echo(stream).await;
+            }
+            let mut ping = [0u8; 4];
+            stream.read_exact(&mut ping).await.expect("backend reads");
+            stream.write_all(&ping).await.expect("backend echoes");
+            expect_reset(&mut stream).await;
+            reset_seen.notify_one();
+        },
+    )
+    .await;
     // One connection at a time: the next is admitted only if the failed one let go.
     let config = format!(
         "park_idle_after = \"200ms\"\n\n{}",
@@ -28,14 +49,8 @@ async fn a_parked_connection_that_cannot_be_taken_up_closes_proxy_error() {
     test_hooks::fail_take_ups();
     client.write_all(b"wake").await.expect("client writes");
     proxy.expect_closed(Reason::ProxyError).await;
-    // Its sockets are closed: EOF, or a reset for the bytes it did not read.
-    let mut rest = Vec::new();
-    let _eof_or_reset = within(
-        "the client's connection ends",
-        client.read_to_end(&mut rest),
-    )
-    .await;
-    assert!(rest.is_empty(), "{} bytes after the failure", rest.len());
+    expect_reset(&mut client).await;
+    within("the backend sees a reset", reset_seen.notified()).await;
     assert_eq!(proxy.stats().closed(Reason::ProxyError), 1);
     // The proxy's two descriptors, the client's and the backend's are all closed.
     drop(client);
