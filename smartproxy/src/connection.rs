@@ -103,7 +103,9 @@ enum Ended {
 }
 
 /// Drives a connection a predecessor process handed over (or an upgrade that failed gave
-/// back) from where it was: same id, counters, lifecycle state and timers.
+/// back) from where it was: same id, counters, lifecycle state and timers. One that was
+/// quiet since before the handoff (most were parked there) is parked here at once, without
+/// a task that would only park it at the next sweep.
 pub(crate) fn resume(
     shared: &Arc<Shared>,
     moved: ConnectionRecord,
@@ -124,13 +126,40 @@ pub(crate) fn resume(
             .cloned()
     });
     let meter = Arc::new(Meter::from_record(&moved.meter));
-    let runtime = shared.runtimes.place(None);
-    let relay = relay_on(shared, runtime, sockets, Arc::clone(&meter), moved.moves)?;
-    let record = shared.table.insert_moved(&moved, slot, target, meter);
     let mut lifecycle = Lifecycle::from_record(&moved.lifecycle, instant_of);
     if let Some(index) = route {
         lifecycle.share_config(&generation.config.routes[index].lifecycle);
     }
+    let record = shared.table.insert_moved(&moved, slot, target, meter);
+    if sockets.is_quiet() && may_park_now(shared, &lifecycle, &record) {
+        let Moved {
+            client,
+            backend,
+            moves,
+            ..
+        } = sockets;
+        park_or_take_up(
+            shared,
+            Box::new(Parked {
+                record,
+                client,
+                backend,
+                lifecycle,
+                moves,
+                admissions: Admissions::default(),
+            }),
+        );
+        return Ok(());
+    }
+    let runtime = shared.runtimes.place(None);
+    let relay = relay_on(
+        shared,
+        runtime,
+        sockets,
+        Arc::clone(&record.meter),
+        moved.moves,
+    )
+    .inspect_err(|_| shared.table.remove(record.id))?;
     let span = info_span!("conn", id = record.id, client = %record.client(), moved = true);
     let admissions = Admissions::default();
     spawn_drive(
@@ -144,8 +173,16 @@ pub(crate) fn resume(
     Ok(())
 }
 
-/// Takes a parked connection up again in a task of its own, from where it stopped.
+/// Takes a parked connection up again in a task of its own, from where it stopped; while
+/// an upgrade takes connections over, hands it to the successor as it is instead.
 pub(crate) fn take_up(shared: &Arc<Shared>, parked: Parked) {
+    let parked = match handoff_requested(shared) {
+        Some(handoff) => match hand_off_parked(shared, parked, handoff) {
+            Ok(()) => return,
+            Err(parked) => *parked,
+        },
+        None => parked,
+    };
     let Parked {
         record,
         client,
@@ -621,14 +658,7 @@ fn hand_off(
     record: &ConnRecord,
     handoff: mpsc::UnboundedSender<Outgoing>,
 ) -> Result<(), Box<Relay>> {
-    let (Some(route), Some(backend), Some(data_path)) = (
-        record
-            .route
-            .get()
-            .and_then(|slot| shared.stats.route_name(*slot)),
-        record.backend.get().copied(),
-        record.data_path(),
-    ) else {
+    let Some(placed) = Placed::of(shared, record) else {
         return Err(Box::new(relay));
     };
     let moved = match relay.into_moved() {
@@ -639,34 +669,93 @@ fn hand_off(
             return Err(Box::new(relay));
         }
     };
-    // After the splice was exported: the meter's kernel bytes are final up to here, and
-    // the successor's meter counts only what the kernel moves from now on.
-    let meter = record.meter.to_record();
-    let outgoing = Outgoing {
-        record: ConnectionRecord {
-            id: record.id,
-            peer: record.peer,
-            carried: record.carried.get().map(|c| (c.client, c.destination)),
-            started_ns: ns_of(record.started),
-            started_unix_ms: record
-                .started_at
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            route,
-            backend,
-            target: record.target.get().map(|t| t.target.to_string()),
-            data_path,
-            meter,
-            lifecycle: lifecycle.record(ns_of),
-            halves: moved.halves,
-            pending: moved.pending.each_ref().map(Vec::len),
-            offload: moved.offload.clone(),
-            moves: moved.moves,
-        },
-        moved,
+    send_over(shared, placed.outgoing(record, lifecycle, moved), handoff);
+    debug!("handed to the successor");
+    Ok(())
+}
+
+/// Hands a parked connection to the upgrade as it is, without a task to take it up first;
+/// gives it back if it cannot move.
+fn hand_off_parked(
+    shared: &Arc<Shared>,
+    parked: Parked,
+    handoff: mpsc::UnboundedSender<Outgoing>,
+) -> Result<(), Box<Parked>> {
+    let Some(placed) = Placed::of(shared, &parked.record) else {
+        return Err(Box::new(parked));
     };
-    // Out of the table first: the upgrade counts what is left to move there.
-    shared.table.remove(record.id);
+    let Parked {
+        record,
+        client,
+        backend,
+        lifecycle,
+        moves,
+        admissions,
+    } = parked;
+    drop(admissions);
+    let moved = Moved::quiet(client, backend, moves);
+    send_over(shared, placed.outgoing(&record, &lifecycle, moved), handoff);
+    debug!(
+        id = record.id,
+        "handed to the successor from the parking lot"
+    );
+    Ok(())
+}
+
+/// Where a connection runs, as its successor needs it: known once it is routed and
+/// connected (one still in its handshake or connect moves once it is).
+struct Placed {
+    route: String,
+    backend: SocketAddr,
+    data_path: DataPathKind,
+}
+
+impl Placed {
+    fn of(shared: &Shared, record: &ConnRecord) -> Option<Placed> {
+        Some(Placed {
+            route: record
+                .route
+                .get()
+                .and_then(|slot| shared.stats.route_name(*slot))?,
+            backend: record.backend.get().copied()?,
+            data_path: record.data_path()?,
+        })
+    }
+
+    /// The connection as it goes to the successor. After the relay was taken apart: a
+    /// splice is exported then, so the meter's kernel bytes are final up to here, and the
+    /// successor's meter counts only what the kernel moves from now on.
+    fn outgoing(self, record: &ConnRecord, lifecycle: &Lifecycle, moved: Moved) -> Outgoing {
+        Outgoing {
+            record: ConnectionRecord {
+                id: record.id,
+                peer: record.peer,
+                carried: record.carried.get().map(|c| (c.client, c.destination)),
+                started_ns: ns_of(record.started),
+                started_unix_ms: record
+                    .started_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                route: self.route,
+                backend: self.backend,
+                target: record.target.get().map(|t| t.target.to_string()),
+                data_path: self.data_path,
+                meter: record.meter.to_record(),
+                lifecycle: lifecycle.record(ns_of),
+                halves: moved.halves,
+                pending: moved.pending.each_ref().map(Vec::len),
+                offload: moved.offload.clone(),
+                moves: moved.moves,
+            },
+            moved,
+        }
+    }
+}
+
+/// Sends `outgoing` to the upgrade, out of the table first: the upgrade counts what is
+/// left to move there.
+fn send_over(shared: &Arc<Shared>, outgoing: Outgoing, handoff: mpsc::UnboundedSender<Outgoing>) {
+    shared.table.remove(outgoing.record.id);
     // The upgrade reads until every sender is gone, and this one is alive: the send
     // cannot fail. Should it, the connection goes on here all the same.
     if let Err(returned) = handoff.send(outgoing) {
@@ -676,8 +765,6 @@ fn hand_off(
             warn!(id, error = %e, "a connection whose handoff ended could not resume");
         }
     }
-    debug!("handed to the successor");
-    Ok(())
 }
 
 /// Once a connection can never park (TLS this proxy holds, or spliced: the offload stays
@@ -688,17 +775,21 @@ fn rule_out_parking(relay: &Relay, record: &ConnRecord) {
     }
 }
 
-/// Whether the connection parks now: parking on, quiet for `park_idle_after`, both
-/// directions open, nothing held, and no lifecycle deadline due (one that woke it is seen
-/// to first).
+/// Whether the connection parks now: it may ever park, holds nothing, and
+/// [`may_park_now`].
 fn may_park(shared: &Shared, relay: &Relay, lifecycle: &Lifecycle, record: &ConnRecord) -> bool {
+    relay.may_ever_park() && !relay.holds_bytes() && may_park_now(shared, lifecycle, record)
+}
+
+/// Whether a connection that may park and holds nothing parks now: parking on, quiet for
+/// `park_idle_after`, both directions open, and no lifecycle deadline due (one that woke it
+/// is seen to first).
+fn may_park_now(shared: &Shared, lifecycle: &Lifecycle, record: &ConnRecord) -> bool {
     let Some(after) = shared.generation().config.proxy.park_idle_after else {
         return false;
     };
     let now = std::time::Instant::now();
-    relay.may_ever_park()
-        && !relay.holds_bytes()
-        && lifecycle.is_open_both_ways()
+    lifecycle.is_open_both_ways()
         && lifecycle.deadline().is_none_or(|deadline| deadline > now)
         && crate::park::quiet_for(record, monotonic_ns(), after)
 }
@@ -714,9 +805,9 @@ fn park(
     record: &Arc<ConnRecord>,
     admissions: &mut Admissions,
 ) -> Result<(), Box<(Relay, Lifecycle)>> {
-    let Some(parking) = &shared.parking else {
+    if shared.parking.is_none() {
         return Err(Box::new((relay, lifecycle)));
-    };
+    }
     let moves = relay.moves();
     let moved = match relay.into_moved() {
         Ok(moved) => moved,
@@ -735,11 +826,20 @@ fn park(
         moves,
         admissions: std::mem::take(admissions),
     });
+    park_or_take_up(shared, parked);
+    Ok(())
+}
+
+/// Parks `parked`; should the lot refuse (the proxy started to stop meanwhile, parking is
+/// off, or the sockets cannot be watched), a new task takes the connection up at once.
+fn park_or_take_up(shared: &Arc<Shared>, parked: Box<Parked>) {
+    let Some(parking) = &shared.parking else {
+        return take_up(shared, *parked);
+    };
     match parking.park(parked) {
         Ok(()) => debug!("parked"),
         Err(refused) => take_up(shared, *refused),
     }
-    Ok(())
 }
 
 /// The stop stage the proxy reached, if it is past `seen`. A proxy dropped without a

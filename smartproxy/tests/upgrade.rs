@@ -583,10 +583,11 @@ fn under_load_keeps_every_connection(path: &str) {
         "no other connection yet: {before}"
     );
 
-    // On the relay the idle connections park before the first upgrade, which must take
-    // them up to hand them over (`smartproxy/src/park/mod.rs`).
+    // On the relay the idle connections park before the first upgrade, which hands them
+    // over from the parking lot (`connection::take_up`), and the successor parks them at
+    // once (`connection::resume`).
+    let parkable = idle.len() as u64;
     if path == "userspace" {
-        let parkable = idle.len() as u64;
         wait_until("the idle connections park", || {
             stats_of(&proxy)["connections"]["parked"] == parkable
         });
@@ -646,6 +647,14 @@ fn under_load_keeps_every_connection(path: &str) {
             "upgrade {n}: moved {moved}, expected {least}..={most}: {upgraded}"
         );
         assert_eq!(upgraded["staying"], 0, "upgrade {n}: {upgraded}");
+        if path == "userspace" && n == 1 {
+            // Read before a sweep of the successor could have parked them.
+            let parked = &stats_of(&proxy)["connections"]["parked"];
+            assert_eq!(
+                *parked, parkable,
+                "upgrade 1: the idle connections are parked in the successor at once"
+            );
+        }
         eprintln!(
             "upgrade {n} ({path}): moved {moved} in {} ms (command {took:?})",
             upgraded["elapsed_ms"]

@@ -454,6 +454,13 @@ impl Moved {
             moves,
         }
     }
+
+    /// Both directions open, nothing held, not spliced: what [`Moved::quiet`] makes.
+    pub fn is_quiet(&self) -> bool {
+        self.halves == <[HalfRecord; 2]>::default()
+            && self.pending.iter().all(Vec::is_empty)
+            && self.offload.is_none()
+    }
 }
 
 /// Both directions of one connection.
