@@ -228,6 +228,12 @@ impl ConnTable {
         }
     }
 
+    /// Drops from `records` those no longer in the table (closed, or moved to a successor).
+    pub fn keep_present(&self, records: &mut Vec<Arc<ConnRecord>>) {
+        let table = self.lock();
+        records.retain(|record| table.contains_key(&record.id));
+    }
+
     /// A copy of the live records, taken without holding the lock while the caller reads.
     pub fn records(&self) -> Vec<Arc<ConnRecord>> {
         self.lock().values().cloned().collect()

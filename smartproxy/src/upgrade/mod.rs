@@ -8,6 +8,7 @@
 
 pub mod binary;
 pub mod message;
+mod order;
 mod predecessor;
 mod successor;
 mod wire;

@@ -17,9 +17,11 @@ use tracing::{info, warn};
 
 use super::binary::{check, BinaryError, CheckedBinary};
 use super::message::{Hello, KernelMaps, Message, Stamp};
+use super::order::Order;
 use super::wire::{self, Frame};
 use super::{Outgoing, Phase, ANSWER_TIMEOUT, BINARY_FD_ENV, HANDOFF_FD_ENV, READY_TIMEOUT};
 use crate::connection::resume;
+use crate::datapath::clock::monotonic_ns;
 use crate::shared::{Shared, Stop};
 
 /// How often the handoff checks whether every connection that can move has moved.
@@ -357,7 +359,6 @@ async fn move_connections(
     let (sender, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
     *shared.lock_handoff() = Some(sender);
     shared.upgrade.send_replace(Phase::HandingOff);
-    shared.table.nudge_all();
     // Every connection accepted here is in the table before it is counted. Bounded: a
     // loop that does not answer leaves what it accepts here, to drain.
     if tokio::time::timeout(ACCEPTS_STOP_WITHIN, shared.accepting.none())
@@ -366,8 +367,23 @@ async fn move_connections(
     {
         warn!("upgrade: an accept loop did not stop in time; what it accepts stays here");
     }
+    let lifecycle = shared.generation().config.lifecycle;
+    // A connection still in its handshake or backend connect moves once it is set up;
+    // one that takes longer than both timeouts allow stays here.
+    let started = Instant::now();
+    let give_up = started + lifecycle.handshake_timeout + lifecycle.connect_timeout;
+    let mut order = Order::busy_first(
+        &shared.table,
+        monotonic_ns(),
+        started + (give_up - started) / 2,
+    );
     let mut pending: HashMap<u64, Outgoing> = HashMap::new();
-    let result = exchange(shared, socket, incoming, child, &mut outgoing, &mut pending).await;
+    let queues = Queues {
+        outgoing: &mut outgoing,
+        pending: &mut pending,
+        order: &mut order,
+    };
+    let result = exchange(shared, socket, incoming, child, queues, give_up).await;
     // No connection is handed to the handoff from now on; those on their way stay here.
     shared.lock_handoff().take();
     if result.is_err() {
@@ -401,13 +417,14 @@ async fn exchange(
     socket: &UnixStream,
     incoming: &mut mpsc::UnboundedReceiver<io::Result<Message>>,
     child: &mut Child,
-    outgoing: &mut mpsc::UnboundedReceiver<Outgoing>,
-    pending: &mut HashMap<u64, Outgoing>,
+    queues: Queues<'_>,
+    give_up: Instant,
 ) -> Result<(u64, u64), UpgradeError> {
-    let lifecycle = shared.generation().config.lifecycle;
-    // A connection still in its handshake or backend connect moves once it is set up;
-    // one that takes longer than both timeouts allow stays here.
-    let give_up = Instant::now() + lifecycle.handshake_timeout + lifecycle.connect_timeout;
+    let Queues {
+        outgoing,
+        pending,
+        order,
+    } = queues;
     let mut moved = 0u64;
     // Set once no connection is handed over any more: the connections that stay here.
     let mut closing: Option<u64> = None;
@@ -453,6 +470,10 @@ async fn exchange(
                 }
             }
             _ = settled.tick(), if closing.is_none() => {
+                let asked = order.look(&shared.table, !outgoing.is_empty(), pending.len());
+                if asked > 0 {
+                    info!(after = moved, quiet = asked, "upgrade: the quiet connections go over now");
+                }
                 let (movable, staying) = shared.table.remaining_for_handoff();
                 if movable == 0 || Instant::now() >= give_up {
                     // Tasks hold a clone only while they hand over, never across an
@@ -463,6 +484,14 @@ async fn exchange(
             }
         }
     }
+}
+
+/// What the handoff moves connections through: those handed to it and not yet sent, those
+/// sent and not yet taken, and the quiet ones, asked last.
+struct Queues<'a> {
+    outgoing: &'a mut mpsc::UnboundedReceiver<Outgoing>,
+    pending: &'a mut HashMap<u64, Outgoing>,
+    order: &'a mut Order,
 }
 
 async fn send_connection(socket: &UnixStream, out: &Outgoing) -> Result<(), UpgradeError> {
