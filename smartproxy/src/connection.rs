@@ -102,15 +102,25 @@ enum Ended {
     Parked,
 }
 
+/// Where a connection [`resume`] took over went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Resumed {
+    /// A task of its own drives it.
+    Running,
+    /// The parking lot holds it.
+    Parked,
+}
+
 /// Drives a connection a predecessor process handed over (or an upgrade that failed gave
-/// back) from where it was: same id, counters, lifecycle state and timers. One that was
-/// quiet since before the handoff (most were parked there) is parked here at once, without
-/// a task that would only park it at the next sweep.
+/// back) from where it was: same id, counters, lifecycle state and timers. One whose meter
+/// says it was quiet for `park_idle_after` (most were parked there) is parked here at
+/// once, without a task that would only park it at the next sweep; bytes that came
+/// meanwhile wait in its socket and take it up at once.
 pub(crate) fn resume(
     shared: &Arc<Shared>,
     moved: ConnectionRecord,
     sockets: Moved,
-) -> io::Result<()> {
+) -> io::Result<Resumed> {
     let generation = shared.generation();
     let slot = shared.stats.route_slot(&moved.route);
     let route = generation
@@ -138,7 +148,7 @@ pub(crate) fn resume(
             moves,
             ..
         } = sockets;
-        park_or_take_up(
+        let parked = park_or_take_up(
             shared,
             Box::new(Parked {
                 record,
@@ -149,7 +159,11 @@ pub(crate) fn resume(
                 admissions: Admissions::default(),
             }),
         );
-        return Ok(());
+        return Ok(if parked {
+            Resumed::Parked
+        } else {
+            Resumed::Running
+        });
     }
     let runtime = shared.runtimes.place(None);
     let relay = relay_on(
@@ -170,13 +184,15 @@ pub(crate) fn resume(
         admissions,
         span,
     );
-    Ok(())
+    Ok(Resumed::Running)
 }
 
 /// Takes a parked connection up again in a task of its own, from where it stopped; while
-/// an upgrade takes connections over, hands it to the successor as it is instead.
+/// an upgrade takes connections over, hands it to the successor as it is instead, unless
+/// the proxy started to stop (the task sees to the stop first, as every connection's does).
 pub(crate) fn take_up(shared: &Arc<Shared>, parked: Parked) {
-    let parked = match handoff_requested(shared) {
+    let handoff = handoff_requested(shared).filter(|_| *shared.stop.borrow() == Stop::Running);
+    let parked = match handoff {
         Some(handoff) => match hand_off_parked(shared, parked, handoff) {
             Ok(()) => return,
             Err(parked) => *parked,
@@ -832,13 +848,21 @@ fn park(
 
 /// Parks `parked`; should the lot refuse (the proxy started to stop meanwhile, parking is
 /// off, or the sockets cannot be watched), a new task takes the connection up at once.
-fn park_or_take_up(shared: &Arc<Shared>, parked: Box<Parked>) {
+/// Returns whether it parked.
+fn park_or_take_up(shared: &Arc<Shared>, parked: Box<Parked>) -> bool {
     let Some(parking) = &shared.parking else {
-        return take_up(shared, *parked);
+        take_up(shared, *parked);
+        return false;
     };
     match parking.park(parked) {
-        Ok(()) => debug!("parked"),
-        Err(refused) => take_up(shared, *refused),
+        Ok(()) => {
+            debug!("parked");
+            true
+        }
+        Err(refused) => {
+            take_up(shared, *refused);
+            false
+        }
     }
 }
 

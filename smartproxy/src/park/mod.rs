@@ -2,9 +2,10 @@
 //! byte for `[proxy] park_idle_after` (1 s by default), with both directions open and
 //! nothing held, gives its task up: its two sockets go to one epoll instance, its
 //! lifecycle deadline to one ordered set, and its nudge (a stop, an upgrade) to one
-//! queue, all driven by one task ([`run`]). Whichever comes first, a socket to read, the deadline or a nudge, takes the
-//! connection up again on a runtime, where it goes on from where it stopped
-//! (`connection::take_up`). A parked connection keeps its record, its descriptors, its
+//! queue, all driven by one task ([`run`]). Whichever comes first, a socket to read, the
+//! deadline or a nudge, takes the connection up again on a runtime, where it goes on from
+//! where it stopped (`connection::take_up`); during an upgrade's handoff it goes to the
+//! successor from here instead. A parked connection keeps its record, its descriptors, its
 //! lifecycle and its admissions: a few hundred bytes instead of a task, its future and
 //! two reactor registrations (docs/performance.md#idle-connections).
 
@@ -26,6 +27,7 @@ use crate::lifecycle::Lifecycle;
 use crate::limits::Admissions;
 use crate::shared::{Shared, Stop};
 use crate::table::{ConnRecord, ParkState};
+use crate::upgrade::Phase;
 use crate::vocab::DataPathKind;
 
 use epoll::Epoll;
@@ -316,7 +318,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             () = tokio::time::sleep_until(next_sweep), if !stopping => {
                 // Read each time: a reload may change it.
                 let after = shared.generation().config.proxy.park_idle_after;
-                if let Some(after) = after {
+                // During a handoff a connection asked to park would go over instead, out
+                // of its turn (`upgrade/order.rs`).
+                let handing_off = *shared.upgrade.borrow() == Phase::HandingOff;
+                if let (Some(after), false) = (after, handing_off) {
                     let now_ns = monotonic_ns();
                     shared.table.nudge_where(|record| {
                         worth_parking(record, now_ns, after)

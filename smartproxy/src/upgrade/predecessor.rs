@@ -449,8 +449,10 @@ async fn exchange(
         tokio::select! {
             out = outgoing.recv(), if !drained => match out {
                 Some(out) => {
-                    send_connection(socket, &out).await?;
+                    let sent = send_connection(socket, &out).await;
+                    // Kept should the send fail: the failed upgrade resumes it here.
                     pending.insert(out.record.id, out);
+                    sent?;
                 }
                 None => drained = true,
             },

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::message::{ConnectionRecord, Hello, KernelMaps, Message, Stamp, ID_GAP};
 use super::wire::{self, Frame};
 use super::{BINARY_FD_ENV, HANDOFF_FD_ENV, HELLO_TIMEOUT};
-use crate::connection::resume;
+use crate::connection::{resume, Resumed};
 use crate::datapath::relay::Moved;
 use crate::shared::Shared;
 
@@ -224,6 +224,8 @@ pub(crate) async fn take_over(
     )
     .await?;
     let mut connections = 0;
+    // Of those, parked here at once.
+    let mut parked = 0u64;
     // Set once an answer cannot be sent: the predecessor went away (killed, say). The
     // connections it sent before are still queued on the socket, their descriptors with
     // them: they are taken until the end of the stream, not left there.
@@ -248,7 +250,9 @@ pub(crate) async fn take_over(
                 // still get ids of their own.
                 shared.table.continue_ids(id);
                 let moved = moved(&record, frame.tail, frame.fds)?;
-                resume(shared, *record, moved)?;
+                if resume(shared, *record, moved)? == Resumed::Parked {
+                    parked += 1;
+                }
                 connections += 1;
                 if gone.is_none() {
                     if let Err(e) = wire::send(&socket, &Message::Taken { id }, &[], &[]).await {
@@ -275,6 +279,7 @@ pub(crate) async fn take_over(
                 info!(
                     predecessor,
                     connections,
+                    parked,
                     staying_there = staying,
                     "upgrade: took over"
                 );

@@ -462,7 +462,9 @@ impl Kernel {
     /// reader, which starts at the consumer position this one left, is the only one.
     /// Events written meanwhile wait in the ring buffer (or are counted lost if it fills).
     /// Splices stay registered; [`Kernel::start_events`] resumes if the upgrade fails.
-    /// Does nothing if the reader is not running.
+    /// Every splice's relay is woken: from now on nothing tells it of a FIN or of bytes
+    /// passed up, so it watches its sockets for reads again, whether or not the upgrade
+    /// asks it to move yet. Does nothing if the reader is not running.
     pub async fn pause_events(&self) -> Result<(), EbpfError> {
         let (task, pause) = {
             let mut reader = lock(&self.inner.reader);
@@ -479,6 +481,7 @@ impl Kernel {
         let _ = pause.send(());
         let result = task.await;
         *lock(&self.inner.reader) = Reader::Idle;
+        self.inner.registry.wake_all();
         result.map_err(EbpfError::EventsPause)
     }
 
