@@ -1110,50 +1110,6 @@ mod tests {
         assert_eq!(&received, b"hello");
     }
 
-    /// An upgrade pauses the event reader before it asks the connections to move, and asks
-    /// the quiet ones last (`upgrade/order.rs`): a spliced relay that stopped watching its
-    /// sockets while events were read must watch them again at the pause, or a FIN coming
-    /// meanwhile would go unseen until its turn.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_relay_waiting_when_events_pause_sees_the_fin() {
-        use std::io::{Read, Write};
-        use std::net::Shutdown;
-        use std::time::Duration;
-
-        use crate::datapath::kernel::tests::{load_or_skip, small};
-
-        let Some(kernel) = load_or_skip(small(), None) else {
-            return;
-        };
-        kernel.start_events().expect("event reader");
-        let [mut app_client, proxy_client, proxy_backend, mut app_backend] = proxied_pair();
-        let mut relay = spliced_relay(&kernel, proxy_client, proxy_backend);
-        let waiting = tokio::spawn(async move { relay.next_event().await });
-        // The relay finds both sockets empty and, with events read, stops watching them.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!waiting.is_finished(), "nothing to report yet");
-        kernel.pause_events().await.expect("pause the reader");
-
-        app_client.write_all(b"hello").expect("client writes");
-        app_client.shutdown(Shutdown::Write).expect("client FIN");
-        let report = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("the client's FIN reached the relay")
-            .expect("the relay's task");
-        assert!(
-            matches!(report, Report::Event(Event::Eof(Side::Client))),
-            "{report:?}"
-        );
-        app_backend
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("read timeout");
-        let mut received = [0u8; 5];
-        app_backend
-            .read_exact(&mut received)
-            .expect("the backend gets the bytes");
-        assert_eq!(&received, b"hello");
-    }
-
     /// Reads on the relay double while they fill their buffer, up to a megabyte, fall back
     /// to 64 KiB after a short read, and after a wait for the destination, which also
     /// gives a larger buffer back; a read above 256 KiB takes no more than the

@@ -80,14 +80,6 @@ impl EventQueue {
         }
     }
 
-    /// Wakes whoever waits for an event, without one.
-    fn wake(&self) {
-        let waker = lock(&self.0).waker.take();
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-    }
-
     pub(super) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<SpliceEvent>> {
         let mut state = lock(&self.0);
         if let Some(change) = state.changes.pop_front() {
@@ -166,14 +158,6 @@ impl SpliceRegistry {
                     at_ns: event.timestamp_ns,
                 })
             });
-        }
-    }
-
-    /// Wakes every splice's relay without an event: the reader paused, and each must look
-    /// again at which of its sockets it watches (`Offload::watches_reads`).
-    pub(super) fn wake_all(&self) {
-        for registration in lock(&self.by_cookie).values() {
-            registration.events.wake();
         }
     }
 
