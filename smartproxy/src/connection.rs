@@ -199,23 +199,17 @@ pub(crate) fn take_up(shared: &Arc<Shared>, parked: Parked) {
         },
         None => parked,
     };
-    let Parked {
-        record,
-        client,
-        backend,
-        lifecycle,
-        moves,
-        admissions,
-    } = parked;
     let runtime = shared.runtimes.place(None);
     // A failed registration closes the descriptors it was given (tokio's `from_std`);
     // these keep both sockets until the relay holds them, so that a failure resets them:
     // a FIN would tell the backend that a stream cut short had ended. Without them (no
     // descriptor to spare) the take-up goes ahead all the same.
-    let kept = client
+    let kept = parked
+        .client
         .try_clone()
-        .and_then(|c| Ok([c, backend.try_clone()?]));
-    let sockets = Moved::quiet(client, backend, moves);
+        .and_then(|c| Ok([c, parked.backend.try_clone()?]));
+    let moves = parked.moves;
+    let (sockets, record, lifecycle, admissions) = parked.into_quiet();
     let relay = relay_on(shared, runtime, sockets, Arc::clone(&record.meter), moves);
     #[cfg(feature = "test-hooks")]
     let relay = relay.and_then(test_hooks::take_up);
@@ -700,16 +694,8 @@ fn hand_off_parked(
     let Some(placed) = Placed::of(shared, &parked.record) else {
         return Err(Box::new(parked));
     };
-    let Parked {
-        record,
-        client,
-        backend,
-        lifecycle,
-        moves,
-        admissions,
-    } = parked;
+    let (moved, record, lifecycle, admissions) = parked.into_quiet();
     drop(admissions);
-    let moved = Moved::quiet(client, backend, moves);
     send_over(shared, placed.outgoing(&record, &lifecycle, moved), handoff);
     debug!(
         id = record.id,

@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::datapath::clock::monotonic_ns;
+use crate::datapath::relay::Moved;
 use crate::error_chain;
 use crate::lifecycle::Lifecycle;
 use crate::limits::Admissions;
@@ -55,6 +56,22 @@ pub(crate) struct Parked {
     /// On the adaptive path: the moves made so far.
     pub(crate) moves: Option<u32>,
     pub(crate) admissions: Admissions,
+}
+
+impl Parked {
+    /// Its sockets as those of a relay that holds nothing, and the rest of it.
+    pub(crate) fn into_quiet(self) -> (Moved, Arc<ConnRecord>, Lifecycle, Admissions) {
+        let Parked {
+            record,
+            client,
+            backend,
+            lifecycle,
+            moves,
+            admissions,
+        } = self;
+        let sockets = Moved::quiet(client, backend, moves);
+        (sockets, record, lifecycle, admissions)
+    }
 }
 
 /// The parked connections, and when each must wake for its lifecycle.
