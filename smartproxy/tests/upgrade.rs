@@ -456,6 +456,19 @@ fn parked_at_takeover(log: &str) -> Option<u64> {
         .ok()
 }
 
+/// [`parked_at_takeover`] once the successor logged it: it does so after sending its
+/// confirmation, which the upgrade command may report first.
+fn parked_at_takeover_of(proxy: &ProxyProcess) -> Option<u64> {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let parked = parked_at_takeover(&proxy.log());
+        if parked.is_some() || Instant::now() >= until {
+            return parked;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn closed(stats: &Value, reason: &str) -> u64 {
     count(&stats["closed"][reason], reason)
 }
@@ -660,7 +673,7 @@ fn under_load_keeps_every_connection(path: &str) {
         if path == "userspace" && n == 1 {
             // Not taken up and parked again at a later sweep: its log counts them.
             assert_eq!(
-                parked_at_takeover(&proxy.log()),
+                parked_at_takeover_of(&proxy),
                 Some(parkable),
                 "upgrade 1: the successor parks the idle connections at once"
             );

@@ -8,9 +8,9 @@
 //! The TLS tests run `openssl s_client` and `curl` as real clients: they are installed with
 //! apt-get first if they do not run (and the output says so).
 //!
-//! With `CI` set (a clean clone, built once) the build is not incremental
-//! (`CARGO_INCREMENTAL=0` unless set otherwise): incremental caches would add about a
-//! gigabyte to the 2.6 GB a build of the suite from nothing takes under `target/`.
+//! With `CI` set (not to "", "0" or "false": a clean clone, built once) the build is not
+//! incremental (`CARGO_INCREMENTAL=0` unless set otherwise): incremental caches would add
+//! about a gigabyte to the 2.6 GB a build of the suite from nothing takes under `target/`.
 //! Elsewhere they stay, as switching them off or on rebuilds the workspace's crates. Less
 //! free space than a build takes is said before it starts, not found out as a failed link
 //! halfway through.
@@ -46,7 +46,8 @@ pub fn run(opts: Options) -> Result<ExitCode> {
     warn_if_short_of_disk();
     let cargo = crate::run::cargo();
     let mut cmd = Command::new(cargo);
-    if std::env::var_os("CI").is_some() && std::env::var_os("CARGO_INCREMENTAL").is_none() {
+    let ci = std::env::var("CI").is_ok_and(|ci| !matches!(ci.as_str(), "" | "0" | "false"));
+    if ci && std::env::var_os("CARGO_INCREMENTAL").is_none() {
         cmd.env("CARGO_INCREMENTAL", "0");
     }
     cmd.current_dir(workspace_root())
@@ -80,9 +81,10 @@ const SUITE_BUILD_BYTES: u64 = 4 << 30;
 /// Says so when the file system of `target/` has less free than a build from nothing
 /// takes. Only a warning: a `target/` that holds most of the build needs far less.
 fn warn_if_short_of_disk() {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
+    // Relative to where cargo runs (an absolute one replaces the root when joined).
+    let target = workspace_root().join(
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from),
+    );
     // Before the first build there is no target/ yet: its parent's file system counts.
     let existing = target.ancestors().find(|dir| dir.exists());
     let Some(free) = existing.and_then(free_bytes) else {

@@ -4,8 +4,8 @@
 //! waits about a second. An idle connection does not notice; a stream does. So the
 //! connections that moved a byte within [`BUSY_WITHIN`] are asked first, when nothing is
 //! ahead of them, and the quiet ones (parked ones among them) once the busy ones have gone
-//! over and the successor took every one. Meanwhile the quiet ones wait here (one that
-//! wakes goes over at once, and nothing is asked to park)
+//! over and the successor took every one. Meanwhile the quiet ones wait here: one that
+//! wakes goes over at once, and nothing is asked to park
 //! (docs/upgrade.md#the-order-connections-go-over-in).
 
 use std::sync::atomic::Ordering;

@@ -2,6 +2,7 @@
 //! and takes back whatever the successor did not take should it fail.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
@@ -202,13 +203,21 @@ async fn hand_over(
         Err(e) => {
             // The successor may run on, holding what it took: a second proxy would share
             // the listeners. It ends here.
-            if let Err(kill) = child.start_kill() {
-                warn!(error = %kill, "upgrade: cannot stop the successor");
-            }
-            let _ = child.wait().await;
+            stop_successor(&mut child).await;
             Err(e)
         }
     }
+}
+
+/// Kills the successor unless it has exited, and reaps it.
+async fn stop_successor(child: &mut Child) {
+    // None once reaped: it exited, or an earlier call stopped it.
+    if child.id().is_some() {
+        if let Err(kill) = child.start_kill() {
+            warn!(error = %kill, "upgrade: cannot stop the successor");
+        }
+    }
+    let _ = child.wait().await;
 }
 
 /// Starts the successor with its end of the socket pair and its binary open.
@@ -387,6 +396,9 @@ async fn move_connections(
     // No connection is handed to the handoff from now on; those on their way stay here.
     shared.lock_handoff().take();
     if result.is_err() {
+        // It may drive connections whose `Taken` is still unread here: it stops before
+        // they run here again, or two processes would read their sockets.
+        stop_successor(child).await;
         let mut back = 0;
         // Ends once no task holds a sender: none keeps one across an await.
         while let Some(out) = outgoing.recv().await {
@@ -441,18 +453,18 @@ async fn exchange(
                 next_id: shared.table.next_id(),
                 staying,
             };
-            wire::send(socket, &message, &[], &[])
-                .await
+            within_answer_timeout(wire::send(socket, &message, &[], &[]))
+                .await?
                 .map_err(handoff("sending the end of the handoff"))?;
             done_sent = true;
         }
         tokio::select! {
             out = outgoing.recv(), if !drained => match out {
                 Some(out) => {
-                    let sent = send_connection(socket, &out).await;
+                    let sent = within_answer_timeout(send_connection(socket, &out)).await;
                     // Kept should the send fail: the failed upgrade resumes it here.
                     pending.insert(out.record.id, out);
-                    sent?;
+                    sent??;
                 }
                 None => drained = true,
             },
@@ -494,6 +506,14 @@ struct Queues<'a> {
     outgoing: &'a mut mpsc::UnboundedReceiver<Outgoing>,
     pending: &'a mut HashMap<u64, Outgoing>,
     order: &'a mut Order,
+}
+
+/// `send` unless it takes longer than [`ANSWER_TIMEOUT`]: a successor that stops reading
+/// without closing its socket would hold the exchange, whose other checks wait meanwhile.
+async fn within_answer_timeout<T>(send: impl Future<Output = T>) -> Result<T, UpgradeError> {
+    tokio::time::timeout(ANSWER_TIMEOUT, send)
+        .await
+        .map_err(|_| UpgradeError::Timeout(ANSWER_TIMEOUT))
 }
 
 async fn send_connection(socket: &UnixStream, out: &Outgoing) -> Result<(), UpgradeError> {
