@@ -102,7 +102,7 @@ enum Ended {
     Parked,
 }
 
-/// Where a connection [`resume`] took over went.
+/// Where a connection went that [`resume`] took over or `park_or_take_up` was given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Resumed {
     /// A task of its own drives it.
@@ -148,7 +148,7 @@ pub(crate) fn resume(
             moves,
             ..
         } = sockets;
-        let parked = park_or_take_up(
+        return Ok(park_or_take_up(
             shared,
             Box::new(Parked {
                 record,
@@ -158,12 +158,7 @@ pub(crate) fn resume(
                 moves,
                 admissions: Admissions::default(),
             }),
-        );
-        return Ok(if parked {
-            Resumed::Parked
-        } else {
-            Resumed::Running
-        });
+        ));
     }
     let runtime = shared.runtimes.place(None);
     let relay = relay_on(
@@ -834,20 +829,20 @@ fn park(
 
 /// Parks `parked`; should the lot refuse (the proxy started to stop meanwhile, parking is
 /// off, or the sockets cannot be watched), a new task takes the connection up at once.
-/// Returns whether it parked.
-fn park_or_take_up(shared: &Arc<Shared>, parked: Box<Parked>) -> bool {
+/// Says which.
+fn park_or_take_up(shared: &Arc<Shared>, parked: Box<Parked>) -> Resumed {
     let Some(parking) = &shared.parking else {
         take_up(shared, *parked);
-        return false;
+        return Resumed::Running;
     };
     match parking.park(parked) {
         Ok(()) => {
             debug!("parked");
-            true
+            Resumed::Parked
         }
         Err(refused) => {
             take_up(shared, *refused);
-            false
+            Resumed::Running
         }
     }
 }

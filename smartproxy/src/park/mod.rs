@@ -338,7 +338,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 // During a handoff a connection asked to park would go over instead, out
                 // of its turn (`upgrade/order.rs`).
                 let handing_off = *shared.upgrade.borrow() == Phase::HandingOff;
-                if let (Some(after), false) = (after, handing_off) {
+                if let Some(after) = after.filter(|_| !handing_off) {
                     let now_ns = monotonic_ns();
                     shared.table.nudge_where(|record| {
                         worth_parking(record, now_ns, after)
