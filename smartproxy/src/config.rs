@@ -75,8 +75,8 @@ pub struct ProxyConfig {
     pub ebpf_pin_root: PathBuf,
     /// `data_path = "auto"`: when a connection moves between the relay and the kernel.
     pub auto: AutoConfig,
-    /// How long a connection on the relay moves no byte before it is parked without a
-    /// task (`park`); `None` (`"0s"` in the file): never. At least [`MIN_PARK_IDLE_AFTER`].
+    /// How long a connection moves no byte (through the kernel either) before it is
+    /// parked without a task (`park`); `None` (`"0s"` in the file): never. At least [`MIN_PARK_IDLE_AFTER`].
     pub park_idle_after: Option<Duration>,
 }
 

@@ -21,8 +21,8 @@ use crate::backend::{connect, keepalive, KnownKeepalive};
 use crate::conn_error::{ConnError, Step};
 use crate::datapath::adaptive::Place;
 use crate::datapath::clock::{instant_of, monotonic_ns, ns_of};
-use crate::datapath::kernel::SpliceError;
-use crate::datapath::relay::Moved;
+use crate::datapath::kernel::{Kernel, SpliceError};
+use crate::datapath::relay::{Moved, Resting};
 use crate::datapath::{Meter, Peer, Relay, Report};
 use crate::error_chain;
 use crate::generation::{Generation, Placement};
@@ -112,10 +112,11 @@ pub(crate) enum Resumed {
 }
 
 /// Drives a connection a predecessor process handed over (or an upgrade that failed gave
-/// back) from where it was: same id, counters, lifecycle state and timers. One whose meter
-/// says it was quiet for `park_idle_after` (most were parked there) is parked here at
-/// once, without a task that would only park it at the next sweep; bytes that came
-/// meanwhile wait in its socket and take it up at once.
+/// back) from where it was: same id, counters, lifecycle state and timers. One on the
+/// relay whose meter says it was quiet for `park_idle_after` (most were parked there) is
+/// parked here at once, without a task that would only park it at the next sweep; bytes
+/// that came meanwhile wait in its socket and take it up at once. A spliced one gets a
+/// task: this process reads the splices' events only once it adopted them all.
 pub(crate) fn resume(
     shared: &Arc<Shared>,
     moved: ConnectionRecord,
@@ -148,12 +149,16 @@ pub(crate) fn resume(
             moves,
             ..
         } = sockets;
+        let sockets = Resting {
+            offload: None,
+            client,
+            backend,
+        };
         return Ok(park_or_take_up(
             shared,
             Box::new(Parked {
                 record,
-                client,
-                backend,
+                sockets,
                 lifecycle,
                 moves,
                 admissions: Admissions::default(),
@@ -161,13 +166,10 @@ pub(crate) fn resume(
         ));
     }
     let runtime = shared.runtimes.place(None);
-    let relay = relay_on(
-        shared,
-        runtime,
-        sockets,
-        Arc::clone(&record.meter),
-        moved.moves,
-    )
+    let meter = Arc::clone(&record.meter);
+    let relay = relay_on(shared, runtime, moved.moves, |kernel| {
+        Relay::from_moved(sockets, meter, kernel)
+    })
     .inspect_err(|_| shared.table.remove(record.id))?;
     let span = info_span!("conn", id = record.id, client = %record.client(), moved = true);
     let admissions = Admissions::default();
@@ -200,12 +202,21 @@ pub(crate) fn take_up(shared: &Arc<Shared>, parked: Parked) {
     // a FIN would tell the backend that a stream cut short had ended. Without them (no
     // descriptor to spare) the take-up goes ahead all the same.
     let kept = parked
+        .sockets
         .client
         .try_clone()
-        .and_then(|c| Ok([c, parked.backend.try_clone()?]));
-    let moves = parked.moves;
-    let (sockets, record, lifecycle, admissions) = parked.into_quiet();
-    let relay = relay_on(shared, runtime, sockets, Arc::clone(&record.meter), moves);
+        .and_then(|c| Ok([c, parked.sockets.backend.try_clone()?]));
+    let Parked {
+        record,
+        sockets,
+        lifecycle,
+        moves,
+        admissions,
+    } = parked;
+    let meter = Arc::clone(&record.meter);
+    let relay = relay_on(shared, runtime, moves, |_| {
+        Relay::from_resting(sockets, meter)
+    });
     #[cfg(feature = "test-hooks")]
     let relay = relay.and_then(test_hooks::take_up);
     let relay = match relay {
@@ -238,18 +249,18 @@ pub(crate) fn take_up(shared: &Arc<Shared>, parked: Parked) {
     );
 }
 
-/// The relay of a connection that comes back (from a predecessor, or parked), registered
-/// with `runtime`; on the adaptive path again if it was (`moves`: those it made).
+/// The relay of a connection that comes back (from a predecessor, or parked), as `build`
+/// makes it from this process's kernel path, registered with `runtime`; on the adaptive
+/// path again if it was (`moves`: those it made).
 fn relay_on(
     shared: &Shared,
     runtime: &Handle,
-    sockets: Moved,
-    meter: Arc<Meter>,
     moves: Option<u32>,
+    build: impl FnOnce(Option<&Kernel>) -> io::Result<Relay>,
 ) -> io::Result<Relay> {
     let mut relay = {
         let _registers_with = runtime.enter();
-        Relay::from_moved(sockets, meter, shared.kernel.as_ref())?
+        build(shared.kernel.as_ref())?
     };
     if let (Some(moves), Some(kernel)) = (moves, &shared.kernel) {
         relay.adapt(kernel, shared.generation().config.proxy.auto, moves);
@@ -620,6 +631,8 @@ fn drive<'a>(
                             }
                         }
                     } else {
+                        // A splice whose events stopped cannot park any more.
+                        rule_out_parking(&relay, record);
                         continue;
                     }
                 }
@@ -689,7 +702,7 @@ fn hand_off_parked(
     let Some(placed) = Placed::of(shared, &parked.record) else {
         return Err(Box::new(parked));
     };
-    let (moved, record, lifecycle, admissions) = parked.into_quiet();
+    let (moved, record, lifecycle, admissions) = parked.into_moved();
     drop(admissions);
     send_over(shared, placed.outgoing(&record, &lifecycle, moved), handoff);
     debug!(
@@ -764,18 +777,17 @@ fn send_over(shared: &Arc<Shared>, outgoing: Outgoing, handoff: mpsc::UnboundedS
     }
 }
 
-/// Once a connection can never park (TLS this proxy holds, or spliced: the offload stays
-/// until the close), the sweep leaves it alone.
+/// Once a connection can never park ([`Relay::may_ever_park`]), the sweep leaves it alone.
 fn rule_out_parking(relay: &Relay, record: &ConnRecord) {
     if !relay.may_ever_park() {
         record.set_park_state(ParkState::Never);
     }
 }
 
-/// Whether the connection parks now: it may ever park, holds nothing, and
+/// Whether the connection parks now: its relay may ([`Relay::parkable`]), and
 /// [`may_park_now`].
 fn may_park(shared: &Shared, relay: &Relay, lifecycle: &Lifecycle, record: &ConnRecord) -> bool {
-    relay.may_ever_park() && !relay.holds_bytes() && may_park_now(shared, lifecycle, record)
+    relay.parkable() && may_park_now(shared, lifecycle, record)
 }
 
 /// Whether a connection that may park and holds nothing parks now: parking on, quiet for
@@ -806,8 +818,8 @@ fn park(
         return Err(Box::new((relay, lifecycle)));
     }
     let moves = relay.moves();
-    let moved = match relay.into_moved() {
-        Ok(moved) => moved,
+    let sockets = match relay.into_resting() {
+        Ok(sockets) => sockets,
         Err(failed) => {
             let (relay, e) = *failed;
             debug!(error = %e, "cannot park; it keeps its task");
@@ -817,8 +829,7 @@ fn park(
     };
     let parked = Box::new(Parked {
         record: Arc::clone(record),
-        client: moved.client,
-        backend: moved.backend,
+        sockets,
         lifecycle,
         moves,
         admissions: std::mem::take(admissions),

@@ -21,7 +21,7 @@ pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod nudge;
-pub(crate) mod park;
+pub mod park;
 pub mod privileges;
 pub mod process;
 pub mod proxy;

@@ -55,7 +55,8 @@ pub enum ParkState {
     /// such a nudge parks a connection, so that one just taken up reads what woke it first.
     Asked,
     Parked,
-    /// In a task of its own until it closes (TLS this proxy holds, or spliced).
+    /// In a task of its own until it closes (TLS this proxy holds, a splice whose events
+    /// stopped, or a connection whose handoff failed).
     Never,
 }
 
@@ -217,13 +218,7 @@ impl ConnTable {
     /// Nudges every live connection: the stop stage or the upgrade changed. A connection
     /// recorded after this looks at them when it starts to wait.
     pub fn nudge_all(&self) {
-        self.nudge_where(|_| true);
-    }
-
-    /// Nudges the live connections `select` picks, under the table's lock: `select` must
-    /// be quick (it may also change the record, as the park sweep's does).
-    pub fn nudge_where(&self, select: impl Fn(&ConnRecord) -> bool) {
-        for record in self.lock().values().filter(|record| select(record)) {
+        for record in self.lock().values() {
             record.nudge.raise();
         }
     }

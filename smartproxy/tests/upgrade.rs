@@ -13,8 +13,9 @@
 //! original deadline although upgrades happened in the middle of it, stats totals and
 //! closure counts carried over exactly, and on the kernel path the connections stayed
 //! spliced and the kernel maps hold exactly two entries per live connection once every
-//! old process is gone. On userspace the idle connections are parked (without a task)
-//! when the first upgrade starts.
+//! old process is gone. On every path the idle connections are parked (without a task)
+//! when the first upgrade starts: spliced ones go over from the parking lot with their
+//! splice.
 //!
 //! The successor of an upgrade is started by the proxy, not by this test: the test makes
 //! itself a child subreaper so that every old process, once orphaned, is its child (exit
@@ -606,15 +607,13 @@ fn under_load_keeps_every_connection(path: &str) {
         "no other connection yet: {before}"
     );
 
-    // On the relay the idle connections park before the first upgrade, which hands them
-    // over from the parking lot (`connection::take_up`), and the successor parks them at
-    // once (`connection::resume`).
+    // The idle connections park before the first upgrade, which hands them over from the
+    // parking lot (`connection::take_up`); on the relay the successor parks them at once
+    // (`connection::resume`), spliced ones at its first sweep after it adopted them all.
     let parkable = idle.len() as u64;
-    if path == "userspace" {
-        wait_until("the idle connections park", || {
-            stats_of(&proxy)["connections"]["parked"] == parkable
-        });
-    }
+    wait_until("the idle connections park", || {
+        stats_of(&proxy)["connections"]["parked"] == parkable
+    });
 
     // The echo clients, during all the upgrades.
     let stop_probe = Arc::new(AtomicBool::new(false));
@@ -760,6 +759,12 @@ fn under_load_keeps_every_connection(path: &str) {
         in_middle >= 1,
         "an upgrade between 1 s and 5 s of the short connection: {in_middle}"
     );
+
+    // The last successor parks the idle connections too (on the relay at once, spliced
+    // ones once its event reader runs).
+    wait_until("the idle connections park in the last successor", || {
+        stats_of(&proxy)["connections"]["parked"] == parkable
+    });
 
     // The last proxy: totals carried over, one connection per record, the kernel maps
     // hold what its live connections need and nothing the old processes left.

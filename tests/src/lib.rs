@@ -485,6 +485,24 @@ pub async fn write_chunked(
     Ok(())
 }
 
+/// Sends `bytes` to an echo while reading the echo back (a stream each way at once),
+/// checks what came back, and gives the stream back, open both ways.
+pub async fn echo_stream(client: TcpStream, bytes: &[u8]) -> TcpStream {
+    let (mut read, mut write) = client.into_split();
+    let mut echoed = vec![0u8; bytes.len()];
+    let (sent, got) = within("the stream echoed", async {
+        tokio::join!(
+            write_chunked(&mut write, bytes),
+            read.read_exact(&mut echoed)
+        )
+    })
+    .await;
+    sent.expect("client streams");
+    got.expect("client reads the echo");
+    assert!(echoed == bytes, "the echo differs from what was sent");
+    read.reunite(write).expect("the halves of one stream")
+}
+
 /// Connects to `addr` from the loopback address `source` (any port).
 pub async fn try_connect_from(source: &str, addr: SocketAddr) -> io::Result<TcpStream> {
     let ip: std::net::IpAddr = source.parse().expect("a source address");

@@ -1,12 +1,16 @@
-//! Idle connections parked without a task (`smartproxy/src/park/mod.rs`): a connection on
-//! the relay that moves nothing for `park_idle_after` gives its task up, and whatever
-//! comes next takes it up again where it stopped:
-//! - on every frontend, one connection through its whole life: it parks (on the relay) or
-//!   never does (spliced, or TLS the proxy terminates); the client's bytes wake it, then
-//!   the backend's (sent only once it is parked again), then the client's FIN, and it
-//!   closes `normal` with every byte delivered (the kernel variant moved bytes each way);
-//! - a backend's RST while parked reaches the client, reason `backend_reset`;
-//! - on `auto`, a parked connection still moves into the kernel when a flood comes;
+//! Idle connections parked without a task (`smartproxy/src/park/mod.rs`): a connection
+//! that moves nothing for `park_idle_after` gives its task up, and whatever comes next
+//! takes it up again where it stopped:
+//! - on every frontend, one connection through its whole life: it parks (plain TCP, on
+//!   the relay or spliced) or never does (TLS the proxy terminates); the client's bytes
+//!   wake it on the relay, then the backend's (sent only once it is parked again), then
+//!   the client's FIN, and it closes `normal` with every byte delivered. Spliced, the
+//!   kernel moves the bytes each way while it stays parked, and the FIN's event takes it
+//!   up;
+//! - a backend's RST while parked reaches the client, reason `backend_reset`, on each
+//!   data path;
+//! - on `auto`, a parked connection still moves into the kernel when a flood comes, and
+//!   one that left the kernel for pass mode parks there and its next bytes take it up;
 //! - a parked connection's inactivity timeout still closes it on time;
 //! - a shutdown takes parked connections up: each drains and closes `shutdown`;
 //! - `park_idle_after = "0s"` parks nothing, and a reload that sets a delay parks.
@@ -24,6 +28,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+/// `auto` knobs that splice at 1 MiB/s within 50 ms, far below what a flood reaches
+/// whatever the build, and leave the kernel below 256 KiB/s, as soon as a flood ends.
+const AUTO_FLOOD_KNOBS: &str =
+    "auto_splice_rate = 1048576\nauto_leave_rate = 262144\nauto_window = \"50ms\"";
+
 /// `[proxy]` lines that park a connection quiet for 200 ms.
 const PARK_SOON: &str = "park_idle_after = \"200ms\"\n\n";
 
@@ -34,9 +43,10 @@ const PARKED_BY: Duration = Duration::from_millis(1000);
 /// Longer than the default park delay (1 s) plus its sweep (0.5 s).
 const PARKED_BY_DEFAULT: Duration = Duration::from_millis(2500);
 
-/// Whether connections on `front` park: plain TCP on the relay only.
+/// Whether connections on `front` park: plain TCP, on any data path (on `auto` the
+/// harness's connections splice with no move left, so they have no window to measure).
 fn parks(front: &Frontend) -> bool {
-    matches!(front, Frontend::Plain(DataPathMode::Userspace))
+    matches!(front, Frontend::Plain(_))
 }
 
 /// Waits until the proxy's one connection is parked, or, where connections never park,
@@ -78,12 +88,20 @@ async fn an_idle_connection_parks_and_either_side_takes_it_up() {
         let (proxy, mut client) = Spliced::start(&front, PARK_SOON, backend).await;
         settle(&proxy, parks).await;
 
-        // The client's bytes wake it.
+        // The client's bytes wake it; spliced, the kernel moves them both ways while it
+        // stays parked.
         round_trip(&mut client, b"ping").await;
+        if splices(front.data_path()) && parks {
+            assert_eq!(
+                proxy.stats().connections.parked,
+                1,
+                "a spliced connection was taken up for bytes the kernel moved"
+            );
+        }
         settle(&proxy, parks).await;
 
-        // The backend's, sent only once it parked again: after the client's `push` took
-        // it up and reached the backend.
+        // The backend's, sent only once it parked again: after the client's `push`
+        // reached the backend (taking it up on the relay; spliced, the kernel moved it).
         client.write_all(b"push").await.expect("client sends push");
         within("the backend reads push", got.notified()).await;
         settle(&proxy, parks).await;
@@ -110,19 +128,22 @@ async fn an_idle_connection_parks_and_either_side_takes_it_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_reset_while_parked_reaches_the_client() {
-    init_tracing();
-    let go = Arc::new(Notify::new());
-    let backend = Backend::greeted_with(Arc::clone(&go), |stream, go: Arc<Notify>| async move {
-        go.notified().await;
-        reset(stream);
+    for_each_data_path(|mode| async move {
+        let go = Arc::new(Notify::new());
+        let backend =
+            Backend::greeted_with(Arc::clone(&go), |stream, go: Arc<Notify>| async move {
+                go.notified().await;
+                reset(stream);
+            })
+            .await;
+        let front = Frontend::Plain(mode);
+        let (proxy, mut client) = Spliced::start(&front, PARK_SOON, backend).await;
+        settle(&proxy, true).await;
+        go.notify_one();
+        expect_reset(&mut client).await;
+        proxy.finish_closed(Reason::BackendReset, &[]).await;
     })
     .await;
-    let front = Frontend::Plain(DataPathMode::Userspace);
-    let (proxy, mut client) = Spliced::start(&front, PARK_SOON, backend).await;
-    settle(&proxy, true).await;
-    go.notify_one();
-    expect_reset(&mut client).await;
-    proxy.finish_closed(Reason::BackendReset, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,9 +153,8 @@ async fn a_parked_connection_on_auto_still_moves_into_the_kernel() {
     }
     init_tracing();
     let backend = Backend::spawn(echo).await;
-    // A splice at 1 MiB/s within 50 ms: far below what a flood reaches, whatever the build.
-    let knobs = "auto_splice_rate = 1048576\nauto_leave_rate = 262144\nauto_window = \"50ms\"";
-    let mut proxy = TestProxy::start_auto(knobs, &plain_route("parked", backend.addr, "")).await;
+    let route = plain_route("parked", backend.addr, "");
+    let mut proxy = TestProxy::start_auto(AUTO_FLOOD_KNOBS, &route).await;
     let mut client = connect(proxy.addr("parked")).await;
     round_trip(&mut client, b"ping").await;
     proxy.wait_parked(1).await;
@@ -158,6 +178,86 @@ async fn a_parked_connection_on_auto_still_moves_into_the_kernel() {
         proxy.stats().ebpf.moves_to_kernel >= 1,
         "a taken-up connection never moved into the kernel"
     );
+    proxy.expect_closed(Reason::Normal).await;
+    backend.join().await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_splice_whose_reader_falls_behind_is_taken_up() {
+    if !ebpf_loads("a parked splice that passes bytes up") {
+        return;
+    }
+    init_tracing();
+    let go = Arc::new(Notify::new());
+    let payload = Arc::new(pattern(8 << 20, 5));
+    let backend = Backend::greeted_with(
+        (Arc::clone(&go), Arc::clone(&payload)),
+        |mut stream, (go, payload): (Arc<Notify>, Arc<Vec<u8>>)| async move {
+            go.notified().await;
+            write_chunked(&mut stream, &payload)
+                .await
+                .expect("backend sends");
+            stream.shutdown().await.expect("backend FIN");
+            expect_eof(&mut stream, "the backend reads to EOF").await;
+        },
+    )
+    .await;
+    // The smallest cap: the kernel passes the backend's bytes up soon after the client
+    // stops reading, and only the splice's event can take the connection up for them.
+    let proxy_lines = format!("{PARK_SOON}max_queued_bytes = 65536\n");
+    let front = Frontend::Plain(DataPathMode::Ebpf);
+    let (proxy, client) = Spliced::start(&front, &proxy_lines, backend).await;
+    let mut client = client.into_tcp();
+    proxy.wait_parked(1).await;
+    go.notify_one();
+    wait_for("the bytes passed up to take the connection up", || {
+        proxy.stats().connections.parked == 0
+    })
+    .await;
+    let (len, hash) = within("the backend's bytes", read_to_end_hashed(&mut client))
+        .await
+        .expect("client reads to EOF");
+    assert_eq!(
+        (len, hash),
+        (payload.len(), sha256(&payload)),
+        "what the client read"
+    );
+    client.shutdown().await.expect("client FIN");
+    proxy
+        .finish_closed(Reason::Normal, &[Direction::BackendToClient])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_left_the_kernel_parks_in_pass_mode() {
+    if !ebpf_loads("parking in pass mode") {
+        return;
+    }
+    init_tracing();
+    let backend = Backend::spawn(echo).await;
+    // A flood goes into the kernel, and the quiet after it takes the connection out to
+    // pass mode (a move each).
+    let config = format!("{PARK_SOON}{}", plain_route("pass", backend.addr, ""));
+    let mut proxy = TestProxy::start_auto(AUTO_FLOOD_KNOBS, &config).await;
+    let client = connect(proxy.addr("pass")).await;
+    let mut client = echo_stream(client, &pattern(16 << 20, 11)).await;
+    wait_for("the connection to leave the kernel and park", || {
+        let stats = proxy.stats();
+        stats.ebpf.moves_to_relay >= 1 && stats.connections.parked == 1
+    })
+    .await;
+    assert!(
+        proxy.stats().ebpf.moves_to_kernel >= 1,
+        "the flood never went into the kernel"
+    );
+
+    // In pass mode the verdict hands every byte up: they take the connection up.
+    round_trip(&mut client, b"ping").await;
+    proxy.wait_parked(1).await;
+    round_trip(&mut client, b"pong").await;
+    client.shutdown().await.expect("client FIN");
+    expect_eof(&mut client, "the client reads to EOF").await;
     proxy.expect_closed(Reason::Normal).await;
     backend.join().await;
     proxy.stop().await;

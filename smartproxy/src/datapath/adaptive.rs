@@ -109,6 +109,12 @@ impl Policy {
         self.moved_seen = moved;
     }
 
+    /// In the kernel with a move left: the relay must tick each window to see whether the
+    /// connection should leave ([`Policy::on_tick`]).
+    pub fn measures_kernel(&self) -> bool {
+        self.place == Place::Kernel && self.may_move()
+    }
+
     fn may_move(&self) -> bool {
         self.moves < self.config.max_moves
     }

@@ -11,7 +11,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -118,6 +118,17 @@ impl AsRawFd for SocketFd {
 }
 
 impl SplicedTcp {
+    /// The socket, out of the runtime: the same descriptor, which the splice goes on
+    /// using (a parked connection, `park`).
+    pub fn into_socket(self) -> OwnedFd {
+        let SplicedTcp {
+            readiness, socket, ..
+        } = self;
+        // Deregistered before the socket is handed on.
+        drop(readiness);
+        socket.into()
+    }
+
     fn register(socket: &std::net::TcpStream, watch_reads: bool) -> io::Result<AsyncFd<SocketFd>> {
         let interest = if watch_reads {
             Interest::READABLE | Interest::WRITABLE

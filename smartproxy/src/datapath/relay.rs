@@ -463,6 +463,33 @@ impl Moved {
     }
 }
 
+/// A quiet relay's sockets as the parking lot holds them (`park`): both directions open,
+/// nothing held. A spliced one keeps its splice live, and its descriptors, which the
+/// splice uses: the kernel goes on moving its bytes and the meter counting them.
+#[derive(Debug)]
+pub struct Resting {
+    /// Declared first: the splice is undone before the sockets close.
+    pub offload: Option<Box<Offload>>,
+    pub client: OwnedFd,
+    pub backend: OwnedFd,
+}
+
+impl Resting {
+    /// As it goes to a successor process: a splice is exported (the event reader was
+    /// paused before the handoff began).
+    pub fn into_moved(self, moves: Option<u32>) -> Moved {
+        let Resting {
+            offload,
+            client,
+            backend,
+        } = self;
+        Moved {
+            offload: offload.map(|offload| offload.export()),
+            ..Moved::quiet(client, backend, moves)
+        }
+    }
+}
+
 /// Both directions of one connection.
 #[derive(Debug)]
 pub struct Relay {
@@ -507,10 +534,101 @@ impl Relay {
         !self.client.is_tls() && !self.backend.is_tls()
     }
 
-    /// Whether the connection may ever be parked (`park`): plain TCP on both sides, and
-    /// not spliced (an offload stays until the close).
+    /// Whether the connection may ever be parked (`park`): plain TCP on both sides, and if
+    /// spliced, its events still come (they take a parked splice up).
     pub fn may_ever_park(&self) -> bool {
-        self.movable() && self.offload.is_none()
+        self.movable()
+            && self
+                .offload
+                .as_deref()
+                .is_none_or(|offload| !offload.events_stopped())
+    }
+
+    /// Whether the connection may be parked now (`park`): plain TCP on both sides, nothing
+    /// held, and if spliced, both sockets its own ([`Peer::Spliced`]), the kernel side
+    /// ready to wait ([`Offload::parkable`]), and no window of the adaptive path's to
+    /// measure in the kernel (a parked connection has no tick).
+    pub fn parkable(&self) -> bool {
+        if !self.movable() || self.holds_bytes() {
+            return false;
+        }
+        let Some(offload) = self.offload.as_deref() else {
+            return true;
+        };
+        matches!(
+            (&self.client, &self.backend),
+            (Peer::Spliced(_), Peer::Spliced(_))
+        ) && offload.parkable()
+            && self
+                .adaptive
+                .as_ref()
+                .is_none_or(|adaptive| !adaptive.policy.measures_kernel())
+    }
+
+    /// Takes a quiet relay apart to park it; call it only when [`Relay::parkable`]. A plain
+    /// relay's sockets go as new descriptors ([`Relay::into_moved`]), a spliced one's as
+    /// they are, with the splice. On error nothing changed.
+    pub fn into_resting(self) -> Result<Resting, Box<(Relay, io::Error)>> {
+        if self.offload.is_none() {
+            let moved = self.into_moved()?;
+            return Ok(Resting {
+                offload: None,
+                client: moved.client,
+                backend: moved.backend,
+            });
+        }
+        let Relay {
+            offload,
+            client,
+            backend,
+            halves,
+            meter,
+            first,
+            adaptive,
+        } = self;
+        match (client, backend) {
+            (Peer::Spliced(client), Peer::Spliced(backend)) => Ok(Resting {
+                offload,
+                client: client.into_socket(),
+                backend: backend.into_socket(),
+            }),
+            (client, backend) => {
+                let relay = Relay {
+                    offload,
+                    client,
+                    backend,
+                    halves,
+                    meter,
+                    first,
+                    adaptive,
+                };
+                let e = io::Error::other("a spliced socket is shared with a watch of its own");
+                Err(Box::new((relay, e)))
+            }
+        }
+    }
+
+    /// The relay of a parked connection, on the runtime (see [`Relay::into_resting`]). Not
+    /// on the adaptive path yet ([`Relay::adapt`]). On error a socket may close before the
+    /// splice is undone (its undo goes by socket cookie); `connection::take_up` keeps
+    /// duplicates open where it can, to reset both sides.
+    pub fn from_resting(resting: Resting, meter: Arc<Meter>) -> io::Result<Relay> {
+        let Resting {
+            offload,
+            client,
+            backend,
+        } = resting;
+        let Some(mut offload) = offload else {
+            return Relay::from_moved(Moved::quiet(client, backend, None), meter, None);
+        };
+        let peers = Peer::spliced(client.into())
+            .and_then(|client| Ok((client, Peer::spliced(backend.into())?)));
+        let (client, backend) = peers?;
+        // Registered with reads watched: whatever took it up is read first.
+        offload.watch_reads_again();
+        let mut relay = Relay::new(client, backend, meter);
+        relay.offload = Some(offload);
+        Ok(relay)
     }
 
     /// A byte read and not written yet, in either direction.

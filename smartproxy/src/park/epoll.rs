@@ -13,6 +13,10 @@ use tokio::io::Interest;
 /// registration left behind cannot report again).
 const READY: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32;
 
+/// [`READY`] without bytes to read: a FIN, an RST, an error. A wake-up for bytes (its key
+/// is `EPOLLIN`) does not even wake the instance.
+const CLOSING: u32 = (libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32;
+
 #[derive(Debug)]
 pub(super) struct Epoll(OwnedFd);
 
@@ -36,10 +40,10 @@ impl Epoll {
             .map_err(|e| e.into_parts().1)
     }
 
-    /// Watches `socket`; its readiness reports `token`.
-    pub(super) fn add(&self, socket: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+    /// Watches `socket`, for bytes to read too if `reads`; its readiness reports `token`.
+    pub(super) fn add(&self, socket: BorrowedFd<'_>, token: u64, reads: bool) -> io::Result<()> {
         let mut event = libc::epoll_event {
-            events: READY,
+            events: if reads { READY } else { CLOSING },
             u64: token,
         };
         self.control(libc::EPOLL_CTL_ADD, socket, &mut event)

@@ -1,19 +1,21 @@
-//! Idle connections without a task. A connection on the userspace relay that moved no
-//! byte for `[proxy] park_idle_after` (1 s by default), with both directions open and
-//! nothing held, gives its task up: its two sockets go to one epoll instance, its
+//! Idle connections without a task. A connection that moved no byte for `[proxy]
+//! park_idle_after` (1 s by default; through the kernel either), with both directions open
+//! and nothing held, gives its task up: its two sockets go to one epoll instance, its
 //! lifecycle deadline to one ordered set, and its nudge (a stop, an upgrade) to one
-//! queue, all driven by one task ([`run`]). Whichever comes first, a socket to read, the
-//! deadline or a nudge, takes the connection up again on a runtime, where it goes on from
-//! where it stopped (`connection::take_up`); during an upgrade's handoff it goes to the
-//! successor from here instead. A parked connection keeps its record, its descriptors, its
-//! lifecycle and its admissions: a few hundred bytes instead of a task, its future and
-//! two reactor registrations (docs/performance.md#idle-connections).
+//! queue, all driven by one task ([`run`]). A spliced one keeps its splice live, and its
+//! splice's events wake it too. Whichever comes first, a socket to read (or, while the
+//! verdict redirects, a FIN or an error), an event, the deadline or a nudge, takes the
+//! connection up again on a runtime, where it goes on from where it stopped
+//! (`connection::take_up`); during an upgrade's handoff it goes to the successor from here
+//! instead. A parked connection keeps its record, its descriptors, its lifecycle and its
+//! admissions: a few hundred bytes instead of a task, its future and two reactor
+//! registrations (docs/performance.md#idle-connections).
 
 mod epoll;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -22,14 +24,14 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::datapath::clock::monotonic_ns;
-use crate::datapath::relay::Moved;
+use crate::datapath::relay::{Moved, Resting};
 use crate::error_chain;
 use crate::lifecycle::Lifecycle;
 use crate::limits::Admissions;
 use crate::shared::{Shared, Stop};
 use crate::table::{ConnRecord, ParkState};
 use crate::upgrade::Phase;
-use crate::vocab::DataPathKind;
+use crate::vocab::{Direction, Side};
 
 use epoll::Epoll;
 
@@ -50,8 +52,7 @@ const READY_BATCH: usize = 256;
 #[derive(Debug)]
 pub(crate) struct Parked {
     pub(crate) record: Arc<ConnRecord>,
-    pub(crate) client: OwnedFd,
-    pub(crate) backend: OwnedFd,
+    pub(crate) sockets: Resting,
     pub(crate) lifecycle: Lifecycle,
     /// On the adaptive path: the moves made so far.
     pub(crate) moves: Option<u32>,
@@ -59,18 +60,38 @@ pub(crate) struct Parked {
 }
 
 impl Parked {
-    /// Its sockets as those of a relay that holds nothing, and the rest of it.
-    pub(crate) fn into_quiet(self) -> (Moved, Arc<ConnRecord>, Lifecycle, Admissions) {
+    /// Its sockets as they go to a successor process ([`Resting::into_moved`]), and the
+    /// rest of it.
+    pub(crate) fn into_moved(self) -> (Moved, Arc<ConnRecord>, Lifecycle, Admissions) {
         let Parked {
             record,
-            client,
-            backend,
+            sockets,
             lifecycle,
             moves,
             admissions,
         } = self;
-        let sockets = Moved::quiet(client, backend, moves);
-        (sockets, record, lifecycle, admissions)
+        (sockets.into_moved(moves), record, lifecycle, admissions)
+    }
+
+    /// Each socket, and whether it is watched for reads: always on the relay; on a spliced
+    /// connection only for a direction the verdict passes up, since a redirecting socket
+    /// turns readable after every skb it redirected, and its splice's events say what
+    /// there is to read (`docs/kernel-notes.md#read-wake-ups`).
+    fn watched(&self) -> [(BorrowedFd<'_>, bool); 2] {
+        let Resting {
+            offload,
+            client,
+            backend,
+        } = &self.sockets;
+        let reads = |side: Side| {
+            offload
+                .as_deref()
+                .is_none_or(|offload| offload.watches_reads(Direction::from_source(side)))
+        };
+        [
+            (client.as_fd(), reads(Side::Client)),
+            (backend.as_fd(), reads(Side::Backend)),
+        ]
     }
 }
 
@@ -171,26 +192,31 @@ impl Parking {
         lot.parked.insert(id, parked);
         lot.parked_since_release = true;
         record.set_park_state(ParkState::Parked);
-        // A nudge from now on takes the connection up; one raised before it parked (a stop
-        // or an upgrade that came meanwhile) does so at once.
+        // A nudge or a splice's event from now on takes the connection up; one raised
+        // before it parked (a stop or an upgrade that came meanwhile, bytes passed up)
+        // does so at once.
         let waker = Waker::from(Arc::new(ParkedWake {
             id,
             woken: Arc::clone(&self.woken),
         }));
-        if record
-            .nudge
-            .poll_nudged(&mut Context::from_waker(&waker))
-            .is_ready()
-        {
+        let mut cx = Context::from_waker(&waker);
+        let nudged = record.nudge.poll_nudged(&mut cx).is_ready();
+        let offload = lot
+            .parked
+            .get(&id)
+            .and_then(|p| p.sockets.offload.as_deref());
+        let event = offload.is_some_and(|offload| offload.poll_event_waiting(&mut cx).is_ready());
+        if nudged || event {
             self.woken.push(id);
         }
         Ok(())
     }
 
     fn watch(&self, parked: &Parked, id: u64) -> io::Result<()> {
-        self.epoll.add(parked.client.as_fd(), id)?;
-        self.epoll.add(parked.backend.as_fd(), id).inspect_err(|_| {
-            let _ = self.epoll.remove(parked.client.as_fd());
+        let [(client, client_reads), (backend, backend_reads)] = parked.watched();
+        self.epoll.add(client, id, client_reads)?;
+        self.epoll.add(backend, id, backend_reads).inspect_err(|_| {
+            let _ = self.epoll.remove(client);
         })
     }
 
@@ -204,9 +230,9 @@ impl Parking {
             }
             parked
         };
-        for socket in [&parked.client, &parked.backend] {
+        for (socket, _) in parked.watched() {
             // Cannot fail for a socket this instance watches: logged should it anyway.
-            if let Err(e) = self.epoll.remove(socket.as_fd()) {
+            if let Err(e) = self.epoll.remove(socket) {
                 warn!(id, error = %e, "a parked socket could not be unwatched");
             }
         }
@@ -260,12 +286,13 @@ impl Parking {
 }
 
 /// Whether the sweep should ask `record` to park: awake (not ruled out: TLS this proxy
-/// holds and spliced connections are `Never`), relaying on the relay, both directions
-/// open, and quiet for `after`. The connection itself decides (`connection::drive`): this
-/// rule only spares the others a wake-up.
+/// holds is `Never`), relaying, both directions open, and quiet for `after` (a spliced
+/// connection's meter reads the kernel's counters: two map lookups). The connection
+/// itself decides
+/// (`connection::drive`): this rule only spares the others a wake-up.
 fn worth_parking(record: &ConnRecord, now_ns: u64, after: Duration) -> bool {
     record.park_state() == ParkState::Awake
-        && record.data_path() == Some(DataPathKind::Userspace)
+        && record.data_path().is_some()
         && !record.half_open.load(std::sync::atomic::Ordering::Relaxed)
         && quiet_for(record, now_ns, after)
 }
@@ -316,6 +343,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 let Ok(mut guard) = guard else {
                     break;
                 };
+                #[cfg(feature = "test-hooks")]
+                test_hooks::READY_WAKES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 match parking.epoll.ready(&mut events) {
                     Ok(ids) if ids.is_empty() => guard.clear_ready(),
                     Ok(ids) => ids.into_iter().for_each(|id| take_up(&shared, parking, id)),
@@ -340,10 +369,15 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 let handing_off = *shared.upgrade.borrow() == Phase::HandingOff;
                 if let Some(after) = after.filter(|_| !handing_off) {
                     let now_ns = monotonic_ns();
-                    shared.table.nudge_where(|record| {
-                        worth_parking(record, now_ns, after)
+                    // Outside the table's lock: a spliced connection's activity is read
+                    // from the kernel's maps.
+                    for record in shared.table.records() {
+                        if worth_parking(&record, now_ns, after)
                             && record.switch_park_state(ParkState::Awake, ParkState::Asked)
-                    });
+                        {
+                            record.nudge.raise();
+                        }
+                    }
                 }
                 // The tasks of the connections parked since are gone (a burst's can
                 // be megabytes), and a quiet proxy allocates nothing that would purge them.
@@ -364,15 +398,30 @@ fn take_up(shared: &Arc<Shared>, parking: &Parking, id: u64) {
     }
 }
 
+/// Test builds only (`--features test-hooks`): what the driver does, seen from outside.
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    pub(super) static READY_WAKES: AtomicU64 = AtomicU64::new(0);
+
+    /// How often a parking lot's epoll instance woke its driver, in every proxy of the
+    /// process: for a test binary of its own.
+    pub fn ready_wakes() -> u64 {
+        READY_WAKES.load(Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
     use crate::table::ConnTable;
+    use crate::vocab::DataPathKind;
 
     #[test]
-    fn the_sweep_asks_only_quiet_awake_connections_on_the_relay() {
+    fn the_sweep_asks_only_quiet_awake_routed_connections() {
         let table = ConnTable::default();
         let record = table.insert("127.0.0.1:1".parse().expect("an address"));
         let after = Duration::from_secs(1);
@@ -387,7 +436,7 @@ mod tests {
         for (state, asked) in [
             (ParkState::Asked, false),
             (ParkState::Parked, false),
-            // TLS held here, spliced, or a handoff that failed.
+            // TLS held here, or a handoff that failed.
             (ParkState::Never, false),
             (ParkState::Awake, true),
         ] {
@@ -397,8 +446,10 @@ mod tests {
         record.half_open.store(true, Ordering::Relaxed);
         assert!(!worth(quiet), "half open");
         record.half_open.store(false, Ordering::Relaxed);
+        // Spliced: the kernel's counters are not attached here, so the meter is the
+        // record's own.
         record.set_data_path(DataPathKind::Ebpf);
-        assert!(!worth(quiet), "spliced");
+        assert!(worth(quiet), "spliced");
     }
 
     #[test]

@@ -80,6 +80,17 @@ impl EventQueue {
         }
     }
 
+    /// Ready while an event waits or the reader stopped, without taking anything; wakes
+    /// `cx` when that turns so otherwise (a parked connection's wake-up, `park`).
+    pub(super) fn poll_waiting(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = lock(&self.0);
+        if !state.changes.is_empty() || state.closed {
+            return Poll::Ready(());
+        }
+        state.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
     pub(super) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<SpliceEvent>> {
         let mut state = lock(&self.0);
         if let Some(change) = state.changes.pop_front() {

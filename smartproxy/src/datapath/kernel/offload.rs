@@ -57,7 +57,9 @@ pub struct Offload {
     written: [u64; 2],
     retry: [Option<Pin<Box<Sleep>>>; 2],
     backoff: [Duration; 2],
-    sweep: Interval,
+    /// From the first time a side sent FIN on: most splices never need one, and a timer
+    /// takes a few hundred bytes of every spliced connection, parked or not.
+    sweep: Option<Interval>,
     /// `FLOWS.redirected` per direction when this process took the splice over (zero for
     /// its own splices): the meter counts only what the kernel moved since.
     kernel_base: [u64; 2],
@@ -111,11 +113,7 @@ impl Offload {
             written,
             retry: [None, None],
             backoff: [BACKLOG_POLL_MIN; 2],
-            sweep: {
-                let mut sweep = interval_at(Instant::now() + SWEEP_INTERVAL, SWEEP_INTERVAL);
-                sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
-                sweep
-            },
+            sweep: None,
             kernel_base,
             recheck,
             passing: [true; 2],
@@ -283,6 +281,39 @@ impl Offload {
             || self.passing[direction.index()]
     }
 
+    /// Whether the connection may wait without a task (`park`) as far as the kernel side
+    /// goes: this process reads the splice's events, which then take it up (bytes passed
+    /// up, a FIN, an RST, events lost), no check is due, no re-check of the backlog is
+    /// pending, and while the verdict redirects a direction, no byte it passed is left to
+    /// read. A direction in pass mode is watched for reads while parked, as on the relay
+    /// ([`Offload::watches_reads`]).
+    pub fn parkable(&self) -> bool {
+        !self.events_closed
+            && self.splice.kernel.reads_events()
+            && !self.recheck
+            && self.retry.iter().all(Option::is_none)
+            && Direction::BOTH.into_iter().all(|direction| {
+                !self.splice.redirects(direction.source()) || !self.passing[direction.index()]
+            })
+    }
+
+    /// The ring-buffer reader stopped for good: no event comes for this splice any more.
+    pub fn events_stopped(&self) -> bool {
+        self.events_closed
+    }
+
+    /// Ready while one of the splice's events waits: a parked connection registers its
+    /// waker here ([`Offload::parkable`]).
+    pub fn poll_event_waiting(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.splice.poll_event_waiting(cx)
+    }
+
+    /// Back from parking: each source is read once more, whatever took the connection up,
+    /// before it stops being watched for reads again.
+    pub fn watch_reads_again(&mut self) {
+        self.passing = [true; 2];
+    }
+
     /// Called when a read of `direction`'s source is pending: once the socket holds nothing
     /// to read (no byte, no FIN, no error; a new registration may not have reported it
     /// yet) and userspace has read every byte the verdict passed, the source need not be
@@ -357,8 +388,9 @@ impl Offload {
 
     /// Takes in the splice's events, and says whether a socket's TCP state may have
     /// changed: the sock_ops program reported a change, events were lost, or, while
-    /// `watching` (a side sent FIN), the periodic sweep is due. The sweep finds what a
-    /// ring-buffer event that was lost would have reported.
+    /// `watching` (a side sent FIN), the periodic sweep is due (every `SWEEP_INTERVAL`
+    /// from the first call that watches). The sweep finds what a ring-buffer event that
+    /// was lost would have reported.
     pub fn poll_state_check(&mut self, cx: &mut Context<'_>, watching: bool) -> bool {
         let mut due = std::mem::take(&mut self.recheck);
         loop {
@@ -380,7 +412,12 @@ impl Offload {
             }
         }
         if watching {
-            while self.sweep.poll_tick(cx).is_ready() {
+            let sweep = self.sweep.get_or_insert_with(|| {
+                let mut sweep = interval_at(Instant::now() + SWEEP_INTERVAL, SWEEP_INTERVAL);
+                sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                sweep
+            });
+            while sweep.poll_tick(cx).is_ready() {
                 due = true;
             }
         }

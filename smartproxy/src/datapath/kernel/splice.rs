@@ -136,6 +136,11 @@ impl Splice {
         self.events.poll_next(cx)
     }
 
+    /// Ready while an event waits (see [`EventQueue::poll_waiting`]).
+    pub fn poll_event_waiting(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.events.poll_waiting(cx)
+    }
+
     /// The verdict's counters for the direction whose bytes come from `source`.
     pub fn flow(&self, source: Side) -> io::Result<FlowCounters> {
         self.kernel.flow_counters(self.socket(source).cookie)
