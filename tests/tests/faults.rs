@@ -4,7 +4,8 @@
 //! - the same while the client is the one sending;
 //! - eBPF only: the event ring buffer overflows (one page, many connections closing at
 //!   once): events are counted as lost, yet every connection closes and nothing stays
-//!   behind (sockhash entries, table records, descriptors).
+//!   behind (sockhash entries, table records, descriptors); parked splices check their
+//!   sockets from the parking lot and stay parked, then serve on.
 //!
 //! The reset cases first make a round trip ([`TestProxy::established`]), so that the
 //! kernel variant runs spliced, and the kernel variant checks the kernel moved the bytes
@@ -127,49 +128,60 @@ async fn backend_reset_while_receiving_reaches_the_client_within_a_second() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ring_buffer_overflow_loses_events_but_nothing_leaks() {
-    init_tracing();
-    if !ebpf_loads("this test (the ring buffer is part of the eBPF data path)") {
-        return;
-    }
-    const CONNECTIONS: usize = 400;
-    let backend = Backend::spawn(echo).await;
-    // One page holds 128 events; each connection makes several as it closes.
-    let config = format!(
-        "ebpf_ring_buffer_bytes = 4096\n\n{}",
-        plain_route("burst", backend.addr, "")
-    );
-    let proxy = TestProxy::start(DataPathMode::Ebpf, &config).await;
-    let baseline = open_fds();
+/// Connections of each burst that [`overflow_ring`] opens and closes at once.
+const BURST: usize = 400;
+
+/// `[proxy]` lines of a ring buffer of one page: 128 events, and each connection makes
+/// several as it closes.
+const ONE_PAGE_RING: &str = "ebpf_ring_buffer_bytes = 4096\n";
+
+/// Opens [`BURST`] connections on `route`, a round trip each, and closes them all at once,
+/// until the ring buffer lost events (three tries); waits each time until only `staying`
+/// connections are left.
+async fn overflow_ring(proxy: &TestProxy, route: &str, staying: u64) {
     for _ in 0..3 {
-        let mut clients = Vec::with_capacity(CONNECTIONS);
-        for _ in 0..CONNECTIONS {
-            clients.push(connect(proxy.addr("burst")).await);
+        let mut clients = Vec::with_capacity(BURST);
+        for _ in 0..BURST {
+            clients.push(connect(proxy.addr(route)).await);
         }
         for (index, client) in clients.iter_mut().enumerate() {
             client.write_all(&tick(index)).await.expect("client writes");
             read_tick(client, index).await;
         }
         assert_eq!(
-            proxy.stats().connections.ebpf as usize,
-            CONNECTIONS,
+            proxy.stats().connections.ebpf,
+            BURST as u64 + staying,
             "every connection is spliced"
         );
         // Every client closes at once: FIN, then the echo backend's FIN, both ways.
         drop(clients);
-        proxy.wait_idle().await;
+        wait_for("the burst to close", || {
+            proxy.stats().connections.active == staying
+        })
+        .await;
         if proxy.stats().ebpf.events_lost > 0 {
-            break;
+            return;
         }
     }
-    let stats = proxy.stats();
-    assert!(
-        stats.ebpf.events_lost > 0,
-        "the ring buffer never overflowed: {:?}",
-        stats.ebpf
+    panic!("the ring buffer never overflowed: {:?}", proxy.stats().ebpf);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_buffer_overflow_loses_events_but_nothing_leaks() {
+    init_tracing();
+    if !ebpf_loads("this test (the ring buffer is part of the eBPF data path)") {
+        return;
+    }
+    let backend = Backend::spawn(echo).await;
+    let config = format!(
+        "{ONE_PAGE_RING}\n{}",
+        plain_route("burst", backend.addr, "")
     );
-    // `wait_idle` above found every kernel map empty, counted in the kernel.
+    let proxy = TestProxy::start(DataPathMode::Ebpf, &config).await;
+    let baseline = open_fds();
+    overflow_ring(&proxy, "burst", 0).await;
+    // Every kernel map empty, counted in the kernel.
+    proxy.wait_idle().await;
     assert!(
         proxy.proxy.connection_rows().is_empty(),
         "the table is empty"
@@ -180,4 +192,65 @@ async fn ring_buffer_overflow_loses_events_but_nothing_leaks() {
     .await;
     backend.join().await;
     proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_events_leave_parked_splices_parked() {
+    init_tracing();
+    if !ebpf_loads("this test (parked splices hear of lost events)") {
+        return;
+    }
+    const PARKED: usize = 20;
+    let backend = Backend::spawn(echo).await;
+    let config = format!(
+        "{ONE_PAGE_RING}park_idle_after = \"200ms\"\n\n{}",
+        plain_route("burst", backend.addr, "")
+    );
+    let proxy = Arc::new(TestProxy::start(DataPathMode::Ebpf, &config).await);
+    let mut parked = Vec::with_capacity(PARKED);
+    for index in 0..PARKED {
+        let mut client = connect(proxy.addr("burst")).await;
+        client.write_all(&tick(index)).await.expect("client writes");
+        read_tick(&mut client, index).await;
+        parked.push(client);
+    }
+    proxy.wait_parked(PARKED as u64).await;
+
+    // A loss tells every splice to check its sockets: the parked ones check from the lot,
+    // find nothing, and stay parked throughout (taken up, they would stay awake at least
+    // the 200 ms of `park_idle_after`, which the sampling every 5 ms sees).
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let fewest = {
+        let (proxy, watching) = (Arc::clone(&proxy), Arc::clone(&watching));
+        tokio::spawn(async move {
+            let mut fewest = u64::MAX;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                fewest = fewest.min(proxy.stats().connections.parked);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            fewest
+        })
+    };
+    overflow_ring(&proxy, "burst", PARKED as u64).await;
+    // The reader compares the loss counter at most a second after it read events.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let fewest = fewest.await.expect("the sampling task");
+    assert!(
+        fewest >= PARKED as u64,
+        "the parked splices fell to {fewest} of {PARKED} during the loss"
+    );
+
+    // They serve on, and close normally.
+    for (index, client) in parked.iter_mut().enumerate() {
+        client.write_all(&tick(index)).await.expect("client writes");
+        read_tick(client, index).await;
+    }
+    drop(parked);
+    proxy.wait_idle().await;
+    backend.join().await;
+    match Arc::try_unwrap(proxy) {
+        Ok(proxy) => proxy.stop().await,
+        Err(_) => panic!("the sampling task still holds the proxy"),
+    }
 }

@@ -195,10 +195,7 @@ impl Parking {
         // A nudge or a splice's event from now on takes the connection up; one raised
         // before it parked (a stop or an upgrade that came meanwhile, bytes passed up)
         // does so at once.
-        let waker = Waker::from(Arc::new(ParkedWake {
-            id,
-            woken: Arc::clone(&self.woken),
-        }));
+        let waker = self.waker(id);
         let mut cx = Context::from_waker(&waker);
         let nudged = record.nudge.poll_nudged(&mut cx).is_ready();
         let offload = lot
@@ -210,6 +207,33 @@ impl Parking {
             self.woken.push(id);
         }
         Ok(())
+    }
+
+    /// Whether the connection `id`, woken through its waker, stays parked: a splice not
+    /// nudged, for which [`Offload::stays_parked`](crate::datapath::kernel::Offload::stays_parked)
+    /// says so. Everything else is taken up.
+    fn stays_parked(&self, id: u64) -> bool {
+        let mut lot = self.lock();
+        let Some(parked) = lot.parked.get_mut(&id) else {
+            return false;
+        };
+        let Parked {
+            record, sockets, ..
+        } = &mut **parked;
+        let Some(offload) = sockets.offload.as_deref_mut() else {
+            return false;
+        };
+        let waker = self.waker(id);
+        let mut cx = Context::from_waker(&waker);
+        record.nudge.poll_nudged(&mut cx).is_pending() && offload.stays_parked(&mut cx)
+    }
+
+    /// What a parked connection's nudge and events wake.
+    fn waker(&self, id: u64) -> Waker {
+        Waker::from(Arc::new(ParkedWake {
+            id,
+            woken: Arc::clone(&self.woken),
+        }))
     }
 
     fn watch(&self, parked: &Parked, id: u64) -> io::Result<()> {
@@ -328,9 +352,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut released_at = None;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; READY_BATCH];
     loop {
-        // Whatever woke the driver, the nudged connections are taken up first.
+        // Whatever woke the driver, the nudged connections are taken up first (and
+        // splices woken by events, unless only lost events woke them).
         for id in parking.woken.take() {
-            take_up(&shared, parking, id);
+            if !parking.stays_parked(id) {
+                take_up(&shared, parking, id);
+            }
         }
         let stopping = *stop.borrow_and_update() >= Stop::Drain;
         if parking.follow(stopping) {

@@ -91,6 +91,21 @@ impl EventQueue {
         Poll::Pending
     }
 
+    /// Drops the waiting events if there are some and every one reports lost events
+    /// ([`SpliceEvent::Recheck`]), and says whether it did.
+    pub(super) fn drop_rechecks(&self) -> bool {
+        let mut state = lock(&self.0);
+        let only_rechecks = !state.changes.is_empty()
+            && state
+                .changes
+                .iter()
+                .all(|change| matches!(change, SpliceEvent::Recheck));
+        if only_rechecks {
+            state.changes.clear();
+        }
+        only_rechecks
+    }
+
     pub(super) fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<SpliceEvent>> {
         let mut state = lock(&self.0);
         if let Some(change) = state.changes.pop_front() {

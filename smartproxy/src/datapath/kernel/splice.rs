@@ -136,6 +136,12 @@ impl Splice {
         self.events.poll_next(cx)
     }
 
+    /// Drops the waiting events if they only report lost events (see
+    /// [`EventQueue::drop_rechecks`]).
+    pub fn drop_rechecks(&self) -> bool {
+        self.events.drop_rechecks()
+    }
+
     /// Ready while an event waits (see [`EventQueue::poll_waiting`]).
     pub fn poll_event_waiting(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.events.poll_waiting(cx)
