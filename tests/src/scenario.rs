@@ -5,6 +5,7 @@
 use std::ops::{Deref, DerefMut};
 
 use smartproxy::vocab::{Direction, Reason};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::tls::{Client, Frontend};
 use crate::{Backend, TestProxy};
@@ -53,6 +54,18 @@ impl Spliced {
             self.assert_kernel_moved(direction);
         }
         self.finish().await;
+    }
+
+    /// The client sends its FIN and reads the backend's (an echo's) to EOF; the connection
+    /// closes `normal`, the kernel having moved bytes both ways since the splice.
+    pub async fn client_closes(self, client: &mut (impl AsyncRead + AsyncWrite + Unpin)) {
+        client.shutdown().await.expect("client FIN");
+        crate::expect_eof(client, "the client reads to EOF").await;
+        self.finish_closed(
+            Reason::Normal,
+            &[Direction::ClientToBackend, Direction::BackendToClient],
+        )
+        .await;
     }
 
     /// Waits for the backend's handlers (a panic there fails the test here), then stops

@@ -114,14 +114,7 @@ async fn an_idle_connection_parks_and_either_side_takes_it_up() {
         settle(&proxy, parks).await;
 
         // The client's FIN.
-        client.shutdown().await.expect("client FIN");
-        expect_eof(&mut client, "the client reads to EOF").await;
-        proxy
-            .finish_closed(
-                Reason::Normal,
-                &[Direction::ClientToBackend, Direction::BackendToClient],
-            )
-            .await;
+        proxy.client_closes(&mut client).await;
     })
     .await;
 }

@@ -6,9 +6,7 @@
 
 use smartproxy::config::DataPathMode;
 use smartproxy::park::test_hooks;
-use smartproxy::vocab::{Direction, Reason};
 use smartproxy_tests::*;
-use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_through_a_parked_splice_wakes_nothing() {
@@ -32,12 +30,5 @@ async fn a_stream_through_a_parked_splice_wakes_nothing() {
     );
     assert_eq!(proxy.stats().connections.parked, 1, "taken up meanwhile");
 
-    client.shutdown().await.expect("client FIN");
-    expect_eof(&mut client, "the client reads to EOF").await;
-    proxy
-        .finish_closed(
-            Reason::Normal,
-            &[Direction::ClientToBackend, Direction::BackendToClient],
-        )
-        .await;
+    proxy.client_closes(&mut client).await;
 }
