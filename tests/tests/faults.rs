@@ -202,8 +202,10 @@ async fn lost_events_leave_parked_splices_parked() {
     }
     const PARKED: usize = 20;
     let backend = Backend::spawn(echo).await;
+    // A second: the burst's connections close before they would park, so that the
+    // parked count is the 20's alone.
     let config = format!(
-        "{ONE_PAGE_RING}park_idle_after = \"200ms\"\n\n{}",
+        "{ONE_PAGE_RING}park_idle_after = \"1s\"\n\n{}",
         plain_route("burst", backend.addr, "")
     );
     let proxy = Arc::new(TestProxy::start(DataPathMode::Ebpf, &config).await);
@@ -217,8 +219,8 @@ async fn lost_events_leave_parked_splices_parked() {
     proxy.wait_parked(PARKED as u64).await;
 
     // A loss tells every splice to check its sockets: the parked ones check from the lot,
-    // find nothing, and stay parked throughout (taken up, they would stay awake at least
-    // the 200 ms of `park_idle_after`, which the sampling every 5 ms sees).
+    // find nothing, and stay parked throughout (taken up, each would stay awake until the
+    // next sweep, up to 0.5 s, which the sampling every 5 ms sees).
     let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let fewest = {
         let (proxy, watching) = (Arc::clone(&proxy), Arc::clone(&watching));

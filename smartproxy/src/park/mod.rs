@@ -42,10 +42,12 @@ const MAX_SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// The most connections one sweep asks to park: each parks in its own task, and thousands
 /// at once queue ahead of the busy connections on their runtimes. A successor that took
-/// over 9,872 idle spliced connections parked them all at its first sweep, and the
-/// longest pause of streams through it went from 63 ms (median of 5 upgrades, with this
-/// limit) to 130 (docs/performance.md). A burst of connections that go quiet together
-/// parks over a few sweeps instead.
+/// over 9,872 idle spliced connections parked them all at its first sweep: the longest
+/// pause of streams through it was about 130 ms (3 upgrades) without this limit, and
+/// 63 ms with it (median of 5; docs/performance.md). A burst of connections that go quiet
+/// together parks over a few sweeps instead. Each sweep starts after the last connection
+/// the one before asked (by id), so that those that decline (a relay holding bytes for a
+/// stalled reader) do not keep the others from their turn.
 const MAX_ASKED_PER_SWEEP: usize = 1024;
 
 /// The shortest between two purges of freed memory (`memory::release_freed`): each
@@ -206,6 +208,11 @@ impl Parking {
         let waker = self.waker(id);
         let mut cx = Context::from_waker(&waker);
         let nudged = record.nudge.poll_nudged(&mut cx).is_ready();
+        if nudged {
+            // Taken by the look: raised again for the driver's (`stays_parked`), which
+            // would otherwise keep a splice parked through a stop or an upgrade.
+            record.nudge.raise();
+        }
         let offload = lot
             .parked
             .get(&id)
@@ -329,19 +336,29 @@ fn worth_parking(record: &ConnRecord, now_ns: u64, after: Duration) -> bool {
         && quiet_for(record, now_ns, after)
 }
 
-/// Asks up to [`MAX_ASKED_PER_SWEEP`] connections worth parking to park; returns how
-/// many. Outside the table's lock: a spliced connection's activity is read from the
-/// kernel's maps.
-fn ask_to_park(table: &ConnTable, now_ns: u64, after: Duration) -> usize {
-    let asked = table
-        .records()
-        .into_iter()
-        .filter(|record| {
-            worth_parking(record, now_ns, after)
-                && record.switch_park_state(ParkState::Awake, ParkState::Asked)
-        })
-        .take(MAX_ASKED_PER_SWEEP);
-    asked.map(|record| record.nudge.raise()).count()
+/// Asks up to [`MAX_ASKED_PER_SWEEP`] connections worth parking to park, in id order from
+/// the first after `cursor`, round the table, and moves `cursor` to the last one asked;
+/// returns how many. Outside the table's lock: a spliced connection's activity is read
+/// from the kernel's maps.
+fn ask_to_park(table: &ConnTable, now_ns: u64, after: Duration, cursor: &mut u64) -> usize {
+    let mut records = table.records();
+    records.sort_unstable_by_key(|record| record.id);
+    let start = records.partition_point(|record| record.id <= *cursor);
+    let (before, from) = records.split_at(start);
+    let mut asked = 0;
+    for record in from.iter().chain(before) {
+        if asked == MAX_ASKED_PER_SWEEP {
+            break;
+        }
+        if worth_parking(record, now_ns, after)
+            && record.switch_park_state(ParkState::Awake, ParkState::Asked)
+        {
+            record.nudge.raise();
+            *cursor = record.id;
+            asked += 1;
+        }
+    }
+    asked
 }
 
 /// Whether `record`'s connection moved no byte for `after` up to `now_ns`.
@@ -373,6 +390,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut stop = shared.stop.clone();
     let mut next_sweep = tokio::time::Instant::now() + MAX_SWEEP_EVERY;
     let mut released_at = None;
+    let mut asked_up_to = 0;
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; READY_BATCH];
     loop {
         // Whatever woke the driver, the nudged connections are taken up first (and
@@ -418,7 +436,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                 // of its turn (`upgrade/order.rs`).
                 let handing_off = *shared.upgrade.borrow() == Phase::HandingOff;
                 if let Some(after) = after.filter(|_| !handing_off) {
-                    ask_to_park(&shared.table, monotonic_ns(), after);
+                    ask_to_park(&shared.table, monotonic_ns(), after, &mut asked_up_to);
                 }
                 // The tasks of the connections parked since are gone (a burst's can
                 // be megabytes), and a quiet proxy allocates nothing that would purge them.
@@ -493,19 +511,74 @@ mod tests {
     }
 
     #[test]
-    fn a_sweep_asks_a_bounded_number_and_the_next_the_rest() {
+    fn a_sweep_asks_a_bounded_number_and_the_next_the_rest_first() {
         let table = ConnTable::default();
         let after = Duration::from_secs(1);
-        let count = MAX_ASKED_PER_SWEEP + 10;
+        let mut records = Vec::new();
         let mut quiet = 0;
-        for _ in 0..count {
+        for _ in 0..MAX_ASKED_PER_SWEEP + 10 {
             let record = table.insert("127.0.0.1:1".parse().expect("an address"));
             record.set_data_path(DataPathKind::Userspace);
             quiet = quiet.max(record.meter.last_activity_ns() + after.as_nanos() as u64);
+            records.push(record);
         }
-        assert_eq!(ask_to_park(&table, quiet, after), MAX_ASKED_PER_SWEEP);
-        assert_eq!(ask_to_park(&table, quiet, after), 10, "the rest");
-        assert_eq!(ask_to_park(&table, quiet, after), 0, "each asked once");
+        let mut cursor = 0;
+        let asked = |cursor: &mut u64| ask_to_park(&table, quiet, after, cursor);
+        assert_eq!(asked(&mut cursor), MAX_ASKED_PER_SWEEP);
+        // Those asked declined (a relay holding bytes, say): awake again.
+        let declined = records
+            .iter()
+            .filter(|record| record.park_state() == ParkState::Asked)
+            .inspect(|record| record.set_park_state(ParkState::Awake))
+            .count();
+        assert_eq!(declined, MAX_ASKED_PER_SWEEP);
+        let rest = |record: &&Arc<ConnRecord>| record.park_state() == ParkState::Awake;
+        assert_eq!(
+            asked(&mut cursor),
+            MAX_ASKED_PER_SWEEP,
+            "the rest, then round"
+        );
+        assert!(
+            records[MAX_ASKED_PER_SWEEP..]
+                .iter()
+                .all(|record| record.park_state() == ParkState::Asked),
+            "the ones not asked before were asked first"
+        );
+        assert_eq!(
+            records.iter().filter(rest).count(),
+            10,
+            "and as many of the first as the bound allows"
+        );
+    }
+
+    /// A nudge raised before the connection parked (a stop, an upgrade) stays raised for
+    /// the driver's look, which would otherwise keep a splice parked through it.
+    #[test]
+    fn a_nudge_seen_as_a_connection_parks_stays_raised() {
+        let parking = Parking::new().expect("an epoll instance");
+        assert!(!parking.follow(false), "open");
+        let table = ConnTable::default();
+        let record = table.insert("127.0.0.1:1".parse().expect("an address"));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+        let client = std::net::TcpStream::connect(listener.local_addr().expect("its address"))
+            .expect("a connection");
+        let (backend, _) = listener.accept().expect("accepted");
+        record.nudge.raise();
+        let parked = Box::new(Parked {
+            record: Arc::clone(&record),
+            sockets: Resting {
+                offload: None,
+                client: client.into(),
+                backend: backend.into(),
+            },
+            lifecycle: Lifecycle::new(Arc::default(), Instant::now()),
+            moves: None,
+            admissions: Admissions::default(),
+        });
+        assert!(parking.park(parked).is_ok(), "parked");
+        assert_eq!(parking.woken.take(), vec![record.id], "to be taken up");
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(record.nudge.poll_nudged(&mut cx).is_ready(), "still raised");
     }
 
     #[test]

@@ -71,7 +71,8 @@ impl Order {
 }
 
 /// Whether `record`'s connection counts as busy at `now_ns`: not parked, and a byte moved
-/// within [`BUSY_WITHIN`].
+/// within [`BUSY_WITHIN`]. A parked splice may be streaming through the kernel; it goes
+/// with the quiet ones, and the kernel keeps moving its bytes meanwhile.
 fn is_busy(record: &ConnRecord, now_ns: u64) -> bool {
     record.park_state() != ParkState::Parked && !quiet_for(record, now_ns, BUSY_WITHIN)
 }
