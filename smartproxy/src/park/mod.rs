@@ -327,8 +327,7 @@ impl Parking {
 /// Whether the sweep should ask `record` to park: awake (not ruled out: TLS this proxy
 /// holds is `Never`), relaying, both directions open, and quiet for `after` (a spliced
 /// connection's meter reads the kernel's counters: two map lookups). The connection
-/// itself decides
-/// (`connection::drive`): this rule only spares the others a wake-up.
+/// itself decides (`connection::drive`): this rule only spares the others a wake-up.
 fn worth_parking(record: &ConnRecord, now_ns: u64, after: Duration) -> bool {
     record.park_state() == ParkState::Awake
         && record.data_path().is_some()
