@@ -73,14 +73,8 @@ impl Parked {
     /// Its sockets as they go to a successor process ([`Resting::into_moved`]), and the
     /// rest of it.
     pub(crate) fn into_moved(self) -> (Moved, Arc<ConnRecord>, Lifecycle, Admissions) {
-        let Parked {
-            record,
-            sockets,
-            lifecycle,
-            moves,
-            admissions,
-        } = self;
-        (sockets.into_moved(moves), record, lifecycle, admissions)
+        let moved = self.sockets.into_moved(self.moves);
+        (moved, self.record, self.lifecycle, self.admissions)
     }
 
     /// Each socket, and whether it is watched for reads: always on the relay; on a spliced
