@@ -37,6 +37,15 @@ impl Nudge {
         drop(self.waker.take());
     }
 
+    /// Makes `cx`'s waker the one a raise wakes from now on, and says whether the nudge is
+    /// raised now, leaving it raised for whoever takes it (a parking lot that only decides
+    /// where the connection goes, `park`).
+    pub fn watch(&self, cx: &mut Context<'_>) -> bool {
+        self.waker.register(cx.waker());
+        // After the registration: a raise before it is seen here, one after it wakes.
+        self.raised.load(Ordering::Acquire)
+    }
+
     /// [`Nudge::nudged`], polled with `cx`'s waker: the one a raise wakes from now on.
     pub fn poll_nudged(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.raised.swap(false, Ordering::Acquire) {
@@ -88,6 +97,22 @@ mod tests {
         assert!(
             pin!(nudge.nudged()).poll(&mut cx).is_pending(),
             "a raise is taken once"
+        );
+    }
+
+    #[test]
+    fn a_watch_sees_a_raise_and_leaves_it() {
+        let nudge = Nudge::default();
+        let count = Arc::new(Count::default());
+        let waker = Arc::clone(&count).into();
+        let mut cx = Context::from_waker(&waker);
+        assert!(!nudge.watch(&mut cx));
+        nudge.raise();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the watcher is woken");
+        assert!(nudge.watch(&mut cx), "raised");
+        assert!(
+            pin!(nudge.nudged()).poll(&mut cx).is_ready(),
+            "and still there to be taken"
         );
     }
 

@@ -193,25 +193,18 @@ impl Parking {
                 self.woken.driver.notify_one();
             }
         }
+        // A nudge or a splice's event from now on takes the connection up; one raised
+        // before it parked (a stop or an upgrade that came meanwhile, bytes passed up)
+        // does so at once. The nudge stays raised for the driver's look (`stays_parked`)
+        // and the task that takes the connection up.
+        let waker = self.waker(id);
+        let mut cx = Context::from_waker(&waker);
+        let nudged = record.nudge.watch(&mut cx);
+        let event = (parked.sockets.offload.as_deref())
+            .is_some_and(|offload| offload.poll_event_waiting(&mut cx).is_ready());
         lot.parked.insert(id, parked);
         lot.parked_since_release = true;
         record.set_park_state(ParkState::Parked);
-        // A nudge or a splice's event from now on takes the connection up; one raised
-        // before it parked (a stop or an upgrade that came meanwhile, bytes passed up)
-        // does so at once.
-        let waker = self.waker(id);
-        let mut cx = Context::from_waker(&waker);
-        let nudged = record.nudge.poll_nudged(&mut cx).is_ready();
-        if nudged {
-            // Taken by the look: raised again for the driver's (`stays_parked`), which
-            // would otherwise keep a splice parked through a stop or an upgrade.
-            record.nudge.raise();
-        }
-        let offload = lot
-            .parked
-            .get(&id)
-            .and_then(|p| p.sockets.offload.as_deref());
-        let event = offload.is_some_and(|offload| offload.poll_event_waiting(&mut cx).is_ready());
         if nudged || event {
             self.woken.push(id);
         }
@@ -234,7 +227,7 @@ impl Parking {
         };
         let waker = self.waker(id);
         let mut cx = Context::from_waker(&waker);
-        record.nudge.poll_nudged(&mut cx).is_pending() && offload.stays_parked(&mut cx)
+        !record.nudge.watch(&mut cx) && offload.stays_parked(&mut cx)
     }
 
     /// What a parked connection's nudge and events wake.
