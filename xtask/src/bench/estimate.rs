@@ -57,11 +57,12 @@ fn scenario_secs(scenario: Scenario, p: &Params) -> f64 {
         // The 200 ms start delay, opening the connections, and the measured time.
         Scenario::Rr { conns, .. } => 0.3 + conns as f64 / OPENS_PER_SEC + p.rr_secs as f64,
         Scenario::Churn { .. } => p.churn_secs as f64 + 0.1,
-        // Two settling pauses of 1 s, the opens, the closes.
-        // Paced: a pause after each batch.
+        // A settling pause of 1 s before, the opens, the pause until the second reading,
+        // the closes. Paced: a pause after each batch.
         Scenario::Idle { paced } => {
             let pauses = if paced { idle::pauses(p.idle_conns) } else { 0 };
-            2.2 + p.idle_conns as f64 / OPENS_PER_SEC
+            1.2 + idle::SETTLED.as_secs_f64()
+                + p.idle_conns as f64 / OPENS_PER_SEC
                 + pauses as f64 * idle::BATCH_PAUSE.as_secs_f64()
         }
         Scenario::SlowReader => p.slow_secs as f64 + 0.5,

@@ -35,6 +35,7 @@ pub enum Metric {
     UpgradeFailedConnects,
     UpgradeRefused,
     ProxyRssPerConn,
+    ProxyRssPerConnSettled,
     KernelSlabPerConn,
     SocketMemPerConn,
     PeakInFlight,
@@ -79,6 +80,8 @@ impl Metric {
             Metric::UpgradeFailedConnects => "connects failed during the upgrade",
             Metric::UpgradeRefused => "of which refused",
             Metric::ProxyRssPerConn => "proxy RSS per conn (KiB)",
+            // `idle::SETTLED` after the last connection.
+            Metric::ProxyRssPerConnSettled => "proxy RSS per conn, 8 s later (KiB)",
             Metric::KernelSlabPerConn => "kernel slab per conn (KiB)",
             Metric::SocketMemPerConn => "socket buffers per conn (KiB)",
             Metric::PeakInFlight => "peak bytes in flight (MiB)",

@@ -11,6 +11,10 @@
 //! [`BATCH_PAUSE`] apart, the way long-lived connections pile up over time: a proxy that
 //! sheds what an idle connection does not need (smartproxy parks one quiet for 1 s,
 //! `smartproxy/src/park/mod.rs`) reuses that memory for the next batch.
+//!
+//! The proxy's RSS is read twice: [`SETTLE`] after the last connection, and again
+//! [`SETTLED`] after it, once every connection has been idle long enough for smartproxy
+//! to have parked it and given the freed memory back.
 
 use std::{
     thread,
@@ -30,7 +34,11 @@ use crate::bench::{
 /// The longest opening all connections may take.
 const LIMIT: Duration = Duration::from_secs(300);
 /// Time for lazily freed memory (RCU callbacks, deferred work) to settle before reading.
-const SETTLE: Duration = Duration::from_secs(1);
+pub const SETTLE: Duration = Duration::from_secs(1);
+/// The second reading, after the last connection: longer than smartproxy needs to park
+/// 9,872 connections that went quiet together (1 s of quiet, then at most 1,024 asked
+/// per sweep of 0.5 s: about 6 s) and to purge what their tasks freed.
+pub const SETTLED: Duration = Duration::from_secs(8);
 /// Paced: the batches the connections are opened in.
 pub const BATCHES: usize = 10;
 /// Paced: the pause after each batch, longer than smartproxy's park delay (1 s) and sweep
@@ -73,6 +81,8 @@ pub fn run(env: &Env<'_>, paced: bool) -> Result<Measurement> {
     let rss_after = env.proxy_pid.map(system::tree_rss_bytes).transpose()?;
     let mem_after = system::meminfo()?;
     let sock_after = system::socket_mem_bytes()?;
+    thread::sleep(SETTLED - SETTLE);
+    let rss_settled = env.proxy_pid.map(system::tree_rss_bytes).transpose()?;
     drop(conns);
 
     let per_conn_kib =
@@ -80,6 +90,12 @@ pub fn run(env: &Env<'_>, paced: bool) -> Result<Measurement> {
     let mut m = Measurement::default();
     if let (Some(before), Some(after)) = (rss_before, rss_after) {
         m.set(Metric::ProxyRssPerConn, per_conn_kib(before, after));
+    }
+    if let (Some(before), Some(settled)) = (rss_before, rss_settled) {
+        m.set(
+            Metric::ProxyRssPerConnSettled,
+            per_conn_kib(before, settled),
+        );
     }
     m.set(
         Metric::KernelSlabPerConn,
@@ -99,6 +115,15 @@ mod tests {
 
     /// What `run` pauses, and so what the estimate counts: once after each batch,
     /// however many the connections make.
+    #[test]
+    fn the_second_reading_is_labelled_with_its_delay() {
+        let label = Metric::ProxyRssPerConnSettled.label();
+        assert!(
+            label.contains(&format!("{} s", SETTLED.as_secs())),
+            "{label}"
+        );
+    }
+
     #[test]
     fn pauses_follow_the_batches() {
         assert_eq!(pauses(9_872), BATCHES);
