@@ -130,10 +130,10 @@ pub(crate) async fn receive_proxy_header(
         }
     }
     if let Some((client, destination)) = received.addresses {
-        let _ = record.carried.set(Carried {
+        let _ = record.carried.set(Box::new(Carried {
             client,
             destination,
-        });
+        }));
     }
     tracing::Span::current().record("client", display(record.client()));
     debug!(

@@ -557,7 +557,7 @@ impl Kernel {
         match splice.attach() {
             Ok(()) => Ok(splice),
             Err(err) if splice.done.sockets.contains(&true) => {
-                splice.fallback = Some(err);
+                splice.fallback = Some(Box::new(err));
                 Ok(splice)
             }
             Err(err) => {

@@ -110,7 +110,8 @@ pub struct Splice {
     pub(super) control: [Control; 2],
     pub(super) done: Done,
     /// Set when the splice could not complete and passes every byte to userspace.
-    pub(super) fallback: Option<SpliceError>,
+    /// Boxed: most splices complete, and every spliced connection keeps this field.
+    pub(super) fallback: Option<Box<SpliceError>>,
 }
 
 impl fmt::Debug for Splice {
@@ -259,7 +260,7 @@ impl Splice {
     /// Why the splice could not complete, if it did not: its verdict then passes every
     /// byte to userspace.
     pub fn fallback(&self) -> Option<&SpliceError> {
-        self.fallback.as_ref()
+        self.fallback.as_deref()
     }
 
     fn write_control(&self, source: Side) -> io::Result<()> {
@@ -456,7 +457,7 @@ impl Splice {
                 redirect: r.control.redirect,
             }),
             done,
-            fallback,
+            fallback: fallback.map(Box::new),
         })
     }
 
