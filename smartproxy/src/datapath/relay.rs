@@ -973,8 +973,7 @@ impl Relay {
 
     /// On a spliced connection, finds an RST (or keepalive timeout) of a side that already
     /// sent its FIN: no read is pending on it, so only its TCP state shows it. Checked on
-    /// each sock_ops event (and on lost events), and by a periodic sweep while no event
-    /// can come ([`Offload::poll_state_check`]). Such a side was reset exactly when it
+    /// each sock_ops event and by a periodic sweep. Such a side was reset exactly when it
     /// is CLOSE while the direction toward it is not finished: a graceful close reaches
     /// CLOSE only through LAST_ACK, after our FIN. (Its pending error would not tell: the
     /// kernel reports an RST in CLOSE_WAIT as EPIPE, which it also sets itself.)

@@ -1075,59 +1075,6 @@ pub(crate) mod tests {
         );
     }
 
-    /// Polls `offload` as the relay does while a side is half-closed, until a check of the
-    /// TCP states is due or `within` passed: whether one was due.
-    async fn state_check_within(offload: &mut Offload, within: std::time::Duration) -> bool {
-        let due = std::future::poll_fn(|cx| {
-            if offload.poll_state_check(cx, true) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        });
-        tokio::time::timeout(within, due).await.is_ok()
-    }
-
-    /// A half-closed splice re-reads its sockets' TCP states every second only while no
-    /// event can reach it: not while the reader runs (a lost event reaches every splice
-    /// as a recheck), and again once the reader paused for a handoff.
-    #[tokio::test]
-    async fn a_half_closed_splice_sweeps_only_while_no_event_can_come() {
-        use std::net::{TcpListener, TcpStream};
-        use std::os::fd::AsFd;
-        use std::time::Duration;
-
-        use crate::datapath::Meter;
-
-        let Some(kernel) = load_or_skip(small(), None) else {
-            return;
-        };
-        kernel.start_events().unwrap();
-        let front = TcpListener::bind("127.0.0.1:0").unwrap();
-        let back = TcpListener::bind("127.0.0.1:0").unwrap();
-        let _client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
-        let proxy_client = front.accept().unwrap().0;
-        let proxy_backend = TcpStream::connect(back.local_addr().unwrap()).unwrap();
-        let _backend = back.accept().unwrap().0;
-        let mut offload = Offload::new(
-            &kernel,
-            proxy_client.as_fd(),
-            proxy_backend.as_fd(),
-            Arc::new(Meter::default()),
-        )
-        .unwrap();
-        let longer_than_a_sweep = offload::SWEEP_INTERVAL + Duration::from_millis(500);
-        assert!(
-            !state_check_within(&mut offload, longer_than_a_sweep).await,
-            "no sweep while events come"
-        );
-        kernel.pause_events().await.unwrap();
-        assert!(
-            state_check_within(&mut offload, 2 * longer_than_a_sweep).await,
-            "a sweep once no event can come"
-        );
-    }
-
     /// The sequence number of the next unread byte is read in repair mode only from a
     /// socket userspace has read from; before any read, the verdict's first skb starts at
     /// the first byte.
