@@ -81,7 +81,7 @@ impl Metric {
             Metric::UpgradeRefused => "of which refused",
             Metric::ProxyRssPerConn => "proxy RSS per conn (KiB)",
             // `idle::SETTLED` after the last connection.
-            Metric::ProxyRssPerConnSettled => "proxy RSS per conn, 8 s later (KiB)",
+            Metric::ProxyRssPerConnSettled => "proxy RSS per conn, 8 s after the last (KiB)",
             Metric::KernelSlabPerConn => "kernel slab per conn (KiB)",
             Metric::SocketMemPerConn => "socket buffers per conn (KiB)",
             Metric::PeakInFlight => "peak bytes in flight (MiB)",

@@ -586,10 +586,14 @@ mod tests {
     /// registrations of sockets (`Arc<ScheduledIo>`, 128-byte aligned) take that class and
     /// are freed when a connection parks, so long-lived Offloads among them keep the
     /// freed slabs' pages resident (measured in docs/performance.md#idle-connections).
+    /// Below 225 bytes it would leave both classes behind.
     #[test]
-    fn an_offload_fits_in_320_bytes() {
+    fn an_offload_takes_the_320_byte_class() {
         let size = std::mem::size_of::<Offload>();
-        assert!(size <= 320, "an Offload takes {size} bytes");
+        assert!(
+            (257..=320).contains(&size) || size <= 224,
+            "an Offload takes {size} bytes"
+        );
     }
 
     #[test]

@@ -113,8 +113,6 @@ pub fn run(env: &Env<'_>, paced: bool) -> Result<Measurement> {
 mod tests {
     use super::*;
 
-    /// What `run` pauses, and so what the estimate counts: once after each batch,
-    /// however many the connections make.
     #[test]
     fn the_second_reading_is_labelled_with_its_delay() {
         let label = Metric::ProxyRssPerConnSettled.label();
@@ -124,6 +122,8 @@ mod tests {
         );
     }
 
+    /// What `run` pauses, and so what the estimate counts: once after each batch,
+    /// however many the connections make.
     #[test]
     fn pauses_follow_the_batches() {
         assert_eq!(pauses(9_872), BATCHES);
