@@ -555,10 +555,8 @@ impl Relay {
         let Some(offload) = self.offload.as_deref() else {
             return true;
         };
-        matches!(
-            (&self.client, &self.backend),
-            (Peer::Spliced(_), Peer::Spliced(_))
-        ) && offload.parkable()
+        self.sockets_own_splice()
+            && offload.parkable()
             && self
                 .adaptive
                 .as_ref()
@@ -577,35 +575,33 @@ impl Relay {
                 backend: moved.backend,
             });
         }
+        if !self.sockets_own_splice() {
+            let e = io::Error::other("a spliced socket is shared with a watch of its own");
+            return Err(Box::new((self, e)));
+        }
         let Relay {
             offload,
-            client,
-            backend,
-            halves,
-            meter,
-            first,
-            adaptive,
-        } = self;
-        match (client, backend) {
-            (Peer::Spliced(client), Peer::Spliced(backend)) => Ok(Resting {
-                offload,
-                client: client.into_socket(),
-                backend: backend.into_socket(),
-            }),
-            (client, backend) => {
-                let relay = Relay {
-                    offload,
-                    client,
-                    backend,
-                    halves,
-                    meter,
-                    first,
-                    adaptive,
-                };
-                let e = io::Error::other("a spliced socket is shared with a watch of its own");
-                Err(Box::new((relay, e)))
-            }
-        }
+            client: Peer::Spliced(client),
+            backend: Peer::Spliced(backend),
+            ..
+        } = self
+        else {
+            unreachable!("both peers were just seen spliced");
+        };
+        Ok(Resting {
+            offload,
+            client: client.into_socket(),
+            backend: backend.into_socket(),
+        })
+    }
+
+    /// Both sockets are the relay's own spliced ones ([`Peer::Spliced`]), not shared with
+    /// a watch of their own: what a parked splice keeps.
+    fn sockets_own_splice(&self) -> bool {
+        matches!(
+            (&self.client, &self.backend),
+            (Peer::Spliced(_), Peer::Spliced(_))
+        )
     }
 
     /// The relay of a parked connection, on the runtime (see [`Relay::into_resting`]). Not
