@@ -34,6 +34,9 @@ pub use smartproxy_test_support::*;
 /// Bounds every wait in a test: a failure, not the wait itself.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// `[proxy]` lines that park a connection quiet for 200 ms (`smartproxy/src/park/mod.rs`).
+pub const PARK_SOON: &str = "park_idle_after = \"200ms\"\n\n";
+
 pub fn init_tracing() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {

@@ -51,7 +51,7 @@ struct Case<'a> {
 async fn refuses_the_next(mode: DataPathMode, case: Case<'_>) {
     let backend = Backend::spawn(echo).await;
     let config = format!(
-        "metrics = \"127.0.0.1:0\"\npark_idle_after = \"200ms\"\n{}\n{}",
+        "metrics = \"127.0.0.1:0\"\n{PARK_SOON}{}\n{}",
         case.proxy,
         plain_route("limited", backend.addr, case.route)
     );

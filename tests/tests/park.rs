@@ -33,9 +33,6 @@ use tokio::sync::Notify;
 const AUTO_FLOOD_KNOBS: &str =
     "auto_splice_rate = 1048576\nauto_leave_rate = 262144\nauto_window = \"50ms\"";
 
-/// `[proxy]` lines that park a connection quiet for 200 ms.
-const PARK_SOON: &str = "park_idle_after = \"200ms\"\n\n";
-
 /// Longer than [`PARK_SOON`]'s delay plus its sweep (100 ms): a connection quiet for this
 /// long is parked, if it ever parks.
 const PARKED_BY: Duration = Duration::from_millis(1000);

@@ -37,7 +37,7 @@ async fn a_parked_connection_that_cannot_be_taken_up_closes_proxy_error() {
     .await;
     // One connection at a time: the next is admitted only if the failed one let go.
     let config = format!(
-        "park_idle_after = \"200ms\"\n\n{}",
+        "{PARK_SOON}{}",
         plain_route("parked", backend.addr, "max_connections = 1")
     );
     let mut proxy = TestProxy::start(DataPathMode::Userspace, &config).await;

@@ -16,7 +16,7 @@ async fn a_stream_through_a_parked_splice_wakes_nothing() {
     init_tracing();
     let backend = Backend::greeted(echo).await;
     let front = Frontend::Plain(DataPathMode::Ebpf);
-    let (proxy, client) = Spliced::start(&front, "park_idle_after = \"200ms\"\n", backend).await;
+    let (proxy, client) = Spliced::start(&front, PARK_SOON, backend).await;
     proxy.wait_parked(1).await;
     let woken_before = test_hooks::ready_wakes();
 
