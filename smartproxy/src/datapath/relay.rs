@@ -218,6 +218,7 @@ impl Half {
                     // is final only once every one of them was read.
                     if let Some(offload) = offload.as_deref_mut() {
                         ready!(offload.poll_passed_read(cx, self.direction));
+                        offload.read_eof();
                     }
                     // Nothing is left to write and nothing more will be read: give the
                     // buffer back now, not when the connection ends. Kept, it made a
@@ -969,10 +970,12 @@ impl Relay {
 
     /// On a spliced connection, finds an RST (or keepalive timeout) of a side that already
     /// sent its FIN: no read is pending on it, so only its TCP state shows it. Checked on
-    /// each sock_ops event and by a periodic sweep. Such a side was reset exactly when it
-    /// is CLOSE while the direction toward it is not finished: a graceful close reaches
-    /// CLOSE only through LAST_ACK, after our FIN. (Its pending error would not tell: the
-    /// kernel reports an RST in CLOSE_WAIT as EPIPE, which it also sets itself.)
+    /// each sock_ops event, on lost events, once a side's EOF is read, and by a periodic
+    /// sweep while no event can come ([`Offload::poll_state_check`]). Such a side was reset
+    /// exactly when it is CLOSE while the direction toward it is not finished: a graceful
+    /// close reaches CLOSE only through LAST_ACK, after our FIN. (Its pending error would
+    /// not tell: the kernel reports an RST in CLOSE_WAIT as EPIPE, which it also sets
+    /// itself.)
     fn poll_state_changes(&mut self, cx: &mut Context<'_>) -> Option<Side> {
         let offload = self.offload.as_mut()?;
         let watching = self.halves.iter().any(|half| half.eof);
@@ -1222,6 +1225,66 @@ mod tests {
             .read_exact(&mut received)
             .expect("the backend gets the bytes");
         assert_eq!(&received, b"hello");
+    }
+
+    /// A backend that sends FIN and then RST, both taken in as events before the relay
+    /// read the EOF: the check of the states they made due found no side that had sent
+    /// FIN. Reading the EOF makes one due again, which finds the reset. (While events come
+    /// there is no periodic sweep to find it later.)
+    #[tokio::test]
+    async fn a_reset_seen_before_the_fin_was_read_is_found_at_the_eof() {
+        use std::net::Shutdown;
+        use std::time::Duration;
+
+        use crate::datapath::kernel::tests::{load_or_skip, small};
+        use crate::datapath::kernel::{tcp_state, TcpState};
+
+        let Some(kernel) = load_or_skip(small(), None) else {
+            return;
+        };
+        kernel.start_events().expect("event reader");
+        let [_app_client, proxy_client, proxy_backend, app_backend] = proxied_pair();
+        let backend_side = proxy_backend.try_clone().expect("dup");
+        let mut relay = spliced_relay(&kernel, proxy_client, proxy_backend);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), relay.next_event())
+                .await
+                .is_err(),
+            "nothing to report yet"
+        );
+
+        let events_before = kernel.stats().events;
+        app_backend.shutdown(Shutdown::Write).expect("backend FIN");
+        socket2::SockRef::from(&app_backend)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(app_backend);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !(tcp_state(backend_side.as_fd()).is_ok_and(|state| state == TcpState::Close)
+            && kernel.stats().events >= events_before + 2)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the FIN and the RST reached the proxy's socket and their events were read"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let mut reports = Vec::new();
+        loop {
+            let report = tokio::time::timeout(Duration::from_secs(5), relay.next_event())
+                .await
+                .unwrap_or_else(|_| panic!("no reset reported; reports: {reports:?}"));
+            let reset = matches!(report, Report::Event(Event::Reset(Side::Backend)));
+            reports.push(report);
+            if reset {
+                break;
+            }
+        }
+        assert!(
+            matches!(reports[0], Report::Event(Event::Eof(Side::Backend))),
+            "the EOF was read first: {reports:?}"
+        );
     }
 
     /// Reads on the relay double while they fill their buffer, up to a megabyte, fall back

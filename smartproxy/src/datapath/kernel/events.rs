@@ -9,7 +9,7 @@ use std::{
     io,
     mem::size_of,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll, Waker},
@@ -32,6 +32,13 @@ pub(super) struct SpliceRegistry {
     by_cookie: Mutex<HashMap<u64, Registration>>,
     pub(super) events: AtomicU64,
     pub(super) sockhash_entries: AtomicU64,
+    /// A reader runs and reads `EVENTS` ([`super::Kernel::reads_events`]): set when one
+    /// starts, cleared when it pauses or stops.
+    reading: AtomicBool,
+    /// The lost-event count splices were last told of ([`SpliceRegistry::note_losses`]).
+    /// Kept across readers: a loss while none runs (paused for a handoff that then failed)
+    /// is told when the next one starts.
+    losses_told: AtomicU64,
 }
 
 struct Registration {
@@ -58,9 +65,14 @@ struct EventQueueState {
 }
 
 impl EventQueue {
+    /// Queues `change`; a [`SpliceEvent::Recheck`] right behind another adds nothing (the
+    /// queue is registered for both of a splice's sockets).
     fn push(&self, change: SpliceEvent) {
         let waker = {
             let mut state = lock(&self.0);
+            if change == SpliceEvent::Recheck && state.changes.back() == Some(&change) {
+                return;
+            }
             state.changes.push_back(change);
             state.waker.take()
         };
@@ -126,6 +138,49 @@ impl EventQueue {
 }
 
 impl SpliceRegistry {
+    /// A registry whose splices have been told of `lost` lost events already: the count
+    /// when the maps were loaded. A successor's adoption re-checks every splice it takes
+    /// over, which covers losses from before.
+    pub(super) fn new(lost: u64) -> SpliceRegistry {
+        SpliceRegistry {
+            losses_told: AtomicU64::new(lost),
+            ..SpliceRegistry::default()
+        }
+    }
+
+    pub(super) fn reading(&self) -> bool {
+        self.reading.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_reading(&self, reading: bool) {
+        self.reading.store(reading, Ordering::Release);
+    }
+
+    /// Tells every splice to re-check its sockets if the lost-event count is `now` higher
+    /// than when they were last told. `None`: the count could not be read (logged).
+    fn note_losses(&self, now: Option<u64>) {
+        let Some(now) = now else { return };
+        let told = self.losses_told.fetch_max(now, Ordering::AcqRel);
+        if now > told {
+            tracing::debug!(
+                lost = now - told,
+                "eBPF events lost; every splice re-checks its sockets"
+            );
+            for registration in lock(&self.by_cookie).values() {
+                registration.events.push(SpliceEvent::Recheck);
+            }
+        }
+    }
+
+    /// The reader stopped for good: every splice registered learns that no event comes
+    /// any more, and later ones that nobody reads the events, as before a first reader.
+    fn reader_stopped(&self) {
+        self.set_reading(false);
+        for (_, registration) in lock(&self.by_cookie).drain() {
+            registration.events.close();
+        }
+    }
+
     /// Registers both cookies, or neither if one is already spliced.
     pub(super) fn register(
         &self,
@@ -186,25 +241,18 @@ impl SpliceRegistry {
             });
         }
     }
-
-    /// Tells every splice that events were lost.
-    fn recheck_all(&self) {
-        for registration in lock(&self.by_cookie).values() {
-            registration.events.push(SpliceEvent::Recheck);
-        }
-    }
 }
 
 /// Reads `EVENTS` until the fd fails, or until `pause` fires (or its sender is gone). On
 /// a pause it returns between two batches, with every record it read consumed (the
 /// consumer position in the map moved past it) and the registrations kept. When the fd
 /// fails it drops every registration, so that [`Splice::next_event`] returns `None`
-/// instead of waiting forever.
+/// instead of waiting forever, and [`super::Kernel::reads_events`] turns false.
 ///
-/// `lost` reads the count of events the ring had no room for. A loss happens only while
-/// the ring is full, so records follow it: it is read once per [`LOSS_CHECK_INTERVAL`] in
-/// which records were read, and when it grew every splice is sent
-/// [`SpliceEvent::Recheck`].
+/// `lost` reads the count of events the ring had no room for. When it grew, every splice
+/// is sent [`SpliceEvent::Recheck`]. It is read when the reader starts (losses while no
+/// reader ran), and then once per [`LOSS_CHECK_INTERVAL`] in which records were read: a
+/// loss happens only while the ring is full, so records follow it.
 ///
 /// [`Splice::next_event`]: super::Splice::next_event
 pub(super) async fn read_events(
@@ -213,7 +261,7 @@ pub(super) async fn read_events(
     mut pause: tokio::sync::oneshot::Receiver<()>,
     lost: impl Fn() -> Option<u64>,
 ) {
-    let mut lost_seen = lost().unwrap_or(0);
+    registry.note_losses(lost());
     let mut read_since_check = false;
     let mut loss_check = tokio::time::interval(LOSS_CHECK_INTERVAL);
     loss_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -223,13 +271,7 @@ pub(super) async fn read_events(
             _ = &mut pause => true,
             _ = loss_check.tick(), if read_since_check => {
                 read_since_check = false;
-                if let Some(now) = lost() {
-                    if now > lost_seen {
-                        tracing::debug!(lost = now - lost_seen, "eBPF events lost; every splice re-checks its sockets");
-                        lost_seen = now;
-                        registry.recheck_all();
-                    }
-                }
+                registry.note_losses(lost());
                 false
             }
             guard = ring.readable_mut() => {
@@ -254,9 +296,7 @@ pub(super) async fn read_events(
             return;
         }
     }
-    for (_, registration) in lock(&registry.by_cookie).drain() {
-        registration.events.close();
-    }
+    registry.reader_stopped();
 }
 
 /// What a splice's relay learns from the kernel.
@@ -326,6 +366,47 @@ impl From<u32> for TcpState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader that stops for good closes every queue (its splice then watches its
+    /// sockets itself) and no longer counts as reading, so that splices made later do not
+    /// wait for events either.
+    #[test]
+    fn a_stopped_reader_closes_the_queues_and_stops_reading() {
+        let registry = SpliceRegistry::new(0);
+        registry.set_reading(true);
+        let events = Arc::new(EventQueue::default());
+        registry
+            .register(&[(1, Side::Client), (2, Side::Backend)], &events)
+            .unwrap();
+        registry.reader_stopped();
+        assert!(!registry.reading());
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(events.poll_next(&mut cx), Poll::Ready(None));
+        registry
+            .register(&[(1, Side::Client), (2, Side::Backend)], &Arc::default())
+            .expect("the cookies were let go");
+    }
+
+    /// Losses are told once each, counted from the registry's start.
+    #[test]
+    fn losses_are_told_once() {
+        let registry = SpliceRegistry::new(5);
+        let events = Arc::new(EventQueue::default());
+        registry
+            .register(&[(1, Side::Client), (2, Side::Backend)], &events)
+            .unwrap();
+        registry.note_losses(Some(5));
+        registry.note_losses(None);
+        assert!(!events.drop_rechecks(), "nothing lost since the start");
+        registry.note_losses(Some(7));
+        registry.note_losses(Some(7));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(
+            events.poll_next(&mut cx),
+            Poll::Ready(Some(SpliceEvent::Recheck))
+        );
+        assert_eq!(events.poll_next(&mut cx), Poll::Pending, "told once");
+    }
 
     #[test]
     fn unknown_tcp_states_are_kept() {

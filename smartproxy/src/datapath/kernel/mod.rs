@@ -120,8 +120,6 @@ struct Inner {
     events: Map,
     registry: Arc<SpliceRegistry>,
     reader: Mutex<Reader>,
-    /// Set while this process reads `EVENTS` ([`Kernel::reads_events`]).
-    reading: AtomicBool,
     /// The instance's pin directory ([`Pins`]), if the maps are pinned.
     pins: Option<PathBuf>,
     /// Leave the pins in place when dropped ([`Kernel::keep_pins`]).
@@ -363,7 +361,7 @@ impl Kernel {
                 "attach to the proxy's cgroup",
             ))?;
 
-        let registry = Arc::new(SpliceRegistry::default());
+        let registry = Arc::new(SpliceRegistry::new(lost_events(&events_lost).unwrap_or(0)));
         tracing::info!(
             cgroup = %cgroup.display(),
             ring_buffer_bytes,
@@ -383,7 +381,6 @@ impl Kernel {
                 events,
                 registry,
                 reader: Mutex::new(Reader::Idle),
-                reading: AtomicBool::new(false),
                 keep_pins: AtomicBool::new(matches!(pins, Some(Pins::Reuse(_)))),
                 pins: pins.map(|p| p.dir().to_path_buf()),
                 verdict_link: Some(verdict_link),
@@ -436,6 +433,8 @@ impl Kernel {
         };
         let (pause, paused) = tokio::sync::oneshot::channel();
         let events_lost = Arc::clone(&self.inner.events_lost);
+        // Before the task, which clears it if it stops at once.
+        self.inner.registry.set_reading(true);
         *reader = Reader::Running {
             task: runtime.spawn(read_events(
                 events,
@@ -445,16 +444,16 @@ impl Kernel {
             )),
             pause,
         };
-        self.inner.reading.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Whether this process reads the kernel's events: not before [`Kernel::start_events`]
     /// (a successor reads them only once it adopted every connection, and accepts before),
-    /// nor during a pause. Until it does, nothing tells a spliced connection of a FIN or of
-    /// bytes passed up, so its sockets stay watched for reads ([`Offload::watches_reads`]).
+    /// nor during a pause, nor once the reader stopped for good (its fd failed). Until it
+    /// does, nothing tells a spliced connection of a FIN or of bytes passed up, so its
+    /// sockets stay watched for reads ([`Offload::watches_reads`]).
     pub fn reads_events(&self) -> bool {
-        self.inner.reading.load(Ordering::Acquire)
+        self.inner.registry.reading()
     }
 
     /// Stops this process's reading of `EVENTS` and returns once its reader no longer
@@ -478,7 +477,7 @@ impl Kernel {
                 }
             }
         };
-        self.inner.reading.store(false, Ordering::Release);
+        self.inner.registry.set_reading(false);
         // The task may have stopped already (its fd failed): then the send finds no one.
         let _ = pause.send(());
         let result = task.await;
@@ -1110,6 +1109,114 @@ pub(crate) mod tests {
             );
             assert_eq!(splice.backend.next_unread_seq, None, "nothing received");
         }
+    }
+
+    /// Adds `more` to the count of events the ring had no room for, as the sock_ops
+    /// program does when `EVENTS` is full.
+    fn count_lost_events(kernel: &Kernel, more: u64) {
+        use aya::maps::{IterableMap, PerCpuValues};
+
+        let fd = kernel
+            .inner
+            .events_lost
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .unwrap();
+        let mut lost: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(Map::PerCpuArray(MapData::from_fd(fd).unwrap())).unwrap();
+        let mut per_cpu = lost.get(&0, 0).unwrap().to_vec();
+        per_cpu[0] += more;
+        lost.set(0, PerCpuValues::try_from(per_cpu).unwrap(), 0)
+            .unwrap();
+    }
+
+    /// A pair of the proxy's sockets on loopback, spliced by `kernel` into an Offload:
+    /// `(offload, [client, proxy's client side, proxy's backend side, backend])`.
+    fn spliced_offload(kernel: &Kernel) -> (Offload, [std::net::TcpStream; 4]) {
+        use std::net::{TcpListener, TcpStream};
+
+        let front = TcpListener::bind("127.0.0.1:0").unwrap();
+        let back = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+        let proxy_client = front.accept().unwrap().0;
+        let proxy_backend = TcpStream::connect(back.local_addr().unwrap()).unwrap();
+        let backend = back.accept().unwrap().0;
+        let offload = Offload::new(
+            kernel,
+            proxy_client.as_fd(),
+            proxy_backend.as_fd(),
+            Arc::new(crate::datapath::Meter::default()),
+        )
+        .unwrap();
+        (offload, [client, proxy_client, proxy_backend, backend])
+    }
+
+    /// Polls `offload` as the relay does (`watching`: a side is half-closed), until a
+    /// check of the TCP states is due or `within` passed: whether one was due.
+    async fn state_check_within(
+        offload: &mut Offload,
+        watching: bool,
+        within: std::time::Duration,
+    ) -> bool {
+        let due = std::future::poll_fn(|cx| {
+            if offload.poll_state_check(cx, watching) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        tokio::time::timeout(within, due).await.is_ok()
+    }
+
+    /// A half-closed splice re-reads its sockets' TCP states every second only while no
+    /// event can reach it: not while the reader runs (a lost event reaches every splice
+    /// as a recheck), and again once the reader paused for a handoff.
+    #[tokio::test]
+    async fn a_half_closed_splice_sweeps_only_while_no_event_can_come() {
+        let Some(kernel) = load_or_skip(small(), None) else {
+            return;
+        };
+        kernel.start_events().unwrap();
+        let (mut offload, _sockets) = spliced_offload(&kernel);
+        let longer_than_a_sweep = offload::SWEEP_INTERVAL + std::time::Duration::from_millis(500);
+        assert!(
+            !state_check_within(&mut offload, true, longer_than_a_sweep).await,
+            "no sweep while events come"
+        );
+        kernel.pause_events().await.unwrap();
+        assert!(
+            state_check_within(&mut offload, true, 2 * longer_than_a_sweep).await,
+            "a sweep once no event can come"
+        );
+    }
+
+    /// Events lost while no reader ran (paused for an upgrade that then failed) reach
+    /// every splice as a recheck once reading resumes; losses it was told of already do
+    /// not come again. (Each reader used to start from the count it found.)
+    #[tokio::test]
+    async fn events_lost_while_paused_are_told_when_reading_resumes() {
+        use std::time::Duration;
+
+        let Some(kernel) = load_or_skip(small(), None) else {
+            return;
+        };
+        kernel.start_events().unwrap();
+        let (mut offload, _sockets) = spliced_offload(&kernel);
+        kernel.pause_events().await.unwrap();
+        count_lost_events(&kernel, 3);
+        kernel.start_events().unwrap();
+        assert!(
+            state_check_within(&mut offload, false, Duration::from_secs(5)).await,
+            "the losses during the pause make a check due"
+        );
+        kernel.pause_events().await.unwrap();
+        kernel.start_events().unwrap();
+        assert!(
+            !state_check_within(&mut offload, false, Duration::from_millis(300)).await,
+            "no loss since"
+        );
     }
 
     /// An upgrade that fails after the pause: the old process resumes reading, and gets

@@ -33,9 +33,11 @@ fn backoff(doublings: u8) -> Duration {
         .min(BACKLOG_POLL_MAX)
 }
 
-/// How often a half-closed spliced connection re-checks its sockets' TCP state, in case
-/// the ring buffer lost the event of an RST.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a half-closed spliced connection re-checks its sockets' TCP state while no
+/// event can reach it (no reader runs: paused for a handoff, not started yet, or stopped).
+/// While a reader runs, a lost event reaches every splice as a recheck instead
+/// (`smartproxy/src/datapath/kernel/events.rs`).
+pub(super) const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// More bytes than this passed up since a socket was last found quiet make a pass phase
 /// (the destination's cap reached, or a move into the kernel that waits for userspace's
@@ -376,6 +378,14 @@ impl Offload {
         }
     }
 
+    /// Userspace read the EOF of `direction`'s source, for good ([`Offload::poll_passed_read`]).
+    /// The next [`Offload::poll_state_check`] reports a check as due: the event of an RST
+    /// that followed the FIN may have been taken in before the EOF was read, when no side
+    /// had sent FIN yet and the check found nothing to act on.
+    pub fn read_eof(&mut self) {
+        self.recheck = true;
+    }
+
     /// Userspace read `bytes` from `direction`'s source.
     pub fn read(&mut self, direction: Direction, bytes: usize) {
         self.taken[direction.index()] += bytes as u64;
@@ -428,10 +438,12 @@ impl Offload {
     }
 
     /// Takes in the splice's events, and says whether a socket's TCP state may have
-    /// changed: the sock_ops program reported a change, events were lost, or, while
-    /// `watching` (a side sent FIN), the periodic sweep is due (every `SWEEP_INTERVAL`
-    /// from the first call that watches). The sweep finds what a ring-buffer event that
-    /// was lost would have reported.
+    /// changed: the sock_ops program reported a change, events were lost, a side's EOF was
+    /// just read ([`Offload::read_eof`]), or, while `watching` (a side sent FIN) and no
+    /// event can come, the periodic sweep is due (every `SWEEP_INTERVAL` from the first
+    /// call that sweeps). The sweep finds what an event would have reported. It does not
+    /// run while events come: each sweep costs a `getsockopt` per half-closed splice, and
+    /// 9,000 of them took a tenth of a core (docs/performance.md).
     pub fn poll_state_check(&mut self, cx: &mut Context<'_>, watching: bool) -> bool {
         let mut due = std::mem::take(&mut self.recheck);
         loop {
@@ -452,7 +464,7 @@ impl Offload {
                 Poll::Pending => break,
             }
         }
-        if watching {
+        if watching && (self.events_closed || !self.splice.kernel.reads_events()) {
             let sweep = self.sweep.get_or_insert_with(|| {
                 let mut sweep = interval_at(Instant::now() + SWEEP_INTERVAL, SWEEP_INTERVAL);
                 sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
