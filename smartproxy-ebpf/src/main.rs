@@ -207,8 +207,10 @@ fn try_state_events(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             // Ask for STATE_CB on every established socket of the cgroup; keep flags another
-            // program may have set. A failure only means no events for this socket, which
-            // userspace also covers by checking the socket state itself.
+            // program may have set. The kernel refuses only flags it does not know, and it
+            // knows both wherever the programs attach with bpf_links (5.7 on). A refusal
+            // would leave the socket without events, its FIN and RST seen only by a check
+            // made for another reason.
             let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG;
             let _ = ctx.set_cb_flags(flags as i32);
         }

@@ -43,6 +43,10 @@ pub(super) struct SpliceRegistry {
 
 struct Registration {
     side: Side,
+    /// Registered while no reader of this process ran: another process's reader (the
+    /// predecessor's, before it paused for the handoff) may have taken this socket's
+    /// events, which nothing counts as lost.
+    unread: bool,
     events: Arc<EventQueue>,
 }
 
@@ -156,6 +160,18 @@ impl SpliceRegistry {
         self.reading.store(reading, Ordering::Release);
     }
 
+    /// A reader starts: splices registered while none ran re-check their sockets, and
+    /// every splice does if events were lost meanwhile (`lost`, see
+    /// [`SpliceRegistry::note_losses`]).
+    fn reader_started(&self, lost: Option<u64>) {
+        for registration in lock(&self.by_cookie).values_mut() {
+            if std::mem::take(&mut registration.unread) {
+                registration.events.push(SpliceEvent::Recheck);
+            }
+        }
+        self.note_losses(lost);
+    }
+
     /// Tells every splice to re-check its sockets if the lost-event count is `now` higher
     /// than when they were last told. `None`: the count could not be read (logged).
     fn note_losses(&self, now: Option<u64>) {
@@ -195,11 +211,13 @@ impl SpliceRegistry {
                 io::Error::new(io::ErrorKind::AlreadyExists, "socket is already spliced"),
             ));
         }
+        let unread = !self.reading();
         for (cookie, side) in sockets {
             registry.insert(
                 *cookie,
                 Registration {
                     side: *side,
+                    unread,
                     events: Arc::clone(events),
                 },
             );
@@ -215,7 +233,8 @@ impl SpliceRegistry {
         }
     }
 
-    fn dispatch(&self, bytes: &[u8]) {
+    /// Hands one ring-buffer record to the splice its socket is registered for.
+    pub(super) fn dispatch(&self, bytes: &[u8]) {
         let Some(raw) = bytes.get(..size_of::<SocketEvent>()) else {
             debug_assert!(
                 false,
@@ -228,7 +247,7 @@ impl SpliceRegistry {
         self.events.fetch_add(1, Ordering::Relaxed);
         let registry = lock(&self.by_cookie);
         // A socket whose splice was just dropped may still report a change: nobody listens.
-        if let Some(Registration { side, events }) = registry.get(&event.cookie) {
+        if let Some(Registration { side, events, .. }) = registry.get(&event.cookie) {
             events.push(if event.new_state == SocketEvent::BYTES_PASSED {
                 SpliceEvent::Passed(*side)
             } else {
@@ -251,17 +270,21 @@ impl SpliceRegistry {
 ///
 /// `lost` reads the count of events the ring had no room for. When it grew, every splice
 /// is sent [`SpliceEvent::Recheck`]. It is read when the reader starts (losses while no
-/// reader ran), and then once per [`LOSS_CHECK_INTERVAL`] in which records were read: a
-/// loss happens only while the ring is full, so records follow it.
+/// reader ran; splices registered meanwhile are sent one anyway), and then once per
+/// [`LOSS_CHECK_INTERVAL`] in which records were read: a loss happens only while the ring
+/// is full, so records follow it. However the task ends other than by a pause (its fd
+/// failed, it panicked, its runtime shut down), the kernel counts as not reading from
+/// then on.
 ///
 /// [`Splice::next_event`]: super::Splice::next_event
 pub(super) async fn read_events(
     mut ring: AsyncFd<RingBuf<MapData>>,
-    registry: Arc<SpliceRegistry>,
+    mut reader: ReadingRegistry,
     mut pause: tokio::sync::oneshot::Receiver<()>,
     lost: impl Fn() -> Option<u64>,
 ) {
-    registry.note_losses(lost());
+    let registry = Arc::clone(&reader.registry);
+    registry.reader_started(lost());
     let mut read_since_check = false;
     let mut loss_check = tokio::time::interval(LOSS_CHECK_INTERVAL);
     loss_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -293,10 +316,35 @@ pub(super) async fn read_events(
         };
         if paused {
             tracing::debug!("eBPF ring buffer reader paused");
+            reader.paused = true;
             return;
         }
     }
-    registry.reader_stopped();
+}
+
+/// The registry, as [`read_events`] holds it: dropped other than after a pause (the fd
+/// failed, the task panicked, or its runtime shut down, polled or not), it marks the
+/// reader stopped for good ([`SpliceRegistry::reader_stopped`]).
+pub(super) struct ReadingRegistry {
+    registry: Arc<SpliceRegistry>,
+    paused: bool,
+}
+
+impl ReadingRegistry {
+    pub(super) fn new(registry: Arc<SpliceRegistry>) -> ReadingRegistry {
+        ReadingRegistry {
+            registry,
+            paused: false,
+        }
+    }
+}
+
+impl Drop for ReadingRegistry {
+    fn drop(&mut self) {
+        if !self.paused {
+            self.registry.reader_stopped();
+        }
+    }
 }
 
 /// What a splice's relay learns from the kernel.
@@ -366,26 +414,6 @@ impl From<u32> for TcpState {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A reader that stops for good closes every queue (its splice then watches its
-    /// sockets itself) and no longer counts as reading, so that splices made later do not
-    /// wait for events either.
-    #[test]
-    fn a_stopped_reader_closes_the_queues_and_stops_reading() {
-        let registry = SpliceRegistry::new(0);
-        registry.set_reading(true);
-        let events = Arc::new(EventQueue::default());
-        registry
-            .register(&[(1, Side::Client), (2, Side::Backend)], &events)
-            .unwrap();
-        registry.reader_stopped();
-        assert!(!registry.reading());
-        let mut cx = Context::from_waker(Waker::noop());
-        assert_eq!(events.poll_next(&mut cx), Poll::Ready(None));
-        registry
-            .register(&[(1, Side::Client), (2, Side::Backend)], &Arc::default())
-            .expect("the cookies were let go");
-    }
 
     /// Losses are told once each, counted from the registry's start.
     #[test]

@@ -68,7 +68,7 @@ pub use sys::{all_acknowledged, socket_cookie, tcp_state, PASSED_READ_BYTES};
 
 use crate::config::{ring_buffer_bytes_valid, LoadOptions};
 use crate::vocab::Side;
-use events::{read_events, EventQueue, SpliceRegistry};
+use events::{read_events, EventQueue, ReadingRegistry, SpliceRegistry};
 use splice::{Done, SpliceSocket};
 
 /// The eBPF object `build.rs` built from `smartproxy-ebpf` (empty when built with
@@ -438,7 +438,7 @@ impl Kernel {
         *reader = Reader::Running {
             task: runtime.spawn(read_events(
                 events,
-                Arc::clone(&self.inner.registry),
+                ReadingRegistry::new(Arc::clone(&self.inner.registry)),
                 paused,
                 move || lost_events(&events_lost),
             )),
@@ -1192,6 +1192,69 @@ pub(crate) mod tests {
         );
     }
 
+    /// The sock_ops program runs before the kernel stores a socket's new state
+    /// (`tcp_set_state`), so an event may report CLOSE while the socket still reads as
+    /// before: the Offload keeps what the event said, for its side only.
+    #[tokio::test]
+    async fn an_event_reporting_close_is_kept_whatever_the_socket_reads() {
+        let Some(kernel) = load_or_skip(small(), None) else {
+            return;
+        };
+        let (mut offload, sockets) = spliced_offload(&kernel);
+        let proxy_client = sockets[1].as_fd();
+        let event = smartproxy_common::SocketEvent {
+            cookie: socket_cookie(proxy_client).unwrap(),
+            timestamp_ns: 0,
+            old_state: 8,
+            new_state: 7,
+        };
+        kernel.inner.registry.dispatch(bytemuck::bytes_of(&event));
+        assert!(
+            state_check_within(&mut offload, false, std::time::Duration::from_secs(1)).await,
+            "the event makes a check due"
+        );
+        assert!(offload.reported_closed(Side::Client));
+        assert!(!offload.reported_closed(Side::Backend));
+        assert_eq!(tcp_state(proxy_client).unwrap(), TcpState::Established);
+    }
+
+    /// A reader that ends other than by a pause (here its runtime shuts down; a failed fd
+    /// ends it the same way) closes the queues of the splices it served, which then watch
+    /// their sockets themselves, and the kernel no longer counts as read, so that splices
+    /// made later do not wait for events either.
+    #[test]
+    fn a_reader_that_ends_unpaused_stops_reading() {
+        let Some(kernel) = load_or_skip(small(), None) else {
+            return;
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (mut offload, _sockets) = runtime.block_on(async {
+            kernel.start_events().unwrap();
+            spliced_offload(&kernel)
+        });
+        assert!(kernel.reads_events());
+        drop(runtime);
+        assert!(!kernel.reads_events(), "the reader's runtime is gone");
+        let other = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        other.block_on(async {
+            std::future::poll_fn(|cx| {
+                offload.poll_state_check(cx, false);
+                Poll::Ready(())
+            })
+            .await;
+            assert!(offload.events_stopped(), "its queue was closed");
+            let (later, _sockets) = spliced_offload(&kernel);
+            assert!(later.watches_reads(crate::vocab::Direction::ClientToBackend));
+            assert!(!later.parkable());
+        });
+    }
+
     /// Events lost while no reader ran (paused for an upgrade that then failed) reach
     /// every splice as a recheck once reading resumes; losses it was told of already do
     /// not come again. (Each reader used to start from the count it found.)
@@ -1246,10 +1309,18 @@ pub(crate) mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(kernel.stats().events, 0, "paused: nothing read");
         kernel.start_events().unwrap();
-        let event = tokio::time::timeout(Duration::from_secs(5), splice.next_event())
-            .await
-            .expect("the event written during the pause")
-            .expect("reader running");
+        async fn next(splice: &mut Splice) -> SpliceEvent {
+            tokio::time::timeout(Duration::from_secs(5), splice.next_event())
+                .await
+                .expect("an event")
+                .expect("reader running")
+        }
+        assert_eq!(
+            next(&mut splice).await,
+            SpliceEvent::Recheck,
+            "spliced while no reader ran: its events may have gone to another process's"
+        );
+        let event = next(&mut splice).await;
         let SpliceEvent::State(change) = event else {
             panic!("a state change, not {event:?}");
         };

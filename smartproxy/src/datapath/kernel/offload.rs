@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::{interval_at, Instant, Interval, MissedTickBehavior, Sleep};
 
-use super::{FlowCounters, Kernel, Splice, SpliceError, SpliceEvent, SpliceStep, Wait};
+use super::{FlowCounters, Kernel, Splice, SpliceError, SpliceEvent, SpliceStep, TcpState, Wait};
 use crate::vocab::{Direction, Side};
 
 /// The first re-check of the kernel backlog, or of what a destination acknowledged;
@@ -69,15 +69,20 @@ pub struct Offload {
     /// Per direction: how often the next re-check's wait doubled ([`backoff`]). A count,
     /// not a `Duration`: every spliced connection keeps it, parked or not.
     doublings: [u8; 2],
-    /// From the first time a side sent FIN on: most splices never need one, and a timer
-    /// takes a few hundred bytes of every spliced connection, parked or not.
+    /// Made by the first [`Offload::poll_state_check`] that sweeps (a side sent FIN while
+    /// no event reader runs): most splices never need one, and a timer takes a few hundred
+    /// bytes of every spliced connection, parked or not.
     sweep: Option<Box<Interval>>,
     /// `FLOWS.redirected` per direction when this process took the splice over (zero for
     /// its own splices): the meter counts only what the kernel moved since.
     kernel_base: [u64; 2],
-    /// The next [`Offload::poll_state_check`] reports a check as due: after an adoption,
-    /// events the predecessor read before it stopped were never seen here.
+    /// The next [`Offload::poll_state_check`] reports a check as due: after an adoption
+    /// (events the predecessor read before it stopped were never seen here), an EOF read
+    /// ([`Offload::read_eof`]), or lost events a parked splice did not stay parked for.
     recheck: bool,
+    /// Per source ([`Direction::index`] of the direction it is the source of): an event
+    /// reported its socket's move to CLOSE ([`Offload::reported_closed`]).
+    closed: [bool; 2],
     /// Per direction: its source may hold bytes the verdict passed up, or a FIN or an
     /// error, that userspace has not read ([`Offload::watches_reads`]).
     passing: [bool; 2],
@@ -128,6 +133,7 @@ impl Offload {
             sweep: None,
             kernel_base,
             recheck,
+            closed: [false; 2],
             passing: [true; 2],
             quiet_at: [0; 2],
             events_closed: false,
@@ -378,6 +384,13 @@ impl Offload {
         }
     }
 
+    /// Whether an event reported `side`'s socket moved to CLOSE. The sock_ops program runs
+    /// before the kernel stores the new state (`tcp_set_state`), so a check of the socket's
+    /// state right after the event may still read the old one.
+    pub fn reported_closed(&self, side: Side) -> bool {
+        self.closed[Direction::from_source(side).index()]
+    }
+
     /// Userspace read the EOF of `direction`'s source, for good ([`Offload::poll_passed_read`]).
     /// The next [`Offload::poll_state_check`] reports a check as due: the event of an RST
     /// that followed the FIN may have been taken in before the EOF was read, when no side
@@ -453,6 +466,11 @@ impl Offload {
                 }
                 Poll::Ready(Some(event)) => {
                     tracing::debug!(?event, "spliced socket event");
+                    if let SpliceEvent::State(change) = event {
+                        if change.new == TcpState::Close {
+                            self.closed[Direction::from_source(change.side).index()] = true;
+                        }
+                    }
                     // A FIN or an RST is read from the socket.
                     self.passing = [true; 2];
                     due = true;
