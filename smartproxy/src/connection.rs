@@ -112,11 +112,13 @@ pub(crate) enum Resumed {
 }
 
 /// Drives a connection a predecessor process handed over (or an upgrade that failed gave
-/// back) from where it was: same id, counters, lifecycle state and timers. One on the
-/// relay whose meter says it was quiet for `park_idle_after` (most were parked there) is
-/// parked here at once, without a task that would only park it at the next sweep; bytes
-/// that came meanwhile wait in its socket and take it up at once. A spliced one gets a
-/// task: this process reads the splices' events only once it adopted them all.
+/// back) from where it was: same id, counters, lifecycle state and timers. One whose meter
+/// says it was quiet for `park_idle_after` (most were parked there) is parked here at
+/// once, without a task that would only park it at a later sweep; bytes that came
+/// meanwhile wait in its socket and take it up at once. A spliced one parks so only if
+/// neither socket shows what the events its predecessor read could have announced
+/// ([`Relay::parkable_as_adopted`]); this process reads the splices' events only once it
+/// adopted them all, and until then its sockets are watched for reads.
 pub(crate) fn resume(
     shared: &Arc<Shared>,
     moved: ConnectionRecord,
@@ -142,7 +144,8 @@ pub(crate) fn resume(
         lifecycle.share_config(&generation.config.routes[index].lifecycle);
     }
     let record = shared.table.insert_moved(&moved, slot, target, meter);
-    if sockets.is_quiet() && may_park_now(shared, &lifecycle, &record) {
+    let quiet = may_park_now(shared, &lifecycle, &record);
+    if quiet && sockets.is_quiet() {
         let Moved {
             client,
             backend,
@@ -167,12 +170,18 @@ pub(crate) fn resume(
     }
     let runtime = shared.runtimes.place(None);
     let meter = Arc::clone(&record.meter);
-    let relay = relay_on(shared, runtime, moved.moves, |kernel| {
+    let mut relay = relay_on(shared, runtime, moved.moves, |kernel| {
         Relay::from_moved(sockets, meter, kernel)
     })
     .inspect_err(|_| shared.table.remove(record.id))?;
+    let mut admissions = Admissions::default();
+    if quiet && relay.parkable_as_adopted() {
+        match park(shared, relay, lifecycle, &record, &mut admissions) {
+            Ok(resumed) => return Ok(resumed),
+            Err(back) => (relay, lifecycle) = *back,
+        }
+    }
     let span = info_span!("conn", id = record.id, client = %record.client(), moved = true);
-    let admissions = Admissions::default();
     spawn_drive(
         shared,
         runtime,
@@ -624,7 +633,7 @@ fn drive<'a>(
                         && may_park(shared, &relay, &lifecycle, record)
                     {
                         match park(shared, relay, lifecycle, record, admissions) {
-                            Ok(()) => return Ended::Parked,
+                            Ok(_) => return Ended::Parked,
                             Err(kept) => {
                                 (relay, lifecycle) = *kept;
                                 continue;
@@ -806,14 +815,14 @@ fn may_park_now(shared: &Shared, lifecycle: &Lifecycle, record: &ConnRecord) -> 
 /// Parks the connection: its task ends, and the parking lot takes it up again. Gives the
 /// relay and the lifecycle back if the sockets cannot be handed over (then it never
 /// parks). Should the lot refuse (the proxy started to stop meanwhile, or the sockets
-/// cannot be watched), a new task takes the connection up at once.
+/// cannot be watched), a new task takes the connection up at once. Says which.
 fn park(
     shared: &Arc<Shared>,
     relay: Relay,
     lifecycle: Lifecycle,
     record: &Arc<ConnRecord>,
     admissions: &mut Admissions,
-) -> Result<(), Box<(Relay, Lifecycle)>> {
+) -> Result<Resumed, Box<(Relay, Lifecycle)>> {
     if shared.parking.is_none() {
         return Err(Box::new((relay, lifecycle)));
     }
@@ -834,8 +843,7 @@ fn park(
         moves,
         admissions: std::mem::take(admissions),
     });
-    park_or_take_up(shared, parked);
-    Ok(())
+    Ok(park_or_take_up(shared, parked))
 }
 
 /// Parks `parked`; should the lot refuse (the proxy started to stop meanwhile, parking is

@@ -564,6 +564,27 @@ impl Relay {
                 .is_none_or(|adaptive| !adaptive.policy.measures_kernel())
     }
 
+    /// Whether a spliced relay a predecessor moved here ([`Relay::from_moved`]) may be
+    /// parked at once, before this process reads the kernel's events: as
+    /// [`Relay::parkable`] says, with the adoption's check settled
+    /// ([`Offload::settle_adoption`]) instead of waiting for events.
+    pub fn parkable_as_adopted(&mut self) -> bool {
+        if !self.movable()
+            || self.holds_bytes()
+            || self.halves.iter().any(|half| half.eof || half.finishing)
+            || !self.sockets_own_splice()
+            || self
+                .adaptive
+                .as_ref()
+                .is_some_and(|adaptive| adaptive.policy.measures_kernel())
+        {
+            return false;
+        }
+        self.offload
+            .as_deref_mut()
+            .is_some_and(Offload::settle_adoption)
+    }
+
     /// Takes a quiet relay apart to park it; call it only when [`Relay::parkable`]. A plain
     /// relay's sockets go as new descriptors ([`Relay::into_moved`]), a spliced one's as
     /// they are, with the splice. On error nothing changed.

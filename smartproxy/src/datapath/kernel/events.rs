@@ -43,9 +43,10 @@ pub(super) struct SpliceRegistry {
 
 struct Registration {
     side: Side,
-    /// Registered while no reader of this process ran: another process's reader (the
-    /// predecessor's, before it paused for the handoff) may have taken this socket's
-    /// events, which nothing counts as lost.
+    /// Spliced (not adopted) while no reader of this process ran: another process's reader
+    /// (the predecessor's, before it paused for the handoff) may have taken this socket's
+    /// events, which nothing counts as lost. An adoption comes after that reader paused,
+    /// and re-checks the sockets itself.
     unread: bool,
     events: Arc<EventQueue>,
 }
@@ -197,11 +198,13 @@ impl SpliceRegistry {
         }
     }
 
-    /// Registers both cookies, or neither if one is already spliced.
+    /// Registers both cookies, or neither if one is already spliced. `adopted`: the splice
+    /// is taken over from another process, not made here.
     pub(super) fn register(
         &self,
         sockets: &[(u64, Side); 2],
         events: &Arc<EventQueue>,
+        adopted: bool,
     ) -> Result<(), SpliceError> {
         let mut registry = lock(&self.by_cookie);
         if let Some((_, side)) = sockets.iter().find(|(c, _)| registry.contains_key(c)) {
@@ -211,7 +214,7 @@ impl SpliceRegistry {
                 io::Error::new(io::ErrorKind::AlreadyExists, "socket is already spliced"),
             ));
         }
-        let unread = !self.reading();
+        let unread = !adopted && !self.reading();
         for (cookie, side) in sockets {
             registry.insert(
                 *cookie,
@@ -421,7 +424,7 @@ mod tests {
         let registry = SpliceRegistry::new(5);
         let events = Arc::new(EventQueue::default());
         registry
-            .register(&[(1, Side::Client), (2, Side::Backend)], &events)
+            .register(&[(1, Side::Client), (2, Side::Backend)], &events, false)
             .unwrap();
         registry.note_losses(Some(5));
         registry.note_losses(None);

@@ -539,6 +539,7 @@ impl Kernel {
                 (backend.cookie, Side::Backend),
             ],
             &events,
+            false,
         )?;
         // From here on, dropping `splice` undoes exactly the steps recorded in it.
         let mut splice = Splice {

@@ -317,6 +317,25 @@ impl Offload {
             })
     }
 
+    /// An adopted splice ([`Offload::adopt`]) that may wait without a task at once: neither
+    /// socket shows anything the events its predecessor read could have announced (see
+    /// [`Offload::stays_parked`]), which settles the check the adoption made due, and both
+    /// directions redirect. Its events come once this process reads them; meanwhile its
+    /// sockets are watched for reads ([`Offload::watches_reads`]), so a FIN or bytes wake
+    /// it. Nothing changes if it may not.
+    pub fn settle_adoption(&mut self) -> bool {
+        let settled = !self.events_closed
+            && self.retry.iter().all(Option::is_none)
+            && Direction::BOTH
+                .into_iter()
+                .all(|direction| self.splice.redirects(direction.source()))
+            && self.shows_nothing();
+        if settled {
+            self.recheck = false;
+        }
+        settled
+    }
+
     /// The ring-buffer reader stopped for good: no event comes for this splice any more.
     pub fn events_stopped(&self) -> bool {
         self.events_closed

@@ -432,6 +432,7 @@ impl Splice {
                 (backend.cookie, Side::Backend),
             ],
             &events,
+            true,
         )?;
         let records = [sockets[0].1, sockets[1].1];
         let done = Done {
