@@ -116,9 +116,11 @@ pub(crate) enum Resumed {
 /// says it was quiet for `park_idle_after` (most were parked there) is parked here at
 /// once, without a task that would only park it at a later sweep; bytes that came
 /// meanwhile wait in its socket and take it up at once. A spliced one parks so only if
+/// its meter, which counts the kernel's bytes from the adoption on, still says so, and
 /// neither socket shows what the events its predecessor read could have announced
-/// ([`Relay::parkable_as_adopted`]); this process reads the splices' events only once it
-/// adopted them all, and until then its sockets are watched for reads.
+/// ([`Relay::parkable_as_adopted`]). This process reads the splices' events only once it
+/// adopted them all: until then the lot watches those sockets for reads too
+/// ([`crate::park::Parking::watch_splices_again`]).
 pub(crate) fn resume(
     shared: &Arc<Shared>,
     moved: ConnectionRecord,
@@ -175,7 +177,8 @@ pub(crate) fn resume(
     })
     .inspect_err(|_| shared.table.remove(record.id))?;
     let mut admissions = Admissions::default();
-    if quiet && relay.parkable_as_adopted() {
+    // Again: the meter counts the kernel's bytes since the adoption now.
+    if may_park_now(shared, &lifecycle, &record) && relay.parkable_as_adopted() {
         match park(shared, relay, lifecycle, &record, &mut admissions) {
             Ok(resumed) => return Ok(resumed),
             Err(back) => (relay, lifecycle) = *back,

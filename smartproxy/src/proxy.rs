@@ -364,10 +364,8 @@ impl Proxy {
         if let Some(kernel) = &self.shared.kernel {
             // The pins are this proxy's now, whatever became of the predecessor.
             kernel.own_pins();
-            if let Err(e) = kernel.start_events() {
-                warn!(error = %error_chain(&e), "cannot read the kernel's state changes");
-            }
         }
+        self.shared.read_kernel_events();
         Some(taken)
     }
 

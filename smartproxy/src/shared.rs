@@ -104,6 +104,21 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Starts (or resumes) reading the kernel's events, after an upgrade's takeover or a
+    /// failed handoff, and has the parking lot watch the splices parked meanwhile as they
+    /// now ask: no longer for reads while the verdict redirects. Logged if it fails: the
+    /// splices then keep watching their sockets for reads.
+    pub(crate) fn read_kernel_events(&self) {
+        let Some(kernel) = &self.kernel else { return };
+        if let Err(e) = kernel.start_events() {
+            warn!(error = %error_chain(&e), "cannot read the kernel's state changes");
+            return;
+        }
+        if let Some(parking) = &self.parking {
+            parking.watch_splices_again();
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> Snapshot {
         let ebpf = self
             .kernel

@@ -760,8 +760,7 @@ fn under_load_keeps_every_connection(path: &str) {
         "an upgrade between 1 s and 5 s of the short connection: {in_middle}"
     );
 
-    // The last successor parks the idle connections too (on the relay at once, spliced
-    // ones once its event reader runs).
+    // The last successor parks the idle connections too.
     wait_until("the idle connections park in the last successor", || {
         stats_of(&proxy)["connections"]["parked"] == parkable
     });

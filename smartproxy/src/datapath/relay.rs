@@ -565,9 +565,11 @@ impl Relay {
     }
 
     /// Whether a spliced relay a predecessor moved here ([`Relay::from_moved`]) may be
-    /// parked at once, before this process reads the kernel's events: as
-    /// [`Relay::parkable`] says, with the adoption's check settled
-    /// ([`Offload::settle_adoption`]) instead of waiting for events.
+    /// parked at once, before this process reads the kernel's events: both directions
+    /// open, nothing held, plain TCP, both sockets its own, no window of the adaptive
+    /// path's to measure in the kernel, and the adoption's check settled without events
+    /// ([`Offload::settle_adoption`], which clears it). Unlike [`Relay::parkable`] it does
+    /// not ask for events read: the parking lot watches its sockets for reads until then.
     pub fn parkable_as_adopted(&mut self) -> bool {
         if !self.movable()
             || self.holds_bytes()

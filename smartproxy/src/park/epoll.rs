@@ -49,6 +49,15 @@ impl Epoll {
         self.control(libc::EPOLL_CTL_ADD, socket, &mut event)
     }
 
+    /// Watches `socket`, already watched, for what [`Epoll::add`] says, and arms it again.
+    pub(super) fn modify(&self, socket: BorrowedFd<'_>, token: u64, reads: bool) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: if reads { READY } else { CLOSING },
+            u64: token,
+        };
+        self.control(libc::EPOLL_CTL_MOD, socket, &mut event)
+    }
+
     pub(super) fn remove(&self, socket: BorrowedFd<'_>) -> io::Result<()> {
         // Ignored by the kernel for a removal, but must be a valid pointer before 2.6.9.
         let mut event = libc::epoll_event { events: 0, u64: 0 };

@@ -42,10 +42,11 @@ const MAX_SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// The most connections one sweep asks to park: each parks in its own task, and thousands
 /// at once queue ahead of the busy connections on their runtimes. A successor that took
-/// over 9,872 idle spliced connections parked them all at its first sweep: the longest
-/// pause of streams through it was about 130 ms (3 upgrades) without this limit, and
-/// 63 ms with it (median of 5; docs/performance.md). A burst of connections that go quiet
-/// together parks over a few sweeps instead. Each sweep starts after the last connection
+/// over 9,872 idle spliced connections in tasks parked them all at its first sweep: the
+/// longest pause of streams through it was about 130 ms (3 upgrades) without this limit,
+/// and 63 ms with it (median of 5; docs/performance.md). A successor now parks quiet
+/// adopted ones at once (`connection::resume`), but a burst of connections that go quiet
+/// together still parks over a few sweeps. Each sweep starts after the last connection
 /// the one before asked (by id), so that those that decline (a relay holding bytes for a
 /// stalled reader) do not keep the others from their turn.
 const MAX_ASKED_PER_SWEEP: usize = 1024;
@@ -78,9 +79,12 @@ impl Parked {
     }
 
     /// Each socket, and whether it is watched for reads: always on the relay; on a spliced
-    /// connection only for a direction the verdict passes up, since a redirecting socket
-    /// turns readable after every skb it redirected, and its splice's events say what
-    /// there is to read (`docs/kernel-notes.md#read-wake-ups`).
+    /// connection only for a direction the verdict passes up, or while this process does
+    /// not read the kernel's events ([`Offload::watches_reads`]), since a redirecting
+    /// socket turns readable after every skb it redirected, and its splice's events say
+    /// what there is to read (`docs/kernel-notes.md#read-wake-ups`).
+    ///
+    /// [`Offload::watches_reads`]: crate::datapath::kernel::Offload::watches_reads
     fn watched(&self) -> [(BorrowedFd<'_>, bool); 2] {
         let Resting {
             offload,
@@ -244,6 +248,24 @@ impl Parking {
         self.epoll.add(backend, id, backend_reads).inspect_err(|_| {
             let _ = self.epoll.remove(client);
         })
+    }
+
+    /// Watches every parked splice's sockets as it asks now ([`Parked::watched`]): once this
+    /// process reads the kernel's events, those parked before (adopted from a predecessor)
+    /// stop being watched for reads, which every skb the verdict redirects would wake.
+    /// One that fired meanwhile is armed again; its take-up, under way, removes it.
+    pub(crate) fn watch_splices_again(&self) {
+        let lot = self.lock();
+        for (id, parked) in &lot.parked {
+            if parked.sockets.offload.is_none() {
+                continue;
+            }
+            for (socket, reads) in parked.watched() {
+                if let Err(e) = self.epoll.modify(socket, *id, reads) {
+                    warn!(id, error = %e, "a parked splice's socket could not be watched again");
+                }
+            }
+        }
     }
 
     /// Takes the connection `id` out, if it is still parked.

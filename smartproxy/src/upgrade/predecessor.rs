@@ -411,11 +411,7 @@ async fn move_connections(
             }
             back += 1;
         }
-        if let Some(kernel) = &shared.kernel {
-            if let Err(e) = kernel.start_events() {
-                warn!(error = %crate::error_chain(&e), "cannot read the kernel's state changes again");
-            }
-        }
+        shared.read_kernel_events();
         info!(
             resumed = back,
             "upgrade failed: the connections not taken over run here again"

@@ -1256,6 +1256,54 @@ pub(crate) mod tests {
         });
     }
 
+    /// An adopted splice may park at once only if neither socket shows what its
+    /// predecessor's events could have announced: a quiet one settles the adoption's check,
+    /// and once events are read it is parkable and watches no socket for reads; one whose
+    /// client's FIN waits does not, and its check stays due.
+    #[tokio::test]
+    async fn an_adopted_splice_settles_only_when_its_sockets_show_nothing() {
+        use std::net::Shutdown;
+        use std::time::{Duration, Instant};
+
+        use crate::vocab::Direction;
+
+        let Some(kernel) = load_or_skip(small(), None) else {
+            return;
+        };
+        let (offload, sockets) = spliced_offload(&kernel);
+        let readopt = |offload: Offload| {
+            Offload::adopt(
+                &kernel,
+                sockets[1].as_fd(),
+                sockets[2].as_fd(),
+                Arc::new(crate::datapath::Meter::default()),
+                offload.export(),
+            )
+            .unwrap()
+        };
+        let mut quiet = readopt(offload);
+        assert!(!quiet.parkable(), "adopted: a check is due");
+        assert!(quiet.settle_adoption());
+        kernel.start_events().unwrap();
+        assert!(quiet.parkable());
+        for direction in Direction::BOTH {
+            assert!(!quiet.watches_reads(direction), "{direction}");
+        }
+
+        let mut waiting_fin = readopt(quiet);
+        sockets[0].shutdown(Shutdown::Write).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !waiting_fin.may_have_bytes_to_read(Direction::ClientToBackend) {
+            assert!(
+                Instant::now() < deadline,
+                "the FIN reached the proxy's socket"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!waiting_fin.settle_adoption());
+        assert!(!waiting_fin.parkable(), "its check stays due");
+    }
+
     /// Events lost while no reader ran (paused for an upgrade that then failed) reach
     /// every splice as a recheck once reading resumes; losses it was told of already do
     /// not come again. (Each reader used to start from the count it found.)

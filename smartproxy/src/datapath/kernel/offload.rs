@@ -320,9 +320,10 @@ impl Offload {
     /// An adopted splice ([`Offload::adopt`]) that may wait without a task at once: neither
     /// socket shows anything the events its predecessor read could have announced (see
     /// [`Offload::stays_parked`]), which settles the check the adoption made due, and both
-    /// directions redirect. Its events come once this process reads them; meanwhile its
-    /// sockets are watched for reads ([`Offload::watches_reads`]), so a FIN or bytes wake
-    /// it. Nothing changes if it may not.
+    /// directions redirect; nor does either need watching for reads once events come
+    /// ([`Offload::read_nothing`] would find the same). Until this process reads its
+    /// events, its sockets are watched for reads ([`Offload::watches_reads`]), so a FIN or
+    /// bytes wake it. Nothing changes if it may not.
     pub fn settle_adoption(&mut self) -> bool {
         let settled = !self.events_closed
             && self.retry.iter().all(Option::is_none)
@@ -332,6 +333,7 @@ impl Offload {
             && self.shows_nothing();
         if settled {
             self.recheck = false;
+            self.passing = [false; 2];
         }
         settled
     }
