@@ -1122,6 +1122,13 @@ mod tests {
         relay
     }
 
+    /// The relay polls both sockets, finds them empty and reports nothing within 100 ms.
+    async fn nothing_to_report_yet(relay: &mut Relay) {
+        let report =
+            tokio::time::timeout(std::time::Duration::from_millis(100), relay.next_event()).await;
+        assert!(report.is_err(), "nothing to report yet: {report:?}");
+    }
+
     /// A spliced connection whose bytes the kernel redirects does not wake its relay's
     /// thread for them (`docs/kernel-notes.md#read-wake-ups`). The relay runs on a runtime of its own thread;
     /// 300 round trips of 64 bytes (an skb each, each of which used to wake that thread
@@ -1226,12 +1233,7 @@ mod tests {
         let [mut app_client, proxy_client, proxy_backend, mut app_backend] = proxied_pair();
         let mut relay = spliced_relay(&kernel, proxy_client, proxy_backend);
         // The relay finds both sockets empty: with events read, it would stop watching.
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), relay.next_event())
-                .await
-                .is_err(),
-            "nothing to report yet"
-        );
+        nothing_to_report_yet(&mut relay).await;
 
         app_client.write_all(b"hello").expect("client writes");
         app_client.shutdown(Shutdown::Write).expect("client FIN");
@@ -1273,12 +1275,7 @@ mod tests {
         let [_app_client, proxy_client, proxy_backend, app_backend] = proxied_pair();
         let backend_side = proxy_backend.try_clone().expect("dup");
         let mut relay = spliced_relay(&kernel, proxy_client, proxy_backend);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), relay.next_event())
-                .await
-                .is_err(),
-            "nothing to report yet"
-        );
+        nothing_to_report_yet(&mut relay).await;
 
         let events_before = kernel.stats().events;
         app_backend.shutdown(Shutdown::Write).expect("backend FIN");
