@@ -146,8 +146,7 @@ pub(crate) fn resume(
         lifecycle.share_config(&generation.config.routes[index].lifecycle);
     }
     let record = shared.table.insert_moved(&moved, slot, target, meter);
-    let quiet = may_park_now(shared, &lifecycle, &record);
-    if quiet && sockets.is_quiet() {
+    if sockets.is_quiet() && may_park_now(shared, &lifecycle, &record) {
         let Moved {
             client,
             backend,
@@ -177,7 +176,7 @@ pub(crate) fn resume(
     })
     .inspect_err(|_| shared.table.remove(record.id))?;
     let mut admissions = Admissions::default();
-    // Again: the meter counts the kernel's bytes since the adoption now.
+    // After the adoption: the meter counts the kernel's bytes since the handoff.
     if may_park_now(shared, &lifecycle, &record) && relay.parkable_as_adopted() {
         match park(shared, relay, lifecycle, &record, &mut admissions) {
             Ok(resumed) => return Ok(resumed),

@@ -545,46 +545,39 @@ impl Relay {
                 .is_none_or(|offload| !offload.events_stopped())
     }
 
-    /// Whether the connection may be parked now (`park`): plain TCP on both sides, nothing
-    /// held, and if spliced, both sockets its own ([`Peer::Spliced`]), the kernel side
-    /// ready to wait ([`Offload::parkable`]), and no window of the adaptive path's to
-    /// measure in the kernel (a parked connection has no tick).
+    /// Whether the connection may be parked now (`park`): the relay may rest
+    /// ([`Relay::may_rest`]) and, if spliced, the kernel side is ready to wait
+    /// ([`Offload::parkable`]). Both directions open is the lifecycle's to say.
     pub fn parkable(&self) -> bool {
-        if !self.movable() || self.holds_bytes() {
-            return false;
-        }
-        let Some(offload) = self.offload.as_deref() else {
-            return true;
-        };
-        self.sockets_own_splice()
-            && offload.parkable()
-            && self
-                .adaptive
-                .as_ref()
-                .is_none_or(|adaptive| !adaptive.policy.measures_kernel())
+        self.may_rest() && self.offload.as_deref().is_none_or(Offload::parkable)
     }
 
     /// Whether a spliced relay a predecessor moved here ([`Relay::from_moved`]) may be
-    /// parked at once, before this process reads the kernel's events: both directions
-    /// open, nothing held, plain TCP, both sockets its own, no window of the adaptive
-    /// path's to measure in the kernel, and the adoption's check settled without events
+    /// parked at once, before this process reads the kernel's events: the relay may rest
+    /// ([`Relay::may_rest`]) and the adoption's check is settled without events
     /// ([`Offload::settle_adoption`], which clears it). Unlike [`Relay::parkable`] it does
     /// not ask for events read: the parking lot watches its sockets for reads until then.
     pub fn parkable_as_adopted(&mut self) -> bool {
-        if !self.movable()
-            || self.holds_bytes()
-            || self.halves.iter().any(|half| half.eof || half.finishing)
-            || !self.sockets_own_splice()
-            || self
-                .adaptive
-                .as_ref()
-                .is_some_and(|adaptive| adaptive.policy.measures_kernel())
-        {
-            return false;
-        }
-        self.offload
-            .as_deref_mut()
-            .is_some_and(Offload::settle_adoption)
+        self.offload.is_some()
+            && self.may_rest()
+            && self
+                .offload
+                .as_deref_mut()
+                .is_some_and(Offload::settle_adoption)
+    }
+
+    /// What parking asks of the relay itself: plain TCP on both sides, nothing held, and if
+    /// spliced, both sockets its own ([`Peer::Spliced`]) and no window of the adaptive
+    /// path's to measure in the kernel (a parked connection has no tick).
+    fn may_rest(&self) -> bool {
+        self.movable()
+            && !self.holds_bytes()
+            && (self.offload.is_none()
+                || self.sockets_own_splice()
+                    && self
+                        .adaptive
+                        .as_ref()
+                        .is_none_or(|adaptive| !adaptive.policy.measures_kernel()))
     }
 
     /// Takes a quiet relay apart to park it; call it only when [`Relay::parkable`]. A plain
@@ -1089,22 +1082,6 @@ impl Relay {
 mod tests {
     use super::*;
 
-    /// A client and a backend connected through two sockets of the proxy's, on loopback:
-    /// `[client, proxy's client side, proxy's backend side, backend]`.
-    fn proxied_pair() -> [std::net::TcpStream; 4] {
-        use std::net::TcpListener;
-
-        let front = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let back = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let app_client =
-            std::net::TcpStream::connect(front.local_addr().expect("addr")).expect("connect");
-        let proxy_client = front.accept().expect("accept").0;
-        let proxy_backend =
-            std::net::TcpStream::connect(back.local_addr().expect("addr")).expect("connect");
-        let app_backend = back.accept().expect("accept").0;
-        [app_client, proxy_client, proxy_backend, app_backend]
-    }
-
     /// A relay between the proxy's two sockets, spliced by `kernel`, on the current
     /// runtime.
     fn spliced_relay(
@@ -1151,7 +1128,8 @@ mod tests {
             return;
         };
         kernel.start_events().expect("event reader");
-        let [mut app_client, proxy_client, proxy_backend, mut app_backend] = proxied_pair();
+        let [mut app_client, proxy_client, proxy_backend, mut app_backend] =
+            crate::datapath::kernel::tests::proxied_pair();
 
         let (started, thread_id) = std::sync::mpsc::channel();
         let (spliced_tx, spliced) = std::sync::mpsc::channel();
@@ -1230,7 +1208,8 @@ mod tests {
             return;
         };
         assert!(!kernel.reads_events(), "no reader before start_events");
-        let [mut app_client, proxy_client, proxy_backend, mut app_backend] = proxied_pair();
+        let [mut app_client, proxy_client, proxy_backend, mut app_backend] =
+            crate::datapath::kernel::tests::proxied_pair();
         let mut relay = spliced_relay(&kernel, proxy_client, proxy_backend);
         // The relay finds both sockets empty: with events read, it would stop watching.
         nothing_to_report_yet(&mut relay).await;
@@ -1272,7 +1251,8 @@ mod tests {
             return;
         };
         kernel.start_events().expect("event reader");
-        let [_app_client, proxy_client, proxy_backend, app_backend] = proxied_pair();
+        let [_app_client, proxy_client, proxy_backend, app_backend] =
+            crate::datapath::kernel::tests::proxied_pair();
         let backend_side = proxy_backend.try_clone().expect("dup");
         let mut relay = spliced_relay(&kernel, proxy_client, proxy_backend);
         nothing_to_report_yet(&mut relay).await;

@@ -589,6 +589,84 @@ mod tests {
         assert!(record.nudge.poll_nudged(&mut cx).is_ready(), "still raised");
     }
 
+    /// The events mask the lot's epoll instance holds for the socket `fd`, from
+    /// `/proc/self/fdinfo` (`tfd: <fd> events: <hex mask>`).
+    fn watched_mask(parking: &Parking, fd: std::os::fd::RawFd) -> u32 {
+        use std::os::fd::AsRawFd;
+
+        let fdinfo =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", parking.epoll.as_raw_fd()))
+                .expect("the epoll instance's fdinfo");
+        fdinfo
+            .lines()
+            .find_map(|line| {
+                let mut fields = line.split_whitespace();
+                (fields.next() == Some("tfd:")
+                    && fields.next() == Some(fd.to_string().as_str())
+                    && fields.next() == Some("events:"))
+                .then(|| {
+                    fields
+                        .next()
+                        .and_then(|mask| u32::from_str_radix(mask, 16).ok())
+                })
+                .flatten()
+            })
+            .expect("the socket is watched")
+    }
+
+    /// A splice parked before this process reads the kernel's events (a successor's,
+    /// adopted) is watched for reads; once the events are read, the lot watches it as any
+    /// parked splice, for a FIN or an error only, so that redirected skbs wake nothing.
+    #[tokio::test]
+    async fn splices_parked_before_events_are_read_stop_being_watched_for_reads() {
+        use crate::datapath::kernel::tests::{load_or_skip, proxied_pair, small};
+        use crate::datapath::kernel::Offload;
+
+        let Some(kernel) = load_or_skip(small(), None) else {
+            return;
+        };
+        let parking = Parking::new().expect("an epoll instance");
+        assert!(!parking.follow(false), "open");
+        let [_app_client, client, backend, _app_backend] = proxied_pair();
+        let table = ConnTable::default();
+        let record = table.insert("127.0.0.1:1".parse().expect("an address"));
+        let mut offload = Offload::new(
+            &kernel,
+            client.as_fd(),
+            backend.as_fd(),
+            Arc::clone(&record.meter) as _,
+        )
+        .expect("spliced");
+        assert!(offload.settle_adoption(), "quiet");
+        let parked = Box::new(Parked {
+            record,
+            sockets: Resting {
+                offload: Some(Box::new(offload)),
+                client: client.into(),
+                backend: backend.into(),
+            },
+            lifecycle: Lifecycle::new(Arc::default(), Instant::now()),
+            moves: None,
+            admissions: Admissions::default(),
+        });
+        let sockets = parked
+            .watched()
+            .map(|(socket, _)| std::os::fd::AsRawFd::as_raw_fd(&socket));
+        assert!(parking.park(parked).is_ok(), "parked");
+        const EPOLLIN: u32 = libc::EPOLLIN as u32;
+        for fd in sockets {
+            let mask = watched_mask(&parking, fd);
+            assert_ne!(mask & EPOLLIN, 0, "no events read yet: watched for reads");
+        }
+        kernel.start_events().expect("event reader");
+        parking.watch_splices_again();
+        for fd in sockets {
+            let mask = watched_mask(&parking, fd);
+            assert_eq!(mask & EPOLLIN, 0, "events read: a FIN or an error only");
+            assert_ne!(mask & libc::EPOLLRDHUP as u32, 0, "a FIN still wakes it");
+        }
+    }
+
     #[test]
     fn the_sweep_looks_twice_within_the_delay_and_at_least_every_half_second() {
         assert_eq!(

@@ -1133,25 +1133,34 @@ pub(crate) mod tests {
             .unwrap();
     }
 
+    /// A client and a backend connected through two sockets of the proxy's, on loopback:
+    /// `[client, proxy's client side, proxy's backend side, backend]`.
+    pub(crate) fn proxied_pair() -> [std::net::TcpStream; 4] {
+        use std::net::TcpListener;
+
+        let front = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let back = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let app_client =
+            std::net::TcpStream::connect(front.local_addr().expect("addr")).expect("connect");
+        let proxy_client = front.accept().expect("accept").0;
+        let proxy_backend =
+            std::net::TcpStream::connect(back.local_addr().expect("addr")).expect("connect");
+        let app_backend = back.accept().expect("accept").0;
+        [app_client, proxy_client, proxy_backend, app_backend]
+    }
+
     /// A pair of the proxy's sockets on loopback, spliced by `kernel` into an Offload:
     /// `(offload, [client, proxy's client side, proxy's backend side, backend])`.
     fn spliced_offload(kernel: &Kernel) -> (Offload, [std::net::TcpStream; 4]) {
-        use std::net::{TcpListener, TcpStream};
-
-        let front = TcpListener::bind("127.0.0.1:0").unwrap();
-        let back = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
-        let proxy_client = front.accept().unwrap().0;
-        let proxy_backend = TcpStream::connect(back.local_addr().unwrap()).unwrap();
-        let backend = back.accept().unwrap().0;
+        let sockets = proxied_pair();
         let offload = Offload::new(
             kernel,
-            proxy_client.as_fd(),
-            proxy_backend.as_fd(),
+            sockets[1].as_fd(),
+            sockets[2].as_fd(),
             Arc::new(crate::datapath::Meter::default()),
         )
         .unwrap();
-        (offload, [client, proxy_client, proxy_backend, backend])
+        (offload, sockets)
     }
 
     /// Polls `offload` as the relay does (`watching`: a side is half-closed), until a
