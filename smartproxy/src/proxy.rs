@@ -285,7 +285,11 @@ impl Proxy {
             stop: stop_rx,
             tasks,
             services: TaskTracker::new(),
-            upgrade: watch::Sender::new(Phase::Idle),
+            upgrade: watch::Sender::new(if handoff.is_some() {
+                Phase::TakingOver
+            } else {
+                Phase::Idle
+            }),
             handoff: Mutex::default(),
             handoff_sockets: Mutex::default(),
             successor,
@@ -353,7 +357,9 @@ impl Proxy {
 
     /// In a successor: takes over the predecessor's connections (`None` in a proxy not
     /// started by an upgrade). Call it once [`Proxy::start_prepared`] returned: the
-    /// predecessor stops accepting once told this proxy accepts.
+    /// predecessor stops accepting once told this proxy accepts. This proxy cannot be
+    /// upgraded until it returned `Ok`. On error, exit: the predecessor stops this process
+    /// and runs on with what it did not hand over, on the kernel maps it still owns.
     pub async fn take_over(&self) -> Option<std::io::Result<TakenOver>> {
         let (socket, predecessor) = self
             .handoff
@@ -361,11 +367,14 @@ impl Proxy {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()?;
         let taken = crate::upgrade::take_over(&self.shared, socket, predecessor).await;
-        if let Some(kernel) = &self.shared.kernel {
-            // The pins are this proxy's now, whatever became of the predecessor.
-            kernel.own_pins();
+        if taken.is_ok() {
+            if let Some(kernel) = &self.shared.kernel {
+                // The pins are this proxy's now, whatever became of the predecessor.
+                kernel.own_pins();
+            }
+            self.shared.read_kernel_events();
+            self.shared.upgrade.send_replace(Phase::Idle);
         }
-        self.shared.read_kernel_events();
         Some(taken)
     }
 

@@ -425,6 +425,100 @@ fn of_two_concurrent_upgrades_one_is_refused() {
     }
 }
 
+/// A successor shares the control socket from its start, so an upgrade request may reach
+/// it while it still adopts connections: it refuses until it took over, then upgrades.
+#[test]
+fn a_successor_refuses_its_own_upgrade_until_it_took_over() {
+    const TAKING_OVER: &str = "still taking over from its predecessor";
+    const UNDER_WAY: &str = "another upgrade is under way";
+    for data_path in data_paths() {
+        let mut pids = Successors::new();
+        let backend = echo_backend();
+        // A connection that never sends its PROXY header holds the handoff open until its
+        // handshake times out: the successor is taking over all that time.
+        let held = free_port();
+        let routes = format!(
+            "[[route]]\nname = \"held\"\nlisten = \"{held}\"\ntargets = [\"{backend}\"]\n\
+             accept_proxy_protocol = \"v1\"\nproxy_protocol_trusted = [\"127.0.0.1\"]\n"
+        );
+        let mut proxy = ProxyProcess::start_routes(
+            "echo",
+            backend,
+            "grace_period = \"1s\"\nhandshake_timeout = \"6s\"",
+            &proxy_lines(data_path),
+            &routes,
+            |_| {},
+        );
+        let mut streams = open_echo(proxy.listen, 3);
+        let silent = TcpStream::connect(held).expect("connect to the held listener");
+        let accepted = Instant::now();
+        wait_until("the proxy accepted the silent connection", || {
+            stats_of(&proxy.control)["connections"]["active"] == 4
+        });
+
+        let request = spawn_upgrade(&proxy.control, None);
+        wait_until("the successor is ready", || {
+            proxy.log().contains("successor ready, handing over")
+        });
+        // Both processes accept on the control socket: ask until the successor answers,
+        // well before the silent connection's handshake times out.
+        let until = accepted + Duration::from_secs(4);
+        let mut answers = Vec::new();
+        while Instant::now() < until && !answers.iter().any(|a: &String| a.contains(TAKING_OVER)) {
+            let run = upgrade(&proxy.control, None);
+            assert_refused(&run, "");
+            answers.push(run.message());
+        }
+        eprintln!(
+            "{data_path}: {} asked, {:?} after the accept",
+            answers.len(),
+            accepted.elapsed()
+        );
+        assert!(
+            answers.iter().any(|a| a.contains(TAKING_OVER)),
+            "{data_path}: the successor refused while taking over: {answers:?}"
+        );
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.contains(TAKING_OVER) || a.contains(UNDER_WAY)),
+            "{data_path}: {answers:?}"
+        );
+
+        let first = finish_upgrade(request);
+        assert!(first.ok(), "{data_path}: {}", first.reply);
+        let successor = first.new_pid();
+        pids.track(successor);
+        assert_eq!(first.reply["moved"], 3, "{}", first.reply);
+        assert_eq!(
+            proxy.wait_exit(WAIT).code(),
+            Some(0),
+            "the old process exits"
+        );
+        drop(silent);
+        all_served(&mut streams, "moved");
+
+        // Once it took over, it upgrades like any proxy.
+        let second = upgrade(&proxy.control, None);
+        assert!(second.ok(), "{data_path}: {}", second.reply);
+        assert_eq!(second.reply["old_pid"], successor, "{}", second.reply);
+        pids.track(second.new_pid());
+        assert_eq!(
+            pids.wait_exit(successor),
+            0,
+            "{data_path}: the first successor exits"
+        );
+        all_served(&mut streams, "moved again");
+        assert_spliced(data_path, &proxy.control, 3);
+        drop(streams);
+        assert_eq!(
+            pids.stop(second.new_pid(), libc::SIGTERM),
+            Some(0),
+            "{data_path}: the second successor stops cleanly"
+        );
+    }
+}
+
 /// How the successor's `took over from the predecessor` line counts: (connections,
 /// complete).
 fn taken_over(log: &str, predecessor: libc::pid_t) -> Option<(u64, bool)> {

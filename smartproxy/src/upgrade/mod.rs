@@ -46,6 +46,10 @@ pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// upgrade goes back to `Idle`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Phase {
+    /// A successor still taking over from its predecessor: its own upgrade would start
+    /// a third process while the second still adopts connections and before it reads
+    /// the kernel's events.
+    TakingOver,
     Idle,
     /// A successor is starting; this process still accepts.
     Starting,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tracing::{info, warn};
 
@@ -51,6 +51,10 @@ pub enum UpgradeError {
     Draining,
     #[error("another upgrade is under way")]
     InProgress,
+    #[error(
+        "this proxy is still taking over from its predecessor; ask again once it logged \"ready\""
+    )]
+    TakingOver,
     #[error("the proxy was not started from a configuration file, which a successor must read")]
     NoConfigFile,
     #[error(transparent)]
@@ -91,7 +95,7 @@ pub(crate) async fn upgrade(
     binary: Option<PathBuf>,
 ) -> Result<Upgraded, UpgradeError> {
     let started = Instant::now();
-    begin(shared)?;
+    begin(*shared.stop.borrow(), &shared.upgrade)?;
     let result = hand_over(shared, binary, started).await;
     if result.is_ok() {
         if let Some(kernel) = &shared.kernel {
@@ -107,20 +111,24 @@ pub(crate) async fn upgrade(
     result
 }
 
-/// Idle -> Starting, unless the proxy drains or another upgrade runs.
-fn begin(shared: &Shared) -> Result<(), UpgradeError> {
-    if *shared.stop.borrow() != Stop::Running {
+/// Idle -> Starting, unless the proxy drains, still takes over, or another upgrade runs.
+fn begin(stop: Stop, upgrade: &watch::Sender<Phase>) -> Result<(), UpgradeError> {
+    if stop != Stop::Running {
         return Err(UpgradeError::Draining);
     }
     let mut refused = None;
-    shared.upgrade.send_if_modified(|phase| {
-        if *phase == Phase::Idle {
+    upgrade.send_if_modified(|phase| {
+        refused = match *phase {
+            Phase::Idle => None,
+            Phase::TakingOver => Some(UpgradeError::TakingOver),
+            Phase::Starting | Phase::HandingOff | Phase::HandedOff => {
+                Some(UpgradeError::InProgress)
+            }
+        };
+        if refused.is_none() {
             *phase = Phase::Starting;
-            true
-        } else {
-            refused = Some(UpgradeError::InProgress);
-            false
         }
+        refused.is_none()
     });
     refused.map_or(Ok(()), Err)
 }
@@ -524,4 +532,45 @@ async fn send_connection(socket: &UnixStream, out: &Outgoing) -> Result<(), Upgr
     )
     .await
     .map_err(handoff("sending a connection"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn begun(stop: Stop, phase: Phase) -> (Result<(), UpgradeError>, Phase) {
+        let upgrade = watch::Sender::new(phase);
+        let result = begin(stop, &upgrade);
+        let now = *upgrade.borrow();
+        (result, now)
+    }
+
+    #[test]
+    fn only_an_idle_running_proxy_begins_an_upgrade() {
+        assert!(matches!(
+            begun(Stop::Running, Phase::Idle),
+            (Ok(()), Phase::Starting)
+        ));
+        assert!(matches!(
+            begun(Stop::Drain, Phase::Idle),
+            (Err(UpgradeError::Draining), Phase::Idle)
+        ));
+        for under_way in [Phase::Starting, Phase::HandingOff, Phase::HandedOff] {
+            let (result, now) = begun(Stop::Running, under_way);
+            assert!(
+                matches!(result, Err(UpgradeError::InProgress)),
+                "{under_way:?}"
+            );
+            assert_eq!(now, under_way);
+        }
+    }
+
+    #[test]
+    fn a_successor_still_taking_over_refuses_its_own_upgrade() {
+        let (result, now) = begun(Stop::Running, Phase::TakingOver);
+        let refused = result.expect_err("refused");
+        assert!(matches!(refused, UpgradeError::TakingOver));
+        assert!(refused.to_string().contains("still taking over"));
+        assert_eq!(now, Phase::TakingOver);
+    }
 }
