@@ -146,6 +146,10 @@ pub(crate) fn resume(
         lifecycle.share_config(&generation.config.routes[index].lifecycle);
     }
     let record = shared.table.insert_moved(&moved, slot, target, meter);
+    // Admitted there, it counts against the limits here.
+    let mut admissions = shared
+        .limits
+        .hold(slot, record.client().ip(), std::time::Instant::now());
     if sockets.is_quiet() && may_park_now(shared, &lifecycle, &record) {
         let Moved {
             client,
@@ -165,7 +169,7 @@ pub(crate) fn resume(
                 sockets,
                 lifecycle,
                 moves,
-                admissions: Admissions::default(),
+                admissions,
             }),
         ));
     }
@@ -175,7 +179,6 @@ pub(crate) fn resume(
         Relay::from_moved(sockets, meter, kernel)
     })
     .inspect_err(|_| shared.table.remove(record.id))?;
-    let mut admissions = Admissions::default();
     // After the adoption: the meter counts the kernel's bytes since the handoff.
     if may_park_now(shared, &lifecycle, &record) && relay.parkable_as_adopted() {
         match park(shared, relay, lifecycle, &record, &mut admissions) {

@@ -327,6 +327,29 @@ impl Limits {
         Ok(admissions)
     }
 
+    /// The slots of a connection another process admitted (a predecessor, or a successor
+    /// whose upgrade failed and gave it back): unchecked, it counts against the caps of
+    /// its route and client here as it did there, and takes no rate token.
+    pub fn hold(&self, route: usize, ip: IpAddr, now: Instant) -> Admissions {
+        let mut admissions = Admissions::default();
+        admissions.push(IpTable::hold(&self.proxy, ip, now));
+        let limits = self
+            .routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(route)
+            .cloned()
+            .flatten();
+        if let Some(limits) = limits {
+            if limits.max_connections.is_some() {
+                limits.active.fetch_add(1, Ordering::AcqRel);
+                admissions.push(Admission(Slot::Route(Arc::clone(&limits.active))));
+            }
+            admissions.push(IpTable::hold(&limits.per_ip, ip, now));
+        }
+        admissions
+    }
+
     /// Addresses tracked by the proxy-wide table and every route's.
     #[cfg(test)]
     fn tracked_ips(&self) -> usize {
@@ -437,16 +460,9 @@ impl IpTable {
             ),
         };
         let ip = client_key(ip, table.ipv6_prefix);
-        let mut state = table.lock();
         let capacity = f64::from(config.rate_per_minute.unwrap_or(0));
-        if state.entries.len() >= 2 * state.swept_len.max(64) {
-            state.sweep(capacity, now);
-        }
-        let entry = state.entries.entry(ip).or_insert(IpEntry {
-            live: 0,
-            tokens: capacity,
-            refreshed: now,
-        });
+        let mut state = table.lock();
+        let entry = state.entry(ip, capacity, now);
         if config.max_connections.is_some_and(|max| entry.live >= max) {
             return Err(cap);
         }
@@ -459,6 +475,18 @@ impl IpTable {
         }
         entry.live += 1;
         Ok(Admission(Slot::Ip(Arc::clone(table), ip)))
+    }
+
+    /// A live connection from `ip`, unchecked ([`Limits::hold`]); only a cap needs it.
+    fn hold(table: &Arc<IpTable>, ip: IpAddr, now: Instant) -> Admission {
+        let config = table.config;
+        if config.max_connections.is_none() {
+            return Admission(Slot::None);
+        }
+        let ip = client_key(ip, table.ipv6_prefix);
+        let capacity = f64::from(config.rate_per_minute.unwrap_or(0));
+        table.lock().entry(ip, capacity, now).live += 1;
+        Admission(Slot::Ip(Arc::clone(table), ip))
     }
 
     fn release(&self, ip: IpAddr) {
@@ -485,6 +513,19 @@ impl IpTable {
 }
 
 impl IpState {
+    /// The entry of `ip`, made with a full bucket if new; the table is swept first when it
+    /// doubled since the last sweep.
+    fn entry(&mut self, ip: IpAddr, capacity: f64, now: Instant) -> &mut IpEntry {
+        if self.entries.len() >= 2 * self.swept_len.max(64) {
+            self.sweep(capacity, now);
+        }
+        self.entries.entry(ip).or_insert(IpEntry {
+            live: 0,
+            tokens: capacity,
+            refreshed: now,
+        })
+    }
+
     /// Drops the entries of addresses with no live connection and a full bucket.
     fn sweep(&mut self, capacity: f64, now: Instant) {
         self.entries.retain(|_, entry| {
@@ -596,6 +637,50 @@ mod tests {
             limits.admit_route(0, ip("127.0.0.2"), now).err(),
             Some(Refusal::RouteMaxConnections),
             "the two admitted before the reload still count"
+        );
+    }
+
+    #[test]
+    fn a_held_connection_counts_against_every_cap_unchecked_and_takes_no_token() {
+        let limits = Limits::new(
+            per_ip(Some(1), Some(1)),
+            DEFAULT_IPV6_PREFIX,
+            [&RouteLimitsConfig {
+                max_connections: Some(1),
+                per_ip: per_ip(Some(1), None),
+                ..RouteLimitsConfig::default()
+            }],
+        );
+        let now = Instant::now();
+        let client = ip("127.0.0.2");
+        let held = limits.hold(0, client, now);
+        let over = limits.hold(0, client, now);
+        assert_eq!(
+            limits.admit_client(1, 10, client, now).err(),
+            Some(Refusal::MaxConnectionsPerIp)
+        );
+        assert_eq!(
+            limits.admit_route(0, ip("127.0.0.3"), now).err(),
+            Some(Refusal::RouteMaxConnections)
+        );
+        drop(over);
+        assert_eq!(
+            limits.admit_client(1, 10, client, now).err(),
+            Some(Refusal::MaxConnectionsPerIp),
+            "one is still held"
+        );
+        drop(held);
+        let admitted = limits
+            .admit_client(1, 10, client, now)
+            .expect("the token the held ones did not take");
+        let route = limits
+            .admit_route(0, client, now)
+            .expect("the route's slot is free again");
+        drop((admitted, route));
+        assert_eq!(
+            limits.tracked_ips(),
+            1,
+            "the rate bucket alone is remembered"
         );
     }
 

@@ -1,7 +1,7 @@
 //! `smartproxy upgrade` when it cannot or must not happen, and when it is cut short: a
 //! successor whose configuration does not load, one that exits before it confirms, a
 //! binary others can change, an upgrade during a drain or during another upgrade, and the
-//! old process killed in the middle of the handoff. Each failure leaves the running proxy
+//! old process killed in the middle of the handoff; and the limits a successor keeps. Each failure leaves the running proxy
 //! serving every connection it had and accepting new ones; each test runs on each data
 //! path ([`data_paths`]: userspace, and ebpf and auto where the kernel path loads).
 //!
@@ -516,6 +516,89 @@ fn a_successor_refuses_its_own_upgrade_until_it_took_over() {
             Some(0),
             "{data_path}: the second successor stops cleanly"
         );
+    }
+}
+
+/// Connections admitted before an upgrade count against the successor's limits: a client
+/// at its cap stays at it, and a full route stays full.
+#[test]
+fn moved_connections_count_against_the_successors_limits() {
+    for data_path in data_paths() {
+        let mut pids = Successors::new();
+        let backend = echo_backend();
+        let capped = free_port();
+        let routes = format!(
+            "[[route]]\nname = \"capped\"\nlisten = \"{capped}\"\ntargets = [\"{backend}\"]\n\
+             max_connections = 2\n"
+        );
+        let mut proxy = ProxyProcess::start_routes(
+            "echo",
+            backend,
+            "grace_period = \"1s\"",
+            &format!("{}\nmax_connections_per_ip = 3", proxy_lines(data_path)),
+            &routes,
+            |_| {},
+        );
+        let mut at_cap = open_echo(capped, 2);
+        let mut other = open_echo(proxy.listen, 1);
+
+        let run = upgrade(&proxy.control, None);
+        assert!(run.ok(), "{data_path}: {}", run.reply);
+        pids.track(run.new_pid());
+        assert_eq!(run.reply["moved"], 3, "{}", run.reply);
+        assert_eq!(
+            proxy.wait_exit(WAIT).code(),
+            Some(0),
+            "the old process exits"
+        );
+
+        let refused = |limit: &str| stats_of(&proxy.control)["refused"][limit].clone();
+        let mut fourth = TcpStream::connect(proxy.listen).expect("connect");
+        assert_closed(
+            &mut fourth,
+            data_path,
+            "a fourth connection from the client",
+        );
+        assert_eq!(refused("max_connections_per_ip"), 1, "{data_path}");
+
+        drop(other.pop());
+        wait_until("the successor closed the dropped connection", || {
+            stats_of(&proxy.control)["connections"]["active"] == 2
+        });
+        let mut third = TcpStream::connect(capped).expect("connect");
+        assert_closed(
+            &mut third,
+            data_path,
+            "a third connection to the full route",
+        );
+        assert_eq!(refused("route_max_connections"), 1, "{data_path}");
+
+        drop(at_cap.pop());
+        wait_until("the successor closed the dropped connection", || {
+            stats_of(&proxy.control)["connections"]["active"] == 1
+        });
+        all_served(&mut open_echo(capped, 1), "once a slot is free");
+        all_served(&mut at_cap, "moved");
+        drop(at_cap);
+        assert_eq!(
+            pids.stop(run.new_pid(), libc::SIGTERM),
+            Some(0),
+            "{data_path}: the successor stops cleanly"
+        );
+    }
+}
+
+/// `stream`, just connected, is refused: the proxy closes it without an echo.
+fn assert_closed(stream: &mut TcpStream, data_path: &str, what: &str) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set a read timeout");
+    let _ = stream.write_all(b"refused?");
+    let mut buf = [0u8; 16];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("{data_path}: {what} is refused, not {other:?}"),
     }
 }
 
