@@ -434,32 +434,12 @@ fn a_successor_refuses_its_own_upgrade_until_it_took_over() {
     for data_path in data_paths() {
         let mut pids = Successors::new();
         let backend = echo_backend();
-        // A connection that never sends its PROXY header holds the handoff open until its
-        // handshake times out: the successor is taking over all that time.
-        let held = free_port();
-        let routes = format!(
-            "[[route]]\nname = \"held\"\nlisten = \"{held}\"\ntargets = [\"{backend}\"]\n\
-             accept_proxy_protocol = \"v1\"\nproxy_protocol_trusted = [\"127.0.0.1\"]\n"
-        );
-        let mut proxy = ProxyProcess::start_routes(
-            "echo",
-            backend,
-            "grace_period = \"1s\"\nhandshake_timeout = \"6s\"",
-            &proxy_lines(data_path),
-            &routes,
-            |_| {},
-        );
+        // The successor is taking over until the silent connection's handshake times out.
+        let (mut proxy, held) = start_held(data_path, backend, "6s");
         let mut streams = open_echo(proxy.listen, 3);
         let silent = TcpStream::connect(held).expect("connect to the held listener");
         let accepted = Instant::now();
-        wait_until("the proxy accepted the silent connection", || {
-            stats_of(&proxy.control)["connections"]["active"] == 4
-        });
-
-        let request = spawn_upgrade(&proxy.control, None);
-        wait_until("the successor is ready", || {
-            proxy.log().contains("successor ready, handing over")
-        });
+        let request = upgrade_held(&proxy, 4);
         // Both processes accept on the control socket: ask until the successor answers,
         // well before the silent connection's handshake times out.
         let until = accepted + Duration::from_secs(4);
@@ -515,6 +495,79 @@ fn a_successor_refuses_its_own_upgrade_until_it_took_over() {
             pids.stop(second.new_pid(), libc::SIGTERM),
             Some(0),
             "{data_path}: the second successor stops cleanly"
+        );
+    }
+}
+
+/// A proxy with a second listener that requires a PROXY header: a connection to it that
+/// never sends one holds an upgrade's handoff open until `handshake_timeout` ends it.
+/// Returns the proxy and that listener's address.
+fn start_held(
+    data_path: &str,
+    backend: SocketAddr,
+    handshake_timeout: &str,
+) -> (ProxyProcess, SocketAddr) {
+    let held = free_port();
+    let routes = format!(
+        "[[route]]\nname = \"held\"\nlisten = \"{held}\"\ntargets = [\"{backend}\"]\n\
+         accept_proxy_protocol = \"v1\"\nproxy_protocol_trusted = [\"127.0.0.1\"]\n"
+    );
+    let proxy = ProxyProcess::start_routes(
+        "echo",
+        backend,
+        &format!("grace_period = \"1s\"\nhandshake_timeout = \"{handshake_timeout}\""),
+        &proxy_lines(data_path),
+        &routes,
+        |_| {},
+    );
+    (proxy, held)
+}
+
+/// Once `active` connections are open (one of them silent on the held listener), starts
+/// an upgrade and returns it once the successor is ready and the handoff began.
+fn upgrade_held(proxy: &ProxyProcess, active: u64) -> std::process::Child {
+    wait_until("the proxy accepted every connection", || {
+        stats_of(&proxy.control)["connections"]["active"] == active
+    });
+    let request = spawn_upgrade(&proxy.control, None);
+    wait_until("the successor is ready", || {
+        proxy.log().contains("successor ready, handing over")
+    });
+    request
+}
+
+/// SIGTERM to the old process while it hands over: the upgrade completes, and the
+/// successor drains too, so the service stops as asked and no connection is cut.
+#[test]
+fn a_stop_during_the_handoff_reaches_the_successor() {
+    for data_path in data_paths() {
+        let mut pids = Successors::new();
+        let backend = echo_backend();
+        let (mut proxy, held) = start_held(data_path, backend, "6s");
+        let mut streams = open_echo(proxy.listen, 3);
+        let silent = TcpStream::connect(held).expect("connect to the held listener");
+        let request = upgrade_held(&proxy, 4);
+
+        proxy.signal(libc::SIGTERM);
+        let run = finish_upgrade(request);
+        assert!(run.ok(), "{data_path}: {}", run.reply);
+        let successor = run.new_pid();
+        pids.track(successor);
+        assert_eq!(
+            proxy.wait_exit(WAIT).code(),
+            Some(0),
+            "the old process exits"
+        );
+        assert_eq!(run.reply["moved"], 3, "{}", run.reply);
+        all_served(&mut streams, "draining in the successor");
+        wait_until("no process accepts any more", || {
+            TcpStream::connect(proxy.listen).is_err()
+        });
+        drop((streams, silent));
+        assert_eq!(
+            pids.wait_exit(successor),
+            0,
+            "{data_path}: the successor drains and exits"
         );
     }
 }

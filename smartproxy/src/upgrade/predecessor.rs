@@ -108,7 +108,32 @@ pub(crate) async fn upgrade(
     } else {
         Phase::Idle
     });
+    if let Ok(upgraded) = &result {
+        if *shared.stop.borrow() != Stop::Running {
+            pass_stop_on(upgraded.new_pid);
+        }
+    }
     result
+}
+
+/// A stop (SIGTERM, SIGINT, `Proxy::shutdown`) that came while this process handed over
+/// was meant for the service, which the successor is now: it drains too. A stop after the
+/// handoff is this process's alone.
+fn pass_stop_on(successor: u32) {
+    let Ok(pid) = libc::pid_t::try_from(successor) else {
+        return warn!(successor, "upgrade: a stop came during the handoff, and the successor's pid is out of range: stop it by hand");
+    };
+    // SAFETY: kill(2) with integer arguments only. The successor confirmed a moment ago:
+    // the pid is still its own unless it died and was reaped since.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } == 0 {
+        info!(
+            successor,
+            "upgrade: a stop came during the handoff; passed on to the successor"
+        );
+    } else {
+        let e = io::Error::last_os_error();
+        warn!(successor, error = %e, "upgrade: a stop came during the handoff, and the successor cannot be told: stop it by hand");
+    }
 }
 
 /// Idle -> Starting, unless the proxy drains, still takes over, or another upgrade runs.
