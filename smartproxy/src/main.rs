@@ -401,7 +401,7 @@ fn run(
             signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
         // The handlers are in place: a signal that came during setup is delivered now.
         signals.unblock()?;
-        let proxy = Proxy::start_prepared(prepared, Arc::new(SystemResolver)).await?;
+        let proxy = Arc::new(Proxy::start_prepared(prepared, Arc::new(SystemResolver)).await?);
         if let Some(taken) = proxy.take_over().await {
             let taken = taken.context("taking over from the running proxy")?;
             info!(predecessor = taken.predecessor, connections = taken.connections, complete = taken.complete, "took over from the predecessor");
@@ -415,13 +415,21 @@ fn run(
                 _ = terminate.recv() => break "SIGTERM",
                 _ = interrupt.recv() => break "SIGINT",
                 _ = proxy.handed_off() => break "upgrade",
-                _ = user2.recv() => match proxy.upgrade(None).await {
-                    Ok(upgraded) => info!(new_pid = upgraded.new_pid, moved = upgraded.moved, staying = upgraded.staying, "upgraded (SIGUSR2)"),
-                    Err(e) => warn!(
-                        error = %smartproxy::error_chain(&e),
-                        "upgrade failed (SIGUSR2); this proxy keeps running everything"
-                    ),
-                },
+                _ = user2.recv() => {
+                    // On a task of its own, as one asked on the control socket: a stop
+                    // meanwhile is seen here, and passed on to the successor once it
+                    // confirmed (docs/upgrade.md).
+                    let upgrading = Arc::clone(&proxy);
+                    tokio::spawn(async move {
+                        match upgrading.upgrade(None).await {
+                            Ok(upgraded) => info!(new_pid = upgraded.new_pid, moved = upgraded.moved, staying = upgraded.staying, "upgraded (SIGUSR2)"),
+                            Err(e) => warn!(
+                                error = %smartproxy::error_chain(&e),
+                                "upgrade failed (SIGUSR2); this proxy keeps running everything"
+                            ),
+                        }
+                    });
+                }
                 _ = hangup.recv() => match proxy.reload().await {
                     Ok(summary) => info!(%summary, "configuration reloaded (SIGHUP)"),
                     Err(e) => warn!(

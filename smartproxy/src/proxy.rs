@@ -467,6 +467,12 @@ impl Proxy {
 
     /// Waits until the proxy stopped: after `shutdown`, when the last connection closed.
     pub async fn wait(&self) {
+        // An upgrade under way ends first, within its timeouts: a failed one gives
+        // connections back to drain here, and a successful one passes the stop on.
+        let mut upgrade = self.shared.upgrade.subscribe();
+        let _ = upgrade
+            .wait_for(|phase| !matches!(phase, Phase::Starting | Phase::HandingOff))
+            .await;
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
         self.advance(Stop::Exit);

@@ -439,7 +439,7 @@ fn a_successor_refuses_its_own_upgrade_until_it_took_over() {
         let mut streams = open_echo(proxy.listen, 3);
         let silent = TcpStream::connect(held).expect("connect to the held listener");
         let accepted = Instant::now();
-        let request = upgrade_held(&proxy, 4);
+        let request = upgrade_held(&proxy, 4, false).expect("the command runs");
         // Both processes accept on the control socket: ask until the successor answers,
         // well before the silent connection's handshake times out.
         let until = accepted + Duration::from_secs(4);
@@ -524,51 +524,74 @@ fn start_held(
 }
 
 /// Once `active` connections are open (one of them silent on the held listener), starts
-/// an upgrade and returns it once the successor is ready and the handoff began.
-fn upgrade_held(proxy: &ProxyProcess, active: u64) -> std::process::Child {
+/// an upgrade (`smartproxy upgrade`, or SIGUSR2 `by_signal`) and returns once the
+/// successor is ready and the handoff began: with the command, which still runs.
+fn upgrade_held(proxy: &ProxyProcess, active: u64, by_signal: bool) -> Option<std::process::Child> {
     wait_until("the proxy accepted every connection", || {
         stats_of(&proxy.control)["connections"]["active"] == active
     });
-    let request = spawn_upgrade(&proxy.control, None);
+    let request = if by_signal {
+        proxy.signal(libc::SIGUSR2);
+        None
+    } else {
+        Some(spawn_upgrade(&proxy.control, None))
+    };
     wait_until("the successor is ready", || {
         proxy.log().contains("successor ready, handing over")
     });
     request
 }
 
-/// SIGTERM to the old process while it hands over: the upgrade completes, and the
-/// successor drains too, so the service stops as asked and no connection is cut.
+/// SIGTERM to the old process while it hands over, the upgrade asked for on the control
+/// socket or by SIGUSR2: the upgrade completes, and the successor drains too, so the
+/// service stops as asked and no connection is cut.
 #[test]
 fn a_stop_during_the_handoff_reaches_the_successor() {
     for data_path in data_paths() {
-        let mut pids = Successors::new();
-        let backend = echo_backend();
-        let (mut proxy, held) = start_held(data_path, backend, "6s");
-        let mut streams = open_echo(proxy.listen, 3);
-        let silent = TcpStream::connect(held).expect("connect to the held listener");
-        let request = upgrade_held(&proxy, 4);
+        for by_signal in [false, true] {
+            let how = if by_signal {
+                "SIGUSR2"
+            } else {
+                "control socket"
+            };
+            let mut pids = Successors::new();
+            let backend = echo_backend();
+            let (mut proxy, held) = start_held(data_path, backend, "6s");
+            let mut streams = open_echo(proxy.listen, 3);
+            let silent = TcpStream::connect(held).expect("connect to the held listener");
+            let request = upgrade_held(&proxy, 4, by_signal);
 
-        proxy.signal(libc::SIGTERM);
-        let run = finish_upgrade(request);
-        assert!(run.ok(), "{data_path}: {}", run.reply);
-        let successor = run.new_pid();
-        pids.track(successor);
-        assert_eq!(
-            proxy.wait_exit(WAIT).code(),
-            Some(0),
-            "the old process exits"
-        );
-        assert_eq!(run.reply["moved"], 3, "{}", run.reply);
-        all_served(&mut streams, "draining in the successor");
-        wait_until("no process accepts any more", || {
-            TcpStream::connect(proxy.listen).is_err()
-        });
-        drop((streams, silent));
-        assert_eq!(
-            pids.wait_exit(successor),
-            0,
-            "{data_path}: the successor drains and exits"
-        );
+            proxy.signal(libc::SIGTERM);
+            assert_eq!(
+                proxy.wait_exit(WAIT).code(),
+                Some(0),
+                "the old process exits"
+            );
+            let successor = match request {
+                Some(request) => {
+                    let run = finish_upgrade(request);
+                    assert!(run.ok(), "{data_path}: {}", run.reply);
+                    assert_eq!(run.reply["moved"], 3, "{}", run.reply);
+                    run.new_pid()
+                }
+                None => successor_pid(&proxy.log()).expect("the successor's pid in the log"),
+            };
+            pids.track(successor);
+            assert!(
+                proxy.log().contains("passed on to the successor"),
+                "{data_path}, {how}: the old process says so"
+            );
+            all_served(&mut streams, "draining in the successor");
+            wait_until("no process accepts any more", || {
+                TcpStream::connect(proxy.listen).is_err()
+            });
+            drop((streams, silent));
+            assert_eq!(
+                pids.wait_exit(successor),
+                0,
+                "{data_path}, {how}: the successor drains and exits"
+            );
+        }
     }
 }
 

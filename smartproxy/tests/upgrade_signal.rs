@@ -8,15 +8,6 @@ use std::net::TcpStream;
 
 use support::*;
 
-/// The pid in the old process's "upgrade: successor started" log line.
-fn successor_pid(log: &str) -> Option<libc::pid_t> {
-    let line = log
-        .lines()
-        .find(|line| line.contains("upgrade: successor started"))?;
-    let (_, rest) = line.split_once(" pid=")?;
-    rest.split_whitespace().next()?.parse().ok()
-}
-
 /// Sends SIGUSR2 and waits for the old process to exit 0; returns its successor's pid,
 /// tracked by `successors`.
 fn upgrade_by_signal(proxy: &mut ProxyProcess, successors: &mut Successors) -> libc::pid_t {

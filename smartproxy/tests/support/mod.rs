@@ -299,6 +299,15 @@ impl Drop for ProxyProcess {
 
 // === processes an upgrade starts ===
 
+/// The pid in the old process's "upgrade: successor started" log line.
+pub fn successor_pid(log: &str) -> Option<libc::pid_t> {
+    let line = log
+        .lines()
+        .find(|line| line.contains("upgrade: successor started"))?;
+    let (_, rest) = line.split_once(" pid=")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 /// The processes an upgrade test sees besides its `ProxyProcess` (successors, fresh
 /// starts): killed and reaped on drop, a failing test included. Creating it makes the test
 /// process a child subreaper, so that a successor becomes its child once its parent (the
