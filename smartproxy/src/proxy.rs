@@ -345,6 +345,8 @@ impl Proxy {
     /// binary it was started from) that takes over its listeners and connections
     /// (`upgrade`). Once it returns `Ok`, what stayed here drains: call
     /// [`Proxy::shutdown`] and [`Proxy::wait`]. On error everything runs here as before.
+    /// Run it to its end (on a task of its own, say): dropped half-way, it leaves the
+    /// handoff unsettled, and [`Proxy::wait`] waiting for it.
     pub async fn upgrade(&self, binary: Option<PathBuf>) -> Result<Upgraded, UpgradeError> {
         crate::upgrade::upgrade(&self.shared, binary).await
     }
@@ -465,7 +467,8 @@ impl Proxy {
         }
     }
 
-    /// Waits until the proxy stopped: after `shutdown`, when the last connection closed.
+    /// Waits until the proxy stopped: after `shutdown`, when the last connection closed,
+    /// and an upgrade under way ended (a [`Proxy::cut`] does not shorten that wait).
     pub async fn wait(&self) {
         // An upgrade under way ends first, within its timeouts: a failed one gives
         // connections back to drain here, and a successful one passes the stop on.

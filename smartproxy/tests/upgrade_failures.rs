@@ -434,15 +434,16 @@ fn a_successor_refuses_its_own_upgrade_until_it_took_over() {
     for data_path in data_paths() {
         let mut pids = Successors::new();
         let backend = echo_backend();
-        // The successor is taking over until the silent connection's handshake times out.
-        let (mut proxy, held) = start_held(data_path, backend, "6s");
+        // The successor is taking over until the silent connection ends.
+        let (mut proxy, held) = start_held(data_path, backend, "30s");
         let mut streams = open_echo(proxy.listen, 3);
         let silent = TcpStream::connect(held).expect("connect to the held listener");
         let accepted = Instant::now();
         let request = upgrade_held(&proxy, 4, false).expect("the command runs");
         // Both processes accept on the control socket: ask until the successor answers,
         // well before the silent connection's handshake times out.
-        let until = accepted + Duration::from_secs(4);
+        let ready = Instant::now();
+        let until = (ready + Duration::from_secs(10)).min(accepted + Duration::from_secs(25));
         let mut answers = Vec::new();
         while Instant::now() < until && !answers.iter().any(|a: &String| a.contains(TAKING_OVER)) {
             let run = upgrade(&proxy.control, None);
@@ -450,10 +451,12 @@ fn a_successor_refuses_its_own_upgrade_until_it_took_over() {
             answers.push(run.message());
         }
         eprintln!(
-            "{data_path}: {} asked, {:?} after the accept",
+            "{data_path}: {} asked, {:?} after the successor was ready",
             answers.len(),
-            accepted.elapsed()
+            ready.elapsed()
         );
+        // Its handshake ends, and with it the handoff.
+        drop(silent);
         assert!(
             answers.iter().any(|a| a.contains(TAKING_OVER)),
             "{data_path}: the successor refused while taking over: {answers:?}"
@@ -475,7 +478,6 @@ fn a_successor_refuses_its_own_upgrade_until_it_took_over() {
             Some(0),
             "the old process exits"
         );
-        drop(silent);
         all_served(&mut streams, "moved");
 
         // Once it took over, it upgrades like any proxy.
@@ -515,7 +517,7 @@ fn start_held(
     let proxy = ProxyProcess::start_routes(
         "echo",
         backend,
-        &format!("grace_period = \"1s\"\nhandshake_timeout = \"{handshake_timeout}\""),
+        &format!("grace_period = \"5s\"\nhandshake_timeout = \"{handshake_timeout}\""),
         &proxy_lines(data_path),
         &routes,
         |_| {},

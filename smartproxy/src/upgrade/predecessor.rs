@@ -103,15 +103,16 @@ pub(crate) async fn upgrade(
             kernel.keep_pins();
         }
     }
+    // Read before the handoff is published: the drain that follows it is no stop to
+    // pass on.
+    let stopped = *shared.stop.borrow() != Stop::Running;
     shared.upgrade.send_replace(if result.is_ok() {
         Phase::HandedOff
     } else {
         Phase::Idle
     });
-    if let Ok(upgraded) = &result {
-        if *shared.stop.borrow() != Stop::Running {
-            pass_stop_on(upgraded.new_pid);
-        }
+    if let (Ok(upgraded), true) = (&result, stopped) {
+        pass_stop_on(upgraded.new_pid);
     }
     result
 }
@@ -120,8 +121,9 @@ pub(crate) async fn upgrade(
 /// was meant for the service, which the successor is now: it drains too. A stop after the
 /// handoff is this process's alone.
 fn pass_stop_on(successor: u32) {
-    let Ok(pid) = libc::pid_t::try_from(successor) else {
-        return warn!(successor, "upgrade: a stop came during the handoff, and the successor's pid is out of range: stop it by hand");
+    // Not 0 (unknown), which would signal this process's whole group.
+    let Some(pid) = libc::pid_t::try_from(successor).ok().filter(|pid| *pid > 0) else {
+        return warn!(successor, "upgrade: a stop came during the handoff, and the successor's pid is unknown: stop it by hand");
     };
     // SAFETY: kill(2) with integer arguments only. The successor confirmed a moment ago:
     // the pid is still its own unless it died and was reaped since.
