@@ -299,13 +299,7 @@ impl Limits {
         now: Instant,
     ) -> Result<Admissions, Refusal> {
         let mut admissions = Admissions::default();
-        let limits = self
-            .routes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(route)
-            .cloned()
-            .flatten();
+        let limits = self.route_limits(route);
         let Some(limits) = limits else {
             return Ok(admissions);
         };
@@ -327,19 +321,24 @@ impl Limits {
         Ok(admissions)
     }
 
+    /// A copy of the route's limits (their counters shared), so that no lock is held
+    /// while a per-IP table's is taken.
+    fn route_limits(&self, route: usize) -> Option<RouteLimits> {
+        self.routes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(route)
+            .cloned()
+            .flatten()
+    }
+
     /// The slots of a connection another process admitted (a predecessor, or a successor
     /// whose upgrade failed and gave it back): unchecked, it counts against the caps of
     /// its route and client here as it did there, and takes no rate token.
     pub fn hold(&self, route: usize, ip: IpAddr, now: Instant) -> Admissions {
         let mut admissions = Admissions::default();
         admissions.push(IpTable::hold(&self.proxy, ip, now));
-        let limits = self
-            .routes
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(route)
-            .cloned()
-            .flatten();
+        let limits = self.route_limits(route);
         if let Some(limits) = limits {
             if limits.max_connections.is_some() {
                 limits.active.fetch_add(1, Ordering::AcqRel);

@@ -89,6 +89,26 @@ impl UpgradeRun {
     }
 }
 
+/// `run` handed `moved` connections over and the old process exited 0: the successor's
+/// pid, tracked by `pids`.
+fn handed_over(
+    run: &UpgradeRun,
+    proxy: &mut ProxyProcess,
+    pids: &mut Successors,
+    moved: u64,
+) -> libc::pid_t {
+    assert!(run.ok(), "{} {}", run.reply, run.stderr);
+    let successor = run.new_pid();
+    pids.track(successor);
+    assert_eq!(run.reply["moved"], moved, "{}", run.reply);
+    assert_eq!(
+        proxy.wait_exit(WAIT).code(),
+        Some(0),
+        "the old process exits"
+    );
+    successor
+}
+
 /// Starts `smartproxy upgrade --json --control CONTROL [--binary BINARY]`.
 fn spawn_upgrade(control: &Path, binary: Option<&Path>) -> std::process::Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_smartproxy"));
@@ -285,15 +305,7 @@ fn a_successor_whose_configuration_does_not_load_changes_nothing() {
         // Fixed, the same upgrade goes through, and the successor serves them all.
         std::fs::write(&config, &good).unwrap();
         let run = upgrade(&proxy.control, None);
-        assert!(run.ok(), "{data_path}: {} {}", run.reply, run.stderr);
-        let new_pid = run.new_pid();
-        pids.track(new_pid);
-        assert_eq!(run.reply["moved"], 5, "{}", run.reply);
-        assert_eq!(
-            proxy.wait_exit(WAIT).code(),
-            Some(0),
-            "the old process exits"
-        );
+        let new_pid = handed_over(&run, &mut proxy, &mut pids, 5);
         all_served(&mut streams, "moved");
         assert_spliced(data_path, &proxy.control, 5);
         drop(streams);
@@ -468,16 +480,7 @@ fn a_successor_refuses_its_own_upgrade_until_it_took_over() {
             "{data_path}: {answers:?}"
         );
 
-        let first = finish_upgrade(request);
-        assert!(first.ok(), "{data_path}: {}", first.reply);
-        let successor = first.new_pid();
-        pids.track(successor);
-        assert_eq!(first.reply["moved"], 3, "{}", first.reply);
-        assert_eq!(
-            proxy.wait_exit(WAIT).code(),
-            Some(0),
-            "the old process exits"
-        );
+        let successor = handed_over(&finish_upgrade(request), &mut proxy, &mut pids, 3);
         all_served(&mut streams, "moved");
 
         // Once it took over, it upgrades like any proxy.
@@ -620,53 +623,39 @@ fn moved_connections_count_against_the_successors_limits() {
         let mut at_cap = open_echo(capped, 2);
         let mut other = open_echo(proxy.listen, 1);
 
-        let run = upgrade(&proxy.control, None);
-        assert!(run.ok(), "{data_path}: {}", run.reply);
-        pids.track(run.new_pid());
-        assert_eq!(run.reply["moved"], 3, "{}", run.reply);
-        assert_eq!(
-            proxy.wait_exit(WAIT).code(),
-            Some(0),
-            "the old process exits"
-        );
+        let successor = handed_over(&upgrade(&proxy.control, None), &mut proxy, &mut pids, 3);
 
-        let refused = |limit: &str| stats_of(&proxy.control)["refused"][limit].clone();
-        let mut fourth = TcpStream::connect(proxy.listen).expect("connect");
-        assert_closed(
-            &mut fourth,
-            data_path,
-            "a fourth connection from the client",
-        );
-        assert_eq!(refused("max_connections_per_ip"), 1, "{data_path}");
-
-        drop(other.pop());
-        wait_until("the successor closed the dropped connection", || {
-            stats_of(&proxy.control)["connections"]["active"] == 2
-        });
-        let mut third = TcpStream::connect(capped).expect("connect");
-        assert_closed(
-            &mut third,
-            data_path,
-            "a third connection to the full route",
-        );
-        assert_eq!(refused("route_max_connections"), 1, "{data_path}");
-
-        drop(at_cap.pop());
-        wait_until("the successor closed the dropped connection", || {
-            stats_of(&proxy.control)["connections"]["active"] == 1
-        });
+        // A connection to `addr` is refused, by `limit`.
+        let refused_by = |addr: SocketAddr, limit: &str| {
+            let mut stream = TcpStream::connect(addr).expect("connect");
+            assert_closed(&mut stream, data_path, limit);
+            let stats = stats_of(&proxy.control);
+            assert_eq!(stats["refused"][limit], 1, "{data_path}: {stats}");
+        };
+        // Closes one of `streams`: `active` are left.
+        let close_one = |streams: &mut Vec<TcpStream>, active: u64| {
+            drop(streams.pop());
+            wait_until("the successor closed the dropped connection", || {
+                stats_of(&proxy.control)["connections"]["active"] == active
+            });
+        };
+        refused_by(proxy.listen, "max_connections_per_ip");
+        close_one(&mut other, 2);
+        refused_by(capped, "route_max_connections");
+        close_one(&mut at_cap, 1);
         all_served(&mut open_echo(capped, 1), "once a slot is free");
         all_served(&mut at_cap, "moved");
         drop(at_cap);
         assert_eq!(
-            pids.stop(run.new_pid(), libc::SIGTERM),
+            pids.stop(successor, libc::SIGTERM),
             Some(0),
             "{data_path}: the successor stops cleanly"
         );
     }
 }
 
-/// `stream`, just connected, is refused: the proxy closes it without an echo.
+/// `stream`, just connected, is refused (by `what`): the proxy closes it without an
+/// echo.
 fn assert_closed(stream: &mut TcpStream, data_path: &str, what: &str) {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -676,7 +665,7 @@ fn assert_closed(stream: &mut TcpStream, data_path: &str, what: &str) {
     match stream.read(&mut buf) {
         Ok(0) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("{data_path}: {what} is refused, not {other:?}"),
+        other => panic!("{data_path}: refused by {what}, not {other:?}"),
     }
 }
 
