@@ -59,8 +59,6 @@ pub enum Action {
     /// Stop taking new bytes from the source only if it has not sent FIN yet (the bytes
     /// it sends later are read and dropped, so that its FIN is still seen); deliver every
     /// byte already taken, then `shutdown(SHUT_WR)` the destination; report `Finished`.
-    /// The last one, with both FINs in, may leave the FIN to the `Close` that follows at
-    /// once (`Relay::closes_when_finished`).
     Finish(Direction),
     /// Reset this side's connection (RST) now.
     Abort(Side),

@@ -95,8 +95,6 @@ impl Half {
     }
 
     /// Moves bytes until something worth reporting happens or no progress is possible.
-    /// `close_follows`: the lifecycle closes both sockets as soon as this half reports
-    /// `Finished` ([`Relay::closes_when_finished`]).
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -104,7 +102,6 @@ impl Half {
         destination: &mut Peer,
         meter: &Meter,
         mut offload: Option<&mut Offload>,
-        close_follows: bool,
     ) -> Poll<Event> {
         let source_side = self.direction.source();
         let destination_side = self.direction.destination();
@@ -149,12 +146,9 @@ impl Half {
             }
             if self.finishing && !self.finished {
                 // Every byte before the FIN is in the destination's send queue: the
-                // FIN (and a close_notify before it) queued now goes out behind them. The
-                // close that follows at once sends that FIN as well.
-                if !close_follows {
-                    if let Err(e) = ready!(destination.poll_shutdown_write(cx)) {
-                        return self.failed(destination_side, "shutting down its write side", &e);
-                    }
+                // FIN (and a close_notify before it) queued now goes out behind them.
+                if let Err(e) = ready!(destination.poll_shutdown_write(cx)) {
+                    return self.failed(destination_side, "shutting down its write side", &e);
                 }
                 self.finished = true;
                 return Poll::Ready(Event::Finished(self.direction));
@@ -849,20 +843,14 @@ impl Relay {
         self.first ^= 1;
         for offset in 0..2 {
             let index = (self.first + offset) % 2;
-            let close_follows = self.closes_when_finished(index);
             let (source, destination) = match self.halves[index].direction {
                 Direction::ClientToBackend => (&mut self.client, &mut self.backend),
                 Direction::BackendToClient => (&mut self.backend, &mut self.client),
             };
             let offload = self.offload.as_deref_mut();
-            if let Poll::Ready(event) = self.halves[index].poll(
-                cx,
-                source,
-                destination,
-                &self.meter,
-                offload,
-                close_follows,
-            ) {
+            if let Poll::Ready(event) =
+                self.halves[index].poll(cx, source, destination, &self.meter, offload)
+            {
                 return Poll::Ready(Report::Event(event));
             }
         }
@@ -875,22 +863,6 @@ impl Relay {
             Some(side) => Poll::Ready(Report::Event(Event::Reset(side))),
             None => Poll::Pending,
         }
-    }
-
-    /// Whether the half at `index`, once finished, is the last: both peers sent their FIN
-    /// and the other direction's went out, so the lifecycle closes both sockets when this
-    /// one reports `Finished` (`Lifecycle::settle`). Closing a plain TCP socket whose peer
-    /// sent its FIN and that holds nothing unread sends this direction's FIN itself: the
-    /// `shutdown` would be a system call more for every connection. Not over TLS (the
-    /// close_notify) nor on a spliced socket.
-    fn closes_when_finished(&self, index: usize) -> bool {
-        let (half, other) = (&self.halves[index], &self.halves[1 - index]);
-        half.eof
-            && other.eof
-            && other.finished
-            && self.offload.is_none()
-            && !self.client.is_tls()
-            && !self.backend.is_tls()
     }
 
     /// The adaptive path, once both halves are waiting: asks the policy and carries out a
@@ -1110,85 +1082,21 @@ impl Relay {
 mod tests {
     use super::*;
 
-    /// A relay between the proxy's two sockets, on the current runtime.
-    fn plain_relay(client: std::net::TcpStream, backend: std::net::TcpStream) -> Relay {
-        let peer = |socket: std::net::TcpStream| -> Peer {
-            socket.set_nonblocking(true).expect("non-blocking");
-            TcpStream::from_std(socket).expect("register").into()
-        };
-        Relay::new(peer(client), peer(backend), Arc::new(Meter::default()))
-    }
-
-    /// [`plain_relay`], spliced by `kernel`.
+    /// A relay between the proxy's two sockets, spliced by `kernel`, on the current
+    /// runtime.
     fn spliced_relay(
         kernel: &Kernel,
         client: std::net::TcpStream,
         backend: std::net::TcpStream,
     ) -> Relay {
-        let mut relay = plain_relay(client, backend);
+        let peer = |socket: std::net::TcpStream| -> Peer {
+            socket.set_nonblocking(true).expect("non-blocking");
+            TcpStream::from_std(socket).expect("register").into()
+        };
+        let mut relay = Relay::new(peer(client), peer(backend), Arc::new(Meter::default()));
         relay.offload(kernel).expect("splice");
         assert!(relay.splice_fallback().is_none(), "the splice completed");
         relay
-    }
-
-    /// The relay's next report, within 5 s: it must be `expected`.
-    async fn reports(relay: &mut Relay, expected: Event) {
-        let report = tokio::time::timeout(std::time::Duration::from_secs(5), relay.next_event())
-            .await
-            .expect("a report within 5 s");
-        assert!(
-            matches!(&report, Report::Event(event) if *event == expected),
-            "expected {expected:?}, got {report:?}"
-        );
-    }
-
-    /// Once both peers sent their FIN, the last direction finishes without a `shutdown`:
-    /// the close that follows sends that FIN, a system call less per connection. Until
-    /// the close the client sees no FIN, and then an orderly one, not a reset. The first
-    /// direction to finish is shut at once, with the other still open.
-    #[tokio::test]
-    async fn the_last_direction_to_finish_is_shut_by_the_close() {
-        use std::io::{Read, Write};
-        use std::net::Shutdown;
-        use std::time::Duration;
-
-        let [mut app_client, proxy_client, proxy_backend, mut app_backend] =
-            crate::datapath::kernel::tests::proxied_pair();
-        let mut relay = plain_relay(proxy_client, proxy_backend);
-        app_client.write_all(b"ping").expect("client writes");
-        app_client.shutdown(Shutdown::Write).expect("client FIN");
-        reports(&mut relay, Event::Eof(Side::Client)).await;
-        relay.finish(Direction::ClientToBackend);
-        reports(&mut relay, Event::Finished(Direction::ClientToBackend)).await;
-        let mut received = Vec::new();
-        app_backend
-            .read_to_end(&mut received)
-            .expect("the backend reads up to the FIN");
-        assert_eq!(received, b"ping");
-
-        app_backend.write_all(b"pong").expect("backend writes");
-        app_backend.shutdown(Shutdown::Write).expect("backend FIN");
-        reports(&mut relay, Event::Eof(Side::Backend)).await;
-        relay.finish(Direction::BackendToClient);
-        reports(&mut relay, Event::Finished(Direction::BackendToClient)).await;
-        let mut pong = [0u8; 4];
-        app_client.read_exact(&mut pong).expect("the client reads");
-        assert_eq!(&pong, b"pong");
-        app_client
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("read timeout");
-        let before_close = app_client.read(&mut pong);
-        assert!(
-            before_close
-                .as_ref()
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
-            "no FIN before the close: {before_close:?}"
-        );
-        drop(relay);
-        app_client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("read timeout");
-        assert_eq!(app_client.read(&mut pong).expect("an orderly FIN"), 0);
     }
 
     /// The relay polls both sockets, finds them empty and reports nothing within 100 ms.
