@@ -42,20 +42,26 @@ impl Epoll {
 
     /// Watches `socket`, for bytes to read too if `reads`; its readiness reports `token`.
     pub(super) fn add(&self, socket: BorrowedFd<'_>, token: u64, reads: bool) -> io::Result<()> {
-        let mut event = libc::epoll_event {
-            events: if reads { READY } else { CLOSING },
-            u64: token,
-        };
-        self.control(libc::EPOLL_CTL_ADD, socket, &mut event)
+        self.watch(libc::EPOLL_CTL_ADD, socket, token, reads)
     }
 
     /// Watches `socket`, already watched, for what [`Epoll::add`] says, and arms it again.
     pub(super) fn modify(&self, socket: BorrowedFd<'_>, token: u64, reads: bool) -> io::Result<()> {
+        self.watch(libc::EPOLL_CTL_MOD, socket, token, reads)
+    }
+
+    fn watch(
+        &self,
+        op: libc::c_int,
+        socket: BorrowedFd<'_>,
+        token: u64,
+        reads: bool,
+    ) -> io::Result<()> {
         let mut event = libc::epoll_event {
             events: if reads { READY } else { CLOSING },
             u64: token,
         };
-        self.control(libc::EPOLL_CTL_MOD, socket, &mut event)
+        self.control(op, socket, &mut event)
     }
 
     pub(super) fn remove(&self, socket: BorrowedFd<'_>) -> io::Result<()> {

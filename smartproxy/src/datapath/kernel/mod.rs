@@ -1215,6 +1215,7 @@ pub(crate) mod tests {
         let event = smartproxy_common::SocketEvent {
             cookie: socket_cookie(proxy_client).unwrap(),
             timestamp_ns: 0,
+            // CLOSE_WAIT to CLOSE (`include/net/tcp_states.h`): an RST after the peer's FIN.
             old_state: 8,
             new_state: 7,
         };
