@@ -805,8 +805,9 @@ fn may_park(shared: &Shared, relay: &Relay, lifecycle: &Lifecycle, record: &Conn
 }
 
 /// Whether a connection that may park and holds nothing parks now: parking on, quiet for
-/// `park_idle_after`, both directions open, and no lifecycle deadline due (one that woke it
-/// is seen to first).
+/// its park delay (`park_idle_after`, or longer, see `park::quiet_long_enough_to_park`),
+/// both directions open, and no lifecycle deadline due (one that woke it is seen to
+/// first).
 fn may_park_now(shared: &Shared, lifecycle: &Lifecycle, record: &ConnRecord) -> bool {
     let Some(after) = shared.generation().config.proxy.park_idle_after else {
         return false;
@@ -814,7 +815,7 @@ fn may_park_now(shared: &Shared, lifecycle: &Lifecycle, record: &ConnRecord) -> 
     let now = std::time::Instant::now();
     lifecycle.is_open_both_ways()
         && lifecycle.deadline().is_none_or(|deadline| deadline > now)
-        && crate::park::quiet_for(record, monotonic_ns(), after)
+        && crate::park::quiet_long_enough_to_park(record, monotonic_ns(), after)
 }
 
 /// Parks the connection: its task ends, and the parking lot takes it up again. Gives the

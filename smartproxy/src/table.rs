@@ -46,6 +46,8 @@ pub struct ConnRecord {
     pub nudge: Nudge,
     /// A [`ParkState`]: whether the connection is parked without a task (`park`).
     park_state: AtomicU8,
+    /// How many times its park delay doubled (`park::park_delay`).
+    park_doublings: AtomicU8,
 }
 
 /// Whether a connection is parked without a task (`park`).
@@ -107,6 +109,14 @@ impl ConnRecord {
             .is_ok()
     }
 
+    pub fn park_doublings(&self) -> u8 {
+        self.park_doublings.load(Ordering::Relaxed)
+    }
+
+    pub fn set_park_doublings(&self, doublings: u8) {
+        self.park_doublings.store(doublings, Ordering::Relaxed);
+    }
+
     pub fn data_path(&self) -> Option<DataPathKind> {
         match self.data_path.load(Ordering::Relaxed) {
             1 => Some(DataPathKind::Userspace),
@@ -142,6 +152,7 @@ impl ConnTable {
             stays: AtomicBool::new(false),
             nudge: Nudge::default(),
             park_state: AtomicU8::new(ParkState::Awake as u8),
+            park_doublings: AtomicU8::new(0),
         });
         self.lock().insert(id, Arc::clone(&record));
         record
@@ -177,6 +188,7 @@ impl ConnTable {
             stays: AtomicBool::new(false),
             nudge: Nudge::default(),
             park_state: AtomicU8::new(ParkState::Awake as u8),
+            park_doublings: AtomicU8::new(0),
         });
         record.set_data_path(moved.data_path);
         self.continue_ids(moved.id);

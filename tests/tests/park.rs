@@ -11,6 +11,8 @@
 //!   data path;
 //! - on `auto`, a parked connection still moves into the kernel when a flood comes, and
 //!   one that left the kernel for pass mode parks there and its next bytes take it up;
+//! - a connection with heartbeats stops parking between them, and parks again once they
+//!   stop;
 //! - a parked connection's inactivity timeout still closes it on time;
 //! - a shutdown takes parked connections up: each drains and closes `shutdown`;
 //! - `park_idle_after = "0s"` parks nothing, and a reload that sets a delay parks.
@@ -252,6 +254,49 @@ async fn a_connection_that_left_the_kernel_parks_in_pass_mode() {
     backend.join().await;
     proxy.stop().await;
 }
+
+/// A connection that traffic takes up soon after each park parks later each time
+/// (`park::PARK_PAYS_AFTER`), until its task outlives the quiet between two heartbeats:
+/// with heartbeats every [`HEARTBEAT_EVERY`] and parking after 200 ms, its park delay goes
+/// 200 ms, 400 ms, 800 ms, 1.6 s, and from then on it keeps its task; it still parks once
+/// the heartbeats stop. Spliced, the kernel moves the heartbeats and it stays parked
+/// throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_heartbeats_stops_parking_between_them() {
+    for_each_data_path(|mode| async move {
+        let front = Frontend::Plain(mode);
+        let backend = Backend::greeted(echo).await;
+        let (proxy, mut client) = Spliced::start(&front, PARK_SOON, backend).await;
+        let spliced = splices(mode);
+        proxy.wait_parked(1).await;
+        for beat in 0..7 {
+            tokio::time::sleep(HEARTBEAT_EVERY - HEARTBEAT_LOOK_BEFORE).await;
+            let parked = proxy.stats().connections.parked;
+            match beat {
+                _ if spliced => assert_eq!(parked, 1, "heartbeat {beat}: a splice was taken up"),
+                // Delays of 200 and 400 ms: parked well before the look.
+                0 | 1 => assert_eq!(parked, 1, "heartbeat {beat}: not parked"),
+                // 800 ms, about when it looks.
+                2 => {}
+                _ => assert_eq!(parked, 0, "heartbeat {beat}: parked between heartbeats"),
+            }
+            tokio::time::sleep(HEARTBEAT_LOOK_BEFORE).await;
+            round_trip(&mut client, b"beat").await;
+        }
+        proxy.wait_parked(1).await;
+        round_trip(&mut client, b"last").await;
+        proxy.client_closes(&mut client).await;
+    })
+    .await;
+}
+
+/// The heartbeats' period in [`a_connection_with_heartbeats_stops_parking_between_them`].
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(1000);
+
+/// How long before a heartbeat the test looks whether the connection is parked: a park
+/// delay of 400 ms and a sweep (every 100 ms with a delay of 200 ms) end well before, and
+/// one of 1.6 s well after.
+const HEARTBEAT_LOOK_BEFORE: Duration = Duration::from_millis(100);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_connection_times_out_on_time() {

@@ -5,7 +5,7 @@
 //! and installing the peers come on top.
 
 use super::{
-    scenario::{idle, Params, Scenario},
+    scenario::{heartbeat, idle, Params, Scenario},
     target::Target,
 };
 
@@ -64,6 +64,11 @@ fn scenario_secs(scenario: Scenario, p: &Params) -> f64 {
             1.2 + idle::SETTLED.as_secs_f64()
                 + p.idle_conns as f64 / OPENS_PER_SEC
                 + pauses as f64 * idle::BATCH_PAUSE.as_secs_f64()
+        }
+        // A settling pause of 1 s before, the opens, the warm-up and the measured window.
+        Scenario::Heartbeat => {
+            1.0 + p.idle_conns as f64 / OPENS_PER_SEC
+                + (heartbeat::WARM_UP + heartbeat::MEASURED).as_secs_f64()
         }
         Scenario::SlowReader => p.slow_secs as f64 + 0.5,
         // Opens, 1 s warm-up, the command (guessed at 1 s), 2 s after, an echo on each.

@@ -377,7 +377,11 @@ fn raise_fd_limit(
     println!("xtask: bench: RLIMIT_NOFILE {fd_limit} (inherited by the proxies)");
     let fit = usize::try_from(fd_limit.saturating_sub(FD_RESERVE) / 2).unwrap_or(usize::MAX);
     for (held_by, what, count) in [
-        (&Scenario::IDLE[..], "idle", &mut params.idle_conns),
+        (
+            &Scenario::HOLDING_IDLE_CONNS[..],
+            "idle",
+            &mut params.idle_conns,
+        ),
         (
             &[Scenario::Upgrade][..],
             "upgrade",

@@ -622,6 +622,14 @@ idle connections whose echo round trip failed after the upgrade, and streams tha
 parks a connection after 1 s of quiet, at most 1,024 per sweep of 0.5 s); kernel slab (Slab of /proc/meminfo); socket buffers (TCP mem of \
 /proc/net/sockstat). Kernel figures are machine-wide and include the client's and \
 backend's sockets, which direct shows alone.
+- **heartbeat**: --idle-conns echo connections opened one after another; then one thread \
+sends each a --message-size echo every 5 s, spread evenly over the period, and reads the \
+reply. After a warm-up of three periods, a window of 5 s is measured: **heartbeats/s** \
+(connections / 5 s while the load generator keeps up), proxy and machine CPU and \
+machine-wide context switches per heartbeat, the p50 and p99 of the round trips, and \
+proxy VmRSS growth per connection at the end of the window. smartproxy parks a connection \
+after 1 s of quiet, and one that traffic takes up soon after parks later each time (2, 4, \
+then 8 s): the warm-up covers that.
 - **slow reader**: sampled every 100 ms, peak above the value at the start. **bytes in \
 flight**: bytes the backend's write() calls handed to the kernel minus bytes the client has \
 read: exact and for this connection only; they sit in socket buffers or between the proxy's \
@@ -657,6 +665,20 @@ transfer the stall was.
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The method's heartbeat line says what the scenario does.
+    #[test]
+    fn the_heartbeat_method_names_its_period_and_window() {
+        use crate::bench::scenario::heartbeat::{EVERY, MEASURED, WARM_UP};
+        assert!(METHOD.contains(&format!("echo every {} s", EVERY.as_secs())));
+        assert!(METHOD.contains(&format!("connections / {} s", EVERY.as_secs())));
+        assert!(METHOD.contains(&format!("window of {} s", MEASURED.as_secs())));
+        assert_eq!(
+            WARM_UP,
+            3 * EVERY,
+            "the method calls the warm-up three periods"
+        );
+    }
 
     #[test]
     fn auto_has_its_column_its_kernel_share_and_its_moves() {

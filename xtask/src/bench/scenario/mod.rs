@@ -4,6 +4,7 @@
 
 mod bulk;
 mod churn;
+pub(super) mod heartbeat;
 pub(super) mod idle;
 mod rr;
 mod slow;
@@ -80,6 +81,9 @@ pub enum Scenario {
     /// --idle-conns connections held open after one exchange each; `paced`: opened in
     /// batches that have time to go idle in between (`idle::BATCHES`).
     Idle { paced: bool },
+    /// --idle-conns connections, each with one --message-size echo every
+    /// `heartbeat::EVERY`.
+    Heartbeat,
     /// The backend offers --slow-bytes; the client reads --slow-rate per second for --slow-secs.
     SlowReader,
     /// `smartproxy upgrade` with --upgrade-conns live connections (issue 15).
@@ -92,7 +96,7 @@ const KIB256: u64 = 256 * 1024;
 
 impl Scenario {
     /// Every scenario, in report order (`--all`).
-    pub const ALL: [Scenario; 19] = [
+    pub const ALL: [Scenario; 20] = [
         Scenario::Bulk {
             direction: Direction::Upload,
             streams: 1,
@@ -150,6 +154,7 @@ impl Scenario {
         },
         Scenario::Idle { paced: false },
         Scenario::Idle { paced: true },
+        Scenario::Heartbeat,
         Scenario::SlowReader,
         Scenario::Upgrade,
     ];
@@ -158,7 +163,8 @@ impl Scenario {
     /// fits 15 minutes on 2 cores (the estimate is printed at the start). Left out: the 16 KiB
     /// request/response rows on 1 and 256 connections (32 connections stands for them), the
     /// 256 KiB one, the slow reader, which takes 20 s a run and answers issue 4, not
-    /// issue 14, and the paced idle connections (over 20 s a run).
+    /// issue 14, the paced idle connections (over 20 s a run) and the heartbeats (about
+    /// 17 s a run).
     pub fn is_default(self) -> bool {
         !matches!(
             self,
@@ -168,6 +174,7 @@ impl Scenario {
             } | Scenario::Rr { size: KIB256, .. }
                 | Scenario::SlowReader
                 | Scenario::Idle { paced: true }
+                | Scenario::Heartbeat
         )
     }
 
@@ -177,12 +184,19 @@ impl Scenario {
         Scenario::Idle { paced: true },
     ];
 
+    /// The scenarios that hold --idle-conns connections.
+    pub const HOLDING_IDLE_CONNS: [Scenario; 3] = [
+        Scenario::Idle { paced: false },
+        Scenario::Idle { paced: true },
+        Scenario::Heartbeat,
+    ];
+
     pub fn family(self) -> Family {
         match self {
             Scenario::Bulk { .. } => Family::Bulk,
             Scenario::Rr { .. } => Family::Rr,
             Scenario::Churn { .. } => Family::Churn,
-            Scenario::Idle { .. } => Family::Idle,
+            Scenario::Idle { .. } | Scenario::Heartbeat => Family::Idle,
             Scenario::SlowReader => Family::Slow,
             Scenario::Upgrade => Family::Upgrade,
         }
@@ -203,7 +217,7 @@ impl Scenario {
             Scenario::Bulk { streams, .. } => streams as usize,
             Scenario::Rr { conns, .. } => conns,
             Scenario::Churn { .. } => p.churn_concurrency,
-            Scenario::Idle { .. } => p.idle_conns,
+            Scenario::Idle { .. } | Scenario::Heartbeat => p.idle_conns,
             Scenario::SlowReader => 1,
             // The streams are among the connections; the connect loop adds one.
             Scenario::Upgrade => p.upgrade_conns + 1,
@@ -232,6 +246,7 @@ impl Scenario {
             } => "churn-server-close".to_owned(),
             Scenario::Idle { paced: false } => "idle".to_owned(),
             Scenario::Idle { paced: true } => "idle-paced".to_owned(),
+            Scenario::Heartbeat => "heartbeat".to_owned(),
             Scenario::SlowReader => "slow-reader".to_owned(),
             Scenario::Upgrade => "upgrade".to_owned(),
         }
@@ -264,6 +279,10 @@ impl Scenario {
                 "opened in {} batches {} s apart",
                 idle::BATCHES,
                 idle::BATCH_PAUSE.as_secs()
+            ),
+            Scenario::Heartbeat => format!(
+                "a heartbeat (echo) on each every {} s",
+                heartbeat::EVERY.as_secs()
             ),
             Scenario::SlowReader => "slow reader".to_owned(),
             Scenario::Upgrade => "upgrade".to_owned(),
@@ -368,6 +387,7 @@ pub fn run(scenario: Scenario, env: &Env<'_>) -> Result<Measurement> {
         Scenario::Rr { conns, size } => rr::run(env, conns, size),
         Scenario::Churn { closer } => churn::run(env, closer),
         Scenario::Idle { paced } => idle::run(env, paced),
+        Scenario::Heartbeat => heartbeat::run(env),
         Scenario::SlowReader => slow::run(env),
         Scenario::Upgrade => upgrade::run(env),
     }

@@ -1,0 +1,120 @@
+//! Heartbeats: --idle-conns connections that each exchange one --message-size echo every
+//! [`EVERY`], the way WebSocket pings and database keepalives keep long-lived connections
+//! alive. The heartbeats are spread evenly over each period, one at a time from one thread,
+//! so each connection is quiet between two of its own. What it measures is what such a
+//! connection costs while it is mostly idle: CPU and context switches per heartbeat, each
+//! heartbeat's round trip, and the proxy's RSS per connection at the end.
+//!
+//! [`EVERY`] is longer than smartproxy's default `park_idle_after` (1 s) plus its sweep
+//! (0.5 s): the first heartbeats find their connection parked and take it up again
+//! (`smartproxy/src/park/mod.rs`), until its park delay has grown past the period
+//! ([`WARM_UP`]).
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::{echo_connection, echo_round_trip, idle, Env};
+use crate::bench::{
+    metric::{quantile, CpuCounters, Measurement, Metric},
+    system,
+    units::KIB,
+    wire::ReadWaits,
+};
+
+/// How often each connection sends its heartbeat.
+pub const EVERY: Duration = Duration::from_secs(5);
+/// Heartbeats before the measured window: three periods. smartproxy parks a connection
+/// after 1 s of quiet, and one that traffic takes up soon after parks later each time (2,
+/// 4, then 8 s: `PARK_PAYS_AFTER` in `smartproxy/src/park/mod.rs`), so from the fourth
+/// heartbeat on it keeps its task between two.
+pub const WARM_UP: Duration = EVERY.saturating_mul(3);
+/// The measured window: one heartbeat per connection.
+pub const MEASURED: Duration = EVERY;
+/// The longest opening all connections may take.
+const OPEN_LIMIT: Duration = Duration::from_secs(300);
+
+// A heartbeat comes after its connection could park with smartproxy's defaults (quiet for
+// 1 s, then asked at the next sweep, 0.5 s at most), and each connection sends at least
+// once in the window.
+const _: () = assert!(EVERY.as_millis() > 1_500 && MEASURED.as_millis() >= EVERY.as_millis());
+
+pub fn run(env: &Env<'_>) -> Result<Measurement> {
+    let n = env.params.idle_conns;
+    thread::sleep(idle::SETTLE);
+    let rss_before = env.proxy_pid.map(system::tree_rss_bytes).transpose()?;
+    let opened_by = Instant::now() + OPEN_LIMIT;
+    let mut waits = ReadWaits::default();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        if Instant::now() >= opened_by {
+            bail!("heartbeat: only {i} of {n} connections opened in {OPEN_LIMIT:?}");
+        }
+        let stream = echo_connection(env.addr, env.params.message, &mut waits)
+            .with_context(|| format!("heartbeat: opening connection {} of {n} failed", i + 1))?;
+        conns.push(stream);
+    }
+    if conns.is_empty() {
+        bail!("heartbeat: no connection to send heartbeats on");
+    }
+
+    // Heartbeat `j` goes to connection `j % n` at `start + j × spacing`.
+    let spacing = EVERY / u32::try_from(n).context("heartbeat: too many connections")?;
+    let start = Instant::now();
+    let measure_from = start + WARM_UP;
+    let measure_until = measure_from + MEASURED;
+    let mut counters = None;
+    let mut samples_us = Vec::new();
+    for j in 0.. {
+        let due = start + spacing * u32::try_from(j).context("heartbeat: schedule overflow")?;
+        if due >= measure_until {
+            break;
+        }
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            thread::sleep(wait);
+        }
+        if due >= measure_from && counters.is_none() {
+            counters = Some(CpuCounters::read(env.proxy_pid)?);
+        }
+        let sent = Instant::now();
+        echo_round_trip(&mut conns[j % n], env.params.message, &mut waits)
+            .with_context(|| format!("heartbeat {j} on connection {} failed", j % n))?;
+        if due >= measure_from {
+            samples_us.push(sent.elapsed().as_micros() as u64);
+        }
+    }
+    let spent = counters
+        .context("heartbeat: the measured window never started")?
+        .spent(env.proxy_pid)?;
+    let rss_after = env.proxy_pid.map(system::tree_rss_bytes).transpose()?;
+    drop(conns);
+
+    let beats = samples_us.len().max(1) as f64;
+    samples_us.sort_unstable();
+    let mut m = Measurement::default();
+    m.set(
+        Metric::HeartbeatsPerSec,
+        samples_us.len() as f64 / spent.wall,
+    );
+    if let Some(proxy) = spent.proxy {
+        m.set(Metric::ProxyCpuPerHeartbeat, proxy / beats * 1e6);
+    }
+    m.set(Metric::MachineCpuPerHeartbeat, spent.machine / beats * 1e6);
+    m.set(Metric::CtxPerHeartbeat, spent.ctxt as f64 / beats);
+    for (metric, q) in [(Metric::LatencyP50, 0.5), (Metric::LatencyP99, 0.99)] {
+        if let Some(us) = quantile(&samples_us, q) {
+            m.set(metric, us as f64);
+        }
+    }
+    if let (Some(before), Some(after)) = (rss_before, rss_after) {
+        m.set(
+            Metric::ProxyRssPerConn,
+            (after as f64 - before as f64) / n as f64 / KIB as f64,
+        );
+    }
+    m.set(Metric::LongestReadWait, waits.longest.as_secs_f64() * 1e3);
+    Ok(m)
+}
