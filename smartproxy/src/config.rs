@@ -76,7 +76,8 @@ pub struct ProxyConfig {
     /// `data_path = "auto"`: when a connection moves between the relay and the kernel.
     pub auto: AutoConfig,
     /// How long a connection moves no byte (through the kernel either) before it is
-    /// parked without a task (`park`); `None` (`"0s"` in the file): never. At least [`MIN_PARK_IDLE_AFTER`].
+    /// parked without a task (`park`; longer for one that keeps waking soon after);
+    /// `None` (`"0s"` in the file): never. At least [`MIN_PARK_IDLE_AFTER`].
     pub park_idle_after: Option<Duration>,
 }
 

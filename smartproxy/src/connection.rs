@@ -164,13 +164,7 @@ pub(crate) fn resume(
         };
         return Ok(park_or_take_up(
             shared,
-            Box::new(Parked {
-                record,
-                sockets,
-                lifecycle,
-                moves,
-                admissions,
-            }),
+            Parked::new(record, sockets, lifecycle, moves, admissions),
         ));
     }
     let runtime = shared.runtimes.place(None);
@@ -226,6 +220,7 @@ pub(crate) fn take_up(shared: &Arc<Shared>, parked: Parked) {
         lifecycle,
         moves,
         admissions,
+        ..
     } = parked;
     let meter = Arc::clone(&record.meter);
     let relay = relay_on(shared, runtime, moves, |_| {
@@ -842,13 +837,13 @@ fn park(
             return Err(Box::new((relay, lifecycle)));
         }
     };
-    let parked = Box::new(Parked {
-        record: Arc::clone(record),
+    let parked = Parked::new(
+        Arc::clone(record),
         sockets,
         lifecycle,
         moves,
-        admissions: std::mem::take(admissions),
-    });
+        std::mem::take(admissions),
+    );
     Ok(park_or_take_up(shared, parked))
 }
 

@@ -1,6 +1,7 @@
-//! Idle connections without a task. A connection that moved no byte for `[proxy]
-//! park_idle_after` (1 s by default; through the kernel either), with both directions open
-//! and nothing held, gives its task up: its two sockets go to one epoll instance, its
+//! Idle connections without a task. A connection that moved no byte for its park delay
+//! (`[proxy] park_idle_after`, 1 s by default, or longer for one that traffic keeps taking
+//! up soon after: `doublings_after_traffic`; through the kernel either), with both
+//! directions open and nothing held, gives its task up: its two sockets go to one epoll instance, its
 //! lifecycle deadline to one ordered set, and its nudge (a stop, an upgrade) to one
 //! queue, all driven by one task ([`run`]). A spliced one keeps its splice live, and its
 //! splice's events wake it too. Whichever comes first, a socket to read (or, while the
@@ -36,7 +37,7 @@ use crate::vocab::{Direction, Side};
 use epoll::Epoll;
 
 /// The longest between two looks over the connections for ones to park: a connection is
-/// parked between `park_idle_after` and that plus the sweep's period after its last byte
+/// parked between its park delay and that plus the sweep's period after its last byte
 /// ([`sweep_period`]).
 const MAX_SWEEP_EVERY: Duration = Duration::from_millis(500);
 
@@ -59,13 +60,14 @@ const MIN_RELEASE_EVERY: Duration = Duration::from_secs(1);
 /// Ready sockets read from the epoll instance at once.
 const READY_BATCH: usize = 256;
 
-/// A connection that traffic takes up within this of its last byte parks later next time:
+/// A connection that traffic takes up within this of going quiet parks later next time:
 /// its park delay doubles ([`doublings_after_traffic`]) until it is at least this long.
 /// Parking and taking up again cost about twice what relaying a small message does: in the
 /// bench's heartbeat scenario (9,872 connections, an echo on each every 5 s), 103 µs of
 /// proxy CPU per heartbeat with a park and a take-up each time, against 34 µs with parking
-/// off, and no memory saved (docs/performance.md#heartbeats). Connections that stay quiet
-/// longer than this pay for their park.
+/// off, and no memory saved (docs/performance.md#heartbeats). 30 s is a judgement, not a
+/// measured break-even: at one park and take-up per 30 s, parking costs a connection about
+/// 2 µs of CPU a second, and heartbeats are rarely further apart than that.
 const PARK_PAYS_AFTER: Duration = Duration::from_secs(30);
 
 /// What a parked connection keeps.
@@ -77,9 +79,31 @@ pub(crate) struct Parked {
     /// On the adaptive path: the moves made so far.
     pub(crate) moves: Option<u32>,
     pub(crate) admissions: Admissions,
+    /// Its meter's last activity when it parked: how long it was quiet when traffic takes
+    /// it up ([`doublings_after_traffic`]). Read again then, a spliced connection's would
+    /// be the arrival of the very bytes that woke it (the verdict stamps every skb).
+    quiet_since_ns: u64,
 }
 
 impl Parked {
+    pub(crate) fn new(
+        record: Arc<ConnRecord>,
+        sockets: Resting,
+        lifecycle: Lifecycle,
+        moves: Option<u32>,
+        admissions: Admissions,
+    ) -> Box<Parked> {
+        let quiet_since_ns = record.meter.last_activity_ns();
+        Box::new(Parked {
+            record,
+            sockets,
+            lifecycle,
+            moves,
+            admissions,
+            quiet_since_ns,
+        })
+    }
+
     /// Its sockets as they go to a successor process ([`Resting::into_moved`]), and the
     /// rest of it.
     pub(crate) fn into_moved(self) -> (Moved, Arc<ConnRecord>, Lifecycle, Admissions) {
@@ -116,7 +140,7 @@ impl Parked {
 #[derive(Debug)]
 struct Lot {
     /// Boxed: a map's slots are a power of two above its length, each as large as its
-    /// value, and a parked connection is about 180 bytes.
+    /// value, and a parked connection is 192 bytes.
     parked: HashMap<u64, Box<Parked>>,
     deadlines: BTreeSet<(Instant, u64)>,
     /// Until the proxy stops: then nothing parks, and the driver ends once the lot is empty.
@@ -361,17 +385,21 @@ pub(crate) fn quiet_long_enough_to_park(record: &ConnRecord, now_ns: u64, after:
     quiet_for(record, now_ns, park_delay(after, record.park_doublings()))
 }
 
+/// `after` doubled `doublings` times, and at most twice [`PARK_PAYS_AFTER`] (or `after`
+/// itself, if longer): doublings earned under a short `park_idle_after` do not multiply a
+/// longer one a reload sets.
 fn park_delay(after: Duration, doublings: u8) -> Duration {
-    after.saturating_mul(1 << doublings.min(MAX_DOUBLINGS))
+    let grown = after.saturating_mul(1 << doublings.min(MAX_DOUBLINGS));
+    grown.min(after.max(2 * PARK_PAYS_AFTER))
 }
 
-/// More than enough for the shortest `park_idle_after` (100 ms) to reach
-/// [`PARK_PAYS_AFTER`]: 2^9 × 100 ms is 51.2 s.
+/// Bounds the shift in [`park_delay`]. The delay stops growing long before: the shortest
+/// `park_idle_after` reaches [`PARK_PAYS_AFTER`] in 9 doublings.
 const MAX_DOUBLINGS: u8 = 16;
 
-/// A parked connection's park doublings once traffic took it up `quiet` after its last
-/// byte: one more if that was within [`PARK_PAYS_AFTER`] and its delay is still shorter
-/// than that; none once a quiet spell lasted longer (the connection went quiet for real).
+/// A parked connection's park doublings once traffic took it up `quiet` after it went
+/// quiet: one more if that was within [`PARK_PAYS_AFTER`] and its delay is still shorter
+/// than that; none once it stayed quiet that long (it had gone quiet for real).
 fn doublings_after_traffic(doublings: u8, after: Duration, quiet: Duration) -> u8 {
     if quiet >= PARK_PAYS_AFTER {
         0
@@ -513,7 +541,7 @@ fn take_up_for_traffic(shared: &Arc<Shared>, parking: &Parking, id: u64) {
     };
     if let Some(after) = shared.generation().config.proxy.park_idle_after {
         let record = &parked.record;
-        let quiet = monotonic_ns().saturating_sub(record.meter.last_activity_ns());
+        let quiet = monotonic_ns().saturating_sub(parked.quiet_since_ns);
         record.set_park_doublings(doublings_after_traffic(
             record.park_doublings(),
             after,
@@ -551,6 +579,7 @@ mod tests {
     fn a_connection_taken_up_soon_after_it_went_quiet_parks_later_next_time() {
         let after = Duration::from_secs(1);
         let every = Duration::from_secs(5);
+        assert_eq!(park_delay(after, 0), after);
         let mut doublings = 0;
         let mut delays = vec![park_delay(after, doublings)];
         while park_delay(after, doublings) < every {
@@ -578,6 +607,20 @@ mod tests {
         // A base above it never grows.
         let long = 2 * PARK_PAYS_AFTER;
         assert_eq!(doublings_after_traffic(0, long, Duration::from_secs(1)), 0);
+        // Doublings earned under a short delay do not multiply a longer one a reload sets.
+        assert_eq!(park_delay(Duration::from_secs(30), 5), 2 * PARK_PAYS_AFTER);
+        assert_eq!(
+            park_delay(Duration::from_secs(600), 5),
+            Duration::from_secs(600)
+        );
+    }
+
+    /// Every parked connection keeps one, boxed: within jemalloc's 192-byte size class
+    /// (docs/performance.md#idle-connections).
+    #[test]
+    fn a_parked_connection_fits_in_192_bytes() {
+        let size = std::mem::size_of::<Parked>();
+        assert!(size <= 192, "a parked connection takes {size} bytes");
     }
 
     #[test]
@@ -682,17 +725,17 @@ mod tests {
             .expect("a connection");
         let (backend, _) = listener.accept().expect("accepted");
         record.nudge.raise();
-        let parked = Box::new(Parked {
-            record: Arc::clone(&record),
-            sockets: Resting {
+        let parked = Parked::new(
+            Arc::clone(&record),
+            Resting {
                 offload: None,
                 client: client.into(),
                 backend: backend.into(),
             },
-            lifecycle: Lifecycle::new(Arc::default(), Instant::now()),
-            moves: None,
-            admissions: Admissions::default(),
-        });
+            Lifecycle::new(Arc::default(), Instant::now()),
+            None,
+            Admissions::default(),
+        );
         assert!(parking.park(parked).is_ok(), "parked");
         assert_eq!(parking.woken.take(), vec![record.id], "to be taken up");
         let mut cx = Context::from_waker(Waker::noop());
@@ -748,17 +791,17 @@ mod tests {
         )
         .expect("spliced");
         assert!(offload.settle_adoption(), "quiet");
-        let parked = Box::new(Parked {
+        let parked = Parked::new(
             record,
-            sockets: Resting {
+            Resting {
                 offload: Some(Box::new(offload)),
                 client: client.into(),
                 backend: backend.into(),
             },
-            lifecycle: Lifecycle::new(Arc::default(), Instant::now()),
-            moves: None,
-            admissions: Admissions::default(),
-        });
+            Lifecycle::new(Arc::default(), Instant::now()),
+            None,
+            Admissions::default(),
+        );
         let sockets = parked
             .watched()
             .map(|(socket, _)| std::os::fd::AsRawFd::as_raw_fd(&socket));

@@ -65,9 +65,10 @@ fn scenario_secs(scenario: Scenario, p: &Params) -> f64 {
                 + p.idle_conns as f64 / OPENS_PER_SEC
                 + pauses as f64 * idle::BATCH_PAUSE.as_secs_f64()
         }
-        // A settling pause of 1 s before, the opens, the warm-up and the measured window.
+        // A settling pause before, the opens, the warm-up and the measured window.
         Scenario::Heartbeat => {
-            1.0 + p.idle_conns as f64 / OPENS_PER_SEC
+            idle::SETTLE.as_secs_f64()
+                + p.idle_conns as f64 / OPENS_PER_SEC
                 + (heartbeat::WARM_UP + heartbeat::MEASURED).as_secs_f64()
         }
         Scenario::SlowReader => p.slow_secs as f64 + 0.5,
