@@ -592,24 +592,22 @@ impl Relay {
                 backend: moved.backend,
             });
         }
-        if !self.sockets_own_splice() {
-            let e = io::Error::other("a spliced socket is shared with a watch of its own");
-            return Err(Box::new((self, e)));
+        match self {
+            Relay {
+                offload,
+                client: Peer::Spliced(client),
+                backend: Peer::Spliced(backend),
+                ..
+            } => Ok(Resting {
+                offload,
+                client: client.into_socket(),
+                backend: backend.into_socket(),
+            }),
+            relay => {
+                let e = io::Error::other("a spliced socket is shared with a watch of its own");
+                Err(Box::new((relay, e)))
+            }
         }
-        let Relay {
-            offload,
-            client: Peer::Spliced(client),
-            backend: Peer::Spliced(backend),
-            ..
-        } = self
-        else {
-            unreachable!("both peers were just seen spliced");
-        };
-        Ok(Resting {
-            offload,
-            client: client.into_socket(),
-            backend: backend.into_socket(),
-        })
     }
 
     /// Both sockets are the relay's own spliced ones ([`Peer::Spliced`]), not shared with

@@ -1,10 +1,10 @@
 //! Idle connections without a task. A connection that moved no byte for its park delay
 //! (`[proxy] park_idle_after`, 1 s by default, or longer for one that traffic keeps taking
 //! up soon after: `doublings_after_traffic`; through the kernel either), with both
-//! directions open and nothing held, gives its task up: its two sockets go to one epoll instance, its
-//! lifecycle deadline to one ordered set, and its nudge (a stop, an upgrade) to one
-//! queue, all driven by one task ([`run`]). A spliced one keeps its splice live, and its
-//! splice's events wake it too. Whichever comes first, a socket to read (or, while the
+//! directions open and nothing held, gives its task up: its two sockets go to one epoll
+//! instance, its lifecycle deadline to one ordered set, and its nudge (a stop, an upgrade)
+//! to one queue, all driven by one task ([`run`]). A spliced one keeps its splice live, and
+//! its splice's events wake it too. Whichever comes first, a socket to read (or, while the
 //! verdict redirects, a FIN or an error), an event, the deadline or a nudge, takes the
 //! connection up again on a runtime, where it goes on from where it stopped
 //! (`connection::take_up`); during an upgrade's handoff it goes to the successor from here
