@@ -270,6 +270,9 @@ async fn a_connection_with_heartbeats_stops_parking_between_them() {
             let backend = Backend::greeted(echo).await;
             let (proxy, mut client) = Spliced::start(&front, PARK_SOON, backend).await;
             heartbeats(&proxy, &mut client, true).await;
+            for direction in Direction::BOTH {
+                proxy.assert_kernel_moved(direction);
+            }
             proxy.client_closes(&mut client).await;
             return;
         }

@@ -27,20 +27,22 @@ use crate::bench::{
 
 /// How often each connection sends its heartbeat.
 pub const EVERY: Duration = Duration::from_secs(5);
-/// Heartbeats before the measured window: three periods. smartproxy parks a connection
+/// Heartbeats before the measured window: four periods. smartproxy parks a connection
 /// after 1 s of quiet, and one that traffic takes up soon after parks later each time (2,
 /// 4, then 8 s: `PARK_PAYS_AFTER` in `smartproxy/src/park/mod.rs`), so from the fourth
-/// heartbeat on it keeps its task between two.
-pub const WARM_UP: Duration = EVERY.saturating_mul(3);
+/// heartbeat on it keeps its task between two. The first heartbeats start as soon as the
+/// last connection is open, before the sweep (1,024 connections per 0.5 s) has asked
+/// every connection to park: one period more lets those catch up.
+pub const WARM_UP: Duration = EVERY.saturating_mul(4);
 /// The measured window: one heartbeat per connection.
 pub const MEASURED: Duration = EVERY;
 /// The longest opening all connections may take.
 const OPEN_LIMIT: Duration = Duration::from_secs(300);
 
 // The warm-up covers the back-off with smartproxy's defaults: each of the first three
-// heartbeats comes after its connection parked (its delay of 1, 2 or 4 s, then a sweep of
-// 0.5 s at most), and the fourth delay (8 s) is longer than the period. Each connection
-// sends at least once in the window.
+// heartbeats that find their connection parked comes after its delay of 1, 2 or 4 s and a
+// sweep of 0.5 s at most, and the fourth delay (8 s) is longer than the period. Each
+// connection sends at least once in the window.
 const _: () = assert!(
     EVERY.as_millis() > 4_500
         && EVERY.as_millis() < 8_000

@@ -164,7 +164,7 @@ impl Scenario {
     /// request/response rows on 1 and 256 connections (32 connections stands for them), the
     /// 256 KiB one, the slow reader, which takes 20 s a run and answers issue 4, not
     /// issue 14, the paced idle connections (over 20 s a run) and the heartbeats (about
-    /// 22 s a run).
+    /// 27 s a run).
     pub fn is_default(self) -> bool {
         !matches!(
             self,
