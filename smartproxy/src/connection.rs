@@ -150,7 +150,12 @@ pub(crate) fn resume(
     let mut admissions = shared
         .limits
         .hold(slot, record.client().ip(), std::time::Instant::now());
-    if sockets.is_quiet() && may_park_now(shared, &lifecycle, &record) {
+    let quiet_since = if sockets.is_quiet() {
+        may_park_now(shared, &lifecycle, &record)
+    } else {
+        None
+    };
+    if let Some(quiet_since) = quiet_since {
         let Moved {
             client,
             backend,
@@ -164,7 +169,7 @@ pub(crate) fn resume(
         };
         return Ok(park_or_take_up(
             shared,
-            Parked::new(record, sockets, lifecycle, moves, admissions),
+            Parked::new(record, sockets, lifecycle, moves, admissions, quiet_since),
         ));
     }
     let runtime = shared.runtimes.place(None);
@@ -174,8 +179,17 @@ pub(crate) fn resume(
     })
     .inspect_err(|_| shared.table.remove(record.id))?;
     // After the adoption: the meter counts the kernel's bytes since the handoff.
-    if may_park_now(shared, &lifecycle, &record) && relay.parkable_as_adopted() {
-        match park(shared, relay, lifecycle, &record, &mut admissions) {
+    let quiet_since =
+        may_park_now(shared, &lifecycle, &record).filter(|_| relay.parkable_as_adopted());
+    if let Some(quiet_since) = quiet_since {
+        match park(
+            shared,
+            relay,
+            lifecycle,
+            &record,
+            &mut admissions,
+            quiet_since,
+        ) {
             Ok(resumed) => return Ok(resumed),
             Err(back) => (relay, lifecycle) = *back,
         }
@@ -628,11 +642,13 @@ fn drive<'a>(
                                 continue;
                             }
                         }
-                    } else if record.switch_park_state(ParkState::Asked, ParkState::Awake)
-                        && stop_seen == Stop::Running
-                        && may_park(shared, &relay, &lifecycle, record)
+                    } else if let Some(quiet_since) = (record
+                        .switch_park_state(ParkState::Asked, ParkState::Awake)
+                        && stop_seen == Stop::Running)
+                        .then(|| may_park(shared, &relay, &lifecycle, record))
+                        .flatten()
                     {
-                        match park(shared, relay, lifecycle, record, admissions) {
+                        match park(shared, relay, lifecycle, record, admissions, quiet_since) {
                             Ok(_) => return Ended::Parked,
                             Err(kept) => {
                                 (relay, lifecycle) = *kept;
@@ -794,23 +810,30 @@ fn rule_out_parking(relay: &Relay, record: &ConnRecord) {
 }
 
 /// Whether the connection parks now: its relay may ([`Relay::parkable`]), and
-/// [`may_park_now`].
-fn may_park(shared: &Shared, relay: &Relay, lifecycle: &Lifecycle, record: &ConnRecord) -> bool {
-    relay.parkable() && may_park_now(shared, lifecycle, record)
+/// [`may_park_now`], whose last activity it gives.
+fn may_park(
+    shared: &Shared,
+    relay: &Relay,
+    lifecycle: &Lifecycle,
+    record: &ConnRecord,
+) -> Option<u64> {
+    relay
+        .parkable()
+        .then(|| may_park_now(shared, lifecycle, record))
+        .flatten()
 }
 
-/// Whether a connection that may park and holds nothing parks now: parking on, quiet for
-/// its park delay (`park_idle_after`, or longer, see `park::quiet_long_enough_to_park`),
-/// both directions open, and no lifecycle deadline due (one that woke it is seen to
-/// first).
-fn may_park_now(shared: &Shared, lifecycle: &Lifecycle, record: &ConnRecord) -> bool {
-    let Some(after) = shared.generation().config.proxy.park_idle_after else {
-        return false;
-    };
+/// The connection's last activity, if one that may park and holds nothing parks now:
+/// parking on, quiet for its park delay (`park_idle_after`, or longer, see
+/// `park::quiet_long_enough_to_park`), both directions open, and no lifecycle deadline due
+/// (one that woke it is seen to first). Read once: it goes with the parked connection.
+fn may_park_now(shared: &Shared, lifecycle: &Lifecycle, record: &ConnRecord) -> Option<u64> {
+    let after = shared.generation().config.proxy.park_idle_after?;
     let now = std::time::Instant::now();
-    lifecycle.is_open_both_ways()
-        && lifecycle.deadline().is_none_or(|deadline| deadline > now)
-        && crate::park::quiet_long_enough_to_park(record, monotonic_ns(), after)
+    if !lifecycle.is_open_both_ways() || lifecycle.deadline().is_some_and(|at| at <= now) {
+        return None;
+    }
+    crate::park::quiet_long_enough_to_park(record, monotonic_ns(), after)
 }
 
 /// Parks the connection: its task ends, and the parking lot takes it up again. Gives the
@@ -823,6 +846,7 @@ fn park(
     lifecycle: Lifecycle,
     record: &Arc<ConnRecord>,
     admissions: &mut Admissions,
+    quiet_since_ns: u64,
 ) -> Result<Resumed, Box<(Relay, Lifecycle)>> {
     if shared.parking.is_none() {
         return Err(Box::new((relay, lifecycle)));
@@ -843,6 +867,7 @@ fn park(
         lifecycle,
         moves,
         std::mem::take(admissions),
+        quiet_since_ns,
     );
     Ok(park_or_take_up(shared, parked))
 }

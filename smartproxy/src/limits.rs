@@ -299,8 +299,7 @@ impl Limits {
         now: Instant,
     ) -> Result<Admissions, Refusal> {
         let mut admissions = Admissions::default();
-        let limits = self.route_limits(route);
-        let Some(limits) = limits else {
+        let Some(limits) = self.route_limits(route) else {
             return Ok(admissions);
         };
         if !limits.access.permits(ip) {
@@ -338,8 +337,7 @@ impl Limits {
     pub fn hold(&self, route: usize, ip: IpAddr, now: Instant) -> Admissions {
         let mut admissions = Admissions::default();
         admissions.push(IpTable::hold(&self.proxy, ip, now));
-        let limits = self.route_limits(route);
-        if let Some(limits) = limits {
+        if let Some(limits) = self.route_limits(route) {
             if limits.max_connections.is_some() {
                 limits.active.fetch_add(1, Ordering::AcqRel);
                 admissions.push(Admission(Slot::Route(Arc::clone(&limits.active))));
@@ -459,7 +457,7 @@ impl IpTable {
             ),
         };
         let ip = client_key(ip, table.ipv6_prefix);
-        let capacity = f64::from(config.rate_per_minute.unwrap_or(0));
+        let capacity = table.bucket_capacity();
         let mut state = table.lock();
         let entry = state.entry(ip, capacity, now);
         if config.max_connections.is_some_and(|max| entry.live >= max) {
@@ -483,14 +481,19 @@ impl IpTable {
             return Admission(Slot::None);
         }
         let ip = client_key(ip, table.ipv6_prefix);
-        let capacity = f64::from(config.rate_per_minute.unwrap_or(0));
+        let capacity = table.bucket_capacity();
         table.lock().entry(ip, capacity, now).live += 1;
         Admission(Slot::Ip(Arc::clone(table), ip))
     }
 
+    /// Tokens a full rate bucket holds: the rate per minute, 0 without one.
+    fn bucket_capacity(&self) -> f64 {
+        f64::from(self.config.rate_per_minute.unwrap_or(0))
+    }
+
     fn release(&self, ip: IpAddr) {
         let mut state = self.lock();
-        let capacity = f64::from(self.config.rate_per_minute.unwrap_or(0));
+        let capacity = self.bucket_capacity();
         if let Some(entry) = state.entries.get_mut(&ip) {
             entry.live = entry.live.saturating_sub(1);
             // Without a rate limit nothing is remembered of an address with no connection.

@@ -558,8 +558,7 @@ impl Relay {
     /// ([`Offload::settle_adoption`], which clears it). Unlike [`Relay::parkable`] it does
     /// not ask for events read: the parking lot watches its sockets for reads until then.
     pub fn parkable_as_adopted(&mut self) -> bool {
-        self.offload.is_some()
-            && self.may_rest()
+        self.may_rest()
             && self
                 .offload
                 .as_deref_mut()

@@ -79,9 +79,10 @@ pub(crate) struct Parked {
     /// On the adaptive path: the moves made so far.
     pub(crate) moves: Option<u32>,
     pub(crate) admissions: Admissions,
-    /// Its meter's last activity when it parked: how long it was quiet when traffic takes
-    /// it up ([`doublings_after_traffic`]). Read again then, a spliced connection's would
-    /// be the arrival of the very bytes that woke it (the verdict stamps every skb).
+    /// Its meter's last activity when it was found quiet enough to park
+    /// ([`quiet_long_enough_to_park`]): how long it was quiet when traffic takes it up
+    /// ([`doublings_after_traffic`]). Read again then, a spliced connection's would be the
+    /// arrival of the very bytes that woke it (the verdict stamps every skb).
     quiet_since_ns: u64,
 }
 
@@ -92,8 +93,8 @@ impl Parked {
         lifecycle: Lifecycle,
         moves: Option<u32>,
         admissions: Admissions,
+        quiet_since_ns: u64,
     ) -> Box<Parked> {
-        let quiet_since_ns = record.meter.last_activity_ns();
         Box::new(Parked {
             record,
             sockets,
@@ -375,14 +376,18 @@ fn worth_parking(record: &ConnRecord, now_ns: u64, after: Duration) -> bool {
     record.park_state() == ParkState::Awake
         && record.data_path().is_some()
         && !record.half_open.load(std::sync::atomic::Ordering::Relaxed)
-        && quiet_long_enough_to_park(record, now_ns, after)
+        && quiet_long_enough_to_park(record, now_ns, after).is_some()
 }
 
-/// Whether `record`'s connection has been quiet for its park delay: `after`
-/// (`park_idle_after`), doubled for each time traffic took it up soon after it went quiet
-/// ([`doublings_after_traffic`]).
-pub(crate) fn quiet_long_enough_to_park(record: &ConnRecord, now_ns: u64, after: Duration) -> bool {
-    quiet_for(record, now_ns, park_delay(after, record.park_doublings()))
+/// The last activity of `record`'s connection, if it has been quiet since for its park
+/// delay: `after` (`park_idle_after`), doubled for each time traffic took it up soon after
+/// it went quiet ([`doublings_after_traffic`]).
+pub(crate) fn quiet_long_enough_to_park(
+    record: &ConnRecord,
+    now_ns: u64,
+    after: Duration,
+) -> Option<u64> {
+    quiet_since(record, now_ns, park_delay(after, record.park_doublings()))
 }
 
 /// `after` doubled `doublings` times, and at most twice [`PARK_PAYS_AFTER`] (or `after`
@@ -404,7 +409,7 @@ fn doublings_after_traffic(doublings: u8, after: Duration, quiet: Duration) -> u
     if quiet >= PARK_PAYS_AFTER {
         0
     } else if park_delay(after, doublings) < PARK_PAYS_AFTER {
-        (doublings + 1).min(MAX_DOUBLINGS)
+        doublings.saturating_add(1)
     } else {
         doublings
     }
@@ -437,8 +442,15 @@ fn ask_to_park(table: &ConnTable, now_ns: u64, after: Duration, cursor: &mut u64
 
 /// Whether `record`'s connection moved no byte for `after` up to `now_ns`.
 pub(crate) fn quiet_for(record: &ConnRecord, now_ns: u64, after: Duration) -> bool {
+    quiet_since(record, now_ns, after).is_some()
+}
+
+/// The last activity of `record`'s connection (a spliced one's meter reads the kernel's
+/// counters: two map lookups), if it was at least `after` before `now_ns`.
+fn quiet_since(record: &ConnRecord, now_ns: u64, after: Duration) -> Option<u64> {
     let after = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
-    now_ns.saturating_sub(record.meter.last_activity_ns()) >= after
+    let last = record.meter.last_activity_ns();
+    (now_ns.saturating_sub(last) >= after).then_some(last)
 }
 
 /// How often to look for connections quiet for `after`: twice within it, at most
@@ -629,14 +641,16 @@ mod tests {
         let record = table.insert("127.0.0.1:1".parse().expect("an address"));
         let after = Duration::from_secs(1);
         let quiet = record.meter.last_activity_ns() + 3 * after.as_nanos() as u64;
-        assert!(quiet_long_enough_to_park(&record, quiet, after));
+        let last = record.meter.last_activity_ns();
+        assert_eq!(quiet_long_enough_to_park(&record, quiet, after), Some(last));
         record.set_park_doublings(2);
-        assert!(!quiet_long_enough_to_park(&record, quiet, after), "4 s now");
-        assert!(quiet_long_enough_to_park(
-            &record,
-            quiet + after.as_nanos() as u64,
-            after
-        ));
+        assert_eq!(
+            quiet_long_enough_to_park(&record, quiet, after),
+            None,
+            "4 s now"
+        );
+        let later = quiet + after.as_nanos() as u64;
+        assert_eq!(quiet_long_enough_to_park(&record, later, after), Some(last));
     }
 
     #[test]
@@ -735,6 +749,7 @@ mod tests {
             Lifecycle::new(Arc::default(), Instant::now()),
             None,
             Admissions::default(),
+            0,
         );
         assert!(parking.park(parked).is_ok(), "parked");
         assert_eq!(parking.woken.take(), vec![record.id], "to be taken up");
@@ -801,6 +816,7 @@ mod tests {
             Lifecycle::new(Arc::default(), Instant::now()),
             None,
             Admissions::default(),
+            0,
         );
         let sockets = parked
             .watched()

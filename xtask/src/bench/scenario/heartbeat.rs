@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{echo_connection, echo_round_trip, idle, Env};
+use super::{echo_round_trip, idle, open_echo_connections, Env};
 use crate::bench::{
     metric::{quantile, CpuCounters, Measurement, Metric},
     system,
@@ -36,8 +36,6 @@ pub const EVERY: Duration = Duration::from_secs(5);
 pub const WARM_UP: Duration = EVERY.saturating_mul(4);
 /// The measured window: one heartbeat per connection.
 pub const MEASURED: Duration = EVERY;
-/// The longest opening all connections may take.
-const OPEN_LIMIT: Duration = Duration::from_secs(300);
 
 // The warm-up covers the back-off with smartproxy's defaults: each of the first three
 // heartbeats that find their connection parked comes after its delay of 1, 2 or 4 s and a
@@ -53,17 +51,8 @@ pub fn run(env: &Env<'_>) -> Result<Measurement> {
     let n = env.params.idle_conns;
     thread::sleep(idle::SETTLE);
     let rss_before = env.proxy_pid.map(system::tree_rss_bytes).transpose()?;
-    let opened_by = Instant::now() + OPEN_LIMIT;
     let mut waits = ReadWaits::default();
-    let mut conns = Vec::with_capacity(n);
-    for i in 0..n {
-        if Instant::now() >= opened_by {
-            bail!("heartbeat: only {i} of {n} connections opened in {OPEN_LIMIT:?}");
-        }
-        let stream = echo_connection(env.addr, env.params.message, &mut waits)
-            .with_context(|| format!("heartbeat: opening connection {} of {n} failed", i + 1))?;
-        conns.push(stream);
-    }
+    let mut conns = open_echo_connections(env, n, "heartbeat", &mut waits, |_| {})?;
     if conns.is_empty() {
         bail!("heartbeat: no connection to send heartbeats on");
     }

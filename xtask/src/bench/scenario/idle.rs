@@ -16,14 +16,11 @@
 //! [`SETTLED`] after it, once every connection has been idle long enough for smartproxy
 //! to have parked it and given the freed memory back.
 
-use std::{
-    thread,
-    time::{Duration, Instant},
-};
+use std::{thread, time::Duration};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::Result;
 
-use super::{echo_connection, Env};
+use super::{open_echo_connections, Env};
 use crate::bench::{
     metric::{Measurement, Metric},
     system,
@@ -31,8 +28,6 @@ use crate::bench::{
     wire::ReadWaits,
 };
 
-/// The longest opening all connections may take.
-const LIMIT: Duration = Duration::from_secs(300);
 /// Time for lazily freed memory (RCU callbacks, deferred work) to settle before reading.
 pub const SETTLE: Duration = Duration::from_secs(1);
 /// The second reading, after the last connection: longer than smartproxy needs to park
@@ -61,22 +56,14 @@ pub fn run(env: &Env<'_>, paced: bool) -> Result<Measurement> {
     let rss_before = env.proxy_pid.map(system::tree_rss_bytes).transpose()?;
     let mem_before = system::meminfo()?;
     let sock_before = system::socket_mem_bytes()?;
-    let deadline = Instant::now() + LIMIT;
     let mut waits = ReadWaits::default();
-    let mut conns = Vec::with_capacity(n);
     let batch = batch_len(n);
-    for i in 0..n {
-        if Instant::now() >= deadline {
-            bail!("idle: only {i} of {n} connections opened in {LIMIT:?}");
-        }
-        let stream = echo_connection(env.addr, env.params.message, &mut waits)
-            .with_context(|| format!("idle: opening connection {} of {n} failed", i + 1))?;
-        conns.push(stream);
+    let conns = open_echo_connections(env, n, "idle", &mut waits, |i| {
         // After the last batch too, however many it holds: it parks before the reading.
         if paced && ((i + 1) % batch == 0 || i + 1 == n) {
             thread::sleep(BATCH_PAUSE);
         }
-    }
+    })?;
     thread::sleep(SETTLE);
     let rss_after = env.proxy_pid.map(system::tree_rss_bytes).transpose()?;
     let mem_after = system::meminfo()?;

@@ -31,6 +31,9 @@ use super::{
 /// How long a connect may take before the run fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest opening the connections a scenario holds may take.
+const OPEN_LIMIT: Duration = Duration::from_secs(300);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Direction {
     /// Client -> backend.
@@ -444,6 +447,29 @@ fn echo_round_trip(stream: &mut TcpStream, size: u64, waits: &mut ReadWaits) -> 
         Instant::now() + Duration::from_secs(10),
     )
     .context("reading an echo failed")
+}
+
+/// `n` [`echo_connection`]s opened one after another, for the scenario `what` (error
+/// messages); `after_each(i)` runs once connection `i` is open (a pause, say).
+fn open_echo_connections(
+    env: &Env<'_>,
+    n: usize,
+    what: &str,
+    waits: &mut ReadWaits,
+    mut after_each: impl FnMut(usize),
+) -> Result<Vec<TcpStream>> {
+    let opened_by = Instant::now() + OPEN_LIMIT;
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        if Instant::now() >= opened_by {
+            anyhow::bail!("{what}: only {i} of {n} connections opened in {OPEN_LIMIT:?}");
+        }
+        let stream = echo_connection(env.addr, env.params.message, waits)
+            .with_context(|| format!("{what}: opening connection {} of {n} failed", i + 1))?;
+        conns.push(stream);
+        after_each(i);
+    }
+    Ok(conns)
 }
 
 /// An echo connection that has completed one exchange of `size` bytes, so it is routed and

@@ -33,7 +33,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use super::{
     churn::{self, Failures},
-    connect, echo_connection, echo_round_trip, Closer, Env, Failure,
+    connect, echo_round_trip, open_echo_connections, Closer, Env, Failure,
 };
 use crate::bench::{
     metric::{Measurement, Metric},
@@ -46,8 +46,6 @@ const WARMUP: Duration = Duration::from_secs(1);
 const AFTER: Duration = Duration::from_secs(2);
 /// The longest the upgrade command may take before it is killed and the run fails.
 const COMMAND_LIMIT: Duration = Duration::from_secs(120);
-/// The longest opening all connections may take.
-const OPEN_LIMIT: Duration = Duration::from_secs(300);
 /// What a stream asks the backend for: more than any run reads.
 const STREAM_BYTES: u64 = 1 << 50;
 
@@ -85,21 +83,7 @@ pub fn run(env: &Env<'_>) -> Result<Measurement> {
     let streams = p.upgrade_streams.min(p.upgrade_conns);
     let idle_count = p.upgrade_conns - streams;
     let mut waits = ReadWaits::default();
-    let opened = Instant::now();
-    let mut idle = Vec::with_capacity(idle_count);
-    for i in 0..idle_count {
-        if opened.elapsed() >= OPEN_LIMIT {
-            bail!("upgrade: only {i} of {idle_count} idle connections opened in {OPEN_LIMIT:?}");
-        }
-        idle.push(
-            echo_connection(env.addr, p.message, &mut waits).with_context(|| {
-                format!(
-                    "upgrade: opening idle connection {} of {idle_count} failed",
-                    i + 1
-                )
-            })?,
-        );
-    }
+    let mut idle = open_echo_connections(env, idle_count, "upgrade: idle", &mut waits, |_| {})?;
 
     let phase = Arc::new(AtomicU8::new(WARMING));
     let streamers = (0..streams)
