@@ -4,13 +4,13 @@
 use std::fmt::Display;
 
 /// The knobs of a test proxy on `data_path = "auto"`: each plain connection goes into the
-/// kernel at its first read (a splice rate of one byte a second; the leave rate must be
-/// lower, hence 0) and stays there (one move, that splice). A test written for the kernel
+/// kernel at its first read (a splice rate of one byte a second in either direction; the
+/// leave rate must be lower, hence 0) and stays there (one move, that splice). A test written for the kernel
 /// path then runs across a splice in the middle of its connection, and may expect what it
 /// expects of the kernel path afterwards. The moves back and forth have tests of their own
 /// (`tests/tests/adaptive.rs`).
 pub const AUTO_SPLICE_AT_FIRST_READ: &str =
-    "auto_splice_rate = 1\nauto_leave_rate = 0\nauto_max_moves = 1";
+    "auto_splice_rate = 1\nauto_splice_one_way = true\nauto_leave_rate = 0\nauto_max_moves = 1";
 
 /// The `[proxy]` lines of a test proxy on `data_path` (`userspace`, `ebpf` or `auto`):
 /// the `data_path` key and, on `auto`, [`AUTO_SPLICE_AT_FIRST_READ`]. No trailing newline.

@@ -4,7 +4,8 @@
 //! - randomized traffic whose shape changes mid-connection, 4 connections at once: bulk
 //!   bursts up, down and both ways at once (some to a slow reader, against a small
 //!   `max_queued_bytes`), then chatty request/response phases with pauses of a few
-//!   windows. Every byte is checked where it arrives against the stream its sender
+//!   windows. One direction at the splice rate splices here (`auto_splice_one_way`), so
+//!   that one-way bursts cross the kernel too. Every byte is checked where it arrives against the stream its sender
 //!   wrote (a failure names the first wrong offset and how many bytes were doubled or
 //!   lost there); the moves went both ways, the kernel moved bytes each way, the books
 //!   add up and no map entry is left;
@@ -12,6 +13,8 @@
 //!   kernel maps, the kernel's bytes, the move counters): out of the maps while chatty,
 //!   in the kernel under a flood, in pass mode (sockets still in the maps, the relay
 //!   moving the bytes) once quiet, twice;
+//! - by default a one-way stream stays on the relay, out of the maps, however fast, and
+//!   traffic at the splice rate both ways goes into the kernel;
 //! - once `auto_max_moves` is used up, a connection stays in pass mode under a burst;
 //! - a connection whose TLS the proxy terminates stays on the relay, however fast.
 //!
@@ -33,11 +36,16 @@ use tokio::task::JoinHandle;
 
 /// The measuring window (`auto_window`).
 const WINDOW: Duration = Duration::from_millis(50);
-/// One direction at 1 MiB/s splices (52 KiB in a window); below 256 KiB/s both ways
+/// Both directions at 1 MiB/s splice (52 KiB each in a window); below 256 KiB/s both ways
 /// together (13 KiB in a window) moves out. Chatty phases stay far below both, bulk far
 /// above.
 const KNOBS: &str = "auto_splice_rate = 1048576\nauto_leave_rate = 262144\n\
                      auto_window = \"50ms\"\nauto_max_moves = 64";
+/// [`KNOBS`], and one direction at the splice rate is enough: the randomized test's bursts
+/// one way go into the kernel too.
+const ONE_WAY_KNOBS: &str = "auto_splice_rate = 1048576\nauto_splice_one_way = true\n\
+                             auto_leave_rate = 262144\nauto_window = \"50ms\"\n\
+                             auto_max_moves = 64";
 const MIB: usize = 1 << 20;
 /// Small, as in `tests/tests/backpressure.rs`: in the kernel the verdict switches between
 /// redirecting and passing at this cap many times a burst (the slow readers), also
@@ -436,7 +444,7 @@ async fn traffic_that_changes_shape_moves_both_ways_and_keeps_every_byte() {
     })
     .await;
     let mut proxy = TestProxy::start_auto(
-        KNOBS,
+        ONE_WAY_KNOBS,
         &format!(
             "metrics = \"127.0.0.1:0\"\nmax_queued_bytes = {MAX_QUEUED_BYTES}\n\n{}",
             plain_route("shapes", backend.addr, "")
@@ -724,6 +732,114 @@ async fn each_move_shows_in_the_row_the_maps_and_the_counters() {
     }
     echoed.close(&mut proxy).await;
     backend.join().await;
+    proxy.stop().await;
+}
+
+/// Without `auto_splice_one_way` a stream up and a stream down, each far above the splice
+/// rate and checked byte for byte, stay on the relay and out of the maps; an echo flood,
+/// at that rate both ways, goes into the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_way_stream_stays_on_the_relay_and_traffic_both_ways_goes_into_the_kernel() {
+    /// Each stream: far above the 52 KiB a window that splices, whatever the machine.
+    const LEN: usize = 32 * MIB;
+    /// The seeds of the two streams' bytes.
+    const UP: u64 = 21;
+    const DOWN: u64 = 22;
+    init_tracing();
+    if !ebpf_loads("this test (data_path = \"auto\" moves connections into the kernel)") {
+        return;
+    }
+    // The sink checks the stream up and answers with one byte once it has it all.
+    let sink = Backend::spawn(|stream| async move {
+        let (mut read, mut write) = stream.into_split();
+        let mut receiver = Receiver::new(UP, Direction::ClientToBackend);
+        receiver.receive(&mut read, LEN, false).await;
+        write.write_all(b"!").await.expect("the sink answers");
+        receiver.receive_eof(&mut read).await;
+    })
+    .await;
+    // The source sends the stream down, then waits for the client's FIN.
+    let source = Backend::spawn(|stream| async move {
+        let (mut read, mut write) = stream.into_split();
+        Sender::new(DOWN, Direction::BackendToClient)
+            .send(&mut write, LEN, 256 * 1024)
+            .await;
+        expect_eof(&mut read, "the client's FIN at the source").await;
+    })
+    .await;
+    let echo_backend = Backend::spawn(echo).await;
+    // Routes on port 0 need addresses of their own.
+    let routes = [
+        plain_route("up", sink.addr, ""),
+        plain_route("down", source.addr, "").replace("127.0.0.1:0", "127.0.0.2:0"),
+        plain_route("both", echo_backend.addr, "").replace("127.0.0.1:0", "127.0.0.3:0"),
+    ]
+    .concat();
+    let mut proxy = TestProxy::start_auto(KNOBS, &routes).await;
+
+    // First (its close checks the proxy's byte totals): both ways at once.
+    let echoed = Echoed::connect(&proxy, "both", 23).await;
+    let client = echoed.client();
+    let (stop, done) = watch::channel(false);
+    let flooding = echoed.flood(done);
+    wait_for("an echo flood moves the connection into the kernel", || {
+        row(&proxy, &client) == Some(DataPathKind::Ebpf)
+    })
+    .await;
+    assert_eq!(map_entries(&proxy), SPLICED, "the flood: map entries");
+    assert_eq!(moves(&proxy).0, 1, "the flood: moves into the kernel");
+    stop.send(true).expect("the flood listens");
+    let echoed = within("the flood ends", flooding)
+        .await
+        .expect("the flood task");
+    echoed.close(&mut proxy).await;
+
+    // Then one way at a time.
+    let (moves_before, kernel_bytes_before) = (moves(&proxy), proxy.kernel_bytes());
+    let on_the_relay = |proxy: &TestProxy, client: &str, what: &str| {
+        assert_eq!(
+            row(proxy, client),
+            Some(DataPathKind::Userspace),
+            "{what}: the row"
+        );
+        assert_eq!(moves(proxy), moves_before, "{what}: moves");
+        assert_eq!(
+            map_entries(proxy),
+            MapEntries::default(),
+            "{what}: map entries"
+        );
+        assert_eq!(
+            proxy.kernel_bytes(),
+            kernel_bytes_before,
+            "{what}: kernel bytes"
+        );
+    };
+    let mut up = connect(proxy.addr("up")).await;
+    let client = up.local_addr().expect("client address").to_string();
+    {
+        let (mut read, mut write) = up.split();
+        within("the stream up", async {
+            Sender::new(UP, Direction::ClientToBackend)
+                .send(&mut write, LEN, 256 * 1024)
+                .await;
+            read.read_exact(&mut [0u8; 1])
+                .await
+                .expect("the sink's answer");
+        })
+        .await;
+    }
+    on_the_relay(&proxy, &client, "the stream up");
+    close_normally(&mut proxy, up).await;
+
+    let mut down = connect(proxy.addr("down")).await;
+    let client = down.local_addr().expect("client address").to_string();
+    let mut receiver = Receiver::new(DOWN, Direction::BackendToClient);
+    within("the stream down", receiver.receive(&mut down, LEN, false)).await;
+    on_the_relay(&proxy, &client, "the stream down");
+    close_normally(&mut proxy, down).await;
+    for backend in [sink, source, echo_backend] {
+        backend.join().await;
+    }
     proxy.stop().await;
 }
 

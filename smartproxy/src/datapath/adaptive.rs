@@ -4,8 +4,9 @@
 //!
 //! A connection starts on the relay, out of the kernel's maps: small messages cost less
 //! there than a redirect, which takes a kworker hop per skb (`docs/kernel-notes.md#redirect-cost`).
-//! It goes into the kernel once one direction reaches `auto_splice_rate` within one
-//! `auto_window`, and back out (to pass mode: the sockets stay in the maps, and the
+//! It goes into the kernel once both directions reach `auto_splice_rate` within one
+//! `auto_window` (either one with `auto_splice_one_way`: a one-way stream is faster on the
+//! relay, see `DEFAULT_AUTO_SPLICE_ONE_WAY` in `smartproxy/src/config.rs`), and back out (to pass mode: the sockets stay in the maps, and the
 //! verdict passes every skb up to the relay) when a window in the kernel moves less than
 //! `auto_leave_rate`, both directions together. After `auto_max_moves` moves it stays.
 
@@ -65,8 +66,9 @@ impl Policy {
     }
 
     /// The relay has read `read` bytes per direction in all (its totals, so that no read
-    /// is missed between two calls). True: on the relay, and one direction reached the
-    /// splice rate within the current window, with a move left.
+    /// is missed between two calls). True: on the relay, and both directions (or either,
+    /// with `splice_one_way`) reached the splice rate within the current window, with a
+    /// move left.
     pub fn on_reads(&mut self, read: [u64; 2], now: Instant) -> bool {
         let fresh = [0, 1].map(|i| read[i].saturating_sub(self.read_seen[i]));
         self.read_seen = read;
@@ -84,7 +86,12 @@ impl Policy {
             *in_window += fresh;
         }
         let threshold = bytes_per_window(self.config.splice_rate, self.config.window);
-        self.read_in_window.iter().any(|&bytes| bytes >= threshold)
+        let reached = self.read_in_window.map(|bytes| bytes >= threshold);
+        if self.config.splice_one_way {
+            reached.contains(&true)
+        } else {
+            reached == [true; 2]
+        }
     }
 
     /// One window passed in the kernel; `moved` is every byte the connection moved so far,
@@ -135,6 +142,7 @@ mod tests {
     fn config() -> AutoConfig {
         AutoConfig {
             splice_rate: 10 * MIB,
+            splice_one_way: false,
             leave_rate: MIB,
             window: Duration::from_millis(100),
             max_moves: 3,
@@ -146,12 +154,29 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_at_the_splice_rate_goes_into_the_kernel_within_a_window() {
+    fn traffic_at_the_splice_rate_both_ways_goes_into_the_kernel_within_a_window() {
         let t0 = Instant::now();
         let mut policy = Policy::new(config(), Place::Relay, 0, [0; 2], 0);
         // 1 MiB per window is the threshold at 10 MiB/s over 100 ms.
-        assert!(!policy.on_reads([512 * 1024, 0], at(t0, 0)));
-        assert!(policy.on_reads([MIB, 0], at(t0, 50)));
+        assert!(!policy.on_reads([512 * 1024, 512 * 1024], at(t0, 0)));
+        assert!(!policy.on_reads([MIB, 512 * 1024], at(t0, 30)));
+        assert!(policy.on_reads([MIB, MIB], at(t0, 50)));
+    }
+
+    #[test]
+    fn a_one_way_stream_goes_into_the_kernel_only_with_splice_one_way() {
+        let t0 = Instant::now();
+        let mut both_ways = Policy::new(config(), Place::Relay, 0, [0; 2], 0);
+        let one_way_config = AutoConfig {
+            splice_one_way: true,
+            ..config()
+        };
+        let mut one_way = Policy::new(one_way_config, Place::Relay, 0, [0; 2], 0);
+        for window in 0..10u64 {
+            let read = [0, (window + 1) * 100 * MIB];
+            assert!(!both_ways.on_reads(read, at(t0, window * 100)));
+        }
+        assert!(one_way.on_reads([0, MIB], at(t0, 0)));
     }
 
     #[test]
@@ -160,7 +185,7 @@ mod tests {
         let mut policy = Policy::new(config(), Place::Relay, 0, [0; 2], 0);
         for window in 0..10u64 {
             let total = (window + 1) * 600 * 1024;
-            assert!(!policy.on_reads([0, total], at(t0, window * 150)));
+            assert!(!policy.on_reads([total; 2], at(t0, window * 150)));
         }
     }
 
@@ -202,7 +227,7 @@ mod tests {
         let mut kernel = Policy::new(config(), Place::Kernel, 1, [0; 2], 0);
         for window in 1..=20u64 {
             let total = window * 512 * 1024;
-            assert!(!relay.on_reads([total, 0], at(t0, window * 100)));
+            assert!(!relay.on_reads([total; 2], at(t0, window * 100)));
             assert!(!kernel.on_tick(total));
         }
     }
@@ -211,14 +236,14 @@ mod tests {
     fn after_the_last_move_it_stays_where_it_is() {
         let t0 = Instant::now();
         let mut policy = Policy::new(config(), Place::Relay, 0, [0; 2], 0);
-        assert!(policy.on_reads([2 * MIB, 0], at(t0, 0)));
-        policy.moved(Place::Kernel, 2 * MIB);
-        assert!(policy.on_tick(2 * MIB));
-        policy.moved(Place::Relay, 2 * MIB);
-        assert!(policy.on_reads([4 * MIB, 0], at(t0, 500)));
+        assert!(policy.on_reads([2 * MIB; 2], at(t0, 0)));
         policy.moved(Place::Kernel, 4 * MIB);
+        assert!(policy.on_tick(4 * MIB));
+        policy.moved(Place::Relay, 4 * MIB);
+        assert!(policy.on_reads([4 * MIB; 2], at(t0, 500)));
+        policy.moved(Place::Kernel, 8 * MIB);
         assert_eq!(policy.moves(), 3);
-        assert!(!policy.on_tick(4 * MIB), "the cap of 3 moves is reached");
+        assert!(!policy.on_tick(8 * MIB), "the cap of 3 moves is reached");
         assert_eq!(policy.place(), Place::Kernel);
     }
 
@@ -235,6 +260,6 @@ mod tests {
             [0; 2],
             0,
         );
-        assert!(policy.on_reads([1, 0], Instant::now()));
+        assert!(policy.on_reads([1; 2], Instant::now()));
     }
 }

@@ -645,7 +645,7 @@ slow-reader targets compare auto's and ebpf's bytes in flight minus direct's (th
 and backend's own buffers) with 2 × max_queued_bytes.
 - **auto**: smartproxy with `data_path = \"auto\"` (its default) and no `auto_*` key, so the \
 adaptive path's defaults apply: a connection starts on the userspace relay and moves into \
-the kernel when one direction reaches `auto_splice_rate` within `auto_window`.
+the kernel when both directions reach `auto_splice_rate` within `auto_window`.
 - **bytes through kernel** (ebpf and auto): smartproxy stats after the scenario: \
 (bytes.kernel_client_to_backend + bytes.kernel_backend_to_client) / (bytes.client_to_backend \
 + bytes.backend_to_client); n/a when the proxy does not report the kernel keys.

@@ -31,8 +31,8 @@ pub enum Target {
     /// The client connects straight to the backend: the limit.
     Direct,
     /// smartproxy, `data_path = "auto"` (its default) with the default `auto_*` knobs: each
-    /// connection starts on the userspace relay and moves into the kernel when one direction
-    /// reaches `auto_splice_rate`.
+    /// connection starts on the userspace relay and moves into the kernel when both
+    /// directions reach `auto_splice_rate`.
     Auto,
     /// smartproxy, `data_path = "ebpf"`.
     Ebpf,
