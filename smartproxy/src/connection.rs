@@ -781,6 +781,7 @@ impl Placed {
                 pending: moved.pending.each_ref().map(Vec::len),
                 offload: moved.offload.clone(),
                 moves: moved.moves,
+                park_doublings: record.park_doublings(),
             },
             moved,
         }

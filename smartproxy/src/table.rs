@@ -188,7 +188,7 @@ impl ConnTable {
             stays: AtomicBool::new(false),
             nudge: Nudge::default(),
             park_state: AtomicU8::new(ParkState::Awake as u8),
-            park_doublings: AtomicU8::new(0),
+            park_doublings: AtomicU8::new(moved.park_doublings),
         });
         record.set_data_path(moved.data_path);
         self.continue_ids(moved.id);

@@ -1,10 +1,11 @@
 //! SIGUSR2 upgrades the proxy as `smartproxy upgrade` does: the old process hands its
 //! connection over and exits 0, and the successor serves it and answers on the control
-//! socket.
+//! socket, with the park delay the connection's traffic earned.
 
 mod support;
 
 use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -81,6 +82,74 @@ fn a_listen_address_a_reload_added_is_handed_over() {
     let stats = proxy.stats();
     assert_eq!(stats["connections"]["total"], 2, "{stats}");
     drop((client, fresh));
+    assert_eq!(
+        successors.stop(successor, libc::SIGTERM),
+        Some(0),
+        "the successor stops cleanly"
+    );
+}
+
+/// A connection that stopped parking between its heartbeats (its park delay doubled each
+/// time they took it up soon after it parked: `smartproxy/src/park/mod.rs`) keeps its
+/// delay in the successor. With `park_idle_after = "200ms"` and a heartbeat a second, the
+/// delay goes 200 ms, 400 ms, 800 ms, 1.6 s; from the fifth heartbeat on the connection
+/// keeps its task. A successor that started it at 200 ms again would park it before each
+/// of the next heartbeats.
+#[test]
+fn a_connection_that_stopped_parking_between_heartbeats_keeps_its_task_in_the_successor() {
+    /// The heartbeats' period, and how long before each the test looks: a delay of 200
+    /// ms and its sweep (every 100 ms) end well before the look, one of 1.6 s well after.
+    const BEAT: Duration = Duration::from_millis(1000);
+    const LOOK_BEFORE: Duration = Duration::from_millis(100);
+    let parked = |proxy: &ProxyProcess| {
+        let stats = proxy.stats();
+        stats["connections"]["parked"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no connections.parked: {stats}"))
+    };
+    // Looks one `LOOK_BEFORE` ahead of a heartbeat, then makes it; returns what it saw.
+    let beat = |proxy: &ProxyProcess, client: &mut TcpStream| {
+        std::thread::sleep(BEAT - LOOK_BEFORE);
+        let seen = parked(proxy);
+        std::thread::sleep(LOOK_BEFORE);
+        echo_once(client, b"beat");
+        seen
+    };
+    let mut successors = Successors::new();
+    let backend = echo_backend();
+    let mut proxy = ProxyProcess::start_with(
+        "beats",
+        backend,
+        "",
+        &format!("{USERSPACE}\npark_idle_after = \"200ms\""),
+    );
+    let mut client = TcpStream::connect(proxy.listen).expect("connect through the proxy");
+    echo_once(&mut client, b"open");
+    let seen: Vec<u64> = (0..6).map(|_| beat(&proxy, &mut client)).collect();
+    assert_eq!(
+        (seen[0], seen[5]),
+        (1, 0),
+        "parked before the first heartbeat, not before the sixth: {seen:?}"
+    );
+
+    let successor = upgrade_by_signal(&mut proxy, &mut successors);
+    echo_once(&mut client, b"after");
+    for after in 0..2 {
+        assert_eq!(
+            beat(&proxy, &mut client),
+            0,
+            "heartbeat {after} after the upgrade found the connection parked\n{}",
+            proxy.log()
+        );
+    }
+    // Once the heartbeats stop it parks.
+    let deadline = Instant::now() + WAIT;
+    while parked(&proxy) != 1 {
+        assert!(Instant::now() < deadline, "never parked in the successor");
+        std::thread::sleep(POLL);
+    }
+    echo_once(&mut client, b"last");
+    drop(client);
     assert_eq!(
         successors.stop(successor, libc::SIGTERM),
         Some(0),

@@ -120,6 +120,10 @@ pub struct ConnectionRecord {
     /// predecessor without that path.
     #[serde(default)]
     pub moves: Option<u32>,
+    /// How often traffic took it up soon after it parked: its park delay doubles with
+    /// each (`smartproxy/src/park/mod.rs`). 0 from a predecessor that does not send it.
+    #[serde(default)]
+    pub park_doublings: u8,
 }
 
 impl ConnectionRecord {
