@@ -114,10 +114,10 @@ pub struct AutoConfig {
 /// relay.
 pub const DEFAULT_AUTO_SPLICE_RATE: u64 = 16 * 1024 * 1024;
 /// One-way streams stay on the relay: on the same machine (docs/performance.md, "One-way
-/// streams on the relay") one stream was 7-30 % faster there than in the kernel in four
-/// full runs of the bench (10 % slower down in a fifth, a spread one), for about the same
-/// CPU of the whole machine per GiB, while request/response with 16 KiB messages and
-/// larger, which moves bytes both ways, was faster in the kernel.
+/// streams on the relay") one stream was faster there than in the kernel in 15 of 16
+/// readings (up and down) of eight full runs of the bench, for about the same CPU of the
+/// whole machine per GiB, while request/response with 16 KiB messages and larger, which
+/// moves bytes both ways, was faster in the kernel.
 pub const DEFAULT_AUTO_SPLICE_ONE_WAY: bool = false;
 pub const DEFAULT_AUTO_LEAVE_RATE: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_AUTO_WINDOW: Duration = Duration::from_millis(200);

@@ -142,11 +142,11 @@ fn a_connection_that_stopped_parking_between_heartbeats_keeps_its_task_in_the_su
             proxy.log()
         );
     }
-    // Once the heartbeats stop it parks.
+    // Once the heartbeats stop it parks (each look runs `smartproxy stats`: not too often).
     let deadline = Instant::now() + WAIT;
     while parked(&proxy) != 1 {
         assert!(Instant::now() < deadline, "never parked in the successor");
-        std::thread::sleep(POLL);
+        std::thread::sleep(LOOK_BEFORE);
     }
     echo_once(&mut client, b"last");
     drop(client);

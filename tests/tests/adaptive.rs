@@ -4,8 +4,11 @@
 //! - randomized traffic whose shape changes mid-connection, 4 connections at once: bulk
 //!   bursts up, down and both ways at once (some to a slow reader, against a small
 //!   `max_queued_bytes`), then chatty request/response phases with pauses of a few
-//!   windows. One direction at the splice rate splices here (`auto_splice_one_way`), so
-//!   that one-way bursts cross the kernel too. Every byte is checked where it arrives against the stream its sender
+//!   windows. One direction at the splice rate splices here (`auto_splice_one_way`): a
+//!   splice from out of the maps redirects at once, while a move back from pass mode
+//!   waits until the relay wrote every byte it was passed, which a saturated burst may
+//!   not allow before it ends. With the default rule, which splices only on bursts both
+//!   ways, some seeds then saw the kernel move no byte in one direction. Every byte is checked where it arrives against the stream its sender
 //!   wrote (a failure names the first wrong offset and how many bytes were doubled or
 //!   lost there); the moves went both ways, the kernel moved bytes each way, the books
 //!   add up and no map entry is left;
@@ -15,6 +18,7 @@
 //!   moving the bytes) once quiet, twice;
 //! - by default a one-way stream stays on the relay, out of the maps, however fast, and
 //!   traffic at the splice rate both ways goes into the kernel;
+//! - in pass mode, a burst one way goes back to redirect;
 //! - once `auto_max_moves` is used up, a connection stays in pass mode under a burst;
 //! - a connection whose TLS the proxy terminates stays on the relay, however fast.
 //!
@@ -42,7 +46,7 @@ const WINDOW: Duration = Duration::from_millis(50);
 const KNOBS: &str = "auto_splice_rate = 1048576\nauto_leave_rate = 262144\n\
                      auto_window = \"50ms\"\nauto_max_moves = 64";
 /// [`KNOBS`], and one direction at the splice rate is enough: the randomized test's bursts
-/// one way go into the kernel too.
+/// one way go into the kernel from out of the maps too.
 const ONE_WAY_KNOBS: &str = "auto_splice_rate = 1048576\nauto_splice_one_way = true\n\
                              auto_leave_rate = 262144\nauto_window = \"50ms\"\n\
                              auto_max_moves = 64";
@@ -787,7 +791,8 @@ async fn a_one_way_stream_stays_on_the_relay_and_traffic_both_ways_goes_into_the
     })
     .await;
     assert_eq!(map_entries(&proxy), SPLICED, "the flood: map entries");
-    assert_eq!(moves(&proxy).0, 1, "the flood: moves into the kernel");
+    // One splice; a stall of a window mid-flood may add a move out and back in.
+    assert!(moves(&proxy).0 >= 1, "the flood: moves {:?}", moves(&proxy));
     stop.send(true).expect("the flood listens");
     let echoed = within("the flood ends", flooding)
         .await
@@ -840,6 +845,120 @@ async fn a_one_way_stream_stays_on_the_relay_and_traffic_both_ways_goes_into_the
     for backend in [sink, source, echo_backend] {
         backend.join().await;
     }
+    proxy.stop().await;
+}
+
+/// A backend run by its client's commands: `E` and a length echoes that many bytes back,
+/// `S` and a length reads that many and answers with one byte.
+async fn commanded(stream: TcpStream) {
+    let (mut read, mut write) = stream.into_split();
+    let mut command = [0u8; 9];
+    let mut buf = vec![0u8; 256 * 1024];
+    while read.read_exact(&mut command).await.is_ok() {
+        let [kind, len @ ..] = command;
+        let mut left = u64::from_be_bytes(len) as usize;
+        while left > 0 {
+            let take = left.min(buf.len());
+            read.read_exact(&mut buf[..take])
+                .await
+                .expect("the commanded backend reads");
+            if kind == b'E' {
+                write
+                    .write_all(&buf[..take])
+                    .await
+                    .expect("the commanded backend echoes");
+            }
+            left -= take;
+        }
+        if kind == b'S' {
+            write
+                .write_all(b"!")
+                .await
+                .expect("the commanded backend answers");
+        }
+    }
+    write.shutdown().await.expect("the commanded backend's FIN");
+}
+
+/// A command for [`commanded`].
+fn command(kind: u8, len: usize) -> [u8; 9] {
+    let mut command = [kind; 9];
+    command[1..].copy_from_slice(&(len as u64).to_be_bytes());
+    command
+}
+
+/// Once in the maps, a connection needs only one direction at the splice rate to go back
+/// from pass mode to redirect: its skbs go through the verdict either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_pass_mode_a_stream_one_way_goes_back_to_redirect() {
+    const BURST: usize = 256 * 1024;
+    const STREAM: usize = 32 * MIB;
+    init_tracing();
+    if !ebpf_loads("this test (data_path = \"auto\" moves connections into the kernel)") {
+        return;
+    }
+    let backend = Backend::spawn(commanded).await;
+    let mut proxy = TestProxy::start_auto(KNOBS, &plain_route("cmd", backend.addr, "")).await;
+    let mut stream = connect(proxy.addr("cmd")).await;
+    let client = stream.local_addr().expect("client address").to_string();
+
+    // Echo bursts, both ways at once, until they move it into the kernel.
+    let burst = pattern(BURST, 31);
+    within("echo bursts move the connection into the kernel", async {
+        while row(&proxy, &client) != Some(DataPathKind::Ebpf) {
+            let (mut read, mut write) = stream.split();
+            let mut echoed = vec![0u8; BURST];
+            let (written, echo) = tokio::join!(
+                async {
+                    write.write_all(&command(b'E', BURST)).await?;
+                    write.write_all(&burst).await
+                },
+                read.read_exact(&mut echoed)
+            );
+            written.expect("client writes a burst");
+            echo.expect("client reads the echo");
+            assert!(echoed == burst, "the echo, whole and in order");
+        }
+    })
+    .await;
+    wait_for("a quiet connection moves out to pass mode", || {
+        row(&proxy, &client) == Some(DataPathKind::Userspace)
+    })
+    .await;
+    assert_eq!(map_entries(&proxy), SPLICED, "pass mode: map entries");
+    let (moves_before, kernel_bytes_before) = (moves(&proxy), proxy.kernel_bytes());
+
+    // A stream up alone, paced (about 50 MiB/s): the verdict passes until the relay has
+    // written every byte it passed, which a stream that saturates the relay may never let
+    // happen before it ends.
+    within("the stream up", async {
+        stream
+            .write_all(&command(b'S', STREAM))
+            .await
+            .expect("client sends the command");
+        for chunk in pattern(STREAM, 32).chunks(BURST) {
+            stream.write_all(chunk).await.expect("client streams");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stream
+            .read_exact(&mut [0u8; 1])
+            .await
+            .expect("the backend's answer");
+    })
+    .await;
+    let (moves_after, kernel_bytes_after) = (moves(&proxy), proxy.kernel_bytes());
+    assert!(
+        moves_after.0 > moves_before.0,
+        "the stream up did not move the connection back to redirect: moves {moves_before:?} \
+         then {moves_after:?}"
+    );
+    assert!(
+        kernel_bytes_after[0] > kernel_bytes_before[0],
+        "the kernel moved none of the stream up: {kernel_bytes_before:?} then \
+         {kernel_bytes_after:?}"
+    );
+    close_normally(&mut proxy, stream).await;
+    backend.join().await;
     proxy.stop().await;
 }
 

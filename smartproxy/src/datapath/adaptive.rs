@@ -66,10 +66,12 @@ impl Policy {
     }
 
     /// The relay has read `read` bytes per direction in all (its totals, so that no read
-    /// is missed between two calls). True: on the relay, and both directions (or either,
-    /// with `splice_one_way`) reached the splice rate within the current window, with a
-    /// move left.
-    pub fn on_reads(&mut self, read: [u64; 2], now: Instant) -> bool {
+    /// is missed between two calls). True: on the relay, and both directions reached the
+    /// splice rate within the current window, with a move left. Either direction is
+    /// enough with `splice_one_way`, or when the connection is `spliced` already (pass
+    /// mode): its skbs go through the verdict either way, and one stream was faster
+    /// redirected than passed (docs/performance.md, "Pass mode as a path of its own").
+    pub fn on_reads(&mut self, read: [u64; 2], now: Instant, spliced: bool) -> bool {
         let fresh = [0, 1].map(|i| read[i].saturating_sub(self.read_seen[i]));
         self.read_seen = read;
         if self.place == Place::Kernel || !self.may_move() {
@@ -87,7 +89,7 @@ impl Policy {
         }
         let threshold = bytes_per_window(self.config.splice_rate, self.config.window);
         let reached = self.read_in_window.map(|bytes| bytes >= threshold);
-        if self.config.splice_one_way {
+        if self.config.splice_one_way || spliced {
             reached.contains(&true)
         } else {
             reached == [true; 2]
@@ -158,9 +160,24 @@ mod tests {
         let t0 = Instant::now();
         let mut policy = Policy::new(config(), Place::Relay, 0, [0; 2], 0);
         // 1 MiB per window is the threshold at 10 MiB/s over 100 ms.
-        assert!(!policy.on_reads([512 * 1024, 512 * 1024], at(t0, 0)));
-        assert!(!policy.on_reads([MIB, 512 * 1024], at(t0, 30)));
-        assert!(policy.on_reads([MIB, MIB], at(t0, 50)));
+        assert!(!policy.on_reads([512 * 1024, 512 * 1024], at(t0, 0), false));
+        assert!(!policy.on_reads([MIB, 512 * 1024], at(t0, 30), false));
+        assert!(policy.on_reads([MIB, MIB], at(t0, 50), false));
+    }
+
+    #[test]
+    fn each_direction_at_the_rate_in_a_window_of_its_own_stays_on_the_relay() {
+        let t0 = Instant::now();
+        let mut policy = Policy::new(config(), Place::Relay, 0, [0; 2], 0);
+        assert!(!policy.on_reads([MIB, 0], at(t0, 0), false));
+        assert!(!policy.on_reads([MIB, MIB], at(t0, 150), false));
+    }
+
+    #[test]
+    fn in_pass_mode_one_direction_at_the_rate_redirects_again() {
+        let t0 = Instant::now();
+        let mut policy = Policy::new(config(), Place::Relay, 2, [0; 2], 0);
+        assert!(policy.on_reads([0, MIB], at(t0, 0), true));
     }
 
     #[test]
@@ -174,9 +191,9 @@ mod tests {
         let mut one_way = Policy::new(one_way_config, Place::Relay, 0, [0; 2], 0);
         for window in 0..10u64 {
             let read = [0, (window + 1) * 100 * MIB];
-            assert!(!both_ways.on_reads(read, at(t0, window * 100)));
+            assert!(!both_ways.on_reads(read, at(t0, window * 100), false));
         }
-        assert!(one_way.on_reads([0, MIB], at(t0, 0)));
+        assert!(one_way.on_reads([0, MIB], at(t0, 0), false));
     }
 
     #[test]
@@ -185,7 +202,7 @@ mod tests {
         let mut policy = Policy::new(config(), Place::Relay, 0, [0; 2], 0);
         for window in 0..10u64 {
             let total = (window + 1) * 600 * 1024;
-            assert!(!policy.on_reads([total; 2], at(t0, window * 150)));
+            assert!(!policy.on_reads([total; 2], at(t0, window * 150), false));
         }
     }
 
@@ -193,14 +210,14 @@ mod tests {
     fn both_directions_are_measured_apart_for_the_splice() {
         let t0 = Instant::now();
         let mut policy = Policy::new(config(), Place::Relay, 0, [0; 2], 0);
-        assert!(!policy.on_reads([600 * 1024, 600 * 1024], at(t0, 10)));
+        assert!(!policy.on_reads([600 * 1024, 600 * 1024], at(t0, 10), false));
     }
 
     #[test]
     fn reads_before_the_policy_began_do_not_count() {
         let t0 = Instant::now();
-        let mut policy = Policy::new(config(), Place::Relay, 0, [100 * MIB, 0], 0);
-        assert!(!policy.on_reads([100 * MIB + 1024, 0], at(t0, 0)));
+        let mut policy = Policy::new(config(), Place::Relay, 0, [100 * MIB; 2], 0);
+        assert!(!policy.on_reads([100 * MIB + 1024; 2], at(t0, 0), false));
     }
 
     #[test]
@@ -227,7 +244,7 @@ mod tests {
         let mut kernel = Policy::new(config(), Place::Kernel, 1, [0; 2], 0);
         for window in 1..=20u64 {
             let total = window * 512 * 1024;
-            assert!(!relay.on_reads([total; 2], at(t0, window * 100)));
+            assert!(!relay.on_reads([total; 2], at(t0, window * 100), false));
             assert!(!kernel.on_tick(total));
         }
     }
@@ -236,11 +253,11 @@ mod tests {
     fn after_the_last_move_it_stays_where_it_is() {
         let t0 = Instant::now();
         let mut policy = Policy::new(config(), Place::Relay, 0, [0; 2], 0);
-        assert!(policy.on_reads([2 * MIB; 2], at(t0, 0)));
+        assert!(policy.on_reads([2 * MIB; 2], at(t0, 0), false));
         policy.moved(Place::Kernel, 4 * MIB);
         assert!(policy.on_tick(4 * MIB));
         policy.moved(Place::Relay, 4 * MIB);
-        assert!(policy.on_reads([4 * MIB; 2], at(t0, 500)));
+        assert!(policy.on_reads([4 * MIB; 2], at(t0, 500), false));
         policy.moved(Place::Kernel, 8 * MIB);
         assert_eq!(policy.moves(), 3);
         assert!(!policy.on_tick(8 * MIB), "the cap of 3 moves is reached");
@@ -260,6 +277,6 @@ mod tests {
             [0; 2],
             0,
         );
-        assert!(policy.on_reads([1; 2], Instant::now()));
+        assert!(policy.on_reads([1; 2], Instant::now(), false));
     }
 }

@@ -920,7 +920,11 @@ impl Relay {
     /// already (pass mode), back to redirect.
     fn enter_kernel(&mut self, adaptive: &mut Adaptive) -> Decided {
         let read = Direction::BOTH.map(|direction| self.meter.userspace_bytes(direction));
-        if !adaptive.policy.on_reads(read, Instant::now().into_std()) {
+        let spliced = self.offload.is_some();
+        if !adaptive
+            .policy
+            .on_reads(read, Instant::now().into_std(), spliced)
+        {
             return Decided::NOTHING;
         }
         let moved = self.meter.total_bytes();
