@@ -91,8 +91,8 @@ pub const MIN_PARK_IDLE_AFTER: Duration = Duration::from_millis(100);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AutoConfig {
     /// Bytes per second at or above which a connection on the relay goes into the kernel:
-    /// in each direction, or in either with `splice_one_way`. 0: no adaptive path, `auto`
-    /// splices every connection at once as `ebpf` does.
+    /// in each direction, or in either with `splice_one_way` or from pass mode. 0: no
+    /// adaptive path, `auto` splices every connection at once as `ebpf` does.
     pub splice_rate: u64,
     /// Whether one direction at `splice_rate` is enough, which splices one-way streams too.
     pub splice_one_way: bool,

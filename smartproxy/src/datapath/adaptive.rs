@@ -6,9 +6,11 @@
 //! there than a redirect, which takes a kworker hop per skb (`docs/kernel-notes.md#redirect-cost`).
 //! It goes into the kernel once both directions reach `auto_splice_rate` within one
 //! `auto_window` (either one with `auto_splice_one_way`: a one-way stream is faster on the
-//! relay, see `DEFAULT_AUTO_SPLICE_ONE_WAY` in `smartproxy/src/config.rs`), and back out (to pass mode: the sockets stay in the maps, and the
-//! verdict passes every skb up to the relay) when a window in the kernel moves less than
-//! `auto_leave_rate`, both directions together. After `auto_max_moves` moves it stays.
+//! relay, see `DEFAULT_AUTO_SPLICE_ONE_WAY` in `smartproxy/src/config.rs`), and back out
+//! (to pass mode: the sockets stay in the maps, and the verdict passes every skb up to
+//! the relay) when a window in the kernel moves less than `auto_leave_rate`, both
+//! directions together. From pass mode either direction at the splice rate takes it back
+//! to redirect. After `auto_max_moves` moves it stays.
 
 use std::time::{Duration, Instant};
 
