@@ -8,9 +8,9 @@
 //!   splice from out of the maps redirects at once, while a move back from pass mode
 //!   waits until the relay wrote every byte it was passed, which a saturated burst may
 //!   not allow before it ends. With the default rule, which splices only on bursts both
-//!   ways, some seeds then saw the kernel move no byte in one direction. Every byte is checked where it arrives against the stream its sender
-//!   wrote (a failure names the first wrong offset and how many bytes were doubled or
-//!   lost there); the moves went both ways, the kernel moved bytes each way, the books
+//!   ways, some seeds then saw the kernel move no byte in one direction. Every byte is
+//!   checked where it arrives against the stream its sender wrote (a failure names the
+//!   first wrong offset and how many bytes were doubled or lost there); the moves went both ways, the kernel moved bytes each way, the books
 //!   add up and no map entry is left;
 //! - one connection taken through each move in turn, seen from outside (its row, the
 //!   kernel maps, the kernel's bytes, the move counters): out of the maps while chatty,
@@ -696,11 +696,11 @@ async fn each_move_shows_in_the_row_the_maps_and_the_counters() {
         })
         .await;
         assert_eq!(map_entries(&proxy), SPLICED, "flood {round}: map entries");
-        assert!(
-            moves(&proxy).0 >= round,
-            "flood {round}: moves {:?}",
-            moves(&proxy)
-        );
+        // The row changes just before the counter.
+        wait_for(&format!("flood {round}: the move is counted"), || {
+            moves(&proxy).0 >= round
+        })
+        .await;
         stop.send(true).expect("the flood listens");
         echoed = within("the flood ends", flooding)
             .await
@@ -711,11 +711,10 @@ async fn each_move_shows_in_the_row_the_maps_and_the_counters() {
             row(&proxy, &client) == Some(DataPathKind::Userspace)
         })
         .await;
-        assert!(
-            moves(&proxy).1 >= round,
-            "quiet {round}: moves {:?}",
-            moves(&proxy)
-        );
+        wait_for(&format!("quiet {round}: the move is counted"), || {
+            moves(&proxy).1 >= round
+        })
+        .await;
         assert_eq!(
             map_entries(&proxy),
             SPLICED,
@@ -791,8 +790,8 @@ async fn a_one_way_stream_stays_on_the_relay_and_traffic_both_ways_goes_into_the
     })
     .await;
     assert_eq!(map_entries(&proxy), SPLICED, "the flood: map entries");
-    // One splice; a stall of a window mid-flood may add a move out and back in.
-    assert!(moves(&proxy).0 >= 1, "the flood: moves {:?}", moves(&proxy));
+    // The row changes just before the counter.
+    wait_for("the flood's move is counted", || moves(&proxy).0 >= 1).await;
     stop.send(true).expect("the flood listens");
     let echoed = within("the flood ends", flooding)
         .await
@@ -848,33 +847,53 @@ async fn a_one_way_stream_stays_on_the_relay_and_traffic_both_ways_goes_into_the
     proxy.stop().await;
 }
 
-/// A backend run by its client's commands: `E` and a length echoes that many bytes back,
-/// `S` and a length reads that many and answers with one byte.
+/// The seed of the stream a [`commanded`] backend checks.
+const COMMANDED_SEED: u64 = 32;
+
+/// A backend run by its client's commands until the client's FIN: `E` and a length echoes
+/// that many bytes back; `S` and a length checks that many against the client's stream of
+/// [`COMMANDED_SEED`] (its next bytes at each `S`) and answers with one byte.
 async fn commanded(stream: TcpStream) {
     let (mut read, mut write) = stream.into_split();
-    let mut command = [0u8; 9];
+    let mut receiver = Receiver::new(COMMANDED_SEED, Direction::ClientToBackend);
     let mut buf = vec![0u8; 256 * 1024];
-    while read.read_exact(&mut command).await.is_ok() {
-        let [kind, len @ ..] = command;
-        let mut left = u64::from_be_bytes(len) as usize;
-        while left > 0 {
-            let take = left.min(buf.len());
-            read.read_exact(&mut buf[..take])
-                .await
-                .expect("the commanded backend reads");
-            if kind == b'E' {
-                write
-                    .write_all(&buf[..take])
-                    .await
-                    .expect("the commanded backend echoes");
-            }
-            left -= take;
+    loop {
+        let mut kind = [0u8; 1];
+        let got = read
+            .read(&mut kind)
+            .await
+            .expect("the commanded backend reads a command");
+        if got == 0 {
+            break;
         }
-        if kind == b'S' {
-            write
-                .write_all(b"!")
-                .await
-                .expect("the commanded backend answers");
+        let mut len = [0u8; 8];
+        read.read_exact(&mut len)
+            .await
+            .expect("the commanded backend reads a command's length");
+        let len = u64::from_be_bytes(len) as usize;
+        match kind[0] {
+            b'E' => {
+                let mut left = len;
+                while left > 0 {
+                    let take = left.min(buf.len());
+                    read.read_exact(&mut buf[..take])
+                        .await
+                        .expect("the commanded backend reads bytes to echo");
+                    write
+                        .write_all(&buf[..take])
+                        .await
+                        .expect("the commanded backend echoes");
+                    left -= take;
+                }
+            }
+            b'S' => {
+                receiver.receive(&mut read, len, false).await;
+                write
+                    .write_all(b"!")
+                    .await
+                    .expect("the commanded backend answers");
+            }
+            other => panic!("the commanded backend got command {other}"),
         }
     }
     write.shutdown().await.expect("the commanded backend's FIN");
@@ -936,8 +955,9 @@ async fn in_pass_mode_a_stream_one_way_goes_back_to_redirect() {
             .write_all(&command(b'S', STREAM))
             .await
             .expect("client sends the command");
-        for chunk in pattern(STREAM, 32).chunks(BURST) {
-            stream.write_all(chunk).await.expect("client streams");
+        let mut sender = Sender::new(COMMANDED_SEED, Direction::ClientToBackend);
+        for _ in 0..STREAM / BURST {
+            sender.send(&mut stream, BURST, BURST).await;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         stream

@@ -71,8 +71,9 @@ impl Policy {
     /// is missed between two calls). True: on the relay, and both directions reached the
     /// splice rate within the current window, with a move left. Either direction is
     /// enough with `splice_one_way`, or when the connection is `spliced` already (pass
-    /// mode): its skbs go through the verdict either way, and one stream was faster
-    /// redirected than passed (docs/performance.md, "Pass mode as a path of its own").
+    /// mode): its skbs go through the verdict either way, and in the one measurement of
+    /// pass mode one stream was faster redirected than passed (docs/performance.md, "Pass
+    /// mode as a path of its own").
     pub fn on_reads(&mut self, read: [u64; 2], now: Instant, spliced: bool) -> bool {
         let fresh = [0, 1].map(|i| read[i].saturating_sub(self.read_seen[i]));
         self.read_seen = read;
@@ -110,13 +111,15 @@ impl Policy {
     }
 
     /// The connection moved to `place` (or tried to and could not: a failed splice uses up
-    /// a move too, so that a full map is not tried again and again). Measuring starts
-    /// afresh there.
-    pub fn moved(&mut self, place: Place, moved: u64) {
+    /// a move too, so that a full map is not tried again and again); `moved` and `read` are
+    /// its totals now. Measuring starts afresh there: what the relay read before (passed
+    /// bytes while in the kernel, say) does not count in the first window after.
+    pub fn moved(&mut self, place: Place, moved: u64, read: [u64; 2]) {
         self.place = place;
         self.moves += 1;
         self.window_start = None;
         self.read_in_window = [0; 2];
+        self.read_seen = read;
         self.moved_seen = moved;
     }
 
@@ -183,6 +186,15 @@ mod tests {
     }
 
     #[test]
+    fn bytes_read_before_a_move_do_not_count_after_it() {
+        let t0 = Instant::now();
+        let mut policy = Policy::new(config(), Place::Kernel, 1, [0; 2], 0);
+        // In the kernel the verdict passed 5 MiB each way up to the relay, then it left.
+        policy.moved(Place::Relay, 10 * MIB, [5 * MIB; 2]);
+        assert!(!policy.on_reads([5 * MIB + 1024; 2], at(t0, 0), true));
+    }
+
+    #[test]
     fn a_one_way_stream_goes_into_the_kernel_only_with_splice_one_way() {
         let t0 = Instant::now();
         let mut both_ways = Policy::new(config(), Place::Relay, 0, [0; 2], 0);
@@ -233,7 +245,7 @@ mod tests {
             policy.on_tick(5 * MIB + 50 * 1024),
             "50 KiB in a window is below 1 MiB/s"
         );
-        policy.moved(Place::Relay, 5 * MIB + 50 * 1024);
+        policy.moved(Place::Relay, 5 * MIB + 50 * 1024, [0; 2]);
         assert_eq!(policy.place(), Place::Relay);
         assert!(!policy.on_tick(6 * MIB), "ticks only count in the kernel");
     }
@@ -256,11 +268,11 @@ mod tests {
         let t0 = Instant::now();
         let mut policy = Policy::new(config(), Place::Relay, 0, [0; 2], 0);
         assert!(policy.on_reads([2 * MIB; 2], at(t0, 0), false));
-        policy.moved(Place::Kernel, 4 * MIB);
+        policy.moved(Place::Kernel, 4 * MIB, [2 * MIB; 2]);
         assert!(policy.on_tick(4 * MIB));
-        policy.moved(Place::Relay, 4 * MIB);
+        policy.moved(Place::Relay, 4 * MIB, [2 * MIB; 2]);
         assert!(policy.on_reads([4 * MIB; 2], at(t0, 500), false));
-        policy.moved(Place::Kernel, 8 * MIB);
+        policy.moved(Place::Kernel, 8 * MIB, [4 * MIB; 2]);
         assert_eq!(policy.moves(), 3);
         assert!(!policy.on_tick(8 * MIB), "the cap of 3 moves is reached");
         assert_eq!(policy.place(), Place::Kernel);

@@ -911,7 +911,8 @@ impl Relay {
             tracing::warn!(error = %e, "cannot move the connection out of the kernel; it stays there");
             return Decided::STAY;
         }
-        adaptive.policy.moved(Place::Relay, moved);
+        let read = Direction::BOTH.map(|direction| self.meter.userspace_bytes(direction));
+        adaptive.policy.moved(Place::Relay, moved, read);
         adaptive.tick = None;
         Decided::report(Report::Moved(Place::Relay))
     }
@@ -933,7 +934,7 @@ impl Relay {
                 tracing::warn!(error = %e, "cannot move the connection into the kernel; it stays on the relay");
                 return Decided::STAY;
             }
-            adaptive.policy.moved(Place::Kernel, moved);
+            adaptive.policy.moved(Place::Kernel, moved, read);
             return Decided::report(Report::Moved(Place::Kernel));
         }
         if self.holds_bytes() {
@@ -948,6 +949,7 @@ impl Relay {
                 Place::Relay
             },
             moved,
+            read,
         );
         Decided {
             report: Some(Report::Spliced(result)),
