@@ -182,4 +182,44 @@ mod tests {
             .incompatible(&maps)
             .is_some_and(|why| why.contains("layout")));
     }
+
+    #[test]
+    fn a_record_without_the_newer_fields_reads_as_no_moves_and_no_park_doublings() {
+        let lifecycle = crate::lifecycle::Lifecycle::new(
+            std::sync::Arc::new(crate::config::LifecycleConfig::default()),
+            std::time::Instant::now(),
+        );
+        let address: SocketAddr = ([127, 0, 0, 1], 8080).into();
+        let record = ConnectionRecord {
+            id: 7,
+            peer: address,
+            carried: None,
+            started_ns: 1,
+            started_unix_ms: 2,
+            route: "web".to_owned(),
+            backend: address,
+            target: None,
+            data_path: DataPathKind::Userspace,
+            meter: crate::datapath::meter::Meter::default().to_record(),
+            lifecycle: lifecycle.record(|_| 3),
+            halves: [HalfRecord::default(); 2],
+            pending: [0, 0],
+            offload: None,
+            moves: Some(4),
+            park_doublings: 2,
+        };
+        let mut json = serde_json::to_value(&record).expect("a record serializes");
+        let fields = json.as_object_mut().expect("a record is an object");
+        assert!(fields.remove("moves").is_some() && fields.remove("park_doublings").is_some());
+        let read: ConnectionRecord =
+            serde_json::from_value(json).expect("an older predecessor's record reads");
+        assert_eq!(
+            read,
+            ConnectionRecord {
+                moves: None,
+                park_doublings: 0,
+                ..record
+            }
+        );
+    }
 }
