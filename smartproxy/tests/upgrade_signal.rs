@@ -92,8 +92,8 @@ fn a_listen_address_a_reload_added_is_handed_over() {
 /// A connection that stopped parking between its heartbeats (its park delay doubled each
 /// time they took it up soon after it parked: `smartproxy/src/park/mod.rs`) keeps its
 /// delay in the successor. With `park_idle_after = "200ms"` and a heartbeat a second, the
-/// delay goes 200 ms, 400 ms, 800 ms, 1.6 s; from the fifth heartbeat on the connection
-/// keeps its task. A successor that started it at 200 ms again would park it before each
+/// delay goes 200 ms, 400 ms, 800 ms, 1.6 s; once it is longer than the heartbeats'
+/// period the connection keeps its task. A successor that started it at 200 ms again would park it before each
 /// of the next heartbeats.
 #[test]
 fn a_connection_that_stopped_parking_between_heartbeats_keeps_its_task_in_the_successor() {

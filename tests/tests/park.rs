@@ -32,8 +32,9 @@ use tokio::sync::Notify;
 
 /// `auto` knobs that splice at 1 MiB/s within 50 ms, far below what a flood reaches
 /// whatever the build, and leave the kernel below 256 KiB/s, as soon as a flood ends. One
-/// direction is enough: a flood's echo keeps both directions busy, and a splice waits for
-/// a moment when neither holds bytes, which may not come before it ends
+/// direction is enough: with both required, the policy says yes only in windows where
+/// both reached the rate, a splice must also find neither direction holding bytes, and
+/// the echoed flood here ended without a splice once that rule came in
 /// (`tests/tests/adaptive.rs` tests the rule itself).
 const AUTO_FLOOD_KNOBS: &str = "auto_splice_rate = 1048576\nauto_splice_one_way = true\n\
                                 auto_leave_rate = 262144\nauto_window = \"50ms\"";

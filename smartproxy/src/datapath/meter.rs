@@ -68,9 +68,11 @@ impl Meter {
             .store(monotonic_ns(), Ordering::Relaxed);
     }
 
-    /// The bytes userspace moved in `direction`: one atomic load, no kernel lookup.
-    pub fn userspace_bytes(&self, direction: Direction) -> u64 {
-        self.bytes[direction.index()].load(Ordering::Relaxed)
+    /// The bytes userspace moved each way, indexed like `Direction`: no kernel lookup.
+    pub fn userspace_bytes(&self) -> [u64; 2] {
+        self.bytes
+            .each_ref()
+            .map(|bytes| bytes.load(Ordering::Relaxed))
     }
 
     /// Every byte moved, both ways, by either path.

@@ -788,7 +788,7 @@ impl Relay {
             Some(offload) if offload.redirecting() => Place::Kernel,
             _ => Place::Relay,
         };
-        let read = Direction::BOTH.map(|direction| self.meter.userspace_bytes(direction));
+        let read = self.meter.userspace_bytes();
         self.adaptive = Some(Adaptive {
             policy: Policy::new(config, place, moves, read, self.meter.total_bytes()),
             kernel: kernel.clone(),
@@ -911,7 +911,7 @@ impl Relay {
             tracing::warn!(error = %e, "cannot move the connection out of the kernel; it stays there");
             return Decided::STAY;
         }
-        let read = Direction::BOTH.map(|direction| self.meter.userspace_bytes(direction));
+        let read = self.meter.userspace_bytes();
         adaptive.policy.moved(Place::Relay, moved, read);
         adaptive.tick = None;
         Decided::report(Report::Moved(Place::Relay))
@@ -920,7 +920,7 @@ impl Relay {
     /// On the relay: into the kernel once the policy asks, by a splice or, when spliced
     /// already (pass mode), back to redirect.
     fn enter_kernel(&mut self, adaptive: &mut Adaptive) -> Decided {
-        let read = Direction::BOTH.map(|direction| self.meter.userspace_bytes(direction));
+        let read = self.meter.userspace_bytes();
         let spliced = self.offload.is_some();
         if !adaptive
             .policy
@@ -1147,8 +1147,7 @@ mod tests {
                 let mut relay = spliced_relay(&kernel, proxy_client, proxy_backend);
                 let _ = spliced_tx.send(());
                 let report = relay.next_event().await;
-                let relayed =
-                    Direction::BOTH.map(|direction| relay.meter.userspace_bytes(direction));
+                let relayed = relay.meter.userspace_bytes();
                 (report, relayed)
             })
         });
