@@ -1,5 +1,6 @@
 //! The backend every target forwards to: a server on 127.0.0.1 inside the xtask process that
-//! sinks uploads, sources downloads and echoes messages (see [`super::wire`]).
+//! sinks uploads, sources downloads, does both at once and echoes messages (see
+//! [`super::wire`]).
 //!
 //! Echo connections (request/response, churn, idle, upgrade) are tokio tasks, so 10,000 idle ones cost
 //! no threads. Bulk connections leave tokio for a blocking thread each: a plain read/write
@@ -119,7 +120,7 @@ async fn serve(mut stream: tokio::net::TcpStream, sent: Arc<AtomicU64>) {
             // Dropping the stream after the reply closes it: the backend's FIN comes first.
             let _ = echo_once(stream, size).await;
         }
-        Request::Upload | Request::Download(_) => {
+        Request::Upload | Request::Download(_) | Request::Duplex(_) => {
             let blocking = match stream.into_std() {
                 Ok(s) => s,
                 Err(_) => return,
@@ -129,6 +130,7 @@ async fn serve(mut stream: tokio::net::TcpStream, sent: Arc<AtomicU64>) {
                 .spawn(move || {
                     let _ = match request {
                         Request::Download(bytes) => source(blocking, bytes, &sent),
+                        Request::Duplex(bytes) => duplex(blocking, bytes, sent),
                         _ => sink(blocking),
                     };
                 });
@@ -162,34 +164,66 @@ async fn echo_once(mut stream: tokio::net::TcpStream, size: u64) -> io::Result<(
 /// Upload: read to EOF, then report the count and the longest read wait.
 fn sink(mut stream: TcpStream) -> io::Result<()> {
     stream.set_nonblocking(false)?;
+    let reply = read_to_eof(&mut stream, Instant::now() + BULK_LIMIT)?;
+    stream.write_all(&reply.encode())?;
+    stream.shutdown(Shutdown::Write)
+}
+
+/// Reads until EOF: the count and the longest read wait, as an upload's reply says them.
+fn read_to_eof(stream: &mut TcpStream, deadline: Instant) -> io::Result<UploadReply> {
     stream.set_read_timeout(Some(READ_POLL))?;
-    let deadline = Instant::now() + BULK_LIMIT;
     let mut buf = vec![0; CHUNK];
     let mut waits = ReadWaits::default();
     let mut received = 0u64;
     loop {
-        match wire::read_timed(&mut stream, &mut buf, &mut waits, deadline)? {
+        match wire::read_timed(stream, &mut buf, &mut waits, deadline)? {
             Got::Data(n) => received += n as u64,
             Got::Eof => break,
             Got::Deadline => return Err(io::ErrorKind::TimedOut.into()),
         }
     }
-    let reply = UploadReply {
+    Ok(UploadReply {
         received,
         longest_wait: waits.longest,
         longest_after: waits.longest_after,
-    };
-    stream.write_all(&reply.encode())?;
-    stream.shutdown(Shutdown::Write)
+    })
 }
 
 /// Download: send `bytes` (adding each write to `sent`), shut down the write side, wait for the
 /// client to close.
 fn source(mut stream: TcpStream, bytes: u64, sent: &AtomicU64) -> io::Result<()> {
     stream.set_nonblocking(false)?;
+    let deadline = Instant::now() + BULK_LIMIT;
+    send(&mut stream, bytes, sent, deadline)?;
+    stream.shutdown(Shutdown::Write)?;
+    stream.set_read_timeout(Some(READ_POLL))?;
+    let mut sink = vec![0; 4096];
+    let mut waits = ReadWaits::default();
+    while let Got::Data(_) = wire::read_timed(&mut stream, &mut sink, &mut waits, deadline)? {}
+    Ok(())
+}
+
+/// Both ways: sends `bytes` on a thread of its own while it reads to EOF, then answers
+/// with what it read, after its own bytes, and shuts down its write side.
+fn duplex(mut stream: TcpStream, bytes: u64, sent: Arc<AtomicU64>) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    let deadline = Instant::now() + BULK_LIMIT;
+    let mut writer = stream.try_clone()?;
+    let sending = thread::Builder::new()
+        .name("bench-duplex".into())
+        .spawn(move || send(&mut writer, bytes, &sent, deadline))?;
+    let reply = read_to_eof(&mut stream, deadline);
+    sending
+        .join()
+        .map_err(|_| io::Error::other("the sending thread panicked"))??;
+    stream.write_all(&reply?.encode())?;
+    stream.shutdown(Shutdown::Write)
+}
+
+/// Writes `bytes`, adding each write to `sent`.
+fn send(stream: &mut TcpStream, bytes: u64, sent: &AtomicU64, deadline: Instant) -> io::Result<()> {
     stream.set_write_timeout(Some(Duration::from_secs(60)))?;
     let buf = vec![0x5a; CHUNK];
-    let deadline = Instant::now() + BULK_LIMIT;
     let mut left = bytes;
     while left > 0 {
         if Instant::now() >= deadline {
@@ -207,10 +241,5 @@ fn source(mut stream: TcpStream, bytes: u64, sent: &AtomicU64) -> io::Result<()>
         sent.fetch_add(written as u64, Ordering::Relaxed);
         left -= written as u64;
     }
-    stream.shutdown(Shutdown::Write)?;
-    stream.set_read_timeout(Some(READ_POLL))?;
-    let mut sink = vec![0; 4096];
-    let mut waits = ReadWaits::default();
-    while let Got::Data(_) = wire::read_timed(&mut stream, &mut sink, &mut waits, deadline)? {}
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! and installing the peers come on top.
 
 use super::{
-    scenario::{heartbeat, idle, Params, Scenario},
+    scenario::{heartbeat, idle, Direction, Params, Scenario},
     target::Target,
 };
 
@@ -53,7 +53,14 @@ impl Plan {
 /// The time one run of `scenario` takes, start to end of its load.
 fn scenario_secs(scenario: Scenario, p: &Params) -> f64 {
     match scenario {
-        Scenario::Bulk { .. } => p.bulk_bytes as f64 * 8.0 / BULK_BITS_PER_SEC + 0.1,
+        Scenario::Bulk { direction, .. } => {
+            let ways = if direction == Direction::BothWays {
+                2.0
+            } else {
+                1.0
+            };
+            ways * p.bulk_bytes as f64 * 8.0 / BULK_BITS_PER_SEC + 0.1
+        }
         // The 200 ms start delay, opening the connections, and the measured time.
         Scenario::Rr { conns, .. } => 0.3 + conns as f64 / OPENS_PER_SEC + p.rr_secs as f64,
         Scenario::Churn { .. } => p.churn_secs as f64 + 0.1,

@@ -608,8 +608,10 @@ first: the client closes right after the echo. Server first: the backend closes 
 reply and the client closes once it has read that EOF. **failed connections**: attempts that \
 failed, of which **refused** (ECONNREFUSED) and **reset** (ECONNRESET, EPIPE); the rest are \
 early EOFs and timeouts.
-- **bulk**: --bulk-bytes per run, split evenly over 1, 4 or 16 parallel connections; proxy \
-CPU and RSS are summed over the proxy's processes (nginx's master and workers).
+- **bulk**: --bulk-bytes per run, split evenly over 1, 4 or 16 parallel connections; both \
+ways, --bulk-bytes each way at once, and the throughput and per-GiB figures count both \
+directions together; proxy CPU and RSS are summed over the proxy's processes (nginx's \
+master and workers).
 - **upgrade**: `smartproxy upgrade --control PATH --json` with --upgrade-conns connections \
 open, --upgrade-streams of them reading an endless download at full speed, and one thread \
 connecting, echoing and closing in a loop. **handoff**: `elapsed_ms` of the command's JSON, \

@@ -6,6 +6,8 @@
 //!   answers with an [`UploadReply`] (24 bytes) and closes.
 //! - `D n` download: the backend sends `n` bytes and shuts down its write side; it closes once
 //!   the client has closed.
+//! - `X n` both ways: the backend sends `n` bytes while it reads until the client shuts down
+//!   its write side, then answers with an [`UploadReply`] after its `n` bytes and closes.
 //! - `E n` echo: the backend answers every `n`-byte message with the same `n` bytes until EOF.
 //! - `O n` echo once: the backend answers one `n`-byte message, then closes first (churn with
 //!   server-first close).
@@ -28,6 +30,7 @@ pub const READ_POLL: Duration = Duration::from_millis(250);
 pub enum Request {
     Upload,
     Download(u64),
+    Duplex(u64),
     Echo(u64),
     EchoOnce(u64),
 }
@@ -37,6 +40,7 @@ impl Request {
         let (mode, arg) = match self {
             Request::Upload => (b'U', 0),
             Request::Download(n) => (b'D', n),
+            Request::Duplex(n) => (b'X', n),
             Request::Echo(n) => (b'E', n),
             Request::EchoOnce(n) => (b'O', n),
         };
@@ -51,6 +55,7 @@ impl Request {
         match header[0] {
             b'U' => Some(Request::Upload),
             b'D' => Some(Request::Download(arg)),
+            b'X' => Some(Request::Duplex(arg)),
             b'E' if (1..=MAX_ECHO).contains(&arg) => Some(Request::Echo(arg)),
             b'O' if (1..=MAX_ECHO).contains(&arg) => Some(Request::EchoOnce(arg)),
             _ => None,
@@ -194,6 +199,7 @@ mod tests {
         for request in [
             Request::Upload,
             Request::Download(1 << 30),
+            Request::Duplex(1 << 30),
             Request::Echo(64),
             Request::EchoOnce(16 * 1024),
         ] {

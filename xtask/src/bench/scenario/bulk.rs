@@ -1,14 +1,15 @@
-//! Bulk transfer in one direction over 1 or more parallel connections (one thread each):
-//! throughput, CPU and context switches per GiB. --bulk-bytes is the total, split evenly over
-//! the streams, so every stream count moves the same bytes.
+//! Bulk transfer in one direction or both at once over 1 or more parallel connections (one
+//! thread each, two both ways): throughput, CPU and context switches per GiB. --bulk-bytes is
+//! the total each way, split evenly over the streams, so every stream count moves the same
+//! bytes; both ways the throughput counts both directions together.
 //!
 //! The window runs from before the first connect to the last byte of the last stream: for an
 //! upload, until every backend's reply that it has read everything up to EOF; for a download,
-//! until the client has read every stream's last byte.
+//! until the client has read every stream's last byte; both ways, until both.
 
 use std::{
     io::Write as _,
-    net::Shutdown,
+    net::{Shutdown, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -33,19 +34,25 @@ struct StreamResult {
 }
 
 pub fn upload(env: &Env<'_>, streams: u32) -> Result<Measurement> {
-    transfer(env, streams, "upload", upload_stream)
+    transfer(env, streams, "upload", upload_stream, 1)
 }
 
 pub fn download(env: &Env<'_>, streams: u32) -> Result<Measurement> {
-    transfer(env, streams, "download", download_stream)
+    transfer(env, streams, "download", download_stream, 1)
 }
 
-/// Runs `stream(addr, bytes)` on `streams` threads at once, the bytes split evenly.
+pub fn duplex(env: &Env<'_>, streams: u32) -> Result<Measurement> {
+    transfer(env, streams, "both ways", duplex_stream, 2)
+}
+
+/// Runs `stream(addr, bytes)` on `streams` threads at once, the bytes split evenly; each
+/// stream moves its bytes `ways` times (once each way).
 fn transfer(
     env: &Env<'_>,
     streams: u32,
     what: &str,
     stream: fn(std::net::SocketAddr, u64) -> Result<StreamResult>,
+    ways: u64,
 ) -> Result<Measurement> {
     ensure!(streams >= 1, "{what}: at least one stream");
     let total = env.params.bulk_bytes;
@@ -90,7 +97,7 @@ fn transfer(
         return Err(e);
     }
     let worst = worst.ok_or_else(|| anyhow!("{what}: no stream ran"))?;
-    Ok(measurement(bytes, spent, &worst))
+    Ok(measurement(bytes * ways, spent, &worst))
 }
 
 fn upload_stream(addr: std::net::SocketAddr, bytes: u64) -> Result<StreamResult> {
@@ -98,18 +105,7 @@ fn upload_stream(addr: std::net::SocketAddr, bytes: u64) -> Result<StreamResult>
     stream
         .write_all(&Request::Upload.encode())
         .context("sending the header failed")?;
-    let buf = vec![0xa5; CHUNK];
-    let mut left = bytes;
-    while left > 0 {
-        let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
-        stream
-            .write_all(&buf[..n])
-            .with_context(|| format!("write failed after {} bytes", bytes - left))?;
-        left -= n as u64;
-    }
-    stream
-        .shutdown(Shutdown::Write)
-        .context("shutdown(SHUT_WR) failed")?;
+    send(&mut stream, bytes)?;
     let mut reply = [0; UploadReply::LEN];
     wire::read_exact_timed(
         &mut stream,
@@ -127,6 +123,84 @@ fn upload_stream(addr: std::net::SocketAddr, bytes: u64) -> Result<StreamResult>
     Ok(StreamResult {
         longest_wait: reply.longest_wait,
         wait_after: reply.longest_after,
+    })
+}
+
+/// Writes `bytes`, then shuts down the write side.
+fn send(stream: &mut TcpStream, bytes: u64) -> Result<()> {
+    let buf = vec![0xa5; CHUNK];
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
+        stream
+            .write_all(&buf[..n])
+            .with_context(|| format!("write failed after {} bytes", bytes - left))?;
+        left -= n as u64;
+    }
+    stream
+        .shutdown(Shutdown::Write)
+        .context("shutdown(SHUT_WR) failed")
+}
+
+/// Sends `bytes` on a thread of its own while it reads the backend's `bytes`, then the
+/// backend's count of what it read, then EOF. The longest read wait is the longer of the
+/// two ends'.
+fn duplex_stream(addr: std::net::SocketAddr, bytes: u64) -> Result<StreamResult> {
+    let mut stream = connect(addr)?;
+    stream
+        .write_all(&Request::Duplex(bytes).encode())
+        .context("sending the header failed")?;
+    let mut writer = stream
+        .try_clone()
+        .context("cloning the socket for its writer failed")?;
+    let sending = thread::Builder::new()
+        .name("bench-duplex".into())
+        .spawn(move || send(&mut writer, bytes))
+        .context("spawning the writer failed")?;
+    let deadline = Instant::now() + LIMIT;
+    let mut buf = vec![0; CHUNK];
+    let mut waits = ReadWaits::default();
+    let mut received = 0u64;
+    while received < bytes {
+        let want = usize::try_from(bytes - received).map_or(CHUNK, |l| l.min(CHUNK));
+        match wire::read_timed(&mut stream, &mut buf[..want], &mut waits, deadline)
+            .with_context(|| format!("read failed after {received} bytes"))?
+        {
+            Got::Data(n) => received += n as u64,
+            Got::Eof => bail!("EOF after {received} of {bytes} bytes"),
+            Got::Deadline => bail!("{received} of {bytes} bytes in {LIMIT:?}"),
+        }
+    }
+    sending
+        .join()
+        .map_err(|_| anyhow!("the writer panicked"))?
+        .context("the writer failed")?;
+    let mut reply = [0; UploadReply::LEN];
+    wire::read_exact_timed(&mut stream, &mut reply, &mut ReadWaits::default(), deadline)
+        .context("reading the backend's reply failed")?;
+    let reply = UploadReply::decode(&reply);
+    ensure!(
+        reply.received == bytes,
+        "the backend received {} bytes, the client sent {bytes}",
+        reply.received
+    );
+    // A proxy that duplicates data shows as bytes after the reply.
+    ensure!(
+        wire::read_timed(&mut stream, &mut buf, &mut ReadWaits::default(), deadline)
+            .context("reading the backend's EOF failed")?
+            == Got::Eof,
+        "bytes after the backend's reply"
+    );
+    Ok(if reply.longest_wait > waits.longest {
+        StreamResult {
+            longest_wait: reply.longest_wait,
+            wait_after: reply.longest_after,
+        }
+    } else {
+        StreamResult {
+            longest_wait: waits.longest,
+            wait_after: waits.longest_after,
+        }
     })
 }
 

@@ -40,6 +40,8 @@ pub enum Direction {
     Upload,
     /// Backend -> client.
     Download,
+    /// Both at once, --bulk-bytes each way.
+    BothWays,
 }
 
 /// Who closes a churn connection first (and so who holds its TIME_WAIT).
@@ -75,7 +77,7 @@ impl Family {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Scenario {
-    /// --bulk-bytes in total, split over `streams` connections in one direction.
+    /// --bulk-bytes in total, split over `streams` connections, in one direction or each way.
     Bulk { direction: Direction, streams: u32 },
     /// `size`-byte request/response over `conns` persistent connections for --rr-secs.
     Rr { conns: usize, size: u64 },
@@ -99,7 +101,7 @@ const KIB256: u64 = 256 * 1024;
 
 impl Scenario {
     /// Every scenario, in report order (`--all`).
-    pub const ALL: [Scenario; 20] = [
+    pub const ALL: [Scenario; 22] = [
         Scenario::Bulk {
             direction: Direction::Upload,
             streams: 1,
@@ -123,6 +125,14 @@ impl Scenario {
         Scenario::Bulk {
             direction: Direction::Download,
             streams: 16,
+        },
+        Scenario::Bulk {
+            direction: Direction::BothWays,
+            streams: 1,
+        },
+        Scenario::Bulk {
+            direction: Direction::BothWays,
+            streams: 4,
         },
         Scenario::Rr { conns: 1, size: 64 },
         Scenario::Rr {
@@ -165,13 +175,16 @@ impl Scenario {
     /// What runs without `--all` or `--scenarios`: sized so that with `--with-peers` the run
     /// fits 15 minutes on 2 cores (the estimate is printed at the start). Left out: the 16 KiB
     /// request/response rows on 1 and 256 connections (32 connections stands for them), the
-    /// 256 KiB one, the slow reader, which takes 20 s a run and answers issue 4, not
-    /// issue 14, the paced idle connections (over 20 s a run) and the heartbeats (about
-    /// 27 s a run).
+    /// 256 KiB one, bulk both ways (twice the bytes of a one-way run), the slow reader,
+    /// which takes 20 s a run and answers issue 4, not issue 14, the paced idle
+    /// connections (over 20 s a run) and the heartbeats (about 27 s a run).
     pub fn is_default(self) -> bool {
         !matches!(
             self,
-            Scenario::Rr {
+            Scenario::Bulk {
+                direction: Direction::BothWays,
+                ..
+            } | Scenario::Rr {
                 conns: 1 | 256,
                 size: KIB16
             } | Scenario::Rr { size: KIB256, .. }
@@ -237,6 +250,10 @@ impl Scenario {
             } => {
                 format!("bulk-download-{streams}")
             }
+            Scenario::Bulk {
+                direction: Direction::BothWays,
+                streams,
+            } => format!("bulk-duplex-{streams}"),
             Scenario::Rr { conns, size } => format!("rr-{conns}x{}", size_slug(size)),
             Scenario::Churn {
                 closer: Closer::Client,
@@ -260,6 +277,7 @@ impl Scenario {
                 match direction {
                     Direction::Upload => "upload",
                     Direction::Download => "download",
+                    Direction::BothWays => "both ways",
                 },
                 if streams == 1 { "" } else { "s" }
             ),
@@ -290,7 +308,7 @@ impl Scenario {
     }
 
     /// Resolves `--scenarios` words: a scenario's slug, or a family (`bulk`, `bulk-upload`,
-    /// `bulk-download`, `rr`, `churn`) for all of its scenarios.
+    /// `bulk-download`, `bulk-duplex`, `rr`, `churn`) for all of its scenarios.
     pub fn resolve(words: &[String]) -> Result<Vec<Scenario>, String> {
         let mut out = Vec::new();
         for word in words {
@@ -304,7 +322,12 @@ impl Scenario {
                             && slug.as_bytes().get(word.len()) == Some(&b'-')
                             && matches!(
                                 word,
-                                "bulk" | "bulk-upload" | "bulk-download" | "rr" | "churn"
+                                "bulk"
+                                    | "bulk-upload"
+                                    | "bulk-download"
+                                    | "bulk-duplex"
+                                    | "rr"
+                                    | "churn"
                             ))
                 })
                 .collect();
@@ -312,7 +335,7 @@ impl Scenario {
                 let names: Vec<String> = Scenario::ALL.iter().map(|s| s.slug()).collect();
                 return Err(format!(
                     "unknown scenario {word:?}; known: {}, or a family: bulk, bulk-upload, \
-                     bulk-download, rr, churn",
+                     bulk-download, bulk-duplex, rr, churn",
                     names.join(", ")
                 ));
             }
@@ -384,6 +407,10 @@ pub fn run(scenario: Scenario, env: &Env<'_>) -> Result<Measurement> {
             direction: Direction::Download,
             streams,
         } => bulk::download(env, streams),
+        Scenario::Bulk {
+            direction: Direction::BothWays,
+            streams,
+        } => bulk::duplex(env, streams),
         Scenario::Rr { conns, size } => rr::run(env, conns, size),
         Scenario::Churn { closer } => churn::run(env, closer),
         Scenario::Idle { paced } => idle::run(env, paced),
