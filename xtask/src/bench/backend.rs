@@ -86,7 +86,8 @@ impl Backend {
         self.addr
     }
 
-    /// Bytes all downloads so far have handed to the kernel (`write()` returned them).
+    /// Bytes all downloads and duplex streams so far have handed to the kernel (`write()`
+    /// returned them).
     pub fn sent(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.sent)
     }
@@ -210,13 +211,19 @@ fn duplex(mut stream: TcpStream, bytes: u64, sent: Arc<AtomicU64>) -> io::Result
     let deadline = Instant::now() + BULK_LIMIT;
     let mut writer = stream.try_clone()?;
     let sending = thread::Builder::new()
-        .name("bench-duplex".into())
+        .name("bench-duplex-backend".into())
         .spawn(move || send(&mut writer, bytes, &sent, deadline))?;
     let reply = read_to_eof(&mut stream, deadline);
-    sending
+    if reply.is_err() {
+        // The writer's next write fails at once.
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+    let written = sending
         .join()
-        .map_err(|_| io::Error::other("the sending thread panicked"))??;
-    stream.write_all(&reply?.encode())?;
+        .map_err(|_| io::Error::other("the sending thread panicked"));
+    let reply = reply?;
+    written??;
+    stream.write_all(&reply.encode())?;
     stream.shutdown(Shutdown::Write)
 }
 

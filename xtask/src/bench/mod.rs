@@ -52,7 +52,8 @@ const FD_RESERVE: u64 = 256;
 pub struct Options {
     /// Scenarios, comma-separated: names as listed in bench/README.md (bulk-upload-4,
     /// rr-32x64, churn-server-close, idle, slow-reader, upgrade, ...) or a family (bulk,
-    /// bulk-upload, bulk-download, rr, churn). Default: the subset that fits 15 minutes.
+    /// bulk-upload, bulk-download, bulk-duplex, rr, churn). Default: the subset that fits
+    /// 15 minutes.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Every scenario (upgrade only if the smartproxy binary has the subcommand).
@@ -575,6 +576,20 @@ mod tests {
         assert_eq!(targets, Target::DEFAULT);
         let (_, targets, _) = plan(&["--targets", "auto,direct,auto"]);
         assert_eq!(targets, [Target::Auto, Target::Direct]);
+    }
+
+    #[test]
+    fn bulk_both_ways_is_a_family_of_its_own_outside_the_default_run() {
+        let duplex = [1, 4].map(|streams| Scenario::Bulk {
+            direction: scenario::Direction::BothWays,
+            streams,
+        });
+        let (chosen, _, _) = plan(&["--scenarios", "bulk-duplex"]);
+        assert_eq!(chosen, duplex);
+        let (default, _, _) = plan(&[]);
+        assert!(duplex.iter().all(|s| !default.contains(s)));
+        let (all, _, _) = plan(&["--all"]);
+        assert!(duplex.iter().all(|s| all.contains(s)));
     }
 
     #[test]

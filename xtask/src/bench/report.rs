@@ -609,8 +609,9 @@ reply and the client closes once it has read that EOF. **failed connections**: a
 failed, of which **refused** (ECONNREFUSED) and **reset** (ECONNRESET, EPIPE); the rest are \
 early EOFs and timeouts.
 - **bulk**: --bulk-bytes per run, split evenly over 1, 4 or 16 parallel connections; both \
-ways, --bulk-bytes each way at once, and the throughput and per-GiB figures count both \
-directions together; proxy CPU and RSS are summed over the proxy's processes (nginx's \
+ways (1 or 4), --bulk-bytes each way at once, the window ending once the client has read \
+the backend's bytes and its count of the client's, the throughput and per-GiB figures \
+counting both directions together and the longest read wait the longer of the two ends'; proxy CPU and RSS are summed over the proxy's processes (nginx's \
 master and workers).
 - **upgrade**: `smartproxy upgrade --control PATH --json` with --upgrade-conns connections \
 open, --upgrade-streams of them reading an endless download at full speed, and one thread \

@@ -105,29 +105,30 @@ fn upload_stream(addr: std::net::SocketAddr, bytes: u64) -> Result<StreamResult>
     stream
         .write_all(&Request::Upload.encode())
         .context("sending the header failed")?;
-    send(&mut stream, bytes)?;
-    let mut reply = [0; UploadReply::LEN];
-    wire::read_exact_timed(
-        &mut stream,
-        &mut reply,
-        &mut ReadWaits::default(),
-        Instant::now() + LIMIT,
-    )
-    .context("reading the backend's reply failed")?;
-    let reply = UploadReply::decode(&reply);
-    ensure!(
-        reply.received == bytes,
-        "the backend received {} bytes, the client sent {bytes}",
-        reply.received
-    );
+    write_then_shut(&mut stream, bytes)?;
+    let reply = backend_reply(&mut stream, bytes, Instant::now() + LIMIT)?;
     Ok(StreamResult {
         longest_wait: reply.longest_wait,
         wait_after: reply.longest_after,
     })
 }
 
+/// The backend's count of what it read, which must be `bytes`.
+fn backend_reply(stream: &mut TcpStream, bytes: u64, deadline: Instant) -> Result<UploadReply> {
+    let mut reply = [0; UploadReply::LEN];
+    wire::read_exact_timed(stream, &mut reply, &mut ReadWaits::default(), deadline)
+        .context("reading the backend's reply failed")?;
+    let reply = UploadReply::decode(&reply);
+    ensure!(
+        reply.received == bytes,
+        "the backend received {} bytes, the client sent {bytes}",
+        reply.received
+    );
+    Ok(reply)
+}
+
 /// Writes `bytes`, then shuts down the write side.
-fn send(stream: &mut TcpStream, bytes: u64) -> Result<()> {
+fn write_then_shut(stream: &mut TcpStream, bytes: u64) -> Result<()> {
     let buf = vec![0xa5; CHUNK];
     let mut left = bytes;
     while left > 0 {
@@ -154,36 +155,24 @@ fn duplex_stream(addr: std::net::SocketAddr, bytes: u64) -> Result<StreamResult>
         .try_clone()
         .context("cloning the socket for its writer failed")?;
     let sending = thread::Builder::new()
-        .name("bench-duplex".into())
-        .spawn(move || send(&mut writer, bytes))
+        .name("bench-duplex-writer".into())
+        .spawn(move || write_then_shut(&mut writer, bytes))
         .context("spawning the writer failed")?;
     let deadline = Instant::now() + LIMIT;
     let mut buf = vec![0; CHUNK];
     let mut waits = ReadWaits::default();
-    let mut received = 0u64;
-    while received < bytes {
-        let want = usize::try_from(bytes - received).map_or(CHUNK, |l| l.min(CHUNK));
-        match wire::read_timed(&mut stream, &mut buf[..want], &mut waits, deadline)
-            .with_context(|| format!("read failed after {received} bytes"))?
-        {
-            Got::Data(n) => received += n as u64,
-            Got::Eof => bail!("EOF after {received} of {bytes} bytes"),
-            Got::Deadline => bail!("{received} of {bytes} bytes in {LIMIT:?}"),
-        }
+    let read = read_exactly(&mut stream, &mut buf, bytes, &mut waits, deadline);
+    if read.is_err() {
+        // The writer's next write fails at once instead of feeding the next run.
+        let _ = stream.shutdown(Shutdown::Both);
     }
-    sending
+    let written = sending
         .join()
-        .map_err(|_| anyhow!("the writer panicked"))?
-        .context("the writer failed")?;
-    let mut reply = [0; UploadReply::LEN];
-    wire::read_exact_timed(&mut stream, &mut reply, &mut ReadWaits::default(), deadline)
-        .context("reading the backend's reply failed")?;
-    let reply = UploadReply::decode(&reply);
-    ensure!(
-        reply.received == bytes,
-        "the backend received {} bytes, the client sent {bytes}",
-        reply.received
-    );
+        .map_err(|_| anyhow!("the writer panicked"))
+        .and_then(|written| written.context("the writer failed"));
+    read?;
+    written?;
+    let reply = backend_reply(&mut stream, bytes, deadline)?;
     // A proxy that duplicates data shows as bytes after the reply.
     ensure!(
         wire::read_timed(&mut stream, &mut buf, &mut ReadWaits::default(), deadline)
@@ -202,6 +191,28 @@ fn duplex_stream(addr: std::net::SocketAddr, bytes: u64) -> Result<StreamResult>
             wait_after: waits.longest_after,
         }
     })
+}
+
+/// Reads exactly `bytes`, no further: what follows is the backend's reply.
+fn read_exactly(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    bytes: u64,
+    waits: &mut ReadWaits,
+    deadline: Instant,
+) -> Result<()> {
+    let mut received = 0u64;
+    while received < bytes {
+        let want = usize::try_from(bytes - received).map_or(buf.len(), |l| l.min(buf.len()));
+        match wire::read_timed(stream, &mut buf[..want], waits, deadline)
+            .with_context(|| format!("read failed after {received} bytes"))?
+        {
+            Got::Data(n) => received += n as u64,
+            Got::Eof => bail!("EOF after {received} of {bytes} bytes"),
+            Got::Deadline => bail!("{received} of {bytes} bytes in {LIMIT:?}"),
+        }
+    }
+    Ok(())
 }
 
 fn download_stream(addr: std::net::SocketAddr, bytes: u64) -> Result<StreamResult> {
@@ -252,4 +263,22 @@ fn measurement(bytes: u64, spent: CpuSpent, worst: &StreamResult) -> Measurement
         worst.wait_after as f64 / MIB as f64,
     );
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::backend::Backend;
+
+    #[test]
+    fn a_stream_both_ways_moves_every_byte_each_way_and_reads_the_backends_count() {
+        let backend = Backend::start().expect("the backend starts");
+        let bytes = 3 * u64::try_from(CHUNK).expect("a chunk fits u64") + 12_345;
+        duplex_stream(backend.addr(), bytes).expect("a stream both ways");
+        assert_eq!(
+            backend.sent().load(std::sync::atomic::Ordering::Relaxed),
+            bytes,
+            "the backend sent its bytes"
+        );
+    }
 }

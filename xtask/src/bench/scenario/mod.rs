@@ -386,7 +386,8 @@ pub struct Env<'a> {
     pub addr: SocketAddr,
     /// The proxy process, for its CPU and RSS; None for direct.
     pub proxy_pid: Option<u32>,
-    /// Bytes the backend's downloads have written so far (see `Backend::sent`).
+    /// Bytes the backend's downloads and duplex streams have written so far (see
+    /// `Backend::sent`).
     pub backend_sent: Arc<AtomicU64>,
     pub params: &'a Params,
     /// The smartproxy binary and the proxy's control socket (upgrade only).
