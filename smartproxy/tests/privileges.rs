@@ -67,7 +67,20 @@ impl Reachable {
         let path = dir
             .path()
             .join(binary.file_name().expect("a binary file name"));
-        std::fs::copy(binary, &path).expect("copy the binary");
+        // Written by a child process: a file this process wrote could still be open for
+        // writing in a child another test forks at that moment, and running it would fail
+        // with ETXTBSY ("Text file busy").
+        let copied = Command::new("cp")
+            .arg(binary)
+            .arg(&path)
+            .status()
+            .expect("run cp");
+        assert!(
+            copied.success(),
+            "cp {} {}: {copied}",
+            binary.display(),
+            path.display()
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
             .expect("make the copy executable by all");
         Reachable { path, _dir: dir }
