@@ -150,11 +150,10 @@ pub(crate) fn resume(
     let mut admissions = shared
         .limits
         .hold(slot, record.client().ip(), std::time::Instant::now());
-    let quiet_since = if sockets.is_quiet() {
-        may_park_now(shared, &lifecycle, &record)
-    } else {
-        None
-    };
+    let quiet_since = sockets
+        .is_quiet()
+        .then(|| may_park_now(shared, &lifecycle, &record))
+        .flatten();
     if let Some(quiet_since) = quiet_since {
         let Moved {
             client,

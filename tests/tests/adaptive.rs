@@ -47,11 +47,6 @@ const WINDOW: Duration = Duration::from_millis(50);
 /// above.
 const KNOBS: &str = "auto_splice_rate = 1048576\nauto_leave_rate = 262144\n\
                      auto_window = \"50ms\"\nauto_max_moves = 64";
-/// [`KNOBS`], and one direction at the splice rate is enough: the randomized test's bursts
-/// one way go into the kernel from out of the maps too.
-const ONE_WAY_KNOBS: &str = "auto_splice_rate = 1048576\nauto_splice_one_way = true\n\
-                             auto_leave_rate = 262144\nauto_window = \"50ms\"\n\
-                             auto_max_moves = 64";
 const MIB: usize = 1 << 20;
 /// Small, as in `tests/tests/backpressure.rs`: in the kernel the verdict switches between
 /// redirecting and passing at this cap many times a burst (the slow readers), also
@@ -437,7 +432,7 @@ async fn traffic_that_changes_shape_keeps_every_byte_under_the_default_rule() {
 /// either rule the test checks every byte and asks for moves both ways.
 #[derive(Clone, Copy, PartialEq)]
 enum Rule {
-    /// Either ([`ONE_WAY_KNOBS`]): every burst can splice, and the kernel must move bytes
+    /// Either ([`KNOBS`] with `auto_splice_one_way`): every burst can splice, and the kernel must move bytes
     /// each way (in one of [`changing_shapes`]'s runs).
     OneWay,
     /// Both (the default, [`KNOBS`]): only bursts both ways splice from out of the maps,
@@ -501,11 +496,11 @@ async fn shapes_once(rule: Rule, base: u64) -> [u64; 2] {
     })
     .await;
     let knobs = match rule {
-        Rule::OneWay => ONE_WAY_KNOBS,
-        Rule::BothWays => KNOBS,
+        Rule::OneWay => format!("{KNOBS}\nauto_splice_one_way = true"),
+        Rule::BothWays => KNOBS.to_owned(),
     };
     let mut proxy = TestProxy::start_auto(
-        knobs,
+        &knobs,
         &format!(
             "metrics = \"127.0.0.1:0\"\nmax_queued_bytes = {MAX_QUEUED_BYTES}\n\n{}",
             plain_route("shapes", backend.addr, "")
