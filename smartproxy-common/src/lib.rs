@@ -22,8 +22,21 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_EVENTS_LOST: &str = "EVENTS_LOST";
 /// Name of the sk_skb stream verdict program.
 pub const PROG_REDIRECT: &str = "redirect";
-/// Name of the sock_ops program reporting TCP state changes.
+/// Name of the sock_ops program reporting TCP state changes of the sockets armed at splice
+/// time ([`ARM_EVENTS_OPTION`]).
 pub const PROG_STATE_EVENTS: &str = "state_events";
+/// Name of the sock_ops program that arms every established socket itself, for kernels
+/// where [`PROG_ARM_EVENTS`] cannot (before Linux 6.12).
+pub const PROG_STATE_EVENTS_ALL: &str = "state_events_all";
+/// Name of the cgroup setsockopt program that arms a socket's sock_ops callbacks when
+/// userspace asks with [`ARM_EVENTS_OPTION`].
+pub const PROG_ARM_EVENTS: &str = "arm_events";
+/// `setsockopt(fd, IPPROTO_TCP, ARM_EVENTS_OPTION, &1, 4)` on a socket of the proxy's
+/// cgroup: [`PROG_ARM_EVENTS`] turns on the state-change and RTT callbacks of its sock_ops
+/// programs for that socket and answers 0. The value is the kernel's
+/// `TCP_BPF_SOCK_OPS_CB_FLAGS`, which only BPF programs may set (Linux 6.12); the kernel
+/// itself answers ENOPROTOOPT, so a socket left unarmed is never mistaken for an armed one.
+pub const ARM_EVENTS_OPTION: i32 = 1008;
 
 /// Version of everything the eBPF programs and the control plane share through the maps:
 /// the structs below, the map names, types, key and value sizes and what their fields

@@ -1,26 +1,29 @@
 //! smartproxy's kernel data path: an sk_skb stream verdict that redirects each spliced
 //! socket's bytes to its peer, and a sock_ops program that reports TCP state changes of
 //! spliced sockets through a ring buffer, where the verdict also reports bytes it passes up
-//! while redirecting. See `docs/kernel-notes.md` for the
-//! kernel behaviour behind each rule.
+//! while redirecting. A cgroup setsockopt program arms the sock_ops callbacks of a socket
+//! when it is spliced, so that sockets which never are cost nothing. See
+//! `docs/kernel-notes.md` for the kernel behaviour behind each rule.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{
-        sk_action::{SK_DROP, SK_PASS},
         bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::{map, sock_ops, stream_verdict},
+    helpers::{bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_setsockopt},
+    macros::{cgroup_sockopt, map, sock_ops, stream_verdict},
     maps::{HashMap, PerCpuArray, RingBuf, SockHash},
-    programs::{SkBuffContext, SockOpsContext},
+    programs::{SkBuffContext, SockOpsContext, SockoptContext},
     EbpfContext as _,
 };
-use smartproxy_common::{Control, Flow, SocketEvent, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES};
+use smartproxy_common::{
+    Control, Flow, SocketEvent, ARM_EVENTS_OPTION, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BUFFER_BYTES,
+};
 
 /// Redirect targets, keyed by socket cookie. No program is attached: being here only makes a
 /// socket reachable by `bpf_sk_redirect_hash`. Userspace inserts both sockets of a pair here
@@ -156,7 +159,11 @@ fn skip_seen_bytes(ctx: &SkBuffContext, flow: &mut Flow, len: u64) -> u64 {
             break;
         }
         let step = left.min(MAX_ADJUST_ROOM);
-        if ctx.skb.adjust_room(-(step as i32), BPF_ADJ_ROOM_NET, 0).is_err() {
+        if ctx
+            .skb
+            .adjust_room(-(step as i32), BPF_ADJ_ROOM_NET, 0)
+            .is_err()
+        {
             break;
         }
         left -= step;
@@ -194,26 +201,93 @@ fn over_cap(flow: &Flow, control: &Control) -> bool {
     on_the_way >= control.cap
 }
 
+/// The callbacks both sock_ops programs need on a spliced socket: its state changes (FIN,
+/// RST) and its acknowledged bytes (`over_cap`).
+const EVENT_FLAGS: u32 = BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG;
+
+/// `IPPROTO_TCP`, the level of [`ARM_EVENTS_OPTION`].
+const SOL_TCP: i32 = 6;
+
+/// The sock_ops program where the cgroup setsockopt program can arm sockets
+/// ([`arm_events`]): only sockets userspace armed at splice time run it after their
+/// handshake. Every other socket of the cgroup pays nothing per ACK or state change
+/// (`docs/performance.md`, "`auto` behind the relay on the relay's own code").
 #[sock_ops]
 pub fn state_events(ctx: SockOpsContext) -> u32 {
-    try_state_events(&ctx);
+    report_state(&ctx);
     // sock_ops programs report success with 1; any other value makes some callers return
     // -EPERM.
     1
 }
 
-#[inline(always)]
-fn try_state_events(ctx: &SockOpsContext) {
+/// The sock_ops program for kernels where [`arm_events`] cannot arm a socket (before
+/// 6.12): every established socket of the cgroup asks for the callbacks, since none can
+/// be armed later.
+#[sock_ops]
+pub fn state_events_all(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            // Ask for STATE_CB on every established socket of the cgroup; keep flags another
-            // program may have set. The kernel refuses only flags it does not know, and it
-            // knows both wherever the programs attach with bpf_links (5.7 on). A refusal
-            // would leave the socket without events, its FIN and RST seen only by a check
-            // made for another reason.
-            let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG;
-            let _ = ctx.set_cb_flags(flags as i32);
+            // Keep flags another program may have set. The kernel refuses only flags it
+            // does not know, and it knows both wherever the programs attach with bpf_links
+            // (5.7 on). A refusal would leave the socket without events, its FIN and RST
+            // seen only by a check made for another reason.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | EVENT_FLAGS) as i32);
         }
+        _ => report_state(&ctx),
+    }
+    1
+}
+
+/// `setsockopt(fd, IPPROTO_TCP, ARM_EVENTS_OPTION, ..)` from a process of the cgroup: turns
+/// on [`EVENT_FLAGS`] for that socket, keeping any other flag, and answers 0 without the
+/// kernel's own handler (which knows no such option). A failure answers EPERM. Every
+/// other socket option passes through untouched.
+#[cgroup_sockopt(setsockopt)]
+pub fn arm_events(ctx: SockoptContext) -> i32 {
+    // SAFETY: `ctx.sockopt` is the program's context, valid for this run.
+    let sockopt = unsafe { &mut *ctx.sockopt };
+    if sockopt.level != SOL_TCP || sockopt.optname != ARM_EVENTS_OPTION {
+        return 1;
+    }
+    // SAFETY: the context's socket, which the kernel holds locked for this run.
+    let sk = unsafe { sockopt.__bindgen_anon_1.sk }.cast();
+    let size = core::mem::size_of::<i32>() as i32;
+    let mut flags: i32 = 0;
+    // SAFETY: the helper writes at most the 4 bytes of `flags`, on this program's stack.
+    let read = unsafe {
+        bpf_getsockopt(
+            sk,
+            SOL_TCP,
+            ARM_EVENTS_OPTION,
+            core::ptr::addr_of_mut!(flags).cast(),
+            size,
+        )
+    };
+    let mut armed_flags = flags | EVENT_FLAGS as i32;
+    // SAFETY: the helper reads the 4 bytes of `armed_flags`, on this program's stack.
+    let armed = read == 0
+        && unsafe {
+            bpf_setsockopt(
+                sk,
+                SOL_TCP,
+                ARM_EVENTS_OPTION,
+                core::ptr::addr_of_mut!(armed_flags).cast(),
+                size,
+            )
+        } == 0;
+    if !armed {
+        return 0;
+    }
+    // -1: done here, the kernel's handler is skipped and setsockopt returns 0.
+    sockopt.optlen = -1;
+    1
+}
+
+/// Acknowledged bytes and state changes of an armed socket: only spliced sockets (those
+/// with a `FLOWS` entry) get anything done.
+#[inline(always)]
+fn report_state(ctx: &SockOpsContext) {
+    match ctx.op() {
         BPF_SOCK_OPS_RTT_CB => {
             // SAFETY: the helper only reads the socket behind the program's context pointer.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

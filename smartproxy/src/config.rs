@@ -171,6 +171,11 @@ pub struct LoadOptions {
     /// forwarded, not yet acknowledged by the peer) before the verdict passes instead of
     /// redirecting, so that the sender's window closes.
     pub max_queued_bytes: u64,
+    /// Whether a socket's sock_ops callbacks are turned on when it is spliced, where the
+    /// kernel allows it (6.12 on): sockets that never splice then run no BPF program per
+    /// ACK or state change. `false` turns them on for every socket at its handshake, which
+    /// is what happens on older kernels either way.
+    pub arm_at_splice: bool,
 }
 
 /// The one rule for the size of the `EVENTS` ring buffer: the kernel takes a power of two
@@ -182,13 +187,15 @@ pub fn ring_buffer_bytes_valid(bytes: u32) -> bool {
 }
 
 impl ProxyConfig {
-    /// What the kernel data path is loaded with: these values, validated at load.
+    /// The sizes the kernel data path is loaded with: these values, validated at load.
+    /// Where sockets are armed depends on the routes too: `Config::kernel_options`.
     pub fn kernel_options(&self) -> LoadOptions {
         LoadOptions {
             max_queued_bytes: self.max_queued_bytes,
             ring_buffer_bytes: self.ebpf_ring_buffer_bytes,
             // Validated at load to be at most `max_connections`.
             max_connections: self.ebpf_max_connections,
+            arm_at_splice: true,
         }
     }
 }
@@ -202,6 +209,7 @@ impl Default for LoadOptions {
             ring_buffer_bytes: smartproxy_common::DEFAULT_RING_BUFFER_BYTES,
             max_connections: smartproxy_common::DEFAULT_MAX_SOCKETS / 2,
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            arm_at_splice: true,
         }
     }
 }

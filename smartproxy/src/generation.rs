@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{Config, DataPathMode, ProxyConfig};
+use crate::config::{Config, DataPathMode, LoadOptions, ProxyConfig};
 use crate::health::{Registry, TargetHealth};
 use crate::route::RouteTable;
 use crate::stats::Stats;
@@ -80,13 +80,33 @@ impl Generation {
 
     /// Where a connection of the route at `index` puts its bytes.
     pub fn data_path(&self, index: usize, kernel_loaded: bool) -> Placement {
-        let route = &self.config.routes[index];
-        let mode = route.data_path.unwrap_or(self.config.proxy.data_path);
+        self.config.placement(index, kernel_loaded)
+    }
+}
+
+impl Config {
+    /// Where a connection of the route at `index` puts its bytes.
+    pub fn placement(&self, index: usize, kernel_loaded: bool) -> Placement {
+        let route = &self.routes[index];
+        let mode = route.data_path.unwrap_or(self.proxy.data_path);
         let terminates = route.tls.is_some_and(|tls| tls.terminates());
         // Without an `auto_splice_rate`, `auto` splices at once.
         match select_data_path(mode, kernel_loaded, terminates) {
-            Placement::Adaptive if !self.config.proxy.auto.adaptive() => Placement::Kernel,
+            Placement::Adaptive if !self.proxy.auto.adaptive() => Placement::Kernel,
             placement => placement,
+        }
+    }
+
+    /// What the kernel data path is loaded with. Where every route splices each connection
+    /// at once, sockets arm their sock_ops callbacks at the handshake, which takes no
+    /// system call; otherwise a splice arms its own two, and sockets that never splice run
+    /// no callback (`docs/kernel-notes.md#state-events`).
+    pub fn kernel_options(&self) -> LoadOptions {
+        let every_connection_splices =
+            (0..self.routes.len()).all(|index| self.placement(index, true) == Placement::Kernel);
+        LoadOptions {
+            arm_at_splice: !every_connection_splices,
+            ..self.proxy.kernel_options()
         }
     }
 }
@@ -226,6 +246,27 @@ mod tests {
             Ok(config) => config,
             Err(e) => panic!("test config does not load: {e}"),
         }
+    }
+
+    #[test]
+    fn sockets_arm_at_their_handshake_only_where_every_connection_splices_at_once() {
+        let arms_at_splice =
+            |proxy: &str, route: &str| config(proxy, route).kernel_options().arm_at_splice;
+        assert!(arms_at_splice("data_path = \"auto\"", ""));
+        assert!(!arms_at_splice("data_path = \"ebpf\"", ""));
+        assert!(arms_at_splice(
+            "data_path = \"ebpf\"",
+            "data_path = \"userspace\""
+        ));
+        assert!(arms_at_splice(
+            "data_path = \"userspace\"",
+            "data_path = \"auto\""
+        ));
+        // Without a splice rate `auto` splices every connection at once.
+        assert!(!arms_at_splice(
+            "data_path = \"auto\"\nauto_splice_rate = 0",
+            ""
+        ));
     }
 
     #[test]

@@ -515,7 +515,7 @@ fn load_kernel(
         required |= mode == DataPathMode::Ebpf;
         wanted |= select_data_path(mode, true, false).uses_kernel();
     }
-    let options = config.proxy.kernel_options();
+    let options = config.kernel_options();
     let predecessor = inherited.flatten();
     if let Some(maps) = predecessor {
         if !wanted {

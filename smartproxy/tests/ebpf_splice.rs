@@ -12,6 +12,14 @@
 //!   passed; after `shutdown(SHUT_WR)` of the backend-side socket the backend sees EOF and
 //!   its bytes still reach the client.
 //! - `dropping_the_splice_removes_its_entries`: sockhash entries and events are accounted.
+//! - `only_spliced_sockets_run_the_sock_ops_program`: where the kernel lets a splice arm
+//!   its sockets' callbacks (6.12 on), sockets that are not spliced run no sock_ops program
+//!   per ACK, and spliced ones do; the FIN test runs again with every socket armed at its
+//!   handshake (`LoadOptions::arm_at_splice` off, as on older kernels), and
+//!   `where_every_socket_arms_at_its_handshake_each_runs_the_sock_ops_program` counts that.
+//!
+//! One test at a time ([`ONE_AT_A_TIME`]): every armed socket runs each sock_ops program
+//! loaded on the cgroup, the other tests' programs too, and two tests count runs.
 //!
 //! Needs root (or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON). Without it each test prints
 //! `SKIPPING this test: ...` and passes, unless `SMARTPROXY_REQUIRE_EBPF=1`.
@@ -35,12 +43,20 @@ use tokio::time::timeout;
 /// Bounds a failing wait; never the wait itself.
 const GENEROUS: Duration = Duration::from_secs(30);
 
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Loads the eBPF data path, or skips (see [`ebpf_or_skip`]). Without a relay nobody
 /// forwards the bytes the verdict passes up at the backpressure cap, so these raw splices
 /// get a cap they never reach.
 fn kernel_or_skip() -> Option<Kernel> {
+    kernel_arming_or_skip(true)
+}
+
+/// [`kernel_or_skip`] with `LoadOptions::arm_at_splice` as given.
+fn kernel_arming_or_skip(arm_at_splice: bool) -> Option<Kernel> {
     let options = LoadOptions {
         max_queued_bytes: 64 << 20,
+        arm_at_splice,
         ..LoadOptions::default()
     };
     ebpf_or_skip("this test", || {
@@ -129,6 +145,7 @@ async fn next_change(splice: &mut Splice, side: Side) -> StateChange {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_directions_at_once_arrive_intact() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(kernel) = kernel_or_skip() else {
         return;
     };
@@ -196,9 +213,22 @@ async fn both_directions_at_once_arrive_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_fin_is_reported_and_backend_to_client_keeps_flowing() {
-    let Some(kernel) = kernel_or_skip() else {
-        return;
-    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    if let Some(kernel) = kernel_or_skip() {
+        fin_is_reported_and_the_other_way_keeps_flowing(kernel).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_fin_is_reported_where_every_socket_arms_at_its_handshake() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    if let Some(kernel) = kernel_arming_or_skip(false) {
+        assert!(!kernel.arms_at_splice());
+        fin_is_reported_and_the_other_way_keeps_flowing(kernel).await;
+    }
+}
+
+async fn fin_is_reported_and_the_other_way_keeps_flowing(kernel: Kernel) {
     let mut chain = Chain::connect();
     let mut splice = chain.splice(&kernel);
 
@@ -274,6 +304,7 @@ async fn client_fin_is_reported_and_backend_to_client_keeps_flowing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_splice_removes_its_entries() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(kernel) = kernel_or_skip() else {
         return;
     };
@@ -311,4 +342,85 @@ async fn dropping_the_splice_removes_its_entries() {
     let mut got = [0; 4];
     proxy_client.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"ping");
+}
+
+/// Round trips of 64 bytes, `requester` writing and `responder` echoing: on an unspliced
+/// pair the two ends of one connection, on a splice the client and the backend.
+fn round_trips(requester: &mut TcpStream, responder: &mut TcpStream, count: usize) {
+    let mut buf = [0u8; 64];
+    for i in 0..count {
+        let message = [i as u8; 64];
+        requester.write_all(&message).unwrap();
+        responder.read_exact(&mut buf).unwrap();
+        responder.write_all(&buf).unwrap();
+        requester.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, message);
+    }
+}
+
+const ROUND_TRIPS: usize = 200;
+
+/// Whether this kernel lets a cgroup setsockopt program set sock_ops callback flags
+/// (`TCP_BPF_SOCK_OPS_CB_FLAGS` in `bpf_setsockopt`, Linux 6.12).
+fn kernel_arms_at_splice() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    (major, minor) >= (6, 12)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_spliced_sockets_run_the_sock_ops_program() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(kernel) = kernel_or_skip() else {
+        return;
+    };
+    assert_eq!(
+        kernel.arms_at_splice(),
+        kernel_arms_at_splice(),
+        "splices arm their sockets where the kernel allows it"
+    );
+    if !kernel.arms_at_splice() {
+        return;
+    }
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run statistics");
+    let mut chain = Chain::connect();
+    let before = kernel.sock_ops_runs().unwrap();
+    round_trips(&mut chain.client, &mut chain.proxy_client, ROUND_TRIPS);
+    round_trips(&mut chain.proxy_backend, &mut chain.backend, ROUND_TRIPS);
+    let unspliced = kernel.sock_ops_runs().unwrap() - before;
+    assert_eq!(
+        unspliced, 0,
+        "{ROUND_TRIPS} round trips on each unspliced pair"
+    );
+
+    let _splice = chain.splice(&kernel);
+    let before = kernel.sock_ops_runs().unwrap();
+    let (mut client, mut backend) = (chain.client, chain.backend);
+    round_trips(&mut client, &mut backend, ROUND_TRIPS);
+    let spliced = kernel.sock_ops_runs().unwrap() - before;
+    assert!(
+        spliced >= ROUND_TRIPS as u64,
+        "{ROUND_TRIPS} round trips through the splice ran the program {spliced} times: an RTT \
+         sample per acknowledged message on each spliced socket"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_every_socket_arms_at_its_handshake_each_runs_the_sock_ops_program() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(kernel) = kernel_arming_or_skip(false) else {
+        return;
+    };
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run statistics");
+    let mut chain = Chain::connect();
+    let before = kernel.sock_ops_runs().unwrap();
+    round_trips(&mut chain.client, &mut chain.proxy_client, ROUND_TRIPS);
+    let unspliced = kernel.sock_ops_runs().unwrap() - before;
+    assert!(
+        unspliced >= ROUND_TRIPS as u64,
+        "{ROUND_TRIPS} round trips on an unspliced pair ran the program {unspliced} times"
+    );
 }

@@ -139,6 +139,12 @@ pub enum Message {
     Hello(Box<Hello>),
     Ready {
         pid: u32,
+        /// Whether each socket this successor splices has its sock_ops callbacks on: it
+        /// arms them itself (`Kernel::arms_at_splice`), or it does not splice. When not
+        /// (false from a successor built before sockets were armed at splice time), the
+        /// predecessor arms every unspliced socket it hands over.
+        #[serde(default)]
+        splices_armed: bool,
     },
     Refused {
         reason: String,
@@ -181,6 +187,19 @@ mod tests {
         assert!(this
             .incompatible(&maps)
             .is_some_and(|why| why.contains("layout")));
+    }
+
+    #[test]
+    fn a_ready_without_splices_armed_reads_as_a_successor_that_needs_armed_sockets() {
+        let older: Message = serde_json::from_str(r#"{"message":"ready","pid":7}"#)
+            .expect("an older successor's ready reads");
+        assert!(matches!(
+            older,
+            Message::Ready {
+                pid: 7,
+                splices_armed: false
+            }
+        ));
     }
 
     #[test]

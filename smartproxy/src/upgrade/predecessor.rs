@@ -214,11 +214,14 @@ async fn hand_over(
         let socket = Arc::new(socket);
         let reader = tokio::spawn(read_frames(Arc::clone(&socket), frames));
         let moved = async {
-            match next(&mut incoming, &mut child, READY_TIMEOUT).await? {
-                Message::Ready { pid } => info!(pid, "upgrade: successor ready, handing over"),
+            let splices_armed = match next(&mut incoming, &mut child, READY_TIMEOUT).await? {
+                Message::Ready { pid, splices_armed } => {
+                    info!(pid, splices_armed, "upgrade: successor ready, handing over");
+                    splices_armed
+                }
                 other => return Err(unexpected(other)),
-            }
-            move_connections(shared, &socket, &mut incoming, &mut child).await
+            };
+            move_connections(shared, &socket, &mut incoming, &mut child, !splices_armed).await
         }
         .await;
         reader.abort();
@@ -393,6 +396,7 @@ async fn move_connections(
     socket: &UnixStream,
     incoming: &mut mpsc::UnboundedReceiver<io::Result<Message>>,
     child: &mut Child,
+    arm_unspliced: bool,
 ) -> Result<(u64, u64), UpgradeError> {
     if let Some(kernel) = &shared.kernel {
         // From here the successor reads the kernel's state changes.
@@ -427,7 +431,16 @@ async fn move_connections(
         pending: &mut pending,
         order: &mut order,
     };
-    let result = exchange(shared, socket, incoming, child, queues, give_up).await;
+    let result = exchange(
+        shared,
+        socket,
+        incoming,
+        child,
+        queues,
+        give_up,
+        arm_unspliced,
+    )
+    .await;
     // No connection is handed to the handoff from now on; those on their way stay here.
     shared.lock_handoff().take();
     if result.is_err() {
@@ -462,6 +475,7 @@ async fn exchange(
     child: &mut Child,
     queues: Queues<'_>,
     give_up: Instant,
+    arm_unspliced: bool,
 ) -> Result<(u64, u64), UpgradeError> {
     let Queues {
         outgoing,
@@ -492,6 +506,9 @@ async fn exchange(
         tokio::select! {
             out = outgoing.recv(), if !drained => match out {
                 Some(out) => {
+                    if arm_unspliced {
+                        arm_for_successor(shared, &out);
+                    }
                     let sent = within_answer_timeout(send_connection(socket, &out)).await;
                     // Kept should the send fail: the failed upgrade resumes it here.
                     pending.insert(out.record.id, out);
@@ -545,6 +562,33 @@ async fn within_answer_timeout<T>(send: impl Future<Output = T>) -> Result<T, Up
     tokio::time::timeout(ANSWER_TIMEOUT, send)
         .await
         .map_err(|_| UpgradeError::Timeout(ANSWER_TIMEOUT))
+}
+
+/// For a successor that splices sockets without arming them (see `Message::Ready`): turns
+/// on the sock_ops callbacks of a connection that is not spliced, which this process would
+/// have done at its splice. Without them a later splice there would never hear of a FIN
+/// or an RST. A failure is logged, and the connection moves all the same: the successor
+/// may never splice it.
+fn arm_for_successor(shared: &Shared, out: &Outgoing) {
+    let Some(kernel) = &shared.kernel else {
+        return;
+    };
+    if out.record.offload.is_some() {
+        return;
+    }
+    for (side, fd) in [
+        ("client", &out.moved.client),
+        ("backend", &out.moved.backend),
+    ] {
+        if let Err(e) = kernel.arm_events(fd.as_fd()) {
+            warn!(
+                id = out.record.id,
+                side,
+                error = %e,
+                "arming a socket's state events for the successor failed"
+            );
+        }
+    }
 }
 
 async fn send_connection(socket: &UnixStream, out: &Outgoing) -> Result<(), UpgradeError> {

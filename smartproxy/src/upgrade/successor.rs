@@ -15,6 +15,7 @@ use super::message::{ConnectionRecord, Hello, KernelMaps, Message, Stamp, ID_GAP
 use super::wire::{self, Frame};
 use super::{BINARY_FD_ENV, HANDOFF_FD_ENV, HELLO_TIMEOUT};
 use crate::connection::{resume, Resumed};
+use crate::datapath::kernel::Kernel;
 use crate::datapath::relay::Moved;
 use crate::shared::Shared;
 
@@ -218,6 +219,7 @@ pub(crate) async fn take_over(
         &socket,
         &Message::Ready {
             pid: std::process::id(),
+            splices_armed: shared.kernel.as_ref().is_none_or(Kernel::arms_at_splice),
         },
         &[],
         &[],

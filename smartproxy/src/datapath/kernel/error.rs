@@ -155,6 +155,8 @@ pub enum SpliceStep {
     Baseline,
     /// Registering the cookie for events.
     Register,
+    /// Turning on the socket's sock_ops callbacks (`Kernel::arms_at_splice`).
+    ArmEvents,
     /// `CONTROL` or `FLOWS` insert.
     Flows,
     /// `setsockopt` of the buffer sizes.
@@ -181,6 +183,7 @@ impl fmt::Display for SpliceStep {
             SpliceStep::Cookie => "getsockopt(SO_COOKIE)",
             SpliceStep::Baseline => "reading the send counters (TCP_INFO, SIOCOUTQ)",
             SpliceStep::Register => "registering for events",
+            SpliceStep::ArmEvents => "arming the sock_ops callbacks (cgroup setsockopt program)",
             SpliceStep::Flows => "CONTROL/FLOWS insert",
             SpliceStep::Targets => "TARGETS insert",
             SpliceStep::Sockets => "SOCKETS insert",
@@ -195,7 +198,8 @@ impl fmt::Display for SpliceStep {
 
 impl SpliceStep {
     /// Every step, for the number a handoff record carries ([`SpliceStep::code`]).
-    pub const ALL: [SpliceStep; 11] = [
+    /// New steps go at the end: the numbers of the others must not change.
+    pub const ALL: [SpliceStep; 12] = [
         SpliceStep::Cookie,
         SpliceStep::Baseline,
         SpliceStep::Register,
@@ -207,6 +211,7 @@ impl SpliceStep {
         SpliceStep::Redirect,
         SpliceStep::Adopt,
         SpliceStep::Reregister,
+        SpliceStep::ArmEvents,
     ];
 
     /// The step's index in [`SpliceStep::ALL`].

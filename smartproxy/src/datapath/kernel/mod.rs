@@ -40,12 +40,14 @@ use std::{
 
 use aya::{
     maps::{HashMap, Map, MapData, MapError, MapKeys, PerCpuArray, RingBuf, SockHash},
-    programs::{sk_skb::SkSkbLinkId, CgroupAttachMode, ProgramError, SkSkb, SockOps},
+    programs::{
+        sk_skb::SkSkbLinkId, CgroupAttachMode, CgroupSockopt, ProgramError, SkSkb, SockOps,
+    },
     Ebpf, EbpfLoader,
 };
 use smartproxy_common::{
     Control, Flow, MAP_CONTROL, MAP_EVENTS, MAP_EVENTS_LOST, MAP_FLOWS, MAP_SOCKETS, MAP_TARGETS,
-    PROG_REDIRECT, PROG_STATE_EVENTS,
+    PROG_ARM_EVENTS, PROG_REDIRECT, PROG_STATE_EVENTS, PROG_STATE_EVENTS_ALL,
 };
 use std::fmt;
 use std::fs;
@@ -113,6 +115,8 @@ struct Inner {
     control: HashMap<MapData, u64, Control>,
     max_connections: u32,
     max_queued_bytes: u64,
+    /// Whether splices turn on their sockets' sock_ops callbacks ([`Kernel::arms_at_splice`]).
+    arms_at_splice: bool,
     events_lost: Arc<PerCpuArray<MapData, u64>>,
     /// The `EVENTS` map, from which [`Kernel::start_events`] makes each reader's ring
     /// buffer: a new one reads the consumer position from the map, where the last reader
@@ -151,6 +155,52 @@ fn lost_events(events_lost: &PerCpuArray<MapData, u64>) -> Option<u64> {
         Err(err) => {
             tracing::warn!(error = %err, map = MAP_EVENTS_LOST, "reading the lost-event counter failed");
             None
+        }
+    }
+}
+
+/// The sock_ops program that goes with where sockets are armed.
+fn state_events_program(arms_at_splice: bool) -> &'static str {
+    if arms_at_splice {
+        PROG_STATE_EVENTS
+    } else {
+        PROG_STATE_EVENTS_ALL
+    }
+}
+
+/// Loads the cgroup setsockopt program that arms a socket's sock_ops callbacks when it is
+/// spliced, attaches it to the proxy's cgroup and tries it on a socket of its own. Where it
+/// cannot (a kernel before 6.12 knows no `TCP_BPF_SOCK_OPS_CB_FLAGS` for `bpf_setsockopt`,
+/// one before 5.15 no `bpf_setsockopt` in that program type), the log says why and every
+/// established socket arms itself instead, as it always did
+/// (`docs/kernel-notes.md#state-events`).
+fn arm_events_at_splice(ebpf: &mut Ebpf, cgroup: &fs::File) -> bool {
+    let tried = (|| -> Result<(), String> {
+        let arm: &mut CgroupSockopt = program(ebpf, PROG_ARM_EVENTS).map_err(|e| e.to_string())?;
+        arm.load()
+            .map_err(|e| format!("load: {}", crate::error_chain(&e)))?;
+        let link = arm
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(|e| format!("attach: {}", crate::error_chain(&e)))?;
+        let armed = sys::tcp_socket()
+            .map_err(|e| format!("a probe socket: {e}"))
+            .and_then(|probe| {
+                sys::arm_events(probe.as_fd()).map_err(|e| format!("arming a probe socket: {e}"))
+            });
+        if armed.is_err() {
+            let _ = arm.detach(link);
+        }
+        armed
+    })();
+    match tried {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::info!(
+                reason = %why,
+                "sock_ops callbacks cannot be armed at splice time on this kernel; every \
+                 socket of the proxy runs them from its handshake on"
+            );
+            false
         }
     }
 }
@@ -252,6 +302,7 @@ impl Kernel {
             ring_buffer_bytes,
             max_connections,
             max_queued_bytes,
+            arm_at_splice,
         } = opts;
         if OBJECT.is_empty() {
             return Err(EbpfError::NotBuilt);
@@ -347,17 +398,19 @@ impl Kernel {
             path: cgroup.clone(),
             source,
         })?;
-        let state_events: &mut SockOps = program(&mut ebpf, PROG_STATE_EVENTS)?;
+        let arms_at_splice = arm_at_splice && arm_events_at_splice(&mut ebpf, &cgroup_dir);
+        let state_events_name = state_events_program(arms_at_splice);
+        let state_events: &mut SockOps = program(&mut ebpf, state_events_name)?;
         state_events
             .load()
-            .map_err(program_error(PROG_STATE_EVENTS, "load"))?;
+            .map_err(program_error(state_events_name, "load"))?;
         // aya attaches with a bpf_link (kernel >= 5.7). The kernel rejects any flag on a cgroup
         // link (EINVAL for AllowMultiple) and always attaches links as BPF_F_ALLOW_MULTI, so
         // `Single` here still lets several Kernels attach to the same cgroup.
         state_events
             .attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(program_error(
-                PROG_STATE_EVENTS,
+                state_events_name,
                 "attach to the proxy's cgroup",
             ))?;
 
@@ -366,6 +419,7 @@ impl Kernel {
             cgroup = %cgroup.display(),
             ring_buffer_bytes,
             max_connections,
+            arms_at_splice,
             pins = ?pins,
             "eBPF data path loaded"
         );
@@ -377,6 +431,7 @@ impl Kernel {
                 control,
                 max_connections,
                 max_queued_bytes,
+                arms_at_splice,
                 events_lost: Arc::new(events_lost),
                 events,
                 registry,
@@ -500,6 +555,43 @@ impl Kernel {
     /// The instance's pin directory, if the maps are pinned.
     pub fn pin_dir(&self) -> Option<&std::path::Path> {
         self.inner.pins.as_deref()
+    }
+
+    /// Whether [`Kernel::splice`] turns on its sockets' sock_ops callbacks (state changes,
+    /// acknowledged bytes): then no other socket runs them. Otherwise every socket of the
+    /// proxy's cgroup does from its handshake on (a kernel before 6.12, or
+    /// [`LoadOptions::arm_at_splice`] off).
+    pub fn arms_at_splice(&self) -> bool {
+        self.inner.arms_at_splice
+    }
+
+    /// Turns on the sock_ops callbacks of a socket that is not spliced, for a process that
+    /// may splice it without doing so itself (an upgrade's successor built before
+    /// [`Kernel::arms_at_splice`] existed, or one that arms at the handshake). Nothing to
+    /// do unless this one arms at splice: otherwise the socket armed itself.
+    pub fn arm_events(&self, socket: BorrowedFd<'_>) -> io::Result<()> {
+        if self.inner.arms_at_splice {
+            sys::arm_events(socket)?;
+        }
+        Ok(())
+    }
+
+    /// How often this process's sock_ops program ran since it was loaded. The kernel counts
+    /// only while run statistics are on (`sysctl kernel.bpf_stats_enabled`, or
+    /// `aya::sys::enable_stats`).
+    pub fn sock_ops_runs(&self) -> Result<u64, EbpfError> {
+        let name = state_events_program(self.inner.arms_at_splice);
+        let info = self
+            .inner
+            .ebpf
+            .program(name)
+            .ok_or(EbpfError::Missing {
+                kind: "program",
+                name,
+            })?
+            .info()
+            .map_err(program_error(name, "read the info"))?;
+        Ok(info.run_count())
     }
 
     /// Hands a routed pair to the kernel: from now on each socket's received bytes are

@@ -15,8 +15,8 @@ use super::error::{SpliceError, SpliceStep};
 use super::events::{EventQueue, SpliceEvent};
 use super::offload::{ControlRecord, SocketRecord, StepsDone};
 use super::sys::{
-    acked_and_outq, baseline, bytes_to_read, map_delete, map_update, next_unread_seq, pin_buffers,
-    readable_now, set_rcvlowat, socket_cookie,
+    acked_and_outq, arm_events, baseline, bytes_to_read, map_delete, map_update, next_unread_seq,
+    pin_buffers, readable_now, set_rcvlowat, socket_cookie,
 };
 use super::{FlowCounters, Kernel};
 use crate::vocab::{Direction, Side};
@@ -287,6 +287,14 @@ impl Splice {
     pub(super) fn attach(&mut self) -> Result<(), SpliceError> {
         let inner = Arc::clone(&self.kernel.inner);
         let pair = [&self.client, &self.backend].map(|s| (s.side, s.fd, s.cookie));
+        // Before the FLOWS inserts, from which on the callbacks report: a state change
+        // before them is caught by the caller's state check after the splice, as ever.
+        if inner.arms_at_splice {
+            for socket in [&self.client, &self.backend] {
+                arm_events(socket.borrow())
+                    .map_err(|e| SpliceError::new(socket.side, SpliceStep::ArmEvents, e))?;
+            }
+        }
         for (i, (side, _, cookie)) in pair.into_iter().enumerate() {
             map_update(&inner.control, &cookie, &self.control[i], BPF_NOEXIST)
                 .map_err(|e| SpliceError::new(side, SpliceStep::Flows, e))?;

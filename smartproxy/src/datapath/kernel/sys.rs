@@ -5,7 +5,7 @@
 use std::{
     io,
     mem::{size_of, MaybeUninit},
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
 };
 
 use aya::maps::IterableMap;
@@ -213,6 +213,25 @@ pub(super) fn pin_buffers(fd: BorrowedFd<'_>, max_queued_bytes: u64) -> io::Resu
         set_socket_option(fd, name, bytes)?;
     }
     Ok(())
+}
+
+/// Turns on the sock_ops callbacks of a spliced socket through the cgroup setsockopt
+/// program (`smartproxy-ebpf/src/main.rs` `arm_events`): its state changes and acknowledged
+/// bytes are reported from then on. ENOPROTOOPT when that program is not attached to the
+/// socket's cgroup, EPERM when it could not arm the socket.
+pub(super) fn arm_events(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_tcp_option(fd, smartproxy_common::ARM_EVENTS_OPTION, 1)
+}
+
+/// A TCP socket that is neither bound nor connected, created in this process's cgroup.
+pub(super) fn tcp_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with constant arguments; the fd is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 pub(super) fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
