@@ -2,8 +2,8 @@
 //! socket's bytes to its peer, and a sock_ops program that reports TCP state changes of
 //! spliced sockets through a ring buffer, where the verdict also reports bytes it passes up
 //! while redirecting. A cgroup setsockopt program arms the sock_ops callbacks of a socket
-//! when it is spliced, so that sockets which never are cost nothing. See
-//! `docs/kernel-notes.md` for the kernel behaviour behind each rule.
+//! when it is spliced, so that sockets which never are run no program per ACK or state
+//! change. See `docs/kernel-notes.md` for the kernel behaviour behind each rule.
 #![no_std]
 #![no_main]
 
@@ -210,8 +210,9 @@ const SOL_TCP: i32 = 6;
 
 /// The sock_ops program where the cgroup setsockopt program can arm sockets
 /// ([`arm_events`]): only sockets userspace armed at splice time run it after their
-/// handshake. Every other socket of the cgroup pays nothing per ACK or state change
-/// (`docs/performance.md`, "`auto` behind the relay on the relay's own code").
+/// handshake. Every other socket of the cgroup runs it only for the callbacks the kernel
+/// makes at every handshake, never per ACK or state change (`docs/performance.md`,
+/// "Callbacks armed at splice time").
 #[sock_ops]
 pub fn state_events(ctx: SockOpsContext) -> u32 {
     report_state(&ctx);

@@ -186,20 +186,6 @@ pub fn ring_buffer_bytes_valid(bytes: u32) -> bool {
     bytes.is_power_of_two() && bytes.is_multiple_of(crate::process::page_size())
 }
 
-impl ProxyConfig {
-    /// The sizes the kernel data path is loaded with: these values, validated at load.
-    /// Where sockets are armed depends on the routes too: `Config::kernel_options`.
-    pub fn kernel_options(&self) -> LoadOptions {
-        LoadOptions {
-            max_queued_bytes: self.max_queued_bytes,
-            ring_buffer_bytes: self.ebpf_ring_buffer_bytes,
-            // Validated at load to be at most `max_connections`.
-            max_connections: self.ebpf_max_connections,
-            arm_at_splice: true,
-        }
-    }
-}
-
 /// The kernel path's options when no config is at hand (the eBPF probe, tests): the
 /// defaults of `proxy.max_queued_bytes` and `proxy.ebpf_ring_buffer_bytes`, and maps as
 /// large as the eBPF object declares them.

@@ -105,8 +105,11 @@ impl Config {
         let every_connection_splices =
             (0..self.routes.len()).all(|index| self.placement(index, true) == Placement::Kernel);
         LoadOptions {
+            max_queued_bytes: self.proxy.max_queued_bytes,
+            ring_buffer_bytes: self.proxy.ebpf_ring_buffer_bytes,
+            // Validated at load to be at most `max_connections`.
+            max_connections: self.proxy.ebpf_max_connections,
             arm_at_splice: !every_connection_splices,
-            ..self.proxy.kernel_options()
         }
     }
 }

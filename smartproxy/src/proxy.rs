@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::backend::{listener_keepalive, start_checks};
-use crate::config::{Config, DataPathMode};
+use crate::config::{Config, DataPathMode, LoadOptions};
 use crate::control::ControlServer;
 use crate::datapath::kernel::{ensure_bpffs, pin_dir, EbpfError, Kernel, MapEntries, Pins};
 use crate::error_chain;
@@ -538,9 +538,18 @@ fn load_kernel(
                 "the kernel maps were made with (ebpf_ring_buffer_bytes, ebpf_max_connections, max_queued_bytes) = {theirs:?} and this configuration says {ours:?}: restart to change them"
             )));
         }
-        return Kernel::load_pinned(options, Pins::Reuse(maps.pins.clone()))
-            .map(Some)
-            .map_err(|e| StartError::Successor(error_chain(&e)));
+        let options = LoadOptions {
+            arm_at_splice: options.arm_at_splice || maps.arms_at_splice,
+            ..options
+        };
+        let kernel = Kernel::load_pinned(options, Pins::Reuse(maps.pins.clone()))
+            .map_err(|e| StartError::Successor(error_chain(&e)))?;
+        if maps.arms_at_splice && !kernel.arms_at_splice() {
+            return Err(StartError::Successor(
+                "the running proxy arms sockets' sock_ops callbacks at splice time and this one cannot (the start log says why): the sockets it has not spliced would never report a FIN or an RST here".into(),
+            ));
+        }
+        return Ok(Some(kernel));
     }
     if !wanted {
         return Ok(None);

@@ -360,9 +360,19 @@ fn round_trips(requester: &mut TcpStream, responder: &mut TcpStream, count: usiz
 
 const ROUND_TRIPS: usize = 200;
 
-/// Whether this kernel lets a cgroup setsockopt program set sock_ops callback flags
-/// (`TCP_BPF_SOCK_OPS_CB_FLAGS` in `bpf_setsockopt`, Linux 6.12).
-fn kernel_arms_at_splice() -> bool {
+/// Turns on the kernel's BPF run statistics while the returned descriptor is open, or
+/// skips (see [`ebpf_or_skip`]): `BPF_ENABLE_STATS` needs CAP_SYS_ADMIN, which the
+/// kernel path itself does not.
+fn run_statistics_or_skip() -> Option<std::os::fd::OwnedFd> {
+    ebpf_or_skip("BPF run statistics", || {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| e.to_string())
+    })
+}
+
+/// Whether this kernel is one that lets a cgroup setsockopt program set sock_ops callback
+/// flags (`TCP_BPF_SOCK_OPS_CB_FLAGS` in `bpf_setsockopt`, Linux 6.12; an older one may
+/// have it backported).
+fn kernel_can_arm_at_splice() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let mut numbers = release
         .split(|c: char| !c.is_ascii_digit())
@@ -377,23 +387,25 @@ async fn only_spliced_sockets_run_the_sock_ops_program() {
     let Some(kernel) = kernel_or_skip() else {
         return;
     };
-    assert_eq!(
-        kernel.arms_at_splice(),
-        kernel_arms_at_splice(),
+    assert!(
+        kernel.arms_at_splice() || !kernel_can_arm_at_splice(),
         "splices arm their sockets where the kernel allows it"
     );
     if !kernel.arms_at_splice() {
         return;
     }
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run statistics");
+    let Some(_stats) = run_statistics_or_skip() else {
+        return;
+    };
     let mut chain = Chain::connect();
     let before = kernel.sock_ops_runs().unwrap();
     round_trips(&mut chain.client, &mut chain.proxy_client, ROUND_TRIPS);
     round_trips(&mut chain.proxy_backend, &mut chain.backend, ROUND_TRIPS);
+    // 0 here; other processes' connections in the same cgroup may add their handshakes.
     let unspliced = kernel.sock_ops_runs().unwrap() - before;
-    assert_eq!(
-        unspliced, 0,
-        "{ROUND_TRIPS} round trips on each unspliced pair"
+    assert!(
+        unspliced < ROUND_TRIPS as u64 / 4,
+        "{ROUND_TRIPS} round trips on each unspliced pair ran the program {unspliced} times"
     );
 
     let _splice = chain.splice(&kernel);
@@ -414,7 +426,9 @@ async fn where_every_socket_arms_at_its_handshake_each_runs_the_sock_ops_program
     let Some(kernel) = kernel_arming_or_skip(false) else {
         return;
     };
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF run statistics");
+    let Some(_stats) = run_statistics_or_skip() else {
+        return;
+    };
     let mut chain = Chain::connect();
     let before = kernel.sock_ops_runs().unwrap();
     round_trips(&mut chain.client, &mut chain.proxy_client, ROUND_TRIPS);

@@ -1,10 +1,14 @@
 //! SIGUSR2 upgrades the proxy as `smartproxy upgrade` does: the old process hands its
 //! connection over and exits 0, and the successor serves it and answers on the control
-//! socket, with the park delay the connection's traffic earned.
+//! socket, with the park delay the connection's traffic earned, and arms for state events
+//! the sockets it splices when its predecessor left them unarmed.
 
 mod support;
 
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -155,4 +159,122 @@ fn a_connection_that_stopped_parking_between_heartbeats_keeps_its_task_in_the_su
         Some(0),
         "the successor stops cleanly"
     );
+}
+
+/// A predecessor on `auto` arms sockets' sock_ops callbacks only when it splices them, so
+/// a connection it hands over unspliced never armed itself. Its successor, configured
+/// with `data_path = "ebpf"` (which alone would arm every socket at its handshake
+/// instead), must arm the sockets it splices all the same: here the connection goes into
+/// the kernel there, the client goes quiet for a second and then sends its FIN, which only
+/// a state event reports while the backend keeps streaming; it has to reach the backend,
+/// which then ends the connection.
+#[test]
+fn a_successor_arms_what_it_splices_when_its_predecessor_armed_only_at_splice() {
+    if !data_paths().contains(&"auto") {
+        return;
+    }
+    let mut successors = Successors::new();
+    let backend = streaming_backend();
+    let mut proxy = ProxyProcess::start_with("stream", backend, "", "data_path = \"auto\"");
+    let mut client = TcpStream::connect(proxy.listen).expect("connect through the proxy");
+    echo_once(&mut client, b"hello");
+    let config = std::fs::read_to_string(proxy.config_file()).expect("read the config");
+    let config = config.replace("data_path = \"auto\"", "data_path = \"ebpf\"");
+    std::fs::write(proxy.config_file(), config).expect("rewrite the config");
+
+    let successor = upgrade_by_signal(&mut proxy, &mut successors);
+    assert_eq!(
+        proxy.log().matches("arms_at_splice=true").count(),
+        2,
+        "both processes arm at splice time:\n{}",
+        proxy.log()
+    );
+    // Bytes both ways at once, well above `auto_splice_rate`, until the connection is in
+    // the kernel; then the client's FIN.
+    let mut writer = client.try_clone().expect("clone the client");
+    let stop = Arc::new(AtomicBool::new(false));
+    let uploading = Arc::clone(&stop);
+    let upload = std::thread::spawn(move || {
+        let chunk = vec![7u8; 64 << 10];
+        while !uploading.load(Ordering::Relaxed) {
+            writer.write_all(&chunk).expect("the client writes");
+        }
+        writer
+    });
+    let mut sink = vec![0u8; 1 << 20];
+    client.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let deadline = Instant::now() + WAIT;
+    let mut looked = Instant::now();
+    loop {
+        let read = client.read(&mut sink).expect("the backend streams");
+        assert!(read > 0, "the backend streams until the client's FIN");
+        if looked.elapsed() >= POLL {
+            if proxy.stats()["ebpf"]["moves_to_kernel"].as_u64() > Some(0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the successor never spliced the connection: {}",
+                proxy.stats()
+            );
+            looked = Instant::now();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writer = upload.join().expect("the upload ends");
+    // Long enough for the relay to have read the client's side empty and stopped
+    // watching it, so that the FIN has no passed byte to ride on; the backend streams on.
+    let quiet_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < quiet_until {
+        let read = client.read(&mut sink).expect("the backend streams");
+        assert!(read > 0, "the backend streams until the client's FIN");
+    }
+    writer.shutdown(Shutdown::Write).expect("the client's FIN");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match client.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "the backend still streams {WAIT:?} after the client's FIN: it never got it"
+            ),
+            Err(e) => panic!("reading after the client's FIN: {e}"),
+        }
+    }
+    assert_eq!(
+        successors.stop(successor, libc::SIGTERM),
+        Some(0),
+        "the successor stops cleanly"
+    );
+}
+
+/// A backend that echoes the first five bytes of each connection, then streams to it
+/// until it reads the client's EOF, and ends the connection then.
+fn streaming_backend() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the backend");
+    let addr = listener.local_addr().expect("the backend's address");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut hello = [0u8; 5];
+                if stream.read_exact(&mut hello).is_err() || stream.write_all(&hello).is_err() {
+                    return;
+                }
+                let mut writer = stream.try_clone().expect("clone the backend stream");
+                let done = Arc::new(AtomicBool::new(false));
+                let streaming = Arc::clone(&done);
+                let down = std::thread::spawn(move || {
+                    let chunk = vec![9u8; 64 << 10];
+                    while !streaming.load(Ordering::Relaxed) && writer.write_all(&chunk).is_ok() {}
+                    let _ = writer.shutdown(Shutdown::Write);
+                });
+                let mut sink = vec![0u8; 1 << 20];
+                while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+                done.store(true, Ordering::Relaxed);
+                let _ = down.join();
+            });
+        }
+    });
+    addr
 }

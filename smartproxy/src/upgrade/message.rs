@@ -90,6 +90,13 @@ pub struct KernelMaps {
     pub ring_buffer_bytes: u32,
     pub max_connections: u32,
     pub max_queued_bytes: u64,
+    /// Whether the predecessor arms sockets' sock_ops callbacks at splice time
+    /// (`Kernel::arms_at_splice`): then none of its sockets armed itself at the handshake,
+    /// also none still waiting in a listener's backlog, and the successor must arm each
+    /// socket it splices as well. Absent, so false, from a predecessor that arms at the
+    /// handshake.
+    #[serde(default)]
+    pub arms_at_splice: bool,
 }
 
 /// One live connection. Its descriptors: client, backend.
@@ -200,6 +207,15 @@ mod tests {
                 splices_armed: false
             }
         ));
+    }
+
+    #[test]
+    fn kernel_maps_without_arms_at_splice_read_as_a_predecessor_that_armed_at_the_handshake() {
+        let older: KernelMaps = serde_json::from_str(
+            r#"{"pins":"/sys/fs/bpf/x","ring_buffer_bytes":4096,"max_connections":8,"max_queued_bytes":65536}"#,
+        )
+        .expect("an older predecessor's maps read");
+        assert!(!older.arms_at_splice);
     }
 
     #[test]

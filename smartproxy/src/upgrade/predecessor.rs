@@ -319,13 +319,14 @@ async fn send_hello(shared: &Shared, socket: &UnixStream) -> Result<(), UpgradeE
     fds.push(control.as_fd());
     fds.extend(metrics.iter().map(|(_, fd)| fd.as_fd()));
     // The ebpf keys are restart-only: the running configuration made the maps.
-    let options = shared.generation().config.proxy.kernel_options();
+    let options = shared.generation().config.kernel_options();
     let kernel = shared.kernel.as_ref().and_then(|kernel| {
         Some(KernelMaps {
             pins: kernel.pin_dir()?.to_owned(),
             ring_buffer_bytes: options.ring_buffer_bytes,
             max_connections: options.max_connections,
             max_queued_bytes: options.max_queued_bytes,
+            arms_at_splice: kernel.arms_at_splice(),
         })
     });
     let hello = Message::Hello(Box::new(Hello {

@@ -174,7 +174,7 @@ fn state_events_program(arms_at_splice: bool) -> &'static str {
 /// one before 5.15 no `bpf_setsockopt` in that program type), the log says why and every
 /// established socket arms itself instead, as it always did
 /// (`docs/kernel-notes.md#state-events`).
-fn arm_events_at_splice(ebpf: &mut Ebpf, cgroup: &fs::File) -> bool {
+fn attach_splice_arming(ebpf: &mut Ebpf, cgroup: &fs::File) -> bool {
     let tried = (|| -> Result<(), String> {
         let arm: &mut CgroupSockopt = program(ebpf, PROG_ARM_EVENTS).map_err(|e| e.to_string())?;
         arm.load()
@@ -398,7 +398,7 @@ impl Kernel {
             path: cgroup.clone(),
             source,
         })?;
-        let arms_at_splice = arm_at_splice && arm_events_at_splice(&mut ebpf, &cgroup_dir);
+        let arms_at_splice = arm_at_splice && attach_splice_arming(&mut ebpf, &cgroup_dir);
         let state_events_name = state_events_program(arms_at_splice);
         let state_events: &mut SockOps = program(&mut ebpf, state_events_name)?;
         state_events
@@ -603,8 +603,9 @@ impl Kernel {
     /// written to the other socket before this call; bytes still queued in a socket are pushed
     /// through the verdict here, after them, in order.
     ///
-    /// Order: register both cookies for events, create both `CONTROL` entries (passing every
-    /// byte) and `FLOWS` entries, insert both sockets into `TARGETS`, then both into
+    /// Order: register both cookies for events, arm both sockets' sock_ops callbacks (where
+    /// [`Kernel::arms_at_splice`]; never undone, a socket stays armed until it closes),
+    /// create both `CONTROL` entries (passing every byte) and `FLOWS` entries, insert both sockets into `TARGETS`, then both into
     /// `SOCKETS`, then set `SO_RCVLOWAT` to 1 on both, which runs bytes already queued
     /// through the verdict; only then switch both directions to redirect.
     ///
