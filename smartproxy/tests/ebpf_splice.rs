@@ -360,6 +360,13 @@ fn round_trips(requester: &mut TcpStream, responder: &mut TcpStream, count: usiz
 
 const ROUND_TRIPS: usize = 200;
 
+/// How often `kernel`'s sock_ops program ran while `exchange` did.
+fn runs_during(kernel: &Kernel, exchange: impl FnOnce()) -> u64 {
+    let before = kernel.sock_ops_runs().unwrap();
+    exchange();
+    kernel.sock_ops_runs().unwrap() - before
+}
+
 /// Turns on the kernel's BPF run statistics while the returned descriptor is open, or
 /// skips (see [`ebpf_or_skip`]): `BPF_ENABLE_STATS` needs CAP_SYS_ADMIN, which the
 /// kernel path itself does not.
@@ -398,21 +405,21 @@ async fn only_spliced_sockets_run_the_sock_ops_program() {
         return;
     };
     let mut chain = Chain::connect();
-    let before = kernel.sock_ops_runs().unwrap();
-    round_trips(&mut chain.client, &mut chain.proxy_client, ROUND_TRIPS);
-    round_trips(&mut chain.proxy_backend, &mut chain.backend, ROUND_TRIPS);
+    let unspliced = runs_during(&kernel, || {
+        round_trips(&mut chain.client, &mut chain.proxy_client, ROUND_TRIPS);
+        round_trips(&mut chain.proxy_backend, &mut chain.backend, ROUND_TRIPS);
+    });
     // 0 here; other processes' connections in the same cgroup may add their handshakes.
-    let unspliced = kernel.sock_ops_runs().unwrap() - before;
     assert!(
         unspliced < ROUND_TRIPS as u64 / 4,
         "{ROUND_TRIPS} round trips on each unspliced pair ran the program {unspliced} times"
     );
 
     let _splice = chain.splice(&kernel);
-    let before = kernel.sock_ops_runs().unwrap();
     let (mut client, mut backend) = (chain.client, chain.backend);
-    round_trips(&mut client, &mut backend, ROUND_TRIPS);
-    let spliced = kernel.sock_ops_runs().unwrap() - before;
+    let spliced = runs_during(&kernel, || {
+        round_trips(&mut client, &mut backend, ROUND_TRIPS)
+    });
     assert!(
         spliced >= ROUND_TRIPS as u64,
         "{ROUND_TRIPS} round trips through the splice ran the program {spliced} times: an RTT \
@@ -430,9 +437,9 @@ async fn where_every_socket_arms_at_its_handshake_each_runs_the_sock_ops_program
         return;
     };
     let mut chain = Chain::connect();
-    let before = kernel.sock_ops_runs().unwrap();
-    round_trips(&mut chain.client, &mut chain.proxy_client, ROUND_TRIPS);
-    let unspliced = kernel.sock_ops_runs().unwrap() - before;
+    let unspliced = runs_during(&kernel, || {
+        round_trips(&mut chain.client, &mut chain.proxy_client, ROUND_TRIPS)
+    });
     assert!(
         unspliced >= ROUND_TRIPS as u64,
         "{ROUND_TRIPS} round trips on an unspliced pair ran the program {unspliced} times"
