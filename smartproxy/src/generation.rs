@@ -100,7 +100,7 @@ impl Config {
     /// What the kernel data path is loaded with. Where every route splices each connection
     /// at once, sockets arm their sock_ops callbacks at the handshake, which takes no
     /// system call; otherwise a splice arms its own two, and sockets that never splice run
-    /// no callback (`docs/kernel-notes.md#state-events`).
+    /// no callback after their handshake (`docs/kernel-notes.md#state-events`).
     pub fn kernel_options(&self) -> LoadOptions {
         let every_connection_splices =
             (0..self.routes.len()).all(|index| self.placement(index, true) == Placement::Kernel);

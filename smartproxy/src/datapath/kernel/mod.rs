@@ -558,8 +558,8 @@ impl Kernel {
     }
 
     /// Whether [`Kernel::splice`] turns on its sockets' sock_ops callbacks (state changes,
-    /// acknowledged bytes): then no other socket runs them. Otherwise every socket of the
-    /// proxy's cgroup does from its handshake on (a kernel before 6.12, or
+    /// acknowledged bytes): then no other socket runs them after its handshake. Otherwise
+    /// every socket of the proxy's cgroup does from its handshake on (a kernel before 6.12, or
     /// [`LoadOptions::arm_at_splice`] off).
     pub fn arms_at_splice(&self) -> bool {
         self.inner.arms_at_splice
@@ -605,9 +605,10 @@ impl Kernel {
     ///
     /// Order: register both cookies for events, arm both sockets' sock_ops callbacks (where
     /// [`Kernel::arms_at_splice`]; never undone, a socket stays armed until it closes),
-    /// create both `CONTROL` entries (passing every byte) and `FLOWS` entries, insert both sockets into `TARGETS`, then both into
-    /// `SOCKETS`, then set `SO_RCVLOWAT` to 1 on both, which runs bytes already queued
-    /// through the verdict; only then switch both directions to redirect.
+    /// create both `CONTROL` entries (passing every byte) and `FLOWS` entries, insert both
+    /// sockets into `TARGETS`, then both into `SOCKETS`, then set `SO_RCVLOWAT` to 1 on
+    /// both, which runs bytes already queued through the verdict; only then switch both
+    /// directions to redirect.
     ///
     /// A failure before the first `SOCKETS` insert undoes everything and is returned: the
     /// caller carries on with the userspace copy. A failure after it cannot be undone
