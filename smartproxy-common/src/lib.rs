@@ -26,7 +26,8 @@ pub const PROG_REDIRECT: &str = "redirect";
 /// time ([`ARM_EVENTS_OPTION`]).
 pub const PROG_STATE_EVENTS: &str = "state_events";
 /// Name of the sock_ops program that arms every established socket itself, for kernels
-/// where [`PROG_ARM_EVENTS`] cannot (before Linux 6.12).
+/// where [`PROG_ARM_EVENTS`] cannot (before Linux 6.12), and where every route splices
+/// each connection at once (arming at splice would only add two system calls).
 pub const PROG_STATE_EVENTS_ALL: &str = "state_events_all";
 /// Name of the cgroup setsockopt program that arms a socket's sock_ops callbacks when
 /// userspace asks with [`ARM_EVENTS_OPTION`].

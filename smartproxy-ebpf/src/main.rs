@@ -222,8 +222,8 @@ pub fn state_events(ctx: SockOpsContext) -> u32 {
 }
 
 /// The sock_ops program for kernels where [`arm_events`] cannot arm a socket (before
-/// 6.12): every established socket of the cgroup asks for the callbacks, since none can
-/// be armed later.
+/// 6.12), and for a proxy whose every connection splices at once: every established
+/// socket of the cgroup asks for the callbacks at its handshake.
 #[sock_ops]
 pub fn state_events_all(ctx: SockOpsContext) -> u32 {
     match ctx.op() {

@@ -100,7 +100,9 @@ impl Config {
     /// What the kernel data path is loaded with. Where every route splices each connection
     /// at once, sockets arm their sock_ops callbacks at the handshake, which takes no
     /// system call; otherwise a splice arms its own two, and sockets that never splice run
-    /// no callback after their handshake (`docs/kernel-notes.md#state-events`).
+    /// no callback after their handshake (`docs/kernel-notes.md#state-events`). Decided at
+    /// start (a successor always arms at splice): a reload that changes the routes keeps
+    /// it.
     pub fn kernel_options(&self) -> LoadOptions {
         let every_connection_splices =
             (0..self.routes.len()).all(|index| self.placement(index, true) == Placement::Kernel);
@@ -265,6 +267,18 @@ mod tests {
             "data_path = \"userspace\"",
             "data_path = \"auto\""
         ));
+        let two_routes = |first: &str, second: &str| {
+            let second_route = format!(
+                "{first}\n[[route]]\nname = \"b\"\nlisten = \"127.0.0.1:3\"\ntargets = [\"127.0.0.1:2\"]\n{second}"
+            );
+            arms_at_splice("", &second_route)
+        };
+        assert!(!two_routes("data_path = \"ebpf\"", "data_path = \"ebpf\""));
+        assert!(two_routes(
+            "data_path = \"ebpf\"",
+            "data_path = \"userspace\""
+        ));
+        assert!(two_routes("data_path = \"ebpf\"", "data_path = \"auto\""));
         // Without a splice rate `auto` splices every connection at once.
         assert!(!arms_at_splice(
             "data_path = \"auto\"\nauto_splice_rate = 0",

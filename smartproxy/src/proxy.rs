@@ -515,7 +515,13 @@ fn load_kernel(
         required |= mode == DataPathMode::Ebpf;
         wanted |= select_data_path(mode, true, false).uses_kernel();
     }
-    let options = config.kernel_options();
+    // A successor arms at splice time whatever its routes: sockets that finished their
+    // handshake before its programs were attached (in an inherited listener's backlog, or
+    // handed over unspliced) never armed themselves.
+    let options = LoadOptions {
+        arm_at_splice: config.kernel_options().arm_at_splice || inherited.is_some(),
+        ..config.kernel_options()
+    };
     let predecessor = inherited.flatten();
     if let Some(maps) = predecessor {
         if !wanted {
@@ -538,10 +544,6 @@ fn load_kernel(
                 "the kernel maps were made with (ebpf_ring_buffer_bytes, ebpf_max_connections, max_queued_bytes) = {theirs:?} and this configuration says {ours:?}: restart to change them"
             )));
         }
-        let options = LoadOptions {
-            arm_at_splice: options.arm_at_splice || maps.arms_at_splice,
-            ..options
-        };
         let kernel = Kernel::load_pinned(options, Pins::Reuse(maps.pins.clone()))
             .map_err(|e| StartError::Successor(error_chain(&e)))?;
         if maps.arms_at_splice && !kernel.arms_at_splice() {

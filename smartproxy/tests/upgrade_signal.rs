@@ -167,7 +167,10 @@ fn a_connection_that_stopped_parking_between_heartbeats_keeps_its_task_in_the_su
 /// instead), must arm the sockets it splices all the same: here the connection goes into
 /// the kernel there, the client goes quiet for a second and then sends its FIN, which only
 /// a state event reports while the backend keeps streaming; it has to reach the backend,
-/// which then ends the connection.
+/// which then ends the connection. The count of `arms_at_splice=true` in the log pins
+/// the successor's rule down; the FIN alone would also pass were the predecessor to arm
+/// the sockets it hands over, which it does for a successor that does not arm, though
+/// that cannot reach a connection still in a listener's backlog.
 #[test]
 fn a_successor_arms_what_it_splices_when_its_predecessor_armed_only_at_splice() {
     if !data_paths().contains(&"auto") {
@@ -176,6 +179,10 @@ fn a_successor_arms_what_it_splices_when_its_predecessor_armed_only_at_splice() 
     let mut successors = Successors::new();
     let backend = streaming_backend();
     let mut proxy = ProxyProcess::start_with("stream", backend, "", "data_path = \"auto\"");
+    if !proxy.log().contains("arms_at_splice=true") {
+        eprintln!("SKIPPING this test: this kernel cannot arm sockets at splice time (6.12 on)");
+        return;
+    }
     let mut client = TcpStream::connect(proxy.listen).expect("connect through the proxy");
     echo_once(&mut client, b"hello");
     let config = std::fs::read_to_string(proxy.config_file()).expect("read the config");
