@@ -518,9 +518,10 @@ fn load_kernel(
     // A successor arms at splice time whatever its routes: sockets that finished their
     // handshake before its programs were attached (in an inherited listener's backlog, or
     // handed over unspliced) never armed themselves.
+    let options = config.kernel_options();
     let options = LoadOptions {
-        arm_at_splice: config.kernel_options().arm_at_splice || inherited.is_some(),
-        ..config.kernel_options()
+        arm_at_splice: options.arm_at_splice || inherited.is_some(),
+        ..options
     };
     let predecessor = inherited.flatten();
     if let Some(maps) = predecessor {

@@ -380,12 +380,8 @@ fn run_statistics_or_skip() -> Option<std::os::fd::OwnedFd> {
 /// flags (`TCP_BPF_SOCK_OPS_CB_FLAGS` in `bpf_setsockopt`, Linux 6.12; an older one may
 /// have it backported).
 fn kernel_can_arm_at_splice() -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    (major, minor) >= (6, 12)
+    let current = aya::util::KernelVersion::current().expect("the running kernel's version");
+    current >= aya::util::KernelVersion::new(6, 12, 0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
